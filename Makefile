@@ -1,0 +1,52 @@
+# The two commands of the README: `make run` (set up, start the server) and `make test`
+# (set up, run every test). Everything installs into .venv from the package registry.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run demo test smoke lint typecheck proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev,plot]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/python examples/seed_demo.py
+
+demo: setup
+	$(BIN)/python examples/seed_demo.py
+
+# pytest exit code 5 means no test ran: that must fail, not pass silently.
+test: setup lint typecheck
+	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+smoke: setup
+	$(BIN)/pytest -q -m "not slow" tests/test_ir.py tests/test_ops.py tests/test_seed.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy resolves modules from directories, so it checks a tree of links laid out as installed.
+typecheck: setup
+	rm -rf build/typecheck && mkdir -p build/typecheck/graphgrad
+	for f in client/*; do ln -s ../../../$$f build/typecheck/graphgrad/; done
+	ln -s ../../../engine build/typecheck/graphgrad/engine
+	ln -s ../../../server build/typecheck/graphgrad/server
+	ln -s ../../../proto/graphgrad/v1 build/typecheck/graphgrad/v1
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p graphgrad
+
+proto: setup
+	$(BIN)/python proto/generate.py
+
+bench: setup
+	$(BIN)/python bench/remote_latency.py
+	$(BIN)/python bench/bigdag.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

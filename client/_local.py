@@ -1,0 +1,44 @@
+"""The in-process client: the same `run` API as the remote one, on the engine directly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._request import Ref, build_request
+from ._result import Result
+from .engine import Cancellation, Executor, LocalExecutor
+
+
+class LocalClient:
+    """Runs graphs in this process."""
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        self._executor: Executor = executor or LocalExecutor()
+
+    def __repr__(self) -> str:
+        return f"<graphgrad.LocalClient executor={self._executor.name}>"
+
+    def run(
+        self,
+        outputs: Ref | Sequence[Ref],
+        feeds: Mapping[Ref, Any] | None = None,
+        wrt: Ref | Sequence[Ref] | None = (),
+        grad_outputs: Mapping[Ref, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Result:
+        _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
+        cancel = Cancellation(deadline=None if timeout is None else time.monotonic() + timeout)
+        res = self._executor.run(graph, request, cancel)
+        return Result(res.values, res.grads, res.stats)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LocalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

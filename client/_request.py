@@ -1,0 +1,72 @@
+"""Turning the SDK's friendly `run` arguments into the engine's graph and RunRequest."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._builder import Graph, Tensor, _current
+from .engine import RunRequest, ir
+
+Ref = Tensor | str
+
+
+def as_list(refs: Ref | Sequence[Ref] | None) -> list[Ref]:
+    if refs is None:
+        return []
+    if isinstance(refs, Tensor | str):
+        return [refs]
+    return list(refs)
+
+
+def _name(ref: Ref, what: str) -> str:
+    if isinstance(ref, Tensor):
+        return ref.name
+    if isinstance(ref, str):
+        return ref
+    raise TypeError(f"{what} must be graph nodes or node names, got {type(ref).__name__}")
+
+
+def find_graph(*groups: Sequence[Any]) -> Graph:
+    """The builder graph the request is about: that of any node given, else the active one."""
+    graphs = {id(r.graph): r.graph for group in groups for r in group if isinstance(r, Tensor)}
+    if len(graphs) > 1:
+        raise ValueError("the outputs, feeds and wrt of one run must belong to one graph")
+    if graphs:
+        return next(iter(graphs.values()))
+    active = _current.get()
+    if active is None:
+        raise ValueError("outputs are given by name only: pass nodes, or run inside `with graph:`")
+    return active
+
+
+def build_request(
+    outputs: Ref | Sequence[Ref],
+    feeds: Mapping[Ref, Any] | None,
+    wrt: Ref | Sequence[Ref] | None,
+    grad_outputs: Mapping[Ref, Any] | None,
+) -> tuple[Graph, ir.Graph, RunRequest]:
+    outs, wrts = as_list(outputs), as_list(wrt)
+    feeds = dict(feeds or {})
+    builder = find_graph(outs, wrts, list(feeds))
+    graph = builder.freeze()
+    typed_feeds = {}
+    for key, value in feeds.items():
+        name = _name(key, "feed keys")
+        if not isinstance(value, np.ndarray):
+            # Lists and Python numbers take the declared dtype; arrays are checked, never cast.
+            i = graph.index.get(name)
+            value = np.asarray(value, dtype=graph.types[i].dtype if i is not None else None)
+        typed_feeds[name] = value
+    seeds = None
+    if grad_outputs is not None:
+        seeds = {_name(k, "grad_outputs keys"): np.asarray(v) for k, v in grad_outputs.items()}
+    request = RunRequest(
+        outputs=tuple(_name(o, "outputs") for o in outs),
+        feeds=typed_feeds,
+        wrt=tuple(_name(w, "wrt") for w in wrts),
+        grad_outputs=seeds,
+    )
+    return builder, graph, request

@@ -1,0 +1,50 @@
+"""Errors raised by the engine. Each names the thing that is wrong and what was expected."""
+
+from __future__ import annotations
+
+
+class GraphError(ValueError):
+    """Base class of every error the engine raises about a graph or a request."""
+
+
+class ValidationError(GraphError):
+    """A graph is malformed. `node` and `field` say where, so servers can build precise details."""
+
+    def __init__(self, message: str, *, node: str | None = None, field: str | None = None):
+        self.node = node
+        self.field = field
+        where = f"node '{node}': " if node is not None else ""
+        super().__init__(where + message)
+        self.reason = message
+
+
+class UnknownOpError(ValidationError):
+    """An op name that is not in the registry."""
+
+
+class FeedError(GraphError):
+    """A feed is missing, unknown, or does not match the declared shape or dtype of its input."""
+
+    def __init__(self, message: str, *, input_name: str | None = None):
+        self.input_name = input_name
+        super().__init__(message)
+
+
+class RequestError(GraphError):
+    """A run request asks for something the graph cannot give (unknown output, missing seed...)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.field = field
+        super().__init__(message)
+
+
+class LimitError(GraphError):
+    """A request exceeds a configured limit; `limit` names it."""
+
+    def __init__(self, message: str, *, limit: str):
+        self.limit = limit
+        super().__init__(message)
+
+
+class CancelledError(GraphError):
+    """A run was cancelled or its deadline passed before it finished."""

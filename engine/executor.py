@@ -1,0 +1,142 @@
+"""The executor interface, run results and stats, and the local (in-process) executor."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .autodiff import (
+    Cotangents,
+    RunRequest,
+    backward_step,
+    check_feeds,
+    evaluate,
+    owned,
+    plan_pass,
+    seed_cotangents,
+)
+from .errors import CancelledError
+from .ir import Graph
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStat:
+    """One unit of work: a partition's forward or backward pass."""
+
+    partition: int
+    phase: str  # "forward" | "backward"
+    start: float  # seconds since the epoch
+    end: float
+    where: str  # "inline", or the Ray node id and worker
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    executor: str
+    wall_time: float
+    partitions: int = 1
+    bytes_moved: int = 0
+    tasks: tuple[TaskStat, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    values: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+    stats: RunStats
+
+
+@dataclass(slots=True)
+class Cancellation:
+    """A deadline and a cancel flag, checked between nodes and between tasks."""
+
+    deadline: float | None = None  # time.monotonic() value
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.event.set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise CancelledError("the run was cancelled")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise CancelledError("the run's deadline passed")
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> RunResult: ...
+
+
+class LocalExecutor:
+    """Runs the whole graph in this process, dropping each value once nothing needs it."""
+
+    name = "local"
+
+    def run(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> RunResult:
+        cancel = cancel or Cancellation()
+        t0 = time.time()
+        plan = plan_pass(graph, request.outputs, request.wrt, list(request.grad_outputs or ()))
+        values = check_feeds(graph, plan, request.feeds)
+        seeds = seed_cotangents(graph, plan, request.grad_outputs) if plan.wrt else {}
+
+        # Reference counts: one per later use, in the forward or in a VJP; outputs are pinned.
+        uses: Counter[int] = Counter()
+        for i in plan.forward:
+            uses.update(graph.input_pos[i])
+        for i in plan.backward:
+            uses[i] += 1
+            uses.update(graph.input_pos[i])
+        pinned = set(plan.outputs)
+
+        def release(nodes: tuple[int, ...]) -> None:
+            for j in nodes:
+                uses[j] -= 1
+                if uses[j] <= 0 and j not in pinned:
+                    values.pop(j, None)
+
+        for i in plan.forward:
+            cancel.check()
+            values[i] = evaluate(graph, i, values)
+            release(graph.input_pos[i])
+        out_values = {graph.nodes[o].name: values[o] for o in plan.outputs}
+        t1 = time.time()
+
+        cot = Cotangents()
+        for o, s in seeds.items():
+            cot.seed(o, s)
+        wanted = set(plan.wrt)
+        grads: dict[int, np.ndarray | None] = {}
+        for i in plan.backward:
+            cancel.check()
+            g = cot.total(i)
+            if i in wanted:
+                grads[i] = g
+            if g is not None:
+                backward_step(graph, i, g, values, plan.relevant, cot)
+            release((i, *graph.input_pos[i]))
+        for w in plan.wrt:
+            if w not in grads:
+                grads[w] = cot.total(w)
+        t2 = time.time()
+
+        grad_out = {}
+        for w in plan.wrt:
+            g, t = grads[w], graph.types[w]
+            grad_out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else owned(g)
+        tasks = [TaskStat(0, "forward", t0, t1, "inline")]
+        if plan.wrt:
+            tasks.append(TaskStat(0, "backward", t1, t2, "inline"))
+        return RunResult(out_values, grad_out, RunStats(self.name, t2 - t0, tasks=tuple(tasks)))

@@ -1,0 +1,35 @@
+"""The closed op registry. Importing this package registers every op."""
+
+from . import elementwise, linalg, loss, reduce, shape, source  # noqa: F401  (they register)
+from ._registry import (
+    DTYPES,
+    REGISTRY,
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    Op,
+    ShapeError,
+    TensorType,
+    check_attr,
+    lookup,
+    normalize_axes,
+    register,
+)
+from .source import CONSTANT, INPUT
+
+__all__ = [
+    "CONSTANT",
+    "DTYPES",
+    "INPUT",
+    "REGISTRY",
+    "AttrKind",
+    "AttrSpec",
+    "Attrs",
+    "Op",
+    "ShapeError",
+    "TensorType",
+    "check_attr",
+    "lookup",
+    "normalize_axes",
+    "register",
+]

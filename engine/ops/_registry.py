@@ -1,0 +1,184 @@
+"""The op registry: one `Op` per op, holding its shape rule, forward, VJP and cost side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnknownOpError, ValidationError
+
+DTYPES: tuple[str, ...] = ("float32", "float64")
+NP_DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorType:
+    """Static type of a node's value: shape and dtype (a name from DTYPES)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def matches(self, a: np.ndarray) -> bool:
+        """Whether an array has exactly this shape and dtype (cheap: on every node's hot path)."""
+        return a.shape == self.shape and a.dtype == NP_DTYPES[self.dtype]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+class AttrKind(Enum):
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    INTS = "ints"  # tuple of ints (a shape, a permutation)
+    AXES = "axes"  # None (all axes), an int or a tuple of ints
+    TENSOR = "tensor"  # an np.ndarray (constants)
+
+
+@dataclass(frozen=True, slots=True)
+class AttrSpec:
+    kind: AttrKind
+    required: bool = False
+    default: Any = None
+
+
+Attrs = Mapping[str, Any]
+InferFn = Callable[[Sequence[TensorType], Attrs], TensorType]
+ForwardFn = Callable[[Sequence[np.ndarray], Attrs], np.ndarray]
+# vjp(g, inputs, output, attrs, wants) -> one gradient per input, in input order; None where
+# the input has none or `wants[i]` is False (the caller skips work nobody will use).
+VjpFn = Callable[
+    [np.ndarray, Sequence[np.ndarray], np.ndarray, Attrs, Sequence[bool]],
+    Sequence[np.ndarray | None],
+]
+FlopsFn = Callable[[Sequence[TensorType], TensorType, Attrs], float]
+
+
+def elementwise_flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
+    return float(out.size)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """Everything the engine knows about one op."""
+
+    name: str
+    arity: int | None  # None: variadic (at least one input)
+    infer: InferFn
+    forward: ForwardFn
+    vjp: VjpFn | None
+    attrs: Mapping[str, AttrSpec] = field(default_factory=dict)
+    flops: FlopsFn = elementwise_flops
+    doc: str = ""
+    differentiable_inputs: tuple[int, ...] | None = None  # None: all inputs
+
+    def signature(self) -> str:
+        ins = "*xs" if self.arity is None else ", ".join(f"x{i}" for i in range(self.arity))
+        attrs = ", ".join(
+            f"{n}: {s.kind.value}{'' if s.required else '=' + repr(s.default)}"
+            for n, s in self.attrs.items()
+        )
+        return f"{self.name}({ins}{', ' if ins and attrs else ''}{attrs})"
+
+
+class ShapeError(Exception):
+    """Raised by shape rules; validation turns it into a ValidationError naming the node."""
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    if op.name in REGISTRY:
+        raise ValueError(f"op '{op.name}' is registered twice")
+    REGISTRY[op.name] = op
+    return op
+
+
+def lookup(name: str, *, node: str | None = None) -> Op:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownOpError(
+            f"unknown op '{name}' (known ops: {', '.join(sorted(REGISTRY))})",
+            node=node,
+            field="op",
+        ) from None
+
+
+def _check_axis(axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < max(ndim, 1):
+        raise ShapeError(f"{what} {axis} is out of range for rank {ndim}")
+    return axis % ndim if ndim else 0
+
+
+def normalize_axes(axes: Any, ndim: int) -> tuple[int, ...]:
+    """None: all axes; an int or tuple: sorted, non-negative, checked for range and repeats."""
+    if axes is None:
+        return tuple(range(ndim))
+    raw = (axes,) if isinstance(axes, int) else tuple(axes)
+    norm = tuple(_check_axis(a, ndim, "axis") for a in raw)
+    if len(set(norm)) != len(norm):
+        raise ShapeError(f"axis {raw} repeats an axis")
+    return tuple(sorted(norm))
+
+
+def check_attr(op: Op, name: str, value: Any, *, node: str | None) -> Any:
+    """Validate one attribute against the op's spec; returns it in canonical form."""
+    spec = op.attrs.get(name)
+    if spec is None:
+        raise ValidationError(
+            f"op '{op.name}' has no attribute '{name}' (expected one of {sorted(op.attrs)})",
+            node=node,
+            field=f"attrs.{name}",
+        )
+
+    def bad(expected: str) -> ValidationError:
+        return ValidationError(
+            f"attribute '{name}' of op '{op.name}' must be {expected}, got {value!r:.80}",
+            node=node,
+            field=f"attrs.{name}",
+        )
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+    kind = spec.kind
+    if kind is AttrKind.INT:
+        if not is_int(value):
+            raise bad("an int")
+        return int(value)
+    if kind is AttrKind.FLOAT:
+        if not isinstance(value, float | int) or isinstance(value, bool):
+            raise bad("a float")
+        return float(value)
+    if kind is AttrKind.BOOL:
+        if not isinstance(value, bool | np.bool_):
+            raise bad("a bool")
+        return bool(value)
+    if kind is AttrKind.INTS:
+        if not isinstance(value, tuple | list) or not all(is_int(v) for v in value):
+            raise bad("a list of ints")
+        return tuple(int(v) for v in value)
+    if kind is AttrKind.AXES:
+        if value is None:
+            return None
+        if is_int(value):
+            return int(value)
+        if isinstance(value, tuple | list) and all(is_int(v) for v in value):
+            return tuple(int(v) for v in value)
+        raise bad("an int, a list of ints or absent")
+    if kind is AttrKind.TENSOR:
+        if not isinstance(value, np.ndarray) or value.dtype.name not in DTYPES:
+            raise bad(f"an array of dtype {' or '.join(DTYPES)}")
+        return value
+    raise AssertionError(kind)

@@ -1,0 +1,56 @@
+"""matmul with numpy semantics: vector, matrix and batched (broadcast batch dims) cases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._registry import Attrs, Op, ShapeError, TensorType, register
+from .elementwise import unbroadcast
+
+
+def _infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    a, b = ins
+    if a.dtype != b.dtype:
+        raise ShapeError(f"dtype mismatch: {a.dtype} and {b.dtype}")
+    if not a.shape or not b.shape:
+        raise ShapeError(f"matmul needs inputs of rank >= 1, got {a.shape} and {b.shape}")
+    ka = a.shape[-1]
+    kb = b.shape[0] if len(b.shape) == 1 else b.shape[-2]
+    if ka != kb:
+        raise ShapeError(f"inner dimensions differ: {a.shape} @ {b.shape} ({ka} != {kb})")
+    try:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"batch dimensions of {a.shape} and {b.shape} do not broadcast") from None
+    rows = a.shape[-2:-1] if len(a.shape) > 1 else ()
+    cols = b.shape[-1:] if len(b.shape) > 1 else ()
+    return TensorType(tuple(batch) + rows + cols, a.dtype)
+
+
+def _vjp(
+    g: np.ndarray, xs: Sequence[np.ndarray], y: np.ndarray, attrs: Attrs, wants: Sequence[bool]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    a, b = xs
+    # Promote vectors to matrices so one rule covers every case, then undo the promotion.
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    g2 = g
+    if a.ndim == 1:
+        g2 = np.expand_dims(g2, -2 if b.ndim > 1 else -1)
+    if b.ndim == 1:
+        g2 = np.expand_dims(g2, -1)
+    da = db = None
+    if wants[0]:
+        da = unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+    if wants[1]:
+        db = unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
+    return da, db
+
+
+def _flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
+    return 2.0 * max(out.size, 1) * ins[0].shape[-1]
+
+
+register(Op("matmul", 2, _infer, lambda xs, at: np.matmul(xs[0], xs[1]), _vjp, flops=_flops))

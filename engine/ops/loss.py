@@ -1,0 +1,129 @@
+"""Softmax family and losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._registry import AttrKind, Attrs, AttrSpec, Op, ShapeError, TensorType, register
+from .elementwise import broadcast_type, unbroadcast
+
+_AXIS = {"axis": AttrSpec(AttrKind.INT, default=-1)}
+
+
+def _axis_type(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    x = ins[0]
+    axis = attrs.get("axis", -1)
+    if not -len(x.shape) <= axis < len(x.shape):
+        raise ShapeError(f"axis {axis} is out of range for rank {len(x.shape)}")
+    return x
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _softmax_vjp(g, xs, y, at, w):
+    axis = at.get("axis", -1)
+    return (y * (g - (g * y).sum(axis=axis, keepdims=True)),)
+
+
+def _log_softmax_vjp(g, xs, y, at, w):
+    axis = at.get("axis", -1)
+    return (g - np.exp(y) * g.sum(axis=axis, keepdims=True),)
+
+
+register(
+    Op(
+        "softmax",
+        1,
+        _axis_type,
+        lambda xs, at: _softmax(xs[0], at.get("axis", -1)),
+        _softmax_vjp,
+        attrs=_AXIS,
+    )
+)
+register(
+    Op(
+        "log_softmax",
+        1,
+        _axis_type,
+        lambda xs, at: _log_softmax(xs[0], at.get("axis", -1)),
+        _log_softmax_vjp,
+        attrs=_AXIS,
+    )
+)
+
+
+def _sce_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    logits, labels = ins
+    if logits.shape != labels.shape or logits.dtype != labels.dtype:
+        raise ShapeError(
+            f"logits and labels must have the same shape and dtype, got "
+            f"{logits.shape} {logits.dtype} and {labels.shape} {labels.dtype}"
+        )
+    x = _axis_type(ins, attrs)
+    axis = attrs.get("axis", -1) % len(x.shape)
+    return TensorType(x.shape[:axis] + x.shape[axis + 1 :], x.dtype)
+
+
+def _sce_forward(xs: Sequence[np.ndarray], at: Attrs) -> np.ndarray:
+    logits, labels = xs
+    return np.asarray(
+        -(labels * _log_softmax(logits, at.get("axis", -1))).sum(axis=at.get("axis", -1))
+    )
+
+
+def _sce_vjp(g, xs, y, at, w):
+    logits, labels = xs
+    axis = at.get("axis", -1) % logits.ndim
+    gk = np.expand_dims(g, axis)
+    logp = _log_softmax(logits, axis)
+    dlogits = gk * (np.exp(logp) * labels.sum(axis=axis, keepdims=True) - labels) if w[0] else None
+    return dlogits, (-gk * logp if w[1] else None)
+
+
+register(
+    Op(
+        "softmax_cross_entropy",
+        2,
+        _sce_infer,
+        _sce_forward,
+        _sce_vjp,
+        attrs=_AXIS,
+        doc="-sum(labels * log_softmax(logits), axis): one loss per example",
+    )
+)
+
+
+def _mse_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    return TensorType((), broadcast_type(ins, attrs).dtype)
+
+
+def _mse_vjp(g, xs, y, at, w):
+    pred, target = xs
+    diff = pred - target
+    d = (2.0 / max(diff.size, 1)) * g * diff
+    return (
+        unbroadcast(d, pred.shape) if w[0] else None,
+        unbroadcast(-d, target.shape) if w[1] else None,
+    )
+
+
+register(
+    Op(
+        "mse",
+        2,
+        _mse_infer,
+        lambda xs, at: np.asarray(np.mean((xs[0] - xs[1]) ** 2), dtype=xs[0].dtype),
+        _mse_vjp,
+        doc="mean((pred - target)**2), a scalar",
+    )
+)

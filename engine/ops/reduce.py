@@ -1,0 +1,84 @@
+"""Reductions over axes: sum, mean, max (axis: None for all, an int or a tuple; keepdims)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._registry import (
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    Op,
+    TensorType,
+    VjpFn,
+    normalize_axes,
+    register,
+)
+
+_ATTRS = {"axis": AttrSpec(AttrKind.AXES), "keepdims": AttrSpec(AttrKind.BOOL, default=False)}
+
+
+def _infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    (x,) = ins
+    axes = normalize_axes(attrs.get("axis"), len(x.shape))
+    keep = attrs.get("keepdims", False)
+    shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape) if keep or i not in axes)
+    return TensorType(shape, x.dtype)
+
+
+def _axes(x: np.ndarray, attrs: Attrs) -> tuple[int, ...]:
+    return normalize_axes(attrs.get("axis"), x.ndim)
+
+
+def _expand(g: np.ndarray, x: np.ndarray, attrs: Attrs) -> np.ndarray:
+    """Bring a reduced gradient back to a shape that broadcasts against x."""
+    return g if attrs.get("keepdims", False) else np.expand_dims(g, _axes(x, attrs))
+
+
+def _count(x: np.ndarray, attrs: Attrs) -> int:
+    return int(np.prod([x.shape[i] for i in _axes(x, attrs)], dtype=np.int64))
+
+
+def _sum_vjp(g, xs, y, attrs, wants):
+    return (np.broadcast_to(_expand(g, xs[0], attrs), xs[0].shape),)
+
+
+def _mean_vjp(g, xs, y, attrs, wants):
+    scale = 1.0 / max(_count(xs[0], attrs), 1)
+    return (np.broadcast_to(_expand(g, xs[0], attrs) * scale, xs[0].shape),)
+
+
+def _max_vjp(g, xs, y, attrs, wants):
+    x = xs[0]
+    mask = x == _expand(y, x, attrs)
+    # Ties share the gradient equally, so the VJP stays the transpose of a linear map.
+    share = mask / mask.sum(axis=_axes(x, attrs), keepdims=True)
+    return (_expand(g, x, attrs) * share.astype(x.dtype),)
+
+
+def _flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
+    return float(ins[0].size)
+
+
+def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn) -> None:
+    register(
+        Op(
+            name,
+            1,
+            _infer,
+            lambda xs, at: np.asarray(
+                fn(xs[0], axis=_axes(xs[0], at), keepdims=at.get("keepdims", False))
+            ),
+            vjp,
+            attrs=_ATTRS,
+            flops=_flops,
+        )
+    )
+
+
+_reduction("sum", np.sum, _sum_vjp)
+_reduction("mean", np.mean, _mean_vjp)
+_reduction("max", np.max, _max_vjp)

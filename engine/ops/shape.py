@@ -1,0 +1,124 @@
+"""Shape ops: reshape, transpose, broadcast_to, concat."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._registry import AttrKind, Attrs, AttrSpec, Op, ShapeError, TensorType, register
+from .elementwise import unbroadcast
+
+
+def _reshape_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    (x,) = ins
+    shape = attrs["shape"]
+    if sum(d == -1 for d in shape) > 1 or any(d < -1 for d in shape):
+        raise ShapeError(f"shape {shape} may hold at most one -1 and no other negative size")
+    known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+    if -1 in shape:
+        if known == 0 or x.size % known:
+            raise ShapeError(f"cannot reshape {x.shape} into {shape}")
+        shape = tuple(x.size // known if d == -1 else d for d in shape)
+    elif known != x.size:
+        raise ShapeError(f"cannot reshape {x.shape} ({x.size} elements) into {shape}")
+    return TensorType(tuple(shape), x.dtype)
+
+
+register(
+    Op(
+        "reshape",
+        1,
+        _reshape_infer,
+        lambda xs, at: xs[0].reshape(at["shape"]),
+        lambda g, xs, y, at, w: (g.reshape(xs[0].shape),),
+        attrs={"shape": AttrSpec(AttrKind.INTS, required=True)},
+    )
+)
+
+
+def _perm(attrs: Attrs, ndim: int) -> tuple[int, ...]:
+    axes = attrs.get("axes")
+    return tuple(reversed(range(ndim))) if axes is None else tuple(axes)
+
+
+def _transpose_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    (x,) = ins
+    perm = _perm(attrs, len(x.shape))
+    if sorted(perm) != list(range(len(x.shape))):
+        raise ShapeError(f"axes {perm} are not a permutation of {len(x.shape)} axes")
+    return TensorType(tuple(x.shape[i] for i in perm), x.dtype)
+
+
+register(
+    Op(
+        "transpose",
+        1,
+        _transpose_infer,
+        lambda xs, at: np.transpose(xs[0], _perm(at, xs[0].ndim)),
+        lambda g, xs, y, at, w: (np.transpose(g, np.argsort(_perm(at, xs[0].ndim))),),
+        attrs={"axes": AttrSpec(AttrKind.INTS)},
+    )
+)
+
+
+def _broadcast_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    (x,) = ins
+    shape = tuple(attrs["shape"])
+    try:
+        ok = np.broadcast_shapes(x.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ShapeError(f"cannot broadcast {x.shape} to {shape}")
+    return TensorType(shape, x.dtype)
+
+
+register(
+    Op(
+        "broadcast_to",
+        1,
+        _broadcast_infer,
+        lambda xs, at: np.broadcast_to(xs[0], at["shape"]),
+        lambda g, xs, y, at, w: (unbroadcast(g, xs[0].shape),),
+        attrs={"shape": AttrSpec(AttrKind.INTS, required=True)},
+    )
+)
+
+
+def _concat_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    first = ins[0]
+    nd = len(first.shape)
+    if nd == 0:
+        raise ShapeError("cannot concatenate scalars")
+    axis = attrs.get("axis", 0)
+    if not -nd <= axis < nd:
+        raise ShapeError(f"axis {axis} is out of range for rank {nd}")
+    axis %= nd
+    for t in ins[1:]:
+        if t.dtype != first.dtype:
+            raise ShapeError(f"dtype mismatch: {first.dtype} and {t.dtype}")
+        if len(t.shape) != nd or any(
+            a != b for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=True)) if i != axis
+        ):
+            raise ShapeError(f"shapes {first.shape} and {t.shape} differ outside axis {axis}")
+    total = sum(t.shape[axis] for t in ins)
+    return TensorType((*first.shape[:axis], total, *first.shape[axis + 1 :]), first.dtype)
+
+
+def _concat_vjp(g, xs, y, attrs, wants):
+    axis = attrs.get("axis", 0) % g.ndim
+    cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
+    return tuple(np.split(g, cuts, axis=axis))
+
+
+register(
+    Op(
+        "concat",
+        None,
+        _concat_infer,
+        lambda xs, at: np.concatenate(list(xs), axis=at.get("axis", 0)),
+        _concat_vjp,
+        attrs={"axis": AttrSpec(AttrKind.INT, default=0)},
+    )
+)
