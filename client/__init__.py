@@ -44,6 +44,7 @@ from ._builder import (
 )
 from ._connect import connect
 from ._local import LocalClient
+from ._remote import RemoteClient, RemoteError
 from ._result import Result
 from .engine.errors import FeedError, GraphError, RequestError, ValidationError
 
@@ -54,6 +55,8 @@ __all__ = [
     "Graph",
     "GraphError",
     "LocalClient",
+    "RemoteClient",
+    "RemoteError",
     "RequestError",
     "Result",
     "Tensor",

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import overload
+
 from ._local import LocalClient
+from ._remote import RemoteClient
 
 
-def connect(address: str | None = None) -> LocalClient:
-    """Without an address: run in this process. With "host:port": talk to a graphgrad server."""
+@overload
+def connect(address: None = None) -> LocalClient: ...
+@overload
+def connect(
+    address: str,
+    *,
+    token: str | None = None,
+    tls: bool | str | bytes | Path = False,
+    timeout: float | None = None,
+) -> RemoteClient: ...
+
+
+def connect(
+    address: str | None = None,
+    *,
+    token: str | None = None,
+    tls: bool | str | bytes | Path = False,
+    timeout: float | None = None,
+) -> LocalClient | RemoteClient:
+    """Without an address: run in this process. With "host:port": talk to a graphgrad server.
+
+    token: bearer token the server requires; tls: True (system roots) or a CA certificate
+    (path or PEM bytes); timeout: default deadline of each call, in seconds.
+    """
     if address is None:
         return LocalClient()
-    raise NotImplementedError("remote connections arrive with the gRPC service")
+    return RemoteClient(address, token=token, tls=tls, timeout=timeout)

@@ -9,6 +9,7 @@ from typing import Any
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Cancellation, Executor, LocalExecutor
+from .engine.executor import check_finite
 
 
 class LocalClient:
@@ -27,12 +28,23 @@ class LocalClient:
         wrt: Ref | Sequence[Ref] | None = (),
         grad_outputs: Mapping[Ref, Any] | None = None,
         *,
+        executor: str = "auto",
+        check_numerics: bool = False,
         timeout: float | None = None,
     ) -> Result:
         _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
         cancel = Cancellation(deadline=None if timeout is None else time.monotonic() + timeout)
-        res = self._executor.run(graph, request, cancel)
+        res = self._executor_for(executor).run(graph, request, cancel)
+        if check_numerics:
+            check_finite(res, request.feeds)
         return Result(res.values, res.grads, res.stats)
+
+    def _executor_for(self, name: str) -> Executor:
+        if name in ("auto", self._executor.name):
+            return self._executor
+        raise ValueError(
+            f"executor '{name}' is not available in this client (it runs '{self._executor.name}')"
+        )
 
     def close(self) -> None:
         pass

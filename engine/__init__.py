@@ -3,6 +3,7 @@
 from .autodiff import RunRequest
 from .errors import (
     CancelledError,
+    ExecutionError,
     FeedError,
     GraphError,
     LimitError,
@@ -19,6 +20,7 @@ __all__ = [
     "REGISTRY",
     "Cancellation",
     "CancelledError",
+    "ExecutionError",
     "Executor",
     "FeedError",
     "Graph",

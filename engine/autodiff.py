@@ -9,12 +9,13 @@ topological order is used and whichever executor (local or partitioned) runs the
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FeedError, RequestError
+from .errors import ExecutionError, FeedError, RequestError
 from .ir import Graph
 from .ops import INPUT
 
@@ -39,12 +40,23 @@ class PassPlan:
     backward: tuple[int, ...]  # nodes whose VJP runs, reverse topological order
     relevant: frozenset[int]  # nodes on a path from some wrt node to some output
     needed_inputs: tuple[int, ...]  # graph inputs that must be fed
+    uses: dict[int, int]  # how many times each value is read (forward and VJPs), to free it
 
 
 def plan_pass(
     graph: Graph, outputs: Sequence[str], wrt: Sequence[str], seeded: Sequence[str] = ()
 ) -> PassPlan:
-    """`seeded`: the outputs differentiated (the keys of grad_outputs; by default the first)."""
+    """`seeded`: the outputs differentiated (the keys of grad_outputs; by default the first).
+
+    Plans are memoised on the graph, so repeated runs of a registered graph skip this work.
+    """
+    key = ("pass", tuple(outputs), tuple(wrt), tuple(seeded))
+    return graph.memo(key, lambda: _plan_pass(graph, outputs, wrt, seeded))
+
+
+def _plan_pass(
+    graph: Graph, outputs: Sequence[str], wrt: Sequence[str], seeded: Sequence[str]
+) -> PassPlan:
     if not outputs:
         raise RequestError("no outputs requested", field="outputs")
     outs = tuple(graph.position(n, field="outputs") for n in outputs)
@@ -64,13 +76,21 @@ def plan_pass(
         for i in reversed(needed)
         if i in relevant and any(j in relevant for j in graph.input_pos[i])
     )
+    forward = tuple(i for i in needed if graph.ops[i] is not INPUT)
+    uses: Counter[int] = Counter()
+    for i in forward:
+        uses.update(graph.input_pos[i])
+    for i in backward:
+        uses[i] += 1
+        uses.update(graph.input_pos[i])
     return PassPlan(
         outputs=outs,
         wrt=wrts,
-        forward=tuple(i for i in needed if graph.ops[i] is not INPUT),
+        forward=forward,
         backward=backward,
         relevant=frozenset(relevant),
         needed_inputs=tuple(i for i in needed if graph.ops[i] is INPUT),
+        uses=dict(uses),
     )
 
 
@@ -147,7 +167,10 @@ def seed_cotangents(
 def evaluate(graph: Graph, i: int, values: Mapping[int, np.ndarray]) -> np.ndarray:
     """The value of node i, its inputs being in `values`."""
     op, t = graph.ops[i], graph.types[i]
-    out = np.asarray(op.forward([values[j] for j in graph.input_pos[i]], graph.nodes[i].attrs))
+    try:
+        out = np.asarray(op.forward([values[j] for j in graph.input_pos[i]], graph.nodes[i].attrs))
+    except (ValueError, ArithmeticError) as e:
+        raise ExecutionError(f"op '{op.name}' failed: {e}", node=graph.nodes[i].name) from e
     if not t.matches(out):
         raise AssertionError(
             f"op '{op.name}' computed {out.shape} {out.dtype} for node "
@@ -206,7 +229,12 @@ def backward_step(
     op = graph.ops[i]
     assert op.vjp is not None, f"op '{op.name}' has no VJP"
     wants = [j in relevant for j in ins]
-    grads = op.vjp(g, [values[j] for j in ins], values[i], graph.nodes[i].attrs, wants)
+    try:
+        grads = op.vjp(g, [values[j] for j in ins], values[i], graph.nodes[i].attrs, wants)
+    except (ValueError, ArithmeticError) as e:
+        raise ExecutionError(
+            f"gradient of op '{op.name}' failed: {e}", node=graph.nodes[i].name
+        ) from e
     if len(grads) != len(ins):
         raise AssertionError(
             f"VJP of op '{op.name}' returned {len(grads)} gradients for {len(ins)} inputs"

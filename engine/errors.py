@@ -46,5 +46,13 @@ class LimitError(GraphError):
         super().__init__(message)
 
 
+class ExecutionError(GraphError):
+    """An op failed on the values it was given (e.g. the max of an empty axis)."""
+
+    def __init__(self, message: str, *, node: str):
+        self.node = node
+        super().__init__(f"node '{node}': {message}")
+
+
 class CancelledError(GraphError):
     """A run was cancelled or its deadline passed before it finished."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +20,7 @@ from .autodiff import (
     plan_pass,
     seed_cotangents,
 )
-from .errors import CancelledError
+from .errors import CancelledError, RequestError
 from .ir import Graph
 
 
@@ -70,6 +70,17 @@ class Cancellation:
             raise CancelledError("the run's deadline passed")
 
 
+def check_finite(result: RunResult, feeds: Mapping[str, np.ndarray]) -> None:
+    """Raise naming the first tensor holding NaN or infinity (what `check_numerics` asks)."""
+    for kind, arrays in (("feeds", feeds), ("values", result.values), ("grads", result.grads)):
+        for name, a in arrays.items():
+            if not np.isfinite(a).all():
+                raise RequestError(
+                    f"{kind}['{name}'] holds NaN or infinity (check_numerics is on)",
+                    field=f"{kind}['{name}']",
+                )
+
+
 class Executor(Protocol):
     name: str
 
@@ -93,12 +104,7 @@ class LocalExecutor:
         seeds = seed_cotangents(graph, plan, request.grad_outputs) if plan.wrt else {}
 
         # Reference counts: one per later use, in the forward or in a VJP; outputs are pinned.
-        uses: Counter[int] = Counter()
-        for i in plan.forward:
-            uses.update(graph.input_pos[i])
-        for i in plan.backward:
-            uses[i] += 1
-            uses.update(graph.input_pos[i])
+        uses = dict(plan.uses)
         pinned = set(plan.outputs)
 
         def release(nodes: tuple[int, ...]) -> None:

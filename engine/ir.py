@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -48,7 +48,7 @@ class Graph:
     Positions (ints) index `nodes`, `ops`, `types` and `input_pos`; `index` maps names to them.
     """
 
-    __slots__ = ("_fingerprint", "index", "input_pos", "nodes", "ops", "types")
+    __slots__ = ("_fingerprint", "_memo", "index", "input_pos", "nodes", "ops", "types")
 
     def __init__(self, nodes: Iterable[Node]):
         checked = [_check_node(n) for n in nodes]
@@ -63,6 +63,15 @@ class Graph:
         )
         self.types: tuple[TensorType, ...] = _infer_types(self)
         self._fingerprint: str | None = None
+        self._memo: dict[Any, Any] = {}
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """A value derived from this (immutable) graph, computed once per key."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = make()
+            return value
 
     def __len__(self) -> int:
         return len(self.nodes)

@@ -1,0 +1,1 @@
+"""The gRPC server: servicers, runtime, limits, auth and the `graphgrad serve` CLI."""

@@ -1,0 +1,153 @@
+"""The remote client: the same `run` API as the in-process one, over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from . import _wire
+from ._request import Ref, build_request
+from ._result import Result
+from .engine import Graph, GraphError
+from .v1 import service_pb2, service_pb2_grpc
+
+MAX_MESSAGE_BYTES = 512 << 20
+
+
+class RemoteError(GraphError):
+    """A server error: `code` is the gRPC status code, `violations` the fields it names."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, violations: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.violations = list(violations)
+        super().__init__(f"{code.name}: {message}")
+
+
+def _remote_error(e: grpc.RpcError) -> RemoteError:
+    violations: list[tuple[str, str]] = []
+    status = rpc_status.from_call(e)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            violations += [(v.field, v.description) for v in br.field_violations]
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            qf = error_details_pb2.QuotaFailure()
+            detail.Unpack(qf)
+            violations += [(v.subject, v.description) for v in qf.violations]
+    return RemoteError(e.code(), e.details() or "", violations)
+
+
+def _credentials(tls: bool | str | bytes | Path) -> grpc.ChannelCredentials:
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    root = tls if isinstance(tls, bytes) else Path(str(tls)).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+class RemoteClient:
+    """A connection to a graphgrad server. Graphs are uploaded once, then run by fingerprint."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls: bool | str | bytes | Path = False,
+        timeout: float | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channel = (
+            grpc.secure_channel(address, _credentials(tls), options)
+            if tls
+            else grpc.insecure_channel(address, options)
+        )
+        self._stub = service_pb2_grpc.GraphServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._registered: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<graphgrad.RemoteClient {self.address}>"
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        try:
+            return getattr(self._stub, method)(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as e:
+            raise _remote_error(e) from None
+
+    def register(self, graph: Graph, timeout: float | None = None) -> str:
+        wire = graph.memo("wire", lambda: _wire.encode_graph(graph))
+        resp = self._call("RegisterGraph", service_pb2.RegisterGraphRequest(graph=wire), timeout)
+        self._registered.add(resp.fingerprint)
+        return str(resp.fingerprint)
+
+    def run(
+        self,
+        outputs: Ref | Sequence[Ref],
+        feeds: Mapping[Ref, Any] | None = None,
+        wrt: Ref | Sequence[Ref] | None = (),
+        grad_outputs: Mapping[Ref, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        timeout: float | None = None,
+    ) -> Result:
+        _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
+        msg = service_pb2.RunRequest(
+            outputs=request.outputs,
+            wrt=request.wrt,
+            options=service_pb2.RunOptions(
+                executor=_wire.EXECUTORS[executor], check_numerics=check_numerics
+            ),
+        )
+        _wire.fill_tensors(request.feeds, msg.feeds)
+        _wire.fill_tensors(request.grad_outputs or {}, msg.grad_outputs)
+        if graph.fingerprint not in self._registered:
+            self.register(graph, timeout)
+        msg.fingerprint = graph.fingerprint
+        try:
+            resp = self._call("Run", msg, timeout)
+        except RemoteError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The server forgot the graph (restart, cache eviction): upload it again.
+            self._registered.discard(graph.fingerprint)
+            self.register(graph, timeout)
+            resp = self._call("Run", msg, timeout)
+        values = {k: _wire.read_tensor(v) for k, v in resp.values.items()}
+        grads = {k: _wire.read_tensor(v) for k, v in resp.grads.items()}
+        return Result(values, grads, _wire.read_stats(resp.stats))
+
+    def list_ops(self) -> list[str]:
+        return [
+            op.signature for op in self._call("ListOps", service_pb2.ListOpsRequest(), None).ops
+        ]
+
+    def server_info(self) -> service_pb2.GetServerInfoResponse:
+        return self._call("GetServerInfo", service_pb2.GetServerInfoRequest(), None)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RemoteClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""SDK <-> wire: graphs and feeds to protobuf, responses to numpy (decoding is zero-copy)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .engine import Graph, RunStats, TaskStat, tensors
+from .engine.ops import REGISTRY, AttrKind
+from .v1 import graph_pb2, service_pb2, tensor_pb2
+
+DTYPE_ENUMS = {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}
+DTYPE_NAMES = {v: k for k, v in DTYPE_ENUMS.items()}
+EXECUTORS = {
+    "auto": service_pb2.EXECUTOR_AUTO,
+    "local": service_pb2.EXECUTOR_LOCAL,
+    "ray": service_pb2.EXECUTOR_RAY,
+}
+
+
+def fill_tensor(arr: np.ndarray, out: tensor_pb2.Tensor) -> None:
+    dtype, shape, data = tensors.encode(arr)
+    out.dtype = DTYPE_ENUMS[dtype]
+    out.shape[:] = shape
+    out.data = data
+
+
+def read_tensor(t: tensor_pb2.Tensor) -> np.ndarray:
+    """A read-only view on the message's bytes: no copy."""
+    return tensors.decode(DTYPE_NAMES[t.dtype], t.shape, t.data)
+
+
+def _fill_attr(value: object, kind: AttrKind, out: graph_pb2.AttrValue) -> None:
+    if isinstance(value, np.ndarray):
+        fill_tensor(value, out.tensor)
+    elif isinstance(value, tuple):
+        out.ints.values[:] = value
+    elif isinstance(value, bool):
+        out.b = value
+    elif isinstance(value, int):
+        out.i = value
+    elif isinstance(value, float):
+        out.f = value
+    else:
+        raise TypeError(f"attribute value {value!r} of kind {kind.value} has no wire form")
+
+
+def encode_graph(graph: Graph) -> graph_pb2.Graph:
+    out = graph_pb2.Graph(opset_version=1)
+    for node in graph.nodes:
+        n = out.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
+        for key, value in node.attrs.items():
+            _fill_attr(value, REGISTRY[node.op].attrs[key].kind, n.attrs[key])
+        if node.shape is not None:
+            n.shape.dims[:] = node.shape
+        if node.dtype is not None:
+            n.dtype = DTYPE_ENUMS[node.dtype]
+    return out
+
+
+def fill_tensors(arrays: Mapping[str, np.ndarray], out: object) -> None:
+    for name, arr in arrays.items():
+        fill_tensor(arr, out[name])  # type: ignore[index]
+
+
+def read_stats(s: service_pb2.RunStats) -> RunStats:
+    tasks = tuple(
+        TaskStat(t.partition, t.phase, t.start, t.end, t.where, t.bytes_in, t.bytes_out)
+        for t in s.tasks
+    )
+    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks)

@@ -1,0 +1,216 @@
+"""Cost model and partitioner: cut a graph into partitions each worth a Ray task.
+
+The cost model estimates each node's time from its flops and the bytes it touches. The
+partitioner starts from one partition per node and merges, never creating a cycle:
+  1. chains: a partition whose only consumer has it as its only producer is fused with that
+     consumer (cutting a chain buys no parallelism);
+  2. small partitions (worth less than a few task overheads) join a neighbour they can join
+     safely, the cheapest first.
+What remains are independent branches worth a task each, joined by few, small cuts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .autodiff import PassPlan
+from .ir import Graph
+from .ops import INPUT
+
+TASK_OVERHEAD_S = 1e-3  # what one Ray task costs on this kind of machine
+NODE_OVERHEAD_S = 4e-6  # Python dispatch per node
+FLOPS_PER_S = 2e10  # one core, BLAS-heavy work
+BYTES_PER_S = 4e9  # memory traffic of elementwise numpy
+MIN_PARTITION_S = 5 * TASK_OVERHEAD_S  # smaller partitions are merged away
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCost:
+    flops: float
+    bytes: float
+
+    @property
+    def seconds(self) -> float:
+        return NODE_OVERHEAD_S + self.flops / FLOPS_PER_S + self.bytes / BYTES_PER_S
+
+
+def node_costs(graph: Graph) -> list[NodeCost]:
+    def make(i: int) -> NodeCost:
+        op, t = graph.ops[i], graph.types[i]
+        ins = [graph.types[j] for j in graph.input_pos[i]]
+        if op is INPUT:
+            return NodeCost(0.0, 0.0)
+        return NodeCost(
+            op.flops(ins, t, graph.nodes[i].attrs), float(t.nbytes + sum(x.nbytes for x in ins))
+        )
+
+    return graph.memo("costs", lambda: [make(i) for i in range(len(graph))])
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    index: int
+    nodes: tuple[int, ...]  # positions, topological order
+    seconds: float  # estimated forward time
+    flops: float
+    bytes: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    src: int  # producing partition, or -1 for the fed inputs
+    dst: int
+    node: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A DAG of partitions (in topological order) and the tensors crossing between them."""
+
+    partitions: tuple[Partition, ...]
+    cuts: tuple[Cut, ...]
+    owner: dict[int, int]  # node position -> partition index
+    total_seconds: float
+    critical_seconds: float  # longest chain of partitions, in estimated seconds
+
+    @property
+    def cut_bytes(self) -> int:
+        return sum(c.bytes for c in self.cuts if c.src >= 0)
+
+
+def partition(graph: Graph, plan: PassPlan, *, min_seconds: float = MIN_PARTITION_S) -> Plan:
+    costs = node_costs(graph)
+    nodes = plan.forward
+    part_of = {i: i for i in nodes}  # union-find over node positions
+    members: dict[int, list[int]] = {i: [i] for i in nodes}
+    seconds = {i: costs[i].seconds for i in nodes}
+    preds: dict[int, set[int]] = {i: {j for j in graph.input_pos[i] if j in part_of} for i in nodes}
+    succs: dict[int, set[int]] = {i: set() for i in nodes}
+    for i in nodes:
+        for j in preds[i]:
+            succs[j].add(i)
+
+    def merge(a: int, b: int) -> None:
+        """Fold partition b into a."""
+        members[a] += members.pop(b)
+        seconds[a] += seconds.pop(b)
+        for p in preds.pop(b):
+            succs[p].discard(b)
+            if p != a:
+                succs[p].add(a)
+                preds[a].add(p)
+        for s in succs.pop(b):
+            preds[s].discard(b)
+            if s != a:
+                preds[s].add(a)
+                succs[a].add(s)
+        preds[a].discard(a)
+        succs[a].discard(a)
+        preds[a].discard(b)
+        succs[a].discard(b)
+
+    # 1. Fuse chains (in topological order so each link is seen once).
+    for i in nodes:
+        if i in members:
+            while len(succs[i]) == 1:
+                s = next(iter(succs[i]))
+                if len(preds[s]) != 1:
+                    break
+                merge(i, s)
+
+    # 2. Merge small partitions into a neighbour they can join without making a cycle:
+    #    along an edge whose source has one consumer, or whose destination has one producer.
+    changed = True
+    while changed:
+        changed = False
+        for p in sorted(members, key=lambda k: seconds[k]):
+            if p not in members or seconds[p] >= min_seconds:
+                continue
+            safe = [q for q in preds[p] if len(succs[q]) == 1 or len(preds[p]) == 1]
+            safe += [q for q in succs[p] if len(preds[q]) == 1 or len(succs[p]) == 1]
+            if safe:
+                q = min(safe, key=lambda k: seconds[k])
+                keep, gone = (q, p) if q in preds[p] else (p, q)
+                merge(keep, gone)
+                changed = True
+
+    return _build_plan(graph, plan, members, costs)
+
+
+def _build_plan(
+    graph: Graph, plan: PassPlan, members: dict[int, list[int]], costs: list[NodeCost]
+) -> Plan:
+    # Order partitions topologically by their first node (merges kept the DAG acyclic and
+    # each partition's nodes are a topologically ordered list once sorted).
+    groups = sorted((sorted(m) for m in members.values()), key=lambda m: m[0])
+    owner = {i: k for k, m in enumerate(groups) for i in m}
+    order = _topological_partitions(graph, groups, owner)
+    groups = [groups[k] for k in order]
+    owner = {i: k for k, m in enumerate(groups) for i in m}
+    parts = tuple(
+        Partition(
+            k,
+            tuple(m),
+            sum(costs[i].seconds for i in m),
+            sum(costs[i].flops for i in m),
+            sum(costs[i].bytes for i in m),
+        )
+        for k, m in enumerate(groups)
+    )
+    cuts: dict[tuple[int, int, int], Cut] = {}
+    for k, m in enumerate(groups):
+        for i in m:
+            for j in graph.input_pos[i]:
+                src = owner.get(j, -1)
+                if src != k:
+                    cuts.setdefault((src, k, j), Cut(src, k, j, graph.types[j].nbytes))
+    finish: list[float] = []
+    for k in range(len(groups)):
+        start = max(
+            (finish[c.src] for c in cuts.values() if c.dst == k and c.src >= 0), default=0.0
+        )
+        finish.append(start + parts[k].seconds)
+    return Plan(
+        parts, tuple(cuts.values()), owner, sum(p.seconds for p in parts), max(finish, default=0.0)
+    )
+
+
+def _topological_partitions(
+    graph: Graph, groups: list[list[int]], owner: dict[int, int]
+) -> list[int]:
+    deps = [
+        {owner[j] for i in m for j in graph.input_pos[i] if j in owner} - {k}
+        for k, m in enumerate(groups)
+    ]
+    done: set[int] = set()
+    order: list[int] = []
+    pending = list(range(len(groups)))
+    while pending:
+        ready = [k for k in pending if deps[k] <= done]
+        if not ready:
+            raise AssertionError("partitioning produced a cycle")
+        for k in ready:
+            done.add(k)
+            order.append(k)
+        pending = [k for k in pending if k not in done]
+    return order
+
+
+def single_partition(graph: Graph, plan: PassPlan) -> Plan:
+    """The plan of the local executor: everything in one partition."""
+    costs = node_costs(graph)
+    return (
+        _build_plan(graph, plan, {0: list(plan.forward)}, costs)
+        if plan.forward
+        else Plan((), (), {}, 0.0, 0.0)
+    )
+
+
+def prefers_ray(p: Plan, cpus: int) -> bool:
+    """Whether partitioned execution should beat inline execution, by the cost model."""
+    if len(p.partitions) < 2 or cpus < 2:
+        return False
+    tasks = 2 * len(p.partitions)  # a forward and a backward task each
+    ray_time = max(p.critical_seconds, p.total_seconds / cpus) + tasks * TASK_OVERHEAD_S / cpus
+    return ray_time < 0.7 * p.total_seconds

@@ -1,0 +1,54 @@
+"""Tensors as bytes: little-endian, row-major, no padding (the wire format, without protobuf).
+
+Decoding is zero-copy (`np.frombuffer`); encoding copies once into `bytes`, which is what
+protobuf stores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .ops import DTYPES
+
+_WIRE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+
+
+class TensorFormatError(ValueError):
+    """The bytes do not describe a tensor of the stated shape and dtype."""
+
+
+def decode(
+    dtype: str,
+    shape: Sequence[int],
+    data: bytes,
+    *,
+    max_bytes: int | None = None,
+    what: str = "tensor",
+) -> np.ndarray:
+    if dtype not in _WIRE:
+        raise TensorFormatError(f"{what}: dtype must be one of {DTYPES}, got {dtype!r}")
+    if any(d < 0 for d in shape):
+        raise TensorFormatError(f"{what}: shape {tuple(shape)} has a negative size")
+    wire = _WIRE[dtype]
+    expected = math.prod(shape) * wire.itemsize
+    if max_bytes is not None and expected > max_bytes:
+        raise TensorFormatError(
+            f"{what}: shape {tuple(shape)} needs {expected} bytes, over the limit of {max_bytes}"
+        )
+    if len(data) != expected:
+        raise TensorFormatError(
+            f"{what}: shape {tuple(shape)} {dtype} needs {expected} bytes of data, got {len(data)}"
+        )
+    arr = np.frombuffer(data, dtype=wire).reshape(tuple(shape))
+    return arr if wire.isnative else arr.astype(wire.newbyteorder("="))
+
+
+def encode(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    """(dtype name, shape, data) of an array of a supported dtype."""
+    if arr.dtype.name not in _WIRE:
+        raise TensorFormatError(f"dtype must be one of {DTYPES}, got {arr.dtype.name}")
+    wire = _WIRE[arr.dtype.name]
+    return arr.dtype.name, arr.shape, np.ascontiguousarray(arr, dtype=wire).tobytes()

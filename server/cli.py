@@ -1,0 +1,85 @@
+"""`graphgrad serve`: the command-line entry point of the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .app import Server, ServerConfig
+from .limits import MIB, Limits
+from .runtime import Runtime
+
+TOKEN_ENV = "GRAPHGRAD_TOKEN"
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults = Limits()
+    p = argparse.ArgumentParser(prog="graphgrad", description="graphgrad graph execution service")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the gRPC server")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    s.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the bearer token clients must send (or set {TOKEN_ENV})",
+    )
+    s.add_argument("--max-nodes", type=int, default=defaults.max_nodes)
+    s.add_argument("--max-tensor-bytes", type=int, default=defaults.max_tensor_bytes)
+    s.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=defaults.max_message_bytes,
+        help=f"gRPC message limit both ways (default {defaults.max_message_bytes // MIB} MiB)",
+    )
+    s.add_argument(
+        "--graph-cache-size",
+        type=int,
+        default=256,
+        help="registered graphs kept (least recently used are dropped)",
+    )
+    s.add_argument("--workers", type=int, default=16, help="threads serving requests")
+    s.add_argument(
+        "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
+    )
+    s.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        limits=Limits(args.max_nodes, args.max_tensor_bytes, args.max_message_bytes),
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        token=token or None,
+        workers=args.workers,
+        grace_seconds=args.grace,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = config_from(args)
+    runtime = Runtime.create(config.limits, cache_size=args.graph_cache_size)
+    server = Server(config, runtime)
+    server.start()
+    scheme = "grpcs" if config.tls_cert else "grpc"
+    # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
+    print(f"graphgrad serving on {scheme}://{server.address}", flush=True)
+    server.wait_for_signal()
+    return 0

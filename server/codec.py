@@ -1,0 +1,136 @@
+"""Protobuf <-> domain objects for the server. No protobuf type goes below this layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from graphgrad.engine import Graph, RunResult, ValidationError, tensors
+from graphgrad.engine.ir import Node
+from graphgrad.engine.ops import REGISTRY
+from graphgrad.engine.planner import Plan
+from graphgrad.v1 import graph_pb2, service_pb2, tensor_pb2
+
+DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
+DTYPE_ENUMS = {v: k for k, v in DTYPE_NAMES.items()}
+OPSET_VERSION = 1
+
+
+class FieldError(ValueError):
+    """A request field that cannot be decoded; `field` is its path in the request."""
+
+    def __init__(self, message: str, field: str):
+        self.field = field
+        super().__init__(message)
+
+
+def decode_tensor(t: tensor_pb2.Tensor, field: str, max_bytes: int | None = None) -> np.ndarray:
+    dtype = DTYPE_NAMES.get(t.dtype)
+    if dtype is None:
+        raise FieldError(f"{field}: dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64", f"{field}.dtype")
+    try:
+        return tensors.decode(dtype, t.shape, t.data, max_bytes=max_bytes, what=field)
+    except tensors.TensorFormatError as e:
+        raise FieldError(str(e), f"{field}.data") from e
+
+
+def encode_tensor(arr: np.ndarray, out: tensor_pb2.Tensor) -> None:
+    dtype, shape, data = tensors.encode(arr)
+    out.dtype = DTYPE_ENUMS[dtype]
+    out.shape[:] = shape
+    out.data = data
+
+
+def decode_tensors(
+    msgs: Mapping[str, tensor_pb2.Tensor], field: str, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    return {k: decode_tensor(v, f"{field}['{k}']", max_bytes) for k, v in msgs.items()}
+
+
+def _decode_attr(node: str, key: str, v: graph_pb2.AttrValue, max_bytes: int | None) -> object:
+    kind = v.WhichOneof("value")
+    if kind is None:
+        raise ValidationError(f"attribute '{key}' has no value", node=node, field=f"attrs.{key}")
+    if kind == "ints":
+        return tuple(v.ints.values)
+    if kind == "tensor":
+        return decode_tensor(v.tensor, f"attrs.{key}", max_bytes)
+    return getattr(v, kind)
+
+
+def decode_graph(g: graph_pb2.Graph, max_tensor_bytes: int | None = None) -> list[Node]:
+    if g.opset_version not in (0, OPSET_VERSION):
+        raise FieldError(
+            f"opset_version {g.opset_version} is not supported (this server: {OPSET_VERSION})",
+            "graph.opset_version",
+        )
+    nodes = []
+    for n in g.nodes:
+        try:
+            attrs = {k: _decode_attr(n.name, k, v, max_tensor_bytes) for k, v in n.attrs.items()}
+        except FieldError as e:
+            raise ValidationError(str(e), node=n.name, field=e.field) from e
+        dtype = None
+        if n.dtype != tensor_pb2.DTYPE_UNSPECIFIED:
+            dtype = DTYPE_NAMES.get(n.dtype, f"enum value {n.dtype}")
+        shape = tuple(n.shape.dims) if n.HasField("shape") else None
+        nodes.append(Node(n.name, n.op, tuple(n.inputs), attrs, shape=shape, dtype=dtype))
+    return nodes
+
+
+def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
+    out = service_pb2.RunResponse(fingerprint=fingerprint)
+    for name, arr in res.values.items():
+        encode_tensor(arr, out.values[name])
+    for name, arr in res.grads.items():
+        encode_tensor(arr, out.grads[name])
+    s = res.stats
+    out.stats.executor = s.executor
+    out.stats.wall_time = s.wall_time
+    out.stats.partitions = s.partitions
+    out.stats.bytes_moved = s.bytes_moved
+    for t in s.tasks:
+        out.stats.tasks.add(
+            partition=t.partition,
+            phase=t.phase,
+            start=t.start,
+            end=t.end,
+            where=t.where,
+            bytes_in=t.bytes_in,
+            bytes_out=t.bytes_out,
+        )
+    return out
+
+
+def encode_plan(graph: Graph, executor: str, plan: Plan) -> service_pb2.ExplainResponse:
+    out = service_pb2.ExplainResponse(
+        executor=executor,
+        fingerprint=graph.fingerprint,
+        total_flops=sum(p.flops for p in plan.partitions),
+    )
+    for p in plan.partitions:
+        out.partitions.add(
+            index=p.index,
+            nodes=[graph.nodes[i].name for i in p.nodes],
+            flops=p.flops,
+            bytes=p.bytes,
+        )
+    for c in plan.cuts:
+        out.cuts.add(src=c.src, dst=c.dst, node=graph.nodes[c.node].name, bytes=c.bytes)
+    return out
+
+
+def op_infos() -> service_pb2.ListOpsResponse:
+    out = service_pb2.ListOpsResponse(opset_version=OPSET_VERSION)
+    for name in sorted(REGISTRY):
+        op = REGISTRY[name]
+        info = out.ops.add(
+            name=name,
+            arity=-1 if op.arity is None else op.arity,
+            signature=op.signature(),
+            differentiable=op.vjp is not None,
+        )
+        for key, spec in op.attrs.items():
+            info.attrs.add(name=key, kind=spec.kind.value, required=spec.required)
+    return out

@@ -1,0 +1,102 @@
+"""The GraphService servicer: proto in -> domain -> runtime -> proto out, a few lines per RPC."""
+
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
+from graphgrad.engine.executor import check_finite
+from graphgrad.v1 import service_pb2
+
+from . import codec
+from .runtime import Runtime
+
+EXECUTORS = {
+    service_pb2.EXECUTOR_AUTO: "auto",
+    service_pb2.EXECUTOR_LOCAL: "local",
+    service_pb2.EXECUTOR_RAY: "ray",
+}
+
+
+def cancellation(context: grpc.ServicerContext) -> Cancellation:
+    """Stops the work when the client's deadline passes or the call is cancelled."""
+    remaining = context.time_remaining()
+    cancel = Cancellation(deadline=None if remaining is None else time.monotonic() + remaining)
+    context.add_callback(cancel.cancel)
+    return cancel
+
+
+class GraphServicer:
+    def __init__(self, runtime: Runtime, ray_info: Any = None) -> None:
+        self.runtime = runtime
+        self.ray_info = ray_info  # () -> (address, resources), when the server has Ray
+
+    def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
+        which = request.WhichOneof("graph_ref")
+        if which == "graph":
+            self.runtime.limits.check_node_count(len(request.graph.nodes))
+            return self.runtime.register(
+                codec.decode_graph(request.graph, self.runtime.limits.max_tensor_bytes)
+            )
+        if which == "fingerprint":
+            return self.runtime.graph(request.fingerprint)
+        raise RequestError(
+            "the request names no graph: set `graph` or `fingerprint`", field="graph_ref"
+        )
+
+    def RegisterGraph(
+        self, request: service_pb2.RegisterGraphRequest, context: grpc.ServicerContext
+    ) -> service_pb2.RegisterGraphResponse:
+        self.runtime.limits.check_node_count(len(request.graph.nodes))
+        graph = self.runtime.register(
+            codec.decode_graph(request.graph, self.runtime.limits.max_tensor_bytes)
+        )
+        return service_pb2.RegisterGraphResponse(
+            fingerprint=graph.fingerprint, num_nodes=len(graph)
+        )
+
+    def Run(
+        self, request: service_pb2.RunRequest, context: grpc.ServicerContext
+    ) -> service_pb2.RunResponse:
+        graph = self._graph(request)
+        limit = self.runtime.limits.max_tensor_bytes
+        feeds = codec.decode_tensors(request.feeds, "feeds", limit)
+        seeds = codec.decode_tensors(request.grad_outputs, "grad_outputs", limit)
+        run = RunRequest(tuple(request.outputs), feeds, tuple(request.wrt), seeds or None)
+        executor = EXECUTORS.get(request.options.executor, "unknown")
+        result = self.runtime.run(graph, run, executor, cancellation(context))
+        if request.options.check_numerics:
+            check_finite(result, feeds)
+        return codec.encode_result(result, graph.fingerprint)
+
+    def Explain(
+        self, request: service_pb2.ExplainRequest, context: grpc.ServicerContext
+    ) -> service_pb2.ExplainResponse:
+        graph = self._graph(request)
+        executor = EXECUTORS.get(request.options.executor, "unknown")
+        chosen, plan = self.runtime.explain(
+            graph, tuple(request.outputs), tuple(request.wrt), executor
+        )
+        return codec.encode_plan(graph, chosen, plan)
+
+    def ListOps(
+        self, request: service_pb2.ListOpsRequest, context: grpc.ServicerContext
+    ) -> service_pb2.ListOpsResponse:
+        return codec.op_infos()
+
+    def GetServerInfo(
+        self, request: service_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> service_pb2.GetServerInfoResponse:
+        out = service_pb2.GetServerInfoResponse(
+            version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
+        )
+        out.limits.update(self.runtime.limits.as_dict())
+        if self.ray_info is not None:
+            address, resources = self.ray_info()
+            out.ray_address = address
+            out.ray_resources.update(resources)
+        return out
