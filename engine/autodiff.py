@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import ExecutionError, FeedError, RequestError
 from .ir import Graph
-from .ops import INPUT
+from .ops import INPUT, Op, TensorType
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ def check_feeds(
                 f"graph input '{name}' expects a numpy array, got {type(value).__name__}",
                 input_name=name,
             )
-        if value.shape != t.shape or value.dtype.name != t.dtype:
+        if not t.matches(value):
             raise FeedError(
                 f"graph input '{name}' expects shape {t.shape} {t.dtype}, "
                 f"got {value.shape} {value.dtype.name}",
@@ -154,7 +155,7 @@ def seed_cotangents(
                 field="grad_outputs",
             )
         t = graph.types[o]
-        if seed.shape != t.shape or seed.dtype.name != t.dtype:
+        if not t.matches(seed):
             raise RequestError(
                 f"grad_outputs['{name}'] must have shape {t.shape} {t.dtype}, "
                 f"got {seed.shape} {seed.dtype.name}",
@@ -164,17 +165,55 @@ def seed_cotangents(
     return seeds
 
 
-def evaluate(graph: Graph, i: int, values: Mapping[int, np.ndarray]) -> np.ndarray:
-    """The value of node i, its inputs being in `values`."""
-    op, t = graph.ops[i], graph.types[i]
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One node with everything a pass needs looked up once (passes run it many times)."""
+
+    node: int
+    name: str
+    op: Op
+    attrs: Mapping[str, Any]
+    inputs: tuple[int, ...]
+    type: TensorType
+    input_types: tuple[TensorType, ...]
+    wants: tuple[bool, ...]  # which inputs need a gradient
+
+
+def steps(graph: Graph, nodes: Sequence[int], relevant: frozenset[int] = frozenset()) -> list[Step]:
+    def make(i: int) -> Step:
+        ins = graph.input_pos[i]
+        return Step(
+            i,
+            graph.nodes[i].name,
+            graph.ops[i],
+            graph.nodes[i].attrs,
+            ins,
+            graph.types[i],
+            tuple(graph.types[j] for j in ins),
+            tuple(j in relevant for j in ins),
+        )
+
+    return [make(i) for i in nodes]
+
+
+def compiled(graph: Graph, plan: PassPlan) -> tuple[list[Step], list[Step]]:
+    """The forward and backward steps of a plan, memoised on the graph."""
+    key = ("steps", plan.outputs, plan.wrt, plan.relevant)
+    return graph.memo(
+        key, lambda: (steps(graph, plan.forward), steps(graph, plan.backward, plan.relevant))
+    )
+
+
+def evaluate(step: Step, values: Mapping[int, np.ndarray]) -> np.ndarray:
+    """The value of the step's node, its inputs being in `values`."""
     try:
-        out = np.asarray(op.forward([values[j] for j in graph.input_pos[i]], graph.nodes[i].attrs))
+        out = np.asarray(step.op.forward([values[j] for j in step.inputs], step.attrs))
     except (ValueError, ArithmeticError) as e:
-        raise ExecutionError(f"op '{op.name}' failed: {e}", node=graph.nodes[i].name) from e
-    if not t.matches(out):
+        raise ExecutionError(f"op '{step.op.name}' failed: {e}", node=step.name) from e
+    if not step.type.matches(out):
         raise AssertionError(
-            f"op '{op.name}' computed {out.shape} {out.dtype} for node "
-            f"'{graph.nodes[i].name}', its type is {t.shape} {t.dtype}"
+            f"op '{step.op.name}' computed {out.shape} {out.dtype} for node "
+            f"'{step.name}', its type is {step.type.shape} {step.type.dtype}"
         )
     return out
 
@@ -209,6 +248,8 @@ class Cotangents:
         parts = self._parts.pop(node, None)
         if not parts:
             return None
+        if len(parts) == 1:
+            return parts[0][1]
         parts.sort(key=lambda kv: kv[0])
         acc = parts[0][1]
         for _, v in parts[1:]:
@@ -217,37 +258,31 @@ class Cotangents:
 
 
 def backward_step(
-    graph: Graph,
-    i: int,
-    g: np.ndarray,
-    values: Mapping[int, np.ndarray],
-    relevant: frozenset[int],
-    cot: Cotangents,
+    step: Step, g: np.ndarray, values: Mapping[int, np.ndarray], cot: Cotangents
 ) -> None:
-    """Run node i's VJP with cotangent g and hand each relevant input its contribution."""
-    ins = graph.input_pos[i]
-    op = graph.ops[i]
+    """Run the node's VJP with cotangent g and hand each relevant input its contribution."""
+    op = step.op
     assert op.vjp is not None, f"op '{op.name}' has no VJP"
-    wants = [j in relevant for j in ins]
     try:
-        grads = op.vjp(g, [values[j] for j in ins], values[i], graph.nodes[i].attrs, wants)
-    except (ValueError, ArithmeticError) as e:
-        raise ExecutionError(
-            f"gradient of op '{op.name}' failed: {e}", node=graph.nodes[i].name
-        ) from e
-    if len(grads) != len(ins):
-        raise AssertionError(
-            f"VJP of op '{op.name}' returned {len(grads)} gradients for {len(ins)} inputs"
+        grads = op.vjp(
+            g, [values[j] for j in step.inputs], values[step.node], step.attrs, step.wants
         )
-    for slot, (j, dj, want) in enumerate(zip(ins, grads, wants, strict=True)):
+    except (ValueError, ArithmeticError) as e:
+        raise ExecutionError(f"gradient of op '{op.name}' failed: {e}", node=step.name) from e
+    if len(grads) != len(step.inputs):
+        raise AssertionError(
+            f"VJP of op '{op.name}' returned {len(grads)} gradients for {len(step.inputs)} inputs"
+        )
+    for slot, (j, dj, want, t) in enumerate(
+        zip(step.inputs, grads, step.wants, step.input_types, strict=True)
+    ):
         if want and dj is not None:
-            t = graph.types[j]
             if not t.matches(dj):
                 raise AssertionError(
-                    f"VJP of op '{op.name}' gave {dj.shape} {dj.dtype} for input "
-                    f"{slot}, expected {t.shape} {t.dtype}"
+                    f"VJP of op '{op.name}' gave {dj.shape} {dj.dtype} for "
+                    f"input {slot}, expected {t.shape} {t.dtype}"
                 )
-            cot.add(j, graph.nodes[i].name, slot, dj)
+            cot.add(j, step.name, slot, dj)
 
 
 def owned(a: np.ndarray) -> np.ndarray:

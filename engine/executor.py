@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -15,6 +14,7 @@ from .autodiff import (
     RunRequest,
     backward_step,
     check_feeds,
+    compiled,
     evaluate,
     owned,
     plan_pass,
@@ -58,13 +58,13 @@ class Cancellation:
     """A deadline and a cancel flag, checked between nodes and between tasks."""
 
     deadline: float | None = None  # time.monotonic() value
-    event: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # set from any thread; a plain bool is enough under the GIL
 
     def cancel(self) -> None:
-        self.event.set()
+        self.cancelled = True
 
     def check(self) -> None:
-        if self.event.is_set():
+        if self.cancelled:
             raise CancelledError("the run was cancelled")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise CancelledError("the run's deadline passed")
@@ -97,11 +97,16 @@ class LocalExecutor:
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult:
-        cancel = cancel or Cancellation()
+        # NaN and infinity are values like any other here; numpy's warnings about them are noise.
+        with np.errstate(all="ignore"):
+            return self._run(graph, request, cancel or Cancellation())
+
+    def _run(self, graph: Graph, request: RunRequest, cancel: Cancellation) -> RunResult:
         t0 = time.time()
         plan = plan_pass(graph, request.outputs, request.wrt, list(request.grad_outputs or ()))
         values = check_feeds(graph, plan, request.feeds)
         seeds = seed_cotangents(graph, plan, request.grad_outputs) if plan.wrt else {}
+        forward, backward = compiled(graph, plan)
 
         # Reference counts: one per later use, in the forward or in a VJP; outputs are pinned.
         uses = dict(plan.uses)
@@ -111,12 +116,12 @@ class LocalExecutor:
             for j in nodes:
                 uses[j] -= 1
                 if uses[j] <= 0 and j not in pinned:
-                    values.pop(j, None)
+                    del values[j]
 
-        for i in plan.forward:
+        for step in forward:
             cancel.check()
-            values[i] = evaluate(graph, i, values)
-            release(graph.input_pos[i])
+            values[step.node] = evaluate(step, values)
+            release(step.inputs)
         out_values = {graph.nodes[o].name: values[o] for o in plan.outputs}
         t1 = time.time()
 
@@ -125,14 +130,14 @@ class LocalExecutor:
             cot.seed(o, s)
         wanted = set(plan.wrt)
         grads: dict[int, np.ndarray | None] = {}
-        for i in plan.backward:
+        for step in backward:
             cancel.check()
-            g = cot.total(i)
-            if i in wanted:
-                grads[i] = g
+            g = cot.total(step.node)
+            if step.node in wanted:
+                grads[step.node] = g
             if g is not None:
-                backward_step(graph, i, g, values, plan.relevant, cot)
-            release((i, *graph.input_pos[i]))
+                backward_step(step, g, values, cot)
+            release((step.node, *step.inputs))
         for w in plan.wrt:
             if w not in grads:
                 grads[w] = cot.total(w)

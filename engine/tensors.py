@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ops import DTYPES
+from .ops import DTYPE_NAMES, DTYPES
 
 _WIRE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
 
@@ -48,7 +48,9 @@ def decode(
 
 def encode(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     """(dtype name, shape, data) of an array of a supported dtype."""
-    if arr.dtype.name not in _WIRE:
-        raise TensorFormatError(f"dtype must be one of {DTYPES}, got {arr.dtype.name}")
-    wire = _WIRE[arr.dtype.name]
-    return arr.dtype.name, arr.shape, np.ascontiguousarray(arr, dtype=wire).tobytes()
+    name = DTYPE_NAMES.get(arr.dtype)
+    if name is None:
+        raise TensorFormatError(f"dtype must be one of {DTYPES}, got {arr.dtype}")
+    if not arr.flags.c_contiguous or not arr.dtype.isnative or not _WIRE[name].isnative:
+        arr = np.ascontiguousarray(arr, dtype=_WIRE[name])
+    return name, arr.shape, arr.tobytes()

@@ -3,7 +3,9 @@ bad input gets a clear status and the next good request is served."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -345,3 +347,25 @@ def test_errors_surface_as_python_exceptions_with_code_and_message(client):
         client.run(y, {"x": np.zeros(3)}, wrt=["nope"])
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "'nope'" in e.value.message
+
+
+def test_sigterm_lets_in_flight_calls_finish():
+    with gg.Graph():
+        h = gg.input("x", shape=(200, 200))
+        eye = gg.constant(np.eye(200) * 0.5)
+        for _ in range(5000):  # several seconds of work
+            h = gg.tanh(h @ eye)
+        y = gg.sum(h)
+    with running_server("--grace", "60") as server, gg.connect(server.address) as client:
+        client.register(y.graph.freeze())
+        outcome = {}
+        call = threading.Thread(
+            target=lambda: outcome.update(res=client.run(y, {"x": np.ones((200, 200))}))
+        )
+        call.start()
+        time.sleep(1.0)  # the call is running on the server
+        server.proc.send_signal(signal.SIGTERM)
+        call.join(120)
+        assert server.proc.wait(60) == 0
+    expected = gg.connect().run(y, {"x": np.ones((200, 200))}).value
+    assert outcome["res"].value == expected

@@ -2,7 +2,9 @@
 
 from . import elementwise, linalg, loss, reduce, shape, source  # noqa: F401  (they register)
 from ._registry import (
+    DTYPE_NAMES,
     DTYPES,
+    NP_DTYPES,
     REGISTRY,
     AttrKind,
     Attrs,
@@ -20,6 +22,8 @@ from .source import CONSTANT, INPUT
 __all__ = [
     "CONSTANT",
     "DTYPES",
+    "DTYPE_NAMES",
+    "NP_DTYPES",
     "INPUT",
     "REGISTRY",
     "AttrKind",

@@ -14,6 +14,8 @@ from ..errors import UnknownOpError, ValidationError
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
 NP_DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}
+# dtype -> name by dict lookup: `ndarray.dtype.name` is a slow Python property on hot paths.
+DTYPE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in NP_DTYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,159 @@
+"""Latency of a remote gradient of the lecture's two-layer network, against references.
+
+x in R^64, h in R^128, y in R^10, float32; gradient of L = 1/2 |y - t|^2 w.r.t. W, b, V, a.
+References, in the same run: a raw gRPC unary echo on loopback (its own process, request of
+the same number of bytes, echoed back) and a hand-written numpy forward+backward.
+Target: remote median <= 1.25 x (echo + numpy).
+
+    python bench/remote_latency.py [--calls 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import graphgrad_server, interleaved_medians, subprocess_server, us
+
+import graphgrad as gg
+from graphgrad.v1 import service_pb2
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def serve_echo() -> None:
+    """A raw gRPC unary echo: bytes in, the same bytes out (no protobuf parsing)."""
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(16))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"serving on grpc://127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def network(dtype: str = "float32"):
+    with gg.Graph():
+        x = gg.input("x", shape=(64,), dtype=dtype)
+        t = gg.input("t", shape=(10,), dtype=dtype)
+        W = gg.input("W", shape=(128, 64), dtype=dtype)
+        b = gg.input("b", shape=(128,), dtype=dtype)
+        V = gg.input("V", shape=(10, 128), dtype=dtype)
+        a = gg.input("a", shape=(10,), dtype=dtype)
+        h = gg.tanh(W @ x + b)
+        y = V @ h + a
+        L = 0.5 * gg.sum((y - t) ** 2)
+    rng = np.random.default_rng(0)
+    shapes = {"x": (64,), "t": (10,), "W": (128, 64), "b": (128,), "V": (10, 128), "a": (10,)}
+    feeds = {k: (rng.standard_normal(s) * 0.1).astype(dtype) for k, s in shapes.items()}
+    return L, feeds
+
+
+def numpy_reference(f: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    h = np.tanh(f["W"] @ f["x"] + f["b"])
+    y = f["V"] @ h + f["a"]
+    r = y - f["t"]
+    loss = 0.5 * np.sum(r * r)
+    dz = (f["V"].T @ r) * (1 - h * h)
+    return loss, np.outer(dz, f["x"]), dz, np.outer(r, h), r
+
+
+def throughput(fn, threads: int, seconds: float = 3.0) -> float:
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def work(k: int) -> None:
+        while time.perf_counter() < stop:
+            fn()
+            counts[k] += 1
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for p in pool:
+        p.start()
+    for p in pool:
+        p.join()
+    return sum(counts) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_echo:
+        serve_echo()
+        return
+
+    L, feeds = network()
+    wrt = ["W", "b", "V", "a"]
+    local = gg.connect().run(L, feeds, wrt=wrt)
+    ref = numpy_reference(feeds)
+    np.testing.assert_allclose(local.grads["W"], ref[1], rtol=1e-5, atol=1e-6)
+
+    with (
+        graphgrad_server() as address,
+        subprocess_server([sys.executable, __file__, "--serve-echo"]) as echo_address,
+    ):
+        client = gg.connect(address)
+        res = client.run(L, feeds, wrt=wrt)
+        assert all(res.grads[k].tobytes() == local.grads[k].tobytes() for k in wrt)
+
+        # The echo carries a request of exactly the size of the graphgrad request.
+        msg = service_pb2.RunRequest(
+            fingerprint=L.graph.freeze().fingerprint, outputs=[L.name], wrt=wrt
+        )
+        for k, v in feeds.items():
+            t = msg.feeds[k]
+            t.dtype, t.data = 1, v.tobytes()
+            t.shape[:] = v.shape
+        payload = msg.SerializeToString()
+        echo_channel = grpc.insecure_channel(echo_address)
+        echo = echo_channel.unary_unary(ECHO_METHOD)
+
+        def remote() -> object:
+            return client.run(L, feeds, wrt=wrt)
+
+        local_client = gg.connect()
+        t = interleaved_medians(
+            {
+                "numpy": lambda: numpy_reference(feeds),
+                "local": lambda: local_client.run(L, feeds, wrt=wrt),
+                "echo": lambda: echo(payload),
+                "remote": remote,
+            },
+            args.calls,
+        )
+        t_numpy, t_local, t_echo, t_remote = t["numpy"], t["local"], t["echo"], t["remote"]
+        print(f"request bytes          {len(payload)}")
+        print(f"numpy forward+backward {us(t_numpy)}")
+        print(f"in-process graphgrad   {us(t_local)}")
+        print(f"raw gRPC echo          {us(t_echo)}")
+        print(f"remote gradient        {us(t_remote)}   (median of {args.calls})")
+        ratio = t_remote / (t_echo + t_numpy)
+        print(
+            f"ratio remote / (echo + numpy) = {ratio:.2f}   target <= 1.25   "
+            f"{'OK' if ratio <= 1.25 else 'MISSED'}"
+        )
+        for threads in (1, 8):
+            rps = throughput(remote, threads)
+            eps = throughput(lambda: echo(payload), threads)
+            print(
+                f"throughput {threads} client thread(s): {rps:8.0f} gradients/s   "
+                f"(echo {eps:8.0f} calls/s)"
+            )
+        client.close()
+        echo_channel.close()
+
+
+if __name__ == "__main__":
+    main()
