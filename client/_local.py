@@ -8,18 +8,20 @@ from typing import Any
 
 from ._request import Ref, build_request
 from ._result import Result
-from .engine import Cancellation, Executor, LocalExecutor
+from .engine import Cancellation, RunRequest
+from .engine.dispatch import Dispatcher
 from .engine.executor import check_finite
+from .engine.planner import Explanation, describe
 
 
 class LocalClient:
-    """Runs graphs in this process."""
+    """Runs graphs in this process: inline, or on Ray with `executor="ray"`."""
 
-    def __init__(self, executor: Executor | None = None) -> None:
-        self._executor: Executor = executor or LocalExecutor()
+    def __init__(self, *, ray_address: str | None = None, ray_num_cpus: int | None = None) -> None:
+        self._dispatcher = Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
 
     def __repr__(self) -> str:
-        return f"<graphgrad.LocalClient executor={self._executor.name}>"
+        return "<graphgrad.LocalClient in-process>"
 
     def run(
         self,
@@ -34,17 +36,24 @@ class LocalClient:
     ) -> Result:
         _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
         cancel = Cancellation(deadline=None if timeout is None else time.monotonic() + timeout)
-        res = self._executor_for(executor).run(graph, request, cancel)
+        res = self._dispatcher.run(graph, request, executor, cancel)
         if check_numerics:
             check_finite(res, request.feeds)
         return Result(res.values, res.grads, res.stats)
 
-    def _executor_for(self, name: str) -> Executor:
-        if name in ("auto", self._executor.name):
-            return self._executor
-        raise ValueError(
-            f"executor '{name}' is not available in this client (it runs '{self._executor.name}')"
+    def explain(
+        self,
+        outputs: Ref | Sequence[Ref],
+        wrt: Ref | Sequence[Ref] | None = (),
+        *,
+        executor: str = "auto",
+    ) -> Explanation:
+        """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts."""
+        _, graph, request = build_request(outputs, None, wrt, None)
+        name, plan = self._dispatcher.choose(
+            graph, RunRequest(request.outputs, {}, request.wrt), executor
         )
+        return describe(graph, name, plan)
 
     def close(self) -> None:
         pass

@@ -14,6 +14,7 @@ from . import _wire
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Graph, GraphError
+from .engine.planner import Explanation
 from .v1 import service_pb2, service_pb2_grpc
 
 MAX_MESSAGE_BYTES = 512 << 20
@@ -134,6 +135,26 @@ class RemoteClient:
         values = {k: _wire.read_tensor(v) for k, v in resp.values.items()}
         grads = {k: _wire.read_tensor(v) for k, v in resp.grads.items()}
         return Result(values, grads, _wire.read_stats(resp.stats))
+
+    def explain(
+        self,
+        outputs: Ref | Sequence[Ref],
+        wrt: Ref | Sequence[Ref] | None = (),
+        *,
+        executor: str = "auto",
+        timeout: float | None = None,
+    ) -> Explanation:
+        """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
+        _, graph, request = build_request(outputs, None, wrt, None)
+        if graph.fingerprint not in self._registered:
+            self.register(graph, timeout)
+        msg = service_pb2.ExplainRequest(
+            fingerprint=graph.fingerprint,
+            outputs=request.outputs,
+            wrt=request.wrt,
+            options=service_pb2.RunOptions(executor=_wire.EXECUTORS[executor]),
+        )
+        return _wire.read_explanation(self._call("Explain", msg, timeout))
 
     def list_ops(self) -> list[str]:
         return [

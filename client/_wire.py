@@ -8,6 +8,7 @@ import numpy as np
 
 from .engine import Graph, RunStats, TaskStat, tensors
 from .engine.ops import REGISTRY, AttrKind
+from .engine.planner import CutInfo, Explanation, PartitionInfo
 from .v1 import graph_pb2, service_pb2, tensor_pb2
 
 DTYPE_ENUMS = {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}
@@ -70,3 +71,12 @@ def read_stats(s: service_pb2.RunStats) -> RunStats:
         for t in s.tasks
     )
     return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks)
+
+
+def read_explanation(e: service_pb2.ExplainResponse) -> Explanation:
+    return Explanation(
+        e.executor,
+        tuple(PartitionInfo(p.index, tuple(p.nodes), p.flops, p.bytes) for p in e.partitions),
+        tuple(CutInfo(c.src, c.dst, c.node, c.bytes) for c in e.cuts),
+        e.fingerprint,
+    )

@@ -243,6 +243,10 @@ class Cotangents:
         """Remove and return the contributions to `nodes`, to ship them to another task."""
         return [(n, k[0], k[1], v) for n in nodes for k, v in self._parts.pop(n, ())]
 
+    def drain(self) -> list[Contribution]:
+        """Remove and return every contribution still held."""
+        return self.pop(list(self._parts))
+
     def total(self, node: int) -> np.ndarray | None:
         """Remove the node's contributions and return their sum (None when there are none)."""
         parts = self._parts.pop(node, None)

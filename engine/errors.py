@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def _rebuild(cls: type[GraphError], args: tuple[object, ...], state: dict[str, Any]) -> GraphError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class GraphError(ValueError):
     """Base class of every error the engine raises about a graph or a request."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructor arguments defeat Exception's pickling; errors must cross
+        # process boundaries (Ray tasks) intact.
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class ValidationError(GraphError):

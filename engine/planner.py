@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from .autodiff import PassPlan
 from .ir import Graph
-from .ops import INPUT
+from .ops import CONSTANT, INPUT
 
 TASK_OVERHEAD_S = 1e-3  # what one Ray task costs on this kind of machine
 NODE_OVERHEAD_S = 4e-6  # Python dispatch per node
 FLOPS_PER_S = 2e10  # one core, BLAS-heavy work
 BYTES_PER_S = 4e9  # memory traffic of elementwise numpy
 MIN_PARTITION_S = 5 * TASK_OVERHEAD_S  # smaller partitions are merged away
+MAX_PARTITIONS = 512  # more tasks than this cost more to schedule than they can gain
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +80,17 @@ class Plan:
         return sum(c.bytes for c in self.cuts if c.src >= 0)
 
 
-def partition(graph: Graph, plan: PassPlan, *, min_seconds: float = MIN_PARTITION_S) -> Plan:
+def partition(
+    graph: Graph,
+    plan: PassPlan,
+    *,
+    min_seconds: float = MIN_PARTITION_S,
+    max_partitions: int = MAX_PARTITIONS,
+) -> Plan:
     costs = node_costs(graph)
-    nodes = plan.forward
-    part_of = {i: i for i in nodes}  # union-find over node positions
+    # Constants are recomputed by every partition that reads them (free; no cut to ship).
+    nodes = [i for i in plan.forward if graph.ops[i] is not CONSTANT]
+    part_of = {i: i for i in nodes}
     members: dict[int, list[int]] = {i: [i] for i in nodes}
     seconds = {i: costs[i].seconds for i in nodes}
     preds: dict[int, set[int]] = {i: {j for j in graph.input_pos[i] if j in part_of} for i in nodes}
@@ -121,19 +129,25 @@ def partition(graph: Graph, plan: PassPlan, *, min_seconds: float = MIN_PARTITIO
 
     # 2. Merge small partitions into a neighbour they can join without making a cycle:
     #    along an edge whose source has one consumer, or whose destination has one producer.
-    changed = True
-    while changed:
-        changed = False
-        for p in sorted(members, key=lambda k: seconds[k]):
-            if p not in members or seconds[p] >= min_seconds:
-                continue
-            safe = [q for q in preds[p] if len(succs[q]) == 1 or len(preds[p]) == 1]
-            safe += [q for q in succs[p] if len(preds[q]) == 1 or len(succs[p]) == 1]
-            if safe:
-                q = min(safe, key=lambda k: seconds[k])
-                keep, gone = (q, p) if q in preds[p] else (p, q)
-                merge(keep, gone)
-                changed = True
+    #    Should too many remain, the bar is raised until they fit.
+    threshold = min_seconds
+    while True:
+        changed = True
+        while changed:
+            changed = False
+            for p in sorted(members, key=lambda k: seconds[k]):
+                if p not in members or seconds[p] >= threshold:
+                    continue
+                safe = [q for q in preds[p] if len(succs[q]) == 1 or len(preds[p]) == 1]
+                safe += [q for q in succs[p] if len(preds[q]) == 1 or len(succs[p]) == 1]
+                if safe:
+                    q = min(safe, key=lambda k: seconds[k])
+                    keep, gone = (q, p) if q in preds[p] else (p, q)
+                    merge(keep, gone)
+                    changed = True
+        if len(members) <= max_partitions or threshold > sum(seconds.values()):
+            break
+        threshold = max(threshold * 2, TASK_OVERHEAD_S)
 
     return _build_plan(graph, plan, members, costs)
 
@@ -162,15 +176,18 @@ def _build_plan(
     for k, m in enumerate(groups):
         for i in m:
             for j in graph.input_pos[i]:
+                if graph.ops[j] is CONSTANT:
+                    continue  # recomputed where it is read
                 src = owner.get(j, -1)
                 if src != k:
                     cuts.setdefault((src, k, j), Cut(src, k, j, graph.types[j].nbytes))
+    incoming: list[list[int]] = [[] for _ in groups]
+    for c in cuts.values():
+        if c.src >= 0:
+            incoming[c.dst].append(c.src)
     finish: list[float] = []
     for k in range(len(groups)):
-        start = max(
-            (finish[c.src] for c in cuts.values() if c.dst == k and c.src >= 0), default=0.0
-        )
-        finish.append(start + parts[k].seconds)
+        finish.append(max((finish[j] for j in incoming[k]), default=0.0) + parts[k].seconds)
     return Plan(
         parts, tuple(cuts.values()), owner, sum(p.seconds for p in parts), max(finish, default=0.0)
     )
@@ -214,3 +231,63 @@ def prefers_ray(p: Plan, cpus: int) -> bool:
     tasks = 2 * len(p.partitions)  # a forward and a backward task each
     ray_time = max(p.critical_seconds, p.total_seconds / cpus) + tasks * TASK_OVERHEAD_S / cpus
     return ray_time < 0.7 * p.total_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    index: int
+    nodes: tuple[str, ...]
+    flops: float
+    bytes: float
+
+
+@dataclass(frozen=True, slots=True)
+class CutInfo:
+    src: int  # -1: the fed inputs
+    dst: int
+    node: str
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """How a request would run: the executor, its partitions and the tensors between them."""
+
+    executor: str
+    partitions: tuple[PartitionInfo, ...]
+    cuts: tuple[CutInfo, ...]
+    fingerprint: str
+
+    @property
+    def total_flops(self) -> float:
+        return sum(p.flops for p in self.partitions)
+
+    @property
+    def cut_bytes(self) -> int:
+        return sum(c.bytes for c in self.cuts if c.src >= 0)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.executor}: {len(self.partitions)} partition(s), "
+            f"{self.total_flops:.3g} flops, {self.cut_bytes} bytes across cuts"
+        ]
+        for p in self.partitions:
+            shown = ", ".join(p.nodes[:6]) + (", ..." if len(p.nodes) > 6 else "")
+            lines.append(f"  P{p.index}: {len(p.nodes)} nodes, {p.flops:.3g} flops  [{shown}]")
+        for c in self.cuts:
+            src = "feeds" if c.src < 0 else f"P{c.src}"
+            lines.append(f"  {src} -> P{c.dst}: {c.node} ({c.bytes} bytes)")
+        return "\n".join(lines)
+
+
+def describe(graph: Graph, executor: str, plan: Plan) -> Explanation:
+    names = graph.nodes
+    return Explanation(
+        executor,
+        tuple(
+            PartitionInfo(p.index, tuple(names[i].name for i in p.nodes), p.flops, p.bytes)
+            for p in plan.partitions
+        ),
+        tuple(CutInfo(c.src, c.dst, names[c.node].name, c.bytes) for c in plan.cuts),
+        graph.fingerprint,
+    )

@@ -94,9 +94,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.grpc.add_generic_rpc_handlers(
-            (graph_service_handler(GraphServicer(runtime, ray_info)),)
-        )
+        self.grpc.add_generic_rpc_handlers((graph_service_handler(GraphServicer(runtime)),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -6,7 +6,10 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
+
+from graphgrad.engine.dispatch import Dispatcher
 
 from .app import Server, ServerConfig
 from .limits import MIB, Limits
@@ -38,6 +41,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"gRPC message limit both ways (default {defaults.max_message_bytes // MIB} MiB)",
     )
     s.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)",
+    )
+    s.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    s.add_argument("--no-ray", action="store_true", help="run everything inline; no Ray at all")
+    s.add_argument(
         "--graph-cache-size",
         type=int,
         default=256,
@@ -67,6 +77,13 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def start_ray(dispatcher: Dispatcher) -> None:
+    try:
+        dispatcher.ray.start()
+    except Exception:
+        logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -75,9 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from(args)
-    runtime = Runtime.create(config.limits, cache_size=args.graph_cache_size)
+    dispatcher = Dispatcher(
+        ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
+    )
+    runtime = Runtime.create(config.limits, dispatcher, cache_size=args.graph_cache_size)
     server = Server(config, runtime)
     server.start()
+    if dispatcher.ray_enabled:
+        # Ray takes seconds to start: the server serves inline meanwhile.
+        threading.Thread(
+            target=start_ray, args=(dispatcher,), name="ray-start", daemon=True
+        ).start()
     scheme = "grpcs" if config.tls_cert else "grpc"
     # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
     print(f"graphgrad serving on {scheme}://{server.address}", flush=True)

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from graphgrad.engine import Graph, RunResult, ValidationError, tensors
+from graphgrad.engine import RunResult, ValidationError, tensors
 from graphgrad.engine.ir import Node
 from graphgrad.engine.ops import REGISTRY
-from graphgrad.engine.planner import Plan
+from graphgrad.engine.planner import Explanation
 from graphgrad.v1 import graph_pb2, service_pb2, tensor_pb2
 
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
@@ -103,21 +103,14 @@ def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
     return out
 
 
-def encode_plan(graph: Graph, executor: str, plan: Plan) -> service_pb2.ExplainResponse:
+def encode_explanation(e: Explanation) -> service_pb2.ExplainResponse:
     out = service_pb2.ExplainResponse(
-        executor=executor,
-        fingerprint=graph.fingerprint,
-        total_flops=sum(p.flops for p in plan.partitions),
+        executor=e.executor, fingerprint=e.fingerprint, total_flops=e.total_flops
     )
-    for p in plan.partitions:
-        out.partitions.add(
-            index=p.index,
-            nodes=[graph.nodes[i].name for i in p.nodes],
-            flops=p.flops,
-            bytes=p.bytes,
-        )
-    for c in plan.cuts:
-        out.cuts.add(src=c.src, dst=c.dst, node=graph.nodes[c.node].name, bytes=c.bytes)
+    for p in e.partitions:
+        out.partitions.add(index=p.index, nodes=p.nodes, flops=p.flops, bytes=p.bytes)
+    for c in e.cuts:
+        out.cuts.add(src=c.src, dst=c.dst, node=c.node, bytes=c.bytes)
     return out
 
 

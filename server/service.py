@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from importlib import metadata
-from typing import Any
 
 import grpc
 
@@ -31,9 +30,8 @@ def cancellation(context: grpc.ServicerContext) -> Cancellation:
 
 
 class GraphServicer:
-    def __init__(self, runtime: Runtime, ray_info: Any = None) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.ray_info = ray_info  # () -> (address, resources), when the server has Ray
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -78,10 +76,8 @@ class GraphServicer:
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
         executor = EXECUTORS.get(request.options.executor, "unknown")
-        chosen, plan = self.runtime.explain(
-            graph, tuple(request.outputs), tuple(request.wrt), executor
-        )
-        return codec.encode_plan(graph, chosen, plan)
+        run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
+        return codec.encode_explanation(self.runtime.explain(graph, run, executor))
 
     def ListOps(
         self, request: service_pb2.ListOpsRequest, context: grpc.ServicerContext
@@ -95,8 +91,8 @@ class GraphServicer:
             version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
         )
         out.limits.update(self.runtime.limits.as_dict())
-        if self.ray_info is not None:
-            address, resources = self.ray_info()
+        if self.runtime.dispatcher.ray_ready():
+            address, resources = self.runtime.dispatcher.ray.info()
             out.ray_address = address
             out.ray_resources.update(resources)
         return out

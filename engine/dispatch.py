@@ -1,0 +1,88 @@
+"""Choosing where a request runs: "local", "ray", or "auto" (the cost model decides)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from .autodiff import RunRequest, plan_pass
+from .errors import RequestError
+from .executor import Cancellation, Executor, LocalExecutor, RunResult
+from .ir import Graph
+from .planner import Plan, prefers_ray, single_partition
+
+log = logging.getLogger("graphgrad.dispatch")
+EXECUTOR_NAMES = ("auto", "local", "ray")
+
+
+class Dispatcher:
+    """Holds the executors; Ray is created (and imported) only when first needed."""
+
+    def __init__(
+        self,
+        *,
+        ray_address: str | None = None,
+        ray_num_cpus: int | None = None,
+        ray_enabled: bool = True,
+    ) -> None:
+        self.local = LocalExecutor()
+        self.ray_enabled = ray_enabled
+        self._ray_args = (ray_address, ray_num_cpus)
+        self._ray: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def ray(self) -> Any:
+        """The Ray executor (starting Ray if it is not running)."""
+        if not self.ray_enabled:
+            raise RequestError(
+                "the Ray executor is disabled on this server (--no-ray)", field="options.executor"
+            )
+        with self._lock:  # one executor, even when the first requests race
+            if self._ray is None:
+                from .ray_executor import RayExecutor  # ray is imported here and only here
+
+                self._ray = RayExecutor(*self._ray_args)
+            return self._ray
+
+    def ray_ready(self) -> bool:
+        return self._ray is not None and self._ray.started()
+
+    def choose(self, graph: Graph, request: RunRequest, executor: str) -> tuple[str, Plan]:
+        """The executor a request runs on and its plan."""
+        if executor not in EXECUTOR_NAMES:
+            raise RequestError(
+                f"executor must be one of {EXECUTOR_NAMES}, got '{executor}'",
+                field="options.executor",
+            )
+        seeded = tuple(request.grad_outputs or ())
+        pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
+        if executor == "local":
+            return "local", graph.memo(
+                ("single", pass_plan.outputs, pass_plan.wrt),
+                lambda: single_partition(graph, pass_plan),
+            )
+        if executor == "ray":
+            return "ray", self.ray.plan(graph, request)[0]
+        # auto: Ray only when the cost model expects it to win and Ray is already up
+        # (a request never waits for Ray to start unless it asked for Ray).
+        if self.ray_ready():
+            plan = self.ray.plan(graph, request)[0]
+            if prefers_ray(plan, self.ray.cpus()):
+                return "ray", plan
+        return self.choose(graph, request, "local")
+
+    def executor(self, name: str) -> Executor:
+        executor: Executor = self.ray if name == "ray" else self.local
+        return executor
+
+    def run(
+        self,
+        graph: Graph,
+        request: RunRequest,
+        executor: str = "auto",
+        cancel: Cancellation | None = None,
+    ) -> RunResult:
+        name, _ = self.choose(graph, request, executor)
+        return self.executor(name).run(graph, request, cancel)

@@ -1,0 +1,300 @@
+"""The Ray executor: one forward and one backward task per partition, submitted together as
+one DAG of ObjectRefs. This is the only module that imports ray."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayError, RayTaskError, TaskCancelledError
+
+from .autodiff import (
+    Contribution,
+    Cotangents,
+    RunRequest,
+    check_feeds,
+    owned,
+    plan_pass,
+    seed_cotangents,
+)
+from .errors import CancelledError, GraphError
+from .executor import Cancellation, RunResult, RunStats, TaskStat
+from .ir import Graph
+from .planner import MIN_PARTITION_S, Plan, partition
+from .tasks import TaskMeta, TaskSpec, run_backward, run_forward, task_specs, unowned_value
+
+log = logging.getLogger("graphgrad.ray")
+
+# Worker side: graphs by fingerprint, so a graph is rebuilt once per worker, not per task.
+_GRAPHS: OrderedDict[str, Graph] = OrderedDict()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def _graph(fingerprint: str, nodes_ref: list[Any]) -> Graph:
+    with _GRAPHS_LOCK:
+        graph = _GRAPHS.get(fingerprint)
+        if graph is not None:
+            _GRAPHS.move_to_end(fingerprint)
+            return graph
+    graph = Graph(ray.get(nodes_ref[0]))
+    with _GRAPHS_LOCK:
+        _GRAPHS[fingerprint] = graph
+        while len(_GRAPHS) > 32:
+            _GRAPHS.popitem(last=False)
+    return graph
+
+
+def _where() -> str:
+    return f"node {ray.get_runtime_context().get_node_id()[:8]} pid {os.getpid()}"
+
+
+@ray.remote(num_returns=3)
+def _forward_task(
+    fingerprint: str,
+    nodes_ref: list[Any],
+    spec: TaskSpec,
+    feeds: dict[int, np.ndarray],
+    *upstream: dict[int, np.ndarray],
+) -> Any:
+    return run_forward(_graph(fingerprint, nodes_ref), spec, feeds, list(upstream), _where())
+
+
+@ray.remote(num_returns=4)
+def _backward_task(
+    fingerprint: str,
+    nodes_ref: list[Any],
+    spec: TaskSpec,
+    saved: dict[int, np.ndarray],
+    seeds: dict[int, np.ndarray],
+    *incoming: list[Contribution],
+) -> Any:
+    return run_backward(
+        _graph(fingerprint, nodes_ref), spec, saved, seeds, list(incoming), _where()
+    )
+
+
+class RayExecutor:
+    """Runs partitioned graphs on Ray: the embedded local Ray by default, or a cluster."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        min_partition_seconds: float = MIN_PARTITION_S,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.min_partition_seconds = min_partition_seconds
+        self._lock = threading.Lock()
+        self._nodes_refs: OrderedDict[str, Any] = OrderedDict()
+        self._cpus, self._cpus_at = 1, -1e9
+
+    def start(self) -> None:
+        """Start (or join) Ray; safe to call many times and from several threads."""
+        with self._lock:
+            if ray.is_initialized():
+                return
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                # The embedded Ray is this machine's alone: it listens on loopback only.
+                ray.init(num_cpus=self.num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+            log.info("ray ready: %s", ray.cluster_resources())
+
+    def started(self) -> bool:
+        return bool(ray.is_initialized())
+
+    def cpus(self) -> int:
+        """CPUs in the cluster (asked of Ray at most every few seconds: it is a GCS call)."""
+        self.start()
+        now = time.monotonic()
+        if now - self._cpus_at > 5.0:
+            self._cpus = int(ray.cluster_resources().get("CPU", 1))
+            self._cpus_at = now
+        return self._cpus
+
+    def info(self) -> tuple[str, dict[str, float]]:
+        if not ray.is_initialized():
+            return "", {}
+        return str(ray.get_runtime_context().gcs_address), dict(ray.cluster_resources())
+
+    def _nodes_ref(self, graph: Graph) -> list[Any]:
+        fp = graph.fingerprint
+        with self._lock:
+            ref = self._nodes_refs.get(fp)
+            if ref is None:
+                ref = self._nodes_refs[fp] = ray.put(list(graph.nodes))
+                while len(self._nodes_refs) > 64:
+                    self._nodes_refs.popitem(last=False)
+            else:
+                self._nodes_refs.move_to_end(fp)
+        return [ref]  # nested, so tasks receive the ref and fetch it only on a cache miss
+
+    def plan(self, graph: Graph, request: RunRequest) -> tuple[Plan, list[TaskSpec]]:
+        seeded = tuple(request.grad_outputs or ())
+        pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
+
+        def make() -> tuple[Plan, list[TaskSpec]]:
+            parts = partition(graph, pass_plan, min_seconds=self.min_partition_seconds)
+            plan_id = hashlib.sha256(
+                repr((graph.fingerprint, request.outputs, request.wrt, seeded)).encode()
+            ).hexdigest()[:16]
+            seeded_pos = (
+                tuple(graph.index[n] for n in seeded)
+                if seeded
+                else (pass_plan.outputs[:1] if pass_plan.wrt else ())
+            )
+            return parts, task_specs(graph, pass_plan, parts, seeded_pos, plan_id)
+
+        key = ("ray-plan", request.outputs, request.wrt, seeded, self.min_partition_seconds)
+        return graph.memo(key, make)
+
+    def run(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> RunResult:
+        cancel = cancel or Cancellation()
+        self.start()
+        t0 = time.time()
+        pass_plan = plan_pass(
+            graph, request.outputs, request.wrt, tuple(request.grad_outputs or ())
+        )
+        feeds = check_feeds(graph, pass_plan, request.feeds)
+        seeds = seed_cotangents(graph, pass_plan, request.grad_outputs) if pass_plan.wrt else {}
+        parts, specs = self.plan(graph, request)
+        fp, nodes_ref = graph.fingerprint, self._nodes_ref(graph)
+        feeds_ref = ray.put(feeds)
+
+        # Submit the whole DAG: every forward, then every backward, without waiting.
+        exports: dict[int, Any] = {}
+        saved: dict[int, Any] = {}
+        metas: list[tuple[int, str, Any]] = []
+        refs: list[Any] = []
+        for s in specs:
+            e, sv, m = _forward_task.remote(
+                fp, nodes_ref, s, feeds_ref, *[exports[q] for q in s.upstream]
+            )
+            exports[s.index], saved[s.index] = e, sv
+            metas.append((s.index, "forward", m))
+            refs += [e, sv, m]
+        to_parts: dict[int, Any] = {}
+        to_caller, grad_refs = [], []
+        if pass_plan.wrt:
+            for s in reversed(specs):
+                if not s.has_backward:
+                    continue
+                mine = {o: seeds[o] for o in s.seeds}
+                tp, tc, g, m = _backward_task.remote(
+                    fp,
+                    nodes_ref,
+                    s,
+                    saved[s.index],
+                    mine,
+                    *[to_parts[q] for q in s.downstream if q in to_parts],
+                )
+                to_parts[s.index] = tp
+                to_caller.append(tc)
+                grad_refs.append(g)
+                metas.append((s.index, "backward", m))
+                refs += [tp, tc, g, m]
+        del saved  # activations are freed once their backward task has run
+
+        out_refs = {o: exports[parts.owner[o]] for o in pass_plan.outputs if o in parts.owner}
+        wanted = list(
+            {
+                id(r): r
+                for r in [*out_refs.values(), *to_caller, *grad_refs, *(m for _, _, m in metas)]
+            }.values()
+        )
+        self._wait(wanted, refs, cancel)
+        try:
+            values = {
+                graph.nodes[o].name: (
+                    ray.get(out_refs[o])[o] if o in out_refs else unowned_value(graph, o, feeds)
+                )
+                for o in pass_plan.outputs
+            }
+            caller_seeds = {o: v for o, v in seeds.items() if o not in parts.owner}
+            grads = self._grads(
+                graph, pass_plan.wrt, caller_seeds, ray.get(to_caller), ray.get(grad_refs)
+            )
+            task_metas: list[tuple[int, str, TaskMeta]] = [
+                (k, phase, meta)
+                for (k, phase, _), meta in zip(
+                    metas, ray.get([m for _, _, m in metas]), strict=True
+                )
+            ]
+        except RayTaskError as e:
+            raise _unwrap(e) from None
+        except RayError as e:
+            raise GraphError(f"the Ray task failed: {e}") from e
+        t1 = time.time()
+        tasks = tuple(
+            TaskStat(k, phase, m.start, m.end, m.where, m.bytes_in, m.bytes_out)
+            for k, phase, m in task_metas
+        )
+        moved = sum(t.bytes_out for t in tasks)
+        return RunResult(values, grads, RunStats(self.name, t1 - t0, len(specs), moved, tasks))
+
+    @staticmethod
+    def _grads(
+        graph: Graph,
+        wrt: tuple[int, ...],
+        seeds: dict[int, np.ndarray],
+        to_caller: list[list[Contribution]],
+        grads: list[dict[int, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """Totals for wrt nodes: inputs sum every task's contributions in the fixed order.
+
+        `seeds`: seeds of outputs that are graph inputs (no partition owns them).
+        """
+        cot = Cotangents()
+        for o, s in seeds.items():
+            cot.seed(o, s)
+        for contributions in to_caller:
+            cot.extend(c for c in contributions if c[0] in wrt)
+        owned_totals = {k: v for g in grads for k, v in g.items()}
+        out = {}
+        for w in wrt:
+            g = owned_totals.get(w)
+            if g is None:
+                g = cot.total(w)
+            t = graph.types[w]
+            out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else owned(g)
+        return out
+
+    @staticmethod
+    def _wait(wanted: list[Any], every: list[Any], cancel: Cancellation) -> None:
+        pending = wanted
+        try:
+            while pending:
+                cancel.check()
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.05)
+        except CancelledError:
+            for ref in every:
+                with contextlib.suppress(RayError, TypeError, ValueError):  # already finished
+                    ray.cancel(ref, recursive=True)
+            raise
+
+
+def _unwrap(e: RayTaskError) -> Exception:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, GraphError):
+        return cause
+    if isinstance(e, TaskCancelledError):
+        return CancelledError("the run was cancelled")
+    return GraphError(f"a Ray task failed: {cause or e}")

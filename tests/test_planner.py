@@ -1,0 +1,105 @@
+"""Cost model and partitioner, and partitioned execution (without Ray) against local."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import graphgrad as gg
+from graphgrad.engine import Graph, LocalExecutor, RunRequest
+from graphgrad.engine.autodiff import plan_pass
+from graphgrad.engine.planner import node_costs, partition, prefers_ray
+
+from .partitioned import run_partitioned
+from .strategies import random_graphs
+
+
+def wide_graph(branches=8, layers=4, n=256, d=512):
+    with gg.Graph() as g:
+        total = None
+        for b in range(branches):
+            h = gg.input(f"x{b}", shape=(n, d), dtype="float32")
+            for k in range(layers):
+                h = gg.tanh(h @ gg.input(f"W{b}_{k}", shape=(d, d), dtype="float32"))
+            term = gg.mean(h * h)
+            total = term if total is None else total + term
+    wrt = [f"W{b}_{k}" for b in range(branches) for k in range(layers)]
+    return g.freeze(), total, wrt
+
+
+def test_matmul_cost_is_two_m_n_k():
+    graph, _, _ = wide_graph(branches=1, layers=1)
+    costs = node_costs(graph)
+    mm = next(i for i, n in enumerate(graph.nodes) if n.op == "matmul")
+    assert costs[mm].flops == 2 * 256 * 512 * 512
+
+
+def test_independent_branches_stay_apart_and_chains_are_fused():
+    graph, out, wrt = wide_graph()
+    plan = partition(graph, plan_pass(graph, [out.name], wrt))
+    assert len(plan.partitions) == 8  # one per branch; the tiny join folded into one of them
+    for p in plan.partitions:
+        inputs = {
+            graph.nodes[j].name[1:].split("_")[0]
+            for i in p.nodes
+            for j in graph.input_pos[i]
+            if graph.nodes[j].op == "input"
+        }
+        assert len(inputs) == 1  # a partition holds one branch
+    cross = [c for c in plan.cuts if c.src >= 0]
+    assert len(cross) == 7 and all(c.bytes <= 8 for c in cross)  # only scalars cross
+    assert prefers_ray(plan, cpus=2)
+
+
+def test_small_graphs_are_one_partition_and_stay_inline():
+    with gg.Graph() as g:
+        x = gg.input("x", shape=(3,))
+        a, b = gg.sin(x), gg.cos(x)
+        y = gg.sum(a * b)
+    graph = g.freeze()
+    plan = partition(graph, plan_pass(graph, [y.name], ["x"]))
+    assert len(plan.partitions) == 1 and not prefers_ray(plan, cpus=8)
+
+
+@given(random_graphs(max_nodes=40))
+def test_partitions_cover_every_node_once_and_form_a_dag(case):
+    nodes, _, out, wrt = case
+    graph = Graph(nodes)
+    pp = plan_pass(graph, [out], wrt)
+    plan = partition(graph, pp, min_seconds=0.0)
+    covered = [i for p in plan.partitions for i in p.nodes]
+    assert sorted(covered) == sorted(pp.forward)
+    for c in plan.cuts:
+        assert c.src < c.dst  # partitions are in topological order
+
+
+@settings(max_examples=300)
+@given(random_graphs(max_nodes=40), st.sampled_from([0.0, 1e-5, 1e-4]))
+def test_partitioned_execution_is_bit_identical_to_local(case, min_seconds):
+    nodes, feeds, out, wrt = case
+    graph = Graph(nodes)
+    request = RunRequest((out, wrt[-1]), feeds, tuple(wrt))
+    local = LocalExecutor().run(graph, request)
+    values, grads, _ = run_partitioned(graph, request, min_seconds)
+    for k, v in local.values.items():
+        assert values[k].tobytes() == v.tobytes()
+    for k, g in local.grads.items():
+        assert grads[k].tobytes() == g.tobytes(), k
+
+
+def test_many_partitions_and_a_value_feeding_several_partitions():
+    # x -> z = x*x feeds two branches; y = f(z, x) in the lecture's multiple-paths shape.
+    with gg.Graph() as g:
+        x = gg.input("x", shape=(4,))
+        z = gg.mul(x, x, name="z")
+        branches = [gg.sin(z * float(k)) + x for k in range(1, 6)]
+        gg.sum(gg.concat(branches) / gg.concat([z] * 5), name="y")
+    graph = g.freeze()
+    request = RunRequest(("y",), {"x": np.array([0.3, -0.7, 1.1, 2.0])}, ("x", "z"))
+    _values, grads, parts = run_partitioned(graph, request)
+    assert len(parts.partitions) >= 6
+    assert sum(1 for c in parts.cuts if graph.nodes[c.node].name == "z") >= 5
+    local = LocalExecutor().run(graph, request)
+    assert grads["x"].tobytes() == local.grads["x"].tobytes()
+    assert grads["z"].tobytes() == local.grads["z"].tobytes()
