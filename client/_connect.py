@@ -10,7 +10,9 @@ from ._remote import RemoteClient
 
 
 @overload
-def connect(address: None = None) -> LocalClient: ...
+def connect(
+    address: None = None, *, ray_address: str | None = None, ray_num_cpus: int | None = None
+) -> LocalClient: ...
 @overload
 def connect(
     address: str,
@@ -27,12 +29,16 @@ def connect(
     token: str | None = None,
     tls: bool | str | bytes | Path = False,
     timeout: float | None = None,
+    ray_address: str | None = None,
+    ray_num_cpus: int | None = None,
 ) -> LocalClient | RemoteClient:
     """Without an address: run in this process. With "host:port": talk to a graphgrad server.
 
     token: bearer token the server requires; tls: True (system roots) or a CA certificate
     (path or PEM bytes); timeout: default deadline of each call, in seconds.
+    In process, ray_address / ray_num_cpus say which Ray `executor="ray"` uses (default: a
+    local Ray started on first use).
     """
     if address is None:
-        return LocalClient()
+        return LocalClient(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
     return RemoteClient(address, token=token, tls=tls, timeout=timeout)

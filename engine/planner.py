@@ -22,6 +22,7 @@ NODE_OVERHEAD_S = 4e-6  # Python dispatch per node
 FLOPS_PER_S = 2e10  # one core, BLAS-heavy work
 BYTES_PER_S = 4e9  # memory traffic of elementwise numpy
 MIN_PARTITION_S = 5 * TASK_OVERHEAD_S  # smaller partitions are merged away
+STAGE_BYTES_PER_S = 7e8  # ray.put of fed inputs into the object store, measured here
 MAX_PARTITIONS = 512  # more tasks than this cost more to schedule than they can gain
 
 
@@ -225,11 +226,20 @@ def single_partition(graph: Graph, plan: PassPlan) -> Plan:
 
 
 def prefers_ray(p: Plan, cpus: int) -> bool:
-    """Whether partitioned execution should beat inline execution, by the cost model."""
+    """Whether partitioned execution should beat inline execution, by the cost model.
+
+    Ray pays for staging every fed input into its object store (measured here at about
+    0.7 GB/s) and for each task; it gains the parallelism of independent partitions.
+    """
     if len(p.partitions) < 2 or cpus < 2:
         return False
     tasks = 2 * len(p.partitions)  # a forward and a backward task each
-    ray_time = max(p.critical_seconds, p.total_seconds / cpus) + tasks * TASK_OVERHEAD_S / cpus
+    staged = {c.node: c.bytes for c in p.cuts if c.src < 0}
+    ray_time = (
+        max(p.critical_seconds, p.total_seconds / cpus)
+        + tasks * TASK_OVERHEAD_S / cpus
+        + sum(staged.values()) / STAGE_BYTES_PER_S
+    )
     return ray_time < 0.7 * p.total_seconds
 
 

@@ -21,7 +21,6 @@ from .autodiff import (
     Cotangents,
     RunRequest,
     check_feeds,
-    owned,
     plan_pass,
     seed_cotangents,
 )
@@ -56,15 +55,13 @@ def _where() -> str:
     return f"node {ray.get_runtime_context().get_node_id()[:8]} pid {os.getpid()}"
 
 
+# Feeds travel as top-level arguments (one object each), so Ray resolves them zero-copy and
+# a task fetches only what it reads: the first len(spec.feeds) / len(spec.saved_feeds) args.
 @ray.remote(num_returns=3)
-def _forward_task(
-    fingerprint: str,
-    nodes_ref: list[Any],
-    spec: TaskSpec,
-    feeds: dict[int, np.ndarray],
-    *upstream: dict[int, np.ndarray],
-) -> Any:
-    return run_forward(_graph(fingerprint, nodes_ref), spec, feeds, list(upstream), _where())
+def _forward_task(fingerprint: str, nodes_ref: list[Any], spec: TaskSpec, *args: Any) -> Any:
+    n = len(spec.feeds)
+    feeds = dict(zip(spec.feeds, args[:n], strict=True))
+    return run_forward(_graph(fingerprint, nodes_ref), spec, feeds, list(args[n:]), _where())
 
 
 @ray.remote(num_returns=4)
@@ -74,10 +71,12 @@ def _backward_task(
     spec: TaskSpec,
     saved: dict[int, np.ndarray],
     seeds: dict[int, np.ndarray],
-    *incoming: list[Contribution],
+    *args: Any,
 ) -> Any:
+    n = len(spec.saved_feeds)
+    values = {**saved, **dict(zip(spec.saved_feeds, args[:n], strict=True))}
     return run_backward(
-        _graph(fingerprint, nodes_ref), spec, saved, seeds, list(incoming), _where()
+        _graph(fingerprint, nodes_ref), spec, values, seeds, list(args[n:]), _where()
     )
 
 
@@ -177,7 +176,7 @@ class RayExecutor:
         seeds = seed_cotangents(graph, pass_plan, request.grad_outputs) if pass_plan.wrt else {}
         parts, specs = self.plan(graph, request)
         fp, nodes_ref = graph.fingerprint, self._nodes_ref(graph)
-        feeds_ref = ray.put(feeds)
+        feed_refs = {i: ray.put(v) for i, v in feeds.items()}
 
         # Submit the whole DAG: every forward, then every backward, without waiting.
         exports: dict[int, Any] = {}
@@ -186,7 +185,11 @@ class RayExecutor:
         refs: list[Any] = []
         for s in specs:
             e, sv, m = _forward_task.remote(
-                fp, nodes_ref, s, feeds_ref, *[exports[q] for q in s.upstream]
+                fp,
+                nodes_ref,
+                s,
+                *[feed_refs[j] for j in s.feeds],
+                *[exports[q] for q in s.upstream],
             )
             exports[s.index], saved[s.index] = e, sv
             metas.append((s.index, "forward", m))
@@ -204,6 +207,7 @@ class RayExecutor:
                     s,
                     saved[s.index],
                     mine,
+                    *[feed_refs[j] for j in s.saved_feeds],
                     *[to_parts[q] for q in s.downstream if q in to_parts],
                 )
                 to_parts[s.index] = tp
@@ -274,7 +278,8 @@ class RayExecutor:
             if g is None:
                 g = cot.total(w)
             t = graph.types[w]
-            out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else owned(g)
+            # Read-only views on the object store (no copy), like the remote client's results.
+            out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else np.asarray(g)
         return out
 
     @staticmethod

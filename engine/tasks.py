@@ -29,7 +29,8 @@ class TaskSpec:
     upstream: tuple[int, ...]  # partitions whose exports the forward reads
     exports: tuple[int, ...]  # values other partitions or the caller need
     backward: tuple[int, ...]  # nodes whose VJP runs, reverse topological order
-    saved: tuple[int, ...]  # values the backward reads (kept in the object store meanwhile)
+    saved: tuple[int, ...]  # computed values the backward reads (kept in the object store)
+    saved_feeds: tuple[int, ...]  # graph inputs the backward reads (already stored as feeds)
     wants: frozenset[int]  # inputs of backward nodes that need a gradient
     downstream: tuple[int, ...]  # partitions whose backward sends contributions here
     owned: frozenset[int]
@@ -61,6 +62,7 @@ def task_specs(
 ) -> list[TaskSpec]:
     owner = parts.owner
     forward_set = set(plan.forward)
+    feed_set = set(plan.needed_inputs)
     needed_elsewhere: set[int] = set(plan.outputs)
     for i in plan.forward:
         for j in graph.input_pos[i]:
@@ -75,6 +77,7 @@ def task_specs(
     for p in parts.partitions:
         k = p.index
         back = tuple(i for i in plan.backward if owner.get(i) == k)
+        reads = sorted({*back, *(j for i in back for j in graph.input_pos[i])})
         specs.append(
             TaskSpec(
                 plan_id=plan_id,
@@ -95,7 +98,8 @@ def task_specs(
                 ),
                 exports=tuple(i for i in p.nodes if i in needed_elsewhere),
                 backward=back,
-                saved=tuple(sorted({*back, *(j for i in back for j in graph.input_pos[i])})),
+                saved=tuple(j for j in reads if j not in feed_set),
+                saved_feeds=tuple(j for j in reads if j in feed_set),
                 wants=frozenset(j for i in back for j in graph.input_pos[i] if j in plan.relevant),
                 downstream=tuple(sorted(sends[k])),
                 owned=frozenset(p.nodes),

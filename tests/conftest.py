@@ -1,5 +1,9 @@
 import os
 
+# Every Ray in the tests lives on this one machine: make Ray resolve node addresses to
+# loopback (read when ray is imported, so set before any test module imports it).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from hypothesis import HealthCheck, settings
 
 # CI profile: no deadline (shared, noisy machines), derandomized so a red run reproduces.

@@ -30,10 +30,11 @@ def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0)
             caller.seed(o, v)
     for s in reversed(specs):
         if plan.wrt and s.has_backward:
+            values = {**saved[s.index], **{j: feeds[j] for j in s.saved_feeds}}
             tp, tc, g, _ = run_backward(
                 graph,
                 s,
-                saved[s.index],
+                values,
                 {o: seeds[o] for o in s.seeds},
                 [to_parts[q] for q in s.downstream if q in to_parts],
                 "here",

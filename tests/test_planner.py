@@ -49,7 +49,10 @@ def test_independent_branches_stay_apart_and_chains_are_fused():
         assert len(inputs) == 1  # a partition holds one branch
     cross = [c for c in plan.cuts if c.src >= 0]
     assert len(cross) == 7 and all(c.bytes <= 8 for c in cross)  # only scalars cross
-    assert prefers_ray(plan, cpus=2)
+    # 36 MB of fed inputs to stage into Ray's object store outweigh the parallel gain on 2
+    # CPUs (bench/wide.py measures it); with 8 CPUs the branches pay for it.
+    assert not prefers_ray(plan, cpus=2)
+    assert prefers_ray(plan, cpus=8)
 
 
 def test_small_graphs_are_one_partition_and_stay_inline():
