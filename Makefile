@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test smoke lint typecheck proto bench clean
+.PHONY: setup run demo test smoke lint typecheck proto buflint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: the graphgrad server on 127.0.0.1:50051, with an embedded local Ray.
 run: setup
-	$(BIN)/python examples/seed_demo.py
+	$(BIN)/graphgrad serve
 
 demo: setup
 	$(BIN)/python examples/seed_demo.py
@@ -44,9 +45,14 @@ typecheck: setup
 proto: setup
 	$(BIN)/python proto/generate.py
 
+# buf's linter for the contract (the buf CLI comes from the npm registry).
+buflint:
+	cd proto && npx --yes @bufbuild/buf lint
+
 bench: setup
 	$(BIN)/python bench/remote_latency.py
 	$(BIN)/python bench/bigdag.py
+	$(BIN)/python bench/wide.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

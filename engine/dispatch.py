@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -41,6 +42,10 @@ class Dispatcher:
             )
         with self._lock:  # one executor, even when the first requests race
             if self._ray is None:
+                if not (self._ray_args[0] or os.environ.get("RAY_ADDRESS")):
+                    # An embedded Ray serves this machine alone: Ray's single-host mode keeps
+                    # every address on loopback. Ray reads this when it is first imported.
+                    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 from .ray_executor import RayExecutor  # ray is imported here and only here
 
                 self._ray = RayExecutor(*self._ray_args)

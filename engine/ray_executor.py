@@ -108,11 +108,15 @@ class RayExecutor:
                 "log_to_driver": False,
                 "configure_logging": False,
             }
-            if self.address:
-                ray.init(address=self.address, **kwargs)
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, **kwargs)
             else:
-                # The embedded Ray is this machine's alone: it listens on loopback only.
-                ray.init(num_cpus=self.num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+                # A new embedded Ray, never some other cluster that happens to run here; it is
+                # this machine's alone, so it listens on loopback only.
+                ray.init(
+                    address="local", num_cpus=self.num_cpus, _node_ip_address="127.0.0.1", **kwargs
+                )
             log.info("ray ready: %s", ray.cluster_resources())
 
     def started(self) -> bool:

@@ -123,10 +123,14 @@ class Server:
         self.health.enter_graceful_shutdown()
         self.grpc.stop(self.config.grace_seconds if grace is None else grace).wait()
 
-    def wait_for_signal(self) -> None:
+    def install_signal_handlers(self) -> threading.Event:
+        """SIGTERM/SIGINT set the returned event; `wait_and_stop` then shuts down gracefully."""
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        return stop
+
+    def wait_and_stop(self, stop: threading.Event) -> None:
         stop.wait()
         log.info(
             "shutting down: finishing in-flight calls (grace %.0fs)", self.config.grace_seconds

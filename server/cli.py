@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 from graphgrad.engine.dispatch import Dispatcher
@@ -77,13 +76,6 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def start_ray(dispatcher: Dispatcher) -> None:
-    try:
-        dispatcher.ray.start()
-    except Exception:
-        logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -97,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     runtime = Runtime.create(config.limits, dispatcher, cache_size=args.graph_cache_size)
     server = Server(config, runtime)
+    stop = server.install_signal_handlers()
     server.start()
-    if dispatcher.ray_enabled:
-        # Ray takes seconds to start: the server serves inline meanwhile.
-        threading.Thread(
-            target=start_ray, args=(dispatcher,), name="ray-start", daemon=True
-        ).start()
     scheme = "grpcs" if config.tls_cert else "grpc"
     # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
     print(f"graphgrad serving on {scheme}://{server.address}", flush=True)
-    server.wait_for_signal()
+    if dispatcher.ray_enabled and not stop.is_set():
+        # Requests are served inline meanwhile. Ray must start on the main thread: started
+        # from another thread, its driver never reaches the GCS.
+        try:
+            dispatcher.ray.start()
+        except Exception:
+            logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
+    server.wait_and_stop(stop)
     return 0

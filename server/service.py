@@ -15,6 +15,7 @@ from . import codec
 from .runtime import Runtime
 
 EXECUTORS = {
+    service_pb2.EXECUTOR_UNSPECIFIED: "auto",
     service_pb2.EXECUTOR_AUTO: "auto",
     service_pb2.EXECUTOR_LOCAL: "local",
     service_pb2.EXECUTOR_RAY: "ray",

@@ -27,8 +27,15 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    *args: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0
+    *args: str,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 120.0,
+    ray: bool = False,
 ) -> Iterator[ServerProcess]:
+    """`ray=False` (the default) adds --no-ray unless the args attach Ray themselves: most
+    end-to-end tests are about gRPC, and each embedded Ray costs seconds of CPU on 2 cores."""
+    if not ray and "--ray-address" not in args:
+        args = (*args, "--no-ray")
     fd, log_path = tempfile.mkstemp(prefix="graphgrad-server-", suffix=".log")
     proc = subprocess.Popen(
         [sys.executable, "-m", "graphgrad.server", "--host", "127.0.0.1", "--port", "0", *args],

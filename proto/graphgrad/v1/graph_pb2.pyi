@@ -148,7 +148,7 @@ class Node(_message.Message):
     """Unique within the graph; 1 to 256 characters. Used to name feeds, outputs and gradients."""
     op: _builtins.str
     """Op name from the registry (see GraphService.ListOps), e.g. "matmul", "tanh", "input"."""
-    dtype: _tensor_pb2.DType.ValueType
+    dtype: _tensor_pb2.Dtype.ValueType
     """Required for op "input": the declared dtype. Optional for other ops (checked when set)."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -172,7 +172,7 @@ class Node(_message.Message):
         inputs: _abc.Iterable[_builtins.str] | None = ...,
         attrs: _abc.Mapping[_builtins.str, Global___AttrValue] | None = ...,
         shape: Global___Shape | None = ...,
-        dtype: _tensor_pb2.DType.ValueType = ...,
+        dtype: _tensor_pb2.Dtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shape", b"shape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

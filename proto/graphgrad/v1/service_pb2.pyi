@@ -27,21 +27,25 @@ class _Executor:
 
 class _ExecutorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Executor.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    EXECUTOR_AUTO: _Executor.ValueType  # 0
+    EXECUTOR_UNSPECIFIED: _Executor.ValueType  # 0
+    """Not set: the server decides, as for EXECUTOR_AUTO."""
+    EXECUTOR_AUTO: _Executor.ValueType  # 1
     """The server decides from its cost model: inline for small graphs, Ray for large ones."""
-    EXECUTOR_LOCAL: _Executor.ValueType  # 1
+    EXECUTOR_LOCAL: _Executor.ValueType  # 2
     """Inline in the server process."""
-    EXECUTOR_RAY: _Executor.ValueType  # 2
+    EXECUTOR_RAY: _Executor.ValueType  # 3
     """Partitioned into Ray tasks."""
 
 class Executor(_Executor, metaclass=_ExecutorEnumTypeWrapper):
     """Where a run executes."""
 
-EXECUTOR_AUTO: Executor.ValueType  # 0
+EXECUTOR_UNSPECIFIED: Executor.ValueType  # 0
+"""Not set: the server decides, as for EXECUTOR_AUTO."""
+EXECUTOR_AUTO: Executor.ValueType  # 1
 """The server decides from its cost model: inline for small graphs, Ray for large ones."""
-EXECUTOR_LOCAL: Executor.ValueType  # 1
+EXECUTOR_LOCAL: Executor.ValueType  # 2
 """Inline in the server process."""
-EXECUTOR_RAY: Executor.ValueType  # 2
+EXECUTOR_RAY: Executor.ValueType  # 3
 """Partitioned into Ray tasks."""
 Global___Executor: _TypeAlias = Executor  # noqa: Y015
 
@@ -104,7 +108,7 @@ class RunOptions(_message.Message):
     EXECUTOR_FIELD_NUMBER: _builtins.int
     CHECK_NUMERICS_FIELD_NUMBER: _builtins.int
     executor: Global___Executor.ValueType
-    """Where to execute; AUTO by default."""
+    """Where to execute; the server decides when unset."""
     check_numerics: _builtins.bool
     """When true, non-finite values (NaN, infinity) in feeds, outputs or gradients are an
     INVALID_ARGUMENT error naming the tensor, instead of being returned.
