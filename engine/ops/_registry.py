@@ -64,6 +64,9 @@ VjpFn = Callable[
     Sequence[np.ndarray | None],
 ]
 FlopsFn = Callable[[Sequence[TensorType], TensorType, Attrs], float]
+# batch(emitter, input refs, template input types, template output type, attrs) -> the name of
+# the node holding all networks' values, network axis first (see engine/batching.py).
+BatchFn = Callable[[Any, Sequence[Any], Sequence[TensorType], TensorType, dict[str, Any]], str]
 
 
 def elementwise_flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
@@ -82,7 +85,7 @@ class Op:
     attrs: Mapping[str, AttrSpec] = field(default_factory=dict)
     flops: FlopsFn = elementwise_flops
     doc: str = ""
-    differentiable_inputs: tuple[int, ...] | None = None  # None: all inputs
+    batch: BatchFn | None = None  # None: the op cannot be batched (inputs, constants)
 
     def signature(self) -> str:
         ins = "*xs" if self.arity is None else ", ".join(f"x{i}" for i in range(self.arity))

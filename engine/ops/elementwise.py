@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from ._registry import Attrs, Op, ShapeError, TensorType, register
+from ._registry import Attrs, BatchFn, Op, ShapeError, TensorType, register
 
 
 def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -47,8 +48,25 @@ def _unary(name: str, fn: Callable[[np.ndarray], np.ndarray], grad: UnaryGrad, d
             lambda xs, a: fn(xs[0]),
             lambda g, xs, y, a, w: (grad(g, xs[0], y),),
             doc=doc,
+            batch=lambda em, ins, tys, out, at: em.emit(name, [ins[0].name], at),
         )
     )
+
+
+def batch_broadcasting(name: str) -> BatchFn:
+    """Batched operands get the network axis in front of as many axes as the output has;
+    unbatched operands broadcast from the right as they are."""
+
+    def rule(
+        em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
+    ) -> str:
+        rank = len(out.shape)
+        names = [
+            em.lead(x, t, rank) if x.batched else x.name for x, t in zip(ins, tys, strict=True)
+        ]
+        return str(em.emit(name, names, at))
+
+    return rule
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -86,7 +104,16 @@ def _binary(
             None if db is None else unbroadcast(db, b.shape),
         )
 
-    register(Op(name, 2, broadcast_type, lambda xs, at: fn(xs[0], xs[1]), vjp))
+    register(
+        Op(
+            name,
+            2,
+            broadcast_type,
+            lambda xs, at: fn(xs[0], xs[1]),
+            vjp,
+            batch=batch_broadcasting(name),
+        )
+    )
 
 
 def _if(want: bool, f: Callable[[], np.ndarray]) -> np.ndarray | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,4 +54,38 @@ def _flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
     return 2.0 * max(out.size, 1) * ins[0].shape[-1]
 
 
-register(Op("matmul", 2, _infer, lambda xs, at: np.matmul(xs[0], xs[1]), _vjp, flops=_flops))
+def _batch(
+    em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
+) -> str:
+    # Vectors become matrices, batched operands get padded batch axes so that numpy's batch
+    # broadcasting lines the network axis up; the result is reshaped to the template's.
+    names, shapes = [], []
+    for k, (x, t) in enumerate(zip(ins, tys, strict=True)):
+        shape, name = t.shape, x.name
+        if len(shape) == 1:
+            shape = (1, shape[0]) if k == 0 else (shape[0], 1)
+            name = em.emit("reshape", [name], {"shape": (em.n, *shape) if x.batched else shape})
+        names.append(name)
+        shapes.append(shape)
+    rank = max(len(s) for s in shapes)
+    for k, x in enumerate(ins):
+        if x.batched and len(shapes[k]) < rank:
+            pad = (em.n, *(1,) * (rank - len(shapes[k])), *shapes[k])
+            names[k] = em.emit("reshape", [names[k]], {"shape": pad})
+    y = em.emit("matmul", names)
+    if em.types[y].shape != (em.n, *out.shape):
+        y = em.emit("reshape", [y], {"shape": (em.n, *out.shape)})
+    return str(y)
+
+
+register(
+    Op(
+        "matmul",
+        2,
+        _infer,
+        lambda xs, at: np.matmul(xs[0], xs[1]),
+        _vjp,
+        flops=_flops,
+        batch=_batch,
+    )
+)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ._registry import AttrKind, Attrs, AttrSpec, Op, ShapeError, TensorType, register
-from .elementwise import broadcast_type, unbroadcast
+from ._registry import AttrKind, Attrs, AttrSpec, BatchFn, Op, ShapeError, TensorType, register
+from .elementwise import batch_broadcasting, broadcast_type, unbroadcast
 
 _AXIS = {"axis": AttrSpec(AttrKind.INT, default=-1)}
 
@@ -40,6 +41,27 @@ def _log_softmax_vjp(g, xs, y, at, w):
     return (g - np.exp(y) * g.sum(axis=axis, keepdims=True),)
 
 
+def _axis_batch(name: str) -> BatchFn:
+    def rule(
+        em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
+    ) -> str:
+        rank = len(tys[0].shape)
+        names = [em.lead(x, t, rank) for x, t in zip(ins, tys, strict=True)]
+        return str(em.emit(name, names, {"axis": at.get("axis", -1) % rank + 1}))
+
+    return rule
+
+
+def _mse_batch(
+    em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
+) -> str:
+    # One loss per network: the mean over every axis but the network axis.
+    diff_type = TensorType(tuple(np.broadcast_shapes(tys[0].shape, tys[1].shape)), out.dtype)
+    d = batch_broadcasting("sub")(em, ins, tys, diff_type, {})
+    sq = em.emit("mul", [d, d])
+    return str(em.emit("mean", [sq], {"axis": tuple(range(1, len(diff_type.shape) + 1))}))
+
+
 register(
     Op(
         "softmax",
@@ -48,6 +70,7 @@ register(
         lambda xs, at: _softmax(xs[0], at.get("axis", -1)),
         _softmax_vjp,
         attrs=_AXIS,
+        batch=_axis_batch("softmax"),
     )
 )
 register(
@@ -58,6 +81,7 @@ register(
         lambda xs, at: _log_softmax(xs[0], at.get("axis", -1)),
         _log_softmax_vjp,
         attrs=_AXIS,
+        batch=_axis_batch("log_softmax"),
     )
 )
 
@@ -98,6 +122,7 @@ register(
         _sce_forward,
         _sce_vjp,
         attrs=_AXIS,
+        batch=_axis_batch("softmax_cross_entropy"),
         doc="-sum(labels * log_softmax(logits), axis): one loss per example",
     )
 )
@@ -125,5 +150,6 @@ register(
         lambda xs, at: np.asarray(np.mean((xs[0] - xs[1]) ** 2), dtype=xs[0].dtype),
         _mse_vjp,
         doc="mean((pred - target)**2), a scalar",
+        batch=_mse_batch,
     )
 )

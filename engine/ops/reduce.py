@@ -11,6 +11,7 @@ from ._registry import (
     AttrKind,
     Attrs,
     AttrSpec,
+    BatchFn,
     Op,
     TensorType,
     VjpFn,
@@ -63,6 +64,18 @@ def _flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
     return float(ins[0].size)
 
 
+def _batch(name: str) -> BatchFn:
+    def rule(
+        em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
+    ) -> str:
+        rank = len(tys[0].shape)
+        axes = normalize_axes(at.get("axis"), rank)
+        attrs = {"axis": tuple(a + 1 for a in axes), "keepdims": at.get("keepdims", False)}
+        return str(em.emit(name, [ins[0].name], attrs))
+
+    return rule
+
+
 def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn) -> None:
     register(
         Op(
@@ -75,6 +88,7 @@ def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn) -> None:
             vjp,
             attrs=_ATTRS,
             flops=_flops,
+            batch=_batch(name),
         )
     )
 

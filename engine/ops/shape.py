@@ -33,6 +33,9 @@ register(
         lambda xs, at: xs[0].reshape(at["shape"]),
         lambda g, xs, y, at, w: (g.reshape(xs[0].shape),),
         attrs={"shape": AttrSpec(AttrKind.INTS, required=True)},
+        batch=lambda em, ins, tys, out, at: em.emit(
+            "reshape", [ins[0].name], {"shape": (em.n, *out.shape)}
+        ),
     )
 )
 
@@ -58,6 +61,11 @@ register(
         lambda xs, at: np.transpose(xs[0], _perm(at, xs[0].ndim)),
         lambda g, xs, y, at, w: (np.transpose(g, np.argsort(_perm(at, xs[0].ndim))),),
         attrs={"axes": AttrSpec(AttrKind.INTS)},
+        batch=lambda em, ins, tys, out, at: em.emit(
+            "transpose",
+            [ins[0].name],
+            {"axes": (0, *(p + 1 for p in _perm(at, len(tys[0].shape))))},
+        ),
     )
 )
 
@@ -82,6 +90,9 @@ register(
         lambda xs, at: np.broadcast_to(xs[0], at["shape"]),
         lambda g, xs, y, at, w: (unbroadcast(g, xs[0].shape),),
         attrs={"shape": AttrSpec(AttrKind.INTS, required=True)},
+        batch=lambda em, ins, tys, out, at: em.emit(
+            "broadcast_to", [em.lead(ins[0], tys[0], len(out.shape))], {"shape": (em.n, *out.shape)}
+        ),
     )
 )
 
@@ -120,5 +131,10 @@ register(
         lambda xs, at: np.concatenate(list(xs), axis=at.get("axis", 0)),
         _concat_vjp,
         attrs={"axis": AttrSpec(AttrKind.INT, default=0)},
+        batch=lambda em, ins, tys, out, at: em.emit(
+            "concat",
+            [em.lead(x, t, len(t.shape)) for x, t in zip(ins, tys, strict=True)],
+            {"axis": at.get("axis", 0) % len(out.shape) + 1},
+        ),
     )
 )
