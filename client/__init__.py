@@ -7,6 +7,7 @@ with gg.Graph():
 gg.connect().run(y, {"x": [1.0, 2.0, 3.0]}, wrt=[x]).grads["x"]
 """
 
+from . import optim
 from ._builder import (
     Graph,
     Tensor,
@@ -43,6 +44,7 @@ from ._builder import (
     transpose,
 )
 from ._connect import connect
+from ._jobs import Job
 from ._local import LocalClient
 from ._remote import RemoteClient, RemoteError
 from ._result import Result
@@ -53,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FeedError",
     "Graph",
+    "Job",
     "GraphError",
     "LocalClient",
     "RemoteClient",
@@ -82,6 +85,7 @@ __all__ = [
     "mse",
     "mul",
     "neg",
+    "optim",
     "pow",
     "relu",
     "reshape",

@@ -6,12 +6,15 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._builder import Tensor
+from ._jobs import ArrayMap, Job, build_specs, start_job
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Cancellation, RunRequest
 from .engine.dispatch import Dispatcher
 from .engine.executor import check_finite
 from .engine.planner import Explanation, describe
+from .engine.training import SGD, Optimizer
 
 
 class LocalClient:
@@ -19,6 +22,7 @@ class LocalClient:
 
     def __init__(self, *, ray_address: str | None = None, ray_num_cpus: int | None = None) -> None:
         self._dispatcher = Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
+        self._jobs = 0
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"
@@ -54,6 +58,26 @@ class LocalClient:
             graph, RunRequest(request.outputs, {}, request.wrt), executor
         )
         return describe(graph, name, plan)
+
+    def train(
+        self,
+        loss: Tensor | Sequence[Tensor],
+        params: ArrayMap | Sequence[ArrayMap],
+        data: ArrayMap | Sequence[ArrayMap] | None = None,
+        optimizer: Optimizer | None = None,
+        steps: int = 200,
+        batch_size: int | None = None,
+        seed: int = 0,
+        *,
+        executor: str = "auto",
+    ) -> Job:
+        """Train N networks at once: `params` maps each trainable input to its N initial
+        values stacked on a new leading axis; `data` maps each data input to [N, S, ...]
+        (each network its own samples) or [S, ...] (shared). Returns a running Job."""
+        specs = build_specs(loss, params, data, optimizer or SGD(lr=0.1), steps, batch_size, seed)
+        runner, cpus = self._dispatcher.training_runner(executor)
+        self._jobs += 1
+        return start_job(specs, runner, cpus, f"local-{self._jobs}")
 
     def close(self) -> None:
         pass

@@ -11,6 +11,7 @@ from .autodiff import RunRequest, plan_pass
 from .errors import RequestError
 from .executor import Cancellation, Executor, LocalExecutor, RunResult
 from .ir import Graph
+from .jobs import SegmentRunner
 from .planner import Plan, prefers_ray, single_partition
 
 log = logging.getLogger("graphgrad.dispatch")
@@ -77,6 +78,20 @@ class Dispatcher:
             if prefers_ray(plan, self.ray.cpus()):
                 return "ray", plan
         return self.choose(graph, request, "local")
+
+    def training_runner(self, executor: str) -> tuple[SegmentRunner, int]:
+        """The runner of training segments and the CPUs it has. Starts Ray (on the caller's
+        thread: Ray must start on the main thread) when the job will use it."""
+        if executor not in EXECUTOR_NAMES:
+            raise RequestError(
+                f"executor must be one of {EXECUTOR_NAMES}, got '{executor}'", field="executor"
+            )
+        if executor == "local" or (executor == "auto" and not self.ray_ready()):
+            return SegmentRunner(), 1
+        from .ray_executor import RaySegmentRunner
+
+        self.ray.start()
+        return RaySegmentRunner(self.ray), int(self.ray.cpus())
 
     def executor(self, name: str) -> Executor:
         executor: Executor = self.ray if name == "ray" else self.local

@@ -41,6 +41,9 @@ class Node:
     def replace(self, **changes: Any) -> Node:
         return dataclasses.replace(self, **changes)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Node, (self.name, self.op, self.inputs, dict(self.attrs), self.shape, self.dtype))
+
 
 class Graph:
     """A validated, immutable graph. Nodes are stored in a topological order.
@@ -75,6 +78,10 @@ class Graph:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ops hold functions: a graph travels as its nodes and is validated again on arrival.
+        return (Graph, (list(self.nodes),))
 
     def __repr__(self) -> str:
         return f"<graphgrad.engine.Graph {len(self)} nodes {self.fingerprint[:12]}>"

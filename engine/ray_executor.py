@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,10 @@ from .autodiff import (
 from .errors import CancelledError, GraphError
 from .executor import Cancellation, RunResult, RunStats, TaskStat
 from .ir import Graph
+from .jobs import SegmentRunner
 from .planner import MIN_PARTITION_S, Plan, partition
 from .tasks import TaskMeta, TaskSpec, run_backward, run_forward, task_specs, unowned_value
+from .training import ChunkState, ChunkTrainer, TrainSpec
 
 log = logging.getLogger("graphgrad.ray")
 
@@ -78,6 +81,44 @@ def _backward_task(
     return run_backward(
         _graph(fingerprint, nodes_ref), spec, values, seeds, list(args[n:]), _where()
     )
+
+
+@ray.remote
+def _train_segment(spec: TrainSpec, state: ChunkState, until: int) -> ChunkState:
+    return ChunkTrainer(spec).run(state, until)
+
+
+class RaySegmentRunner(SegmentRunner):
+    """Runs every chunk's segment as a Ray task (a killed worker costs a retry: segments are
+    deterministic)."""
+
+    def __init__(self, executor: RayExecutor) -> None:
+        self.executor = executor
+        self._spec_refs: dict[int, tuple[TrainSpec, Any]] = {}
+
+    def _ref(self, spec: TrainSpec) -> Any:
+        held = self._spec_refs.get(id(spec))
+        if held is None or held[0] is not spec:
+            held = self._spec_refs[id(spec)] = (spec, ray.put(spec))
+        return held[1]
+
+    def run(
+        self,
+        specs: Sequence[TrainSpec],
+        states: Sequence[ChunkState],
+        until: int,
+        cancel: Cancellation,
+    ) -> list[ChunkState]:
+        self.executor.start()
+        refs = [
+            _train_segment.remote(self._ref(spec), state, until)
+            for spec, state in zip(specs, states, strict=True)
+        ]
+        RayExecutor._wait(refs, refs, cancel)
+        try:
+            return list(ray.get(refs))
+        except RayTaskError as e:
+            raise _unwrap(e) from None
 
 
 class RayExecutor:

@@ -1,0 +1,205 @@
+"""Training jobs in the SDK: `client.train(...)` returns a `Job` to watch, cancel and read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._builder import Tensor
+from .engine import Cancellation, CancelledError, RequestError
+from .engine.jobs import Placement, Progress, SegmentRunner, TrainingRun, group_specs
+from .engine.training import SGD, Optimizer, TrainSpec, classify_data
+
+ArrayMap = Mapping[str, Any]
+
+
+def build_specs(
+    loss: Tensor | Sequence[Tensor],
+    params: ArrayMap | Sequence[ArrayMap],
+    data: ArrayMap | Sequence[ArrayMap] | None,
+    optimizer: Optimizer,
+    steps: int,
+    batch_size: int | None,
+    seed: int,
+) -> list[TrainSpec]:
+    """One spec per template; `params`/`data` are given per template (or data once for all)."""
+    losses = [loss] if isinstance(loss, Tensor) else list(loss)
+    param_list = [params] if isinstance(params, Mapping) else list(params)
+    data_list = (
+        [data or {}] * len(losses) if data is None or isinstance(data, Mapping) else list(data)
+    )
+    if not len(losses) == len(param_list) == len(data_list):
+        raise ValueError(
+            f"{len(losses)} losses but {len(param_list)} params and "
+            f"{len(data_list)} data mappings: give one per template"
+        )
+    if steps < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError("steps and batch_size must be positive")
+    specs = []
+    for L, p, d in zip(losses, param_list, data_list, strict=True):
+        graph = L.graph.freeze()
+        typed = {}
+        for kind, mapping in (("params", p), ("data", d)):
+            for name, value in mapping.items():
+                i = graph.index.get(name)
+                if i is None:
+                    raise RequestError(
+                        f"{kind} '{name}' is not an input of the graph of '{L.name}'",
+                        field=f"{kind}['{name}']",
+                    )
+                dtype = graph.types[i].dtype
+                arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=dtype)
+                if arr.dtype.name != dtype:
+                    raise RequestError(
+                        f"{kind} '{name}' must be {dtype}, got {arr.dtype.name}",
+                        field=f"{kind}['{name}']",
+                    )
+                typed[(kind, name)] = arr
+        ps = {n: a for (k, n), a in typed.items() if k == "params"}
+        ds = {n: a for (k, n), a in typed.items() if k == "data"}
+        if not ps:
+            raise ValueError(f"no params for '{L.name}': nothing to train")
+        n = len(next(iter(ps.values())))
+        per_network = classify_data(graph, ds, n, batch_size)
+        specs.append(
+            TrainSpec(
+                graph, L.name, ps, ds, optimizer, steps, batch_size, seed, per_network=per_network
+            )
+        )
+    return specs
+
+
+class Job:
+    """A training job: many networks trained together, in the background.
+
+    `status` is "running", "done", "cancelled" or "failed"; `params` and `history` are the
+    results ([N, ...] per parameter, and the loss [N, steps]); with several templates,
+    `params` is a list with one mapping per template, in the order given.
+    """
+
+    def __init__(self, run: TrainingRun, placement: list[Placement], job_id: str) -> None:
+        self.id = job_id
+        self._run = run
+        self._placement = placement
+        self._cancel = Cancellation()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._status = "running"
+        self._thread = threading.Thread(target=self._work, name=f"job-{job_id}", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            self._run.run(self._cancel)
+            self._status = "done"
+        except CancelledError:
+            self._status = "cancelled"
+        except BaseException as e:  # reported through .status and .wait()
+            self._error = e
+            self._status = "failed"
+        finally:
+            self._done.set()
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def progress(self) -> Progress:
+        return self._run.progress()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop the job (its tasks are cancelled); `wait` then returns with status cancelled."""
+        self._cancel.cancel()
+
+    def wait(self, progress: bool = True, timeout: float | None = None) -> Job:
+        """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self._run.steps, unit="step", desc=f"job {self.id}")
+        try:
+            while not self._done.wait(0.1):
+                if bar is not None:
+                    self._update(bar)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} still running after {timeout}s")
+            if bar is not None:
+                self._update(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _update(self, bar: Any) -> None:
+        p = self._run.progress()
+        bar.update(p.steps_done - bar.n)
+        if np.isfinite(p.loss_median):
+            bar.set_postfix(loss=f"{p.loss_median:.4g}", refresh=False)
+
+    def _slices(self) -> list[tuple[int, slice]]:
+        return [(g, slice(lo, hi)) for g, lo, hi in self._placement]
+
+    @property
+    def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        groups = self._run.params()
+        per_spec = [{k: v[s] for k, v in groups[g].items()} for g, s in self._slices()]
+        return per_spec[0] if len(per_spec) == 1 else per_spec
+
+    @property
+    def history(self) -> np.ndarray:
+        offsets = np.cumsum([0] + [g.n for g in self._run.groups])
+        full = self._run.history()
+        return np.concatenate(
+            [full[offsets[g] + s.start : offsets[g] + s.stop] for g, s in self._slices()]
+        )
+
+    def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
+        """Loss curves: the median and the 10-90% band across networks, or chosen networks.
+        Needs matplotlib (pip install graphgrad[plot])."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("Job.plot needs matplotlib: pip install 'graphgrad[plot]'") from e
+        h = self.history
+        ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+        steps = np.arange(1, h.shape[1] + 1)
+        if networks is None:
+            lo, med, hi = np.nanpercentile(h, [10, 50, 90], axis=0)
+            ax.fill_between(steps, lo, hi, alpha=0.3, label="10-90% of networks")
+            ax.plot(steps, med, label=f"median of {len(h)} networks")
+        else:
+            for j in networks:
+                ax.plot(steps, h[j], label=f"network {j}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+        return ax
+
+    def __repr__(self) -> str:
+        p = self._run.progress()
+        return (
+            f"<graphgrad.Job {self.id} {self._status}: step {p.steps_done}/{p.steps}, "
+            f"{p.networks} networks, median loss {p.loss_median:.4g}>"
+        )
+
+
+def start_job(specs: list[TrainSpec], runner: SegmentRunner, cpus: int, job_id: str) -> Job:
+    groups, placement = group_specs(specs)
+    return Job(TrainingRun(groups, cpus=cpus, runner=runner), placement, job_id)
+
+
+__all__ = ["SGD", "Job", "build_specs", "start_job"]

@@ -1,0 +1,191 @@
+"""A training run: one or more templates, their networks cut into chunks, run in segments.
+
+Segments (a few dozen steps of every chunk) are the unit of progress, cancellation and
+checkpointing: after each one the run reports progress and can hand out a snapshot from
+which a new run resumes with identical results. Chunks run inline or as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .executor import Cancellation
+from .ir import Graph
+from .training import ChunkState, ChunkTrainer, TrainSpec, split
+
+CACHE_BYTES = 2 << 20  # a chunk's activations should stay in cache
+
+
+@dataclass(frozen=True)
+class Progress:
+    steps_done: int  # the slowest chunk's step
+    steps: int
+    networks: int
+    networks_done: int
+    loss_median: float
+    loss_best: float
+    loss_worst: float
+
+
+@dataclass
+class Snapshot:
+    """Everything needed to resume: per group, per chunk state."""
+
+    states: list[list[ChunkState]]
+
+
+def activation_bytes(template: Graph) -> int:
+    return sum(t.nbytes for t in template.types)
+
+
+def chunk_count(spec: TrainSpec, cpus: int) -> int:
+    """Chunks sized by the cost model: cache-sized, and at least a few per CPU when parallel."""
+    by_cache = math.ceil(spec.n * activation_bytes(spec.template) / CACHE_BYTES)
+    by_cpu = 3 * cpus if cpus > 1 else 1
+    return max(1, min(spec.n, max(by_cache, by_cpu)))
+
+
+class SegmentRunner:
+    """Runs one segment of every chunk; the local runner does it inline."""
+
+    def run(
+        self,
+        specs: Sequence[TrainSpec],
+        states: Sequence[ChunkState],
+        until: int,
+        cancel: Cancellation,
+    ) -> list[ChunkState]:
+        out = []
+        for spec, state in zip(specs, states, strict=True):
+            out.append(ChunkTrainer(spec).run(state, until, cancel=cancel))
+        return out
+
+
+@dataclass
+class TrainingRun:
+    groups: list[TrainSpec]  # one per distinct template
+    cpus: int = 1
+    segment_steps: int = 25
+    runner: SegmentRunner = field(default_factory=SegmentRunner)
+    chunks: list[list[TrainSpec]] = field(init=False)
+    states: list[list[ChunkState]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chunks = [split(g, chunk_count(g, self.cpus)) for g in self.groups]
+        self.states = [[ChunkTrainer(c).initial_state() for c in cs] for cs in self.chunks]
+
+    @property
+    def steps(self) -> int:
+        return self.groups[0].steps
+
+    @property
+    def networks(self) -> int:
+        return sum(g.n for g in self.groups)
+
+    def resume(self, snapshot: Snapshot) -> None:
+        self.states = snapshot.states
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot([[s for s in group] for group in self.states])
+
+    def progress(self) -> Progress:
+        step = min(s.step for group in self.states for s in group)
+        last = np.concatenate(
+            [
+                s.history[:, step - 1] if step else np.full(len(s.history), np.nan)
+                for group in self.states
+                for s in group
+            ]
+        )
+        finite = last[np.isfinite(last)]
+        stats = (
+            (float(np.median(finite)), float(finite.min()), float(finite.max()))
+            if finite.size
+            else (math.nan, math.nan, math.nan)
+        )
+        done = self.networks if step >= self.steps else 0
+        return Progress(step, self.steps, self.networks, done, *stats)
+
+    def run(
+        self,
+        cancel: Cancellation | None = None,
+        on_segment: Callable[[TrainingRun], None] | None = None,
+    ) -> None:
+        cancel = cancel or Cancellation()
+        while (step := min(s.step for g in self.states for s in g)) < self.steps:
+            until = min(self.steps, step + self.segment_steps)
+            for k, (specs, states) in enumerate(zip(self.chunks, self.states, strict=True)):
+                self.states[k] = self.runner.run(specs, states, until, cancel)
+            if on_segment is not None:
+                on_segment(self)
+
+    def params(self) -> list[dict[str, np.ndarray]]:
+        """Final (or current) parameters per group, stacked [n, ...] in network order."""
+        return [
+            {k: np.concatenate([s.params[k] for s in states]) for k in states[0].params}
+            for states in self.states
+        ]
+
+    def history(self) -> np.ndarray:
+        """Loss per network per step, [networks, steps], groups in order."""
+        return np.concatenate([s.history for states in self.states for s in states])
+
+
+Placement = tuple[int, int, int]  # (group, first network, end) of one submitted spec
+
+
+def group_specs(specs: Sequence[TrainSpec]) -> tuple[list[TrainSpec], list[Placement]]:
+    """Specs that differ only in their per-network arrays are trained as one stack (networks
+    keep their order; a network's minibatch shuffles are keyed by its index in its group).
+    Also returns where each spec's networks went."""
+    groups: list[TrainSpec] = []
+    placement: list[Placement] = []
+    for s in specs:
+        for k, g in enumerate(groups):
+            if _stackable(g, s):
+                groups[k] = TrainSpec(
+                    g.template,
+                    g.loss,
+                    {name: np.concatenate([g.params[name], s.params[name]]) for name in g.params},
+                    {
+                        name: (
+                            np.concatenate([g.data[name], s.data[name]])
+                            if name in g.per_network
+                            else g.data[name]
+                        )
+                        for name in g.data
+                    },
+                    g.optimizer,
+                    g.steps,
+                    g.batch_size,
+                    g.seed,
+                    g.offset,
+                    g.per_network,
+                )
+                placement.append((k, g.n, g.n + s.n))
+                break
+        else:
+            groups.append(s)
+            placement.append((len(groups) - 1, 0, s.n))
+    return groups, placement
+
+
+def _stackable(a: TrainSpec, b: TrainSpec) -> bool:
+    same = (
+        a.template.fingerprint == b.template.fingerprint
+        and a.loss == b.loss
+        and set(a.params) == set(b.params)
+        and set(a.data) == set(b.data)
+        and a.per_network == b.per_network
+        and a.optimizer == b.optimizer
+        and a.steps == b.steps
+        and a.batch_size == b.batch_size
+        and a.seed == b.seed
+    )
+    return same and all(
+        np.array_equal(a.data[k], b.data[k]) for k in a.data if k not in a.per_network
+    )
