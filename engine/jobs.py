@@ -50,19 +50,24 @@ def chunk_count(spec: TrainSpec, cpus: int) -> int:
 
 
 class SegmentRunner:
-    """Runs one segment of every chunk; the local runner does it inline."""
+    """Runs every chunk up to `steps`, reporting after each segment; the local runner goes
+    round-robin through the chunks in this thread."""
 
-    def run(
+    def train(
         self,
-        specs: Sequence[TrainSpec],
-        states: Sequence[ChunkState],
-        until: int,
+        chunks: Sequence[TrainSpec],
+        states: list[ChunkState],
+        steps: int,
+        segment: int,
         cancel: Cancellation,
-    ) -> list[ChunkState]:
-        out = []
-        for spec, state in zip(specs, states, strict=True):
-            out.append(ChunkTrainer(spec).run(state, until, cancel=cancel))
-        return out
+        on_segment: Callable[[], None],
+    ) -> None:
+        trainers = [ChunkTrainer(c) for c in chunks]
+        while (step := min(s.step for s in states)) < steps:
+            until = min(steps, step + segment)
+            for k, trainer in enumerate(trainers):
+                states[k] = trainer.run(states[k], until, cancel=cancel)
+            on_segment()
 
 
 @dataclass
@@ -72,11 +77,19 @@ class TrainingRun:
     segment_steps: int = 25
     runner: SegmentRunner = field(default_factory=SegmentRunner)
     chunks: list[list[TrainSpec]] = field(init=False)
-    states: list[list[ChunkState]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.chunks = [split(g, chunk_count(g, self.cpus)) for g in self.groups]
-        self.states = [[ChunkTrainer(c).initial_state() for c in cs] for cs in self.chunks]
+        # Chunk states, flat over groups: the runner updates them as segments finish.
+        self._states = [ChunkTrainer(c).initial_state() for cs in self.chunks for c in cs]
+
+    @property
+    def states(self) -> list[list[ChunkState]]:
+        out, k = [], 0
+        for cs in self.chunks:
+            out.append(self._states[k : k + len(cs)])
+            k += len(cs)
+        return out
 
     @property
     def steps(self) -> int:
@@ -87,18 +100,17 @@ class TrainingRun:
         return sum(g.n for g in self.groups)
 
     def resume(self, snapshot: Snapshot) -> None:
-        self.states = snapshot.states
+        self._states = [s for group in snapshot.states for s in group]
 
     def snapshot(self) -> Snapshot:
-        return Snapshot([[s for s in group] for group in self.states])
+        return Snapshot(self.states)
 
     def progress(self) -> Progress:
-        step = min(s.step for group in self.states for s in group)
+        step = min(s.step for s in self._states)
         last = np.concatenate(
             [
                 s.history[:, step - 1] if step else np.full(len(s.history), np.nan)
-                for group in self.states
-                for s in group
+                for s in self._states
             ]
         )
         finite = last[np.isfinite(last)]
@@ -107,7 +119,7 @@ class TrainingRun:
             if finite.size
             else (math.nan, math.nan, math.nan)
         )
-        done = self.networks if step >= self.steps else 0
+        done = sum(len(s.history) for s in self._states if s.step >= self.steps)
         return Progress(step, self.steps, self.networks, done, *stats)
 
     def run(
@@ -115,13 +127,15 @@ class TrainingRun:
         cancel: Cancellation | None = None,
         on_segment: Callable[[TrainingRun], None] | None = None,
     ) -> None:
-        cancel = cancel or Cancellation()
-        while (step := min(s.step for g in self.states for s in g)) < self.steps:
-            until = min(self.steps, step + self.segment_steps)
-            for k, (specs, states) in enumerate(zip(self.chunks, self.states, strict=True)):
-                self.states[k] = self.runner.run(specs, states, until, cancel)
-            if on_segment is not None:
-                on_segment(self)
+        chunks = [c for cs in self.chunks for c in cs]
+        self.runner.train(
+            chunks,
+            self._states,
+            self.steps,
+            self.segment_steps,
+            cancel or Cancellation(),
+            lambda: on_segment(self) if on_segment else None,
+        )
 
     def params(self) -> list[dict[str, np.ndarray]]:
         """Final (or current) parameters per group, stacked [n, ...] in network order."""

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,38 +85,53 @@ def _backward_task(
 
 @ray.remote
 def _train_segment(spec: TrainSpec, state: ChunkState, until: int) -> ChunkState:
-    return ChunkTrainer(spec).run(state, until)
+    return ChunkTrainer(spec).run(state.writable(), until)
 
 
 class RaySegmentRunner(SegmentRunner):
-    """Runs every chunk's segment as a Ray task (a killed worker costs a retry: segments are
-    deterministic)."""
+    """Every chunk's segments as a chain of Ray tasks, all submitted at once: no barrier
+    between segments, progress as each one finishes. A killed worker costs a retry
+    (segments are deterministic)."""
 
     def __init__(self, executor: RayExecutor) -> None:
         self.executor = executor
-        self._spec_refs: dict[int, tuple[TrainSpec, Any]] = {}
 
-    def _ref(self, spec: TrainSpec) -> Any:
-        held = self._spec_refs.get(id(spec))
-        if held is None or held[0] is not spec:
-            held = self._spec_refs[id(spec)] = (spec, ray.put(spec))
-        return held[1]
-
-    def run(
+    def train(
         self,
-        specs: Sequence[TrainSpec],
-        states: Sequence[ChunkState],
-        until: int,
+        chunks: Sequence[TrainSpec],
+        states: list[ChunkState],
+        steps: int,
+        segment: int,
         cancel: Cancellation,
-    ) -> list[ChunkState]:
+        on_segment: Callable[[], None],
+    ) -> None:
         self.executor.start()
-        refs = [
-            _train_segment.remote(self._ref(spec), state, until)
-            for spec, state in zip(specs, states, strict=True)
-        ]
-        RayExecutor._wait(refs, refs, cancel)
+        owner: dict[Any, int] = {}
+        for k, (spec, state) in enumerate(zip(chunks, states, strict=True)):
+            spec_ref, step = ray.put(spec), state.step
+            previous: Any = state  # then the ref of the segment before
+            while step < steps:
+                until = min(steps, step + segment)
+                previous = _train_segment.remote(spec_ref, previous, until)
+                owner[previous] = k
+                step = until
+        pending = list(owner)
         try:
-            return list(ray.get(refs))
+            while pending:
+                cancel.check()
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+                for ref in ready:
+                    done: ChunkState = ray.get(ref)
+                    k = owner[ref]
+                    if done.step > states[k].step:  # completions may be seen out of order
+                        states[k] = done
+                if ready:
+                    on_segment()
+        except CancelledError:
+            for ref in pending:
+                with contextlib.suppress(RayError, TypeError, ValueError):
+                    ray.cancel(ref, recursive=True)
+            raise
         except RayTaskError as e:
             raise _unwrap(e) from None
 

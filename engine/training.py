@@ -77,6 +77,15 @@ class ChunkState:
     opt_state: Arrays
     history: np.ndarray  # [n, steps] loss per network per step (NaN where not yet run)
 
+    def writable(self) -> ChunkState:
+        """A copy the next steps may write to (states from Ray's object store are read-only)."""
+        return ChunkState(
+            self.step,
+            {k: v.copy() for k, v in self.params.items()},
+            {k: v.copy() for k, v in self.opt_state.items()},
+            self.history.copy(),
+        )
+
 
 @dataclass
 class TrainSpec:
@@ -137,6 +146,22 @@ def check_spec(spec: TrainSpec) -> None:
             )
 
 
+_STACKED: dict[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = {}
+
+
+def stacked(template: Graph, loss: str, batched: frozenset[str], n: int) -> tuple[Graph, str]:
+    """The stacked graph and its loss node, built once per process (a job's segments reuse
+    it, with the plans memoised on it)."""
+    key = (template.fingerprint, loss, batched, n)
+    hit = _STACKED.get(key)
+    if hit is None:
+        graph, refs = batch_graph(template, set(batched), n)
+        hit = _STACKED[key] = (graph, refs[loss].name)
+        while len(_STACKED) > 64:
+            del _STACKED[next(iter(_STACKED))]
+    return hit
+
+
 class ChunkTrainer:
     """Trains the networks of one spec; `run` goes from any state to any later step."""
 
@@ -146,8 +171,7 @@ class ChunkTrainer:
         batched = set(spec.params) | set(spec.per_network)
         if spec.batch_size is not None:
             batched |= set(spec.data)  # every network draws its own minibatches
-        self.graph, refs = batch_graph(spec.template, batched, spec.n)
-        self.loss = refs[spec.loss].name
+        self.graph, self.loss = stacked(spec.template, spec.loss, frozenset(batched), spec.n)
         self.params = tuple(spec.params)
         self.executor = LocalExecutor()
         sizes = {

@@ -25,10 +25,12 @@ def mlp(width: int, samples: int = 32, dtype: str = "float64"):
 
 def init(n: int, width: int, seed: int, dtype: str = "float64"):
     rng = np.random.default_rng(seed)
-    return {"W1": (rng.standard_normal((n, width, 4)) * 0.5).astype(dtype),
-            "b1": np.zeros((n, width), dtype),
-            "W2": (rng.standard_normal((n, 1, width)) * 0.5).astype(dtype),
-            "b2": np.zeros((n, 1), dtype)}
+    return {
+        "W1": (rng.standard_normal((n, width, 4)) * 0.5).astype(dtype),
+        "b1": np.zeros((n, width), dtype),
+        "W2": (rng.standard_normal((n, 1, width)) * 0.5).astype(dtype),
+        "b2": np.zeros((n, 1), dtype),
+    }
 
 
 def own_data(n: int, samples: int = 32, seed: int = 9, dtype: str = "float64"):
@@ -40,15 +42,23 @@ def own_data(n: int, samples: int = 32, seed: int = 9, dtype: str = "float64"):
 def test_a_job_trains_every_network_as_if_alone():
     loss = mlp(16)
     params, data = init(12, 16, 0), own_data(12)
-    job = gg.connect().train(loss, params, data, gg.optim.SGD(lr=0.1, momentum=0.5), steps=30,
-                             executor="local")
+    job = gg.connect().train(
+        loss, params, data, gg.optim.SGD(lr=0.1, momentum=0.5), steps=30, executor="local"
+    )
     job.wait(progress=False)
     assert job.status == "done" and job.history.shape == (12, 30)
     graph = loss.graph.freeze()
     for j in (0, 5, 11):
-        p, hist = train_alone(graph, {k: v[j] for k, v in params.items()},
-                              {k: v[j] for k, v in data.items()},
-                              gg.optim.SGD(lr=0.1, momentum=0.5), 30, None, 0, j)
+        p, hist = train_alone(
+            graph,
+            {k: v[j] for k, v in params.items()},
+            {k: v[j] for k, v in data.items()},
+            gg.optim.SGD(lr=0.1, momentum=0.5),
+            30,
+            None,
+            0,
+            j,
+        )
         np.testing.assert_allclose(job.history[j], hist, rtol=1e-10)
         np.testing.assert_allclose(job.params["W1"][j], p["W1"], rtol=1e-9, atol=1e-12)
 
@@ -59,8 +69,9 @@ def test_mixed_widths_and_identical_templates_train_together():
     specs = [(narrow, init(3, 8, 1)), (wide, init(4, 16, 2)), (same_as_narrow, init(2, 8, 3))]
     data = own_data(1)
     shared = {"x": data["x"][0], "t": data["t"][0]}
-    job = gg.connect().train([s[0] for s in specs], [s[1] for s in specs], shared,
-                             gg.optim.Adam(lr=0.01), steps=10)
+    job = gg.connect().train(
+        [s[0] for s in specs], [s[1] for s in specs], shared, gg.optim.Adam(lr=0.01), steps=10
+    )
     job.wait(progress=False)
     assert len(job._run.groups) == 2  # the two narrow entries share one stack
     params = job.params
@@ -83,8 +94,9 @@ def test_minibatches_with_a_progress_bar_and_a_plot(capsys):
 
     matplotlib.use("Agg")
     loss = mlp(8, samples=8)  # the template sees one minibatch of 8
-    job = gg.connect().train(loss, init(6, 8, 0), own_data(6, samples=64), steps=40,
-                             batch_size=8, seed=4)
+    job = gg.connect().train(
+        loss, init(6, 8, 0), own_data(6, samples=64), steps=40, batch_size=8, seed=4
+    )
     job.wait(progress=True)
     assert "40/40" in capsys.readouterr().err
     assert np.nanmedian(job.history[:, -5:]) < np.nanmedian(job.history[:, :5])

@@ -136,3 +136,45 @@ def test_server_attached_to_ray_runs_remote_gradients_on_it(ray_cluster):
         assert info.ray_resources["CPU"] == 2
         plan = c.explain(L, wrt=["W"], executor="ray")
         assert plan.executor == "ray" and plan.partitions[0].nodes
+
+
+def test_training_job_on_ray_equals_inline(ray_cluster):
+    from .test_jobs import init, mlp, own_data
+
+    loss = mlp(8)
+    params, data = init(24, 8, 0), own_data(24)
+    client = gg.connect()
+    on_ray = client.train(loss, params, data, gg.optim.SGD(lr=0.1), steps=20, executor="ray")
+    inline = client.train(loss, params, data, gg.optim.SGD(lr=0.1), steps=20, executor="local")
+    on_ray.wait(progress=False)
+    inline.wait(progress=False)
+    assert len(on_ray._run.chunks[0]) >= 6  # a few chunks per CPU
+    assert on_ray.history.tobytes() == inline.history.tobytes()
+    assert on_ray.params["W2"].tobytes() == inline.params["W2"].tobytes()
+
+
+def test_a_killed_worker_costs_a_training_job_a_retry(ray_cluster):
+    import os
+    import signal
+    import subprocess
+
+    from .test_jobs import init, mlp, own_data
+
+    loss = mlp(64, samples=256)
+    params, data = init(64, 64, 1), own_data(64, samples=256)
+    client = gg.connect()
+    job = client.train(loss, params, data, gg.optim.SGD(lr=0.05), steps=150, executor="ray")
+    killed = False
+    for _ in range(600):  # bounded wait for a segment task, then kill its worker
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        pids = [int(line.split()[0]) for line in ps.splitlines() if "ray::_train_segment" in line]
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    job.wait(progress=False, timeout=600)
+    assert killed and job.status == "done"
+    inline = client.train(loss, params, data, gg.optim.SGD(lr=0.05), steps=150, executor="local")
+    inline.wait(progress=False)
+    assert job.history.tobytes() == inline.history.tobytes()
