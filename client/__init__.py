@@ -47,6 +47,7 @@ from ._connect import connect
 from ._jobs import Job
 from ._local import LocalClient
 from ._remote import RemoteClient, RemoteError
+from ._remote_jobs import RemoteJob
 from ._result import Result
 from .engine.errors import FeedError, GraphError, RequestError, ValidationError
 
@@ -60,6 +61,7 @@ __all__ = [
     "LocalClient",
     "RemoteClient",
     "RemoteError",
+    "RemoteJob",
     "RequestError",
     "Result",
     "Tensor",

@@ -123,31 +123,21 @@ class Job:
     def wait(self, progress: bool = True, timeout: float | None = None) -> Job:
         """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self._run.steps, unit="step", desc=f"job {self.id}")
+        bar = progress_bar(self._run.steps, self.id) if progress else None
         try:
             while not self._done.wait(0.1):
                 if bar is not None:
-                    self._update(bar)
+                    show_progress(bar, self._run.progress())
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.id} still running after {timeout}s")
             if bar is not None:
-                self._update(bar)
+                show_progress(bar, self._run.progress())
         finally:
             if bar is not None:
                 bar.close()
         if self._error is not None:
             raise self._error
         return self
-
-    def _update(self, bar: Any) -> None:
-        p = self._run.progress()
-        bar.update(p.steps_done - bar.n)
-        if np.isfinite(p.loss_median):
-            bar.set_postfix(loss=f"{p.loss_median:.4g}", refresh=False)
 
     def _slices(self) -> list[tuple[int, slice]]:
         return [(g, slice(lo, hi)) for g, lo, hi in self._placement]
@@ -169,25 +159,7 @@ class Job:
     def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
         """Loss curves: the median and the 10-90% band across networks, or chosen networks.
         Needs matplotlib (pip install graphgrad[plot])."""
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("Job.plot needs matplotlib: pip install 'graphgrad[plot]'") from e
-        h = self.history
-        ax = ax or plt.subplots(figsize=(6, 3.5))[1]
-        steps = np.arange(1, h.shape[1] + 1)
-        if networks is None:
-            lo, med, hi = np.nanpercentile(h, [10, 50, 90], axis=0)
-            ax.fill_between(steps, lo, hi, alpha=0.3, label="10-90% of networks")
-            ax.plot(steps, med, label=f"median of {len(h)} networks")
-        else:
-            for j in networks:
-                ax.plot(steps, h[j], label=f"network {j}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.legend()
-        return ax
+        return plot_history(self.history, networks, ax)
 
     def __repr__(self) -> str:
         p = self._run.progress()
@@ -195,6 +167,39 @@ class Job:
             f"<graphgrad.Job {self.id} {self._status}: step {p.steps_done}/{p.steps}, "
             f"{p.networks} networks, median loss {p.loss_median:.4g}>"
         )
+
+
+def plot_history(h: np.ndarray, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("Job.plot needs matplotlib: pip install 'graphgrad[plot]'") from e
+    ax = ax or plt.subplots(figsize=(6, 3.5))[1]
+    steps = np.arange(1, h.shape[1] + 1)
+    if networks is None:
+        lo, med, hi = np.nanpercentile(h, [10, 50, 90], axis=0)
+        ax.fill_between(steps, lo, hi, alpha=0.3, label="10-90% of networks")
+        ax.plot(steps, med, label=f"median of {len(h)} networks")
+    else:
+        for j in networks:
+            ax.plot(steps, h[j], label=f"network {j}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    return ax
+
+
+def progress_bar(total: int, job_id: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", desc=f"job {job_id}")
+
+
+def show_progress(bar: Any, p: Progress) -> None:
+    bar.update(p.steps_done - bar.n)
+    if np.isfinite(p.loss_median):
+        bar.set_postfix(loss=f"{p.loss_median:.4g}", refresh=False)
 
 
 def start_job(specs: list[TrainSpec], runner: SegmentRunner, cpus: int, job_id: str) -> Job:

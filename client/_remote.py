@@ -11,11 +11,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from . import _wire
+from ._builder import Tensor
+from ._jobs import ArrayMap, build_specs
+from ._remote_jobs import RemoteJob, encode_job
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Graph, GraphError
 from .engine.planner import Explanation
-from .v1 import service_pb2, service_pb2_grpc
+from .engine.training import SGD, Optimizer
+from .v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
 MAX_MESSAGE_BYTES = 512 << 20
 
@@ -77,15 +81,17 @@ class RemoteClient:
             else grpc.insecure_channel(address, options)
         )
         self._stub = service_pb2_grpc.GraphServiceStub(self._channel)
+        self._jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._registered: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<graphgrad.RemoteClient {self.address}>"
 
-    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: str, request: Any, timeout: float | None, stub: str = "graphs") -> Any:
+        target = self._jobs_stub if stub == "jobs" else self._stub
         try:
-            return getattr(self._stub, method)(
+            return getattr(target, method)(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
@@ -93,8 +99,39 @@ class RemoteClient:
         except grpc.RpcError as e:
             raise _remote_error(e) from None
 
+    @staticmethod
+    def _stream(responses: Any) -> Any:
+        """Iterate a server stream, with its errors as RemoteError."""
+        try:
+            yield from responses
+        except grpc.RpcError as e:
+            raise _remote_error(e) from None
+
+    def train(
+        self,
+        loss: Tensor | Sequence[Tensor],
+        params: ArrayMap | Sequence[ArrayMap],
+        data: ArrayMap | Sequence[ArrayMap] | None = None,
+        optimizer: Optimizer | None = None,
+        steps: int = 200,
+        batch_size: int | None = None,
+        seed: int = 0,
+        *,
+        executor: str = "auto",
+    ) -> RemoteJob:
+        """As LocalClient.train, on the server: the job is stored there and survives
+        restarts; the returned handle follows it."""
+        optimizer = optimizer or SGD(lr=0.1)
+        specs = build_specs(loss, params, data, optimizer, steps, batch_size, seed)
+        req = encode_job(specs, optimizer, steps, batch_size, seed, executor)
+        job_id = self._call("SubmitJob", req, None, stub="jobs").id
+        return RemoteJob(self, job_id, len(specs))
+
+    def jobs(self) -> list[jobs_pb2.JobInfo]:
+        return list(self._call("ListJobs", jobs_pb2.ListJobsRequest(), None, stub="jobs").jobs)
+
     def register(self, graph: Graph, timeout: float | None = None) -> str:
-        wire = graph.memo("wire", lambda: _wire.encode_graph(graph))
+        wire = _wire.wire_graph(graph)
         resp = self._call("RegisterGraph", service_pb2.RegisterGraphRequest(graph=wire), timeout)
         self._registered.add(resp.fingerprint)
         return str(resp.fingerprint)

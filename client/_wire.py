@@ -60,6 +60,12 @@ def encode_graph(graph: Graph) -> graph_pb2.Graph:
     return out
 
 
+def wire_graph(graph: Graph) -> graph_pb2.Graph:
+    """The graph's protobuf form, encoded once per graph."""
+    wire: graph_pb2.Graph = graph.memo("wire", lambda: encode_graph(graph))
+    return wire
+
+
 def fill_tensors(arrays: Mapping[str, np.ndarray], out: object) -> None:
     for name, arr in arrays.items():
         fill_tensor(arr, out[name])  # type: ignore[index]

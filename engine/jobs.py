@@ -7,6 +7,7 @@ which a new run resumes with identical results. Chunks run inline or as Ray task
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,10 +77,13 @@ class TrainingRun:
     cpus: int = 1
     segment_steps: int = 25
     runner: SegmentRunner = field(default_factory=SegmentRunner)
+    layout: list[int] | None = None  # chunks per group; None: sized by the cost model
     chunks: list[list[TrainSpec]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chunks = [split(g, chunk_count(g, self.cpus)) for g in self.groups]
+        counts = self.layout or [chunk_count(g, self.cpus) for g in self.groups]
+        self.chunks = [split(g, c) for g, c in zip(self.groups, counts, strict=True)]
+        self.layout = [len(cs) for cs in self.chunks]
         # Chunk states, flat over groups: the runner updates them as segments finish.
         self._states = [ChunkTrainer(c).initial_state() for cs in self.chunks for c in cs]
 
@@ -104,6 +108,30 @@ class TrainingRun:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.states)
+
+    def checkpoint(self) -> bytes:
+        """The run's state as an .npz (plain arrays, never pickled), with its chunk layout."""
+        arrays: dict[str, np.ndarray] = {"layout": np.asarray(self.layout)}
+        for i, st in enumerate(self._states):
+            arrays[f"{i}/step"] = np.asarray(st.step)
+            arrays[f"{i}/history"] = st.history
+            arrays |= {f"{i}/p/{k}": v for k, v in st.params.items()}
+            arrays |= {f"{i}/o/{k}": v for k, v in st.opt_state.items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    def restore(self, blob: bytes) -> None:
+        """Continue from a checkpoint of a run with the same groups (chunk layout included)."""
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            if list(z["layout"]) != self.layout:
+                raise ValueError(f"checkpoint layout {list(z['layout'])} != {self.layout}")
+            states = []
+            for i, old in enumerate(self._states):
+                params = {k: z[f"{i}/p/{k}"] for k in old.params}
+                opt = {k: z[f"{i}/o/{k}"] for k in old.opt_state}
+                states.append(ChunkState(int(z[f"{i}/step"]), params, opt, z[f"{i}/history"]))
+        self._states = states
 
     def progress(self) -> Progress:
         step = min(s.step for s in self._states)

@@ -277,6 +277,16 @@ def classify_data(
                 f"{t.shape[1:]}, got {value.shape}",
                 field=f"data['{name}']",
             )
+        if batch_size is not None and (
+            t.shape[:1] != (batch_size,)
+            or value.shape[value.ndim - len(t.shape) + 1 :] != t.shape[1:]
+        ):
+            raise RequestError(
+                f"data '{name}': the template input {t.shape} holds one minibatch, "
+                f"so it must be [batch_size={batch_size}, *rows] with the rows of "
+                f"the data {value.shape}",
+                field=f"data['{name}']",
+            )
         if batch_size is None and value.shape[-len(t.shape) :] != t.shape:
             raise RequestError(
                 f"data '{name}': without batch_size each step uses all samples, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,16 +15,19 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from graphgrad.v1 import service_pb2
+from graphgrad.v1 import jobs_pb2, service_pb2
 
 from .auth import TokenAuth
 from .errors import to_status
+from .job_service import JobServicer
+from .jobs import JobManager
 from .limits import Limits
 from .runtime import Runtime
 from .service import GraphServicer
 
 log = logging.getLogger("graphgrad.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GraphService"]
+JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
 
 
 @dataclass
@@ -39,35 +42,51 @@ class ServerConfig:
     grace_seconds: float = 10.0
 
 
-def _unary(
-    impl: Callable[[Any, grpc.ServicerContext], Any], request_type: type[pb_message.Message]
+def _handler(
+    impl: Callable[[Any, grpc.ServicerContext], Any],
+    request_type: type[pb_message.Message],
+    streaming: bool,
 ) -> grpc.RpcMethodHandler:
-    """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT."""
+    """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT, and
+    turns every failure into a status: the server keeps serving."""
 
-    def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+    def parse(raw: bytes, context: grpc.ServicerContext) -> Any:
         try:
-            request = request_type.FromString(raw)
+            return request_type.FromString(raw)
         except pb_message.DecodeError as e:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {e}",
             )
+
+    def unary(raw: bytes, context: grpc.ServicerContext) -> Any:
+        request = parse(raw, context)
         try:
             return impl(request, context)
-        except Exception as e:  # every failure becomes a status; the server keeps serving
+        except Exception as e:
             context.abort_with_status(to_status(e, context))
 
-    return grpc.unary_unary_rpc_method_handler(
-        handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString()
-    )
+    def stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+        request = parse(raw, context)
+        try:
+            yield from impl(request, context)
+        except Exception as e:
+            context.abort_with_status(to_status(e, context))
+
+    serialize = lambda m: m.SerializeToString()  # noqa: E731
+    if streaming:
+        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=serialize)
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
 
 
-def graph_service_handler(servicer: GraphServicer) -> grpc.GenericRpcHandler:
+def service_handler(service: Any, module: Any, servicer: object) -> grpc.GenericRpcHandler:
     methods = {
-        m.name: _unary(getattr(servicer, m.name), getattr(service_pb2, m.input_type.name))
-        for m in SERVICE.methods
+        m.name: _handler(
+            getattr(servicer, m.name), getattr(module, m.input_type.name), m.server_streaming
+        )
+        for m in service.methods
     }
-    return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
+    return grpc.method_handlers_generic_handler(service.full_name, methods)
 
 
 class Server:
@@ -77,7 +96,7 @@ class Server:
         self,
         config: ServerConfig,
         runtime: Runtime,
-        ray_info: Callable[[], tuple[str, dict[str, float]]] | None = None,
+        jobs: JobManager | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -94,11 +113,20 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.grpc.add_generic_rpc_handlers((graph_service_handler(GraphServicer(runtime)),))
+        handlers = [service_handler(SERVICE, service_pb2, GraphServicer(runtime))]
+        if jobs is not None:
+            handlers.append(service_handler(JOB_SERVICE, jobs_pb2, JobServicer(jobs)))
+        self.grpc.add_generic_rpc_handlers(handlers)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+            (
+                SERVICE.full_name,
+                JOB_SERVICE.full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            self.grpc,
         )
         address = f"{config.host}:{config.port}"
         if config.tls_cert and config.tls_key:
@@ -115,7 +143,7 @@ class Server:
 
     def start(self) -> None:
         self.grpc.start()
-        for name in ("", SERVICE.full_name):
+        for name in ("", SERVICE.full_name, JOB_SERVICE.full_name):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:

@@ -11,8 +11,11 @@ from pathlib import Path
 from graphgrad.engine.dispatch import Dispatcher
 
 from .app import Server, ServerConfig
+from .job_service import spec_decoder
+from .jobs import JobManager
 from .limits import MIB, Limits
 from .runtime import Runtime
+from .store import JobStore
 
 TOKEN_ENV = "GRAPHGRAD_TOKEN"
 
@@ -46,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     s.add_argument("--no-ray", action="store_true", help="run everything inline; no Ray at all")
+    s.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("GRAPHGRAD_DATA_DIR", Path.home() / ".local/share/graphgrad")),
+        help="where jobs are stored (default: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad)",
+    )
     s.add_argument(
         "--graph-cache-size",
         type=int,
@@ -88,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
     runtime = Runtime.create(config.limits, dispatcher, cache_size=args.graph_cache_size)
-    server = Server(config, runtime)
+    store = JobStore(args.data_dir / "jobs.sqlite3")
+    jobs = JobManager(store, dispatcher, spec_decoder(runtime))  # type: ignore[arg-type]
+    server = Server(config, runtime, jobs)
     stop = server.install_signal_handlers()
     server.start()
     scheme = "grpcs" if config.tls_cert else "grpc"
@@ -101,5 +112,6 @@ def main(argv: list[str] | None = None) -> int:
             dispatcher.ray.start()
         except Exception:
             logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
+    jobs.resume_all()  # after Ray is up, so resumed jobs can use it
     server.wait_and_stop(stop)
     return 0

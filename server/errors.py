@@ -26,7 +26,11 @@ log = logging.getLogger("graphgrad.server")
 
 
 class NotFoundError(LookupError):
-    """A fingerprint the server does not hold."""
+    """Something the server does not hold: NotFoundError(name, kind="graph" | "job")."""
+
+    def __init__(self, name: str, kind: str = "graph") -> None:
+        super().__init__(name, kind)
+        self.name, self.kind = name, kind
 
 
 def _status(code: int, message: str, detail: Message | None = None) -> grpc.Status:
@@ -69,11 +73,14 @@ def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> 
         return _status(code_pb2.RESOURCE_EXHAUSTED, msg, quota)
     if isinstance(e, NotFoundError):
         info = error_details_pb2.ResourceInfo(
-            resource_type="graph", resource_name=str(e.args[0]), description=msg
+            resource_type=e.kind, resource_name=e.name, description=f"unknown {e.kind}"
         )
-        return _status(
-            code_pb2.NOT_FOUND, f"no graph with fingerprint {e.args[0]}; register it", info
+        what = (
+            f"no graph with fingerprint {e.name}; register it"
+            if e.kind == "graph"
+            else f"no {e.kind} '{e.name}'"
         )
+        return _status(code_pb2.NOT_FOUND, what, info)
     if isinstance(e, CancelledError):
         expired = (
             context is not None

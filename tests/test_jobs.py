@@ -112,3 +112,5 @@ def test_bad_training_input_is_reported():
         client.train(mlp(8), init(2, 8, 0, "float32"), own_data(2))
     with pytest.raises(gg.RequestError, match="data 'x' must be"):
         client.train(mlp(8), init(2, 8, 0), {"x": np.zeros((2, 3, 3, 4)), "t": np.zeros((32, 1))})
+    with pytest.raises(gg.RequestError, match="holds one minibatch"):
+        client.train(mlp(8), init(2, 8, 0), own_data(2), batch_size=8)

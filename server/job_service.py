@@ -1,0 +1,139 @@
+"""The JobService servicer: proto in -> job manager -> proto out, a few lines per RPC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from graphgrad.engine.errors import RequestError
+from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, classify_data
+from graphgrad.v1 import jobs_pb2
+
+from . import codec
+from .jobs import JobManager, JobView
+from .limits import Limits
+from .runtime import Runtime
+from .service import EXECUTORS
+
+STATUS = {
+    "pending": jobs_pb2.JOB_STATUS_PENDING,
+    "running": jobs_pb2.JOB_STATUS_RUNNING,
+    "done": jobs_pb2.JOB_STATUS_DONE,
+    "cancelled": jobs_pb2.JOB_STATUS_CANCELLED,
+    "failed": jobs_pb2.JOB_STATUS_FAILED,
+}
+
+
+def decode_optimizer(o: jobs_pb2.Optimizer) -> Optimizer:
+    kind = o.WhichOneof("kind")
+    if kind == "sgd":
+        return SGD(lr=o.sgd.lr, momentum=o.sgd.momentum)
+    if kind == "adam":
+        return Adam(
+            lr=o.adam.lr,
+            beta1=o.adam.beta1 or 0.9,
+            beta2=o.adam.beta2 or 0.999,
+            eps=o.adam.eps or 1e-8,
+        )
+    raise RequestError(
+        "the job names no optimizer: set `optimizer.sgd` or `optimizer.adam`", field="optimizer"
+    )
+
+
+def spec_decoder(runtime: Runtime) -> object:
+    limits: Limits = runtime.limits
+
+    def decode(blob: bytes) -> tuple[list[TrainSpec], str]:
+        req = jobs_pb2.SubmitJobRequest.FromString(blob)
+        if not req.templates:
+            raise RequestError("the job has no templates", field="templates")
+        if req.steps < 1 or req.batch_size < 0:
+            raise RequestError("steps must be positive and batch_size non-negative", field="steps")
+        optimizer, batch = decode_optimizer(req.optimizer), req.batch_size or None
+        specs = []
+        for k, t in enumerate(req.templates):
+            graph = runtime.register(codec.decode_graph(t.graph, limits.max_tensor_bytes))
+            params = codec.decode_tensors(t.params, f"templates[{k}].params")
+            data = codec.decode_tensors(t.data, f"templates[{k}].data")
+            if not params:
+                raise RequestError(f"templates[{k}] has no params", field=f"templates[{k}]")
+            n = len(next(iter(params.values())))
+            specs.append(
+                TrainSpec(
+                    graph,
+                    t.loss,
+                    params,
+                    data,
+                    optimizer,
+                    req.steps,
+                    batch,
+                    req.seed,
+                    per_network=classify_data(graph, data, n, batch),
+                )
+            )
+        return specs, EXECUTORS.get(req.executor, "auto")
+
+    return decode
+
+
+def encode_view(v: JobView) -> jobs_pb2.JobInfo:
+    return jobs_pb2.JobInfo(
+        id=v.id,
+        status=STATUS[v.status],
+        steps_done=v.steps_done,
+        steps=v.steps,
+        networks=v.networks,
+        networks_done=v.networks_done,
+        loss_median=v.loss_median,
+        loss_best=v.loss_best,
+        loss_worst=v.loss_worst,
+        error=v.error,
+        created=v.created,
+    )
+
+
+class JobServicer:
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        return jobs_pb2.SubmitJobResponse(id=self.manager.submit(request.SerializeToString()))
+
+    def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.WatchJobResponse]:
+        for view in self.manager.watch(request.id, context.is_active):
+            yield jobs_pb2.WatchJobResponse(job=encode_view(view))
+
+    def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        return jobs_pb2.GetJobResponse(job=encode_view(self.manager.job(request.id).view()))
+
+    def GetJobResults(
+        self, request: jobs_pb2.GetJobResultsRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.GetJobResultsResponse]:
+        job = self.manager.job(request.id)
+        if job.status != "done":
+            raise RequestError(
+                f"job '{request.id}' is {job.status}: results come when it is done", field="id"
+            )
+        for template, kind, name, first, value in self.manager.results(request.id):
+            part = jobs_pb2.GetJobResultsResponse(
+                template=template, kind=kind, name=name, first=first
+            )
+            codec.encode_tensor(value, part.value)
+            yield part
+
+    def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
+        return jobs_pb2.CancelJobResponse(job=encode_view(self.manager.cancel(request.id)))
+
+    def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=[encode_view(v) for v in self.manager.list()])
