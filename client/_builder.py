@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _display
 from .engine import ir
 from .engine.errors import ValidationError
 from .engine.ops import CONSTANT, DTYPES, ShapeError, TensorType, check_attr, lookup
@@ -55,6 +56,19 @@ class Graph:
     @property
     def nodes(self) -> list[ir.Node]:
         return list(self._nodes)
+
+    # Notebook and terminal displays.
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return _display.mimebundle(self.freeze(), title=repr(self))
+
+    def __str__(self) -> str:
+        return _display.graph_text(self.freeze())
+
+    def to_dot(self) -> str:
+        return _display.to_dot(_display.graph_drawing(self.freeze()))
+
+    def to_mermaid(self) -> str:
+        return _display.to_mermaid(_display.graph_drawing(self.freeze()))
 
     def freeze(self) -> ir.Graph:
         """The engine's validated, immutable graph for the nodes built so far (cached)."""
@@ -199,6 +213,20 @@ class Tensor:
 
     def __neg__(self) -> Tensor:
         return neg(self)
+
+    def _ancestors(self) -> set[str]:
+        graph = self.graph.freeze()
+        return {graph.nodes[i].name for i in graph.ancestors([graph.index[self.name]])}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """In a notebook a node shows the subgraph it depends on."""
+        return _display.mimebundle(self.graph.freeze(), self._ancestors(), title=repr(self))
+
+    def to_dot(self) -> str:
+        return _display.to_dot(_display.graph_drawing(self.graph.freeze(), self._ancestors()))
+
+    def to_mermaid(self) -> str:
+        return _display.to_mermaid(_display.graph_drawing(self.graph.freeze(), self._ancestors()))
 
     @property
     def T(self) -> Tensor:

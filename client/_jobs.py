@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._aio import AsyncJob
 from ._builder import Tensor
 from .engine import Cancellation, CancelledError, RequestError
 from .engine.jobs import Placement, Progress, SegmentRunner, TrainingRun, group_specs
@@ -73,7 +75,7 @@ def build_specs(
     return specs
 
 
-class Job:
+class Job(AsyncJob):
     """A training job: many networks trained together, in the background.
 
     `status` is "running", "done", "cancelled" or "failed"; `params` and `history` are the
@@ -161,12 +163,26 @@ class Job:
         Needs matplotlib (pip install graphgrad[plot])."""
         return plot_history(self.history, networks, ax)
 
+    def _repr_html_(self) -> str:
+        return job_html(self.id, self._status, self._run.progress())
+
     def __repr__(self) -> str:
         p = self._run.progress()
         return (
             f"<graphgrad.Job {self.id} {self._status}: step {p.steps_done}/{p.steps}, "
             f"{p.networks} networks, median loss {p.loss_median:.4g}>"
         )
+
+
+def job_html(job_id: str, status: str, p: Progress) -> str:
+    pct = 100 * p.steps_done / max(p.steps, 1)
+    return (
+        f"<div><b>job {html.escape(job_id)}</b>: {html.escape(status)}, {p.networks} "
+        f"networks<div style='background:#eee;width:240px;height:10px'><div style='"
+        f"background:#4c9be8;width:{pct:.0f}%;height:10px'></div></div>"
+        f"step {p.steps_done}/{p.steps} · median loss {p.loss_median:.4g} · best "
+        f"{p.loss_best:.4g} · worst {p.loss_worst:.4g}</div>"
+    )
 
 
 def plot_history(h: np.ndarray, networks: Sequence[int] | None = None, ax: Any = None) -> Any:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import html
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._aio import AsyncClient
 from ._builder import Tensor
 from ._jobs import ArrayMap, Job, build_specs, start_job
+from ._plan import Plan
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Cancellation, RunRequest
 from .engine.dispatch import Dispatcher
 from .engine.executor import check_finite
-from .engine.planner import Explanation, describe
+from .engine.planner import describe
 from .engine.training import SGD, Optimizer
 
 
-class LocalClient:
+class LocalClient(AsyncClient):
     """Runs graphs in this process: inline, or on Ray with `executor="ray"`."""
 
     def __init__(self, *, ray_address: str | None = None, ray_num_cpus: int | None = None) -> None:
@@ -26,6 +29,17 @@ class LocalClient:
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"
+
+    def _repr_html_(self) -> str:
+        ray = "not started (starts on the first executor='ray' run)"
+        if self._dispatcher.ray_ready():
+            address, resources = self._dispatcher.ray.info()
+            ray = f"{address}, {', '.join(f'{k}: {v:g}' for k, v in sorted(resources.items()))}"
+        return f"<div><b>graphgrad</b> in-process client<br/>Ray: {html.escape(ray)}</div>"
+
+    def _before_thread(self, executor: str) -> None:
+        if executor == "ray":  # Ray must start on the caller's (main) thread
+            self._dispatcher.ray.start()
 
     def run(
         self,
@@ -51,13 +65,13 @@ class LocalClient:
         wrt: Ref | Sequence[Ref] | None = (),
         *,
         executor: str = "auto",
-    ) -> Explanation:
+    ) -> Plan:
         """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
         name, plan = self._dispatcher.choose(
             graph, RunRequest(request.outputs, {}, request.wrt), executor
         )
-        return describe(graph, name, plan)
+        return Plan(describe(graph, name, plan), graph)
 
     def train(
         self,

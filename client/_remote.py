@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from . import _wire
+from ._aio import AsyncClient
 from ._builder import Tensor
 from ._jobs import ArrayMap, build_specs
+from ._plan import Plan
 from ._remote_jobs import RemoteJob, encode_job
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Graph, GraphError
-from .engine.planner import Explanation
 from .engine.training import SGD, Optimizer
 from .v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
@@ -58,7 +60,7 @@ def _credentials(tls: bool | str | bytes | Path) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 
-class RemoteClient:
+class RemoteClient(AsyncClient):
     """A connection to a graphgrad server. Graphs are uploaded once, then run by fingerprint."""
 
     def __init__(
@@ -87,6 +89,18 @@ class RemoteClient:
 
     def __repr__(self) -> str:
         return f"<graphgrad.RemoteClient {self.address}>"
+
+    def _repr_html_(self) -> str:
+        try:
+            info = self.server_info()
+        except GraphError as e:
+            return f"<div><b>graphgrad</b> {html.escape(self.address)}: unreachable ({e})</div>"
+        ray = ", ".join(f"{k}: {v:g}" for k, v in sorted(info.ray_resources.items()))
+        return (
+            f"<div><b>graphgrad</b> server {html.escape(self.address)}, version "
+            f"{html.escape(info.version)}, opset {info.opset_version}<br/>Ray: "
+            f"{html.escape(ray or 'not running')}</div>"
+        )
 
     def _call(self, method: str, request: Any, timeout: float | None, stub: str = "graphs") -> Any:
         target = self._jobs_stub if stub == "jobs" else self._stub
@@ -180,7 +194,7 @@ class RemoteClient:
         *,
         executor: str = "auto",
         timeout: float | None = None,
-    ) -> Explanation:
+    ) -> Plan:
         """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
         if graph.fingerprint not in self._registered:
@@ -191,7 +205,7 @@ class RemoteClient:
             wrt=request.wrt,
             options=service_pb2.RunOptions(executor=_wire.EXECUTORS[executor]),
         )
-        return _wire.read_explanation(self._call("Explain", msg, timeout))
+        return Plan(_wire.read_explanation(self._call("Explain", msg, timeout)), graph)
 
     def list_ops(self) -> list[str]:
         return [

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _wire
-from ._jobs import plot_history, progress_bar, show_progress
+from ._aio import AsyncJob
+from ._jobs import job_html, plot_history, progress_bar, show_progress
 from .engine import GraphError
 from .engine.jobs import Progress
 from .engine.training import SGD, Optimizer, TrainSpec
@@ -67,7 +68,7 @@ def read_progress(info: jobs_pb2.JobInfo) -> Progress:
     )
 
 
-class RemoteJob:
+class RemoteJob(AsyncJob):
     """A job on a graphgrad server (it keeps running, and survives, without this handle)."""
 
     def __init__(self, client: RemoteClient, job_id: str, templates: int) -> None:
@@ -150,6 +151,10 @@ class RemoteJob:
 
     def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
         return plot_history(self.history, networks, ax)
+
+    def _repr_html_(self) -> str:
+        info = self._info()
+        return job_html(self.id, STATUS.get(info.status, "unknown"), read_progress(info))
 
     def __repr__(self) -> str:
         info = self._info()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,32 @@ class Result:
         out.write_text(json.dumps({"traceEvents": self.trace_events(), "displayTimeUnit": "ms"}))
         return out
 
+    def _repr_html_(self) -> str:
+        rows = [("value", k, v) for k, v in self.values.items()]
+        rows += [("gradient", k, v) for k, v in self.grads.items()]
+        body = "".join(
+            f"<tr><td>{kind}</td><td><code>{html.escape(k)}</code></td><td>{v.shape}</td>"
+            f"<td>{v.dtype}</td><td><code>{html.escape(_preview(v))}</code></td></tr>"
+            for kind, k, v in rows
+        )
+        stats = ""
+        if self.stats is not None:
+            s = self.stats
+            stats = (
+                f"<p>{s.executor}, {s.partitions} partition(s), {s.wall_time * 1e3:.2f} ms"
+                f", {s.bytes_moved} bytes moved</p>"
+            )
+        return (
+            "<table><tr><th></th><th>name</th><th>shape</th><th>dtype</th><th></th></tr>"
+            f"{body}</table>{stats}"
+        )
+
     def __repr__(self) -> str:
         vals = ", ".join(f"{k}: {v.shape} {v.dtype}" for k, v in self.values.items())
         grads = ", ".join(f"{k}: {v.shape}" for k, v in self.grads.items())
         return f"Result(values={{{vals}}}, grads={{{grads}}})"
+
+
+def _preview(a: np.ndarray) -> str:
+    with np.printoptions(precision=4, threshold=6, edgeitems=2, linewidth=60):
+        return np.array2string(a) if a.size else "[]"

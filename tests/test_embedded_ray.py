@@ -21,12 +21,13 @@ def test_default_server_starts_an_embedded_ray_and_runs_on_it():
     ):
         # Served at once, inline, while Ray starts in the background.
         assert client.run(L, f, wrt=["a"]).stats.executor == "local"
-        for _ in range(600):  # bounded wait for the background start
+        for _ in range(900):  # bounded wait (3 minutes) for Ray to start
             if client.server_info().ray_resources:
                 break
             time.sleep(0.2)
         info = client.server_info()
-        assert info.ray_resources["CPU"] == 1 and info.ray_address.startswith("127.0.0.1:")
+        assert info.ray_resources["CPU"] == 1, f"Ray never came up; server log:\n{server.log()}"
+        assert info.ray_address.startswith("127.0.0.1:")
         res = client.run(L, f, wrt=["W", "a"], executor="ray")
         assert res.stats.executor == "ray"
         local = gg.connect().run(L, f, wrt=["W", "a"], executor="local")

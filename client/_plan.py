@@ -1,0 +1,55 @@
+"""`explain()` results for people: the plan drawn with its partitions in colour."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from . import _display
+from .engine import Graph
+from .engine.planner import Explanation
+
+
+class Plan:
+    """How a run would execute: `executor`, `partitions`, `cuts` (see Explanation); shows
+    itself as a drawing coloured by partition in notebooks and as text in terminals."""
+
+    def __init__(self, explanation: Explanation, graph: Graph) -> None:
+        self.explanation = explanation
+        self._graph = graph
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.explanation, name)
+
+    def __str__(self) -> str:
+        return str(self.explanation)
+
+    def __repr__(self) -> str:
+        e = self.explanation
+        return (
+            f"<graphgrad.Plan {e.executor}: {len(e.partitions)} partition(s), "
+            f"{e.cut_bytes} bytes across cuts>"
+        )
+
+    def _colours(self) -> dict[str, str]:
+        return _display.partition_colours([p.nodes for p in self.explanation.partitions])
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        keep = {n for p in self.explanation.partitions for n in p.nodes}
+        keep |= {c.node for c in self.explanation.cuts}
+        bundle = _display.mimebundle(self._graph, keep, self._colours(), title=str(self))
+        legend = "".join(
+            f'<span style="background:{_display.PALETTE[p.index % len(_display.PALETTE)]};'
+            f'padding:2px 6px;margin-right:4px">P{p.index}: {len(p.nodes)} nodes, '
+            f"{p.flops:.3g} flops</span>"
+            for p in self.explanation.partitions
+        )
+        if "image/svg+xml" in bundle:
+            bundle["text/html"] = (
+                f"<div><b>{html.escape(repr(self))}</b><br/>{legend}</div>{bundle['image/svg+xml']}"
+            )
+        return bundle
+
+    def to_dot(self) -> str:
+        keep = {n for p in self.explanation.partitions for n in p.nodes}
+        return _display.to_dot(_display.graph_drawing(self._graph, keep, self._colours()))
