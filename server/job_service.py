@@ -78,16 +78,17 @@ def spec_decoder(runtime: Runtime) -> object:
 
 
 def encode_view(v: JobView) -> jobs_pb2.JobInfo:
+    p = v.progress
     return jobs_pb2.JobInfo(
         id=v.id,
         status=STATUS[v.status],
-        steps_done=v.steps_done,
-        steps=v.steps,
-        networks=v.networks,
-        networks_done=v.networks_done,
-        loss_median=v.loss_median,
-        loss_best=v.loss_best,
-        loss_worst=v.loss_worst,
+        steps_done=p.steps_done,
+        steps=p.steps,
+        networks=p.networks,
+        networks_done=p.networks_done,
+        loss_median=p.loss_median,
+        loss_best=p.loss_best,
+        loss_worst=p.loss_worst,
         error=v.error,
         created=v.created,
     )

@@ -17,7 +17,7 @@ import numpy as np
 
 from graphgrad.engine import Cancellation, CancelledError
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import Placement, TrainingRun, group_specs
+from graphgrad.engine.jobs import Placement, Progress, TrainingRun, group_specs
 from graphgrad.engine.training import TrainSpec
 
 from .errors import NotFoundError
@@ -31,13 +31,7 @@ TERMINAL = ("done", "cancelled", "failed")
 class JobView:
     id: str
     status: str
-    steps_done: int
-    steps: int
-    networks: int
-    networks_done: int
-    loss_median: float
-    loss_best: float
-    loss_worst: float
+    progress: Progress
     error: str
     created: float
 
@@ -65,20 +59,7 @@ class ManagedJob:
             self.changed.notify_all()
 
     def view(self) -> JobView:
-        p = self.run.progress()
-        return JobView(
-            self.id,
-            self.status,
-            p.steps_done,
-            p.steps,
-            p.networks,
-            p.networks_done,
-            p.loss_median,
-            p.loss_best,
-            p.loss_worst,
-            self.error,
-            self.created,
-        )
+        return JobView(self.id, self.status, self.run.progress(), self.error, self.created)
 
 
 class JobManager:
