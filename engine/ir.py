@@ -121,14 +121,6 @@ class Graph:
                     stack.append(j)
         return sorted(seen)
 
-    def consumers(self) -> list[list[int]]:
-        """For each position, the positions that use it as an input (ascending, repeats kept)."""
-        out: list[list[int]] = [[] for _ in self.nodes]
-        for i, ins in enumerate(self.input_pos):
-            for j in ins:
-                out[j].append(i)
-        return out
-
 
 def _check_node(node: Node) -> tuple[Node, Op]:
     """Checks of one node on its own: name, op, arity, attributes, declared type.

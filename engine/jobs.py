@@ -1,7 +1,7 @@
 """A training run: one or more templates, their networks cut into chunks, run in segments.
 
 Segments (a few dozen steps of every chunk) are the unit of progress, cancellation and
-checkpointing: after each one the run reports progress and can hand out a snapshot from
+checkpointing: after each one the run reports progress and can write a checkpoint from
 which a new run resumes with identical results. Chunks run inline or as Ray tasks.
 """
 
@@ -30,13 +30,6 @@ class Progress:
     loss_median: float
     loss_best: float
     loss_worst: float
-
-
-@dataclass
-class Snapshot:
-    """Everything needed to resume: per group, per chunk state."""
-
-    states: list[list[ChunkState]]
 
 
 def activation_bytes(template: Graph) -> int:
@@ -102,12 +95,6 @@ class TrainingRun:
     @property
     def networks(self) -> int:
         return sum(g.n for g in self.groups)
-
-    def resume(self, snapshot: Snapshot) -> None:
-        self._states = [s for group in snapshot.states for s in group]
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(self.states)
 
     def checkpoint(self) -> bytes:
         """The run's state as an .npz (plain arrays, never pickled), with its chunk layout."""
