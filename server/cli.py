@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
     runtime = Runtime.create(config.limits, dispatcher, cache_size=args.graph_cache_size)
+    if dispatcher.ray_enabled:
+        # Ray first: it forks its daemons with Python callbacks in the child, which can
+        # deadlock once gRPC threads exist (seen here as a raylet that never starts). And on
+        # the main thread: from any other thread its driver never reaches the GCS.
+        try:
+            dispatcher.ray.start()
+        except Exception:
+            logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
     store = JobStore(args.data_dir / "jobs.sqlite3")
     jobs = JobManager(store, dispatcher, spec_decoder(runtime))  # type: ignore[arg-type]
     server = Server(config, runtime, jobs)
@@ -105,13 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     scheme = "grpcs" if config.tls_cert else "grpc"
     # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
     print(f"graphgrad serving on {scheme}://{server.address}", flush=True)
-    if dispatcher.ray_enabled and not stop.is_set():
-        # Requests are served inline meanwhile. Ray must start on the main thread: started
-        # from another thread, its driver never reaches the GCS.
-        try:
-            dispatcher.ray.start()
-        except Exception:
-            logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
-    jobs.resume_all()  # after Ray is up, so resumed jobs can use it
+    jobs.resume_all()
     server.wait_and_stop(stop)
     return 0

@@ -19,7 +19,6 @@ def test_default_server_starts_an_embedded_ray_and_runs_on_it():
         running_server("--ray-num-cpus", "1", ray=True) as server,
         gg.connect(server.address) as client,
     ):
-        # Served at once, inline, while Ray starts in the background.
         assert client.run(L, f, wrt=["a"]).stats.executor == "local"
         for _ in range(900):  # bounded wait (3 minutes) for Ray to start
             if client.server_info().ray_resources:
