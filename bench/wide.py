@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # this machine only
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import median_seconds
 
 import graphgrad as gg
 
@@ -61,20 +62,12 @@ def numpy_reference(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return grads
 
 
-def median_time(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def local_time(runs: int) -> float:
     loss, feeds, wrt = build()
     client = gg.connect()
-    return median_time(lambda: client.run(loss, feeds, wrt=wrt, executor="local"), runs)
+    return median_seconds(
+        lambda: client.run(loss, feeds, wrt=wrt, executor="local"), runs, warmup=1
+    )
 
 
 def main() -> None:
@@ -106,11 +99,13 @@ def main() -> None:
     loss, feeds, wrt = build()
     client = gg.connect(ray_num_cpus=2)
     res = client.run(loss, feeds, wrt=wrt, executor="ray")
-    ray_time = median_time(lambda: client.run(loss, feeds, wrt=wrt, executor="ray"), args.runs)
+    ray_time = median_seconds(
+        lambda: client.run(loss, feeds, wrt=wrt, executor="ray"), args.runs, warmup=1
+    )
     ref = numpy_reference(feeds)
     for k in wrt:
         np.testing.assert_allclose(res.grads[k], ref[k], rtol=2e-3, atol=1e-6)
-    t_numpy = median_time(lambda: numpy_reference(feeds), args.runs)
+    t_numpy = median_seconds(lambda: numpy_reference(feeds), args.runs, warmup=1)
     plan = client.explain(loss, wrt=wrt, executor="ray")
 
     print(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,7 +52,7 @@ class LocalClient(AsyncClient):
         timeout: float | None = None,
     ) -> Result:
         _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
-        cancel = Cancellation(deadline=None if timeout is None else time.monotonic() + timeout)
+        cancel = Cancellation.within(timeout)
         res = self._dispatcher.run(graph, request, executor, cancel)
         if check_numerics:
             check_finite(res, request.feeds)

@@ -18,6 +18,11 @@ log = logging.getLogger("graphgrad.dispatch")
 EXECUTOR_NAMES = ("auto", "local", "ray")
 
 
+def check_executor(name: str, field: str = "options.executor") -> None:
+    if name not in EXECUTOR_NAMES:
+        raise RequestError(f"executor must be one of {EXECUTOR_NAMES}, got '{name}'", field=field)
+
+
 class Dispatcher:
     """Holds the executors; Ray is created (and imported) only when first needed."""
 
@@ -57,11 +62,7 @@ class Dispatcher:
 
     def choose(self, graph: Graph, request: RunRequest, executor: str) -> tuple[str, Plan]:
         """The executor a request runs on and its plan."""
-        if executor not in EXECUTOR_NAMES:
-            raise RequestError(
-                f"executor must be one of {EXECUTOR_NAMES}, got '{executor}'",
-                field="options.executor",
-            )
+        check_executor(executor)
         seeded = tuple(request.grad_outputs or ())
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
         if executor == "local":
@@ -82,10 +83,7 @@ class Dispatcher:
     def training_runner(self, executor: str) -> tuple[SegmentRunner, int]:
         """The runner of training segments and the CPUs it has. Starts Ray (on the caller's
         thread: Ray must start on the main thread) when the job will use it."""
-        if executor not in EXECUTOR_NAMES:
-            raise RequestError(
-                f"executor must be one of {EXECUTOR_NAMES}, got '{executor}'", field="executor"
-            )
+        check_executor(executor, field="executor")
         if executor == "local" or (executor == "auto" and not self.ray_ready()):
             return SegmentRunner(), 1
         from .ray_executor import RaySegmentRunner

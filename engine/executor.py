@@ -60,6 +60,11 @@ class Cancellation:
     deadline: float | None = None  # time.monotonic() value
     cancelled: bool = False  # set from any thread; a plain bool is enough under the GIL
 
+    @classmethod
+    def within(cls, seconds: float | None) -> Cancellation:
+        """A cancellation whose deadline is `seconds` from now (None: no deadline)."""
+        return cls(deadline=None if seconds is None else time.monotonic() + seconds)
+
     def cancel(self) -> None:
         self.cancelled = True
 

@@ -153,9 +153,7 @@ class RaySegmentRunner(SegmentRunner):
                 if ready:
                     on_segment()
         except CancelledError:
-            for ref in pending:
-                with contextlib.suppress(RayError, TypeError, ValueError):
-                    ray.cancel(ref, recursive=True)
+            _cancel_all(pending)
             raise
         except RayTaskError as e:
             raise _unwrap(e) from None
@@ -375,10 +373,15 @@ class RayExecutor:
                 cancel.check()
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.05)
         except CancelledError:
-            for ref in every:
-                with contextlib.suppress(RayError, TypeError, ValueError):  # already finished
-                    ray.cancel(ref, recursive=True)
+            _cancel_all(every)
             raise
+
+
+def _cancel_all(refs: Sequence[Any]) -> None:
+    """Cancel the tasks behind `refs` (and what they spawned); finished ones are skipped."""
+    for ref in refs:
+        with contextlib.suppress(RayError, TypeError, ValueError):
+            ray.cancel(ref, recursive=True)
 
 
 def _unwrap(e: RayTaskError) -> Exception:

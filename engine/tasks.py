@@ -122,14 +122,8 @@ def unowned_value(graph: Graph, node: int, feeds: Values) -> np.ndarray:
     return evaluate(steps(graph, [node])[0], {})
 
 
-def _where() -> str:
-    import os
-
-    return f"pid {os.getpid()}"
-
-
 def run_forward(
-    graph: Graph, spec: TaskSpec, feeds: Values, upstream: list[Values], where: str = ""
+    graph: Graph, spec: TaskSpec, feeds: Values, upstream: list[Values], where: str
 ) -> tuple[Values, Values, TaskMeta]:
     """Evaluate the partition's nodes; returns (exports, saved, meta)."""
     start = time.time()
@@ -143,7 +137,7 @@ def run_forward(
             values[step.node] = evaluate(step, values)
     exports = {i: values[i] for i in spec.exports}
     saved = {i: values[i] for i in spec.saved}
-    meta = TaskMeta(start, time.time(), where or _where(), bytes_in, nbytes(exports))
+    meta = TaskMeta(start, time.time(), where, bytes_in, nbytes(exports))
     return exports, saved, meta
 
 
@@ -153,7 +147,7 @@ def run_backward(
     saved: Values,
     seeds: Values,
     incoming: list[list[Contribution]],
-    where: str = "",
+    where: str,
 ) -> tuple[list[Contribution], list[Contribution], Values, TaskMeta]:
     """Run the partition's VJPs with the contributions that downstream partitions sent.
 
@@ -187,12 +181,13 @@ def run_backward(
             if g is not None:
                 grads[w] = g
     rest = cot.drain()
-    to_partitions = [c for c in rest if c[0] not in spec.owned and c[0] in graph_owned(graph)]
-    to_caller = [c for c in rest if c[0] not in spec.owned and c[0] not in graph_owned(graph)]
+    computed = graph_owned(graph)
+    to_partitions = [c for c in rest if c[0] not in spec.owned and c[0] in computed]
+    to_caller = [c for c in rest if c[0] not in spec.owned and c[0] not in computed]
     meta = TaskMeta(
         start,
         time.time(),
-        where or _where(),
+        where,
         bytes_in,
         nbytes(to_partitions) + nbytes(to_caller) + nbytes(grads),
     )

@@ -14,7 +14,7 @@ from . import codec
 from .jobs import JobManager, JobView
 from .limits import Limits
 from .runtime import Runtime
-from .service import EXECUTORS
+from .service import EXECUTORS, register_wire
 
 STATUS = {
     "pending": jobs_pb2.JOB_STATUS_PENDING,
@@ -53,9 +53,11 @@ def spec_decoder(runtime: Runtime) -> object:
         optimizer, batch = decode_optimizer(req.optimizer), req.batch_size or None
         specs = []
         for k, t in enumerate(req.templates):
-            graph = runtime.register(codec.decode_graph(t.graph, limits.max_tensor_bytes))
-            params = codec.decode_tensors(t.params, f"templates[{k}].params")
-            data = codec.decode_tensors(t.data, f"templates[{k}].data")
+            graph = register_wire(runtime, t.graph)
+            params = codec.decode_tensors(
+                t.params, f"templates[{k}].params", limits.max_tensor_bytes
+            )
+            data = codec.decode_tensors(t.data, f"templates[{k}].data", limits.max_tensor_bytes)
             if not params:
                 raise RequestError(f"templates[{k}] has no params", field=f"templates[{k}]")
             n = len(next(iter(params.values())))

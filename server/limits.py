@@ -30,8 +30,8 @@ class Limits:
             )
 
     def check_graph(self, graph: Graph) -> None:
-        """Every value the graph can produce must fit max_tensor_bytes (huge shapes are refused)."""
-        self.check_node_count(len(graph))
+        """Every value the graph can produce must fit max_tensor_bytes (huge shapes are refused).
+        The node count is checked before the graph is built (Runtime.register)."""
         for node, t in zip(graph.nodes, graph.types, strict=True):
             if t.nbytes > self.max_tensor_bytes:
                 raise LimitError(

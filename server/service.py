@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from importlib import metadata
 
 import grpc
 
 from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
 from graphgrad.engine.executor import check_finite
-from graphgrad.v1 import service_pb2
+from graphgrad.v1 import graph_pb2, service_pb2
 
 from . import codec
 from .runtime import Runtime
@@ -24,10 +23,15 @@ EXECUTORS = {
 
 def cancellation(context: grpc.ServicerContext) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
-    remaining = context.time_remaining()
-    cancel = Cancellation(deadline=None if remaining is None else time.monotonic() + remaining)
+    cancel = Cancellation.within(context.time_remaining())
     context.add_callback(cancel.cancel)
     return cancel
+
+
+def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
+    """Validate and keep a graph from the wire; the node count is checked before decoding."""
+    runtime.limits.check_node_count(len(graph.nodes))
+    return runtime.register(codec.decode_graph(graph, runtime.limits.max_tensor_bytes))
 
 
 class GraphServicer:
@@ -37,10 +41,7 @@ class GraphServicer:
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
         if which == "graph":
-            self.runtime.limits.check_node_count(len(request.graph.nodes))
-            return self.runtime.register(
-                codec.decode_graph(request.graph, self.runtime.limits.max_tensor_bytes)
-            )
+            return register_wire(self.runtime, request.graph)
         if which == "fingerprint":
             return self.runtime.graph(request.fingerprint)
         raise RequestError(
@@ -50,10 +51,7 @@ class GraphServicer:
     def RegisterGraph(
         self, request: service_pb2.RegisterGraphRequest, context: grpc.ServicerContext
     ) -> service_pb2.RegisterGraphResponse:
-        self.runtime.limits.check_node_count(len(request.graph.nodes))
-        graph = self.runtime.register(
-            codec.decode_graph(request.graph, self.runtime.limits.max_tensor_bytes)
-        )
+        graph = register_wire(self.runtime, request.graph)
         return service_pb2.RegisterGraphResponse(
             fingerprint=graph.fingerprint, num_nodes=len(graph)
         )
