@@ -24,15 +24,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import graphgrad_server, interleaved_medians, subprocess_server, us
 
 import graphgrad as gg
-from graphgrad.v1 import service_pb2
+from graphgrad import _wire
+from graphgrad.v1 import service_pb2, tensor_pb2
 
 ECHO_METHOD = "/bench.Echo/Echo"
+NUMPY_METHOD = "/bench.Echo/Numpy"
+
+
+def numpy_over_grpc(raw: bytes, context: object) -> bytes:
+    """The least any Python gRPC service must do: parse the RunRequest, run the hand-written
+    numpy, encode the RunResponse. No graph, no checks: a floor, not a competitor."""
+    req = service_pb2.RunRequest.FromString(raw)
+    f = {k: np.frombuffer(t.data, np.float32).reshape(tuple(t.shape)) for k, t in req.feeds.items()}
+    loss, *grads = numpy_reference(f)
+    out = service_pb2.RunResponse(fingerprint=req.fingerprint)
+    for target, arr in [
+        (out.values["L"], np.float32(loss)),
+        *zip((out.grads[k] for k in "WbVa"), grads, strict=True),
+    ]:
+        target.dtype, target.data = tensor_pb2.DTYPE_FLOAT32, arr.tobytes()
+        target.shape[:] = np.shape(arr)
+    return out.SerializeToString()
 
 
 def serve_echo() -> None:
-    """A raw gRPC unary echo: bytes in, the same bytes out (no protobuf parsing)."""
+    """A raw gRPC unary echo (bytes in, the same bytes out, no protobuf parsing), and the
+    hand-written numpy behind raw gRPC."""
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req),
+            "Numpy": grpc.unary_unary_rpc_method_handler(numpy_over_grpc),
+        },
     )
     server = grpc.server(futures.ThreadPoolExecutor(16))
     server.add_generic_rpc_handlers((handler,))
@@ -119,6 +142,15 @@ def main() -> None:
         payload = msg.SerializeToString()
         echo_channel = grpc.insecure_channel(echo_address)
         echo = echo_channel.unary_unary(ECHO_METHOD)
+        numpy_grpc = echo_channel.unary_unary(
+            NUMPY_METHOD, response_deserializer=service_pb2.RunResponse.FromString
+        )
+        floor = numpy_grpc(payload)
+        np.testing.assert_allclose(_wire.read_tensor(floor.grads["W"]), ref[1], rtol=1e-6)
+
+        def numpy_remote() -> object:
+            r = numpy_grpc(payload)
+            return {k: _wire.read_tensor(v) for k, v in r.grads.items()}
 
         def remote() -> object:
             return client.run(L, feeds, wrt=wrt)
@@ -129,11 +161,13 @@ def main() -> None:
                 "numpy": lambda: numpy_reference(feeds),
                 "local": lambda: local_client.run(L, feeds, wrt=wrt),
                 "echo": lambda: echo(payload),
+                "numpy_grpc": numpy_remote,
                 "remote": remote,
             },
             args.calls,
         )
         t_numpy, t_local, t_echo, t_remote = t["numpy"], t["local"], t["echo"], t["remote"]
+        t_floor = t["numpy_grpc"]
         print(f"request bytes          {len(payload)}")
         print(f"numpy forward+backward {us(t_numpy)}")
         print(f"in-process graphgrad   {us(t_local)}")
@@ -143,6 +177,11 @@ def main() -> None:
         print(
             f"ratio remote / (echo + numpy) = {ratio:.2f}   target <= 1.25   "
             f"{'OK' if ratio <= 1.25 else 'MISSED'}"
+        )
+        print(f"numpy behind raw gRPC  {us(t_floor)}   (parse, numpy, encode: a floor)")
+        print(
+            f"  floor / (echo + numpy) = {t_floor / (t_echo + t_numpy):.2f}; "
+            f"remote / floor = {t_remote / t_floor:.2f}"
         )
         for threads in (1, 8):
             rps = throughput(remote, threads)

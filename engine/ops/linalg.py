@@ -34,6 +34,8 @@ def _vjp(
     g: np.ndarray, xs: Sequence[np.ndarray], y: np.ndarray, attrs: Attrs, wants: Sequence[bool]
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     a, b = xs
+    if a.ndim <= 2 and b.ndim <= 2 and (a.ndim, b.ndim) != (1, 1):
+        return _vjp_2d(g, a, b, wants)
     # Promote vectors to matrices so one rule covers every case, then undo the promotion.
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
@@ -47,6 +49,30 @@ def _vjp(
         da = unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
     if wants[1]:
         db = unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
+    return da, db
+
+
+def _vjp_2d(
+    g: np.ndarray, a: np.ndarray, b: np.ndarray, wants: Sequence[bool]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Matrix and matrix-vector products, the common case, without the general rule's
+    promotions (a few microseconds per node on small graphs)."""
+    da = db = None
+    if a.ndim == 1:  # (n) @ (n, k)
+        if wants[0]:
+            da = b @ g
+        if wants[1]:
+            db = np.outer(a, g)
+    elif b.ndim == 1:  # (m, n) @ (n)
+        if wants[0]:
+            da = np.outer(g, b)
+        if wants[1]:
+            db = a.T @ g
+    else:
+        if wants[0]:
+            da = g @ b.T
+        if wants[1]:
+            db = a.T @ g
     return da, db
 
 
