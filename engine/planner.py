@@ -5,8 +5,9 @@ partitioner starts from one partition per node and merges, never creating a cycl
   1. chains: a partition whose only consumer has it as its only producer is fused with that
      consumer (cutting a chain buys no parallelism);
   2. small partitions (worth less than a few task overheads) join a neighbour they can join
-     safely, the cheapest first.
-What remains are independent branches worth a task each, joined by few, small cuts.
+     without a cycle and without delaying other work, the cheapest first.
+What remains are independent branches worth a task each, joined by few, small cuts (and
+small join partitions where branches meet).
 """
 
 from __future__ import annotations
@@ -128,10 +129,18 @@ def partition(
                     break
                 merge(i, s)
 
-    # 2. Merge small partitions into a neighbour they can join without making a cycle:
-    #    along an edge whose source has one consumer, or whose destination has one producer.
-    #    Should too many remain, the bar is raised until they fit.
-    threshold = min_seconds
+    def neighbours(p: int, relaxed: bool) -> list[int]:
+        """Where small partition p can go without a cycle and without making any partition
+        wait for work it did not wait for: into its only producer, or into its only consumer
+        (a join of branches stays its own small task rather than serialising the branches).
+        `relaxed` also allows what is merely acyclic, for when there are too many tasks."""
+        into = [q for q in preds[p] if len(preds[p]) == 1 or (relaxed and len(succs[q]) == 1)]
+        into += [q for q in succs[p] if len(succs[p]) == 1 or (relaxed and len(preds[q]) == 1)]
+        return into
+
+    # 2. Merge small partitions into a neighbour. Should too many remain, the bar is raised
+    #    (and the no-waiting rule relaxed) until they fit.
+    threshold, relaxed = min_seconds, False
     while True:
         changed = True
         while changed:
@@ -139,8 +148,7 @@ def partition(
             for p in sorted(members, key=lambda k: seconds[k]):
                 if p not in members or seconds[p] >= threshold:
                     continue
-                safe = [q for q in preds[p] if len(succs[q]) == 1 or len(preds[p]) == 1]
-                safe += [q for q in succs[p] if len(preds[q]) == 1 or len(succs[p]) == 1]
+                safe = neighbours(p, relaxed)
                 if safe:
                     q = min(safe, key=lambda k: seconds[k])
                     keep, gone = (q, p) if q in preds[p] else (p, q)
@@ -148,7 +156,7 @@ def partition(
                     changed = True
         if len(members) <= max_partitions or threshold > sum(seconds.values()):
             break
-        threshold = max(threshold * 2, TASK_OVERHEAD_S)
+        threshold, relaxed = max(threshold * 2, TASK_OVERHEAD_S), True
 
     return _build_plan(graph, plan, members, costs)
 

@@ -38,8 +38,11 @@ def test_matmul_cost_is_two_m_n_k():
 def test_independent_branches_stay_apart_and_chains_are_fused():
     graph, out, wrt = wide_graph()
     plan = partition(graph, plan_pass(graph, [out.name], wrt))
-    assert len(plan.partitions) == 8  # one per branch; the tiny join folded into one of them
-    for p in plan.partitions:
+    # One partition per branch, plus the small join (the sum of the branch losses): folded
+    # into a branch, it would make that branch wait for all the others, forward and backward.
+    assert len(plan.partitions) == 9
+    *branches, join = plan.partitions
+    for p in branches:
         inputs = {
             graph.nodes[j].name[1:].split("_")[0]
             for i in p.nodes
@@ -47,8 +50,10 @@ def test_independent_branches_stay_apart_and_chains_are_fused():
             if graph.nodes[j].op == "input"
         }
         assert len(inputs) == 1  # a partition holds one branch
+    assert {graph.nodes[i].op for i in join.nodes} == {"add"}
     cross = [c for c in plan.cuts if c.src >= 0]
-    assert len(cross) == 7 and all(c.bytes <= 8 for c in cross)  # only scalars cross
+    assert len(cross) == 8 and all(c.dst == join.index and c.bytes <= 8 for c in cross)
+    assert plan.critical_seconds < 1.1 * branches[0].seconds + join.seconds  # branches overlap
     # 36 MB of fed inputs to stage into Ray's object store outweigh the parallel gain on 2
     # CPUs (bench/wide.py measures it); with 8 CPUs the branches pay for it.
     assert not prefers_ray(plan, cpus=2)

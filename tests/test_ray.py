@@ -86,9 +86,9 @@ def test_in_process_client_runs_on_ray_and_writes_a_trace(ray_cluster, tmp_path)
 def test_explain_shows_one_partition_per_branch(ray_cluster):
     _, loss, wrt = wide_graph(branches=4, layers=2)
     plan = gg.connect().explain(loss, wrt=wrt, executor="ray")
-    assert plan.executor == "ray" and len(plan.partitions) == 4
+    assert plan.executor == "ray" and len(plan.partitions) == 5  # and the join of the losses
     assert sorted(c.node for c in plan.cuts if c.src < 0)[0] == "W0_0"  # feeds cross too
-    assert "4 partition(s)" in str(plan)
+    assert "5 partition(s)" in str(plan)
     small = gg.connect().explain(loss, wrt=wrt, executor="local")
     assert small.executor == "local" and len(small.partitions) == 1
 
