@@ -30,7 +30,7 @@ from .autodiff import (
 from .errors import CancelledError, GraphError
 from .executor import Cancellation, RunResult, RunStats, TaskStat
 from .ir import Graph
-from .jobs import SegmentRunner
+from .jobs import SegmentRunner, next_segment
 from .planner import MIN_PARTITION_S, Plan, partition
 from .tasks import TaskMeta, TaskSpec, run_backward, run_forward, task_specs, unowned_value
 from .training import ChunkState, ChunkTrainer, TrainSpec
@@ -141,15 +141,18 @@ class FeedBundles:
 
 
 @ray.remote
-def _train_segment(spec: TrainSpec, state: ChunkState, until: int) -> ChunkState:
+def _train_segment(spec: TrainSpec, state: ChunkState, until: int) -> tuple[ChunkState, float]:
     _tune_allocator()
-    return ChunkTrainer(spec).run(state.writable(), until)
+    start = time.perf_counter()
+    done = ChunkTrainer(spec).run(state.writable(), until)
+    return done, time.perf_counter() - start
 
 
 class RaySegmentRunner(SegmentRunner):
-    """Every chunk's segments as a chain of Ray tasks, all submitted at once: no barrier
-    between segments, progress as each one finishes. A killed worker costs a retry
-    (segments are deterministic)."""
+    """Each chunk as a chain of Ray tasks, one segment in flight per chunk: no barrier between
+    chunks, progress as each segment finishes. Segments grow (see `next_segment`) until each
+    lasts about SEGMENT_SECONDS, so Ray's cost per task is lost in them. A killed worker
+    costs a retry (segments are deterministic)."""
 
     def __init__(self, executor: RayExecutor) -> None:
         self.executor = executor
@@ -164,29 +167,32 @@ class RaySegmentRunner(SegmentRunner):
         on_segment: Callable[[], None],
     ) -> None:
         self.executor.start()
+        spec_refs = [ray.put(spec) for spec in chunks]
+        lengths = [segment] * len(chunks)
         owner: dict[Any, int] = {}
-        for k, (spec, state) in enumerate(zip(chunks, states, strict=True)):
-            spec_ref, step = ray.put(spec), state.step
-            previous: Any = state  # then the ref of the segment before
-            while step < steps:
-                until = min(steps, step + segment)
-                previous = _train_segment.remote(spec_ref, previous, until)
-                owner[previous] = k
-                step = until
-        pending = list(owner)
+
+        def submit(k: int) -> None:
+            until = min(steps, states[k].step + lengths[k])
+            owner[_train_segment.remote(spec_refs[k], states[k], until)] = k
+
+        for k in range(len(chunks)):
+            if states[k].step < steps:
+                submit(k)
         try:
-            while pending:
+            while owner:
                 cancel.check()
-                ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+                ready, _ = ray.wait(list(owner), num_returns=1, timeout=0.1)
                 for ref in ready:
-                    done: ChunkState = ray.get(ref)
-                    k = owner[ref]
-                    if done.step > states[k].step:  # completions may be seen out of order
-                        states[k] = done
+                    k = owner.pop(ref)
+                    done, seconds = ray.get(ref)
+                    lengths[k] = next_segment(done.step - states[k].step, seconds, lengths[k])
+                    states[k] = done
+                    if done.step < steps:
+                        submit(k)
                 if ready:
                     on_segment()
         except CancelledError:
-            _cancel_all(pending)
+            _cancel_all(list(owner))
             raise
         except RayTaskError as e:
             raise _unwrap(e) from None

@@ -114,3 +114,15 @@ def test_bad_training_input_is_reported():
         client.train(mlp(8), init(2, 8, 0), {"x": np.zeros((2, 3, 3, 4)), "t": np.zeros((32, 1))})
     with pytest.raises(gg.RequestError, match="holds one minibatch"):
         client.train(mlp(8), init(2, 8, 0), own_data(2), batch_size=8)
+
+
+def test_segments_grow_to_about_half_a_second():
+    from graphgrad.engine.jobs import SEGMENT_SECONDS, next_segment
+
+    # 25 steps in 50 ms: 250 steps fill SEGMENT_SECONDS, but growth is capped at 8x.
+    assert SEGMENT_SECONDS == 0.5
+    assert next_segment(25, 0.05, 25) == 200
+    assert next_segment(25, 0.1, 25) == 125
+    assert next_segment(10, 2.0, 10) == 2  # too long: shrink
+    assert next_segment(3, 60.0, 3) == 1  # never below one step
+    assert next_segment(0, 0.0, 7) == 7  # nothing ran: keep the length

@@ -153,6 +153,24 @@ def test_training_job_on_ray_equals_inline(ray_cluster):
     assert on_ray.params["W2"].tobytes() == inline.params["W2"].tobytes()
 
 
+def test_segments_on_ray_grow_so_tasks_are_few(ray_cluster):
+    from graphgrad._jobs import build_specs
+    from graphgrad.engine.jobs import TrainingRun
+    from graphgrad.engine.ray_executor import RaySegmentRunner
+
+    from .test_jobs import init, mlp, own_data
+
+    specs = build_specs(mlp(8), init(24, 8, 0), own_data(24), gg.optim.SGD(lr=0.1), 200, None, 0)
+    run = TrainingRun(specs, cpus=2, runner=RaySegmentRunner(RayExecutor()))
+    segments: list[int] = []
+    run.run(on_segment=lambda r: segments.append(r.progress().steps_done))
+    chunks = len(run.chunks[0])
+    # 25-step segments would be 8 per chunk; these take milliseconds, so after the first
+    # segment the rest of each chunk's 200 steps fits in one or two.
+    assert chunks >= 6 and len(segments) <= 3 * chunks
+    assert segments[-1] == 200
+
+
 def test_a_killed_worker_costs_a_training_job_a_retry(ray_cluster):
     import os
     import signal
