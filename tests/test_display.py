@@ -54,9 +54,9 @@ def test_plan_is_coloured_by_partition():
     _, loss, wrt = wide_graph(branches=3, layers=2)
     plan = gg.connect().explain(loss, wrt=wrt, executor="ray")
     bundle = plan._repr_mimebundle_()
-    assert len(plan.partitions) == 3 and "P2:" in bundle["text/html"]
+    assert len(plan.partitions) == 4 and "P3:" in bundle["text/html"]  # 3 branches, 1 join
     fills = set(re.findall(r'fill="(#[0-9a-f]{6})"', bundle["image/svg+xml"]))
-    assert len(fills & {"#cfe2ff", "#d1e7dd", "#fff3cd"}) == 3
+    assert len(fills & {"#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da"}) == 4
 
 
 def test_result_job_and_client_reprs():
