@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,28 +175,43 @@ def test_segments_on_ray_grow_so_tasks_are_few(ray_cluster):
     assert segments[-1] == 200
 
 
-def test_a_killed_worker_costs_a_training_job_a_retry(ray_cluster):
-    import os
-    import signal
-    import subprocess
-
-    from .test_jobs import init, mlp, own_data
-
-    loss = mlp(64, samples=256)
-    params, data = init(64, 64, 1), own_data(64, samples=256)
-    client = gg.connect()
-    job = client.train(loss, params, data, gg.optim.SGD(lr=0.05), steps=150, executor="ray")
-    killed = False
-    for _ in range(600):  # bounded wait for a segment task, then kill its worker
+def kill_a_segment_worker() -> bool:
+    """SIGKILL a Ray worker while it runs a training segment (bounded wait for one)."""
+    for _ in range(600):
         ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
         pids = [int(line.split()[0]) for line in ps.splitlines() if "ray::_train_segment" in line]
         if pids:
             os.kill(pids[0], signal.SIGKILL)
-            killed = True
-            break
+            return True
         time.sleep(0.05)
+    return False
+
+
+def killed_worker_job(client: Any) -> None:
+    """A job whose Ray worker is killed mid-segment ends with the results of an inline run."""
+    from .test_jobs import init, mlp, own_data
+
+    loss = mlp(64, samples=256)
+    params, data = init(64, 64, 1), own_data(64, samples=256)
+    job = client.train(loss, params, data, gg.optim.SGD(lr=0.05), steps=150, executor="ray")
+    killed = kill_a_segment_worker()
     job.wait(progress=False, timeout=600)
     assert killed and job.status == "done"
-    inline = client.train(loss, params, data, gg.optim.SGD(lr=0.05), steps=150, executor="local")
+    inline = gg.connect().train(
+        loss, params, data, gg.optim.SGD(lr=0.05), steps=150, executor="local"
+    )
     inline.wait(progress=False)
     assert job.history.tobytes() == inline.history.tobytes()
+    assert job.params["W1"].tobytes() == inline.params["W1"].tobytes()
+
+
+def test_a_killed_worker_costs_a_training_job_a_retry(ray_cluster):
+    killed_worker_job(gg.connect())
+
+
+def test_a_killed_worker_costs_a_job_submitted_over_grpc_a_retry(ray_cluster, tmp_path):
+    with (
+        running_server("--ray-address", ray_cluster, "--data-dir", str(tmp_path)) as server,
+        gg.connect(server.address) as client,
+    ):
+        killed_worker_job(client)
