@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from .errors import CancelledError, GraphError
 from .executor import Cancellation, RunResult, RunStats, TaskStat
 from .ir import Graph
 from .jobs import SegmentRunner, next_segment
+from .lru import LRU
 from .planner import MIN_PARTITION_S, Plan, partition
 from .tasks import TaskMeta, TaskSpec, run_backward, run_forward, task_specs, unowned_value
 from .training import ChunkState, ChunkTrainer, TrainSpec
@@ -38,22 +38,11 @@ from .training import ChunkState, ChunkTrainer, TrainSpec
 log = logging.getLogger("graphgrad.ray")
 
 # Worker side: graphs by fingerprint, so a graph is rebuilt once per worker, not per task.
-_GRAPHS: OrderedDict[str, Graph] = OrderedDict()
-_GRAPHS_LOCK = threading.Lock()
+_GRAPHS: LRU[str, Graph] = LRU(32)
 
 
 def _graph(fingerprint: str, nodes_ref: list[Any]) -> Graph:
-    with _GRAPHS_LOCK:
-        graph = _GRAPHS.get(fingerprint)
-        if graph is not None:
-            _GRAPHS.move_to_end(fingerprint)
-            return graph
-    graph = Graph(ray.get(nodes_ref[0]))
-    with _GRAPHS_LOCK:
-        _GRAPHS[fingerprint] = graph
-        while len(_GRAPHS) > 32:
-            _GRAPHS.popitem(last=False)
-    return graph
+    return _GRAPHS.get_or_make(fingerprint, lambda: Graph(ray.get(nodes_ref[0])))
 
 
 _ALLOCATOR_TUNED = False
@@ -213,7 +202,7 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self.min_partition_seconds = min_partition_seconds
         self._lock = threading.Lock()
-        self._nodes_refs: OrderedDict[str, Any] = OrderedDict()
+        self._nodes_refs: LRU[str, Any] = LRU(64)
         self._cpus, self._cpus_at = 1, -1e9
 
     def start(self) -> None:
@@ -255,15 +244,7 @@ class RayExecutor:
         return str(ray.get_runtime_context().gcs_address), dict(ray.cluster_resources())
 
     def _nodes_ref(self, graph: Graph) -> list[Any]:
-        fp = graph.fingerprint
-        with self._lock:
-            ref = self._nodes_refs.get(fp)
-            if ref is None:
-                ref = self._nodes_refs[fp] = ray.put(list(graph.nodes))
-                while len(self._nodes_refs) > 64:
-                    self._nodes_refs.popitem(last=False)
-            else:
-                self._nodes_refs.move_to_end(fp)
+        ref = self._nodes_refs.get_or_make(graph.fingerprint, lambda: ray.put(list(graph.nodes)))
         return [ref]  # nested, so tasks receive the ref and fetch it only on a cache miss
 
     def plan(self, graph: Graph, request: RunRequest) -> tuple[Plan, list[TaskSpec]]:

@@ -19,6 +19,7 @@ from .batching import batch_graph
 from .errors import RequestError
 from .executor import Cancellation, LocalExecutor
 from .ir import Graph
+from .lru import LRU
 
 Arrays = dict[str, np.ndarray]
 
@@ -146,20 +147,18 @@ def check_spec(spec: TrainSpec) -> None:
             )
 
 
-_STACKED: dict[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = {}
+_STACKED: LRU[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = LRU(64)
 
 
 def stacked(template: Graph, loss: str, batched: frozenset[str], n: int) -> tuple[Graph, str]:
     """The stacked graph and its loss node, built once per process (a job's segments reuse
     it, with the plans memoised on it)."""
-    key = (template.fingerprint, loss, batched, n)
-    hit = _STACKED.get(key)
-    if hit is None:
+
+    def make() -> tuple[Graph, str]:
         graph, refs = batch_graph(template, set(batched), n)
-        hit = _STACKED[key] = (graph, refs[loss].name)
-        while len(_STACKED) > 64:
-            del _STACKED[next(iter(_STACKED))]
-    return hit
+        return graph, refs[loss].name
+
+    return _STACKED.get_or_make((template.fingerprint, loss, batched, n), make)
 
 
 class ChunkTrainer:

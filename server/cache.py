@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 from graphgrad.engine import Graph
+from graphgrad.engine.lru import LRU
 
 
 class GraphCache:
     def __init__(self, capacity: int = 256) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, Graph] = OrderedDict()
-        self._lock = threading.Lock()
+        self._graphs: LRU[str, Graph] = LRU(capacity)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._graphs)
 
     def get(self, fingerprint: str) -> Graph | None:
-        with self._lock:
-            graph = self._items.get(fingerprint)
-            if graph is not None:
-                self._items.move_to_end(fingerprint)
-            return graph
+        return self._graphs.get(fingerprint)
 
     def put(self, graph: Graph) -> Graph:
         """Keep `graph`; returns the instance held (an equal one already cached wins)."""
-        with self._lock:
-            held = self._items.setdefault(graph.fingerprint, graph)
-            self._items.move_to_end(graph.fingerprint)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-            return held
+        return self._graphs.put(graph.fingerprint, graph)
