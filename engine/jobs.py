@@ -8,6 +8,7 @@ results. Chunks run inline or as Ray tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -125,17 +126,20 @@ class TrainingRun:
         np.savez(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
 
-    def restore(self, blob: bytes) -> None:
-        """Continue from a checkpoint of a run with the same groups (chunk layout included)."""
+    @classmethod
+    def resumed(
+        cls, groups: list[TrainSpec], blob: bytes, cpus: int, runner: SegmentRunner
+    ) -> TrainingRun:
+        """A run of `groups` continuing from `checkpoint()` bytes, cut into the same chunks."""
         with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-            if list(z["layout"]) != self.layout:
-                raise ValueError(f"checkpoint layout {list(z['layout'])} != {self.layout}")
+            run = cls(groups, cpus=cpus, runner=runner, layout=[int(c) for c in z["layout"]])
             states = []
-            for i, old in enumerate(self._states):
+            for i, old in enumerate(run._states):
                 params = {k: z[f"{i}/p/{k}"] for k in old.params}
                 opt = {k: z[f"{i}/o/{k}"] for k in old.opt_state}
                 states.append(ChunkState(int(z[f"{i}/step"]), params, opt, z[f"{i}/history"]))
-        self._states = states
+        run._states = states
+        return run
 
     def progress(self) -> Progress:
         step = min(s.step for s in self._states)
@@ -193,24 +197,13 @@ def group_specs(specs: Sequence[TrainSpec]) -> tuple[list[TrainSpec], list[Place
     for s in specs:
         for k, g in enumerate(groups):
             if _stackable(g, s):
-                groups[k] = TrainSpec(
-                    g.template,
-                    g.loss,
-                    {name: np.concatenate([g.params[name], s.params[name]]) for name in g.params},
-                    {
-                        name: (
-                            np.concatenate([g.data[name], s.data[name]])
-                            if name in g.per_network
-                            else g.data[name]
-                        )
-                        for name in g.data
+                groups[k] = dataclasses.replace(
+                    g,
+                    params={n: np.concatenate([g.params[n], s.params[n]]) for n in g.params},
+                    data={
+                        n: np.concatenate([g.data[n], s.data[n]]) if n in g.per_network else v
+                        for n, v in g.data.items()
                     },
-                    g.optimizer,
-                    g.steps,
-                    g.batch_size,
-                    g.seed,
-                    g.offset,
-                    g.per_network,
                 )
                 placement.append((k, g.n, g.n + s.n))
                 break

@@ -8,6 +8,7 @@ network index, epoch), so results do not depend on how networks are chunked or o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -245,17 +246,13 @@ def split(spec: TrainSpec, chunks: int) -> list[TrainSpec]:
     for lo, hi in itertools.pairwise(bounds):
         if hi > lo:
             out.append(
-                TrainSpec(
-                    spec.template,
-                    spec.loss,
-                    {k: v[lo:hi] for k, v in spec.params.items()},
-                    {k: (v[lo:hi] if k in spec.per_network else v) for k, v in spec.data.items()},
-                    spec.optimizer,
-                    spec.steps,
-                    spec.batch_size,
-                    spec.seed,
-                    spec.offset + int(lo),
-                    spec.per_network,
+                dataclasses.replace(
+                    spec,
+                    params={k: v[lo:hi] for k, v in spec.params.items()},
+                    data={
+                        k: (v[lo:hi] if k in spec.per_network else v) for k, v in spec.data.items()
+                    },
+                    offset=spec.offset + int(lo),
                 )
             )
     return out

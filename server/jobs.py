@@ -6,7 +6,6 @@ through the codec into engine specs, and reports plain dataclasses.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import uuid
@@ -77,13 +76,11 @@ class JobManager:
         specs, executor = self.decode(row.spec)
         groups, placement = group_specs(specs)
         runner, cpus = self.dispatcher.training_runner(executor)
-        layout = None
-        if row.checkpoint is not None:
-            with np.load(io.BytesIO(row.checkpoint), allow_pickle=False) as z:
-                layout = [int(c) for c in z["layout"]]
-        run = TrainingRun(groups, cpus=cpus, runner=runner, layout=layout)
-        if row.checkpoint is not None:
-            run.restore(row.checkpoint)
+        run = (
+            TrainingRun(groups, cpus=cpus, runner=runner)
+            if row.checkpoint is None
+            else TrainingRun.resumed(groups, row.checkpoint, cpus, runner)
+        )
         job = ManagedJob(row.id, row.created, specs, executor, run, placement)
         job.status, job.error = row.status, row.error
         return job
@@ -124,8 +121,9 @@ class JobManager:
         except Exception as e:  # the job fails, the server keeps serving
             log.exception("job %s failed", job.id)
             job.status, job.error = "failed", f"{type(e).__name__}: {e}"
-        self.store.checkpoint(job.id, job.run.checkpoint(), job.run.progress().steps_done)
-        self.store.set_status(job.id, job.status, job.error)
+        self.store.checkpoint(
+            job.id, job.run.checkpoint(), job.run.progress().steps_done, job.status, job.error
+        )
         job.bump()
 
     def job(self, job_id: str) -> ManagedJob:

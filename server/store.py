@@ -58,14 +58,15 @@ class JobStore:
         )
         return created
 
-    def checkpoint(self, job_id: str, blob: bytes, steps_done: int) -> None:
+    def checkpoint(
+        self, job_id: str, blob: bytes, steps_done: int, status: str = "running", error: str = ""
+    ) -> None:
+        """The job's state and its status in one write: the last one (done, cancelled,
+        failed) can never be seen without the other."""
         self._write(
-            "UPDATE jobs SET checkpoint = ?, steps_done = ?, status = 'running' WHERE id = ?",
-            (blob, steps_done, job_id),
+            "UPDATE jobs SET checkpoint = ?, steps_done = ?, status = ?, error = ? WHERE id = ?",
+            (blob, steps_done, status, error, job_id),
         )
-
-    def set_status(self, job_id: str, status: str, error: str = "") -> None:
-        self._write("UPDATE jobs SET status = ?, error = ? WHERE id = ?", (status, error, job_id))
 
     def get(self, job_id: str) -> JobRow | None:
         with self._lock:
