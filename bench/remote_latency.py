@@ -25,25 +25,21 @@ from _common import graphgrad_server, interleaved_medians, subprocess_server, us
 
 import graphgrad as gg
 from graphgrad import _wire
-from graphgrad.v1 import service_pb2, tensor_pb2
+from graphgrad.v1 import service_pb2
 
 ECHO_METHOD = "/bench.Echo/Echo"
 NUMPY_METHOD = "/bench.Echo/Numpy"
 
 
 def numpy_over_grpc(raw: bytes, context: object) -> bytes:
-    """The least any Python gRPC service must do: parse the RunRequest, run the hand-written
-    numpy, encode the RunResponse. No graph, no checks: a floor, not a competitor."""
+    """The least any Python gRPC service must do: parse the RunRequest, decode the tensors
+    (checking only that bytes match shapes), run the hand-written numpy, encode the
+    RunResponse. No graph, no feed checks: a floor, not a competitor."""
     req = service_pb2.RunRequest.FromString(raw)
-    f = {k: np.frombuffer(t.data, np.float32).reshape(tuple(t.shape)) for k, t in req.feeds.items()}
-    loss, *grads = numpy_reference(f)
+    loss, *grads = numpy_reference({k: _wire.read_tensor(t) for k, t in req.feeds.items()})
     out = service_pb2.RunResponse(fingerprint=req.fingerprint)
-    for target, arr in [
-        (out.values["L"], np.float32(loss)),
-        *zip((out.grads[k] for k in "WbVa"), grads, strict=True),
-    ]:
-        target.dtype, target.data = tensor_pb2.DTYPE_FLOAT32, arr.tobytes()
-        target.shape[:] = np.shape(arr)
+    _wire.fill_tensors({"L": np.float32(loss)}, out.values)
+    _wire.fill_tensors(dict(zip("WbVa", grads, strict=True)), out.grads)
     return out.SerializeToString()
 
 
@@ -135,10 +131,7 @@ def main() -> None:
         msg = service_pb2.RunRequest(
             fingerprint=L.graph.freeze().fingerprint, outputs=[L.name], wrt=wrt
         )
-        for k, v in feeds.items():
-            t = msg.feeds[k]
-            t.dtype, t.data = 1, v.tobytes()
-            t.shape[:] = v.shape
+        _wire.fill_tensors(feeds, msg.feeds)
         payload = msg.SerializeToString()
         echo_channel = grpc.insecure_channel(echo_address)
         echo = echo_channel.unary_unary(ECHO_METHOD)

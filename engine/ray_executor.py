@@ -104,8 +104,9 @@ def _backward_task(
 class FeedBundles:
     """Fed inputs staged into the object store, one object per group of feeds that the same
     partitions read: each `ray.put` costs about a millisecond here, so 36 weight matrices go
-    in 8 puts rather than 36, and a task still fetches nothing it does not read. Bundles are
-    put when the first task that reads them is submitted, so staging overlaps running."""
+    in 8 puts rather than 36, and no task receives feeds of another partition (a backward
+    task may receive feeds its forward read and it does not). Bundles are put when the
+    first task that reads them is submitted, so staging overlaps running."""
 
     def __init__(self, specs: Sequence[TaskSpec], feeds: dict[int, np.ndarray]) -> None:
         readers: dict[int, set[int]] = {}

@@ -30,11 +30,12 @@ def decode_optimizer(o: jobs_pb2.Optimizer) -> Optimizer:
     if kind == "sgd":
         return SGD(lr=o.sgd.lr, momentum=o.sgd.momentum)
     if kind == "adam":
+        default = Adam()  # unset (zero) fields take Adam's defaults
         return Adam(
             lr=o.adam.lr,
-            beta1=o.adam.beta1 or 0.9,
-            beta2=o.adam.beta2 or 0.999,
-            eps=o.adam.eps or 1e-8,
+            beta1=o.adam.beta1 or default.beta1,
+            beta2=o.adam.beta2 or default.beta2,
+            eps=o.adam.eps or default.eps,
         )
     raise RequestError(
         "the job names no optimizer: set `optimizer.sgd` or `optimizer.adam`", field="optimizer"

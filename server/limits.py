@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from graphgrad.engine import Graph, LimitError
@@ -16,11 +17,7 @@ class Limits:
     max_message_bytes: int = 512 * MIB  # gRPC messages, both ways
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "max_nodes": self.max_nodes,
-            "max_tensor_bytes": self.max_tensor_bytes,
-            "max_message_bytes": self.max_message_bytes,
-        }
+        return dataclasses.asdict(self)
 
     def check_node_count(self, n: int) -> None:
         if n > self.max_nodes:
@@ -31,7 +28,7 @@ class Limits:
 
     def check_graph(self, graph: Graph) -> None:
         """Every value the graph can produce must fit max_tensor_bytes (huge shapes are refused).
-        The node count is checked before the graph is built (Runtime.register)."""
+        The node count is checked before the graph is decoded (service.register_wire)."""
         for node, t in zip(graph.nodes, graph.types, strict=True):
             if t.nbytes > self.max_tensor_bytes:
                 raise LimitError(

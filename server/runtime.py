@@ -33,8 +33,7 @@ class Runtime:
         )
 
     def register(self, nodes: Iterable[Node]) -> Graph:
-        nodes = list(nodes)
-        self.limits.check_node_count(len(nodes))
+        """Validate and keep a graph; its node count was checked before it was decoded."""
         graph = Graph(nodes)
         self.limits.check_graph(graph)
         return self.cache.put(graph)
