@@ -150,6 +150,21 @@ class RemoteClient(AsyncClient):
         self._registered.add(resp.fingerprint)
         return str(resp.fingerprint)
 
+    def _call_on_graph(self, method: str, msg: Any, graph: Graph, timeout: float | None) -> Any:
+        """Call with the graph named by fingerprint, registering it first on this connection,
+        and again if the server forgot it (restart, cache eviction)."""
+        if graph.fingerprint not in self._registered:
+            self.register(graph, timeout)
+        msg.fingerprint = graph.fingerprint
+        try:
+            return self._call(method, msg, timeout)
+        except RemoteError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            self._registered.discard(graph.fingerprint)
+            self.register(graph, timeout)
+            return self._call(method, msg, timeout)
+
     def run(
         self,
         outputs: Ref | Sequence[Ref],
@@ -171,18 +186,7 @@ class RemoteClient(AsyncClient):
         )
         _wire.fill_tensors(request.feeds, msg.feeds)
         _wire.fill_tensors(request.grad_outputs or {}, msg.grad_outputs)
-        if graph.fingerprint not in self._registered:
-            self.register(graph, timeout)
-        msg.fingerprint = graph.fingerprint
-        try:
-            resp = self._call("Run", msg, timeout)
-        except RemoteError as e:
-            if e.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            # The server forgot the graph (restart, cache eviction): upload it again.
-            self._registered.discard(graph.fingerprint)
-            self.register(graph, timeout)
-            resp = self._call("Run", msg, timeout)
+        resp = self._call_on_graph("Run", msg, graph, timeout)
         values = {k: _wire.read_tensor(v) for k, v in resp.values.items()}
         grads = {k: _wire.read_tensor(v) for k, v in resp.grads.items()}
         return Result(values, grads, _wire.read_stats(resp.stats))
@@ -197,15 +201,13 @@ class RemoteClient(AsyncClient):
     ) -> Plan:
         """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
-        if graph.fingerprint not in self._registered:
-            self.register(graph, timeout)
         msg = service_pb2.ExplainRequest(
-            fingerprint=graph.fingerprint,
             outputs=request.outputs,
             wrt=request.wrt,
             options=service_pb2.RunOptions(executor=_wire.EXECUTORS[executor]),
         )
-        return Plan(_wire.read_explanation(self._call("Explain", msg, timeout)), graph)
+        resp = self._call_on_graph("Explain", msg, graph, timeout)
+        return Plan(_wire.read_explanation(resp), graph)
 
     def list_ops(self) -> list[str]:
         return [

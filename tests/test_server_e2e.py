@@ -271,6 +271,9 @@ def test_sdk_reregisters_transparently_after_eviction(client):
         client.run(graphs[-1][1], {"x": 1.0})
     x, y = graphs[0]
     assert client.run(y, {"x": 3.0}, wrt=[x]).grads["x"] == 1.0
+    for _, other in graphs[1:]:  # evict it again: explain re-registers too
+        client.run(other, {"x": 1.0})
+    assert client.explain(y, wrt=[x]).fingerprint == y.graph.freeze().fingerprint
 
 
 def test_deadline_stops_the_work_and_server_keeps_serving(client):
