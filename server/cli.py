@@ -43,6 +43,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"gRPC message limit both ways (default {defaults.max_message_bytes // MIB} MiB)",
     )
     s.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=defaults.max_request_bytes,
+        help="peak memory one request or job may take, from its declared shapes "
+        f"(default: an eighth of this machine's memory, {defaults.max_request_bytes // MIB} MiB)",
+    )
+    s.add_argument(
         "--ray-address",
         default=os.environ.get("RAY_ADDRESS"),
         help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)",
@@ -76,7 +83,9 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        limits=Limits(args.max_nodes, args.max_tensor_bytes, args.max_message_bytes),
+        limits=Limits(
+            args.max_nodes, args.max_tensor_bytes, args.max_message_bytes, args.max_request_bytes
+        ),
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         token=token or None,

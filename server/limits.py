@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from graphgrad.engine import Graph, LimitError
 
 MIB = 1 << 20
+
+
+def default_request_bytes() -> int:
+    """An eighth of the machine's memory: a few requests at their budget fit at once."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return max(256 * MIB, total // 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +25,9 @@ class Limits:
     max_nodes: int = 1_000_000
     max_tensor_bytes: int = 512 * MIB  # any single value: feed, intermediate, output
     max_message_bytes: int = 512 * MIB  # gRPC messages, both ways
+    # One request's peak memory from declared shapes: values kept for the backward, the
+    # gradients (zero ones too) and the response; for a job, its history and checkpoints.
+    max_request_bytes: int = field(default_factory=default_request_bytes)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -24,6 +37,15 @@ class Limits:
             raise LimitError(
                 f"the graph has {n} nodes, over the limit max_nodes={self.max_nodes}",
                 limit="max_nodes",
+            )
+
+    def check_request_bytes(self, need: int, what: str) -> None:
+        """`what` (e.g. "the run of 'L' with wrt=['x']") would take `need` bytes at its peak."""
+        if need > self.max_request_bytes:
+            raise LimitError(
+                f"{what} needs about {need} bytes, over the limit "
+                f"max_request_bytes={self.max_request_bytes}",
+                limit="max_request_bytes",
             )
 
     def check_graph(self, graph: Graph) -> None:
