@@ -59,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("GRAPHGRAD_DATA_DIR", Path.home() / ".local/share/graphgrad")),
+        # An empty variable counts as unset (not as the current directory).
+        default=Path(
+            os.environ.get("GRAPHGRAD_DATA_DIR") or Path.home() / ".local/share/graphgrad"
+        ),
         help="where jobs are stored (default: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad)",
     )
     s.add_argument(

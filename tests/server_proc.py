@@ -33,9 +33,14 @@ def running_server(
     ray: bool = False,
 ) -> Iterator[ServerProcess]:
     """`ray=False` (the default) adds --no-ray unless the args attach Ray themselves: most
-    end-to-end tests are about gRPC, and each embedded Ray costs seconds of CPU on 2 cores."""
+    end-to-end tests are about gRPC, and each embedded Ray costs seconds of CPU on 2 cores.
+    Without a --data-dir the server gets a temporary one: tests never touch the user's store."""
     if not ray and "--ray-address" not in args:
         args = (*args, "--no-ray")
+    scratch = None
+    if "--data-dir" not in args:
+        scratch = tempfile.TemporaryDirectory(prefix="graphgrad-data-")
+        args = (*args, "--data-dir", scratch.name)
     fd, log_path = tempfile.mkstemp(prefix="graphgrad-server-", suffix=".log")
     proc = subprocess.Popen(
         [sys.executable, "-m", "graphgrad.server", "--host", "127.0.0.1", "--port", "0", *args],
@@ -66,3 +71,5 @@ def running_server(
                 proc.wait()
         os.close(fd)
         os.unlink(log_path)
+        if scratch is not None:
+            scratch.cleanup()
