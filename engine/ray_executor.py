@@ -19,8 +19,6 @@ import ray
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
 from .autodiff import (
-    Contribution,
-    Cotangents,
     RunRequest,
     check_feeds,
     plan_pass,
@@ -32,7 +30,15 @@ from .ir import Graph
 from .jobs import SegmentRunner, next_segment
 from .lru import LRU
 from .planner import MIN_PARTITION_S, Plan, partition
-from .tasks import TaskMeta, TaskSpec, run_backward, run_forward, task_specs, unowned_value
+from .tasks import (
+    TaskMeta,
+    TaskSpec,
+    gradient_totals,
+    run_backward,
+    run_forward,
+    task_specs,
+    unowned_value,
+)
 from .training import ChunkState, ChunkTrainer, TrainSpec
 
 log = logging.getLogger("graphgrad.ray")
@@ -176,6 +182,7 @@ class RaySegmentRunner(SegmentRunner):
                     k = owner.pop(ref)
                     done, seconds = ray.get(ref)
                     lengths[k] = next_segment(done.step - states[k].step, seconds, lengths[k])
+                    done.losses[:0] = states[k].losses  # those not yet taken, then the new
                     states[k] = done
                     if done.step < steps:
                         submit(k)
@@ -336,8 +343,9 @@ class RayExecutor:
                 for o in pass_plan.outputs
             }
             caller_seeds = {o: v for o, v in seeds.items() if o not in parts.owner}
-            grads = self._grads(
-                graph, pass_plan.wrt, caller_seeds, ray.get(to_caller), ray.get(grad_refs)
+            owned_totals = {k: v for g in ray.get(grad_refs) for k, v in g.items()}
+            grads = gradient_totals(
+                graph, pass_plan.wrt, caller_seeds, ray.get(to_caller), owned_totals
             )
             task_metas: list[tuple[int, str, TaskMeta]] = [
                 (k, phase, meta)
@@ -356,34 +364,6 @@ class RayExecutor:
         )
         moved = sum(t.bytes_out for t in tasks)
         return RunResult(values, grads, RunStats(self.name, t1 - t0, len(specs), moved, tasks))
-
-    @staticmethod
-    def _grads(
-        graph: Graph,
-        wrt: tuple[int, ...],
-        seeds: dict[int, np.ndarray],
-        to_caller: list[list[Contribution]],
-        grads: list[dict[int, np.ndarray]],
-    ) -> dict[str, np.ndarray]:
-        """Totals for wrt nodes: inputs sum every task's contributions in the fixed order.
-
-        `seeds`: seeds of outputs that are graph inputs (no partition owns them).
-        """
-        cot = Cotangents()
-        for o, s in seeds.items():
-            cot.seed(o, s)
-        for contributions in to_caller:
-            cot.extend(c for c in contributions if c[0] in wrt)
-        owned_totals = {k: v for g in grads for k, v in g.items()}
-        out = {}
-        for w in wrt:
-            g = owned_totals.get(w)
-            if g is None:
-                g = cot.total(w)
-            t = graph.types[w]
-            # Read-only views on the object store (no copy), like the remote client's results.
-            out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else np.asarray(g)
-        return out
 
     @staticmethod
     def _wait(wanted: list[Any], every: list[Any], cancel: Cancellation) -> None:

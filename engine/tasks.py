@@ -32,6 +32,7 @@ class TaskSpec:
     saved: tuple[int, ...]  # computed values the backward reads (kept in the object store)
     saved_feeds: tuple[int, ...]  # graph inputs the backward reads (already stored as feeds)
     wants: frozenset[int]  # inputs of backward nodes that need a gradient
+    to_caller: frozenset[int]  # wanted nodes no partition owns (inputs, constants)
     downstream: tuple[int, ...]  # partitions whose backward sends contributions here
     owned: frozenset[int]
     grads: tuple[int, ...]  # wrt nodes owned here: their totals go to the caller
@@ -77,6 +78,7 @@ def task_specs(
     for p in parts.partitions:
         k = p.index
         back = tuple(i for i in plan.backward if owner.get(i) == k)
+        wants = {j for i in back for j in graph.input_pos[i] if j in plan.relevant}
         reads = sorted({*back, *(j for i in back for j in graph.input_pos[i])})
         specs.append(
             TaskSpec(
@@ -100,7 +102,8 @@ def task_specs(
                 backward=back,
                 saved=tuple(j for j in reads if j not in feed_set),
                 saved_feeds=tuple(j for j in reads if j in feed_set),
-                wants=frozenset(j for i in back for j in graph.input_pos[i] if j in plan.relevant),
+                wants=frozenset(wants),
+                to_caller=frozenset(j for j in wants if j not in owner),
                 downstream=tuple(sorted(sends[k])),
                 owned=frozenset(p.nodes),
                 grads=tuple(w for w in plan.wrt if owner.get(w) == k),
@@ -180,10 +183,9 @@ def run_backward(
             g = cot.total(w)
             if g is not None:
                 grads[w] = g
-    rest = cot.drain()
-    computed = graph_owned(graph)
-    to_partitions = [c for c in rest if c[0] not in spec.owned and c[0] in computed]
-    to_caller = [c for c in rest if c[0] not in spec.owned and c[0] not in computed]
+    rest = [c for c in cot.drain() if c[0] not in spec.owned]
+    to_partitions = [c for c in rest if c[0] not in spec.to_caller]
+    to_caller = [c for c in rest if c[0] in spec.to_caller]
     meta = TaskMeta(
         start,
         time.time(),
@@ -194,10 +196,31 @@ def run_backward(
     return to_partitions, to_caller, grads, meta
 
 
-def graph_owned(graph: Graph) -> frozenset[int]:
-    """Positions computed by some partition (every node but the graph inputs)."""
-    from .ops import INPUT
+def gradient_totals(
+    graph: Graph,
+    wrt: tuple[int, ...],
+    seeds: Values,
+    to_caller: list[list[Contribution]],
+    owned_totals: Values,
+) -> dict[str, np.ndarray]:
+    """The caller's side of a partitioned backward: each wrt node's gradient, by name.
 
-    return graph.memo(
-        "computed", lambda: frozenset(i for i, op in enumerate(graph.ops) if op is not INPUT)
-    )
+    A node some partition owns has the total that partition computed (`owned_totals`); any
+    other (a graph input, a constant) sums what the tasks sent the caller, after `seeds` (of
+    outputs no partition owns), in the fixed order; nothing reached: zeros of its type. Each
+    distinct node is totalled once, however often `wrt` names it.
+    """
+    wanted = set(wrt)
+    cot = Cotangents()
+    for o, s in seeds.items():
+        if o in wanted:
+            cot.seed(o, s)
+    for contributions in to_caller:
+        cot.extend(c for c in contributions if c[0] in wanted)
+    out = {}
+    for w in dict.fromkeys(wrt):
+        g = owned_totals[w] if w in owned_totals else cot.total(w)
+        t = graph.types[w]
+        # Read-only views on the object store (no copy), like the remote client's results.
+        out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else np.asarray(g)
+    return out

@@ -3,12 +3,16 @@ task bodies the Ray executor ships, so the algorithm can be tested on hundreds o
 
 from __future__ import annotations
 
-import numpy as np
-
 from graphgrad.engine import Graph, RunRequest
-from graphgrad.engine.autodiff import Cotangents, check_feeds, plan_pass, seed_cotangents
+from graphgrad.engine.autodiff import check_feeds, plan_pass, seed_cotangents
 from graphgrad.engine.planner import partition
-from graphgrad.engine.tasks import run_backward, run_forward, task_specs, unowned_value
+from graphgrad.engine.tasks import (
+    gradient_totals,
+    run_backward,
+    run_forward,
+    task_specs,
+    unowned_value,
+)
 
 
 def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0):
@@ -24,10 +28,7 @@ def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0)
         exports[s.index], saved[s.index], _ = run_forward(
             graph, s, feeds, [exports[q] for q in s.upstream], "here"
         )
-    to_parts, caller, owned_totals = {}, Cotangents(), {}
-    for o, v in seeds.items():
-        if o not in parts.owner:
-            caller.seed(o, v)
+    to_parts, to_caller, owned_totals = {}, [], {}
     for s in reversed(specs):
         if plan.wrt and s.has_backward:
             values = {**saved[s.index], **{j: feeds[j] for j in s.saved_feeds}}
@@ -40,7 +41,7 @@ def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0)
                 "here",
             )
             to_parts[s.index] = tp
-            caller.extend(c for c in tc if c[0] in plan.wrt)
+            to_caller.append(tc)
             owned_totals.update(g)
     values = {
         graph.nodes[o].name: exports[parts.owner[o]][o]
@@ -48,11 +49,6 @@ def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0)
         else unowned_value(graph, o, feeds)
         for o in plan.outputs
     }
-    grads = {}
-    for w in plan.wrt:
-        g = owned_totals.get(w)
-        if g is None:
-            g = caller.total(w)
-        t = graph.types[w]
-        grads[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else np.asarray(g)
+    caller_seeds = {o: v for o, v in seeds.items() if o not in parts.owner}
+    grads = gradient_totals(graph, plan.wrt, caller_seeds, to_caller, owned_totals)
     return values, grads, parts

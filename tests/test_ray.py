@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import ray
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphgrad as gg
 from graphgrad.engine import CancelledError, ExecutionError, Graph, LocalExecutor, RunRequest
 from graphgrad.engine.executor import Cancellation
 from graphgrad.engine.ray_executor import RayExecutor
 
+from .partitioned import run_partitioned
 from .server_proc import running_server
-from .strategies import random_graphs
+from .strategies import random_requests
 from .test_planner import wide_graph
 from .test_seed import network_feeds, two_layer_network
 
@@ -44,17 +46,149 @@ def fine(ray_cluster):
     return RayExecutor(min_partition_seconds=0.0)
 
 
-@settings(max_examples=100)
-@given(random_graphs(max_nodes=25))
-def test_random_graphs_on_ray_equal_local_bit_for_bit(fine, case):
-    nodes, feeds, out, wrt = case
-    graph = Graph(nodes)
-    request = RunRequest((out, wrt[-1]), feeds, tuple(wrt))
-    local, remote = LocalExecutor().run(graph, request), fine.run(graph, request)
+def assert_bitwise_equal(values, grads, local) -> None:
+    """Values and gradients equal the local executor's, bit for bit, dtype and shape too."""
+    assert values.keys() == local.values.keys() and grads.keys() == local.grads.keys()
     for k, v in local.values.items():
-        assert remote.values[k].tobytes() == v.tobytes()
+        assert values[k].dtype == v.dtype and values[k].shape == v.shape, k
+        assert values[k].tobytes() == v.tobytes(), k
     for k, g in local.grads.items():
-        assert remote.grads[k].tobytes() == g.tobytes(), k
+        assert grads[k].dtype == g.dtype and grads[k].shape == g.shape, k
+        assert grads[k].tobytes() == g.tobytes(), k
+
+
+@settings(max_examples=300)
+@given(random_requests(max_nodes=30), st.sampled_from([0.0, 1e-5, 1e-4]))
+def test_random_requests_partitioned_equal_local_bit_for_bit(case, min_seconds):
+    """The task bodies Ray ships, run by hand: any legal request (repeated and constant
+    `wrt`, unused inputs, intermediates, outputs that are inputs, several seeds)."""
+    nodes, request = case
+    graph = Graph(nodes)
+    values, grads, _ = run_partitioned(graph, request, min_seconds)
+    assert_bitwise_equal(values, grads, LocalExecutor().run(graph, request))
+
+
+@settings(max_examples=100)
+@given(random_requests(max_nodes=25))
+def test_random_requests_on_ray_equal_local_bit_for_bit(fine, case):
+    nodes, request = case
+    graph = Graph(nodes)
+    remote = fine.run(graph, request)
+    assert_bitwise_equal(remote.values, remote.grads, LocalExecutor().run(graph, request))
+
+
+def edge_graph(c: np.ndarray) -> Graph:
+    """Many partitions; a constant read by several of them; a node off the path to y; an
+    input nothing reads."""
+    with gg.Graph() as g:
+        x = gg.input("x", shape=(4,))
+        gg.input("u", shape=(2, 5))
+        cn = gg.constant(c, name="c")
+        z = gg.mul(x, cn, name="z")
+        gg.tanh(z, name="side")
+        gg.sum(gg.concat([gg.sin(z * float(k)) + x * cn for k in range(1, 6)]), name="y")
+    return g.freeze()
+
+
+C = np.array([0.5, -1.5, 2.0, 0.25])
+X = np.array([0.3, -0.7, 1.1, 2.0])
+SEED4 = np.array([1.0, -2.0, 0.5, 3.0])
+EDGE_REQUESTS = {
+    "repeated input": (("y",), ("x", "x"), None),
+    "repeated intermediate and input": (("y",), ("z", "x", "z"), None),
+    "constant": (("y",), ("c",), None),
+    "constant twice and input": (("y",), ("c", "x", "c"), None),
+    "unfed unused input": (("y",), ("u", "x", "u"), None),
+    "intermediate": (("y",), ("z",), None),
+    "the output itself": (("y",), ("y", "x"), None),
+    "node off the path": (("y",), ("side", "x"), None),
+    "repeated outputs": (("y", "y", "z", "z"), ("x",), None),
+    "outputs that are an input and a constant": (("y", "x", "c"), ("x", "c"), None),
+    "several seeds": (
+        ("z", "y", "c", "x"),
+        ("x", "c", "z", "c"),
+        {"z": SEED4, "y": np.array(2.0), "c": -SEED4, "x": SEED4[::-1].copy()},
+    ),
+    "only an input seeded": (("x", "y"), ("x", "x", "c"), {"x": SEED4}),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_REQUESTS))
+def test_every_kind_of_request_on_ray_equals_local(fine, case):
+    outputs, wrt, seeds = EDGE_REQUESTS[case]
+    graph = edge_graph(C)
+    request = RunRequest(outputs, {"x": X}, wrt, seeds)
+    local = LocalExecutor().run(graph, request)
+    values, grads, parts = run_partitioned(graph, request)
+    assert len(parts.partitions) >= 6
+    assert_bitwise_equal(values, grads, local)
+    remote = fine.run(graph, request)
+    assert remote.stats.partitions >= 6
+    assert_bitwise_equal(remote.values, remote.grads, local)
+
+
+def test_repeated_and_constant_wrt_on_ray_match_finite_differences(fine):
+    graph = edge_graph(C)
+    res = fine.run(graph, RunRequest(("y",), {"x": X}, ("x", "c", "x", "c")))
+
+    def y(x: np.ndarray, c: np.ndarray) -> float:
+        return float(LocalExecutor().run(edge_graph(c), RunRequest(("y",), {"x": x})).values["y"])
+
+    eps = 1e-6
+    for name in ("x", "c"):
+        fd = np.zeros(4)
+        for k in range(4):
+            d = np.zeros(4)
+            d[k] = eps
+            args = {"x": X, "c": C}
+            hi = y(**{**args, name: args[name] + d})
+            lo = y(**{**args, name: args[name] - d})
+            fd[k] = (hi - lo) / (2 * eps)
+        assert np.allclose(res.grads[name], fd, rtol=1e-6, atol=1e-6), name
+
+
+def branches_graph(branches: int = 4, layers: int = 10, d: int = 256):
+    """Independent compute-heavy branches sharing W and a constant: `auto` picks Ray."""
+    with gg.Graph():
+        w = gg.input("W", shape=(d, d), dtype="float32")
+        c = gg.constant(np.linspace(0.5, 1.5, d, dtype=np.float32), name="c")
+        total = None
+        for b in range(branches):
+            h = gg.input(f"x{b}", shape=(d, d), dtype="float32")
+            for _ in range(layers):
+                h = gg.tanh((h @ w) * c)
+            term = gg.mean(h * h)
+            total = term if total is None else total + term
+    assert total is not None
+    rng = np.random.default_rng(7)
+    feeds = {"W": (rng.standard_normal((d, d)) / d**0.5).astype(np.float32)}
+    feeds |= {f"x{b}": rng.standard_normal((d, d)).astype(np.float32) for b in range(branches)}
+    return total, feeds
+
+
+def test_auto_with_ray_up_gives_local_gradients_for_repeated_and_constant_wrt(ray_cluster):
+    loss, feeds = branches_graph()
+    wrt = ["W", "c", "W", "x0", "c"]
+    client = gg.connect()
+    client.run(loss, feeds, executor="ray")  # Ray is up: `auto` may now choose it
+    assert client.explain(loss, wrt=wrt).executor == "ray", "auto must choose Ray here"
+    auto = client.run(loss, feeds, wrt=wrt)
+    local = client.run(loss, feeds, wrt=wrt, executor="local")
+    assert auto.stats.executor == "ray"
+    for k in ("W", "c", "x0"):
+        assert np.any(local.grads[k] != 0), k
+        assert auto.grads[k].tobytes() == local.grads[k].tobytes(), k
+
+
+def test_server_under_auto_gives_local_gradients_for_repeated_and_constant_wrt(ray_cluster):
+    loss, feeds = branches_graph()
+    wrt = ["W", "c", "W", "x0", "c"]
+    local = gg.connect().run(loss, feeds, wrt=wrt, executor="local")
+    with running_server("--ray-address", ray_cluster) as server, gg.connect(server.address) as c:
+        res = c.run(loss, feeds, wrt=wrt)
+        assert res.stats.executor == "ray"
+        for k in ("W", "c", "x0"):
+            assert res.grads[k].tobytes() == local.grads[k].tobytes(), k
 
 
 def test_one_value_feeding_several_partitions(fine):
