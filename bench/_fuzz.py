@@ -132,8 +132,8 @@ def rss_bytes(pid: int) -> int:
 
 
 def tensor(values: list[float], shape: tuple[int, ...], dtype: int = 2) -> tensor_pb2.Tensor:
-    fmt = "<d" if dtype == tensor_pb2.DTYPE_FLOAT64 else "<f"
-    data = b"".join(struct.pack(fmt, v) for v in values)
+    code = "d" if dtype == tensor_pb2.DTYPE_FLOAT64 else "f"
+    data = struct.pack(f"<{len(values)}{code}", *values)
     return tensor_pb2.Tensor(dtype=dtype, shape=list(shape), data=data)
 
 
