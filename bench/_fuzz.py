@@ -10,7 +10,9 @@ gRPC channel, so nothing here depends on the SDK.
 
 from __future__ import annotations
 
+import base64
 import random
+import re
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -45,7 +47,13 @@ STREAM_TIMEOUT = 2.0
 # RPCs that reach deep code are drawn more often; the rest once each.
 WEIGHTS = {"Run": 4, "Explain": 2, "RegisterGraph": 2, "SubmitJob": 3}
 FOLLOWUPS = ("WatchJob", "GetJob", "GetJobResults", "CancelJob")
-STREAM_MESSAGES = 4  # a stream is read this far, then cancelled
+STREAM_MESSAGES = 4
+LONG_LITERAL = re.compile(r'"(?:[^"\\]|\\.){80,}"')  # a quoted text-format string
+LOST = (
+    "Stream removed",
+    "Socket closed",
+    "Connection reset",
+)  # the client's transport errors  # a stream is read this far, then cancelled
 
 
 @dataclass(frozen=True)
@@ -76,14 +84,20 @@ class Call:
     label: str  # "random", "valid", "mutated", "raw": how it was made
     message: Message | None = None  # None when the body is raw bytes
 
-    def describe(self) -> str:
-        """The request as text, to paste into a reproducer."""
+    def describe(self, exact: bool = False) -> str:
+        """The request as text, long tensor data and strings elided; `exact` adds the whole
+        body in base64, to replay it."""
+        head = f"{self.method.path} [{self.label}]"
+        replay = f"\nbody (base64): {base64.b64encode(self.body).decode()}" if exact else ""
         if self.message is None:
-            return f"{self.method.path} [{self.label}] raw bytes {self.body[:200]!r}"
+            return f"{head} raw bytes {self.body[:200]!r}{replay}"
         text = text_format.MessageToString(self.message, as_utf8=True)
-        if len(text) > 4000:
-            text = text[:4000] + f"... ({len(text)} characters)"
-        return f"{self.method.path} [{self.label}]\n{text}"
+        text = LONG_LITERAL.sub(
+            lambda m: f'"{m.group(0)[1:40]}..." ({len(m.group(0))} chars)', text
+        )
+        if len(text) > 6000:
+            text = text[:6000] + f"... ({len(text)} characters)"
+        return f"{head}\n{text}{replay}"
 
 
 @dataclass
@@ -115,6 +129,17 @@ def send(channel: grpc.Channel, call: Call) -> Outcome:
         # Our own cancel after a few messages is not the server's answer.
         code = grpc.StatusCode.OK if code == grpc.StatusCode.CANCELLED else code
         return Outcome(code, e.details() or "", first)  # type: ignore[attr-defined]
+
+
+def failure(outcome: Outcome) -> str | None:
+    """Why an answer is a defect, or None: an UNKNOWN or INTERNAL status, or the server's status
+    lost on the way (the client then reports a transport error in its place, e.g. an error
+    message too long for gRPC metadata, or a server that went away)."""
+    if outcome.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        return outcome.code.name
+    if outcome.code == grpc.StatusCode.UNAVAILABLE or outcome.details.startswith(LOST):
+        return "LOST"
+    return None
 
 
 def rss_bytes(pid: int) -> int:

@@ -6,7 +6,8 @@ the README's two-layer network, Explain, RegisterGraph, ListOps, GetServerInfo, 
 training jobs (submit, watch briefly, results, cancel) and fuzzed requests (bench/_fuzz.py).
 The server's RSS is sampled every 0.5 s. Prints requests served, statuses by code, latency
 of the valid Runs, peak RSS, RSS after warm-up (at 10 % of the time) and at the end, and
-"INTERNAL/UNKNOWN: N"; exits 1 when N > 0 or the server died.
+"INTERNAL/UNKNOWN: N"; exits 1 when N > 0, when a status was lost in transport (an error
+too long for gRPC metadata) or when the server died.
 
     python bench/soak.py [--seconds 60] [--clients 4] [--requests 40000] [--ray]
 """
@@ -45,7 +46,8 @@ MIX = {"run": 30, "explain": 4, "register": 4, "listops": 3, "info": 3, "job": 4
 class ClientResult:
     codes: Counter[str] = field(default_factory=Counter)  # "valid OK", "hostile NOT_FOUND", ...
     run_seconds: list[float] = field(default_factory=list)
-    bad: list[str] = field(default_factory=list)  # reproducers of INTERNAL/UNKNOWN answers
+    bad: list[str] = field(default_factory=list)  # reproducers of the failures (a few)
+    lost: int = 0  # statuses lost in transport (see _fuzz.failure)
 
 
 def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: mp.Queue) -> None:
@@ -65,8 +67,10 @@ def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: 
             outcome = _fuzz.send(channel, c)
             sent += 1
             result.codes[f"{'hostile' if hostile else 'valid'} {outcome.code.name}"] += 1
-            if outcome.code.name in BAD and len(result.bad) < 20:
-                result.bad.append(f"{outcome.code.name}: {outcome.details[:300]}\n{c.describe()}")
+            why = _fuzz.failure(outcome)
+            result.lost += why == "LOST"
+            if why and len(result.bad) < 20:
+                result.bad.append(f"{why}: {outcome.details[:300]}\n{c.describe()}")
             gen.observe(c, outcome)
             return outcome
 
@@ -173,6 +177,7 @@ def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, lo
     runs = sorted(s for r in results for s in r.run_seconds)
     served = sum(codes.values())
     bad = sum(n for key, n in codes.items() if key.split()[1] in BAD)
+    lost = sum(r.lost for r in results)
     warm = next((rss for t, rss in samples if t >= WARMUP * elapsed), samples[-1][1])
     peak = max(rss for _, rss in samples)
     print(f"soak: {args.clients} clients, {elapsed:.1f} s, {'Ray' if args.ray else 'no Ray'}")
@@ -190,8 +195,9 @@ def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, lo
     alive = proc.poll() is None
     if not alive:
         print(f"the server died (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
+    print(f"statuses lost in transport: {lost}")
     print(f"INTERNAL/UNKNOWN: {bad}")
-    return 0 if bad == 0 and alive and len(results) == len(procs) else 1
+    return 0 if bad == lost == 0 and alive and len(results) == len(procs) else 1
 
 
 if __name__ == "__main__":
