@@ -12,9 +12,9 @@ import numpy as np
 
 from ._aio import AsyncJob
 from ._builder import Tensor
-from .engine import Cancellation, CancelledError, RequestError
+from .engine import Cancellation, CancelledError, Graph, RequestError
 from .engine.jobs import Placement, Progress, SegmentRunner, TrainingRun, group_specs
-from .engine.training import SGD, Optimizer, TrainSpec, classify_data
+from .engine.training import SGD, Optimizer, TrainSpec, check_settings, within
 
 ArrayMap = Mapping[str, Any]
 
@@ -35,44 +35,42 @@ def build_specs(
         [data or {}] * len(losses) if data is None or isinstance(data, Mapping) else list(data)
     )
     if not len(losses) == len(param_list) == len(data_list):
-        raise ValueError(
+        raise RequestError(
             f"{len(losses)} losses but {len(param_list)} params and "
-            f"{len(data_list)} data mappings: give one per template"
+            f"{len(data_list)} data mappings: give one per template",
+            field="templates",
         )
-    if steps < 1 or (batch_size is not None and batch_size < 1):
-        raise ValueError("steps and batch_size must be positive")
+    check_settings(optimizer, steps, batch_size, seed)
     specs = []
-    for L, p, d in zip(losses, param_list, data_list, strict=True):
+    for k, (L, p, d) in enumerate(zip(losses, param_list, data_list, strict=True)):
         graph = L.graph.freeze()
-        typed = {}
-        for kind, mapping in (("params", p), ("data", d)):
-            for name, value in mapping.items():
-                i = graph.index.get(name)
-                if i is None:
-                    raise RequestError(
-                        f"{kind} '{name}' is not an input of the graph of '{L.name}'",
-                        field=f"{kind}['{name}']",
-                    )
-                dtype = graph.types[i].dtype
-                arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=dtype)
-                if arr.dtype.name != dtype:
-                    raise RequestError(
-                        f"{kind} '{name}' must be {dtype}, got {arr.dtype.name}",
-                        field=f"{kind}['{name}']",
-                    )
-                typed[(kind, name)] = arr
-        ps = {n: a for (k, n), a in typed.items() if k == "params"}
-        ds = {n: a for (k, n), a in typed.items() if k == "data"}
-        if not ps:
-            raise ValueError(f"no params for '{L.name}': nothing to train")
-        n = len(next(iter(ps.values())))
-        per_network = classify_data(graph, ds, n, batch_size)
-        specs.append(
-            TrainSpec(
-                graph, L.name, ps, ds, optimizer, steps, batch_size, seed, per_network=per_network
+        with within(f"templates[{k}]"):
+            specs.append(
+                TrainSpec.build(
+                    graph,
+                    L.name,
+                    {n: _array(graph, "params", n, v) for n, v in p.items()},
+                    {n: _array(graph, "data", n, v) for n, v in d.items()},
+                    optimizer,
+                    steps,
+                    batch_size,
+                    seed,
+                )
             )
-        )
     return specs
+
+
+def _array(graph: Graph, kind: str, name: str, value: Any) -> np.ndarray:
+    """Arrays as given; anything else (lists, numbers) in the dtype of the input it feeds."""
+    if isinstance(value, np.ndarray):
+        return value
+    i = graph.index.get(name)
+    try:
+        return np.asarray(value, dtype=None if i is None else graph.types[i].dtype)
+    except (TypeError, ValueError) as e:
+        raise RequestError(
+            f"{kind} '{name}' is not an array of numbers: {e}", field=f"{kind}['{name}']"
+        ) from e
 
 
 class Job(AsyncJob):

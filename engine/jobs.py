@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .executor import Cancellation
-from .ir import Graph
-from .training import ChunkState, ChunkTrainer, TrainSpec, split
+from .training import ChunkState, ChunkTrainer, TrainSpec, activation_bytes, split
 
 # A chunk's activations should stay in cache. 4 MiB measured best here (2 MiB of L2 per
 # core, a large L3): 4 chunks of the 1000-network ensemble ran 1.06x faster than 8 and
@@ -39,10 +38,6 @@ class Progress:
     loss_median: float
     loss_best: float
     loss_worst: float
-
-
-def activation_bytes(template: Graph) -> int:
-    return sum(t.nbytes for t in template.types)
 
 
 def chunk_count(spec: TrainSpec, cpus: int) -> int:

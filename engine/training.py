@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +23,31 @@ from .errors import RequestError
 from .executor import Cancellation, LocalExecutor
 from .ir import Graph
 from .lru import LRU
+from .ops import INPUT, TensorType
 
 Arrays = dict[str, np.ndarray]
+# Bounds the loop count of a job; its memory and storage are bounded by the server's
+# max_request_bytes through `job_bytes`.
+MAX_STEPS = 100_000_000
+
+
+def _hyper(owner: str, name: str, value: object, lo: float, hi: float, closed: str) -> None:
+    """`value` must be a finite real in the interval from lo to hi; `closed` says which ends
+    belong to it ("[)", "()", ...)."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (
+            math.isfinite(v)
+            and (lo <= v if closed[0] == "[" else lo < v)
+            and (v <= hi if closed[1] == "]" else v < hi)
+        )
+    if not ok:
+        raise RequestError(
+            f"{owner} {name} must be a finite number in {closed[0]}{lo:g}, {hi:g}{closed[1]}, "
+            f"got {value!r}",
+            field=name,
+        )
 
 
 @dataclass(frozen=True)
@@ -31,6 +56,15 @@ class SGD:
 
     lr: float = 0.1
     momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _hyper("SGD", "lr", self.lr, 0, math.inf, "()")
+        _hyper("SGD", "momentum", self.momentum, 0, 1, "[)")  # 1 or more never forgets
+
+    @property
+    def slots(self) -> int:
+        """State arrays per parameter."""
+        return 1 if self.momentum else 0
 
     def init(self, params: Arrays) -> Arrays:
         return {k: np.zeros_like(v) for k, v in params.items()} if self.momentum else {}
@@ -51,6 +85,16 @@ class Adam:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _hyper("Adam", "lr", self.lr, 0, math.inf, "()")
+        _hyper("Adam", "beta1", self.beta1, 0, 1, "[)")
+        _hyper("Adam", "beta2", self.beta2, 0, 1, "[)")  # 1 divides by 1 - beta2**t = 0
+        _hyper("Adam", "eps", self.eps, 0, math.inf, "()")
+
+    @property
+    def slots(self) -> int:
+        return 2
 
     def init(self, params: Arrays) -> Arrays:
         state = {f"m:{k}": np.zeros_like(v) for k, v in params.items()}
@@ -104,48 +148,216 @@ class TrainSpec:
     offset: int = 0  # global index of the first network (keys its data shuffling)
     per_network: frozenset[str] = field(default_factory=frozenset)  # data with a network axis
 
+    def __post_init__(self) -> None:
+        check_spec(self)
+
     @property
     def n(self) -> int:
         return len(next(iter(self.params.values())))
 
+    @classmethod
+    def build(
+        cls,
+        template: Graph,
+        loss: str,
+        params: Mapping[str, np.ndarray],
+        data: Mapping[str, np.ndarray],
+        optimizer: Optimizer,
+        steps: int,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> TrainSpec:
+        """A spec checked completely: its structure against the template (as every TrainSpec)
+        and every value finite. Which data carry a network axis follows from their rank."""
+        spec = cls(
+            template,
+            loss,
+            dict(params),
+            dict(data),
+            optimizer,
+            steps,
+            batch_size,
+            seed,
+            per_network=classify_data(template, data),
+        )
+        for kind, arrays in (("params", spec.params), ("data", spec.data)):
+            for name, value in arrays.items():
+                if not np.isfinite(value).all():
+                    raise RequestError(
+                        f"{_label(kind)} '{name}' holds NaN or infinite values",
+                        field=f"{kind}['{name}']",
+                    )
+        return spec
+
+
+@contextmanager
+def within(prefix: str) -> Iterator[None]:
+    """RequestErrors raised inside name their field under `prefix`: `params['W1']` within
+    `templates[0]` becomes `templates[0].params['W1']`."""
+    try:
+        yield
+    except RequestError as e:
+        field = prefix if e.field is None else f"{prefix}.{e.field}"
+        raise RequestError(f"{prefix}: {e}", field=field) from e
+
+
+def _integer(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if ok and lo <= value and (hi is None or value <= hi):  # type: ignore[operator]
+        return
+    bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+    raise RequestError(f"{name} must be an integer {bound}, got {value!r}", field=name)
+
+
+def _label(kind: str) -> str:
+    return "param" if kind == "params" else kind
+
+
+def _template_input(graph: Graph, kind: str, name: str) -> TensorType:
+    i = graph.index.get(name)
+    if i is None:
+        raise RequestError(
+            f"{_label(kind)} '{name}' is not a node of the template", field=f"{kind}['{name}']"
+        )
+    if graph.nodes[i].op != INPUT.name:
+        raise RequestError(
+            f"{_label(kind)} '{name}' must name an input of the template, not a "
+            f"'{graph.nodes[i].op}' node",
+            field=f"{kind}['{name}']",
+        )
+    return graph.types[i]
+
+
+def _array(kind: str, name: str, value: object) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise RequestError(
+            f"{_label(kind)} '{name}' must be a numpy array, got {type(value).__name__}",
+            field=f"{kind}['{name}']",
+        )
+    return value
+
+
+def check_settings(optimizer: object, steps: object, batch_size: object, seed: object) -> None:
+    """The settings a job's templates share (callers check them once, before the templates,
+    so that their errors name the job's own fields)."""
+    if not isinstance(optimizer, SGD | Adam):
+        raise RequestError(
+            f"optimizer must be SGD or Adam, got {type(optimizer).__name__}", field="optimizer"
+        )
+    _integer("steps", steps, 1, MAX_STEPS)
+    if batch_size is not None:
+        _integer("batch_size", batch_size, 1)
+    _integer("seed", seed, 0)  # minibatch shuffles are seeded by (seed, network, epoch)
+
 
 def check_spec(spec: TrainSpec) -> None:
+    """Everything a spec's structure must satisfy for training to run: names, dtypes, shapes
+    and counts against the template's declared inputs, and the shared settings."""
+    check_settings(spec.optimizer, spec.steps, spec.batch_size, spec.seed)
+    _integer("offset", spec.offset, 0)
     graph = spec.template
-    inputs = {
-        node.name: t for node, t in zip(graph.nodes, graph.types, strict=True) if node.op == "input"
-    }
-    if spec.loss not in graph.index or graph.types[graph.index[spec.loss]].shape != ():
+    i = graph.index.get(spec.loss) if isinstance(spec.loss, str) else None
+    if i is None:
+        raise RequestError(f"the loss '{spec.loss}' is not a node of the template", field="loss")
+    if graph.types[i].shape != ():
         raise RequestError(
-            f"the loss '{spec.loss}' must be a scalar node of the template", field="loss"
+            f"the loss '{spec.loss}' must be a scalar, got shape {graph.types[i].shape}",
+            field="loss",
         )
-    missing = set(inputs) - set(spec.params) - set(spec.data)
-    if missing:
-        raise RequestError(f"inputs {sorted(missing)} are neither params nor data", field="data")
-    ns = {len(v) for v in spec.params.values()}
-    if len(ns) != 1:
-        raise RequestError(
-            f"params disagree on the number of networks: {sorted(ns)}", field="params"
-        )
-    for name, value in spec.params.items():
-        t = inputs.get(name)
-        if t is None:
-            raise RequestError(f"param '{name}' is not an input of the template", field="params")
-        if value.shape[1:] != t.shape or value.dtype.name != t.dtype:
+    n = _check_params(spec)
+    _check_data(spec, n)
+    for node in graph.nodes:
+        if node.op == INPUT.name and node.name not in spec.params and node.name not in spec.data:
             raise RequestError(
-                f"param '{name}' must be [N, *{t.shape}] {t.dtype}, got "
-                f"{value.shape} {value.dtype.name}",
+                f"template input '{node.name}' is given neither as a param nor as data",
+                field=f"data['{node.name}']",
+            )
+
+
+def _check_params(spec: TrainSpec) -> int:
+    """The number of networks N, which every param must agree on."""
+    if not spec.params:
+        raise RequestError("the job has no params: nothing to train", field="params")
+    first, n = "", -1
+    for name, value in sorted(spec.params.items()):  # the same error for any map order
+        t = _template_input(spec.template, "params", name)
+        value = _array("params", name, value)
+        if value.shape[1:] != t.shape or value.ndim != len(t.shape) + 1 or value.dtype != t.dtype:
+            raise RequestError(
+                f"param '{name}' must be [N, {', '.join(map(str, t.shape))}] {t.dtype} "
+                f"(N networks), got {list(value.shape)} {value.dtype.name}",
                 field=f"params['{name}']",
             )
-    for name, value in spec.data.items():
-        t = inputs.get(name)
-        if t is None:
-            raise RequestError(f"data '{name}' is not an input of the template", field="data")
-        rows = t.shape[1:]
-        if value.shape[-len(rows) or None :] != rows and rows:
+        if n < 0:
+            first, n = name, value.shape[0]
+        elif value.shape[0] != n:
             raise RequestError(
-                f"data '{name}' rows must have shape {rows}, got {value.shape}",
-                field=f"data['{name}']",
+                f"param '{name}' has {value.shape[0]} networks but '{first}' has {n}",
+                field=f"params['{name}']",
             )
+    if n == 0:
+        raise RequestError(
+            f"param '{first}' has 0 networks: a job trains at least one",
+            field=f"params['{first}']",
+        )
+    return n
+
+
+def _check_data(spec: TrainSpec, n: int) -> None:
+    """Each data array is [N, *shape] or [*shape] where shape is the template input's; with
+    batch_size the input holds one minibatch [batch_size, *rows] and the data [S, *rows]
+    samples, the same S for every array and at least batch_size of them."""
+    b = spec.batch_size
+    first: tuple[str, int] | None = None  # the first data's name and sample count
+    for name in spec.per_network - set(spec.data):
+        raise RequestError(f"per_network names '{name}', which is not data", field="data")
+    for name, value in sorted(spec.data.items()):
+        where = f"data['{name}']"
+        t = _template_input(spec.template, "data", name)
+        if name in spec.params:
+            raise RequestError(f"'{name}' is given both as a param and as data", field=where)
+        value = _array("data", name, value)
+        if value.dtype != t.dtype:
+            raise RequestError(
+                f"data '{name}' must be {t.dtype} like the template input, got {value.dtype.name}",
+                field=where,
+            )
+        lead = (n,) if name in spec.per_network else ()
+        rows = t.shape if b is None else t.shape[1:]
+        if b is not None and t.shape[:1] != (b,):
+            raise RequestError(
+                f"data '{name}': with batch_size={b} the template input holds one minibatch, "
+                f"so its shape must be ({b}, ...), got {t.shape}",
+                field=where,
+            )
+        sample_axis = 0 if b is None else 1
+        if (
+            value.ndim != len(lead) + sample_axis + len(rows)
+            or value.shape[: len(lead)] != lead
+            or value.shape[value.ndim - len(rows) :] != rows
+        ):
+            s = [] if b is None else ["S"]
+            shape = ", ".join([*s, *map(str, rows)])
+            raise RequestError(
+                f"data '{name}' must be [{shape}] (shared) or [N={n}, {shape}] (per network), "
+                f"got {list(value.shape)}",
+                field=where,
+            )
+        if b is not None:
+            count = value.shape[len(lead)]
+            if count == 0:
+                raise RequestError(f"data '{name}' has no samples", field=where)
+            if first is None:
+                first = (name, count)
+            elif count != first[1]:
+                raise RequestError(
+                    f"data '{name}' has {count} samples but '{first[0]}' has {first[1]}",
+                    field=where,
+                )
+            if count < b:
+                raise RequestError(
+                    f"data '{name}' has {count} samples, fewer than batch_size={b}", field=where
+                )
 
 
 _STACKED: LRU[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = LRU(64)
@@ -166,8 +378,7 @@ class ChunkTrainer:
     """Trains the networks of one spec; `run` goes from any state to any later step."""
 
     def __init__(self, spec: TrainSpec) -> None:
-        check_spec(spec)
-        self.spec = spec
+        self.spec = spec  # checked when it was made
         batched = set(spec.params) | set(spec.per_network)
         if spec.batch_size is not None:
             batched |= set(spec.data)  # every network draws its own minibatches
@@ -258,36 +469,37 @@ def split(spec: TrainSpec, chunks: int) -> list[TrainSpec]:
     return out
 
 
-def classify_data(
-    template: Graph, data: Mapping[str, np.ndarray], n: int, batch_size: int | None
-) -> frozenset[str]:
-    """Which data arrays carry a leading network axis: those with one more axis than a batch."""
-    per_network = set()
-    for name, value in data.items():
-        t = template.types[template.index[name]]
-        if value.ndim == len(t.shape) + 1 and value.shape[0] == n:
-            per_network.add(name)
-        elif value.ndim != len(t.shape):
-            raise RequestError(
-                f"data '{name}' must be [N, S, ...] or [S, ...] with rows "
-                f"{t.shape[1:]}, got {value.shape}",
-                field=f"data['{name}']",
-            )
-        if batch_size is not None and (
-            t.shape[:1] != (batch_size,)
-            or value.shape[value.ndim - len(t.shape) + 1 :] != t.shape[1:]
-        ):
-            raise RequestError(
-                f"data '{name}': the template input {t.shape} holds one minibatch, "
-                f"so it must be [batch_size={batch_size}, *rows] with the rows of "
-                f"the data {value.shape}",
-                field=f"data['{name}']",
-            )
-        if batch_size is None and value.shape[-len(t.shape) :] != t.shape:
-            raise RequestError(
-                f"data '{name}': without batch_size each step uses all samples, "
-                f"so they must match the template input {t.shape}, got "
-                f"{value.shape}",
-                field=f"data['{name}']",
-            )
-    return frozenset(per_network)
+def classify_data(template: Graph, data: Mapping[str, np.ndarray]) -> frozenset[str]:
+    """Which data arrays carry a leading network axis: those with one more axis than the
+    template's input (check_spec says whether the rest fits)."""
+    return frozenset(
+        name
+        for name, value in data.items()
+        if name in template.index
+        and isinstance(value, np.ndarray)
+        and value.ndim == len(template.types[template.index[name]].shape) + 1
+    )
+
+
+def activation_bytes(template: Graph) -> int:
+    """Bytes of every value of one network's step (what its backward may keep)."""
+    return sum(t.nbytes for t in template.types)
+
+
+def job_bytes(specs: Sequence[TrainSpec]) -> int:
+    """About the most memory and storage a job of these specs takes, from N x steps: its
+    inputs; the loss history (kept durably and assembled for the results); parameters and
+    optimizer state (in memory, in a checkpoint, and the checkpoint's bytes); one step's
+    values and their gradients for every network; the minibatch permutations."""
+    total = 0
+    for s in specs:
+        inputs = sum(v.nbytes for v in (*s.params.values(), *s.data.values()))
+        state = sum(v.nbytes for v in s.params.values()) * (1 + s.optimizer.slots)
+        history = s.n * s.steps * 8
+        step = 2 * s.n * activation_bytes(s.template)
+        samples = max(
+            (v.shape[1 if k in s.per_network else 0] for k, v in s.data.items()), default=0
+        )
+        perms = s.n * samples * 8 if s.batch_size is not None else 0
+        total += inputs + 3 * state + 2 * history + step + perms
+    return total

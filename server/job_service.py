@@ -7,8 +7,16 @@ from collections.abc import Iterator
 import grpc
 
 from graphgrad.engine.errors import RequestError
-from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, classify_data
-from graphgrad.v1 import jobs_pb2
+from graphgrad.engine.training import (
+    SGD,
+    Adam,
+    Optimizer,
+    TrainSpec,
+    check_settings,
+    job_bytes,
+    within,
+)
+from graphgrad.v1 import jobs_pb2, service_pb2
 
 from . import codec
 from .jobs import JobManager, JobView
@@ -27,9 +35,14 @@ STATUS = {
 
 def decode_optimizer(o: jobs_pb2.Optimizer) -> Optimizer:
     kind = o.WhichOneof("kind")
-    if kind == "sgd":
-        return SGD(lr=o.sgd.lr, momentum=o.sgd.momentum)
-    if kind == "adam":
+    if kind is None:
+        raise RequestError(
+            "the job names no optimizer: set `optimizer.sgd` or `optimizer.adam`",
+            field="optimizer",
+        )
+    with within(f"optimizer.{kind}"):  # the optimizers check their hyper-parameters
+        if kind == "sgd":
+            return SGD(lr=o.sgd.lr, momentum=o.sgd.momentum)
         default = Adam()  # unset (zero) fields take Adam's defaults
         return Adam(
             lr=o.adam.lr,
@@ -37,45 +50,51 @@ def decode_optimizer(o: jobs_pb2.Optimizer) -> Optimizer:
             beta2=o.adam.beta2 or default.beta2,
             eps=o.adam.eps or default.eps,
         )
-    raise RequestError(
-        "the job names no optimizer: set `optimizer.sgd` or `optimizer.adam`", field="optimizer"
-    )
 
 
 def spec_decoder(runtime: Runtime) -> object:
+    """Proto -> engine specs; the engine checks them (TrainSpec.build), and the job's size
+    from N x steps is checked against max_request_bytes before anything is stored."""
     limits: Limits = runtime.limits
 
     def decode(blob: bytes) -> tuple[list[TrainSpec], str]:
         req = jobs_pb2.SubmitJobRequest.FromString(blob)
         if not req.templates:
             raise RequestError("the job has no templates", field="templates")
-        if req.steps < 1 or req.batch_size < 0:
-            raise RequestError("steps must be positive and batch_size non-negative", field="steps")
-        optimizer, batch = decode_optimizer(req.optimizer), req.batch_size or None
+        executor = EXECUTORS.get(req.executor)
+        if executor is None:
+            raise RequestError(
+                f"executor {req.executor} is not one of "
+                f"{', '.join(service_pb2.Executor.Name(k) for k in EXECUTORS)}",
+                field="executor",
+            )
+        optimizer = decode_optimizer(req.optimizer)
+        batch_size = req.batch_size if req.batch_size != 0 else None  # 0: every sample
+        check_settings(optimizer, req.steps, batch_size, req.seed)
         specs = []
         for k, t in enumerate(req.templates):
+            where = f"templates[{k}]"
             graph = register_wire(runtime, t.graph)
-            params = codec.decode_tensors(
-                t.params, f"templates[{k}].params", limits.max_tensor_bytes
-            )
-            data = codec.decode_tensors(t.data, f"templates[{k}].data", limits.max_tensor_bytes)
-            if not params:
-                raise RequestError(f"templates[{k}] has no params", field=f"templates[{k}]")
-            n = len(next(iter(params.values())))
-            specs.append(
-                TrainSpec(
-                    graph,
-                    t.loss,
-                    params,
-                    data,
-                    optimizer,
-                    req.steps,
-                    batch,
-                    req.seed,
-                    per_network=classify_data(graph, data, n, batch),
+            params = codec.decode_tensors(t.params, f"{where}.params", limits.max_tensor_bytes)
+            data = codec.decode_tensors(t.data, f"{where}.data", limits.max_tensor_bytes)
+            with within(where):
+                specs.append(
+                    TrainSpec.build(
+                        graph,
+                        t.loss,
+                        params,
+                        data,
+                        optimizer,
+                        req.steps,
+                        batch_size,
+                        req.seed,
+                    )
                 )
-            )
-        return specs, EXECUTORS.get(req.executor, "auto")
+        networks = sum(s.n for s in specs)
+        limits.check_request_bytes(
+            job_bytes(specs), f"the job of {networks} networks x {req.steps} steps"
+        )
+        return specs, executor
 
     return decode
 

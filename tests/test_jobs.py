@@ -108,7 +108,8 @@ def test_minibatches_with_a_progress_bar_and_a_plot(capsys):
 
 def test_bad_training_input_is_reported():
     client = gg.connect()
-    with pytest.raises(gg.RequestError, match="params 'W1' must be float64, got float32"):
+    float32 = r"param 'W1' must be \[N, 8, 4\] float64.*got \[2, 8, 4\] float32"
+    with pytest.raises(gg.RequestError, match=float32):
         client.train(mlp(8), init(2, 8, 0, "float32"), own_data(2))
     with pytest.raises(gg.RequestError, match="data 'x' must be"):
         client.train(mlp(8), init(2, 8, 0), {"x": np.zeros((2, 3, 3, 4)), "t": np.zeros((32, 1))})

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine import LocalExecutor, RunRequest
-from graphgrad.engine.training import SGD, Adam, ChunkTrainer, TrainSpec, classify_data, split
+from graphgrad.engine import LocalExecutor, RequestError, RunRequest
+from graphgrad.engine.training import (
+    SGD,
+    Adam,
+    ChunkTrainer,
+    TrainSpec,
+    classify_data,
+    job_bytes,
+    split,
+    within,
+)
 
 N, S, H = 5, 24, 8
 
@@ -76,7 +87,7 @@ def test_each_network_trains_as_if_alone(per_network, batch_size, optimizer):
         steps=12,
         batch_size=batch_size,
         seed=3,
-        per_network=classify_data(graph, data, N, batch_size),
+        per_network=classify_data(graph, data),
     )
     trainer = ChunkTrainer(spec)
     state = trainer.run(trainer.initial_state())
@@ -114,3 +125,160 @@ def test_chunking_and_resuming_do_not_change_results():
         hi = lo + part.n
         np.testing.assert_array_equal(state.history, ref.history[lo:hi])
         np.testing.assert_array_equal(state.params["W1"], ref.params["W1"][lo:hi])
+
+
+# --- A spec is checked completely when it is built: every mistake names its field. -------
+
+
+def _valid(per_network: bool = True, batch_size: int | None = 8) -> dict:
+    params, data = problem(per_network)
+    return dict(
+        template=template(batch_size or S),
+        loss="loss",
+        params=params,
+        data=data,
+        optimizer=SGD(lr=0.1),
+        steps=5,
+        batch_size=batch_size,
+        seed=0,
+    )
+
+
+def _with(**changes):
+    def edit(kw):
+        for key, value in changes.items():
+            if isinstance(value, dict):  # merge into params/data; None removes a key
+                merged = {**kw[key], **value}
+                kw[key] = {k: v for k, v in merged.items() if v is not None}
+            else:
+                kw[key] = value
+        return kw
+
+    return edit
+
+
+def _shared():
+    return _valid(per_network=False)
+
+
+BAD_SPECS = {
+    "param-trailing-shape": (_with(params={"W1": np.zeros((N, H, 3))}), "params['W1']"),
+    "param-dtype": (_with(params={"W1": np.zeros((N, H, 4), np.float32)}), "params['W1']"),
+    "param-scalar": (_with(params={"b2": np.array(0.0)}), "params['b2']"),
+    "param-not-an-array": (_with(params={"b2": [[0.0]] * N}), "params['b2']"),
+    "param-not-a-node": (_with(params={"zz": np.zeros((N, 1))}), "params['zz']"),
+    "param-not-an-input": (_with(params={"loss": np.zeros(N)}), "params['loss']"),
+    "param-nan": (_with(params={"b1": np.full((N, H), np.nan)}), "params['b1']"),
+    "params-disagree-on-n": (_with(params={"b1": np.zeros((N - 1, H))}), "params['b1']"),
+    "no-params": (_with(params={"W1": None, "b1": None, "W2": None, "b2": None}), "params"),
+    "n-zero": (
+        _with(
+            params={
+                k: np.zeros((0, *s))
+                for k, s in {"W1": (H, 4), "b1": (H,), "W2": (1, H), "b2": (1,)}.items()
+            }
+        ),
+        "params['W1']",
+    ),
+    "data-not-a-node": (_with(data={"nope": np.zeros((S, 4))}), "data['nope']"),
+    "data-not-an-input": (_with(data={"loss": np.zeros(S)}), "data['loss']"),
+    "data-also-a-param": (_with(data={"W1": np.zeros((N, H, 4))}), "data['W1']"),
+    "missing-input": (_with(data={"t": None}), "data['t']"),
+    "data-wrong-leading-n": (_with(data={"x": np.zeros((N + 1, S, 4))}), "data['x']"),
+    "data-wrong-rank": (_with(data={"x": np.zeros((1, N, S, 4))}), "data['x']"),
+    "data-rank-too-low": (_with(data={"x": np.zeros(4)}), "data['x']"),
+    "data-wrong-rows": (_with(data={"x": np.zeros((N, S, 3))}), "data['x']"),
+    "data-float32": (_with(data={"x": np.zeros((N, S, 4), np.float32)}), "data['x']"),
+    "data-inf": (_with(data={"x": np.full((N, S, 4), np.inf)}), "data['x']"),
+    "data-empty": (
+        _with(data={"x": np.zeros((N, 0, 4)), "t": np.zeros((N, 0, 1))}),
+        "data['t']",  # the first in name order
+    ),
+    "data-disagree-on-samples": (_with(data={"x": np.zeros((N, S - 1, 4))}), "data['x']"),
+    "batch-larger-than-data": (
+        _with(data={"x": np.zeros((N, 4, 4)), "t": np.zeros((N, 4, 1))}),
+        "data['t']",
+    ),
+    "batch-not-the-template's": (_with(batch_size=4), "data['t']"),
+    "no-batch-and-data-not-the-template's": (_with(batch_size=None), "data['t']"),
+    "batch-zero": (_with(batch_size=0), "batch_size"),
+    "batch-negative": (_with(batch_size=-8), "batch_size"),
+    "negative-seed": (_with(seed=-1), "seed"),
+    "loss-unknown": (_with(loss="nope"), "loss"),
+    "loss-not-scalar": (_with(loss="W1"), "loss"),
+    "steps-zero": (_with(steps=0), "steps"),
+    "steps-negative": (_with(steps=-3), "steps"),
+    "steps-int32-max": (_with(steps=2**31 - 1), "steps"),
+    "steps-float": (_with(steps=5.0), "steps"),
+    "steps-bool": (_with(steps=True), "steps"),
+    "optimizer-not-one": (_with(optimizer="sgd"), "optimizer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_a_bad_spec_is_refused_naming_its_field(case):
+    edit, field = BAD_SPECS[case]
+    kw = edit(_valid())
+    with pytest.raises(RequestError) as e:
+        TrainSpec.build(**kw)
+    assert e.value.field == field, str(e.value)
+    name = field.split("'")[1] if "'" in field else field
+    assert name in str(e.value)
+
+
+@pytest.mark.parametrize("per_network", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_the_valid_specs_pass(per_network, batch_size):
+    kw = _valid(per_network, batch_size)
+    spec = TrainSpec.build(**kw)
+    assert spec.n == N
+    assert spec.per_network == (frozenset({"x", "t"}) if per_network else frozenset())
+
+
+BAD_OPTIMIZERS = {
+    "sgd-lr-nan": (lambda: SGD(lr=float("nan")), "lr"),
+    "sgd-lr-inf": (lambda: SGD(lr=float("inf")), "lr"),
+    "sgd-lr-negative": (lambda: SGD(lr=-0.1), "lr"),
+    "sgd-lr-zero": (lambda: SGD(lr=0.0), "lr"),
+    "sgd-lr-string": (lambda: SGD(lr="0.1"), "lr"),  # type: ignore[arg-type]
+    "sgd-momentum-nan": (lambda: SGD(momentum=float("nan")), "momentum"),
+    "sgd-momentum-negative": (lambda: SGD(momentum=-0.5), "momentum"),
+    "sgd-momentum-one": (lambda: SGD(momentum=1.0), "momentum"),
+    "adam-lr-nan": (lambda: Adam(lr=float("nan")), "lr"),
+    "adam-lr-negative": (lambda: Adam(lr=-1e-3), "lr"),
+    "adam-beta1-one": (lambda: Adam(beta1=1.0), "beta1"),
+    "adam-beta1-negative": (lambda: Adam(beta1=-0.1), "beta1"),
+    "adam-beta2-one": (lambda: Adam(beta2=1.0), "beta2"),
+    "adam-beta2-above-one": (lambda: Adam(beta2=1.5), "beta2"),
+    "adam-beta2-nan": (lambda: Adam(beta2=float("nan")), "beta2"),
+    "adam-eps-zero": (lambda: Adam(eps=0.0), "eps"),
+    "adam-eps-negative": (lambda: Adam(eps=-1e-8), "eps"),
+    "adam-eps-inf": (lambda: Adam(eps=float("inf")), "eps"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIMIZERS))
+def test_an_optimizer_checks_its_hyper_parameters(case):
+    make, field = BAD_OPTIMIZERS[case]
+    with pytest.raises(RequestError) as e:
+        make()
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_errors_inside_a_template_name_their_full_path():
+    kw = _with(params={"W1": np.zeros((N, H, 3))})(_valid())
+    with pytest.raises(RequestError) as e, within("templates[1]"):
+        TrainSpec.build(**kw)
+    assert e.value.field == "templates[1].params['W1']"
+    assert str(e.value).startswith("templates[1]: ")
+
+
+def test_job_bytes_count_history_state_and_activations():
+    spec = TrainSpec.build(**_valid())
+    per_net = sum(v[0].nbytes for v in spec.params.values())
+    need = job_bytes([spec])
+    assert need >= N * spec.steps * 8 + N * per_net  # at least the history and the params
+    longer = job_bytes([dataclasses.replace(spec, steps=10_000)])
+    assert longer - need >= N * (10_000 - spec.steps) * 8
+    adam = job_bytes([dataclasses.replace(spec, optimizer=Adam())])
+    assert adam - need >= 2 * N * per_net  # two moments per parameter
