@@ -11,6 +11,7 @@ from . import _wire
 from ._aio import AsyncJob
 from ._jobs import job_html, plot_history, progress_bar, show_progress
 from .engine import GraphError
+from .engine.dispatch import check_executor
 from .engine.jobs import Progress
 from .engine.training import SGD, Optimizer, TrainSpec
 from .v1 import jobs_pb2
@@ -35,6 +36,7 @@ def encode_job(
     seed: int,
     executor: str,
 ) -> jobs_pb2.SubmitJobRequest:
+    check_executor(executor, field="executor")
     req = jobs_pb2.SubmitJobRequest(
         steps=steps, batch_size=batch_size or 0, seed=seed, executor=_wire.EXECUTORS[executor]
     )

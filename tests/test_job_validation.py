@@ -271,7 +271,9 @@ def test_optimizers_refuse_bad_hyper_parameters_in_the_sdk():
     assert e.value.field == "beta2"
 
 
-def test_the_in_process_client_refuses_an_unknown_executor():
+@pytest.mark.parametrize("address", [None, "127.0.0.1:9"], ids=["in-process", "remote"])
+def test_both_clients_refuse_an_unknown_executor_before_sending_anything(address):
+    client = gg.connect() if address is None else gg.connect(address)  # nothing listens on 9
     with pytest.raises(gg.RequestError) as e:
-        gg.connect().train(mlp_template(), **sdk_args(), executor="gpu")
+        client.train(mlp_template(), **sdk_args(), executor="gpu")
     assert e.value.field == "executor"
