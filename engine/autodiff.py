@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExecutionError, FeedError, RequestError
+from .errors import ExecutionError, FeedError, RequestError, name_list
 from .ir import Graph
 from .ops import INPUT, Op, TensorType
 
@@ -103,9 +103,10 @@ def check_feeds(
     for name, value in feeds.items():
         i = graph.index.get(name)
         if i is None or graph.ops[i] is not INPUT:
-            known = ", ".join(n.name for n in graph.inputs)
+            known = name_list(n.name for n in graph.inputs)
             raise FeedError(
-                f"feed '{name}' is not an input of the graph (inputs: {known})", input_name=name
+                f"feed {name_list([name])} is not an input of the graph (inputs: {known})",
+                input_name=name,
             )
         t = graph.types[i]
         if not isinstance(value, np.ndarray):
@@ -123,7 +124,7 @@ def check_feeds(
     missing = [graph.nodes[i].name for i in plan.needed_inputs if i not in values]
     if missing:
         raise FeedError(
-            f"missing feed for graph input(s) {', '.join(map(repr, missing))}",
+            f"missing feed for graph input(s) {name_list(missing)}",
             input_name=missing[0],
         )
     return values
@@ -136,7 +137,10 @@ def seed_cotangents(
 
     Without `grad_outputs` the first output is the one differentiated (it must be a scalar,
     seeded with 1) and the other outputs are auxiliary values, as in JAX's value_and_grad.
+    Given `grad_outputs` are checked even when nothing is differentiated (no `wrt`).
     """
+    if not plan.wrt and not grad_outputs:
+        return {}
     if not grad_outputs:
         first, t = plan.outputs[0], graph.types[plan.outputs[0]]
         if t.shape != ():
@@ -149,20 +153,17 @@ def seed_cotangents(
     seeds: dict[int, np.ndarray] = {}
     for name, seed in grad_outputs.items():
         o = graph.index.get(name)
+        field = f"grad_outputs[{name_list([name])}]"
         if o is None or o not in plan.outputs:
-            raise RequestError(
-                f"grad_outputs names '{name}', which is not a requested output",
-                field="grad_outputs",
-            )
+            raise RequestError(f"{field} names no requested output", field=field)
         t = graph.types[o]
         if not t.matches(seed):
             raise RequestError(
-                f"grad_outputs['{name}'] must have shape {t.shape} {t.dtype}, "
-                f"got {seed.shape} {seed.dtype.name}",
-                field="grad_outputs",
+                f"{field} must have shape {t.shape} {t.dtype}, got {seed.shape} {seed.dtype.name}",
+                field=field,
             )
         seeds[o] = seed
-    return seeds
+    return seeds if plan.wrt else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+SHOWN_NAMES = 3  # how many offenders a message names before counting the rest
+SHOWN_NAME_CHARS = 80
+
+
+def name_list(names: Iterable[str], shown: int = SHOWN_NAMES) -> str:
+    """The first few names, quoted, and a count of the rest: "'a', 'b', 'c' and 2,997 more".
+
+    Every message that lists names goes through here, so no list makes it unbounded.
+    """
+    names = list(names)
+    quoted = [
+        repr(n if len(n) <= SHOWN_NAME_CHARS else n[: SHOWN_NAME_CHARS - 3] + "...")
+        for n in names[:shown]
+    ]
+    rest = len(names) - len(quoted)
+    return ", ".join(quoted) + (f" and {rest:,} more" if rest else "")
 
 
 def _rebuild(cls: type[GraphError], args: tuple[object, ...], state: dict[str, Any]) -> GraphError:

@@ -110,7 +110,7 @@ class LocalExecutor:
         t0 = time.time()
         plan = plan_pass(graph, request.outputs, request.wrt, list(request.grad_outputs or ()))
         values = check_feeds(graph, plan, request.feeds)
-        seeds = seed_cotangents(graph, plan, request.grad_outputs) if plan.wrt else {}
+        seeds = seed_cotangents(graph, plan, request.grad_outputs)
         forward, backward = compiled(graph, plan)
 
         # Reference counts: one per later use, in the forward or in a VJP; outputs are pinned.

@@ -15,8 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ValidationError
-from .ops import DTYPES, INPUT, Op, ShapeError, TensorType, check_attr, lookup
+from .errors import SHOWN_NAMES, RequestError, ValidationError, name_list
+from .ops import (
+    DTYPES,
+    INPUT,
+    Op,
+    ShapeError,
+    TensorType,
+    check_attr,
+    check_shape,
+    lookup,
+    shape_problem,
+)
 
 MAX_NAME_LENGTH = 256
 
@@ -87,11 +97,13 @@ class Graph:
         return f"<graphgrad.engine.Graph {len(self)} nodes {self.fingerprint[:12]}>"
 
     def position(self, name: str, *, field: str) -> int:
+        """The position of a node a request names in `field` (outputs, wrt, grad_outputs)."""
         try:
             return self.index[name]
         except KeyError:
-            raise ValidationError(
-                f"{field} names '{name}', which is not a node of the graph", node=name, field=field
+            raise RequestError(
+                f"{field} names {name_list([name])}, which is not a node of the graph",
+                field=field,
             ) from None
 
     @property
@@ -154,12 +166,9 @@ def _check_node(node: Node) -> tuple[Node, Op]:
         raise ValidationError(
             f"dtype must be one of {DTYPES}, got {node.dtype!r}", node=node.name, field="dtype"
         )
-    if node.shape is not None and not all(
-        isinstance(d, int | np.integer) and d >= 0 for d in node.shape
-    ):
-        raise ValidationError(
-            f"shape must hold non-negative ints, got {node.shape}", node=node.name, field="shape"
-        )
+    problem = None if node.shape is None else shape_problem(node.shape)
+    if problem is not None:
+        raise ValidationError(f"declared shape: {problem}", node=node.name, field="shape")
     if op is INPUT and (node.shape is None or node.dtype is None):
         raise ValidationError(
             "an input must declare its shape and dtype",
@@ -224,8 +233,12 @@ def _cycle_error(
         path[i] = len(path)
         i = next(j for j in deps[i] if missing[j] > 0)
     cycle = [k for k, _ in sorted(path.items(), key=lambda kv: kv[1]) if path[k] >= path[i]]
-    names = " -> ".join(nodes[k].name for k in [*cycle, cycle[0]])
-    return ValidationError(f"the graph has a cycle: {names}", node=nodes[i].name, field="inputs")
+    names = [nodes[k].name for k in cycle]
+    if len(names) <= SHOWN_NAMES:
+        where = " -> ".join([*names, names[0]])
+    else:
+        where = f"{len(names):,} nodes, each an input of the next: {name_list(names)}"
+    return ValidationError(f"the graph has a cycle: {where}", node=nodes[i].name, field="inputs")
 
 
 def _infer_types(graph: Graph) -> tuple[TensorType, ...]:
@@ -237,8 +250,9 @@ def _infer_types(graph: Graph) -> tuple[TensorType, ...]:
         else:
             try:
                 t = op.infer([types[j] for j in ins], node.attrs)
+                check_shape(t.shape, "its shape", field="shape")  # e.g. matmul of empty inputs
             except ShapeError as e:
-                raise ValidationError(f"op '{op.name}': {e}", node=node.name, field="inputs") from e
+                raise ValidationError(f"op '{op.name}': {e}", node=node.name, field=e.field) from e
             if node.shape is not None and node.shape != t.shape:
                 raise ValidationError(
                     f"declared shape {node.shape} differs from inferred {t.shape}",

@@ -284,7 +284,7 @@ class RayExecutor:
             graph, request.outputs, request.wrt, tuple(request.grad_outputs or ())
         )
         feeds = check_feeds(graph, pass_plan, request.feeds)
-        seeds = seed_cotangents(graph, pass_plan, request.grad_outputs) if pass_plan.wrt else {}
+        seeds = seed_cotangents(graph, pass_plan, request.grad_outputs)
         parts, specs = self.plan(graph, request)
         fp, nodes_ref = graph.fingerprint, self._nodes_ref(graph)
         bundles = FeedBundles(specs, feeds)

@@ -11,13 +11,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ops import DTYPE_NAMES, DTYPES
+from .ops import DTYPE_NAMES, DTYPES, shape_problem
 
 _WIRE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
 
 
 class TensorFormatError(ValueError):
-    """The bytes do not describe a tensor of the stated shape and dtype."""
+    """The bytes do not describe a tensor of the stated shape and dtype; `part` names the
+    part at fault ("dtype", "shape" or "data")."""
+
+    def __init__(self, message: str, part: str = "data"):
+        self.part = part
+        super().__init__(message)
 
 
 def decode(
@@ -29,9 +34,10 @@ def decode(
     what: str = "tensor",
 ) -> np.ndarray:
     if dtype not in _WIRE:
-        raise TensorFormatError(f"{what}: dtype must be one of {DTYPES}, got {dtype!r}")
-    if any(d < 0 for d in shape):
-        raise TensorFormatError(f"{what}: shape {tuple(shape)} has a negative size")
+        raise TensorFormatError(f"{what}: dtype must be one of {DTYPES}, got {dtype!r}", "dtype")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise TensorFormatError(f"{what}.shape: {problem}", "shape")
     wire = _WIRE[dtype]
     expected = math.prod(shape) * wire.itemsize
     if max_bytes is not None and expected > max_bytes:

@@ -28,11 +28,14 @@ class FieldError(ValueError):
 def decode_tensor(t: tensor_pb2.Tensor, field: str, max_bytes: int | None = None) -> np.ndarray:
     dtype = DTYPE_NAMES.get(t.dtype)
     if dtype is None:
-        raise FieldError(f"{field}: dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64", f"{field}.dtype")
+        raise FieldError(
+            f"{field}: dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64, got enum value {t.dtype}",
+            f"{field}.dtype",
+        )
     try:
         return tensors.decode(dtype, t.shape, t.data, max_bytes=max_bytes, what=field)
     except tensors.TensorFormatError as e:
-        raise FieldError(str(e), f"{field}.data") from e
+        raise FieldError(str(e), f"{field}.{e.part}") from e
 
 
 def encode_tensor(arr: np.ndarray, out: tensor_pb2.Tensor) -> None:

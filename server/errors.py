@@ -33,9 +33,38 @@ class NotFoundError(LookupError):
         self.name, self.kind = name, kind
 
 
+# A status travels in gRPC metadata (8 KiB by default; the message percent-encoded, up to
+# 3 bytes per byte, the details base64-encoded): these bounds keep any status well under it.
+MAX_MESSAGE_BYTES = 1024
+MAX_DETAIL_BYTES = 512
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, with a marker saying how much was cut."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    marker = f"... [truncated, {len(raw):,} bytes in all]"
+    return raw[: limit - len(marker)].decode("utf-8", "ignore") + marker
+
+
+def _clip_strings(message: Message) -> None:
+    """Clip every string field of a detail message, nested ones included."""
+    for fd, value in message.ListFields():
+        if fd.type == fd.TYPE_STRING:
+            if isinstance(value, str):
+                setattr(message, fd.name, clip(value, MAX_DETAIL_BYTES))
+            else:
+                value[:] = [clip(v, MAX_DETAIL_BYTES) for v in value]
+        elif fd.type == fd.TYPE_MESSAGE:
+            for sub in [value] if isinstance(value, Message) else value:
+                _clip_strings(sub)
+
+
 def _status(code: int, message: str, detail: Message | None = None) -> grpc.Status:
-    st = status_pb2.Status(code=code, message=message)
+    st = status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE_BYTES))
     if detail is not None:
+        _clip_strings(detail)
         packed = any_pb2.Any()
         packed.Pack(detail)
         st.details.append(packed)

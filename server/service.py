@@ -21,6 +21,18 @@ EXECUTORS = {
 }
 
 
+def executor_name(value: service_pb2.Executor.ValueType) -> str:
+    """The engine's name for an Executor enum value; an unknown value is the client's error."""
+    try:
+        return EXECUTORS[value]
+    except KeyError:
+        known = ", ".join(service_pb2.Executor.Name(k) for k in EXECUTORS)
+        raise RequestError(
+            f"options.executor must be one of {known}, got enum value {value}",
+            field="options.executor",
+        ) from None
+
+
 def cancellation(context: grpc.ServicerContext) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
     cancel = Cancellation.within(context.time_remaining())
@@ -64,7 +76,7 @@ class GraphServicer:
         feeds = codec.decode_tensors(request.feeds, "feeds", limit)
         seeds = codec.decode_tensors(request.grad_outputs, "grad_outputs", limit)
         run = RunRequest(tuple(request.outputs), feeds, tuple(request.wrt), seeds or None)
-        executor = EXECUTORS.get(request.options.executor, "unknown")
+        executor = executor_name(request.options.executor)
         result = self.runtime.run(graph, run, executor, cancellation(context))
         if request.options.check_numerics:
             check_finite(result, feeds)
@@ -74,7 +86,7 @@ class GraphServicer:
         self, request: service_pb2.ExplainRequest, context: grpc.ServicerContext
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
-        executor = EXECUTORS.get(request.options.executor, "unknown")
+        executor = executor_name(request.options.executor)
         run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
         return codec.encode_explanation(self.runtime.explain(graph, run, executor))
 

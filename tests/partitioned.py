@@ -19,7 +19,7 @@ def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0)
     seeded = tuple(request.grad_outputs or ())
     plan = plan_pass(graph, request.outputs, request.wrt, seeded)
     feeds = check_feeds(graph, plan, request.feeds)
-    seeds = seed_cotangents(graph, plan, request.grad_outputs) if plan.wrt else {}
+    seeds = seed_cotangents(graph, plan, request.grad_outputs)
     parts = partition(graph, plan, min_seconds=min_seconds)
     seeded_pos = tuple(seeds)
     specs = task_specs(graph, plan, parts, seeded_pos, "test")

@@ -204,7 +204,7 @@ def test_bad_input_gets_invalid_argument_naming_the_field(
 
 def test_huge_declared_shape_is_resource_exhausted(stub, client):
     graph = graph_msg(
-        inp("x", (1 << 31, 1 << 31)), graph_pb2.Node(name="y", op="sum", inputs=["x"])
+        inp("x", (1 << 29, 1 << 29)), graph_pb2.Node(name="y", op="sum", inputs=["x"])
     )
     with pytest.raises(grpc.RpcError) as e:
         stub.RegisterGraph(service_pb2.RegisterGraphRequest(graph=graph), timeout=30)

@@ -13,9 +13,11 @@ from ._registry import (
     ShapeError,
     TensorType,
     check_attr,
+    check_shape,
     lookup,
     normalize_axes,
     register,
+    shape_problem,
 )
 from .source import CONSTANT, INPUT
 
@@ -33,7 +35,9 @@ __all__ = [
     "ShapeError",
     "TensorType",
     "check_attr",
+    "check_shape",
     "lookup",
     "normalize_axes",
     "register",
+    "shape_problem",
 ]

@@ -97,7 +97,52 @@ class Op:
 
 
 class ShapeError(Exception):
-    """Raised by shape rules; validation turns it into a ValidationError naming the node."""
+    """Raised by shape rules; validation turns it into a ValidationError naming the node and
+    `field` (the node's inputs unless an attribute is to blame)."""
+
+    def __init__(self, message: str, *, field: str = "inputs"):
+        self.field = field
+        super().__init__(message)
+
+
+MAX_RANK = 32
+# Elements counted with zero dimensions skipped (numpy's own rule): times the widest dtype's
+# 8 bytes this stays within int64, so numpy can hold any shape that passes.
+MAX_ELEMENTS = 2**60
+
+
+def shape_problem(shape: Sequence[Any]) -> str | None:
+    """Why `shape` cannot be a tensor's shape (None if it can), in exact Python ints.
+
+    The one check every shape from outside goes through: declared, fed, attributes, inferred.
+    """
+    if len(shape) > MAX_RANK:
+        return f"rank {len(shape)} is over the largest allowed ({MAX_RANK})"
+    count = 1
+    for i, d in enumerate(shape):
+        if not isinstance(d, int | np.integer) or isinstance(d, bool | np.bool_):
+            return f"dimension {i} is {d!r:.40}, not an int"
+        if d < 0:
+            return f"dimension {i} is {d}, a negative size"
+        count *= max(int(d), 1)
+        if count > MAX_ELEMENTS:
+            return (
+                f"dimension {i} is {d}: the dimensions (zeros skipped) multiply to more than "
+                f"{MAX_ELEMENTS:,} elements, the most a tensor may have"
+            )
+    return None
+
+
+def check_shape(shape: Sequence[Any], what: str, field: str = "inputs") -> tuple[int, ...]:
+    """`shape` as a tuple of ints, or a ShapeError saying why it is no tensor's shape."""
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise ShapeError(f"{what} {_short(shape)}: {problem}", field=field)
+    return tuple(int(d) for d in shape)
+
+
+def _short(shape: Sequence[Any]) -> str:
+    return str(tuple(shape)) if len(shape) <= 8 else f"({', '.join(map(str, shape[:8]))}, ...)"
 
 
 REGISTRY: dict[str, Op] = {}
@@ -122,9 +167,9 @@ def lookup(name: str, *, node: str | None = None) -> Op:
 
 
 def _check_axis(axis: int, ndim: int, what: str) -> int:
-    if not -ndim <= axis < max(ndim, 1):
-        raise ShapeError(f"{what} {axis} is out of range for rank {ndim}")
-    return axis % ndim if ndim else 0
+    if not -ndim <= axis < ndim:  # a scalar has no axis at all
+        raise ShapeError(f"{what} {axis} is out of range for rank {ndim}", field="attrs.axis")
+    return axis % ndim
 
 
 def normalize_axes(axes: Any, ndim: int) -> tuple[int, ...]:
@@ -134,7 +179,7 @@ def normalize_axes(axes: Any, ndim: int) -> tuple[int, ...]:
     raw = (axes,) if isinstance(axes, int) else tuple(axes)
     norm = tuple(_check_axis(a, ndim, "axis") for a in raw)
     if len(set(norm)) != len(norm):
-        raise ShapeError(f"axis {raw} repeats an axis")
+        raise ShapeError(f"axis {raw} repeats an axis", field="attrs.axis")
     return tuple(sorted(norm))
 
 

@@ -17,7 +17,7 @@ def _axis_type(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     x = ins[0]
     axis = attrs.get("axis", -1)
     if not -len(x.shape) <= axis < len(x.shape):
-        raise ShapeError(f"axis {axis} is out of range for rank {len(x.shape)}")
+        raise ShapeError(f"axis {axis} is out of range for rank {len(x.shape)}", field="attrs.axis")
     return x
 
 

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from ._registry import AttrKind, Attrs, AttrSpec, Op, ShapeError, TensorType, register
+from ._registry import (
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    Op,
+    ShapeError,
+    TensorType,
+    check_shape,
+    register,
+)
 from .elementwise import unbroadcast
 
 
 def _reshape_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     (x,) = ins
     shape = attrs["shape"]
-    if sum(d == -1 for d in shape) > 1 or any(d < -1 for d in shape):
-        raise ShapeError(f"shape {shape} may hold at most one -1 and no other negative size")
-    known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+    if sum(d == -1 for d in shape) > 1:
+        raise ShapeError(f"shape {shape} may hold at most one -1", field="attrs.shape")
+    check_shape([max(d, 0) for d in shape], "shape", field="attrs.shape")
+    known = math.prod(d for d in shape if d != -1)
     if -1 in shape:
         if known == 0 or x.size % known:
             raise ShapeError(f"cannot reshape {x.shape} into {shape}")
@@ -49,7 +60,9 @@ def _transpose_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     (x,) = ins
     perm = _perm(attrs, len(x.shape))
     if sorted(perm) != list(range(len(x.shape))):
-        raise ShapeError(f"axes {perm} are not a permutation of {len(x.shape)} axes")
+        raise ShapeError(
+            f"axes {perm} are not a permutation of {len(x.shape)} axes", field="attrs.axes"
+        )
     return TensorType(tuple(x.shape[i] for i in perm), x.dtype)
 
 
@@ -72,7 +85,7 @@ register(
 
 def _broadcast_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     (x,) = ins
-    shape = tuple(attrs["shape"])
+    shape = check_shape(attrs["shape"], "shape", field="attrs.shape")
     try:
         ok = np.broadcast_shapes(x.shape, shape) == shape
     except ValueError:
@@ -104,7 +117,7 @@ def _concat_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
         raise ShapeError("cannot concatenate scalars")
     axis = attrs.get("axis", 0)
     if not -nd <= axis < nd:
-        raise ShapeError(f"axis {axis} is out of range for rank {nd}")
+        raise ShapeError(f"axis {axis} is out of range for rank {nd}", field="attrs.axis")
     axis %= nd
     for t in ins[1:]:
         if t.dtype != first.dtype:
