@@ -9,6 +9,8 @@ import ctypes.util
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
+from . import _ray_reaper
 from .autodiff import (
     RunRequest,
     check_feeds,
@@ -212,6 +215,7 @@ class RayExecutor:
         self._lock = threading.Lock()
         self._nodes_refs: LRU[str, Any] = LRU(64)
         self._cpus, self._cpus_at = 1, -1e9
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start (or join) Ray; safe to call many times and from several threads."""
@@ -229,9 +233,11 @@ class RayExecutor:
             else:
                 # A new embedded Ray, never some other cluster that happens to run here; it is
                 # this machine's alone, so it listens on loopback only.
+                before = _ray_reaper.children(os.getpid())
                 ray.init(
                     address="local", num_cpus=self.num_cpus, _node_ip_address="127.0.0.1", **kwargs
                 )
+                self._reaper = _start_reaper(_ray_reaper.children(os.getpid()) - before)
             log.info("ray ready: %s", ray.cluster_resources())
 
     def started(self) -> bool:
@@ -375,6 +381,19 @@ class RayExecutor:
         except CancelledError:
             _cancel_all(every)
             raise
+
+
+def _start_reaper(ray_pids: set[int]) -> subprocess.Popen[bytes]:
+    """The watchdog that kills the embedded Ray's processes once this process is gone, even
+    by SIGKILL (see _ray_reaper). Its stdin is a pipe only this process holds (Python's fds
+    are not inherited), so its end of file is this process's exit. A session of its own, so
+    a terminal's signals reach the server and not it."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", _ray_reaper.__file__, *_ray_reaper.tagged(ray_pids)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _cancel_all(refs: Sequence[Any]) -> None:
