@@ -22,9 +22,14 @@ REFRESH_S = 1.0  # how often the set of Ray's processes is refreshed
 
 
 def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time) of every process we can see, from /proc."""
-    out = {}
-    for entry in os.listdir("/proc"):
+    """pid -> (parent pid, start time) of every process we can see, from /proc (none where
+    there is no /proc: there the watchdog has nothing to follow and is not started)."""
+    out: dict[int, tuple[int, str]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:

@@ -237,7 +237,9 @@ class RayExecutor:
                 ray.init(
                     address="local", num_cpus=self.num_cpus, _node_ip_address="127.0.0.1", **kwargs
                 )
-                self._reaper = _start_reaper(_ray_reaper.children(os.getpid()) - before)
+                started = _ray_reaper.children(os.getpid()) - before
+                if started:
+                    self._reaper = _start_reaper(started)
             log.info("ray ready: %s", ray.cluster_resources())
 
     def started(self) -> bool:
