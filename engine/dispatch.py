@@ -12,7 +12,7 @@ from .errors import RequestError
 from .executor import Cancellation, Executor, LocalExecutor, RunResult
 from .ir import Graph
 from .jobs import SegmentRunner
-from .planner import Plan, prefers_ray, single_partition
+from .planner import Plan, may_prefer_ray, prefers_ray, single_partition
 
 log = logging.getLogger("graphgrad.dispatch")
 EXECUTOR_NAMES = ("auto", "local", "ray")
@@ -60,8 +60,14 @@ class Dispatcher:
     def ray_ready(self) -> bool:
         return self._ray is not None and self._ray.started()
 
-    def choose(self, graph: Graph, request: RunRequest, executor: str) -> tuple[str, Plan]:
-        """The executor a request runs on and its plan."""
+    def choose(
+        self,
+        graph: Graph,
+        request: RunRequest,
+        executor: str,
+        cancel: Cancellation | None = None,
+    ) -> tuple[str, Plan]:
+        """The executor a request runs on and its plan; `cancel` stops planning too."""
         check_executor(executor)
         seeded = tuple(request.grad_outputs or ())
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
@@ -71,11 +77,12 @@ class Dispatcher:
                 lambda: single_partition(graph, pass_plan),
             )
         if executor == "ray":
-            return "ray", self.ray.plan(graph, request)[0]
+            return "ray", self.ray.plan(graph, request, cancel)[0]
         # auto: Ray only when the cost model expects it to win and Ray is already up
-        # (a request never waits for Ray to start unless it asked for Ray).
-        if self.ray_ready():
-            plan = self.ray.plan(graph, request)[0]
+        # (a request never waits for Ray to start unless it asked for Ray); a linear bound
+        # rules out most graphs before any partitioning.
+        if self.ray_ready() and may_prefer_ray(graph, pass_plan, self.ray.cpus()):
+            plan = self.ray.plan(graph, request, cancel)[0]
             if prefers_ray(plan, self.ray.cpus()):
                 return "ray", plan
         return self.choose(graph, request, "local")
@@ -102,5 +109,5 @@ class Dispatcher:
         executor: str = "auto",
         cancel: Cancellation | None = None,
     ) -> RunResult:
-        name, _ = self.choose(graph, request, executor)
+        name, _ = self.choose(graph, request, executor, cancel)
         return self.executor(name).run(graph, request, cancel)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -27,8 +28,11 @@ from .ops import (
     lookup,
     shape_problem,
 )
+from .plan_cache import PLANS, PlanKey
 
 MAX_NAME_LENGTH = 256
+NODE_BYTES = 600  # a node, its type, index entry and positions (tests/test_caches.py checks)
+_SERIALS = itertools.count()  # never reused, unlike id(): plan cache keys name instances
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -61,7 +65,7 @@ class Graph:
     Positions (ints) index `nodes`, `ops`, `types` and `input_pos`; `index` maps names to them.
     """
 
-    __slots__ = ("_fingerprint", "_memo", "index", "input_pos", "nodes", "ops", "types")
+    __slots__ = ("_fingerprint", "_serial", "index", "input_pos", "nodes", "ops", "types")
 
     def __init__(self, nodes: Iterable[Node]):
         checked = [_check_node(n) for n in nodes]
@@ -76,15 +80,24 @@ class Graph:
         )
         self.types: tuple[TensorType, ...] = _infer_types(self)
         self._fingerprint: str | None = None
-        self._memo: dict[Any, Any] = {}
+        self._serial = next(_SERIALS)
 
-    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
-        """A value derived from this (immutable) graph, computed once per key."""
-        try:
-            return self._memo[key]
-        except KeyError:
-            value = self._memo[key] = make()
-            return value
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """A value derived from this (immutable) graph, kept in the bounded plan cache
+        (engine/plan_cache.py) and made again should it have been dropped."""
+        return PLANS.get_or_make(PlanKey(self._serial, key), make)
+
+    def approx_bytes(self) -> int:
+        """Estimated memory the graph holds (what the graph cache counts)."""
+
+        def count() -> int:
+            names = sum(len(n.name) for n in self.nodes)
+            arrays = sum(
+                v.nbytes for n in self.nodes for v in n.attrs.values() if isinstance(v, np.ndarray)
+            )
+            return NODE_BYTES * len(self.nodes) + 2 * names + arrays
+
+        return int(self.memo("approx_bytes", count))
 
     def __len__(self) -> int:
         return len(self.nodes)

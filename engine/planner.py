@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .autodiff import PassPlan
+from .executor import Cancellation
 from .ir import Graph
 from .ops import CONSTANT, INPUT
 
@@ -88,7 +89,11 @@ def partition(
     *,
     min_seconds: float = MIN_PARTITION_S,
     max_partitions: int = MAX_PARTITIONS,
+    cancel: Cancellation | None = None,
 ) -> Plan:
+    """Near-linear in the graph (see bench/planning.py); `cancel` is checked as it goes, so a
+    deadline that passes while planning stops it with CancelledError."""
+    check = (cancel or Cancellation()).check
     costs = node_costs(graph)
     # Constants are recomputed by every partition that reads them (free; no cut to ship).
     nodes = [i for i in plan.forward if graph.ops[i] is not CONSTANT]
@@ -101,8 +106,13 @@ def partition(
         for j in preds[i]:
             succs[j].add(i)
 
-    def merge(a: int, b: int) -> None:
-        """Fold partition b into a."""
+    def merge(a: int, b: int) -> int:
+        """Join partitions a and b; returns the one kept. The smaller (in nodes and edges)
+        is folded into the larger, so a node or edge moves O(log n) times in all."""
+        if len(members[a]) + len(preds[a]) + len(succs[a]) < (
+            len(members[b]) + len(preds[b]) + len(succs[b])
+        ):
+            a, b = b, a
         members[a] += members.pop(b)
         seconds[a] += seconds.pop(b)
         for p in preds.pop(b):
@@ -119,15 +129,17 @@ def partition(
         succs[a].discard(a)
         preds[a].discard(b)
         succs[a].discard(b)
+        return a
 
     # 1. Fuse chains (in topological order so each link is seen once).
     for i in nodes:
+        check()
         if i in members:
             while len(succs[i]) == 1:
                 s = next(iter(succs[i]))
                 if len(preds[s]) != 1:
                     break
-                merge(i, s)
+                i = merge(i, s)
 
     def neighbours(p: int, relaxed: bool) -> list[int]:
         """Where small partition p can go without a cycle and without making any partition
@@ -146,13 +158,12 @@ def partition(
         while changed:
             changed = False
             for p in sorted(members, key=lambda k: seconds[k]):
+                check()
                 if p not in members or seconds[p] >= threshold:
                     continue
                 safe = neighbours(p, relaxed)
                 if safe:
-                    q = min(safe, key=lambda k: seconds[k])
-                    keep, gone = (q, p) if q in preds[p] else (p, q)
-                    merge(keep, gone)
+                    merge(p, min(safe, key=lambda k: seconds[k]))
                     changed = True
         if len(members) <= max_partitions or threshold > sum(seconds.values()):
             break
@@ -231,6 +242,19 @@ def single_partition(graph: Graph, plan: PassPlan) -> Plan:
         if plan.forward
         else Plan((), (), {}, 0.0, 0.0)
     )
+
+
+def may_prefer_ray(graph: Graph, plan: PassPlan, cpus: int) -> bool:
+    """A linear bound, checked before partitioning: could any partitioning win? Even perfectly
+    parallel, Ray pays for two tasks per partition (at least two partitions) and for staging
+    the fed inputs; when that bound is not below `prefers_ray`'s bar, inline it is."""
+    if cpus < 2 or len(plan.forward) < 2:
+        return False
+    costs = node_costs(graph)
+    total = sum(costs[i].seconds for i in plan.forward)
+    staged = sum(graph.types[i].nbytes for i in plan.needed_inputs)
+    best = total / cpus + 4 * TASK_OVERHEAD_S / cpus + staged / STAGE_BYTES_PER_S
+    return best < 0.7 * total
 
 
 def prefers_ray(p: Plan, cpus: int) -> bool:

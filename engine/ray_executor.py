@@ -263,12 +263,16 @@ class RayExecutor:
         ref = self._nodes_refs.get_or_make(graph.fingerprint, lambda: ray.put(list(graph.nodes)))
         return [ref]  # nested, so tasks receive the ref and fetch it only on a cache miss
 
-    def plan(self, graph: Graph, request: RunRequest) -> tuple[Plan, list[TaskSpec]]:
+    def plan(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> tuple[Plan, list[TaskSpec]]:
         seeded = tuple(request.grad_outputs or ())
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
 
         def make() -> tuple[Plan, list[TaskSpec]]:
-            parts = partition(graph, pass_plan, min_seconds=self.min_partition_seconds)
+            parts = partition(
+                graph, pass_plan, min_seconds=self.min_partition_seconds, cancel=cancel
+            )
             plan_id = hashlib.sha256(
                 repr((graph.fingerprint, request.outputs, request.wrt, seeded)).encode()
             ).hexdigest()[:16]
@@ -293,7 +297,7 @@ class RayExecutor:
         )
         feeds = check_feeds(graph, pass_plan, request.feeds)
         seeds = seed_cotangents(graph, pass_plan, request.grad_outputs)
-        parts, specs = self.plan(graph, request)
+        parts, specs = self.plan(graph, request, cancel)
         fp, nodes_ref = graph.fingerprint, self._nodes_ref(graph)
         bundles = FeedBundles(specs, feeds)
 

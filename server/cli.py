@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from graphgrad.engine.dispatch import Dispatcher
+from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 
 from .app import Server, ServerConfig
+from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from .job_service import spec_decoder
 from .jobs import JobManager
 from .limits import MIB, Limits
@@ -68,8 +70,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--graph-cache-size",
         type=int,
-        default=256,
+        default=DEFAULT_GRAPHS,
         help="registered graphs kept (least recently used are dropped)",
+    )
+    s.add_argument(
+        "--graph-cache-bytes",
+        type=int,
+        default=DEFAULT_GRAPH_BYTES,
+        help="estimated bytes of registered graphs kept; a larger graph is refused "
+        f"(default {DEFAULT_GRAPH_BYTES // MIB} MiB)",
+    )
+    s.add_argument(
+        "--plan-cache-size",
+        type=int,
+        default=DEFAULT_ENTRIES,
+        help="plans kept (pass plans, compiled steps, partitions; least recently used dropped)",
+    )
+    s.add_argument(
+        "--plan-cache-bytes",
+        type=int,
+        default=DEFAULT_BYTES,
+        help=f"estimated bytes of plans kept (default {DEFAULT_BYTES // MIB} MiB)",
     )
     s.add_argument("--workers", type=int, default=16, help="threads serving requests")
     s.add_argument(
@@ -79,7 +100,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+POSITIVE = (
+    "max_nodes",
+    "max_tensor_bytes",
+    "max_message_bytes",
+    "max_request_bytes",
+    "graph_cache_size",
+    "graph_cache_bytes",
+    "plan_cache_size",
+    "plan_cache_bytes",
+)
+
+
 def config_from(args: argparse.Namespace) -> ServerConfig:
+    for name in POSITIVE:
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(
+                f"graphgrad serve: {flag} must be at least 1, got {getattr(args, name)}"
+            )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
@@ -108,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher = Dispatcher(
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
-    runtime = Runtime.create(config.limits, dispatcher, cache_size=args.graph_cache_size)
+    PLANS.configure(args.plan_cache_size, args.plan_cache_bytes)
+    runtime = Runtime.create(
+        config.limits,
+        dispatcher,
+        cache_size=args.graph_cache_size,
+        cache_bytes=args.graph_cache_bytes,
+    )
     if dispatcher.ray_enabled:
         # Ray first: it forks its daemons with Python callbacks in the child, which can
         # deadlock once gRPC threads exist (seen here as a raylet that never starts). And on

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from graphgrad.engine import Cancellation, Graph, RunRequest, RunResult
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.ir import Node
+from graphgrad.engine.lru import CacheStats
+from graphgrad.engine.memory import request_memory
+from graphgrad.engine.plan_cache import PLANS
 from graphgrad.engine.planner import Explanation, describe
 
-from .cache import GraphCache
+from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
 from .errors import NotFoundError
 from .limits import Limits
 
@@ -26,10 +29,13 @@ class Runtime:
         cls,
         limits: Limits | None = None,
         dispatcher: Dispatcher | None = None,
-        cache_size: int = 256,
+        cache_size: int = DEFAULT_GRAPHS,
+        cache_bytes: int = DEFAULT_GRAPH_BYTES,
     ) -> Runtime:
         return cls(
-            limits or Limits(), dispatcher or Dispatcher(ray_enabled=False), GraphCache(cache_size)
+            limits or Limits(),
+            dispatcher or Dispatcher(ray_enabled=False),
+            GraphCache(cache_size, cache_bytes),
         )
 
     def register(self, nodes: Iterable[Node]) -> Graph:
@@ -44,11 +50,32 @@ class Runtime:
             raise NotFoundError(fingerprint)
         return graph
 
+    def admit(self, graph: Graph, request: RunRequest) -> None:
+        """Refuse a run whose peak memory, from declared shapes, is over max_request_bytes."""
+        seeded = tuple(request.grad_outputs or ())
+        mem = request_memory(graph, request.outputs, request.wrt, seeded)
+        if mem.peak > self.limits.max_request_bytes:
+            what = f"the run of {_named(request.outputs)}" + (
+                f" with wrt {_named(request.wrt)}" if request.wrt else ""
+            )
+            self.limits.check_request_bytes(mem.peak, f"{what} ({mem})")
+
     def run(
         self, graph: Graph, request: RunRequest, executor: str, cancel: Cancellation
     ) -> RunResult:
+        self.admit(graph, request)
         return self.dispatcher.run(graph, request, executor, cancel)
 
-    def explain(self, graph: Graph, request: RunRequest, executor: str) -> Explanation:
-        name, plan = self.dispatcher.choose(graph, request, executor)
+    def explain(
+        self, graph: Graph, request: RunRequest, executor: str, cancel: Cancellation | None = None
+    ) -> Explanation:
+        name, plan = self.dispatcher.choose(graph, request, executor, cancel)
         return describe(graph, name, plan)
+
+    def caches(self) -> dict[str, CacheStats]:
+        return {"graphs": self.cache.stats(), "plans": PLANS.stats()}
+
+
+def _named(names: Sequence[str], shown: int = 3) -> str:
+    listed = ", ".join(repr(n[:64]) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")

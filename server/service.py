@@ -88,7 +88,8 @@ class GraphServicer:
         graph = self._graph(request)
         executor = executor_name(request.options.executor)
         run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
-        return codec.encode_explanation(self.runtime.explain(graph, run, executor))
+        explanation = self.runtime.explain(graph, run, executor, cancellation(context))
+        return codec.encode_explanation(explanation)
 
     def ListOps(
         self, request: service_pb2.ListOpsRequest, context: grpc.ServicerContext
@@ -102,6 +103,10 @@ class GraphServicer:
             version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
         )
         out.limits.update(self.runtime.limits.as_dict())
+        for name, stats in self.runtime.caches().items():
+            info = out.caches[name]
+            info.entries, info.bytes = stats.entries, stats.bytes
+            info.max_entries, info.max_bytes = stats.max_entries, stats.max_bytes
         if self.runtime.dispatcher.ray_ready():
             address, resources = self.runtime.dispatcher.ray.info()
             out.ray_address = address

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphgrad as gg
-from graphgrad.engine import Graph, LocalExecutor, RunRequest
+from graphgrad.engine import (
+    Cancellation,
+    CancelledError,
+    Graph,
+    LocalExecutor,
+    Node,
+    RunRequest,
+)
 from graphgrad.engine.autodiff import plan_pass
-from graphgrad.engine.planner import node_costs, partition, prefers_ray
+from graphgrad.engine.planner import may_prefer_ray, node_costs, partition, prefers_ray
 
 from .partitioned import run_partitioned
 from .strategies import random_graphs
@@ -111,3 +121,41 @@ def test_many_partitions_and_a_value_feeding_several_partitions():
     local = LocalExecutor().run(graph, request)
     assert grads["x"].tobytes() == local.grads["x"].tobytes()
     assert grads["z"].tobytes() == local.grads["z"].tobytes()
+
+
+def wide_negations(n: int) -> Graph:
+    """x -> n `neg` -> concat -> sum: one join of n branches (quadratic to plan, once)."""
+    nodes = [Node("x", "input", shape=(4,), dtype="float64")]
+    nodes += [Node(f"n{i}", "neg", ("x",)) for i in range(n)]
+    nodes += [Node("c", "concat", tuple(f"n{i}" for i in range(n))), Node("L", "sum", ("c",))]
+    return Graph(nodes)
+
+
+@pytest.mark.timeout(120)  # near-linear: seconds here; the quadratic planner took many minutes
+def test_planning_a_wide_graph_is_near_linear():
+    graph = wide_negations(100_000)
+    pp = plan_pass(graph, ["L"], ["x"])
+    plan = partition(graph, pp)
+    assert sorted(i for p in plan.partitions for i in p.nodes) == sorted(pp.forward)
+
+
+def test_an_expired_deadline_stops_planning():
+    graph = wide_negations(20_000)
+    pp = plan_pass(graph, ["L"], ["x"])
+    with pytest.raises(CancelledError, match="deadline"):
+        partition(graph, pp, cancel=Cancellation(deadline=time.monotonic() - 1.0))
+    cancelled = Cancellation()
+    cancelled.cancel()
+    with pytest.raises(CancelledError, match="cancelled"):
+        partition(graph, pp, cancel=cancelled)
+
+
+def test_auto_rules_out_ray_before_partitioning_small_work():
+    small = wide_negations(200)
+    assert not may_prefer_ray(small, plan_pass(small, ["L"], ["x"]), cpus=8)
+    graph, out, wrt = wide_graph()
+    pp = plan_pass(graph, [out.name], wrt)
+    assert not may_prefer_ray(graph, pp, cpus=1)
+    assert may_prefer_ray(graph, pp, cpus=8)
+    # The bound never rules out a plan the full cost model would choose.
+    assert prefers_ray(partition(graph, pp), 8)

@@ -739,11 +739,33 @@ class GetServerInfoResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CachesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___CacheInfo: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___CacheInfo | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     OPSET_VERSION_FIELD_NUMBER: _builtins.int
     RAY_ADDRESS_FIELD_NUMBER: _builtins.int
     RAY_RESOURCES_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    CACHES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """graphgrad version of the server."""
     opset_version: _builtins.int
@@ -758,6 +780,12 @@ class GetServerInfoResponse(_message.Message):
     def limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Limits in force, by name (max_nodes, max_tensor_bytes, max_message_bytes)."""
 
+    @_builtins.property
+    def caches(self) -> _containers.MessageMap[_builtins.str, Global___CacheInfo]:
+        """The server's caches, by name: "graphs" (registered graphs by fingerprint) and "plans"
+        (what is derived from a graph per request: pass plans, compiled steps, partitions).
+        """
+
     def __init__(
         self,
         *,
@@ -766,11 +794,46 @@ class GetServerInfoResponse(_message.Message):
         ray_address: _builtins.str = ...,
         ray_resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         limits: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        caches: _abc.Mapping[_builtins.str, Global___CacheInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "opset_version", b"opset_version", "ray_address", b"ray_address", "ray_resources", b"ray_resources", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caches", b"caches", "limits", b"limits", "opset_version", b"opset_version", "ray_address", b"ray_address", "ray_resources", b"ray_resources", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class CacheInfo(_message.Message):
+    """What a cache holds and its bounds; the least recently used entries go first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    MAX_ENTRIES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    entries: _builtins.int
+    """Entries held."""
+    bytes: _builtins.int
+    """Estimated bytes held."""
+    max_entries: _builtins.int
+    """Most entries kept."""
+    max_bytes: _builtins.int
+    """Most estimated bytes kept (an entry larger than this alone is refused)."""
+    def __init__(
+        self,
+        *,
+        entries: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        max_entries: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "entries", b"entries", "max_bytes", b"max_bytes", "max_entries", b"max_entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheInfo: _TypeAlias = CacheInfo  # noqa: Y015

@@ -1,0 +1,83 @@
+"""The plan cache: values derived from a graph (pass plans, compiled steps, partitions, costs),
+kept per graph instance in one process-wide LRU bounded by entries and estimated bytes.
+
+Derived values hold node positions, which belong to one Graph instance (two graphs with the
+same fingerprint may order their nodes differently), so keys name the instance by a serial
+number that is never reused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from types import FunctionType, MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .lru import LRU, CacheStats
+from .ops import Op
+
+DEFAULT_ENTRIES = 4096
+DEFAULT_BYTES = 256 << 20
+_SAMPLE = 16  # large containers are sized from this many evenly spaced elements
+_SCALARS = (int, float, bool, str, bytes, type(None))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanKey:
+    graph: int  # the Graph instance's serial number
+    what: Hashable  # e.g. ("pass", outputs, wrt, seeded)
+
+
+def approx_bytes(obj: Any) -> int:
+    """Estimated memory of `obj` and what it holds. Linear in the value at worst; containers
+    of many elements are sized from a sample. Functions, ops and node attributes belong to
+    the graph and are not counted."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes + 112
+    if isinstance(obj, _SCALARS):
+        return sys.getsizeof(obj)
+    if isinstance(obj, FunctionType | MappingProxyType | type | Op):
+        return 0
+    if hasattr(obj, "ByteSize"):  # a protobuf message (e.g. a graph's wire form)
+        return int(obj.ByteSize()) + 64
+    if isinstance(obj, dict):
+        return sys.getsizeof(obj) + _items_bytes([*obj.keys()]) + _items_bytes([*obj.values()])
+    if isinstance(obj, tuple | list | set | frozenset):
+        return sys.getsizeof(obj) + _items_bytes(obj if isinstance(obj, tuple | list) else [*obj])
+    slots = [s for t in type(obj).__mro__ for s in getattr(t, "__slots__", ())]
+    if not slots:
+        return sys.getsizeof(obj)  # counted shallowly
+    return sys.getsizeof(obj) + sum(approx_bytes(getattr(obj, s, None)) for s in slots)
+
+
+def _items_bytes(items: tuple[Any, ...] | list[Any]) -> int:
+    n = len(items)
+    if n == 0:
+        return 0
+    if n <= 2 * _SAMPLE:
+        return sum(approx_bytes(x) for x in items)
+    sample = [items[k * n // _SAMPLE] for k in range(_SAMPLE)]
+    return sum(approx_bytes(x) for x in sample) * n // _SAMPLE
+
+
+class PlanCache:
+    """The owner of derived values: one per process (`PLANS`), resized by the server."""
+
+    def __init__(self, max_entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES):
+        self._lru: LRU[PlanKey, Any] = LRU(max_entries, max_bytes, approx_bytes)
+
+    def configure(self, max_entries: int, max_bytes: int) -> None:
+        """New bounds (what was cached is dropped)."""
+        self._lru = LRU(max_entries, max_bytes, approx_bytes)
+
+    def get_or_make(self, key: PlanKey, make: Callable[[], Any]) -> Any:
+        return self._lru.get_or_make(key, make)
+
+    def stats(self) -> CacheStats:
+        return self._lru.stats()
+
+
+PLANS = PlanCache()
