@@ -65,7 +65,12 @@ def random_requests(draw, max_nodes: int = 25, shape=(3,)):
     names = [n.name for n in nodes]
     graph = Graph(nodes)
     outputs = draw(st.lists(st.sampled_from(names), max_size=3))
-    wrt = tuple(draw(st.lists(st.sampled_from(names), min_size=1, max_size=6)))
+    # Leaves (inputs, constants, the unused input) drawn on purpose: among 30 names they
+    # would be rare.
+    leaves = [n.name for n in nodes if n.op in ("input", "constant")]
+    wrt = draw(st.lists(st.sampled_from(names), max_size=4))
+    wrt += draw(st.lists(st.sampled_from(leaves), min_size=0 if wrt else 1, max_size=3))
+    wrt = tuple(draw(st.permutations(wrt)))
     grad_outputs = None
     if draw(st.booleans()):
         seeded = draw(st.lists(st.sampled_from([loss, *outputs]), min_size=1, unique=True))
