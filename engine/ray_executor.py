@@ -47,7 +47,7 @@ from .training import ChunkState, ChunkTrainer, TrainSpec
 log = logging.getLogger("graphgrad.ray")
 
 # Worker side: graphs by fingerprint, so a graph is rebuilt once per worker, not per task.
-_GRAPHS: LRU[str, Graph] = LRU(32)
+_GRAPHS: LRU[str, Graph] = LRU(32, 1 << 30, Graph.approx_bytes)
 
 
 def _graph(fingerprint: str, nodes_ref: list[Any]) -> Graph:
@@ -212,7 +212,8 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self.min_partition_seconds = min_partition_seconds
         self._lock = threading.Lock()
-        self._nodes_refs: LRU[str, Any] = LRU(64)
+        # (ref, estimated bytes): the object store holds each graph's nodes once.
+        self._nodes_refs: LRU[str, tuple[Any, int]] = LRU(64, 1 << 30, lambda v: v[1])
         self._cpus, self._cpus_at = 1, -1e9
         self._reaper: subprocess.Popen[bytes] | None = None
 
@@ -259,7 +260,9 @@ class RayExecutor:
         return str(ray.get_runtime_context().gcs_address), dict(ray.cluster_resources())
 
     def _nodes_ref(self, graph: Graph) -> list[Any]:
-        ref = self._nodes_refs.get_or_make(graph.fingerprint, lambda: ray.put(list(graph.nodes)))
+        ref, _ = self._nodes_refs.get_or_make(
+            graph.fingerprint, lambda: (ray.put(list(graph.nodes)), graph.approx_bytes())
+        )
         return [ref]  # nested, so tasks receive the ref and fetch it only on a cache miss
 
     def plan(

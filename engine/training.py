@@ -360,7 +360,9 @@ def _check_data(spec: TrainSpec, n: int) -> None:
                 )
 
 
-_STACKED: LRU[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = LRU(64)
+_STACKED: LRU[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = LRU(
+    64, 1 << 30, lambda v: v[0].approx_bytes()
+)
 
 
 def stacked(template: Graph, loss: str, batched: frozenset[str], n: int) -> tuple[Graph, str]:
