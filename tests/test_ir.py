@@ -9,9 +9,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graphgrad.engine import Graph, LocalExecutor, Node, RunRequest, UnknownOpError, ValidationError
+from graphgrad.engine import (
+    Graph,
+    LocalExecutor,
+    Node,
+    RunRequest,
+    UnknownOpError,
+    ValidationError,
+    tensors,
+)
+from graphgrad.engine.errors import name_list
+from graphgrad.engine.ops import AttrKind, AttrSpec, Op, check_attr
 
 from .strategies import random_graphs
+
+_FLOAT = {"f": AttrSpec(AttrKind.FLOAT)}
 
 
 def inp(name, shape=(3,), dtype="float64"):
@@ -112,6 +124,45 @@ def test_unknown_op_is_its_own_error_and_lists_known_ops():
 def test_cycle_error_names_the_cycle():
     with pytest.raises(ValidationError, match="a -> b -> a|b -> a -> b"):
         Graph([inp("x"), Node("a", "add", ("x", "b")), Node("b", "tanh", ("a",))])
+
+
+def test_a_long_cycle_names_the_first_few_nodes_and_the_count():
+    names = [f"n{i}" for i in range(5000)]
+    nodes = [Node(a, "neg", (b,)) for a, b in zip(names, [*names[1:], names[0]], strict=True)]
+    with pytest.raises(ValidationError, match="5,000 nodes.*'n0', 'n1', 'n2' and 4,997 more$"):
+        Graph(nodes)
+
+
+def test_name_list_shows_the_first_few_names_and_counts_the_rest():
+    assert name_list([]) == ""
+    assert name_list(["a"]) == "'a'"
+    assert name_list("abcde") == "'a', 'b', 'c' and 2 more"
+    assert name_list([f"i{k}" for k in range(3000)]) == "'i0', 'i1', 'i2' and 2,997 more"
+    assert len(name_list(["x" * 100_000] * 3)) < 300
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ((0, 2**63 - 1), "dimension 1 is 9223372036854775807"),
+        ((-1,), "dimension 0 is -1, a negative size"),
+        ((2**32, 2**32, 0), "multiply to more than"),
+        ((1,) * 33, "rank 33"),
+    ],
+)
+def test_decoding_a_shape_numpy_cannot_hold_names_the_shape(shape, words):
+    with pytest.raises(tensors.TensorFormatError, match=re.escape(words)) as e:
+        tensors.decode("float64", shape, b"", what="feeds['x']")
+    assert e.value.part == "shape"
+
+
+def test_float_attributes_must_be_finite():
+    op = Op("scale", 1, lambda ins, at: ins[0], lambda xs, at: xs[0], None, attrs=_FLOAT)
+    assert check_attr(op, "f", 2, node="y") == 2.0
+    for bad in (float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValidationError, match="must be a finite float") as e:
+            check_attr(op, "f", bad, node="y")
+        assert e.value.field == "attrs.f"
 
 
 def test_nodes_are_immutable():

@@ -209,8 +209,12 @@ def check_attr(op: Op, name: str, value: Any, *, node: str | None) -> Any:
             raise bad("an int")
         return int(value)
     if kind is AttrKind.FLOAT:
-        if not isinstance(value, float | int) or isinstance(value, bool):
-            raise bad("a float")
+        if (
+            not isinstance(value, float | int)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
+            raise bad("a finite float")
         return float(value)
     if kind is AttrKind.BOOL:
         if not isinstance(value, bool | np.bool_):
