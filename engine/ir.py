@@ -24,7 +24,6 @@ from .ops import (
     ShapeError,
     TensorType,
     check_attr,
-    check_shape,
     lookup,
     shape_problem,
 )
@@ -263,7 +262,9 @@ def _infer_types(graph: Graph) -> tuple[TensorType, ...]:
         else:
             try:
                 t = op.infer([types[j] for j in ins], node.attrs)
-                check_shape(t.shape, "its shape", field="shape")  # e.g. matmul of empty inputs
+                problem = shape_problem(t.shape)  # e.g. a matmul of empty inputs
+                if problem is not None:
+                    raise ShapeError(f"its shape {t.shape}: {problem}", field="shape")
             except ShapeError as e:
                 raise ValidationError(f"op '{op.name}': {e}", node=node.name, field=e.field) from e
             if node.shape is not None and node.shape != t.shape:

@@ -120,11 +120,14 @@ def shape_problem(shape: Sequence[Any]) -> str | None:
         return f"rank {len(shape)} is over the largest allowed ({MAX_RANK})"
     count = 1
     for i, d in enumerate(shape):
-        if not isinstance(d, int | np.integer) or isinstance(d, bool | np.bool_):
-            return f"dimension {i} is {d!r:.40}, not an int"
+        if type(d) is not int:  # the common case first: this runs for every node
+            if not isinstance(d, int | np.integer) or isinstance(d, bool | np.bool_):
+                return f"dimension {i} is {d!r:.40}, not an int"
+            d = int(d)
         if d < 0:
             return f"dimension {i} is {d}, a negative size"
-        count *= max(int(d), 1)
+        if d > 1:
+            count *= d
         if count > MAX_ELEMENTS:
             return (
                 f"dimension {i} is {d}: the dimensions (zeros skipped) multiply to more than "
@@ -138,7 +141,7 @@ def check_shape(shape: Sequence[Any], what: str, field: str = "inputs") -> tuple
     problem = shape_problem(shape)
     if problem is not None:
         raise ShapeError(f"{what} {_short(shape)}: {problem}", field=field)
-    return tuple(int(d) for d in shape)
+    return tuple(map(int, shape))
 
 
 def _short(shape: Sequence[Any]) -> str:
