@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from .lru import LRU, CacheStats
-from .ops import Op
+from .ops import Op, TensorType
 
 DEFAULT_ENTRIES = 4096
 DEFAULT_BYTES = 256 << 20
 _SAMPLE = 16  # large containers are sized from this many evenly spaced elements
-_SCALARS = (int, float, bool, str, bytes, type(None))
+_SHARED = (int, str, type(None))  # bool is an int
+_SCALARS = (float, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,12 @@ def approx_bytes(obj: Any) -> int:
     the graph and are not counted."""
     if isinstance(obj, np.ndarray):
         return obj.nbytes + 112
+    if isinstance(obj, _SHARED):
+        return 0  # node positions and names: the graph's own objects, referenced
     if isinstance(obj, _SCALARS):
         return sys.getsizeof(obj)
-    if isinstance(obj, FunctionType | MappingProxyType | type | Op):
-        return 0
+    if isinstance(obj, FunctionType | MappingProxyType | type | Op | TensorType):
+        return 0  # the graph's own: ops, node attributes, types
     if hasattr(obj, "ByteSize"):  # a protobuf message (e.g. a graph's wire form)
         return int(obj.ByteSize()) + 64
     if isinstance(obj, dict):

@@ -58,13 +58,42 @@ def test_graph_cache_bytes_nodes_estimate_is_not_below_what_a_graph_holds():
     try:
         before = tracemalloc.get_traced_memory()[0]
         nodes = [Node("x", "input", shape=(2,), dtype="float64")]
-        nodes += [Node(f"n{i}", "neg", (nodes[-1].name,)) for i in range(20_000)]
+        nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(20_000)]
         graph = Graph(nodes)
         del nodes
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert held <= graph.approx_bytes() <= 2 * held
+
+
+def test_plan_cache_estimate_is_not_below_what_plans_hold():
+    import gc
+    import tracemalloc
+
+    from graphgrad.engine import RunRequest
+    from graphgrad.engine.dispatch import Dispatcher
+    from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
+
+    nodes = [Node("x", "input", shape=(2,), dtype="float64")]
+    nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(2000)]
+    graph, dispatcher, x = Graph(nodes), Dispatcher(ray_enabled=False), np.ones(2)
+    PLANS.configure(100_000, 1 << 40)
+    try:
+        dispatcher.run(graph, RunRequest(("n0",), {"x": x}))  # per-graph values (costs)
+        gc.collect()
+        tracemalloc.start()
+        before, counted = tracemalloc.get_traced_memory()[0], PLANS.stats().bytes
+        for k in range(1000, 1050):
+            out = f"n{k}"
+            dispatcher.run(graph, RunRequest((out,), {"x": x}, ("x",), {out: x}))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        estimated = PLANS.stats().bytes - counted
+    finally:
+        tracemalloc.stop()
+        PLANS.configure(DEFAULT_ENTRIES, DEFAULT_BYTES)
+    assert held <= estimated <= 2 * held
 
 
 def test_a_thousand_runs_with_distinct_outputs_keep_the_plan_cache_bounded(client):
