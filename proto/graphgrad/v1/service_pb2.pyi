@@ -778,7 +778,9 @@ class GetServerInfoResponse(_message.Message):
 
     @_builtins.property
     def limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Limits in force, by name (max_nodes, max_tensor_bytes, max_message_bytes)."""
+        """Limits in force, by name (max_nodes, max_tensor_bytes, max_message_bytes,
+        max_request_bytes: the peak memory one request may take, from its declared shapes).
+        """
 
     @_builtins.property
     def caches(self) -> _containers.MessageMap[_builtins.str, Global___CacheInfo]:
