@@ -46,7 +46,7 @@ TIMEOUT = 5.0
 STREAM_TIMEOUT = 2.0
 # RPCs that reach deep code are drawn more often; the rest once each.
 WEIGHTS = {"Run": 4, "Explain": 2, "RegisterGraph": 2, "SubmitJob": 3}
-FOLLOWUPS = ("WatchJob", "GetJob", "GetJobResults", "CancelJob")
+FOLLOWUPS = ("WatchJob", "GetJob", "GetJobResults", "CancelJob", "DeleteJob")
 STREAM_MESSAGES = 4
 LONG_LITERAL = re.compile(r'"(?:[^"\\]|\\.){80,}"')  # a quoted text-format string
 LOST = (
@@ -137,6 +137,8 @@ def failure(outcome: Outcome) -> str | None:
     message too long for gRPC metadata, or a server that went away)."""
     if outcome.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
         return outcome.code.name
+    if outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # our own deadline
+        return None
     if outcome.code == grpc.StatusCode.UNAVAILABLE or outcome.details.startswith(LOST):
         return "LOST"
     return None
@@ -293,7 +295,7 @@ class Generator:
     def valid(self, name: str) -> Call:
         """A structurally valid request for the RPC `name`, unmutated."""
         method = self.by_name[name]
-        msg = self.structured(method)
+        msg = self.structured(method, pure=True)
         return Call(method, msg.SerializeToString(), "valid", msg)
 
     def observe(self, call: Call, outcome: Outcome) -> None:
@@ -443,7 +445,8 @@ class Generator:
 
     # ---- structured requests and their mutations
 
-    def structured(self, method: Method) -> Message:
+    def structured(self, method: Method, pure: bool = False) -> Message:
+        """A request that makes sense; unless `pure`, an Explain may be of a random graph."""
         rng = self.rng
         name = method.name
         if name == "Run":
@@ -453,7 +456,7 @@ class Generator:
             return req
         if name == "Explain":
             req = service_pb2.ExplainRequest(graph=seed_graph(), outputs=["L"], wrt=["W", "b"])
-            if rng.random() < 0.3:
+            if not pure and rng.random() < 0.3:
                 req.graph.CopyFrom(self.random_graph())
                 req.outputs[:] = [req.graph.nodes[-1].name]
                 del req.wrt[:]

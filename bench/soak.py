@@ -3,7 +3,7 @@
 Starts its own `graphgrad serve` (temporary data dir, loopback, no Ray unless --ray), then
 --clients processes send, for --seconds or until --requests in all, a mix of valid Runs of
 the README's two-layer network, Explain, RegisterGraph, ListOps, GetServerInfo, small
-training jobs (submit, watch briefly, results, cancel) and fuzzed requests (bench/_fuzz.py).
+training jobs (submit, watch briefly, results, cancel, delete) and fuzzed requests (bench/_fuzz.py).
 The server's RSS is sampled every 0.5 s. Prints requests served, statuses by code, latency
 of the valid Runs, peak RSS, RSS after warm-up (at 10 % of the time) and at the end, and
 "INTERNAL/UNKNOWN: N"; exits 1 when N > 0, when a status was lost in transport (an error
@@ -37,6 +37,7 @@ from graphgrad.v1 import service_pb2
 
 BAD = ("INTERNAL", "UNKNOWN")
 WARMUP = 0.1  # RSS after warm-up is read at this fraction of the run
+TIMELINE = (0.1, 0.25, 0.5, 0.75, 0.95)
 SERVER_LIMITS = ("--max-tensor-bytes", str(16 << 20), "--max-request-bytes", str(256 << 20))
 # Share of each kind of traffic; "fuzz" is the hostile part, the rest is valid.
 MIX = {"run": 30, "explain": 4, "register": 4, "listops": 3, "info": 3, "job": 4, "fuzz": 52}
@@ -48,6 +49,7 @@ class ClientResult:
     run_seconds: list[float] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)  # reproducers of the failures (a few)
     lost: int = 0  # statuses lost in transport (see _fuzz.failure)
+    refused: Counter[str] = field(default_factory=Counter)  # valid requests not OK, by RPC
 
 
 def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: mp.Queue) -> None:
@@ -67,6 +69,8 @@ def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: 
             outcome = _fuzz.send(channel, c)
             sent += 1
             result.codes[f"{'hostile' if hostile else 'valid'} {outcome.code.name}"] += 1
+            if not hostile and outcome.code != grpc.StatusCode.OK:
+                result.refused[f"{c.method.name} {outcome.code.name}"] += 1
             why = _fuzz.failure(outcome)
             result.lost += why == "LOST"
             if why and len(result.bad) < 20:
@@ -84,8 +88,10 @@ def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: 
                 submitted = call(gen.valid("SubmitJob"), False)
                 if submitted.code == grpc.StatusCode.OK:
                     job = gen.known.followups.pop()  # followed here, not by the generator
-                    for name in ("WatchJob", "GetJobResults", "CancelJob"):
-                        method = gen.by_name[name]
+                    for name in ("WatchJob", "GetJobResults", "CancelJob", "DeleteJob"):
+                        method = gen.by_name.get(name)
+                        if method is None:  # a server without DeleteJob
+                            continue
                         msg = method.request(id=job)
                         call(_fuzz.Call(method, msg.SerializeToString(), "valid", msg), False)
             elif kind == "fuzz":
@@ -187,6 +193,11 @@ def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, lo
     if runs:
         p50, p99 = statistics.median(runs), runs[int(0.99 * (len(runs) - 1))]
         print(f"valid Runs: {len(runs)}, p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
+    refused = sum((r.refused for r in results), Counter())
+    if refused:
+        print("valid requests not OK: " + ", ".join(f"{k} {n}" for k, n in sorted(refused.items())))
+    timeline = [mib(next(rss for t, rss in samples if t >= f * elapsed)) for f in TIMELINE]
+    print(f"RSS at {', '.join(f'{f:.0%}' for f in TIMELINE)} of the time: {', '.join(timeline)}")
     print(f"peak RSS: {mib(peak)}")
     print(f"RSS after warm-up ({WARMUP:.0%} of the time): {mib(warm)}")
     print(f"RSS at the end: {mib(end_rss)} ({end_rss / warm:.2f} x after warm-up)")

@@ -3,7 +3,7 @@
 Requests come from bench/_fuzz.py (any RPC from the service descriptors, every field,
 boundary numbers and shapes, random bytes, mutated valid graphs and jobs). No answer may be
 UNKNOWN or INTERNAL or lost in transport (e.g. an error too long for gRPC metadata), the
-server must stay up and answer, and its RSS must stay bounded.
+server must stay up and answer, its RSS must stay bounded, and SIGTERM must still stop it.
 GRAPHGRAD_FUZZ_N sets the number of requests (default 2,000), GRAPHGRAD_FUZZ_SEED the seed;
 GRAPHGRAD_FUZZ_REPORT names a file to get one reproducer for every distinct failure.
 """
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 from pathlib import Path
@@ -24,7 +27,7 @@ import pytest
 
 from graphgrad.v1 import service_pb2
 
-from .server_proc import running_server
+from .server_proc import ServerProcess, running_server
 
 
 def _load_fuzz() -> ModuleType:
@@ -45,6 +48,7 @@ CLIENTS = 4  # concurrent callers, each with its own generator (seed + k)
 RSS_BOUND = 3 << 29  # 1.5 GiB
 RSS_KILL = 2 * RSS_BOUND  # past this the watchdog kills the server: the machine is shared
 SHOWN = 6  # reproducers printed in full
+SHUTDOWN_WAIT = 60  # seconds; the server's grace period is 10
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 1 << 30)]
 SERVER_ARGS = (
     "--max-tensor-bytes",
@@ -77,12 +81,14 @@ class RssWatch(threading.Thread):
 
 def _worker(channel: grpc.Channel, ops: object, k: int, n: int) -> tuple[Counter, list]:
     gen = fuzz.Generator(SEED + k, ops)
-    codes: Counter = Counter()
+    codes: Counter = Counter()  # statuses, and seconds spent per RPC
     bad = []
     for _ in range(n):
         call = gen.next()
+        start = time.perf_counter()
         outcome = fuzz.send(channel, call)
         codes[outcome.code.name] += 1
+        codes[f"seconds in {call.method.name}"] += time.perf_counter() - start
         if fuzz.failure(outcome):
             bad.append((call, outcome))
         gen.observe(call, outcome)
@@ -130,7 +136,10 @@ def test_fuzz_whole_api():
                 results = [p.result() for p in parts]
             codes = sum((c for c, _ in results), Counter())
             bad = [b for _, part in results for b in part]
-            print(f"fuzz: {sum(codes.values())} requests, statuses {dict(codes.most_common())}")
+            statuses = {k: n for k, n in codes.most_common() if not k.startswith("seconds")}
+            seconds = {k[11:]: round(n, 1) for k, n in codes.most_common() if k.startswith("sec")}
+            print(f"fuzz: {sum(statuses.values())} requests, statuses {statuses}")
+            print(f"fuzz: client seconds by RPC {seconds}")
             print(f"fuzz: peak server RSS {watch.peak / 2**20:.0f} MiB")
 
             assert not watch.killed, f"server RSS passed {RSS_KILL} bytes; killed"
@@ -141,3 +150,20 @@ def test_fuzz_whole_api():
                 pytest.fail(_report(bad), pytrace=False)
             assert watch.peak < RSS_BOUND, f"server RSS peaked at {watch.peak} bytes"
         watch.stop.set()
+        _stops_on_sigterm(server)
+
+
+def _stops_on_sigterm(server: ServerProcess) -> None:
+    """After all that, SIGTERM still shuts the server down (within its grace period and a
+    generous margin; a hang is killed and reported)."""
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(SHUTDOWN_WAIT)
+        return
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+    pytest.fail(
+        f"the server did not exit within {SHUTDOWN_WAIT} s of SIGTERM:\n{server.log()[-3000:]}",
+        pytrace=False,
+    )
