@@ -1,12 +1,21 @@
-"""Building and running the gRPC server: services, health, reflection, TLS, auth, shutdown."""
+"""Building and running the gRPC server: services, health, reflection, TLS, auth, shutdown.
+
+The server is grpc.aio: unary handlers stay plain functions that run in a thread pool, while
+a stream that mostly waits (WatchJob) is an async generator holding no thread while idle.
+Concurrency is bounded: Run/Explain by `max_concurrent_runs` with a short queue, streams by
+`max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond: RESOURCE_EXHAUSTED.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import os
 import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +24,10 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from graphgrad.engine import RequestError
 from graphgrad.v1 import jobs_pb2, service_pb2
 
+from .admission import Admission
 from .auth import TokenAuth
 from .errors import to_status
 from .job_service import JobServicer
@@ -28,6 +39,7 @@ from .service import GraphServicer
 log = logging.getLogger("graphgrad.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GraphService"]
 JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
+RUN_METHODS = ("Run", "Explain")  # the calls that execute graphs, bounded by max_concurrent_runs
 
 
 @dataclass
@@ -38,51 +50,98 @@ class ServerConfig:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     token: str | None = None
-    workers: int = 16
+    workers: int = 16  # threads for ordinary calls; runs waiting for a slot get their own
     grace_seconds: float = 10.0
+    max_concurrent_runs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    run_queue: int = 32  # runs waiting for a slot; beyond: RESOURCE_EXHAUSTED
+    max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
+
+    @property
+    def threads(self) -> int:
+        """A run waiting for a slot holds a thread, so those come on top of `workers`."""
+        return self.workers + self.max_concurrent_runs + self.run_queue
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """gRPC's outer bound on calls in flight: every stream, and a queue of unary calls."""
+        return self.max_streams + 4 * self.threads
+
+
+@dataclass(frozen=True)
+class Guards:
+    """The admission controls a handler may need."""
+
+    runs: Admission
+    streams: Admission
+
+
+def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
+    try:
+        return request_type.FromString(raw)
+    except pb_message.DecodeError as e:
+        raise RequestError(
+            f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {e}", field=""
+        ) from e
 
 
 def _handler(
-    impl: Callable[[Any, grpc.ServicerContext], Any],
+    impl: Callable[[Any, Any], Any],
     request_type: type[pb_message.Message],
     streaming: bool,
+    guard: Callable[[Any], AbstractContextManager[None]],
 ) -> grpc.RpcMethodHandler:
-    """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT, and
-    turns every failure into a status: the server keeps serving."""
+    """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT, holds
+    `guard(context)` while it works, and turns every failure into a status: the server keeps
+    serving. Plain functions run in the thread pool; async generators on the event loop."""
 
-    def parse(raw: bytes, context: grpc.ServicerContext) -> Any:
+    def unary(raw: bytes, context: Any) -> Any:
         try:
-            return request_type.FromString(raw)
-        except pb_message.DecodeError as e:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {e}",
-            )
-
-    def unary(raw: bytes, context: grpc.ServicerContext) -> Any:
-        request = parse(raw, context)
-        try:
-            return impl(request, context)
+            with guard(context):
+                return impl(_parse(raw, request_type), context)
         except Exception as e:
-            context.abort_with_status(to_status(e, context))
+            status = to_status(e, context)
+            context.abort(status.code, status.details, status.trailing_metadata)
 
-    def stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-        request = parse(raw, context)
+    def stream(raw: bytes, context: Any) -> Iterator[Any]:
         try:
-            yield from impl(request, context)
+            with guard(context):
+                yield from impl(_parse(raw, request_type), context)
         except Exception as e:
-            context.abort_with_status(to_status(e, context))
+            status = to_status(e, context)
+            context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def async_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+        try:
+            with guard(context):
+                async for message in impl(_parse(raw, request_type), context):
+                    yield message
+        except Exception as e:
+            status = to_status(e, context)
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
     serialize = lambda m: m.SerializeToString()  # noqa: E731
     if streaming:
-        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=serialize)
+        behaviour = async_stream if inspect.isasyncgenfunction(impl) else stream
+        return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=serialize)
     return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
 
 
-def service_handler(service: Any, module: Any, servicer: object) -> grpc.GenericRpcHandler:
+def service_handler(
+    service: Any, module: Any, servicer: object, guards: Guards
+) -> grpc.GenericRpcHandler:
+    def guard(m: Any) -> Callable[[Any], AbstractContextManager[None]]:
+        if m.server_streaming:
+            return lambda context: guards.streams.slot()
+        if m.name in RUN_METHODS:
+            return lambda context: guards.runs.slot(context.time_remaining())
+        return lambda context: nullcontext()
+
     methods = {
         m.name: _handler(
-            getattr(servicer, m.name), getattr(module, m.input_type.name), m.server_streaming
+            getattr(servicer, m.name),
+            getattr(module, m.input_type.name),
+            m.server_streaming,
+            guard(m),
         )
         for m in service.methods
     }
@@ -90,7 +149,8 @@ def service_handler(service: Any, module: Any, servicer: object) -> grpc.Generic
 
 
 class Server:
-    """A running graphgrad server. `port` is the bound port (useful with port 0)."""
+    """A graphgrad server; `serve()` runs it on the current event loop until SIGTERM/SIGINT.
+    `port` is the bound port (useful with port 0), known once `start()` has returned."""
 
     def __init__(
         self,
@@ -98,27 +158,44 @@ class Server:
         runtime: Runtime,
         jobs: JobManager | None = None,
     ) -> None:
-        self.config = config
-        self.runtime = runtime
-        mb = config.limits.max_message_bytes
-        interceptors: list[grpc.ServerInterceptor[Any, Any]] = (
-            [TokenAuth(config.token)] if config.token else []
+        self.config, self.runtime, self.jobs = config, runtime, jobs
+        self.guards = Guards(
+            runs=Admission(
+                "max_concurrent_runs", "runs", config.max_concurrent_runs, config.run_queue
+            ),
+            streams=Admission("max_streams", "streams", config.max_streams),
         )
-        self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def _build(self) -> grpc.aio.Server:
+        """Needs the running event loop: grpc.aio binds the server to it."""
+        config = self.config
+        mb = config.limits.max_message_bytes
+        interceptors = [TokenAuth(config.token)] if config.token else []
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(
+                max_workers=config.threads, thread_name_prefix="rpc"
+            ),
             interceptors=interceptors,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", mb),
                 ("grpc.max_receive_message_length", mb),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        handlers = [service_handler(SERVICE, service_pb2, GraphServicer(runtime))]
-        if jobs is not None:
-            handlers.append(service_handler(JOB_SERVICE, jobs_pb2, JobServicer(jobs)))
-        self.grpc.add_generic_rpc_handlers(handlers)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        handlers = [service_handler(SERVICE, service_pb2, GraphServicer(self.runtime), self.guards)]
+        if self.jobs is not None:
+            handlers.append(
+                service_handler(JOB_SERVICE, jobs_pb2, JobServicer(self.jobs), self.guards)
+            )
+        server.add_generic_rpc_handlers(handlers)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in the stubs
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE.full_name,
@@ -126,41 +203,43 @@ class Server:
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),
-            self.grpc,
+            server,
         )
         address = f"{config.host}:{config.port}"
-        if config.tls_cert and config.tls_key:
-            creds = grpc.ssl_server_credentials([(config.tls_key, config.tls_cert)])
-            self.port = self.grpc.add_secure_port(address, creds)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if config.tls_cert and config.tls_key:
+                creds = grpc.ssl_server_credentials([(config.tls_key, config.tls_cert)])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from e
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        return server
 
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
-
-    def start(self) -> None:
-        self.grpc.start()
+    async def start(self) -> None:
+        self.grpc = self._build()
+        await self.grpc.start()
         for name in ("", SERVICE.full_name, JOB_SERVICE.full_name):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then let in-flight calls finish within the grace period."""
-        self.health.enter_graceful_shutdown()
-        self.grpc.stop(self.config.grace_seconds if grace is None else grace).wait()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
 
-    def install_signal_handlers(self) -> threading.Event:
-        """SIGTERM/SIGINT set the returned event; `wait_and_stop` then shuts down gracefully."""
-        stop = threading.Event()
+    async def serve(self, on_serving: Callable[[str], None] = lambda address: None) -> None:
+        """Start, call `on_serving(address)` (in a thread: it may block), serve until SIGTERM
+        or SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        return stop
-
-    def wait_and_stop(self, stop: threading.Event) -> None:
-        stop.wait()
+            loop.add_signal_handler(sig, stopping.set)
+        await self.start()
+        await asyncio.to_thread(on_serving, self.address)
+        await stopping.wait()
         log.info(
             "shutting down: finishing in-flight calls (grace %.0fs)", self.config.grace_seconds
         )
-        self.stop()
+        await self.stop()

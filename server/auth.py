@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -11,18 +11,31 @@ import grpc
 PROTECTED_PREFIX = "/graphgrad."
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("the auth token is empty")
-        self._expected = f"Bearer {token}".encode()
+def check_token(token: str, source: str) -> str:
+    """The token as read from `source`, refused unless it can work: a blank token would turn
+    authentication off (fail open), and one with spaces or control characters can never
+    match an `authorization` header."""
+    token = token.strip()
+    if not token:
+        raise ValueError(f"{source} holds no token (expected a non-blank line)")
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError(
+            f"{source} holds a token with spaces, control or non-ASCII characters "
+            "(expected printable ASCII without spaces)"
+        )
+    return token
 
-    def intercept_service(
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {check_token(token, 'the auth token')}".encode()
+
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None or not details.method.startswith(PROTECTED_PREFIX):
             return handler
         metadata = dict(details.invocation_metadata or ())
@@ -31,8 +44,8 @@ class TokenAuth(grpc.ServerInterceptor):
             return handler
         reason = "missing bearer token" if not given else "invalid bearer token"
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{reason}: send metadata 'authorization: Bearer <token>'",
             )

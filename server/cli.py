@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 
 from .app import Server, ServerConfig
+from .auth import check_token
 from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from .job_service import spec_decoder
 from .jobs import JobManager
@@ -94,6 +96,24 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=16, help="threads serving requests")
     s.add_argument(
+        "--max-concurrent-runs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Run/Explain calls executing at once (default: CPU count)",
+    )
+    s.add_argument(
+        "--run-queue",
+        type=int,
+        default=32,
+        help="Run/Explain calls waiting for a slot; beyond: RESOURCE_EXHAUSTED (default 32)",
+    )
+    s.add_argument(
+        "--max-streams",
+        type=int,
+        default=1000,
+        help="open server streams (WatchJob, GetJobResults); beyond: RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
     )
     s.add_argument("--log-level", default="INFO")
@@ -121,7 +141,15 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
             )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
+    for flag, value, least in (
+        ("--workers", args.workers, 1),
+        ("--max-concurrent-runs", args.max_concurrent_runs, 1),
+        ("--run-queue", args.run_queue, 0),
+        ("--max-streams", args.max_streams, 1),
+    ):
+        if value < least:
+            raise SystemExit(f"graphgrad serve: {flag} must be at least {least}, got {value}")
+    token = read_token(args)
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -130,10 +158,30 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         ),
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        token=token or None,
+        token=token,
         workers=args.workers,
         grace_seconds=args.grace,
+        max_concurrent_runs=args.max_concurrent_runs,
+        run_queue=args.run_queue,
+        max_streams=args.max_streams,
     )
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file, else from $GRAPHGRAD_TOKEN if set; None: no auth.
+    Auth fails closed: a token asked for that is blank, malformed or unreadable stops the start."""
+    try:
+        if args.token_file:
+            return check_token(args.token_file.read_text(), f"--token-file {args.token_file}")
+        if TOKEN_ENV in os.environ:
+            return check_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+    except OSError as e:
+        raise SystemExit(
+            f"graphgrad serve: cannot read --token-file {args.token_file}: {e.strerror or e}"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"graphgrad serve: {e}") from None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     store = JobStore(args.data_dir / "jobs.sqlite3")
     jobs = JobManager(store, dispatcher, spec_decoder(runtime))  # type: ignore[arg-type]
     server = Server(config, runtime, jobs)
-    stop = server.install_signal_handlers()
-    server.start()
     scheme = "grpcs" if config.tls_cert else "grpc"
-    # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
-    print(f"graphgrad serving on {scheme}://{server.address}", flush=True)
-    jobs.resume_all()
-    server.wait_and_stop(stop)
+
+    def serving(address: str) -> None:
+        # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
+        print(f"graphgrad serving on {scheme}://{address}", flush=True)
+        jobs.resume_all()
+
+    asyncio.run(server.serve(serving))
     return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 
@@ -125,10 +126,12 @@ class JobServicer:
     ) -> jobs_pb2.SubmitJobResponse:
         return jobs_pb2.SubmitJobResponse(id=self.manager.submit(request.SerializeToString()))
 
-    def WatchJob(
-        self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[jobs_pb2.WatchJobResponse]:
-        for view in self.manager.watch(request.id, context.is_active):
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        # On the event loop: an idle watcher holds no thread; a client that goes away
+        # cancels it.
+        async for view in self.manager.watch(request.id):
             yield jobs_pb2.WatchJobResponse(job=encode_view(view))
 
     def GetJob(

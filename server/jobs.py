@@ -6,10 +6,12 @@ through the codec into engine specs, and reports plain dataclasses.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,11 +53,14 @@ class ManagedJob:
         self.cancel = Cancellation()
         self.changed = threading.Condition()
         self.version = 0
+        self.listeners: set[Callable[[], None]] = set()  # called at every bump (watchers)
 
     def bump(self) -> None:
         with self.changed:
             self.version += 1
             self.changed.notify_all()
+        for listener in tuple(self.listeners):
+            listener()
 
     def view(self) -> JobView:
         return JobView(self.id, self.status, self.run.progress(), self.error, self.created)
@@ -138,20 +143,40 @@ class JobManager:
                 job = self._jobs.setdefault(job_id, job)
         return job
 
-    def watch(self, job_id: str, active: Callable[[], bool]) -> Iterator[JobView]:
-        job = self.job(job_id)
-        seen = -1
-        while active():
-            with job.changed:
-                if job.version == seen:
-                    job.changed.wait(0.5)
-                version = job.version
-            if version != seen:
-                seen = version
-                view = job.view()
-                yield view
-                if view.status in TERMINAL:
-                    return
+    async def watch(self, job_id: str) -> AsyncIterator[JobView]:
+        """The job's view now and after every change until it ends. A watcher waits on the
+        event loop, holding no thread: the job's bump() wakes it through the loop. A stored
+        job not run here (yet: resume_all may not have reached it) is read again, twice a
+        second, until it runs here or ends."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake() -> None:  # from the job's thread; the loop may be gone at shutdown
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(changed.set)
+
+        last: tuple[str, int, str] | None = None  # of the last view sent
+        while True:
+            job = await asyncio.to_thread(self.job, job_id)
+            job.listeners.add(wake)
+            try:
+                seen = -1
+                while job.version != seen or job.run is not None:
+                    changed.clear()
+                    if job.version == seen:
+                        await changed.wait()
+                        continue
+                    seen = job.version
+                    view = job.view()
+                    key = (view.status, view.progress.steps_done, view.error)
+                    if key != last or job.run is not None:  # a stored job read again: news only
+                        last = key
+                        yield view
+                    if view.status in TERMINAL:
+                        return
+            finally:
+                job.listeners.discard(wake)
+            await asyncio.sleep(0.5)
 
     def cancel(self, job_id: str) -> JobView:
         job = self.job(job_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -110,3 +112,40 @@ def test_token_from_the_environment(certs):
             assert client.run(y, {"x": np.zeros(2)}).value == 0.0
         with gg.connect(s.address, token=TOKEN, tls=cert) as client, pytest.raises(gg.RemoteError):
             client.run(y, {"x": np.zeros(2)})
+
+
+@pytest.mark.parametrize(
+    "token_file, env",
+    [
+        ("\n", {}),  # a token file holding only a newline
+        (" \t\n\n", {}),
+        ("two words\n", {}),  # can never match an authorization header
+        (None, {"GRAPHGRAD_TOKEN": ""}),  # set, but blank
+        (None, {"GRAPHGRAD_TOKEN": "  "}),
+        ("missing", {}),  # a token file that cannot be read
+    ],
+)
+def test_auth_fails_closed(tmp_path, token_file, env):
+    """A token asked for that cannot work stops the start: one line on stderr, non-zero exit,
+    and "serving on" never printed (before, the server started with authentication off)."""
+    args = ["--data-dir", str(tmp_path / "data")]
+    if token_file is not None:
+        path = tmp_path / "token"
+        if token_file != "missing":
+            path.write_text(token_file)
+        args += ["--token-file", str(path)]
+    environ = {k: v for k, v in os.environ.items() if k != "GRAPHGRAD_TOKEN"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "graphgrad.server", "--port", "0", "--no-ray", *args],
+            capture_output=True,
+            text=True,
+            env={**environ, **env},
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the server started: {e.stdout!r}")
+    assert done.returncode != 0
+    assert "serving on" not in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "token" in lines[0], done.stderr

@@ -1,0 +1,54 @@
+"""Admission control: a bounded number of calls at once, a short bounded queue, and
+RESOURCE_EXHAUSTED naming the limit beyond it (load is shed, never queued without bound)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from graphgrad.engine import CancelledError, LimitError
+
+
+class Admission:
+    """At most `slots` holders at once and `queue` more waiting for a slot (waiting blocks
+    the caller's thread); a caller beyond both gets a LimitError naming `limit`."""
+
+    def __init__(self, limit: str, what: str, slots: int, queue: int = 0) -> None:
+        if slots < 1 or queue < 0:
+            raise ValueError(f"{limit} must be at least 1 and its queue non-negative")
+        self.limit, self.what, self.slots, self.queue = limit, what, slots, queue
+        self.active = self.waiting = 0
+        self._cond = threading.Condition()
+
+    def _refuse(self) -> LimitError:
+        queued = f" and {self.waiting} waiting (queue {self.queue})" if self.queue else ""
+        return LimitError(
+            f"the server is busy: {self.active} {self.what} running{queued}, the limit is "
+            f"{self.limit}={self.slots}; retry later",
+            limit=self.limit,
+        )
+
+    @contextmanager
+    def slot(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold a slot for the body; wait at most `timeout` seconds (the caller's deadline)."""
+        with self._cond:
+            if self.active >= self.slots:
+                if self.waiting >= self.queue:
+                    raise self._refuse()
+                self.waiting += 1
+                try:
+                    free = self._cond.wait_for(lambda: self.active < self.slots, timeout)
+                finally:
+                    self.waiting -= 1
+                if not free:
+                    raise CancelledError(
+                        f"the deadline passed while waiting for one of {self.slots} {self.what}"
+                    )
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.active -= 1
+                self._cond.notify()

@@ -1,0 +1,171 @@
+"""No client can starve the server (issue 10, item 7), against real `graphgrad serve`s: idle
+WatchJob streams hold no worker thread, and Runs and streams beyond the configured caps get
+RESOURCE_EXHAUSTED naming the cap while the admitted ones are served."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+import graphgrad as gg
+from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
+
+from .server_proc import running_server
+
+DEADLINE = 10.0  # per call: generous, so a pass never depends on the machine's speed
+
+
+def slow_graph(iterations: int = 3000):
+    """About a second of work for one Run."""
+    with gg.Graph():
+        h = gg.input("x", shape=(200, 200))
+        eye = gg.constant(np.eye(200) * 0.5)
+        for _ in range(iterations):
+            h = gg.tanh(h @ eye)
+        y = gg.sum(h)
+    return y
+
+
+def small_graph():
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        y = gg.sum(x * x)
+    return y
+
+
+def start_long_job(client: gg.RemoteClient) -> gg.RemoteJob:
+    """A one-network job that keeps running until cancelled."""
+    with gg.Graph():
+        x = gg.input("x", shape=(4,))
+        w = gg.input("w", shape=(4,))
+        loss = gg.sum((w - x) ** 2, name="loss")
+    params = {"w": np.zeros((1, 4))}
+    return client.train(loss, params, {"x": np.ones((1, 4))}, steps=1_000_000)
+
+
+class Watchers:
+    """`n` WatchJob streams on one job, each read by its own client thread."""
+
+    def __init__(self, channel: grpc.Channel, job_id: str, n: int) -> None:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        self.calls = [stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id)) for _ in range(n)]
+        self.first = [threading.Event() for _ in range(n)]
+        self.errors: list[grpc.RpcError] = []
+        self.threads = [
+            threading.Thread(target=self._read, args=(k,), daemon=True) for k in range(n)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _read(self, k: int) -> None:
+        try:
+            for _ in self.calls[k]:
+                self.first[k].set()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                self.errors.append(e)
+            self.first[k].set()
+
+    def established(self, timeout: float = 30.0) -> list[int]:
+        """Indexes of the streams that got no first message (nor an error) within `timeout`
+        in all: a bound on the wait, not a measurement."""
+        self.first[-1].wait(timeout)  # the last stream opened
+        return [k for k, ev in enumerate(self.first) if not ev.wait(1.0)]
+
+    def close(self) -> None:
+        for c in self.calls:
+            c.cancel()
+        for t in self.threads:
+            t.join(30)
+
+
+@pytest.fixture
+def long_job() -> Iterator[tuple[str, gg.RemoteClient]]:
+    with running_server() as server, gg.connect(server.address) as client:
+        job = start_long_job(client)
+        try:
+            yield job.id, client
+        finally:
+            job.cancel()
+
+
+def test_idle_watchers_do_not_lock_out_other_calls(long_job):
+    job_id, client = long_job
+    with grpc.insecure_channel(client.address) as channel:
+        watchers = Watchers(channel, job_id, 32)  # twice the default worker threads
+        try:
+            assert watchers.established() == [], "watchers got no first message"
+            assert not watchers.errors
+            graphs = service_pb2_grpc.GraphServiceStub(channel)
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=DEADLINE)
+            assert job_id in [j.id for j in listed.jobs]
+            info = graphs.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=DEADLINE)
+            assert info.version
+            y = small_graph()
+            res = client.run(y, {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"], timeout=DEADLINE)
+            np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0, 6.0])
+        finally:
+            watchers.close()
+
+
+@pytest.fixture(scope="module")
+def capped():
+    caps = ("--max-concurrent-runs", "1", "--run-queue", "1", "--max-streams", "3")
+    with running_server(*caps) as s:
+        yield s
+
+
+def test_runs_beyond_the_cap_and_queue_are_resource_exhausted(capped):
+    y = slow_graph()
+    xv = np.ones((200, 200))
+    expected = gg.connect().run(y, {"x": xv}).value
+    outcomes: list[object] = []
+    with gg.connect(capped.address) as client:
+        client.register(y.graph.freeze())
+
+        def call() -> None:
+            try:
+                outcomes.append(client.run(y, {"x": xv}, timeout=300).value)
+            except gg.RemoteError as e:
+                outcomes.append(e)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    refused = [o for o in outcomes if isinstance(o, gg.RemoteError)]
+    served = [o for o in outcomes if not isinstance(o, gg.RemoteError)]
+    assert len(served) >= 2, "one running and one queued Run must be served"
+    assert served == [expected] * len(served)
+    assert refused, "more Runs than the cap and its queue must be refused"
+    for e in refused:
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert [s for s, _ in e.violations] == ["max_concurrent_runs"]
+        assert "max_concurrent_runs=1" in e.message
+
+
+def test_streams_beyond_the_cap_are_resource_exhausted(capped):
+    with gg.connect(capped.address) as client:
+        job = start_long_job(client)
+        try:
+            with grpc.insecure_channel(capped.address) as channel:
+                watchers = Watchers(channel, job.id, 3)
+                try:
+                    assert watchers.established() == [] and not watchers.errors
+                    stub = jobs_pb2_grpc.JobServiceStub(channel)
+                    with pytest.raises(grpc.RpcError) as e:
+                        next(stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=DEADLINE))
+                    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "max_streams=3" in (e.value.details() or "")
+                    # The other calls are still served.
+                    assert client.jobs()
+                finally:
+                    watchers.close()
+        finally:
+            job.cancel()
