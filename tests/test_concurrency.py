@@ -5,6 +5,7 @@ RESOURCE_EXHAUSTED naming the cap while the admitted ones are served."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
+from graphgrad.engine import CancelledError, LimitError
+from graphgrad.server.admission import Admission
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
 from .server_proc import running_server
@@ -19,8 +22,8 @@ from .server_proc import running_server
 DEADLINE = 10.0  # per call: generous, so a pass never depends on the machine's speed
 
 
-def slow_graph(iterations: int = 3000):
-    """About a second of work for one Run."""
+def slow_graph(iterations: int = 1500):
+    """About half a second of work for one Run: calls sent together arrive within it."""
     with gg.Graph():
         h = gg.input("x", shape=(200, 200))
         eye = gg.constant(np.eye(200) * 0.5)
@@ -169,3 +172,27 @@ def test_streams_beyond_the_cap_are_resource_exhausted(capped):
                     watchers.close()
         finally:
             job.cancel()
+
+
+def test_admission_runs_then_queues_then_refuses():
+    runs = Admission("max_concurrent_runs", "runs", slots=1, queue=1)
+    ran: list[str] = []
+
+    def queued() -> None:
+        with runs.slot(timeout=60):
+            ran.append("queued")
+
+    with runs.slot():
+        waiter = threading.Thread(target=queued)
+        waiter.start()
+        while runs.waiting == 0:  # until the second caller waits in the queue
+            time.sleep(0.01)
+        with pytest.raises(LimitError) as e, runs.slot():
+            pass
+        assert e.value.limit == "max_concurrent_runs" and "max_concurrent_runs=1" in str(e.value)
+        assert ran == []
+    waiter.join()
+    assert ran == ["queued"] and runs.active == runs.waiting == 0
+    with runs.slot(), pytest.raises(CancelledError, match="deadline"), runs.slot(timeout=0.01):
+        pass  # the caller's deadline passes while it waits
+    assert runs.active == runs.waiting == 0
