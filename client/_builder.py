@@ -16,6 +16,7 @@ import numpy as np
 from . import _display
 from .engine import ir
 from .engine.errors import ValidationError
+from .engine.grad import grad_graph
 from .engine.ops import CONSTANT, DTYPES, ShapeError, TensorType, check_attr, lookup
 
 _current: contextvars.ContextVar[Graph | None] = contextvars.ContextVar(
@@ -282,6 +283,48 @@ def _lift(values: Sequence[Any]) -> list[Tensor]:
         with graph:
             out.append(constant(arr))
     return out
+
+
+def grad(
+    outputs: Tensor | Sequence[Tensor],
+    wrt: Tensor | Sequence[Tensor],
+    grad_outputs: Any = None,
+) -> Any:
+    """Gradient nodes: d outputs / d wrt, built into the outputs' graph (what
+    `torch.autograd.grad(..., create_graph=True)` and `tf.gradients` give).
+
+    Differentiates a scalar output (seeded with 1), or `outputs` seeded with `grad_outputs`
+    (one node, array or number per output, each of its output's shape: a vector-Jacobian
+    product). Returns one node per `wrt` entry (a list when `wrt` is a list). The nodes are
+    ordinary nodes: run them, build on them, or differentiate them again (second
+    derivatives; `gg.grad(gg.grad(L, W), W, v)` is a Hessian-vector product).
+    """
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    single = isinstance(wrt, Tensor)
+    xs = [wrt] if isinstance(wrt, Tensor) else list(wrt)
+    if not outs:
+        raise ValueError("gg.grad needs at least one output")
+    graph = outs[0].graph
+    for n in [*outs, *xs]:
+        if not isinstance(n, Tensor) or n.graph is not graph:
+            raise ValueError(f"gg.grad: {n!r} is not a node of the outputs' graph")
+    seeds: dict[str, str] = {}
+    if grad_outputs is not None:
+        given = [grad_outputs] if isinstance(outputs, Tensor) else list(grad_outputs)
+        if len(given) != len(outs):
+            raise ValueError(f"gg.grad: {len(outs)} output(s) but {len(given)} grad_outputs")
+        for o, v in zip(outs, given, strict=True):
+            seeds[o.name] = (v if isinstance(v, Tensor) else _lift([o, v])[1]).name
+    frozen = graph.freeze()
+    result = grad_graph(frozen, [o.name for o in outs], [x.name for x in xs], tuple(seeds), seeds)
+    for node, t in zip(result.graph.nodes, result.graph.types, strict=True):
+        if node.name not in graph._types:
+            graph._nodes.append(node)
+            graph._types[node.name] = t
+            graph._op_of[node.name] = node.op
+    graph._frozen = result.graph
+    grads = [Tensor(graph, n) for n in result.grads]
+    return grads[0] if single else grads
 
 
 def _op(op_name: str, *args: Any, name: str | None = None, **attrs: Any) -> Tensor:

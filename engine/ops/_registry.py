@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,6 +64,26 @@ VjpFn = Callable[
     Sequence[np.ndarray | None],
 ]
 FlopsFn = Callable[[Sequence[TensorType], TensorType, Attrs], float]
+
+
+class Emitter(Protocol):
+    """What a gradient rule builds with (engine/grad.py): nodes of registered ops, by name."""
+
+    def emit(self, op: str, inputs: Sequence[str], attrs: Mapping[str, Any] | None = None) -> str:
+        """A new node applying `op` to the named nodes; returns its name."""
+        ...
+
+    def const(self, value: float, like: str) -> str:
+        """A 0-d constant of the dtype of node `like`."""
+        ...
+
+    def type(self, name: str) -> TensorType: ...
+
+
+# grad(emitter, g, input names, output name, attrs, wants) -> one gradient node per input, in
+# input order; None where the input has none or `wants[i]` is False. The graph form of `vjp`:
+# it emits the same numpy operations in the same order, so both give identical bits.
+GradFn = Callable[[Emitter, str, Sequence[str], str, Attrs, Sequence[bool]], Sequence[str | None]]
 # batch(emitter, input refs, template input types, template output type, attrs) -> the name of
 # the node holding all networks' values, network axis first (see engine/batching.py).
 BatchFn = Callable[[Any, Sequence[Any], Sequence[TensorType], TensorType, dict[str, Any]], str]
@@ -86,6 +106,7 @@ class Op:
     flops: FlopsFn = elementwise_flops
     doc: str = ""
     batch: BatchFn | None = None  # None: the op cannot be batched (inputs, constants)
+    grad: GradFn | None = None  # None: no gradient flows through (inputs, constants)
 
     def signature(self) -> str:
         ins = "*xs" if self.arity is None else ", ".join(f"x{i}" for i in range(self.arity))

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import Attrs, Op, ShapeError, TensorType, register
-from .elementwise import unbroadcast
+from ._registry import Attrs, Emitter, Op, ShapeError, TensorType, register
+from .elementwise import unbroadcast, unbroadcast_node
 
 
 def _infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
@@ -76,6 +76,60 @@ def _vjp_2d(
     return da, db
 
 
+def _shape_of(shape: tuple[int, ...], view: Any) -> tuple[int, ...]:
+    """The shape a numpy view function gives an array of `shape` (no data is touched)."""
+    return tuple(view(np.broadcast_to(np.empty((), bool), shape)).shape)
+
+
+def _grad(
+    em: Emitter, g: str, xs: Sequence[str], y: str, attrs: Attrs, wants: Sequence[bool]
+) -> tuple[str | None, str | None]:
+    """`_vjp` as graph nodes: the same products of the same views, case by case."""
+    a, b = xs
+    sa, sb = em.type(a).shape, em.type(b).shape
+    da = db = None
+
+    def t(x: str) -> str:
+        return em.emit("transpose", [x])
+
+    def reshape(x: str, shape: tuple[int, ...]) -> str:
+        return x if em.type(x).shape == shape else em.emit("reshape", [x], {"shape": shape})
+
+    def outer(u: str, v: str) -> str:  # np.outer(u, v): one product per element
+        cols = reshape(u, (em.type(u).shape[0], 1))
+        return em.emit("mul", [cols, reshape(v, (1, em.type(v).shape[0]))])
+
+    if len(sa) <= 2 and len(sb) <= 2 and (len(sa), len(sb)) != (1, 1):
+        if len(sa) == 1:
+            da = em.emit("matmul", [b, g]) if wants[0] else None
+            db = outer(a, g) if wants[1] else None
+        elif len(sb) == 1:
+            da = outer(g, b) if wants[0] else None
+            db = em.emit("matmul", [t(a), g]) if wants[1] else None
+        else:
+            da = em.emit("matmul", [g, t(b)]) if wants[0] else None
+            db = em.emit("matmul", [t(a), g]) if wants[1] else None
+        return da, db
+    a2 = reshape(a, (1, sa[0])) if len(sa) == 1 else a
+    b2 = reshape(b, (sb[0], 1)) if len(sb) == 1 else b
+    g2 = g
+    if len(sa) == 1:
+        axis = -2 if len(sb) > 1 else -1
+        g2 = reshape(g2, _shape_of(em.type(g2).shape, lambda v: np.expand_dims(v, axis)))
+    if len(sb) == 1:
+        g2 = reshape(g2, _shape_of(em.type(g2).shape, lambda v: np.expand_dims(v, -1)))
+
+    def swap(x: str) -> str:
+        n = len(em.type(x).shape)
+        return em.emit("transpose", [x], {"axes": (*range(n - 2), n - 1, n - 2)})
+
+    if wants[0]:
+        da = reshape(unbroadcast_node(em, em.emit("matmul", [g2, swap(b2)]), em.type(a2).shape), sa)
+    if wants[1]:
+        db = reshape(unbroadcast_node(em, em.emit("matmul", [swap(a2), g2]), em.type(b2).shape), sb)
+    return da, db
+
+
 def _flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
     return 2.0 * max(out.size, 1) * ins[0].shape[-1]
 
@@ -113,5 +167,6 @@ register(
         _vjp,
         flops=_flops,
         batch=_batch,
+        grad=_grad,
     )
 )

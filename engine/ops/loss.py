@@ -7,8 +7,18 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import AttrKind, Attrs, AttrSpec, BatchFn, Op, ShapeError, TensorType, register
-from .elementwise import batch_broadcasting, broadcast_type, unbroadcast
+from ._registry import (
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    BatchFn,
+    Emitter,
+    Op,
+    ShapeError,
+    TensorType,
+    register,
+)
+from .elementwise import batch_broadcasting, broadcast_type, unbroadcast, unbroadcast_node
 
 _AXIS = {"axis": AttrSpec(AttrKind.INT, default=-1)}
 
@@ -41,6 +51,20 @@ def _log_softmax_vjp(g, xs, y, at, w):
     return (g - np.exp(y) * g.sum(axis=axis, keepdims=True),)
 
 
+def _keepsum(em: Emitter, x: str, axis: int) -> str:
+    return em.emit("sum", [x], {"axis": axis, "keepdims": True})
+
+
+def _softmax_grad(em, g, xs, y, at, w):
+    inner = em.emit("sub", [g, _keepsum(em, em.emit("mul", [g, y]), at.get("axis", -1))])
+    return (em.emit("mul", [y, inner]),)
+
+
+def _log_softmax_grad(em, g, xs, y, at, w):
+    scaled = em.emit("mul", [em.emit("exp", [y]), _keepsum(em, g, at.get("axis", -1))])
+    return (em.emit("sub", [g, scaled]),)
+
+
 def _axis_batch(name: str) -> BatchFn:
     def rule(
         em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
@@ -71,6 +95,7 @@ register(
         _softmax_vjp,
         attrs=_AXIS,
         batch=_axis_batch("softmax"),
+        grad=_softmax_grad,
     )
 )
 register(
@@ -82,6 +107,7 @@ register(
         _log_softmax_vjp,
         attrs=_AXIS,
         batch=_axis_batch("log_softmax"),
+        grad=_log_softmax_grad,
     )
 )
 
@@ -114,6 +140,20 @@ def _sce_vjp(g, xs, y, at, w):
     return dlogits, (-gk * logp if w[1] else None)
 
 
+def _sce_grad(em, g, xs, y, at, w):
+    logits, labels = xs
+    shape = em.type(logits).shape
+    axis = at.get("axis", -1) % len(shape)
+    gk = em.emit("reshape", [g], {"shape": (*shape[:axis], 1, *shape[axis + 1 :])})
+    logp = em.emit("log_softmax", [logits], {"axis": axis})
+    dlogits = None
+    if w[0]:
+        p_total = em.emit("mul", [em.emit("exp", [logp]), _keepsum(em, labels, axis)])
+        dlogits = em.emit("mul", [gk, em.emit("sub", [p_total, labels])])
+    dlabels = em.emit("mul", [em.emit("neg", [gk]), logp]) if w[1] else None
+    return dlogits, dlabels
+
+
 register(
     Op(
         "softmax_cross_entropy",
@@ -123,6 +163,7 @@ register(
         _sce_vjp,
         attrs=_AXIS,
         batch=_axis_batch("softmax_cross_entropy"),
+        grad=_sce_grad,
         doc="-sum(labels * log_softmax(logits), axis): one loss per example",
     )
 )
@@ -142,6 +183,17 @@ def _mse_vjp(g, xs, y, at, w):
     )
 
 
+def _mse_grad(em, g, xs, y, at, w):
+    pred, target = xs
+    diff = em.emit("sub", [pred, target])
+    size = max(em.type(diff).size, 1)
+    d = em.emit("mul", [em.emit("mul", [em.const(2.0 / size, g), g]), diff])
+    return (
+        unbroadcast_node(em, d, em.type(pred).shape) if w[0] else None,
+        unbroadcast_node(em, em.emit("neg", [d]), em.type(target).shape) if w[1] else None,
+    )
+
+
 register(
     Op(
         "mse",
@@ -151,5 +203,6 @@ register(
         _mse_vjp,
         doc="mean((pred - target)**2), a scalar",
         batch=_mse_batch,
+        grad=_mse_grad,
     )
 )

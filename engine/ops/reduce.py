@@ -12,6 +12,8 @@ from ._registry import (
     Attrs,
     AttrSpec,
     BatchFn,
+    Emitter,
+    GradFn,
     Op,
     TensorType,
     VjpFn,
@@ -60,6 +62,44 @@ def _max_vjp(g, xs, y, attrs, wants):
     return (_expand(g, x, attrs) * share.astype(x.dtype),)
 
 
+def _expand_node(em: Emitter, g: str, x: str, attrs: Attrs) -> str:
+    """`_expand` as a node: the reduced gradient reshaped with the reduced axes kept as 1."""
+    if attrs.get("keepdims", False):
+        return g
+    shape = em.type(x).shape
+    axes = normalize_axes(attrs.get("axis"), len(shape))
+    kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
+    return g if em.type(g).shape == kept else em.emit("reshape", [g], {"shape": kept})
+
+
+def _broadcast_node(em: Emitter, v: str, shape: tuple[int, ...]) -> str:
+    return v if em.type(v).shape == shape else em.emit("broadcast_to", [v], {"shape": shape})
+
+
+def _sum_grad(em, g, xs, y, attrs, wants):
+    return (_broadcast_node(em, _expand_node(em, g, xs[0], attrs), em.type(xs[0]).shape),)
+
+
+def _mean_grad(em, g, xs, y, attrs, wants):
+    shape = em.type(xs[0]).shape
+    axes = normalize_axes(attrs.get("axis"), len(shape))
+    count = int(np.prod([shape[i] for i in axes], dtype=np.int64))
+    scaled = em.emit("mul", [_expand_node(em, g, xs[0], attrs), em.const(1.0 / max(count, 1), g)])
+    return (_broadcast_node(em, scaled, shape),)
+
+
+def _max_grad(em, g, xs, y, attrs, wants):
+    share = em.emit("max_share", [xs[0]], {"axis": attrs.get("axis")})
+    return (em.emit("mul", [_expand_node(em, g, xs[0], attrs), share]),)
+
+
+def _max_share(xs: Sequence[np.ndarray], attrs: Attrs) -> np.ndarray:
+    x = xs[0]
+    axes = _axes(x, attrs)
+    mask = x == np.max(x, axis=axes, keepdims=True)
+    return (mask / mask.sum(axis=axes, keepdims=True)).astype(x.dtype)
+
+
 def _flops(ins: Sequence[TensorType], out: TensorType, attrs: Attrs) -> float:
     return float(ins[0].size)
 
@@ -76,7 +116,7 @@ def _batch(name: str) -> BatchFn:
     return rule
 
 
-def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn) -> None:
+def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn, grad: GradFn) -> None:
     register(
         Op(
             name,
@@ -89,10 +129,39 @@ def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn) -> None:
             attrs=_ATTRS,
             flops=_flops,
             batch=_batch(name),
+            grad=grad,
         )
     )
 
 
-_reduction("sum", np.sum, _sum_vjp)
-_reduction("mean", np.mean, _mean_vjp)
-_reduction("max", np.max, _max_vjp)
+_reduction("sum", np.sum, _sum_vjp, _sum_grad)
+_reduction("mean", np.mean, _mean_vjp, _mean_grad)
+_reduction("max", np.max, _max_vjp, _max_grad)
+
+
+def _share_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    normalize_axes(attrs.get("axis"), len(ins[0].shape))  # raises ShapeError when bad
+    return ins[0]
+
+
+def _share_batch(
+    em: Any, ins: Sequence[Any], tys: Sequence[TensorType], out: TensorType, at: dict[str, Any]
+) -> str:
+    axes = normalize_axes(at.get("axis"), len(tys[0].shape))
+    return str(em.emit("max_share", [ins[0].name], {"axis": tuple(a + 1 for a in axes)}))
+
+
+register(
+    Op(
+        "max_share",
+        1,
+        _share_infer,
+        _max_share,
+        lambda g, xs, y, at, w: (None,),
+        attrs={"axis": AttrSpec(AttrKind.AXES)},
+        flops=_flops,
+        doc="each element's share of max(x, axis): 1/k for the k elements equal to the max",
+        batch=_share_batch,
+        grad=lambda em, g, xs, y, at, w: (None,),
+    )
+)

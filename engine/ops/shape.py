@@ -11,13 +11,14 @@ from ._registry import (
     AttrKind,
     Attrs,
     AttrSpec,
+    Emitter,
     Op,
     ShapeError,
     TensorType,
     check_shape,
     register,
 )
-from .elementwise import unbroadcast
+from .elementwise import unbroadcast, unbroadcast_node
 
 
 def _reshape_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
@@ -46,6 +47,9 @@ register(
         attrs={"shape": AttrSpec(AttrKind.INTS, required=True)},
         batch=lambda em, ins, tys, out, at: em.emit(
             "reshape", [ins[0].name], {"shape": (em.n, *out.shape)}
+        ),
+        grad=lambda em, g, xs, y, at, w: (
+            em.emit("reshape", [g], {"shape": em.type(xs[0]).shape}),
         ),
     )
 )
@@ -79,6 +83,13 @@ register(
             [ins[0].name],
             {"axes": (0, *(p + 1 for p in _perm(at, len(tys[0].shape))))},
         ),
+        grad=lambda em, g, xs, y, at, w: (
+            em.emit(
+                "transpose",
+                [g],
+                {"axes": tuple(int(k) for k in np.argsort(_perm(at, len(em.type(g).shape))))},
+            ),
+        ),
     )
 )
 
@@ -106,6 +117,7 @@ register(
         batch=lambda em, ins, tys, out, at: em.emit(
             "broadcast_to", [em.lead(ins[0], tys[0], len(out.shape))], {"shape": (em.n, *out.shape)}
         ),
+        grad=lambda em, g, xs, y, at, w: (unbroadcast_node(em, g, em.type(xs[0]).shape),),
     )
 )
 
@@ -149,5 +161,86 @@ register(
             [em.lead(x, t, len(t.shape)) for x, t in zip(ins, tys, strict=True)],
             {"axis": at.get("axis", 0) % len(out.shape) + 1},
         ),
+        grad=lambda em, g, xs, y, at, w: _concat_grad(em, g, xs, at, w),
+    )
+)
+
+
+def _concat_grad(
+    em: Emitter, g: str, xs: Sequence[str], attrs: Attrs, wants: Sequence[bool]
+) -> list[str | None]:
+    """`np.split` as graph nodes: one slice per input."""
+    axis = attrs.get("axis", 0) % len(em.type(g).shape)
+    out: list[str | None] = []
+    start = 0
+    for x, want in zip(xs, wants, strict=True):
+        stop = start + em.type(x).shape[axis]
+        out.append(
+            em.emit("slice", [g], {"axis": axis, "start": start, "stop": stop}) if want else None
+        )
+        start = stop
+    return out
+
+
+def _slice_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+    (x,) = ins
+    nd = len(x.shape)
+    axis = attrs["axis"]
+    if not -nd <= axis < nd:
+        raise ShapeError(f"axis {axis} is out of range for rank {nd}", field="attrs.axis")
+    axis %= nd
+    start, stop = attrs["start"], attrs["stop"]
+    if not 0 <= start <= stop <= x.shape[axis]:
+        raise ShapeError(
+            f"slice {start}:{stop} is not within axis {axis} of size {x.shape[axis]}",
+            field="attrs.start",
+        )
+    return TensorType((*x.shape[:axis], stop - start, *x.shape[axis + 1 :]), x.dtype)
+
+
+def _slice(x: np.ndarray, attrs: Attrs) -> np.ndarray:
+    axis = attrs["axis"] % x.ndim
+    return x[(slice(None),) * axis + (slice(attrs["start"], attrs["stop"]),)]
+
+
+def _slice_vjp(g, xs, y, at, w):
+    out = np.zeros_like(xs[0])
+    out[(slice(None),) * (at["axis"] % out.ndim) + (slice(at["start"], at["stop"]),)] = g
+    return (out,)
+
+
+def _slice_grad(em, g, xs, y, at, w):
+    shape = em.type(xs[0]).shape
+    axis = at["axis"] % len(shape)
+    pieces = []
+    for lo, hi in ((0, at["start"]), (at["stop"], shape[axis])):
+        if hi > lo:
+            zeros_shape = (*shape[:axis], hi - lo, *shape[axis + 1 :])
+            pieces.append(em.emit("broadcast_to", [em.const(0, g)], {"shape": zeros_shape}))
+    if not pieces:
+        return (g,)
+    parts = [pieces[0], g, *pieces[1:]] if at["start"] > 0 else [g, *pieces]
+    return (em.emit("concat", parts, {"axis": axis}),)
+
+
+register(
+    Op(
+        "slice",
+        1,
+        _slice_infer,
+        lambda xs, at: _slice(xs[0], at),
+        _slice_vjp,
+        attrs={
+            "axis": AttrSpec(AttrKind.INT, required=True),
+            "start": AttrSpec(AttrKind.INT, required=True),
+            "stop": AttrSpec(AttrKind.INT, required=True),
+        },
+        doc="x[start:stop] along axis (the gradient of concat)",
+        batch=lambda em, ins, tys, out, at: em.emit(
+            "slice",
+            [em.lead(ins[0], tys[0], len(tys[0].shape))],
+            {**at, "axis": at["axis"] % len(tys[0].shape) + 1},
+        ),
+        grad=_slice_grad,
     )
 )
