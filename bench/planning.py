@@ -1,6 +1,6 @@
 """Planning time on wide graphs (x -> N `neg` -> concat -> sum), 2k, 20k and 200k nodes.
 
-Plans as the Ray executor does (pass plan, partitions, task specs) without starting Ray,
+Plans as the Ray executor does (gradient graph, partitions, tasks) without starting Ray,
 and prints the seconds of each size and the ratio per 10x more nodes: near-linear planning
 gives about 10 (quadratic gave about 100).
 
@@ -13,9 +13,8 @@ import argparse
 import time
 
 from graphgrad.engine import Graph, Node
-from graphgrad.engine.autodiff import plan_pass
+from graphgrad.engine.driver import schedule
 from graphgrad.engine.planner import partition
-from graphgrad.engine.tasks import task_specs
 
 
 def wide(n: int) -> Graph:
@@ -27,10 +26,8 @@ def wide(n: int) -> Graph:
 
 def plan_seconds(graph: Graph) -> tuple[float, int]:
     t = time.perf_counter()
-    pp = plan_pass(graph, ["L"], ["x"])
-    parts = partition(graph, pp)
-    task_specs(graph, pp, parts, pp.outputs[:1], "bench")
-    return time.perf_counter() - t, len(parts.partitions)
+    sched = schedule(graph, ["L"], ["x"], (), lambda pp: partition(graph, pp))
+    return time.perf_counter() - t, len(sched.plan.partitions)
 
 
 def main() -> None:

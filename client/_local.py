@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from ._request import Ref, build_request
 from ._result import Result
 from .engine import Cancellation, RunRequest
 from .engine.dispatch import Dispatcher
+from .engine.driver import task_source
 from .engine.executor import check_finite
 from .engine.planner import describe
 from .engine.training import SGD, Optimizer
@@ -70,7 +72,10 @@ class LocalClient(AsyncClient):
         name, plan = self._dispatcher.choose(
             graph, RunRequest(request.outputs, {}, request.wrt), executor
         )
-        return Plan(describe(graph, name, plan), graph)
+        _, sched = self._dispatcher.executor(name).plan(
+            graph, RunRequest(request.outputs, {}, request.wrt)
+        )
+        return Plan(describe(graph, name, plan), graph, functools.partial(task_source, sched))
 
     def train(
         self,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from typing import Any
 
 from . import _display
-from .engine import Graph
+from .engine import Graph, RequestError
 from .engine.planner import Explanation
 
 
@@ -14,9 +15,25 @@ class Plan:
     """How a run would execute: `executor`, `partitions`, `cuts` (see Explanation); shows
     itself as a drawing coloured by partition in notebooks and as text in terminals."""
 
-    def __init__(self, explanation: Explanation, graph: Graph) -> None:
+    def __init__(
+        self,
+        explanation: Explanation,
+        graph: Graph,
+        sources: Callable[[int, str], str] | None = None,
+    ) -> None:
         self.explanation = explanation
         self._graph = graph
+        self._sources = sources
+
+    def source(self, partition: int, phase: str = "backward") -> str:
+        """The Python generated for a partition's "forward" or "backward" task (compiled
+        once, cached): one line per node, its name in a comment. In-process clients only:
+        a server compiles its own."""
+        if self._sources is None:
+            raise RequestError(
+                "program source is shown by in-process clients (gg.connect())", field="source"
+            )
+        return self._sources(partition, phase)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.explanation, name)

@@ -1,24 +1,24 @@
-"""Forward and backward passes over a validated graph.
+"""What a request touches, checked: the region between the requested inputs and the
+outputs, feeds, seed cotangents, and evaluating one node.
 
-The backward pass walks reverse topological order over the nodes between the requested
-inputs and the outputs. A node's gradient is the sum of its consumers' contributions, added
-in one fixed order (by consumer name, then input slot; an output's seed first). Names are
-unique and independent of any schedule, so gradients are bit-identical whichever valid
-topological order is used and whichever executor (local or partitioned) runs the graph.
+The backward pass is a graph transform (engine/grad.py) over the region `plan_pass` finds:
+a node's gradient is the sum of its consumers' contributions, added in one fixed order (by
+consumer name, then input slot; an output's seed first). Names are unique and independent
+of any schedule, so gradients are bit-identical whichever valid topological order is used
+and whichever executor (local or partitioned) runs the graph.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from .errors import ExecutionError, FeedError, RequestError, name_list
+from .errors import FeedError, RequestError, name_list
 from .ir import Graph
-from .ops import INPUT, Op, TensorType
+from .ops import INPUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,130 +164,6 @@ def seed_cotangents(
             )
         seeds[o] = seed
     return seeds if plan.wrt else {}
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One node with everything a pass needs looked up once (passes run it many times)."""
-
-    node: int
-    name: str
-    op: Op
-    attrs: Mapping[str, Any]
-    inputs: tuple[int, ...]
-    type: TensorType
-    input_types: tuple[TensorType, ...]
-    wants: tuple[bool, ...]  # which inputs need a gradient
-
-
-def steps(graph: Graph, nodes: Sequence[int], relevant: frozenset[int] = frozenset()) -> list[Step]:
-    def make(i: int) -> Step:
-        ins = graph.input_pos[i]
-        return Step(
-            i,
-            graph.nodes[i].name,
-            graph.ops[i],
-            graph.nodes[i].attrs,
-            ins,
-            graph.types[i],
-            tuple(graph.types[j] for j in ins),
-            tuple(j in relevant for j in ins),
-        )
-
-    return [make(i) for i in nodes]
-
-
-def compiled(graph: Graph, plan: PassPlan) -> tuple[list[Step], list[Step]]:
-    """The forward and backward steps of a plan, memoised on the graph."""
-    key = ("steps", plan.outputs, plan.wrt, plan.relevant)
-    return graph.memo(
-        key, lambda: (steps(graph, plan.forward), steps(graph, plan.backward, plan.relevant))
-    )
-
-
-def evaluate(step: Step, values: Mapping[int, np.ndarray]) -> np.ndarray:
-    """The value of the step's node, its inputs being in `values`."""
-    try:
-        out = np.asarray(step.op.forward([values[j] for j in step.inputs], step.attrs))
-    except (ValueError, ArithmeticError) as e:
-        raise ExecutionError(f"op '{step.op.name}' failed: {e}", node=step.name) from e
-    if not step.type.matches(out):
-        raise AssertionError(
-            f"op '{step.op.name}' computed {out.shape} {out.dtype} for node "
-            f"'{step.name}', its type is {step.type.shape} {step.type.dtype}"
-        )
-    return out
-
-
-Contribution = tuple[int, str, int, np.ndarray]  # (node, consumer name, input slot, value)
-
-
-class Cotangents:
-    """Gradient contributions per node, summed in the fixed order of the module docstring."""
-
-    __slots__ = ("_parts",)
-
-    def __init__(self) -> None:
-        self._parts: dict[int, list[tuple[tuple[str, int], np.ndarray]]] = {}
-
-    def add(self, node: int, consumer: str, slot: int, value: np.ndarray) -> None:
-        self._parts.setdefault(node, []).append(((consumer, slot), value))
-
-    def seed(self, node: int, value: np.ndarray) -> None:
-        self.add(node, "", 0, value)  # node names are never empty: the seed sorts first
-
-    def extend(self, contributions: Iterable[Contribution]) -> None:
-        for node, consumer, slot, value in contributions:
-            self.add(node, consumer, slot, value)
-
-    def pop(self, nodes: Iterable[int]) -> list[Contribution]:
-        """Remove and return the contributions to `nodes`, to ship them to another task."""
-        return [(n, k[0], k[1], v) for n in nodes for k, v in self._parts.pop(n, ())]
-
-    def drain(self) -> list[Contribution]:
-        """Remove and return every contribution still held."""
-        return self.pop(list(self._parts))
-
-    def total(self, node: int) -> np.ndarray | None:
-        """Remove the node's contributions and return their sum (None when there are none)."""
-        parts = self._parts.pop(node, None)
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0][1]
-        parts.sort(key=lambda kv: kv[0])
-        acc = parts[0][1]
-        for _, v in parts[1:]:
-            acc = acc + v
-        return acc
-
-
-def backward_step(
-    step: Step, g: np.ndarray, values: Mapping[int, np.ndarray], cot: Cotangents
-) -> None:
-    """Run the node's VJP with cotangent g and hand each relevant input its contribution."""
-    op = step.op
-    assert op.vjp is not None, f"op '{op.name}' has no VJP"
-    try:
-        grads = op.vjp(
-            g, [values[j] for j in step.inputs], values[step.node], step.attrs, step.wants
-        )
-    except (ValueError, ArithmeticError) as e:
-        raise ExecutionError(f"gradient of op '{op.name}' failed: {e}", node=step.name) from e
-    if len(grads) != len(step.inputs):
-        raise AssertionError(
-            f"VJP of op '{op.name}' returned {len(grads)} gradients for {len(step.inputs)} inputs"
-        )
-    for slot, (j, dj, want, t) in enumerate(
-        zip(step.inputs, grads, step.wants, step.input_types, strict=True)
-    ):
-        if want and dj is not None:
-            if not t.matches(dj):
-                raise AssertionError(
-                    f"VJP of op '{op.name}' gave {dj.shape} {dj.dtype} for "
-                    f"input {slot}, expected {t.shape} {t.dtype}"
-                )
-            cot.add(j, step.name, slot, dj)
 
 
 def owned(a: np.ndarray) -> np.ndarray:

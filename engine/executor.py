@@ -9,19 +9,14 @@ from typing import Protocol
 
 import numpy as np
 
-from .autodiff import (
-    Cotangents,
-    RunRequest,
-    backward_step,
-    check_feeds,
-    compiled,
-    evaluate,
-    owned,
-    plan_pass,
-    seed_cotangents,
-)
-from .errors import CancelledError, RequestError
+from .autodiff import PassPlan, RunRequest
+from .cancel import Cancellation
+from .driver import InlineRunner, Schedule, run_schedule, schedule
+from .errors import RequestError
 from .ir import Graph
+from .planner import Plan, partition, single_partition
+
+__all__ = ["Cancellation", "Executor", "LocalExecutor", "RunResult", "RunStats", "TaskStat"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,28 +48,6 @@ class RunResult:
     stats: RunStats
 
 
-@dataclass(slots=True)
-class Cancellation:
-    """A deadline and a cancel flag, checked between nodes and between tasks."""
-
-    deadline: float | None = None  # time.monotonic() value
-    cancelled: bool = False  # set from any thread; a plain bool is enough under the GIL
-
-    @classmethod
-    def within(cls, seconds: float | None) -> Cancellation:
-        """A cancellation whose deadline is `seconds` from now (None: no deadline)."""
-        return cls(deadline=None if seconds is None else time.monotonic() + seconds)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def check(self) -> None:
-        if self.cancelled:
-            raise CancelledError("the run was cancelled")
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise CancelledError("the run's deadline passed")
-
-
 def check_finite(result: RunResult, feeds: Mapping[str, np.ndarray]) -> None:
     """Raise naming the first tensor holding NaN or infinity (what `check_numerics` asks)."""
     for kind, arrays in (("feeds", feeds), ("values", result.values), ("grads", result.grads)):
@@ -89,70 +62,50 @@ def check_finite(result: RunResult, feeds: Mapping[str, np.ndarray]) -> None:
 class Executor(Protocol):
     name: str
 
+    def plan(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> tuple[Plan, Schedule]: ...
+
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult: ...
 
 
 class LocalExecutor:
-    """Runs the whole graph in this process, dropping each value once nothing needs it."""
+    """Runs requests in this process: the driver (engine/driver.py) with the inline runner,
+    over a single partition; given `min_partition_seconds`, over the partitions the Ray
+    executor would make (so partitioned plans can be checked without Ray)."""
 
     name = "local"
+
+    def __init__(self, min_partition_seconds: float | None = None) -> None:
+        self.min_partition_seconds = min_partition_seconds
+
+    def plan(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> tuple[Plan, Schedule]:
+        seeded = tuple(request.grad_outputs or ())
+        bar = self.min_partition_seconds
+
+        def partitioner(pp: PassPlan) -> Plan:
+            if bar is None:
+                return single_partition(graph, pp)
+            return partition(graph, pp, min_seconds=bar, cancel=cancel)
+
+        def make() -> tuple[Plan, Schedule]:
+            sched = schedule(graph, request.outputs, request.wrt, seeded, partitioner)
+            return sched.plan, sched
+
+        return graph.memo(("local-plan", request.outputs, request.wrt, seeded, bar), make)
 
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult:
-        # NaN and infinity are values like any other here; numpy's warnings about them are noise.
-        with np.errstate(all="ignore"):
-            return self._run(graph, request, cancel or Cancellation())
-
-    def _run(self, graph: Graph, request: RunRequest, cancel: Cancellation) -> RunResult:
         t0 = time.time()
-        plan = plan_pass(graph, request.outputs, request.wrt, list(request.grad_outputs or ()))
-        values = check_feeds(graph, plan, request.feeds)
-        seeds = seed_cotangents(graph, plan, request.grad_outputs)
-        forward, backward = compiled(graph, plan)
-
-        # Reference counts: one per later use, in the forward or in a VJP; outputs are pinned.
-        uses = dict(plan.uses)
-        pinned = set(plan.outputs)
-
-        def release(nodes: tuple[int, ...]) -> None:
-            for j in nodes:
-                uses[j] -= 1
-                if uses[j] <= 0 and j not in pinned:
-                    del values[j]
-
-        for step in forward:
-            cancel.check()
-            values[step.node] = evaluate(step, values)
-            release(step.inputs)
-        out_values = {graph.nodes[o].name: values[o] for o in plan.outputs}
-        t1 = time.time()
-
-        cot = Cotangents()
-        for o, s in seeds.items():
-            cot.seed(o, s)
-        wanted = set(plan.wrt)
-        grads: dict[int, np.ndarray | None] = {}
-        for step in backward:
-            cancel.check()
-            g = cot.total(step.node)
-            if step.node in wanted:
-                grads[step.node] = g
-            if g is not None:
-                backward_step(step, g, values, cot)
-            release((step.node, *step.inputs))
-        for w in plan.wrt:
-            if w not in grads:
-                grads[w] = cot.total(w)
-        t2 = time.time()
-
-        grad_out = {}
-        for w in plan.wrt:
-            g, t = grads[w], graph.types[w]
-            grad_out[graph.nodes[w].name] = np.zeros(t.shape, t.dtype) if g is None else owned(g)
-        tasks = [TaskStat(0, "forward", t0, t1, "inline")]
-        if plan.wrt:
-            tasks.append(TaskStat(0, "backward", t1, t2, "inline"))
-        return RunResult(out_values, grad_out, RunStats(self.name, t2 - t0, tasks=tuple(tasks)))
+        _, sched = self.plan(graph, request, cancel)
+        out = run_schedule(graph, sched, request, InlineRunner(), cancel or Cancellation())
+        tasks = tuple(TaskStat(s.partition, s.phase, m.start, m.end, m.where) for s, m in out.tasks)
+        parts = max(len(sched.plan.partitions), 1)
+        return RunResult(
+            out.values, out.grads, RunStats(self.name, time.time() - t0, parts, tasks=tasks)
+        )

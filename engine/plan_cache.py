@@ -44,6 +44,8 @@ def approx_bytes(obj: Any) -> int:
         return sys.getsizeof(obj)
     if isinstance(obj, FunctionType | MappingProxyType | type | Op | TensorType):
         return 0  # the graph's own: ops, node attributes, types
+    if hasattr(obj, "approx_bytes") and not isinstance(obj, type):
+        return int(obj.approx_bytes())  # compiled programs, schedules: they know their size
     if hasattr(obj, "ByteSize"):  # a protobuf message (e.g. a graph's wire form)
         return int(obj.ByteSize()) + 64
     if isinstance(obj, dict):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .autodiff import PassPlan
-from .executor import Cancellation
+from .cancel import Cancellation
 from .ir import Graph
 from .ops import CONSTANT, INPUT
 

@@ -1,12 +1,12 @@
-"""The Ray executor: one forward and one backward task per partition, submitted together as
-one DAG of ObjectRefs. This is the only module that imports ray."""
+"""The Ray executor: the driver (engine/driver.py) with a runner that submits each partition's
+forward and backward task to Ray, as one DAG of ObjectRefs without waiting in between. This
+is the only module that imports ray."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import logging
 import os
 import subprocess
@@ -21,27 +21,14 @@ import ray
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
 from . import _ray_reaper
-from .autodiff import (
-    RunRequest,
-    check_feeds,
-    plan_pass,
-    seed_cotangents,
-)
+from .autodiff import RunRequest
+from .driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task, schedule
 from .errors import CancelledError, GraphError
 from .executor import Cancellation, RunResult, RunStats, TaskStat
 from .ir import Graph
 from .jobs import SegmentRunner, next_segment
 from .lru import LRU
 from .planner import MIN_PARTITION_S, Plan, partition
-from .tasks import (
-    TaskMeta,
-    TaskSpec,
-    gradient_totals,
-    run_backward,
-    run_forward,
-    task_specs,
-    unowned_value,
-)
 from .training import ChunkState, ChunkTrainer, TrainSpec
 
 log = logging.getLogger("graphgrad.ray")
@@ -84,30 +71,22 @@ def _merged(bundles: Sequence[dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
     return {j: v for bundle in bundles for j, v in bundle.items()}
 
 
-@ray.remote(num_returns=3)
-def _forward_task(
-    fingerprint: str, nodes_ref: list[Any], spec: TaskSpec, n_bundles: int, *args: Any
-) -> Any:
+def _run(fingerprint: str, nodes_ref: list[Any], spec: TaskSpec, n_bundles: int, *args: Any) -> Any:
     _tune_allocator()
     feeds = _merged(args[:n_bundles])
     graph = _graph(fingerprint, nodes_ref)
-    return run_forward(graph, spec, feeds, list(args[n_bundles:]), _where())
+    return run_task(graph, spec, feeds, list(args[n_bundles:]), Cancellation(), _where())
 
 
-@ray.remote(num_returns=4)
-def _backward_task(
-    fingerprint: str,
-    nodes_ref: list[Any],
-    spec: TaskSpec,
-    saved: dict[int, np.ndarray],
-    seeds: dict[int, np.ndarray],
-    n_bundles: int,
-    *args: Any,
-) -> Any:
-    _tune_allocator()
-    values = {**saved, **_merged(args[:n_bundles])}
-    graph = _graph(fingerprint, nodes_ref)
-    return run_backward(graph, spec, values, seeds, list(args[n_bundles:]), _where())
+# The same body under two names, so that `ray list tasks` and `ps` tell the phases apart.
+@ray.remote(num_returns=2)
+def _forward_task(*args: Any) -> Any:
+    return _run(*args)
+
+
+@ray.remote(num_returns=2)
+def _backward_task(*args: Any) -> Any:
+    return _run(*args)
 
 
 class FeedBundles:
@@ -259,7 +238,7 @@ class RayExecutor:
             return "", {}
         return str(ray.get_runtime_context().gcs_address), dict(ray.cluster_resources())
 
-    def _nodes_ref(self, graph: Graph) -> list[Any]:
+    def nodes_ref(self, graph: Graph) -> list[Any]:
         ref, _ = self._nodes_refs.get_or_make(
             graph.fingerprint, lambda: (ray.put(list(graph.nodes)), graph.approx_bytes())
         )
@@ -267,23 +246,20 @@ class RayExecutor:
 
     def plan(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
-    ) -> tuple[Plan, list[TaskSpec]]:
+    ) -> tuple[Plan, Schedule]:
         seeded = tuple(request.grad_outputs or ())
-        pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
 
-        def make() -> tuple[Plan, list[TaskSpec]]:
-            parts = partition(
-                graph, pass_plan, min_seconds=self.min_partition_seconds, cancel=cancel
+        def make() -> tuple[Plan, Schedule]:
+            sched = schedule(
+                graph,
+                request.outputs,
+                request.wrt,
+                seeded,
+                lambda pp: partition(
+                    graph, pp, min_seconds=self.min_partition_seconds, cancel=cancel
+                ),
             )
-            plan_id = hashlib.sha256(
-                repr((graph.fingerprint, request.outputs, request.wrt, seeded)).encode()
-            ).hexdigest()[:16]
-            seeded_pos = (
-                tuple(graph.index[n] for n in seeded)
-                if seeded
-                else (pass_plan.outputs[:1] if pass_plan.wrt else ())
-            )
-            return parts, task_specs(graph, pass_plan, parts, seeded_pos, plan_id)
+            return sched.plan, sched
 
         key = ("ray-plan", request.outputs, request.wrt, seeded, self.min_partition_seconds)
         return graph.memo(key, make)
@@ -294,90 +270,23 @@ class RayExecutor:
         cancel = cancel or Cancellation()
         self.start()
         t0 = time.time()
-        pass_plan = plan_pass(
-            graph, request.outputs, request.wrt, tuple(request.grad_outputs or ())
-        )
-        feeds = check_feeds(graph, pass_plan, request.feeds)
-        seeds = seed_cotangents(graph, pass_plan, request.grad_outputs)
-        parts, specs = self.plan(graph, request, cancel)
-        fp, nodes_ref = graph.fingerprint, self._nodes_ref(graph)
-        bundles = FeedBundles(specs, feeds)
-
-        # Submit the whole DAG: every forward, then every backward, without waiting.
-        exports: dict[int, Any] = {}
-        saved: dict[int, Any] = {}
-        metas: list[tuple[int, str, Any]] = []
-        refs: list[Any] = []
-        for s in specs:
-            fed = bundles.refs(s.feeds)
-            e, sv, m = _forward_task.remote(
-                fp, nodes_ref, s, len(fed), *fed, *[exports[q] for q in s.upstream]
-            )
-            exports[s.index], saved[s.index] = e, sv
-            metas.append((s.index, "forward", m))
-            refs += [e, sv, m]
-        to_parts: dict[int, Any] = {}
-        to_caller, grad_refs = [], []
-        if pass_plan.wrt:
-            for s in reversed(specs):
-                if not s.has_backward:
-                    continue
-                mine = {o: seeds[o] for o in s.seeds}
-                fed = bundles.refs(s.saved_feeds)
-                tp, tc, g, m = _backward_task.remote(
-                    fp,
-                    nodes_ref,
-                    s,
-                    saved[s.index],
-                    mine,
-                    len(fed),
-                    *fed,
-                    *[to_parts[q] for q in s.downstream if q in to_parts],
-                )
-                to_parts[s.index] = tp
-                to_caller.append(tc)
-                grad_refs.append(g)
-                metas.append((s.index, "backward", m))
-                refs += [tp, tc, g, m]
-        del saved  # activations are freed once their backward task has run
-
-        out_refs = {o: exports[parts.owner[o]] for o in pass_plan.outputs if o in parts.owner}
-        wanted = list(
-            {
-                id(r): r
-                for r in [*out_refs.values(), *to_caller, *grad_refs, *(m for _, _, m in metas)]
-            }.values()
-        )
-        self._wait(wanted, refs, cancel)
+        _, sched = self.plan(graph, request, cancel)
         try:
-            values = {
-                graph.nodes[o].name: (
-                    ray.get(out_refs[o])[o] if o in out_refs else unowned_value(graph, o, feeds)
-                )
-                for o in pass_plan.outputs
-            }
-            caller_seeds = {o: v for o, v in seeds.items() if o not in parts.owner}
-            owned_totals = {k: v for g in ray.get(grad_refs) for k, v in g.items()}
-            grads = gradient_totals(
-                graph, pass_plan.wrt, caller_seeds, ray.get(to_caller), owned_totals
-            )
-            task_metas: list[tuple[int, str, TaskMeta]] = [
-                (k, phase, meta)
-                for (k, phase, _), meta in zip(
-                    metas, ray.get([m for _, _, m in metas]), strict=True
-                )
-            ]
+            out = run_schedule(graph, sched, request, _RayRunner(self), cancel)
         except RayTaskError as e:
             raise _unwrap(e) from None
         except RayError as e:
             raise GraphError(f"the Ray task failed: {e}") from e
-        t1 = time.time()
         tasks = tuple(
-            TaskStat(k, phase, m.start, m.end, m.where, m.bytes_in, m.bytes_out)
-            for k, phase, m in task_metas
+            TaskStat(s.partition, s.phase, m.start, m.end, m.where, m.bytes_in, m.bytes_out)
+            for s, m in out.tasks
         )
         moved = sum(t.bytes_out for t in tasks)
-        return RunResult(values, grads, RunStats(self.name, t1 - t0, len(specs), moved, tasks))
+        return RunResult(
+            out.values,
+            out.grads,
+            RunStats(self.name, time.time() - t0, len(sched.plan.partitions), moved, tasks),
+        )
 
     @staticmethod
     def _wait(wanted: list[Any], every: list[Any], cancel: Cancellation) -> None:
@@ -389,6 +298,33 @@ class RayExecutor:
         except CancelledError:
             _cancel_all(every)
             raise
+
+
+class _RayRunner:
+    """Submits each task to Ray with its upstream tasks' ObjectRefs (Ray passes it the values
+    once they exist); fed inputs are staged in bundles as the tasks reading them go."""
+
+    name = "ray"
+
+    def __init__(self, executor: RayExecutor) -> None:
+        self._executor = executor
+        self._refs: list[Any] = []
+
+    def begin(self, schedule: Schedule, feeds: dict[int, np.ndarray], cancel: Cancellation) -> None:
+        self._fp = schedule.graph.fingerprint
+        self._nodes = self._executor.nodes_ref(schedule.graph)
+        self._bundles = FeedBundles(schedule.tasks[:-1], feeds)
+
+    def submit(self, spec: TaskSpec, upstream: Sequence[Any]) -> tuple[Any, Any]:
+        fed = self._bundles.refs(spec.feeds)
+        task = _forward_task if spec.phase == FORWARD else _backward_task
+        exports, meta = task.remote(self._fp, self._nodes, spec, len(fed), *fed, *upstream)
+        self._refs += [exports, meta]
+        return exports, meta
+
+    def gather(self, handles: Sequence[Any], cancel: Cancellation) -> list[Any]:
+        RayExecutor._wait(list({id(h): h for h in handles}.values()), self._refs, cancel)
+        return list(ray.get(list(handles)))
 
 
 def _start_reaper(ray_pids: set[int]) -> subprocess.Popen[bytes]:

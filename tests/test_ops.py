@@ -165,19 +165,25 @@ def _gradient_graph(op: str, xs: list[np.ndarray], attrs: dict):
 
 
 @pytest.mark.parametrize(("op", "shapes", "attrs"), list(cases()))
-def test_gradient_rule_gives_the_vjp_bit_for_bit(op, shapes, attrs):
+def test_gradient_rule_gives_the_numeric_vjp_bit_for_bit(op, shapes, attrs):
+    """Each op's gradient rule emits the numpy operations of its numeric VJP (the rule the
+    interpreted backward pass ran), in the same order: the same bits."""
     rng = np.random.default_rng(zlib.crc32(op.encode()))
     xs = random_inputs(op, shapes, rng)
     if not xs:
         return
     out = run_op(op, xs, attrs).values["out"]
     u = rng.standard_normal(out.shape)
-    ref = run_op(op, xs, attrs, u)
+    vjp = REGISTRY[op].vjp
+    assert vjp is not None
+    with np.errstate(all="ignore"):
+        ref = vjp(u, xs, out, attrs, [True] * len(xs))
     gg_, wrt = _gradient_graph(op, xs, attrs)
     feeds = {**dict(zip(wrt, xs, strict=True)), gg_.seeds["out"]: u}
     res = LocalExecutor().run(gg_.graph, RunRequest(tuple(dict.fromkeys(gg_.grads)), feeds))
-    for w, node in zip(wrt, gg_.grads, strict=True):
-        np.testing.assert_array_equal(res.values[node], ref.grads[w], err_msg=f"{op} {w}")
+    for k, (w, node) in enumerate(zip(wrt, gg_.grads, strict=True)):
+        expected = np.zeros_like(xs[k]) if ref[k] is None else ref[k]
+        np.testing.assert_array_equal(res.values[node], expected, err_msg=f"{op} {w}")
 
 
 @pytest.mark.parametrize(("op", "shapes", "attrs"), list(cases()))

@@ -20,10 +20,9 @@ from graphgrad.engine import CancelledError, ExecutionError, Graph, LocalExecuto
 from graphgrad.engine.executor import Cancellation
 from graphgrad.engine.ray_executor import RayExecutor
 
-from .partitioned import run_partitioned
 from .server_proc import running_server
 from .strategies import random_requests
-from .test_planner import wide_graph
+from .test_planner import run_partitioned, wide_graph
 from .test_seed import network_feeds, two_layer_network
 
 
@@ -60,7 +59,7 @@ def assert_bitwise_equal(values, grads, local) -> None:
 @settings(max_examples=300)
 @given(random_requests(max_nodes=30), st.sampled_from([0.0, 1e-5, 1e-4]))
 def test_random_requests_partitioned_equal_local_bit_for_bit(case, min_seconds):
-    """The task bodies Ray ships, run by hand: any legal request (repeated and constant
+    """The driver Ray runs, with the inline runner: any legal request (repeated and constant
     `wrt`, unused inputs, intermediates, outputs that are inputs, several seeds)."""
     nodes, request = case
     graph = Graph(nodes)

@@ -58,12 +58,16 @@ Attrs = Mapping[str, Any]
 InferFn = Callable[[Sequence[TensorType], Attrs], TensorType]
 ForwardFn = Callable[[Sequence[np.ndarray], Attrs], np.ndarray]
 # vjp(g, inputs, output, attrs, wants) -> one gradient per input, in input order; None where
-# the input has none or `wants[i]` is False (the caller skips work nobody will use).
+# the input has none or `wants[i]` is False. The numeric form of `grad` (below): execution
+# runs `grad`'s nodes; tests/test_ops.py checks that both give the same bits.
 VjpFn = Callable[
     [np.ndarray, Sequence[np.ndarray], np.ndarray, Attrs, Sequence[bool]],
     Sequence[np.ndarray | None],
 ]
 FlopsFn = Callable[[Sequence[TensorType], TensorType, Attrs], float]
+# kernel(attrs, input types) -> a function of the input arrays alone, what compiled programs
+# call (engine/codegen.py); by default a wrapper of `forward`.
+KernelFn = Callable[[Attrs, Sequence[TensorType]], Callable[..., Any]]
 
 
 class Emitter(Protocol):
@@ -107,6 +111,18 @@ class Op:
     doc: str = ""
     batch: BatchFn | None = None  # None: the op cannot be batched (inputs, constants)
     grad: GradFn | None = None  # None: no gradient flows through (inputs, constants)
+    kernel: KernelFn | None = None
+
+    def lower(self, attrs: Attrs, types: Sequence[TensorType]) -> Callable[..., Any]:
+        """The function of the input arrays a compiled program calls for this op."""
+        if self.kernel is not None:
+            return self.kernel(attrs, types)
+        forward = self.forward
+
+        def call(*xs: np.ndarray) -> np.ndarray:
+            return np.asarray(forward(xs, attrs))
+
+        return call
 
     def signature(self) -> str:
         ins = "*xs" if self.arity is None else ", ".join(f"x{i}" for i in range(self.arity))

@@ -67,6 +67,7 @@ def _unary(
             doc=doc,
             batch=lambda em, ins, tys, out, at: em.emit(name, [ins[0].name], at),
             grad=lambda em, g, xs, y, a, w: (rule(em, g, xs[0], y),),
+            kernel=lambda at, tys: fn,
         )
     )
 
@@ -219,6 +220,7 @@ def _binary(
             vjp,
             batch=batch_broadcasting(name),
             grad=graph_rule,
+            kernel=lambda at, tys: fn,
         )
     )
 

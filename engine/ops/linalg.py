@@ -168,5 +168,6 @@ register(
         flops=_flops,
         batch=_batch,
         grad=_grad,
+        kernel=lambda at, tys: np.matmul,
     )
 )

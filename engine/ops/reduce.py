@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -130,6 +131,11 @@ def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn, grad: GradFn) -> N
             flops=_flops,
             batch=_batch(name),
             grad=grad,
+            kernel=lambda at, tys: functools.partial(
+                fn,
+                axis=normalize_axes(at.get("axis"), len(tys[0].shape)),
+                keepdims=at.get("keepdims", False),
+            ),
         )
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -51,6 +52,7 @@ register(
         grad=lambda em, g, xs, y, at, w: (
             em.emit("reshape", [g], {"shape": em.type(xs[0]).shape}),
         ),
+        kernel=lambda at, tys: functools.partial(np.reshape, shape=at["shape"]),
     )
 )
 
@@ -118,6 +120,7 @@ register(
             "broadcast_to", [em.lead(ins[0], tys[0], len(out.shape))], {"shape": (em.n, *out.shape)}
         ),
         grad=lambda em, g, xs, y, at, w: (unbroadcast_node(em, g, em.type(xs[0]).shape),),
+        kernel=lambda at, tys: functools.partial(np.broadcast_to, shape=at["shape"]),
     )
 )
 
