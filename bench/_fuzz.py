@@ -47,13 +47,9 @@ STREAM_TIMEOUT = 2.0
 # RPCs that reach deep code are drawn more often; the rest once each.
 WEIGHTS = {"Run": 4, "Explain": 2, "RegisterGraph": 2, "SubmitJob": 3}
 FOLLOWUPS = ("WatchJob", "GetJob", "GetJobResults", "CancelJob", "DeleteJob")
-STREAM_MESSAGES = 4
+STREAM_MESSAGES = 4  # a stream is read this far, then cancelled
 LONG_LITERAL = re.compile(r'"(?:[^"\\]|\\.){80,}"')  # a quoted text-format string
-LOST = (
-    "Stream removed",
-    "Socket closed",
-    "Connection reset",
-)  # the client's transport errors  # a stream is read this far, then cancelled
+LOST = ("Stream removed", "Socket closed", "Connection reset")  # the client's transport errors
 
 
 @dataclass(frozen=True)
@@ -121,14 +117,11 @@ def send(channel: grpc.Channel, call: Call) -> Outcome:
         for k, msg in enumerate(stream):
             first = msg if first is None else first
             if k + 1 >= STREAM_MESSAGES:
-                stream.cancel()
+                stream.cancel()  # our own cancel is not the server's answer
                 break
         return Outcome(grpc.StatusCode.OK, "", first)
     except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        # Our own cancel after a few messages is not the server's answer.
-        code = grpc.StatusCode.OK if code == grpc.StatusCode.CANCELLED else code
-        return Outcome(code, e.details() or "", first)  # type: ignore[attr-defined]
+        return Outcome(e.code(), e.details() or "", first)  # type: ignore[attr-defined]
 
 
 def failure(outcome: Outcome) -> str | None:
