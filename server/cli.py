@@ -220,5 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphgrad serving on {scheme}://{address}", flush=True)
         jobs.resume_all()
 
-    asyncio.run(server.serve(serving))
+    try:
+        asyncio.run(server.serve(serving))
+    except OSError as e:  # e.g. the port is taken: one line, before "serving on"
+        raise SystemExit(f"graphgrad serve: {e}") from None
     return 0
