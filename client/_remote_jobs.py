@@ -99,6 +99,11 @@ class RemoteJob(AsyncJob):
     def cancel(self) -> None:
         self._client._call("CancelJob", jobs_pb2.CancelJobRequest(id=self.id), None, stub="jobs")
 
+    def delete(self) -> None:
+        """Remove the job from the server (cancelled first if it runs), with its results."""
+        self._client._call("DeleteJob", jobs_pb2.DeleteJobRequest(id=self.id), None, stub="jobs")
+        self._results = None
+
     def wait(self, progress: bool = True, timeout: float | None = None) -> RemoteJob:
         """Follow the job's progress stream until it ends (a progress bar unless disabled)."""
         info = self._info()

@@ -121,15 +121,23 @@ class ChunkState:
     step: int
     params: Arrays
     opt_state: Arrays
-    history: np.ndarray  # [n, steps] loss per network per step (NaN where not yet run)
+    # Loss per network of the steps [step - len(losses), step) not yet taken by the owner
+    # (a job appends them to its durable history): memory grows with a segment, not a job.
+    losses: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def history(self) -> np.ndarray:
+        """The losses not yet taken, [n, len(losses)]."""
+        n = len(next(iter(self.params.values())))
+        return np.stack(self.losses, axis=1) if self.losses else np.zeros((n, 0))
 
     def writable(self) -> ChunkState:
-        """A copy the next steps may write to (states from Ray's object store are read-only)."""
+        """A copy the next steps may write to (states from Ray's object store are read-only),
+        with no losses: the copy's losses are those of the steps it goes on to run."""
         return ChunkState(
             self.step,
             {k: v.copy() for k, v in self.params.items()},
             {k: v.copy() for k, v in self.opt_state.items()},
-            self.history.copy(),
         )
 
 
@@ -396,8 +404,7 @@ class ChunkTrainer:
 
     def initial_state(self) -> ChunkState:
         params = {k: v.copy() for k, v in self.spec.params.items()}
-        history = np.full((self.spec.n, self.spec.steps), np.nan, dtype=np.float64)
-        return ChunkState(0, params, self.spec.optimizer.init(params), history)
+        return ChunkState(0, params, self.spec.optimizer.init(params))
 
     def _batch(self, step: int) -> Arrays:
         spec = self.spec
@@ -431,7 +438,7 @@ class ChunkTrainer:
         res = self.executor.run(
             self.graph, RunRequest((self.loss,), feeds, self.params, {self.loss: seed}), cancel
         )
-        state.history[:, state.step] = res.values[self.loss]
+        state.losses.append(np.asarray(res.values[self.loss], dtype=np.float64).copy())
         spec.optimizer.update(state.params, res.grads, state.opt_state, state.step)
         state.step += 1
 

@@ -16,10 +16,10 @@ from .app import Server, ServerConfig
 from .auth import check_token
 from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from .job_service import spec_decoder
-from .jobs import JobManager
+from .jobs import DEFAULT_MAX_QUEUED, JobManager, default_max_running
 from .limits import MIB, Limits
 from .runtime import Runtime
-from .store import JobStore
+from .store import JobStore, StoreError
 
 TOKEN_ENV = "GRAPHGRAD_TOKEN"
 
@@ -114,6 +114,19 @@ def parser() -> argparse.ArgumentParser:
         help="open server streams (WatchJob, GetJobResults); beyond: RESOURCE_EXHAUSTED",
     )
     s.add_argument(
+        "--max-running-jobs",
+        type=int,
+        default=default_max_running(),
+        help="training jobs run at once; later ones queue as pending (default: CPU count)",
+    )
+    s.add_argument(
+        "--max-queued-jobs",
+        type=int,
+        default=DEFAULT_MAX_QUEUED,
+        help="pending jobs beyond which SubmitJob is RESOURCE_EXHAUSTED "
+        f"(default {DEFAULT_MAX_QUEUED})",
+    )
+    s.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
     )
     s.add_argument("--log-level", default="INFO")
@@ -129,6 +142,7 @@ POSITIVE = (
     "graph_cache_bytes",
     "plan_cache_size",
     "plan_cache_bytes",
+    "max_running_jobs",
 )
 
 
@@ -192,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from(args)
+    try:  # an unusable store is fatal before anything starts, in one line
+        store = JobStore(args.data_dir / "jobs.sqlite3")
+    except StoreError as e:
+        raise SystemExit(f"graphgrad serve: {e}") from None
     dispatcher = Dispatcher(
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
@@ -210,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             dispatcher.ray.start()
         except Exception:
             logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
-    store = JobStore(args.data_dir / "jobs.sqlite3")
-    jobs = JobManager(store, dispatcher, spec_decoder(runtime))  # type: ignore[arg-type]
+    jobs = JobManager(
+        store,
+        dispatcher,
+        spec_decoder(runtime),  # type: ignore[arg-type]
+        max_running=args.max_running_jobs,
+        max_queued=args.max_queued_jobs,
+    )
     server = Server(config, runtime, jobs)
     scheme = "grpcs" if config.tls_cert else "grpc"
 

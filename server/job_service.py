@@ -142,11 +142,6 @@ class JobServicer:
     def GetJobResults(
         self, request: jobs_pb2.GetJobResultsRequest, context: grpc.ServicerContext
     ) -> Iterator[jobs_pb2.GetJobResultsResponse]:
-        job = self.manager.job(request.id)
-        if job.status != "done":
-            raise RequestError(
-                f"job '{request.id}' is {job.status}: results come when it is done", field="id"
-            )
         for template, kind, name, first, value in self.manager.results(request.id):
             part = jobs_pb2.GetJobResultsResponse(
                 template=template, kind=kind, name=name, first=first
@@ -158,6 +153,12 @@ class JobServicer:
         self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.CancelJobResponse:
         return jobs_pb2.CancelJobResponse(job=encode_view(self.manager.cancel(request.id)))
+
+    def DeleteJob(
+        self, request: jobs_pb2.DeleteJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.DeleteJobResponse:
+        self.manager.delete(request.id)
+        return jobs_pb2.DeleteJobResponse()
 
     def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext

@@ -1,7 +1,10 @@
-"""The job manager: runs training jobs in threads, checkpoints them, resumes them at start.
+"""The job manager: checks jobs before storing them, runs a bounded number at a time (the
+rest queue as pending, in submission order), checkpoints them, resumes them at start.
 
 Protobuf stops at the servicer: the manager takes the stored spec bytes, decodes them once
-through the codec into engine specs, and reports plain dataclasses.
+through the codec into engine specs, and reports plain dataclasses. A stored row that cannot
+be read (a spec that does not parse, a checkpoint that does not fit, an unknown status) makes
+that job read as failed; it never stops the server.
 """
 
 from __future__ import annotations
@@ -9,23 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from graphgrad.engine import Cancellation, CancelledError
+from graphgrad.engine import Cancellation, CancelledError, LimitError, RequestError
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import Placement, Progress, TrainingRun, group_specs
+from graphgrad.engine.jobs import Placement, Progress, SegmentRunner, TrainingRun, group_specs
 from graphgrad.engine.training import TrainSpec
 
 from .errors import NotFoundError
-from .store import JobRow, JobStore
+from .store import MAX_BLOB_BYTES, JobRow, JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
 TERMINAL = ("done", "cancelled", "failed")
+STATUSES = ("pending", "running", *TERMINAL)
+NO_PROGRESS = Progress(0, 0, 0, 0, float("nan"), float("nan"), float("nan"))
+DEFAULT_MAX_QUEUED = 256
+RESUME_WAIT_SECONDS = 300.0
+
+
+def default_max_running() -> int:
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -38,21 +51,26 @@ class JobView:
 
 
 class ManagedJob:
+    """A job this process runs or queues (`run` set), or a snapshot of a stored one."""
+
     def __init__(
         self,
         job_id: str,
         created: float,
-        specs: list[TrainSpec],
-        executor: str,
-        run: TrainingRun,
+        run: TrainingRun | None,
         placement: list[Placement],
+        progress: Progress,
+        status: str = "pending",
+        error: str = "",
     ) -> None:
-        self.id, self.created, self.specs, self.executor = job_id, created, specs, executor
-        self.run, self.placement = run, placement
-        self.status, self.error = "pending", ""
+        self.id, self.created, self.run, self.placement = job_id, created, run, placement
+        self.status, self.error = status, error
+        # What the store holds: a view never reports progress a crash could take back.
+        self.durable = progress
         self.cancel = Cancellation()
         self.changed = threading.Condition()
         self.version = 0
+        self.deleted = False
         self.listeners: set[Callable[[], None]] = set()  # called at every bump (watchers)
 
     def bump(self) -> None:
@@ -63,7 +81,14 @@ class ManagedJob:
             listener()
 
     def view(self) -> JobView:
-        return JobView(self.id, self.status, self.run.progress(), self.error, self.created)
+        return JobView(self.id, self.status, self.durable, self.error, self.created)
+
+
+@dataclass(frozen=True)
+class Built:
+    specs: list[TrainSpec]
+    run: TrainingRun
+    placement: list[Placement]
 
 
 class JobManager:
@@ -72,76 +97,221 @@ class JobManager:
         store: JobStore,
         dispatcher: Dispatcher,
         decode: Callable[[bytes], tuple[list[TrainSpec], str]],
+        max_running: int | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         self.store, self.dispatcher, self.decode = store, dispatcher, decode
-        self._jobs: dict[str, ManagedJob] = {}
+        self.max_running = max_running or default_max_running()
+        self.max_queued = max_queued
+        self._active: dict[str, ManagedJob] = {}  # queued or running here
+        self._queue: deque[ManagedJob] = deque()
+        self._running = 0
+        self._stored: dict[str, tuple[str, Progress | None]] = {}  # row checks: (error, progress)
         self._lock = threading.Lock()
+        # Set once resume_all has taken over the unfinished jobs of the store: until then a
+        # stored pending or running row is not yet the job it will be.
+        self._resumed = threading.Event()
 
-    def _build(self, row: JobRow) -> ManagedJob:
-        specs, executor = self.decode(row.spec)
+    def _build(self, spec: bytes, checkpoint: bytes | None, to_run: bool) -> Built:
+        """The job's run with every check it will make: anything wrong raises here."""
+        specs, executor = self.decode(spec)
         groups, placement = group_specs(specs)
-        runner, cpus = self.dispatcher.training_runner(executor)
+        runner, cpus = self.dispatcher.training_runner(executor) if to_run else (SegmentRunner(), 1)
         run = (
-            TrainingRun(groups, cpus=cpus, runner=runner)
-            if row.checkpoint is None
-            else TrainingRun.resumed(groups, row.checkpoint, cpus, runner)
+            TrainingRun(groups, cpus=cpus, runner=runner, keep_history=False)
+            if checkpoint is None
+            else TrainingRun.resumed(groups, checkpoint, cpus, runner, keep_history=False)
         )
-        job = ManagedJob(row.id, row.created, specs, executor, run, placement)
-        job.status, job.error = row.status, row.error
-        return job
+        return Built(specs, run, placement)
+
+    def _check_size(self, run: TrainingRun) -> None:
+        """A checkpoint must fit a blob of the store (the job's whole size from N x steps is
+        checked against max_request_bytes by the spec decoder, `training.job_bytes`)."""
+        state = run.state_bytes()
+        if state + (1 << 20) > MAX_BLOB_BYTES:
+            raise LimitError(
+                f"the job's parameters and optimizer state take {state} bytes: a checkpoint "
+                f"must stay under the store's blob limit of {MAX_BLOB_BYTES} bytes",
+                limit="max_checkpoint_bytes",
+            )
 
     def submit(self, spec: bytes) -> str:
-        self.decode(spec)  # validate before anything is stored
+        built = self._build(spec, None, to_run=True)  # nothing is stored before this passes
+        self._check_size(built.run)
         job_id = uuid.uuid4().hex[:12]
-        self.store.insert(job_id, spec)
-        self._start(self._build(self.store.get(job_id)))  # type: ignore[arg-type]
+        job = ManagedJob(job_id, 0.0, built.run, built.placement, built.run.progress())
+        with self._lock:
+            if self._running >= self.max_running and len(self._queue) >= self.max_queued:
+                raise LimitError(
+                    f"{self._running} jobs are running and {len(self._queue)} are queued, the "
+                    f"limit max_queued_jobs={self.max_queued}: submit again later",
+                    limit="max_queued_jobs",
+                )
+            self._active[job_id] = job
+        try:
+            job.created = self.store.insert(job_id, spec, job.durable)
+        except BaseException:
+            with self._lock:
+                del self._active[job_id]
+            raise
+        self._enqueue(job)
         return job_id
 
     def resume_all(self) -> None:
-        """Jobs a previous server left unfinished continue from their last checkpoint."""
-        for job_id in self.store.ids(("pending", "running")):
-            row = self.store.get(job_id)
-            assert row is not None
-            log.info("resuming job %s from step %d", job_id, row.steps_done)
-            self._start(self._build(row))
+        """Jobs a previous server left unfinished continue from their last checkpoint, in
+        submission order; one that cannot be read reads as failed, and the rest go on."""
+        try:
+            self._resume_all()
+        finally:
+            self._resumed.set()
 
-    def _start(self, job: ManagedJob) -> None:
+    def _resume_all(self) -> None:
+        for summary in self.store.summaries(oldest_first=True):
+            if summary.status not in ("pending", "running"):
+                continue
+            try:
+                row = self.store.get(summary.id)
+                if row is None:
+                    continue
+                built = self._build(row.spec, row.checkpoint, to_run=True)
+            except Exception as e:
+                error = f"the stored job cannot be resumed: {type(e).__name__}: {e}"
+                log.error("job %s: %s", summary.id, error)
+                with self._lock:
+                    self._stored[summary.id] = (error, summary.progress)
+                continue
+            log.info("resuming job %s from step %d", summary.id, built.run.progress().steps_done)
+            job = ManagedJob(
+                summary.id, summary.created, built.run, built.placement, built.run.progress()
+            )
+            with self._lock:
+                self._active[job.id] = job
+            self._enqueue(job)
+
+    def _enqueue(self, job: ManagedJob) -> None:
         with self._lock:
-            self._jobs[job.id] = job
-        threading.Thread(target=self._work, args=(job,), name=f"job-{job.id}", daemon=True).start()
+            self._queue.append(job)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start queued jobs, oldest first, while fewer than max_running run."""
+        while True:
+            with self._lock:
+                if self._running >= self.max_running or not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._running += 1
+            try:
+                threading.Thread(
+                    target=self._work, args=(job,), name=f"job-{job.id}", daemon=True
+                ).start()
+            except Exception as e:  # e.g. no thread to be had: the job fails, not the server
+                with self._lock:
+                    self._running -= 1
+                self._finish(job, "failed", f"the job could not start: {e}")
 
     def _work(self, job: ManagedJob) -> None:
+        run = job.run
+        assert run is not None
+
         def checkpoint(run: TrainingRun) -> None:
             # Written and committed before the progress it carries is reported.
-            self.store.checkpoint(job.id, run.checkpoint(), run.progress().steps_done)
+            progress = run.progress()
+            self.store.checkpoint(job.id, run.checkpoint(), progress, run.take_history())
+            job.durable = progress
             job.bump()
 
         job.status = "running"
         job.bump()
+        status, error = "done", ""
         try:
-            job.run.run(job.cancel, on_segment=checkpoint)
-            job.status = "done"
+            run.run(job.cancel, on_segment=checkpoint)
         except CancelledError:
-            job.status = "cancelled"
+            status = "cancelled"
         except Exception as e:  # the job fails, the server keeps serving
             log.exception("job %s failed", job.id)
-            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
-        self.store.checkpoint(
-            job.id, job.run.checkpoint(), job.run.progress().steps_done, job.status, job.error
-        )
+            status, error = "failed", f"{type(e).__name__}: {e}"
+        with self._lock:
+            self._running -= 1
+        self._finish(job, status, error)
+        self._schedule()
+
+    def _finish(self, job: ManagedJob, status: str, error: str) -> None:
+        """The job's last checkpoint and status, durable before they are reported."""
+        run = job.run
+        assert run is not None
+        progress = run.progress()
+        try:
+            self.store.checkpoint(
+                job.id, run.checkpoint(), progress, run.take_history(), status, error
+            )
+        except Exception as e:
+            log.exception("job %s: its last checkpoint could not be stored", job.id)
+            status, error = "failed", f"its last checkpoint could not be stored: {e}"
+            progress = job.durable
+            try:
+                self.store.set_status(job.id, status, error)
+            except Exception:
+                log.exception("job %s: its failure could not be stored", job.id)
+        with self._lock:
+            self._active.pop(job.id, None)
+            if not job.deleted:  # read from the store from now on, its results included
+                self._stored[job.id] = ("", progress)
+        job.durable, job.status, job.error = progress, status, error
         job.bump()
+
+    def _snapshot(self, summary: JobSummary) -> ManagedJob:
+        """A stored job's view: its row's status and progress, FAILED where the row does not
+        read (checked once per process)."""
+        with self._lock:
+            checked = self._stored.get(summary.id)
+        if checked is None:
+            checked = ("", summary.progress)
+            try:
+                if summary.status not in STATUSES:
+                    raise ValueError(f"the store holds an unknown status '{summary.status}'")
+                if summary.progress is None or summary.status in ("done", "cancelled"):
+                    row = self.store.get(summary.id)
+                    if row is not None:
+                        built, _ = self._results_of(row)
+                        checked = ("", summary.progress or built.run.progress())
+            except Exception as e:
+                checked = (f"the stored job cannot be read: {type(e).__name__}: {e}", None)
+                log.error("job %s: %s", summary.id, checked[0])
+            with self._lock:
+                self._stored.setdefault(summary.id, checked)
+        error, progress = checked
+        return ManagedJob(
+            summary.id,
+            summary.created,
+            None,
+            [],
+            progress or summary.progress or NO_PROGRESS,
+            "failed" if error else summary.status,
+            error or summary.error,
+        )
+
+    def _results_of(self, row: JobRow) -> tuple[Built, np.ndarray]:
+        built = self._build(row.spec, row.checkpoint, to_run=False)
+        return built, built.run.history(self.store.history(row.id))
 
     def job(self, job_id: str) -> ManagedJob:
         with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            row = self.store.get(job_id)
-            if row is None:
-                raise NotFoundError(job_id, "job")
-            job = self._build(row)  # a finished job from before a restart
+            job = self._active.get(job_id)
+        if job is not None:
+            return job
+        summary = self.store.summary(job_id)
+        if summary is None:
+            raise NotFoundError(job_id, "job")
+        if summary.status in ("pending", "running") and not self._resumed.is_set():
+            # Served before it was resumed: wait for resume_all (bounded, for a manager that
+            # is never asked to resume) rather than hand out a snapshot that never changes.
+            self._resumed.wait(RESUME_WAIT_SECONDS)
             with self._lock:
-                job = self._jobs.setdefault(job_id, job)
-        return job
+                job = self._active.get(job_id)
+            if job is not None:
+                return job
+        return self._snapshot(summary)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobView]:
         """The job's view now and after every change until it ends. A watcher waits on the
@@ -180,22 +350,57 @@ class JobManager:
 
     def cancel(self, job_id: str) -> JobView:
         job = self.job(job_id)
-        if job.status not in TERMINAL:
+        with self._lock:
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+        if queued:
+            self._finish(job, "cancelled", "")
+        elif job.status not in TERMINAL:
             job.cancel.cancel()
         return job.view()
 
+    def delete(self, job_id: str) -> None:
+        """Cancel the job if it runs, then remove it and its history from the store."""
+        job = self.job(job_id)
+        with self._lock:
+            if job in self._queue:
+                self._queue.remove(job)
+            self._active.pop(job_id, None)
+            self._stored.pop(job_id, None)
+        job.deleted = True
+        job.cancel.cancel()  # its thread's last writes find no row: they change nothing
+        self.store.delete(job_id)
+        job.status, job.error = "cancelled", "deleted"
+        job.bump()
+
     def list(self) -> list[JobView]:
-        return [self.job(i).view() for i in self.store.ids()]
+        views = []
+        for summary in self.store.summaries():
+            with self._lock:
+                job = self._active.get(summary.id)
+            views.append((job or self._snapshot(summary)).view())
+        return views
 
     def results(
         self, job_id: str, max_bytes: int = 4 << 20
     ) -> Iterator[tuple[int, str, str, int, np.ndarray]]:
-        """(template, kind, name, first network, values) pieces of at most ~max_bytes."""
+        """(template, kind, name, first network, values) pieces of at most ~max_bytes, of a
+        job that is done, or of what a cancelled job had trained."""
         job = self.job(job_id)
-        params = job.run.params()
-        offsets = np.cumsum([0] + [g.n for g in job.run.groups])
-        history = job.run.history()
-        for t, (g, lo, hi) in enumerate(job.placement):
+        if job.status not in ("done", "cancelled"):
+            why = f": {job.error}" if job.error else ""
+            raise RequestError(
+                f"job '{job_id}' is {job.status}{why}: results come when it is done or cancelled",
+                field="id",
+            )
+        row = self.store.get(job_id)
+        if row is None:
+            raise NotFoundError(job_id, "job")
+        built, history = self._results_of(row)
+        params = built.run.params()
+        offsets = np.cumsum([0] + [g.n for g in built.run.groups])
+        for t, (g, lo, hi) in enumerate(built.placement):
             arrays = [("params", k, v[lo:hi]) for k, v in params[g].items()]
             arrays.append(("history", "", history[offsets[g] + lo : offsets[g] + hi]))
             for kind, name, value in arrays:

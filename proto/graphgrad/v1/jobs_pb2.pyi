@@ -31,7 +31,7 @@ class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.V
     JOB_STATUS_UNSPECIFIED: _JobStatus.ValueType  # 0
     """Not set."""
     JOB_STATUS_PENDING: _JobStatus.ValueType  # 1
-    """Stored, not started yet."""
+    """Stored, waiting for a free slot among the running jobs."""
     JOB_STATUS_RUNNING: _JobStatus.ValueType  # 2
     """Training."""
     JOB_STATUS_DONE: _JobStatus.ValueType  # 3
@@ -47,7 +47,7 @@ class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper):
 JOB_STATUS_UNSPECIFIED: JobStatus.ValueType  # 0
 """Not set."""
 JOB_STATUS_PENDING: JobStatus.ValueType  # 1
-"""Stored, not started yet."""
+"""Stored, waiting for a free slot among the running jobs."""
 JOB_STATUS_RUNNING: JobStatus.ValueType  # 2
 """Training."""
 JOB_STATUS_DONE: JobStatus.ValueType  # 3
@@ -499,6 +499,45 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    """DeleteJob input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    """DeleteJob output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):
