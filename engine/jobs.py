@@ -133,12 +133,6 @@ class TrainingRun:
     def chunk_sizes(self) -> list[int]:
         return [c.n for cs in self.chunks for c in cs]
 
-    def state_bytes(self) -> int:
-        """Bytes of a checkpoint's arrays: parameters and optimizer state."""
-        return sum(
-            v.nbytes for st in self._states for v in (*st.params.values(), *st.opt_state.values())
-        )
-
     def take_history(self) -> list[HistorySegment]:
         """The losses run since the last call, one segment per chunk that ran."""
         out = []

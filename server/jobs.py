@@ -27,7 +27,7 @@ from graphgrad.engine.jobs import Placement, Progress, SegmentRunner, TrainingRu
 from graphgrad.engine.training import TrainSpec
 
 from .errors import NotFoundError
-from .store import MAX_BLOB_BYTES, JobRow, JobStore, JobSummary
+from .store import JobRow, JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
 TERMINAL = ("done", "cancelled", "failed")
@@ -124,20 +124,21 @@ class JobManager:
         )
         return Built(specs, run, placement)
 
-    def _check_size(self, run: TrainingRun) -> None:
-        """A checkpoint must fit a blob of the store (the job's whole size from N x steps is
-        checked against max_request_bytes by the spec decoder, `training.job_bytes`)."""
-        state = run.state_bytes()
-        if state + (1 << 20) > MAX_BLOB_BYTES:
-            raise LimitError(
-                f"the job's parameters and optimizer state take {state} bytes: a checkpoint "
-                f"must stay under the store's blob limit of {MAX_BLOB_BYTES} bytes",
-                limit="max_checkpoint_bytes",
-            )
+    def _check_size(self, run: TrainingRun, spec: bytes) -> None:
+        """The spec and every checkpoint must fit a blob of the store (the job's whole size
+        from N x steps is checked against max_request_bytes by the spec decoder)."""
+        # A checkpoint's size never changes: parameters and optimizer state.
+        for what, size in (("spec", len(spec)), ("checkpoint", len(run.checkpoint()))):
+            if size > self.store.max_blob_bytes:
+                raise LimitError(
+                    f"the job's {what} takes {size} bytes, over the store's blob limit "
+                    f"max_blob_bytes={self.store.max_blob_bytes}",
+                    limit="max_blob_bytes",
+                )
 
     def submit(self, spec: bytes) -> str:
         built = self._build(spec, None, to_run=True)  # nothing is stored before this passes
-        self._check_size(built.run)
+        self._check_size(built.run, spec)
         job_id = uuid.uuid4().hex[:12]
         job = ManagedJob(job_id, 0.0, built.run, built.placement, built.run.progress())
         with self._lock:

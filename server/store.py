@@ -94,10 +94,12 @@ def _progress(row: Sequence[Any]) -> Progress | None:
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_blob_bytes: int = MAX_BLOB_BYTES) -> None:
+        self.max_blob_bytes = max_blob_bytes
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_blob_bytes)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a reported checkpoint survives a crash
             self._migrate()

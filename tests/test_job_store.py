@@ -21,7 +21,13 @@ import graphgrad as gg
 from graphgrad._jobs import build_specs
 from graphgrad._remote_jobs import encode_job
 from graphgrad._wire import fill_tensor
+from graphgrad.engine import LimitError
+from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.jobs import TrainingRun, group_specs
+from graphgrad.server.job_service import spec_decoder
+from graphgrad.server.jobs import JobManager
+from graphgrad.server.runtime import Runtime
+from graphgrad.server.store import JobStore
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2
 
 from .server_proc import running_server
@@ -117,6 +123,26 @@ def test_rejected_jobs_store_nothing_and_the_server_restarts_clean(tmp_path):
         assert c.jobs() == []
         job = c.train(mlp(8), init(2, 8, 0), own_data(2), steps=5)
         assert job.wait(progress=False).status == "done"
+
+
+def test_a_checkpoint_too_big_for_the_store_is_refused_before_anything_is_stored(tmp_path):
+    dispatcher = Dispatcher(ray_enabled=False)
+    store = JobStore(tmp_path / "jobs.sqlite3", max_blob_bytes=30_000)
+    decode = spec_decoder(Runtime.create(None, dispatcher))
+    manager = JobManager(store, dispatcher, decode)  # type: ignore[arg-type]
+
+    def adam_request(n: int) -> bytes:  # shared data: the spec grows slower than Adam's state
+        shared = {k: v[0] for k, v in own_data(1).items()}
+        adam = gg.optim.Adam()
+        specs = build_specs(mlp(8), init(n, 8, 0), shared, adam, 5, None, 0)
+        return encode_job(specs, adam, 5, None, 0, "local").SerializeToString()
+
+    assert len(adam_request(40)) < 30_000
+    manager.submit(adam_request(2))
+    with pytest.raises(LimitError) as e:
+        manager.submit(adam_request(40))
+    assert e.value.limit == "max_blob_bytes" and "checkpoint" in str(e.value)
+    assert len(store.summaries()) == 1
 
 
 def npz(arrays: dict[str, np.ndarray]) -> bytes:
