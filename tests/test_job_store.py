@@ -231,17 +231,17 @@ def test_a_store_that_is_not_sqlite_is_one_fatal_line(tmp_path):
     assert len(lines) == 1 and "job store" in lines[0] and "jobs.sqlite3" in lines[0]
 
 
-def legacy_store(path: Path, req: Request, checkpoint: bytes, steps_done: int) -> None:
-    """A store as servers before history rows wrote it."""
+def legacy_store(path: Path, rows: list[tuple[str, str, Request, bytes, int]]) -> None:
+    """A store as servers before history rows wrote it: (id, status, spec, checkpoint, step)."""
     with sqlite3.connect(path) as db:
         db.execute(
             "CREATE TABLE jobs (id TEXT PRIMARY KEY, spec BLOB NOT NULL, status TEXT NOT NULL, "
             "error TEXT NOT NULL DEFAULT '', created REAL NOT NULL, checkpoint BLOB, "
             "steps_done INTEGER NOT NULL DEFAULT 0)"
         )
-        db.execute(
-            "INSERT INTO jobs VALUES ('legacy', ?, 'running', '', 1, ?, ?)",
-            (req.SerializeToString(), checkpoint, steps_done),
+        db.executemany(
+            "INSERT INTO jobs VALUES (?, ?, ?, '', 1, ?, ?)",
+            [(i, req.SerializeToString(), status, blob, k) for i, status, req, blob, k in rows],
         )
 
 
@@ -253,12 +253,19 @@ def test_a_store_of_the_old_schema_is_migrated_and_its_job_resumes(tmp_path):
     part.run()  # the first k steps, as the old server checkpointed them
     with np.load(io.BytesIO(part.checkpoint())) as z:
         old = {key: v for key, v in z.items() if not key.endswith("/last")}
+    done = {**old, "0/history": part.history()}  # a finished job of k steps
     old["0/history"] = np.full((3, steps), np.nan)
     old["0/history"][:, :k] = part.history()
+    short = encode_job(specs, optimizer, k, None, 0, "local")
     specs = build_specs(loss, params, data, optimizer, steps, None, 0)
-    legacy_store(tmp_path / "jobs.sqlite3", encode_job(specs, optimizer, steps, None, 0, "local"),
-                 npz(old), k)  # fmt: skip
+    full = encode_job(specs, optimizer, steps, None, 0, "local")
+    rows = [("legacy", "running", full, npz(old), k), ("legacy-done", "done", short, npz(done), k)]
+    legacy_store(tmp_path / "jobs.sqlite3", rows)
     with running_server("--data-dir", str(tmp_path)) as server, gg.connect(server.address) as c:
+        finished = gg.RemoteJob(c, "legacy-done", 1)
+        assert finished.status == "done", c.jobs()
+        assert finished.progress.steps_done == k
+        assert finished.history.tobytes() == part.history().tobytes()
         job = gg.RemoteJob(c, "legacy", 1).wait(progress=False, timeout=120)
         reference = gg.connect().train(loss, params, data, optimizer, steps=steps)
         reference.wait(progress=False)
