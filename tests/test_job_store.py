@@ -8,6 +8,7 @@ import io
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .server_proc import running_server
 from .test_jobs import init, mlp, own_data
 
 Request = jobs_pb2.SubmitJobRequest
+STARTED = ("pending", "running")
 
 
 def job_request(n: int = 2, steps: int = 20) -> Request:
@@ -143,6 +145,26 @@ def test_a_checkpoint_too_big_for_the_store_is_refused_before_anything_is_stored
         manager.submit(adam_request(40))
     assert e.value.limit == "max_blob_bytes" and "checkpoint" in str(e.value)
     assert len(store.summaries()) == 1
+
+
+def test_a_write_that_fails_mid_job_fails_the_job_durably(tmp_path):
+    with gg.Graph():  # one weight per network: history segments outgrow the checkpoint
+        w, x = gg.input("w", shape=(1,)), gg.input("x", shape=(4,))
+        loss = gg.sum((w * x) ** 2, name="loss")
+    sgd = gg.optim.SGD(lr=0.01)
+    specs = build_specs(loss, {"w": np.ones((100, 1))}, {"x": np.ones(4)}, sgd, 60, None, 0)
+    spec = encode_job(specs, sgd, 60, None, 0, "local").SerializeToString()
+    dispatcher = Dispatcher(ray_enabled=False)
+    store = JobStore(tmp_path / "jobs.sqlite3", max_blob_bytes=8_000)  # a segment: 20 kB
+    decode = spec_decoder(Runtime.create(None, dispatcher))
+    job_id = JobManager(store, dispatcher, decode).submit(spec)  # type: ignore[arg-type]
+    while (summary := store.summary(job_id)) is not None and summary.status in STARTED:
+        time.sleep(0.05)  # until its thread has written its end
+    assert summary is not None and summary.status == "failed", summary
+    assert "too big" in summary.error
+    again = JobManager(store, dispatcher, decode)  # type: ignore[arg-type]
+    again.resume_all()  # a failed job is not run again
+    assert again.job(job_id).view().status == "failed"
 
 
 def npz(arrays: dict[str, np.ndarray]) -> bytes:
