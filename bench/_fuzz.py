@@ -202,6 +202,35 @@ def seed_run(rng: random.Random) -> service_pb2.RunRequest:
     return req
 
 
+# Requests whose declared shapes need far more memory than any one tensor: each value fits
+# --max-tensor-bytes (16 MiB here), the request does not, so the server must refuse it from
+# the shapes (RESOURCE_EXHAUSTED) before it allocates anything.
+BIG = 1 << 21  # float64 elements: 16 MiB
+UNARY_CHAIN = ("tanh", "sin", "exp", "neg", "cos", "sigmoid")
+
+
+def bomb_run(rng: random.Random) -> service_pb2.RunRequest:
+    """A scalar broadcast to BIG elements through a chain of elementwise ops, differentiated
+    (every value is kept for the backward), or unfed BIG inputs in `wrt` (zero gradients)."""
+    g = graph_pb2.Graph(nodes=[node("x", "input", shape=())])
+    big = node("big", "broadcast_to", "x")
+    big.attrs["shape"].ints.values.append(BIG)
+    g.nodes.append(big)
+    last = "big"
+    for k in range(rng.choice((4, 20, 40))):
+        g.nodes.append(node(f"u{k}", rng.choice(UNARY_CHAIN), last))
+        last = f"u{k}"
+    g.nodes.append(node("L", "sum", last))
+    wrt = ["x"]
+    if rng.random() < 0.5:
+        for k in range(rng.choice((2, 6, 16))):
+            g.nodes.append(node(f"unfed{k}", "input", shape=(BIG,)))
+            wrt.append(f"unfed{k}")
+    req = service_pb2.RunRequest(graph=g, outputs=["L"], wrt=wrt)
+    req.feeds["x"].CopyFrom(tensor([0.5], ()))
+    return req
+
+
 # A tiny regression template: x [B, 3] @ W [3, 2] + b [2] against t [B, 2].
 JOB_N, JOB_S = 2, 4
 
@@ -439,10 +468,13 @@ class Generator:
     # ---- structured requests and their mutations
 
     def structured(self, method: Method, pure: bool = False) -> Message:
-        """A request that makes sense; unless `pure`, an Explain may be of a random graph."""
+        """A request that makes sense; unless `pure`, an Explain may be of a random graph and a
+        Run may ask for far more memory than the server grants."""
         rng = self.rng
         name = method.name
         if name == "Run":
+            if not pure and rng.random() < 0.05:
+                return bomb_run(rng)
             req = seed_run(rng)
             if rng.random() < 0.3 and self.known.fingerprints:
                 req.fingerprint = rng.choice(self.known.fingerprints)
