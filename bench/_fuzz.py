@@ -48,7 +48,7 @@ STREAM_TIMEOUT = 2.0
 WEIGHTS = {"Run": 4, "Explain": 2, "RegisterGraph": 2, "SubmitJob": 3}
 FOLLOWUPS = ("WatchJob", "GetJob", "GetJobResults", "CancelJob", "DeleteJob")
 STREAM_MESSAGES = 4  # a stream is read this far, then cancelled
-LONG_LITERAL = re.compile(r'"(?:[^"\\]|\\.){80,}"')  # a quoted text-format string
+LONG_LITERAL = re.compile(r'"(?:[^"\\\n]|\\.){80,}"')  # a quoted text-format string
 LOST = ("Stream removed", "Socket closed", "Connection reset")  # the client's transport errors
 
 
