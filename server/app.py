@@ -30,6 +30,7 @@ from graphgrad.v1 import jobs_pb2, service_pb2
 from .admission import Admission
 from .auth import TokenAuth
 from .errors import to_status
+from .inflight import InFlight
 from .job_service import JobServicer
 from .jobs import JobManager
 from .limits import Limits
@@ -73,6 +74,7 @@ class Guards:
 
     runs: Admission
     streams: Admission
+    inflight: InFlight  # stopping the server cancels what the thread pool runs
 
 
 def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
@@ -89,6 +91,7 @@ def _handler(
     request_type: type[pb_message.Message],
     streaming: bool,
     guard: Callable[[Any], AbstractContextManager[None]],
+    inflight: InFlight,
 ) -> grpc.RpcMethodHandler:
     """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT, holds
     `guard(context)` while it works, and turns every failure into a status: the server keeps
@@ -96,16 +99,16 @@ def _handler(
 
     def unary(raw: bytes, context: Any) -> Any:
         try:
-            with guard(context):
-                return impl(_parse(raw, request_type), context)
+            with guard(context), inflight.call(context) as tracked:
+                return impl(_parse(raw, request_type), tracked)
         except Exception as e:
             status = to_status(e, context)
             context.abort(status.code, status.details, status.trailing_metadata)
 
     def stream(raw: bytes, context: Any) -> Iterator[Any]:
         try:
-            with guard(context):
-                yield from impl(_parse(raw, request_type), context)
+            with guard(context), inflight.call(context) as tracked:
+                yield from impl(_parse(raw, request_type), tracked)
         except Exception as e:
             status = to_status(e, context)
             context.abort(status.code, status.details, status.trailing_metadata)
@@ -142,6 +145,7 @@ def service_handler(
             getattr(module, m.input_type.name),
             m.server_streaming,
             guard(m),
+            guards.inflight,
         )
         for m in service.methods
     }
@@ -164,6 +168,7 @@ class Server:
                 "max_concurrent_runs", "runs", config.max_concurrent_runs, config.run_queue
             ),
             streams=Admission("max_streams", "streams", config.max_streams),
+            inflight=InFlight(),
         )
         self.port = 0
 
@@ -176,10 +181,9 @@ class Server:
         config = self.config
         mb = config.limits.max_message_bytes
         interceptors = [TokenAuth(config.token)] if config.token else []
+        self.pool = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc")
         server = grpc.aio.server(
-            migration_thread_pool=futures.ThreadPoolExecutor(
-                max_workers=config.threads, thread_name_prefix="rpc"
-            ),
+            migration_thread_pool=self.pool,
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
@@ -228,6 +232,8 @@ class Server:
         """NOT_SERVING at once, then let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        self.guards.inflight.close()  # past the grace period no work goes on
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def serve(self, on_serving: Callable[[str], None] = lambda address: None) -> None:
         """Start, call `on_serving(address)` (in a thread: it may block), serve until SIGTERM

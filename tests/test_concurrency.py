@@ -4,6 +4,7 @@ RESOURCE_EXHAUSTED naming the cap while the admitted ones are served."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -196,3 +197,31 @@ def test_admission_runs_then_queues_then_refuses():
     with runs.slot(), pytest.raises(CancelledError, match="deadline"), runs.slot(timeout=0.01):
         pass  # the caller's deadline passes while it waits
     assert runs.active == runs.waiting == 0
+
+
+def test_sigterm_past_the_grace_period_stops_running_work():
+    """The server exits after its grace period even with a long Run in flight: that run's
+    work is cancelled, not finished (minutes here) on a thread the exit would wait for."""
+    with gg.Graph():
+        h = gg.input("x", shape=(1000, 1000))
+        eye = gg.constant(np.eye(1000) * 0.5)
+        for _ in range(5000):
+            h = gg.tanh(h @ eye)
+        y = gg.sum(h)
+    outcome: list[object] = []
+    with running_server("--grace", "1") as server, gg.connect(server.address) as client:
+        client.register(y.graph.freeze())
+
+        def call() -> None:
+            try:
+                outcome.append(client.run(y, {"x": np.ones((1000, 1000))}))
+            except gg.RemoteError as e:
+                outcome.append(e)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(1.0)  # the call is running on the server
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        caller.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], gg.RemoteError)
