@@ -62,10 +62,15 @@ def _plan_pass(
         raise RequestError("no outputs requested", field="outputs")
     outs = tuple(graph.position(n, field="outputs") for n in outputs)
     wrts = tuple(graph.position(n, field="wrt") for n in wrt)
+    # Seeds are checked here, where every path (executors, memory estimate) plans a request.
+    for name in seeded:
+        if graph.index.get(name) not in outs:
+            field = f"grad_outputs[{name_list([name])}]"
+            raise RequestError(f"{field} names no requested output", field=field)
     needed = graph.ancestors(outs)
     relevant: set[int] = set()
     if wrts:
-        diff = [graph.position(n, field="grad_outputs") for n in seeded] or [outs[0]]
+        diff = [graph.index[n] for n in seeded] or [outs[0]]
         # Descendants of wrt nodes, restricted to what the differentiated outputs depend on.
         reach = set(wrts)
         for i in needed:
