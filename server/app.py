@@ -1,7 +1,8 @@
 """Building and running the gRPC server: services, health, reflection, TLS, auth, shutdown.
 
-The server is grpc.aio: unary handlers stay plain functions that run in a thread pool, while
-a stream that mostly waits (WatchJob) is an async generator holding no thread while idle.
+The server is grpc.aio: every handler is a coroutine; plain servicers run in a thread pool
+and never wait on the event loop, while a stream that mostly waits (WatchJob) is an async
+generator holding no thread while idle.
 Concurrency is bounded: Run/Explain by `max_concurrent_runs` with a short queue, streams by
 `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond: RESOURCE_EXHAUSTED.
 """
@@ -13,7 +14,7 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from graphgrad.v1 import jobs_pb2, service_pb2
 from .admission import Admission
 from .auth import TokenAuth
 from .errors import to_status
-from .inflight import InFlight
+from .inflight import CallContext, InFlight
 from .job_service import JobServicer
 from .jobs import JobManager
 from .limits import Limits
@@ -86,32 +87,49 @@ def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
         ) from e
 
 
+_END = object()  # what `next` returns past a stream's last message
+
+
 def _handler(
     impl: Callable[[Any, Any], Any],
     request_type: type[pb_message.Message],
     streaming: bool,
     guard: Callable[[Any], AbstractContextManager[None]],
     inflight: InFlight,
+    pool: futures.Executor,
 ) -> grpc.RpcMethodHandler:
-    """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT, holds
-    `guard(context)` while it works, and turns every failure into a status: the server keeps
-    serving. Plain functions run in the thread pool; async generators on the event loop."""
+    """A coroutine handler that parses the request itself, so malformed bytes get
+    INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
+    status: the server keeps serving. A plain servicer runs in `pool` with a CallContext and
+    never waits on the event loop; an async generator servicer runs on the loop."""
 
-    def unary(raw: bytes, context: Any) -> Any:
-        try:
-            with guard(context), inflight.call(context) as tracked:
-                return impl(_parse(raw, request_type), tracked)
-        except Exception as e:
-            status = to_status(e, context)
-            context.abort(status.code, status.details, status.trailing_metadata)
+    def work(raw: bytes, call: CallContext) -> Any:
+        with guard(call):  # a run may wait here for a slot, in its thread
+            return impl(_parse(raw, request_type), call)
 
-    def stream(raw: bytes, context: Any) -> Iterator[Any]:
+    async def abort(e: Exception, context: Any) -> None:
+        status = to_status(e, context)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def unary(raw: bytes, context: Any) -> Any:
+        call = inflight.start(context)
         try:
-            with guard(context), inflight.call(context) as tracked:
-                yield from impl(_parse(raw, request_type), tracked)
+            return await asyncio.get_running_loop().run_in_executor(pool, work, raw, call)
         except Exception as e:
-            status = to_status(e, context)
-            context.abort(status.code, status.details, status.trailing_metadata)
+            await abort(e, context)
+
+    async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+        call = inflight.start(context)
+        loop = asyncio.get_running_loop()
+        try:
+            with guard(call):  # a stream slot is taken or refused at once, never waited for
+                messages = iter(impl(_parse(raw, request_type), call))
+                while (
+                    message := await loop.run_in_executor(pool, next, messages, _END)
+                ) is not _END:
+                    yield message
+        except Exception as e:
+            await abort(e, context)
 
     async def async_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
         try:
@@ -119,8 +137,7 @@ def _handler(
                 async for message in impl(_parse(raw, request_type), context):
                     yield message
         except Exception as e:
-            status = to_status(e, context)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort(e, context)
 
     serialize = lambda m: m.SerializeToString()  # noqa: E731
     if streaming:
@@ -130,7 +147,7 @@ def _handler(
 
 
 def service_handler(
-    service: Any, module: Any, servicer: object, guards: Guards
+    service: Any, module: Any, servicer: object, guards: Guards, pool: futures.Executor
 ) -> grpc.GenericRpcHandler:
     def guard(m: Any) -> Callable[[Any], AbstractContextManager[None]]:
         if m.server_streaming:
@@ -146,6 +163,7 @@ def service_handler(
             m.server_streaming,
             guard(m),
             guards.inflight,
+            pool,
         )
         for m in service.methods
     }
@@ -183,7 +201,6 @@ class Server:
         interceptors = [TokenAuth(config.token)] if config.token else []
         self.pool = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc")
         server = grpc.aio.server(
-            migration_thread_pool=self.pool,
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
@@ -192,10 +209,16 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        handlers = [service_handler(SERVICE, service_pb2, GraphServicer(self.runtime), self.guards)]
+        handlers = [
+            service_handler(
+                SERVICE, service_pb2, GraphServicer(self.runtime), self.guards, self.pool
+            )
+        ]
         if self.jobs is not None:
             handlers.append(
-                service_handler(JOB_SERVICE, jobs_pb2, JobServicer(self.jobs), self.guards)
+                service_handler(
+                    JOB_SERVICE, jobs_pb2, JobServicer(self.jobs), self.guards, self.pool
+                )
             )
         server.add_generic_rpc_handlers(handlers)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in the stubs

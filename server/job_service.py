@@ -20,6 +20,7 @@ from graphgrad.engine.training import (
 from graphgrad.v1 import jobs_pb2, service_pb2
 
 from . import codec
+from .inflight import CallContext
 from .jobs import JobManager, JobView
 from .limits import Limits
 from .runtime import Runtime
@@ -122,7 +123,7 @@ class JobServicer:
         self.manager = manager
 
     def SubmitJob(
-        self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext
+        self, request: jobs_pb2.SubmitJobRequest, context: CallContext
     ) -> jobs_pb2.SubmitJobResponse:
         return jobs_pb2.SubmitJobResponse(id=self.manager.submit(request.SerializeToString()))
 
@@ -135,12 +136,12 @@ class JobServicer:
             yield jobs_pb2.WatchJobResponse(job=encode_view(view))
 
     def GetJob(
-        self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext
+        self, request: jobs_pb2.GetJobRequest, context: CallContext
     ) -> jobs_pb2.GetJobResponse:
         return jobs_pb2.GetJobResponse(job=encode_view(self.manager.job(request.id).view()))
 
     def GetJobResults(
-        self, request: jobs_pb2.GetJobResultsRequest, context: grpc.ServicerContext
+        self, request: jobs_pb2.GetJobResultsRequest, context: CallContext
     ) -> Iterator[jobs_pb2.GetJobResultsResponse]:
         for template, kind, name, first, value in self.manager.results(request.id):
             part = jobs_pb2.GetJobResultsResponse(
@@ -150,17 +151,17 @@ class JobServicer:
             yield part
 
     def CancelJob(
-        self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext
+        self, request: jobs_pb2.CancelJobRequest, context: CallContext
     ) -> jobs_pb2.CancelJobResponse:
         return jobs_pb2.CancelJobResponse(job=encode_view(self.manager.cancel(request.id)))
 
     def DeleteJob(
-        self, request: jobs_pb2.DeleteJobRequest, context: grpc.ServicerContext
+        self, request: jobs_pb2.DeleteJobRequest, context: CallContext
     ) -> jobs_pb2.DeleteJobResponse:
         self.manager.delete(request.id)
         return jobs_pb2.DeleteJobResponse()
 
     def ListJobs(
-        self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
+        self, request: jobs_pb2.ListJobsRequest, context: CallContext
     ) -> jobs_pb2.ListJobsResponse:
         return jobs_pb2.ListJobsResponse(jobs=[encode_view(v) for v in self.manager.list()])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from importlib import metadata
 
-import grpc
-
 from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
 from graphgrad.engine.executor import check_finite
 from graphgrad.v1 import graph_pb2, service_pb2
 
 from . import codec
+from .inflight import CallContext
 from .runtime import Runtime
 
 EXECUTORS = {
@@ -33,7 +32,7 @@ def executor_name(value: service_pb2.Executor.ValueType) -> str:
         ) from None
 
 
-def cancellation(context: grpc.ServicerContext) -> Cancellation:
+def cancellation(context: CallContext) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
     cancel = Cancellation.within(context.time_remaining())
     context.add_callback(cancel.cancel)
@@ -61,16 +60,14 @@ class GraphServicer:
         )
 
     def RegisterGraph(
-        self, request: service_pb2.RegisterGraphRequest, context: grpc.ServicerContext
+        self, request: service_pb2.RegisterGraphRequest, context: CallContext
     ) -> service_pb2.RegisterGraphResponse:
         graph = register_wire(self.runtime, request.graph)
         return service_pb2.RegisterGraphResponse(
             fingerprint=graph.fingerprint, num_nodes=len(graph)
         )
 
-    def Run(
-        self, request: service_pb2.RunRequest, context: grpc.ServicerContext
-    ) -> service_pb2.RunResponse:
+    def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
         graph = self._graph(request)
         limit = self.runtime.limits.max_tensor_bytes
         feeds = codec.decode_tensors(request.feeds, "feeds", limit)
@@ -83,7 +80,7 @@ class GraphServicer:
         return codec.encode_result(result, graph.fingerprint)
 
     def Explain(
-        self, request: service_pb2.ExplainRequest, context: grpc.ServicerContext
+        self, request: service_pb2.ExplainRequest, context: CallContext
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
         executor = executor_name(request.options.executor)
@@ -92,12 +89,12 @@ class GraphServicer:
         return codec.encode_explanation(explanation)
 
     def ListOps(
-        self, request: service_pb2.ListOpsRequest, context: grpc.ServicerContext
+        self, request: service_pb2.ListOpsRequest, context: CallContext
     ) -> service_pb2.ListOpsResponse:
         return codec.op_infos()
 
     def GetServerInfo(
-        self, request: service_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+        self, request: service_pb2.GetServerInfoRequest, context: CallContext
     ) -> service_pb2.GetServerInfoResponse:
         out = service_pb2.GetServerInfoResponse(
             version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION

@@ -352,21 +352,39 @@ def test_errors_surface_as_python_exceptions_with_code_and_message(client):
     assert "'nope'" in e.value.message
 
 
+def wait_until_running(client, timeout: float = 120.0) -> None:
+    """Until the server refuses a probe Run for want of a run slot: the long call holds it."""
+    with gg.Graph():
+        probe = gg.neg(gg.input("p", shape=()))
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        try:
+            client.run(probe, {"p": np.zeros(())})
+        except gg.RemoteError as e:
+            if "max_concurrent_runs" in str(e):
+                return
+            raise
+        time.sleep(0.05)
+    raise AssertionError("the long call never started on the server")
+
+
 def test_sigterm_lets_in_flight_calls_finish():
     with gg.Graph():
         h = gg.input("x", shape=(200, 200))
         eye = gg.constant(np.eye(200) * 0.5)
-        for _ in range(5000):  # several seconds of work
+        for _ in range(1500):  # a second or more of work
             h = gg.tanh(h @ eye)
         y = gg.sum(h)
-    with running_server("--grace", "60") as server, gg.connect(server.address) as client:
+    # One run at a time and no queue: a probe is refused exactly while the long call runs.
+    flags = ("--grace", "60", "--max-concurrent-runs", "1", "--run-queue", "0")
+    with running_server(*flags) as server, gg.connect(server.address) as client:
         client.register(y.graph.freeze())
         outcome = {}
         call = threading.Thread(
             target=lambda: outcome.update(res=client.run(y, {"x": np.ones((200, 200))}))
         )
         call.start()
-        time.sleep(1.0)  # the call is running on the server
+        wait_until_running(client)
         server.proc.send_signal(signal.SIGTERM)
         call.join(120)
         assert server.proc.wait(60) == 0
