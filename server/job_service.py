@@ -45,12 +45,12 @@ def decode_optimizer(o: jobs_pb2.Optimizer) -> Optimizer:
     with within(f"optimizer.{kind}"):  # the optimizers check their hyper-parameters
         if kind == "sgd":
             return SGD(lr=o.sgd.lr, momentum=o.sgd.momentum)
-        default = Adam()  # unset (zero) fields take Adam's defaults
+        default, a = Adam(), o.adam  # fields not set take Adam's defaults; 0 is a value
         return Adam(
-            lr=o.adam.lr,
-            beta1=o.adam.beta1 or default.beta1,
-            beta2=o.adam.beta2 or default.beta2,
-            eps=o.adam.eps or default.eps,
+            lr=a.lr,
+            beta1=a.beta1 if a.HasField("beta1") else default.beta1,
+            beta2=a.beta2 if a.HasField("beta2") else default.beta2,
+            eps=a.eps if a.HasField("eps") else default.eps,
         )
 
 

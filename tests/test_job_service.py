@@ -44,6 +44,21 @@ def test_submit_watch_and_results_equal_the_in_process_job(client):
     assert any(info.id == job.id for info in client.jobs())
 
 
+@pytest.mark.parametrize(
+    "adam",
+    [gg.optim.Adam(lr=0.05, beta1=0.0), gg.optim.Adam(lr=0.05, beta2=0.0, eps=1e-3)],
+    ids=["beta1=0", "beta2=0"],
+)
+def test_zero_adam_hyper_parameters_reach_the_server(client, adam):
+    """A zero beta is a choice, not "unset": the server trains with it, not with the default."""
+    loss, params, data = mlp(8), init(3, 8, 0), own_data(3)
+    job = client.train(loss, params, data, adam, steps=10, seed=1, executor="local")
+    job.wait(progress=False)
+    local = gg.connect().train(loss, params, data, adam, steps=10, seed=1, executor="local")
+    local.wait(progress=False)
+    assert job.history.tobytes() == local.history.tobytes()
+
+
 def test_mixed_templates_over_grpc(client):
     narrow, wide = mlp(8), mlp(16)
     shared = {k: v[0] for k, v in own_data(1).items()}
