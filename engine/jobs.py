@@ -104,8 +104,8 @@ class TrainingRun:
     chunks: list[list[TrainSpec]] = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.groups or any(g.n < 1 for g in self.groups):
-            raise RequestError("a job needs at least one network", field="params")
+        if not self.groups:  # each group has at least one network (TrainSpec checks it)
+            raise RequestError("the job has no templates", field="templates")
         counts = self.layout or [chunk_count(g, self.cpus) for g in self.groups]
         self.chunks = [split(g, c) for g, c in zip(self.groups, counts, strict=True)]
         self.layout = [len(cs) for cs in self.chunks]

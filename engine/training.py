@@ -227,7 +227,7 @@ def _template_input(graph: Graph, kind: str, name: str) -> TensorType:
         raise RequestError(
             f"{_label(kind)} '{name}' is not a node of the template", field=f"{kind}['{name}']"
         )
-    if graph.nodes[i].op != INPUT.name:
+    if graph.ops[i] is not INPUT:
         raise RequestError(
             f"{_label(kind)} '{name}' must name an input of the template, not a "
             f"'{graph.nodes[i].op}' node",
@@ -274,8 +274,8 @@ def check_spec(spec: TrainSpec) -> None:
         )
     n = _check_params(spec)
     _check_data(spec, n)
-    for node in graph.nodes:
-        if node.op == INPUT.name and node.name not in spec.params and node.name not in spec.data:
+    for node, op in zip(graph.nodes, graph.ops, strict=True):
+        if op is INPUT and node.name not in spec.params and node.name not in spec.data:
             raise RequestError(
                 f"template input '{node.name}' is given neither as a param nor as data",
                 field=f"data['{node.name}']",
