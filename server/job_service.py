@@ -17,14 +17,14 @@ from graphgrad.engine.training import (
     job_bytes,
     within,
 )
-from graphgrad.v1 import jobs_pb2, service_pb2
+from graphgrad.v1 import jobs_pb2
 
 from . import codec
 from .inflight import CallContext
 from .jobs import JobManager, JobView
 from .limits import Limits
 from .runtime import Runtime
-from .service import EXECUTORS, register_wire
+from .service import executor_name, register_wire
 
 STATUS = {
     "pending": jobs_pb2.JOB_STATUS_PENDING,
@@ -63,13 +63,7 @@ def spec_decoder(runtime: Runtime) -> object:
         req = jobs_pb2.SubmitJobRequest.FromString(blob)
         if not req.templates:
             raise RequestError("the job has no templates", field="templates")
-        executor = EXECUTORS.get(req.executor)
-        if executor is None:
-            raise RequestError(
-                f"executor {req.executor} is not one of "
-                f"{', '.join(service_pb2.Executor.Name(k) for k in EXECUTORS)}",
-                field="executor",
-            )
+        executor = executor_name(req.executor, "executor")
         optimizer = decode_optimizer(req.optimizer)
         batch_size = req.batch_size if req.batch_size != 0 else None  # 0: every sample
         check_settings(optimizer, req.steps, batch_size, req.seed)

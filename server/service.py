@@ -20,15 +20,15 @@ EXECUTORS = {
 }
 
 
-def executor_name(value: service_pb2.Executor.ValueType) -> str:
-    """The engine's name for an Executor enum value; an unknown value is the client's error."""
+def executor_name(value: service_pb2.Executor.ValueType, field: str) -> str:
+    """The engine's name for the Executor enum `value` of the request's `field`; an unknown
+    value is the client's error. Every request with an executor decodes it here."""
     try:
         return EXECUTORS[value]
     except KeyError:
         known = ", ".join(service_pb2.Executor.Name(k) for k in EXECUTORS)
         raise RequestError(
-            f"options.executor must be one of {known}, got enum value {value}",
-            field="options.executor",
+            f"{field} must be one of {known}, got enum value {value}", field=field
         ) from None
 
 
@@ -73,7 +73,7 @@ class GraphServicer:
         feeds = codec.decode_tensors(request.feeds, "feeds", limit)
         seeds = codec.decode_tensors(request.grad_outputs, "grad_outputs", limit)
         run = RunRequest(tuple(request.outputs), feeds, tuple(request.wrt), seeds or None)
-        executor = executor_name(request.options.executor)
+        executor = executor_name(request.options.executor, "options.executor")
         result = self.runtime.run(graph, run, executor, cancellation(context))
         if request.options.check_numerics:
             check_finite(result, feeds)
@@ -83,7 +83,7 @@ class GraphServicer:
         self, request: service_pb2.ExplainRequest, context: CallContext
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
-        executor = executor_name(request.options.executor)
+        executor = executor_name(request.options.executor, "options.executor")
         run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
         explanation = self.runtime.explain(graph, run, executor, cancellation(context))
         return codec.encode_explanation(explanation)

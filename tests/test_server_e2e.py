@@ -15,7 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 import graphgrad as gg
-from graphgrad.v1 import graph_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from graphgrad._jobs import build_specs
+from graphgrad._remote_jobs import encode_job
+from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .server_proc import running_server
 from .test_seed import network_feeds, two_layer_network
@@ -200,6 +202,44 @@ def test_bad_input_gets_invalid_argument_naming_the_field(
     assert message in e.value.details()
     assert any(f.startswith(field) for f, _ in details(e.value)), details(e.value)
     assert_good_request_served(client)
+
+
+def test_an_unknown_executor_gets_one_message_on_every_rpc(server, stub):
+    """Run, Explain and SubmitJob decode the Executor enum with one function: the same
+    message, naming each request's own field."""
+    with gg.Graph():
+        w = gg.input("w", shape=(2,))
+        loss = gg.sum(w * w, name="loss")
+    specs = build_specs(loss, {"w": np.zeros((1, 2))}, None, gg.optim.SGD(lr=0.1), 2, None, 0)
+    job = encode_job(specs, gg.optim.SGD(lr=0.1), 2, None, 0, "local")
+    job.executor = 7  # type: ignore[assignment]
+    x = graph_pb2.Node(name="x", op="input", shape=graph_pb2.Shape(dims=[2]), dtype=1)
+    wire = graph_pb2.Graph(nodes=[x])
+    options = service_pb2.RunOptions(executor=7)  # type: ignore[arg-type]
+    known = "EXECUTOR_UNSPECIFIED, EXECUTOR_AUTO, EXECUTOR_LOCAL, EXECUTOR_RAY"
+    with grpc.insecure_channel(server.address) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        sends = [
+            (
+                "options.executor",
+                lambda: stub.Run(
+                    service_pb2.RunRequest(graph=wire, outputs=["x"], options=options)
+                ),
+            ),
+            (
+                "options.executor",
+                lambda: stub.Explain(
+                    service_pb2.ExplainRequest(graph=wire, outputs=["x"], options=options)
+                ),
+            ),
+            ("executor", lambda: jobs.SubmitJob(job)),
+        ]
+        for field, send in sends:
+            with pytest.raises(grpc.RpcError) as e:
+                send()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            expected = f"{field} must be one of {known}, got enum value 7"
+            assert details(e.value) == [(field, expected)]
 
 
 def test_huge_declared_shape_is_resource_exhausted(stub, client):
