@@ -15,7 +15,7 @@ from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 from .app import Server, ServerConfig
 from .auth import check_token
 from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
-from .job_service import spec_decoder
+from .job_service import spec_decoder, stored_spec_decoder
 from .jobs import DEFAULT_MAX_QUEUED, JobManager, default_max_running
 from .limits import MIB, Limits
 from .runtime import Runtime
@@ -231,17 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     jobs = JobManager(
         store,
         dispatcher,
-        spec_decoder(runtime),  # type: ignore[arg-type]
+        spec_decoder(runtime),
         max_running=args.max_running_jobs,
         max_queued=args.max_queued_jobs,
+        read=stored_spec_decoder,
     )
+    jobs.resume_all()  # reads the rows' summaries only: each job is built when it starts
     server = Server(config, runtime, jobs)
     scheme = "grpcs" if config.tls_cert else "grpc"
 
     def serving(address: str) -> None:
         # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
         print(f"graphgrad serving on {scheme}://{address}", flush=True)
-        jobs.resume_all()
 
     try:
         asyncio.run(server.serve(serving))

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import uuid
 from collections import deque
@@ -23,18 +24,26 @@ import numpy as np
 
 from graphgrad.engine import Cancellation, CancelledError, LimitError, RequestError
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import Placement, Progress, SegmentRunner, TrainingRun, group_specs
+from graphgrad.engine.jobs import (
+    HistorySegment,
+    Placement,
+    Progress,
+    SegmentRunner,
+    TrainingRun,
+    group_specs,
+)
 from graphgrad.engine.training import TrainSpec
 
 from .errors import NotFoundError
-from .store import JobRow, JobStore, JobSummary
+from .store import JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
 TERMINAL = ("done", "cancelled", "failed")
 STATUSES = ("pending", "running", *TERMINAL)
 NO_PROGRESS = Progress(0, 0, 0, 0, float("nan"), float("nan"), float("nan"))
 DEFAULT_MAX_QUEUED = 256
-RESUME_WAIT_SECONDS = 300.0
+# Failures that may pass (a busy or unreadable store, memory): never kept as a job's failure.
+TRANSIENT = (sqlite3.Error, OSError, MemoryError)
 
 
 def default_max_running() -> int:
@@ -51,19 +60,21 @@ class JobView:
 
 
 class ManagedJob:
-    """A job this process runs or queues (`run` set), or a snapshot of a stored one."""
+    """A job this process queues or runs (`live`; `run` is set only while it runs: a queued
+    job holds its id, and is built from its stored row when it starts), or a snapshot of a
+    stored one."""
 
     def __init__(
         self,
         job_id: str,
         created: float,
-        run: TrainingRun | None,
-        placement: list[Placement],
         progress: Progress,
         status: str = "pending",
         error: str = "",
+        live: bool = False,
     ) -> None:
-        self.id, self.created, self.run, self.placement = job_id, created, run, placement
+        self.id, self.created, self.live = job_id, created, live
+        self.run: TrainingRun | None = None
         self.status, self.error = status, error
         # What the store holds: a view never reports progress a crash could take back.
         self.durable = progress
@@ -99,22 +110,27 @@ class JobManager:
         decode: Callable[[bytes], tuple[list[TrainSpec], str]],
         max_running: int | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        read: Callable[[bytes], tuple[list[TrainSpec], str]] | None = None,
     ) -> None:
+        """`decode` checks a spec with every live check (limits, graph registration); `read`
+        (default: `decode`) reads a stored one back with structure checks only."""
         self.store, self.dispatcher, self.decode = store, dispatcher, decode
+        self.read = read or decode
         self.max_running = max_running or default_max_running()
         self.max_queued = max_queued
         self._active: dict[str, ManagedJob] = {}  # queued or running here
         self._queue: deque[ManagedJob] = deque()
         self._running = 0
-        self._stored: dict[str, tuple[str, Progress | None]] = {}  # row checks: (error, progress)
+        self._reserved = 0  # places taken by submits still being checked and stored
+        # Rows read once: (error, progress) of rows that do not read or predate stored
+        # progress. Only failures that cannot pass are kept.
+        self._stored: dict[str, tuple[str, Progress | None]] = {}
         self._lock = threading.Lock()
-        # Set once resume_all has taken over the unfinished jobs of the store: until then a
-        # stored pending or running row is not yet the job it will be.
-        self._resumed = threading.Event()
 
     def _build(self, spec: bytes, checkpoint: bytes | None, to_run: bool) -> Built:
-        """The job's run with every check it will make: anything wrong raises here."""
-        specs, executor = self.decode(spec)
+        """The job's run with every check it will make (to run it), or with structure checks
+        only (to read a stored one): anything wrong raises here."""
+        specs, executor = (self.decode if to_run else self.read)(spec)
         groups, placement = group_specs(specs)
         runner, cpus = self.dispatcher.training_runner(executor) if to_run else (SegmentRunner(), 1)
         run = (
@@ -136,62 +152,52 @@ class JobManager:
                     limit="max_blob_bytes",
                 )
 
-    def submit(self, spec: bytes) -> str:
-        built = self._build(spec, None, to_run=True)  # nothing is stored before this passes
-        self._check_size(built.run, spec)
-        job_id = uuid.uuid4().hex[:12]
-        job = ManagedJob(job_id, 0.0, built.run, built.placement, built.run.progress())
+    def _reserve(self) -> None:
+        """Take a place among the running and queued jobs, or refuse: before any work."""
         with self._lock:
-            if self._running >= self.max_running and len(self._queue) >= self.max_queued:
+            waiting = len(self._queue) + self._reserved
+            if self._running + waiting >= self.max_running + self.max_queued:
                 raise LimitError(
-                    f"{self._running} jobs are running and {len(self._queue)} are queued, the "
-                    f"limit max_queued_jobs={self.max_queued}: submit again later",
+                    f"{self._running} jobs are running and {waiting} are queued or being "
+                    f"submitted, the limit max_queued_jobs={self.max_queued}: submit again later",
                     limit="max_queued_jobs",
                 )
-            self._active[job_id] = job
+            self._reserved += 1
+
+    def submit(self, spec: bytes) -> str:
+        self._reserve()
         try:
-            job.created = self.store.insert(job_id, spec, job.durable)
+            built = self._build(spec, None, to_run=True)  # nothing is stored before this passes
+            self._check_size(built.run, spec)
+            progress = built.run.progress()
+            del built  # queued, the job holds its id only: it is built again when it starts
+            job_id = uuid.uuid4().hex[:12]
+            created = self.store.insert(job_id, spec, progress)
         except BaseException:
             with self._lock:
-                del self._active[job_id]
+                self._reserved -= 1
             raise
-        self._enqueue(job)
+        job = ManagedJob(job_id, created, progress, live=True)
+        with self._lock:
+            self._reserved -= 1
+            self._active[job_id] = job
+            self._queue.append(job)
+        self._schedule()
         return job_id
 
     def resume_all(self) -> None:
-        """Jobs a previous server left unfinished continue from their last checkpoint, in
-        submission order; one that cannot be read reads as failed, and the rest go on."""
-        try:
-            self._resume_all()
-        finally:
-            self._resumed.set()
-
-    def _resume_all(self) -> None:
-        for summary in self.store.summaries(oldest_first=True):
-            if summary.status not in ("pending", "running"):
-                continue
-            try:
-                row = self.store.get(summary.id)
-                if row is None:
-                    continue
-                built = self._build(row.spec, row.checkpoint, to_run=True)
-            except Exception as e:
-                error = f"the stored job cannot be resumed: {type(e).__name__}: {e}"
-                log.error("job %s: %s", summary.id, error)
-                with self._lock:
-                    self._stored[summary.id] = (error, summary.progress)
-                continue
-            log.info("resuming job %s from step %d", summary.id, built.run.progress().steps_done)
-            job = ManagedJob(
-                summary.id, summary.created, built.run, built.placement, built.run.progress()
-            )
-            with self._lock:
-                self._active[job.id] = job
-            self._enqueue(job)
-
-    def _enqueue(self, job: ManagedJob) -> None:
+        """Jobs a previous server left unfinished are queued again in submission order. Only
+        their rows' summaries are read here: each job is built from its row when it starts,
+        in its own thread, and one that cannot be built fails alone."""
+        jobs = [
+            ManagedJob(s.id, s.created, s.progress or NO_PROGRESS, live=True)
+            for s in self.store.summaries(oldest_first=True)
+            if s.status in ("pending", "running")
+        ]
         with self._lock:
-            self._queue.append(job)
+            for job in jobs:
+                self._active[job.id] = job
+                self._queue.append(job)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -211,10 +217,17 @@ class JobManager:
                     self._running -= 1
                 self._finish(job, "failed", f"the job could not start: {e}")
 
-    def _work(self, job: ManagedJob) -> None:
-        run = job.run
-        assert run is not None
+    def _start(self, job: ManagedJob) -> TrainingRun | None:
+        """The job's run, built from its stored row; None for a job deleted meanwhile."""
+        row = self.store.get(job.id)
+        if row is None:
+            return None
+        run = self._build(row.spec, row.checkpoint, to_run=True).run
+        if row.checkpoint is not None:
+            log.info("resuming job %s from step %d", job.id, run.progress().steps_done)
+        return run
 
+    def _work(self, job: ManagedJob) -> None:
         def checkpoint(run: TrainingRun) -> None:
             # Written and committed before the progress it carries is reported.
             progress = run.progress()
@@ -222,30 +235,42 @@ class JobManager:
             job.durable = progress
             job.bump()
 
-        job.status = "running"
-        job.bump()
-        status, error = "done", ""
+        status, error, durable = "done", "", True
         try:
-            run.run(job.cancel, on_segment=checkpoint)
-        except CancelledError:
-            status = "cancelled"
-        except Exception as e:  # the job fails, the server keeps serving
-            log.exception("job %s failed", job.id)
-            status, error = "failed", f"{type(e).__name__}: {e}"
+            job.run = self._start(job)
+        except Exception as e:
+            status, error = "failed", f"the stored job cannot be started: {type(e).__name__}: {e}"
+            log.error("job %s: %s", job.id, error)
+            durable = not isinstance(e, TRANSIENT)  # tried again at the next start
+        if job.run is None and not error:
+            status, error = "cancelled", "deleted"
+        if job.run is not None:
+            job.status = "running"
+            job.bump()
+            try:
+                job.run.run(job.cancel, on_segment=checkpoint)
+            except CancelledError:
+                status = "cancelled"
+            except Exception as e:  # the job fails, the server keeps serving
+                log.exception("job %s failed", job.id)
+                status, error = "failed", f"{type(e).__name__}: {e}"
         with self._lock:
             self._running -= 1
-        self._finish(job, status, error)
+        self._finish(job, status, error, durable)
         self._schedule()
 
-    def _finish(self, job: ManagedJob, status: str, error: str) -> None:
-        """The job's last checkpoint and status, durable before they are reported."""
-        run = job.run
-        assert run is not None
-        progress = run.progress()
+    def _finish(self, job: ManagedJob, status: str, error: str, durable: bool = True) -> None:
+        """The job's last checkpoint and status, durable before they are reported. A job
+        that was never built writes its status alone (`durable` False: not even that)."""
+        run, progress = job.run, job.durable
         try:
-            self.store.checkpoint(
-                job.id, run.checkpoint(), progress, run.take_history(), status, error
-            )
+            if run is not None:
+                progress = run.progress()
+                self.store.checkpoint(
+                    job.id, run.checkpoint(), progress, run.take_history(), status, error
+                )
+            elif durable:
+                self.store.set_status(job.id, status, error)
         except Exception as e:
             log.exception("job %s: its last checkpoint could not be stored", job.id)
             status, error = "failed", f"its last checkpoint could not be stored: {e}"
@@ -255,46 +280,48 @@ class JobManager:
             except Exception:
                 log.exception("job %s: its failure could not be stored", job.id)
         with self._lock:
-            self._active.pop(job.id, None)
-            if not job.deleted:  # read from the store from now on, its results included
-                self._stored[job.id] = ("", progress)
+            if durable:  # read from the store from now on, its results included
+                self._active.pop(job.id, None)
+        job.run = None  # its memory goes with it
         job.durable, job.status, job.error = progress, status, error
         job.bump()
 
     def _snapshot(self, summary: JobSummary) -> ManagedJob:
-        """A stored job's view: its row's status and progress, FAILED where the row does not
-        read (checked once per process)."""
-        with self._lock:
-            checked = self._stored.get(summary.id)
-        if checked is None:
-            checked = ("", summary.progress)
-            try:
-                if summary.status not in STATUSES:
-                    raise ValueError(f"the store holds an unknown status '{summary.status}'")
-                if summary.progress is None or summary.status in ("done", "cancelled"):
-                    row = self.store.get(summary.id)
-                    if row is not None:
-                        built, _ = self._results_of(row)
-                        checked = ("", summary.progress or built.run.progress())
-            except Exception as e:
-                checked = (f"the stored job cannot be read: {type(e).__name__}: {e}", None)
-                log.error("job %s: %s", summary.id, checked[0])
-            with self._lock:
-                self._stored.setdefault(summary.id, checked)
-        error, progress = checked
+        """A stored job's view from its row; FAILED where the row does not read."""
+        error, progress = self._checked(summary)
         return ManagedJob(
             summary.id,
             summary.created,
-            None,
-            [],
             progress or summary.progress or NO_PROGRESS,
             "failed" if error else summary.status,
             error or summary.error,
         )
 
-    def _results_of(self, row: JobRow) -> tuple[Built, np.ndarray]:
-        built = self._build(row.spec, row.checkpoint, to_run=False)
-        return built, built.run.history(self.store.history(row.id))
+    def _checked(self, summary: JobSummary) -> tuple[str, Progress | None]:
+        """(error, progress) of a stored row: its own columns, except for a row from before
+        progress was stored, read once with structure checks only (no limits, no graph
+        cache). A failure that may pass (TRANSIENT) raises and is not kept."""
+        if summary.status in STATUSES and summary.progress is not None:
+            return "", summary.progress
+        with self._lock:
+            known = self._stored.get(summary.id)
+        if known is not None:
+            return known
+        checked: tuple[str, Progress | None]
+        try:
+            if summary.status not in STATUSES:
+                raise ValueError(f"the store holds an unknown status '{summary.status}'")
+            row = self.store.get(summary.id)
+            if row is None:
+                raise NotFoundError(summary.id, "job")
+            checked = ("", self._build(row.spec, row.checkpoint, to_run=False).run.progress())
+        except (NotFoundError, *TRANSIENT):
+            raise
+        except Exception as e:
+            checked = (f"the stored job cannot be read: {type(e).__name__}: {e}", None)
+            log.error("job %s: %s", summary.id, checked[0])
+        with self._lock:
+            return self._stored.setdefault(summary.id, checked)
 
     def job(self, job_id: str) -> ManagedJob:
         with self._lock:
@@ -304,21 +331,12 @@ class JobManager:
         summary = self.store.summary(job_id)
         if summary is None:
             raise NotFoundError(job_id, "job")
-        if summary.status in ("pending", "running") and not self._resumed.is_set():
-            # Served before it was resumed: wait for resume_all (bounded, for a manager that
-            # is never asked to resume) rather than hand out a snapshot that never changes.
-            self._resumed.wait(RESUME_WAIT_SECONDS)
-            with self._lock:
-                job = self._active.get(job_id)
-            if job is not None:
-                return job
         return self._snapshot(summary)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobView]:
         """The job's view now and after every change until it ends. A watcher waits on the
         event loop, holding no thread: the job's bump() wakes it through the loop. A stored
-        job not run here (yet: resume_all may not have reached it) is read again, twice a
-        second, until it runs here or ends."""
+        job not run here is read again, twice a second, until it runs here or ends."""
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
 
@@ -332,7 +350,7 @@ class JobManager:
             job.listeners.add(wake)
             try:
                 seen = -1
-                while job.version != seen or job.run is not None:
+                while job.version != seen or job.live:
                     changed.clear()
                     if job.version == seen:
                         await changed.wait()
@@ -340,7 +358,7 @@ class JobManager:
                     seen = job.version
                     view = job.view()
                     key = (view.status, view.progress.steps_done, view.error)
-                    if key != last or job.run is not None:  # a stored job read again: news only
+                    if key != last or job.live:  # a stored job read again: news only
                         last = key
                         yield view
                     if view.status in TERMINAL:
@@ -364,30 +382,33 @@ class JobManager:
     def delete(self, job_id: str) -> None:
         """Cancel the job if it runs, then remove it and its history from the store."""
         job = self.job(job_id)
-        with self._lock:
+        with self._lock:  # deleted with its entries: a _finish meanwhile keeps nothing
             if job in self._queue:
                 self._queue.remove(job)
             self._active.pop(job_id, None)
             self._stored.pop(job_id, None)
-        job.deleted = True
+            job.deleted = True
         job.cancel.cancel()  # its thread's last writes find no row: they change nothing
         self.store.delete(job_id)
         job.status, job.error = "cancelled", "deleted"
         job.bump()
 
     def list(self) -> list[JobView]:
+        """Every job, from the store's rows (and the live jobs here): nothing is built."""
         views = []
         for summary in self.store.summaries():
             with self._lock:
                 job = self._active.get(summary.id)
-            views.append((job or self._snapshot(summary)).view())
+            with contextlib.suppress(NotFoundError):  # deleted meanwhile
+                views.append((job or self._snapshot(summary)).view())
         return views
 
     def results(
         self, job_id: str, max_bytes: int = 4 << 20
     ) -> Iterator[tuple[int, str, str, int, np.ndarray]]:
-        """(template, kind, name, first network, values) pieces of at most ~max_bytes, of a
-        job that is done, or of what a cancelled job had trained."""
+        """(template, kind, name, first network, values) pieces of at most ~max_bytes (one
+        network at least), of a job that is done, or of what a cancelled job had trained.
+        The history is read from the store one range of networks at a time."""
         job = self.job(job_id)
         if job.status not in ("done", "cancelled"):
             why = f": {job.error}" if job.error else ""
@@ -398,13 +419,58 @@ class JobManager:
         row = self.store.get(job_id)
         if row is None:
             raise NotFoundError(job_id, "job")
-        built, history = self._results_of(row)
-        params = built.run.params()
-        offsets = np.cumsum([0] + [g.n for g in built.run.groups])
-        for t, (g, lo, hi) in enumerate(built.placement):
-            arrays = [("params", k, v[lo:hi]) for k, v in params[g].items()]
-            arrays.append(("history", "", history[offsets[g] + lo : offsets[g] + hi]))
-            for kind, name, value in arrays:
-                per = max(1, max_bytes // max(value[:1].nbytes, 1))
-                for first in range(0, len(value), per):
-                    yield t, kind, name, first, value[first : first + per]
+        try:
+            built = self._build(row.spec, row.checkpoint, to_run=False)
+            run = built.run
+            params = run.params()
+            legacy = run.take_history()  # stores from before history rows: in the checkpoint
+        except TRANSIENT:
+            raise
+        except Exception as e:
+            error = f"the stored job cannot be read: {type(e).__name__}: {e}"
+            with self._lock:
+                self._stored.setdefault(job_id, (error, None))
+            raise RequestError(f"job '{job_id}': {error}", field="id") from e
+        placement, sizes = built.placement, run.chunk_sizes()
+        del row, built
+        offsets = np.cumsum([0] + [g.n for g in run.groups])
+        per = max(1, max_bytes // (8 * run.steps))
+        for t, (g, lo, hi) in enumerate(placement):
+            for name, value in params[g].items():
+                each = max(1, max_bytes // max(value[:1].nbytes, 1))
+                for first in range(lo, hi, each):
+                    yield t, "params", name, first - lo, value[first : min(hi, first + each)]
+            base = int(offsets[g])
+            for first in range(lo, hi, per):
+                end = min(hi, first + per)
+                history = read_history(
+                    self.store, job_id, sizes, run.steps, legacy, base, first, end
+                )
+                yield t, "history", "", first - lo, history
+
+
+def read_history(
+    store: JobStore,
+    job_id: str,
+    sizes: list[int],
+    steps: int,
+    legacy: list[HistorySegment],
+    base: int,
+    lo: int,
+    hi: int,
+) -> np.ndarray:
+    """Networks [base + lo, base + hi) of the job's [networks, steps] history, NaN for steps
+    not run, read from the store's rows of the chunks (of `sizes` networks) that hold them."""
+    out = np.full((hi - lo, steps), np.nan)
+    start = 0
+    for chunk, n in enumerate(sizes):
+        a, b = max(base + lo, start), min(base + hi, start + n)
+        if a < b:
+            rows = out[a - base - lo : b - base - lo]
+            store.read_history(job_id, chunk, n, steps, a - start, b - start, rows)
+            for seg in legacy:
+                if seg.chunk == chunk:
+                    k = seg.losses.shape[1]
+                    rows[:, seg.first : seg.first + k] = seg.losses[a - start : b - start]
+        start += n
+    return out

@@ -231,6 +231,34 @@ class JobStore:
             out.append(HistorySegment(int(chunk), int(first), values))
         return out
 
+    def read_history(
+        self, job_id: str, chunk: int, networks: int, steps: int, lo: int, hi: int, out: np.ndarray
+    ) -> None:
+        """Writes networks [lo, hi) of the chunk's history rows (of `networks` x `steps` in
+        all) into `out` [hi - lo, steps]: one row's byte range at a time, so no more than
+        `out` is ever held."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT first, networks, steps, length(losses), typeof(losses) FROM history "
+                "WHERE job_id = ? AND chunk = ?",
+                (job_id, chunk),
+            ).fetchall()
+        for first, n, k, size, kind in rows:
+            if kind != "blob" or n != networks or size != 8 * n * k or not 0 <= first <= steps - k:
+                raise ValueError(
+                    f"history row ({chunk}, {first}) must hold {networks} networks x at most "
+                    f"{steps - first} steps of float64, got {n}x{k} in {size} bytes ({kind})"
+                )
+            with self._lock:
+                found = self._db.execute(
+                    "SELECT substr(losses, ?, ?) FROM history "
+                    "WHERE job_id = ? AND chunk = ? AND first = ?",
+                    (8 * k * lo + 1, 8 * k * (hi - lo), job_id, chunk, first),
+                ).fetchone()
+            if found is None:
+                raise ValueError(f"history row ({chunk}, {first}) was deleted while read")
+            out[:, first : first + k] = np.frombuffer(found[0], "<f8").reshape(hi - lo, k)
+
     def close(self) -> None:
         self._db.close()
 

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 import graphgrad as gg
 from graphgrad._jobs import build_specs
 from graphgrad._remote_jobs import encode_job
-from graphgrad._wire import fill_tensor
+from graphgrad._wire import encode_graph, fill_tensor
 from graphgrad.engine import LimitError
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.jobs import TrainingRun, group_specs
@@ -29,13 +29,14 @@ from graphgrad.server.job_service import spec_decoder
 from graphgrad.server.jobs import JobManager
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.store import JobStore
-from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2
+from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .server_proc import running_server
 from .test_jobs import init, mlp, own_data
 
 Request = jobs_pb2.SubmitJobRequest
 STARTED = ("pending", "running")
+STARTED_STATUSES = (jobs_pb2.JOB_STATUS_PENDING, jobs_pb2.JOB_STATUS_RUNNING)
 
 
 def job_request(n: int = 2, steps: int = 20) -> Request:
@@ -211,6 +212,8 @@ def test_corrupt_rows_fail_alone_and_everything_else_keeps_serving(tmp_path):
     db.close()
     with running_server(*args) as second, gg.connect(second.address) as c:
         stub = stub_of(second)
+        for i in rows:  # an unfinished row is read when its job starts: until it ends
+            follow(stub, i, lambda j: j.status not in STARTED_STATUSES)
         listed = {info.id: info for info in c.jobs()}
         assert set(listed) == {job.id, *rows}
         for i in rows:
@@ -228,6 +231,35 @@ def test_corrupt_rows_fail_alone_and_everything_else_keeps_serving(tmp_path):
         for handle in (intact, gg.RemoteJob(c, job.id, 1)):
             assert handle.history.tobytes() == good_history.tobytes()
             assert handle.params["W1"].tobytes() == good_w1.tobytes()
+
+
+def test_a_finished_job_reads_back_under_smaller_limits_and_keeps_users_graphs(tmp_path):
+    with running_server("--data-dir", str(tmp_path)) as first, gg.connect(first.address) as c:
+        job = c.train(mlp(8), init(3, 8, 0), own_data(3), steps=15)
+        job.wait(progress=False)
+        good_history, good_w1 = job.history, job.params["W1"]
+    smaller = ("--max-request-bytes", "1024", "--graph-cache-size", "1")
+    with running_server("--data-dir", str(tmp_path), *smaller) as second:
+        with gg.Graph():  # a user's graph: the only one the cache keeps
+            y = gg.mul(gg.input("x", shape=(3,)), 2.0, name="y")
+        graphs = service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(second.address))
+        request = service_pb2.RegisterGraphRequest(graph=encode_graph(y.graph.freeze()))
+        fp = graphs.RegisterGraph(request, timeout=60).fingerprint
+        with gg.connect(second.address) as c:
+            assert [(j.id, j.status) for j in c.jobs()] == [(job.id, jobs_pb2.JOB_STATUS_DONE)]
+            again = gg.RemoteJob(c, job.id, 1)
+            assert again.history.tobytes() == good_history.tobytes()
+            assert again.params["W1"].tobytes() == good_w1.tobytes()
+        x = np.array([1.0, 2.0, 3.0])
+        run = service_pb2.RunRequest(fingerprint=fp, feeds={"x": tensor_of(x)}, outputs=["y"])
+        value = graphs.Run(run, timeout=60).values["y"]
+        np.testing.assert_array_equal(np.frombuffer(value.data, "<f8"), 2 * x)
+
+
+def tensor_of(a: np.ndarray) -> tensor_pb2.Tensor:
+    t = tensor_pb2.Tensor()
+    fill_tensor(a, t)
+    return t
 
 
 def test_a_store_that_is_not_sqlite_is_one_fatal_line(tmp_path):
