@@ -215,22 +215,6 @@ class JobStore:
             ).fetchall()
         return [_summary(r) for r in rows]
 
-    def history(self, job_id: str) -> list[HistorySegment]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT chunk, first, networks, steps, losses FROM history WHERE job_id = ?",
-                (job_id,),
-            ).fetchall()
-        out = []
-        for chunk, first, networks, steps, losses in rows:
-            if not isinstance(losses, bytes) or len(losses) != 8 * networks * steps:
-                raise ValueError(
-                    f"history row ({chunk}, {first}) must hold {networks}x{steps} float64"
-                )
-            values = np.frombuffer(losses, "<f8").reshape(networks, steps)
-            out.append(HistorySegment(int(chunk), int(first), values))
-        return out
-
     def read_history(
         self, job_id: str, chunk: int, networks: int, steps: int, lo: int, hi: int, out: np.ndarray
     ) -> None:
