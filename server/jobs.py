@@ -1,10 +1,13 @@
 """The job manager: checks jobs before storing them, runs a bounded number at a time (the
 rest queue as pending, in submission order), checkpoints them, resumes them at start.
 
-Protobuf stops at the servicer: the manager takes the stored spec bytes, decodes them once
-through the codec into engine specs, and reports plain dataclasses. A stored row that cannot
-be read (a spec that does not parse, a checkpoint that does not fit, an unknown status) makes
-that job read as failed; it never stops the server.
+Protobuf stops at the servicer: the manager takes spec bytes, decodes them into engine specs
+and reports plain dataclasses. Memory is bounded by the running jobs: a place is reserved
+before a submit does any work, and a queued job holds its id only (built from its row when it
+starts). Stored jobs are listed from their rows and read back with structure checks only, their
+history a range of networks at a time. A stored row that cannot be read (a spec that does not
+parse, a checkpoint that does not fit, an unknown status) makes that job read as failed; it
+never stops the server.
 """
 
 from __future__ import annotations
