@@ -66,9 +66,11 @@ def manager(tmp_path, decode: Decoder | None = None, **kw) -> JobManager:
 
 
 def wait_for(m: JobManager, job_id: str, statuses: tuple[str, ...]) -> None:
+    """Until the job is in one of `statuses` (failing at once if it ends otherwise)."""
     job = m.job(job_id)
     with job.changed:
-        job.changed.wait_for(lambda: job.status in statuses)
+        job.changed.wait_for(lambda: job.status in (*statuses, *TERMINAL))
+    assert job.status in statuses, (job.status, job.error)
 
 
 def finished(m: JobManager, spec: bytes) -> str:
