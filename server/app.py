@@ -3,8 +3,10 @@
 The server is grpc.aio: every handler is a coroutine; plain servicers run in a thread pool
 and never wait on the event loop, while a stream that mostly waits (WatchJob) is an async
 generator holding no thread while idle.
-Concurrency is bounded: Run/Explain by `max_concurrent_runs` with a short queue, streams by
-`max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond: RESOURCE_EXHAUSTED.
+Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
+build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
+at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from .service import GraphServicer
 log = logging.getLogger("graphgrad.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GraphService"]
 JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
-RUN_METHODS = ("Run", "Explain")  # the calls that execute graphs, bounded by max_concurrent_runs
+# The calls that decode, build or run graphs share one bound, max_concurrent_runs: each is
+# CPU work proportional to a request that may be as large as max_message_bytes.
+RUN_METHODS = ("Run", "Explain", "RegisterGraph", "SubmitJob")
 
 
 @dataclass
@@ -153,7 +157,7 @@ def service_handler(
         if m.server_streaming:
             return lambda context: guards.streams.slot()
         if m.name in RUN_METHODS:
-            return lambda context: guards.runs.slot(context.time_remaining())
+            return lambda call: guards.runs.slot(call.time_remaining(), call)
         return lambda context: nullcontext()
 
     methods = {
@@ -183,7 +187,10 @@ class Server:
         self.config, self.runtime, self.jobs = config, runtime, jobs
         self.guards = Guards(
             runs=Admission(
-                "max_concurrent_runs", "runs", config.max_concurrent_runs, config.run_queue
+                "max_concurrent_runs",
+                f"calls of {'/'.join(RUN_METHODS)}",
+                config.max_concurrent_runs,
+                config.run_queue,
             ),
             streams=Admission("max_streams", "streams", config.max_streams),
             inflight=InFlight(),

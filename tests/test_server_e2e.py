@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ from graphgrad._jobs import build_specs
 from graphgrad._remote_jobs import encode_job
 from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
 
-from .server_proc import running_server
+from .server_proc import running_server, wait_until_running
 from .test_seed import network_feeds, two_layer_network
 
 
@@ -390,22 +389,6 @@ def test_errors_surface_as_python_exceptions_with_code_and_message(client):
         client.run(y, {"x": np.zeros(3)}, wrt=["nope"])
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "'nope'" in e.value.message
-
-
-def wait_until_running(client, timeout: float = 120.0) -> None:
-    """Until the server refuses a probe Run for want of a run slot: the long call holds it."""
-    with gg.Graph():
-        probe = gg.neg(gg.input("p", shape=()))
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        try:
-            client.run(probe, {"p": np.zeros(())})
-        except gg.RemoteError as e:
-            if "max_concurrent_runs" in str(e):
-                return
-            raise
-        time.sleep(0.05)
-    raise AssertionError("the long call never started on the server")
 
 
 def test_sigterm_lets_in_flight_calls_finish():
