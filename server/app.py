@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
@@ -35,8 +34,8 @@ from .auth import TokenAuth
 from .errors import to_status
 from .inflight import CallContext, InFlight
 from .job_service import JobServicer
-from .jobs import JobManager
-from .limits import Limits
+from .jobs import DEFAULT_MAX_QUEUED, JobManager
+from .limits import Limits, one_per_cpu
 from .runtime import Runtime
 from .service import GraphServicer
 
@@ -57,10 +56,12 @@ class ServerConfig:
     tls_key: bytes | None = None
     token: str | None = None
     workers: int = 16  # threads for ordinary calls; runs waiting for a slot get their own
-    grace_seconds: float = 10.0
-    max_concurrent_runs: int = field(default_factory=lambda: os.cpu_count() or 1)
-    run_queue: int = 32  # runs waiting for a slot; beyond: RESOURCE_EXHAUSTED
+    grace_seconds: float = 10.0  # what in-flight calls get at shutdown
+    max_concurrent_runs: int = field(default_factory=one_per_cpu)  # heavy calls at once
+    run_queue: int = 32  # heavy calls waiting for a slot; beyond: RESOURCE_EXHAUSTED
     max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
+    max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
 
     @property
     def threads(self) -> int:
@@ -201,6 +202,22 @@ class Server:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    def limits(self) -> dict[str, int]:
+        """Every limit a RESOURCE_EXHAUSTED can name, by that name (GetServerInfo.limits)."""
+        runs, streams = self.guards.runs, self.guards.streams
+        out = {
+            **self.config.limits.as_dict(),
+            runs.limit: runs.slots,
+            "run_queue": runs.queue,
+            streams.limit: streams.slots,
+            "graph_cache_bytes": self.runtime.caches()["graphs"].max_bytes,
+        }
+        if self.jobs is not None:
+            out["max_running_jobs"] = self.jobs.max_running
+            out["max_queued_jobs"] = self.jobs.max_queued
+            out["max_blob_bytes"] = self.jobs.store.max_blob_bytes
+        return out
+
     def _build(self) -> grpc.aio.Server:
         """Needs the running event loop: grpc.aio binds the server to it."""
         config = self.config
@@ -218,7 +235,11 @@ class Server:
         )
         handlers = [
             service_handler(
-                SERVICE, service_pb2, GraphServicer(self.runtime), self.guards, self.pool
+                SERVICE,
+                service_pb2,
+                GraphServicer(self.runtime, self.limits()),
+                self.guards,
+                self.pool,
             )
         ]
         if self.jobs is not None:

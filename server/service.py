@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import metadata
 
 from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
@@ -46,8 +47,11 @@ def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
 
 
 class GraphServicer:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, limits: Mapping[str, int] | None = None) -> None:
+        """`limits`: every limit of the server by name, for GetServerInfo (default: the
+        runtime's request limits)."""
         self.runtime = runtime
+        self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -99,7 +103,7 @@ class GraphServicer:
         out = service_pb2.GetServerInfoResponse(
             version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
         )
-        out.limits.update(self.runtime.limits.as_dict())
+        out.limits.update(self.limits)
         for name, stats in self.runtime.caches().items():
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes

@@ -17,7 +17,9 @@ import pytest
 import graphgrad as gg
 from graphgrad._wire import fill_tensor
 from graphgrad.engine import CancelledError, LimitError
+from graphgrad.server import cli
 from graphgrad.server.admission import Admission
+from graphgrad.server.app import ServerConfig
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
@@ -176,6 +178,35 @@ def test_streams_beyond_the_cap_are_resource_exhausted(capped):
                     watchers.close()
         finally:
             job.cancel()
+
+
+@pytest.mark.parametrize(
+    ("flag", "least"),
+    [
+        ("--max-queued-jobs", 0),
+        ("--grace", 0),
+        ("--run-queue", 0),
+        ("--max-running-jobs", 1),
+        ("--max-concurrent-runs", 1),
+        ("--max-streams", 1),
+        ("--workers", 1),
+        ("--max-nodes", 1),
+        ("--port", 0),
+    ],
+)
+def test_a_numeric_flag_below_its_minimum_stops_the_start(flag, least):
+    args = cli.parser().parse_args(["serve", flag, str(least - 1)])
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(args)
+    below = f"graphgrad serve: {flag} must be at least {least}, got {least - 1}"
+    assert str(e.value) in (below, f"{below}.0")  # --grace is a float
+    at_least = cli.config_from(cli.parser().parse_args(["serve", flag, str(least)]))
+    assert at_least.host == "127.0.0.1"
+
+
+def test_the_flags_defaults_are_the_configs():
+    config = cli.config_from(cli.parser().parse_args(["serve"]))
+    assert config == ServerConfig()
 
 
 def test_admission_runs_then_queues_then_refuses():

@@ -3,8 +3,10 @@ bad input gets a clear status and the next good request is served."""
 
 from __future__ import annotations
 
+import ast
 import signal
 import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 import graphgrad as gg
+import graphgrad.engine
+import graphgrad.server
 from graphgrad._jobs import build_specs
 from graphgrad._remote_jobs import encode_job
 from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
@@ -359,6 +363,34 @@ def test_concurrent_requests_are_served_in_parallel(client):
     for k, res in results.items():
         expected = gg.connect().run(L, network_feeds(seed=k), wrt=["W", "a"])
         assert res.grads["W"].tobytes() == expected.grads["W"].tobytes()
+
+
+def quota_names() -> set[str]:
+    """Every limit name the server's code can put in a QuotaFailure: the `limit=` of each
+    LimitError it raises and the name of each Admission it makes, read from the source."""
+    names = set()
+    packages = (gg, graphgrad.engine, graphgrad.server)
+    for source in {f for p in packages for f in Path(p.__file__).parent.glob("**/*.py")}:
+        for call in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+                continue
+            if call.func.id == "LimitError":
+                named = [k.value for k in call.keywords if k.arg == "limit"]
+            elif call.func.id == "Admission":
+                named = call.args[:1]
+            else:
+                continue
+            names |= {n.value for n in named if isinstance(n, ast.Constant)}
+    return names
+
+
+def test_server_info_reports_every_limit_a_quota_failure_can_name(stub):
+    names = quota_names()
+    assert {"max_nodes", "max_queued_jobs", "max_concurrent_runs", "max_streams"} <= names
+    info = stub.GetServerInfo(service_pb2.GetServerInfoRequest())
+    assert names - set(info.limits) == set()
+    assert info.limits["max_nodes"] == 50000 and info.limits["graph_cache_bytes"] > 0
+    assert info.limits["run_queue"] >= 0 and info.limits["max_running_jobs"] >= 1
 
 
 def test_health_reflection_and_list_ops(server, stub):
