@@ -206,7 +206,7 @@ class Server:
         """Every limit a RESOURCE_EXHAUSTED can name, by that name (GetServerInfo.limits)."""
         runs, streams = self.guards.runs, self.guards.streams
         out = {
-            **self.config.limits.as_dict(),
+            **self.runtime.limits.as_dict(),  # the ones the runtime enforces
             runs.limit: runs.slots,
             "run_queue": runs.queue,
             streams.limit: streams.slots,
