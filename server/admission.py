@@ -45,23 +45,23 @@ class Admission:
         if call is not None:
             call.add_callback(lambda: self._wake(ended))
         with self._cond:
-            if self.active >= self.slots or ended.is_set():
-                if self.waiting >= self.queue and not ended.is_set():
+            if self.active >= self.slots:
+                if self.waiting >= self.queue:
                     raise self._refuse()
                 self.waiting += 1
                 try:
                     self._cond.wait_for(lambda: self.active < self.slots or ended.is_set(), timeout)
                 finally:
                     self.waiting -= 1
-                if ended.is_set():
-                    self._cond.notify()  # pass on a release this waiter may have taken
-                    raise CancelledError(
-                        f"the call ended while waiting for one of {self.slots} {self.what}"
-                    )
-                if self.active >= self.slots:
+                if self.active >= self.slots and not ended.is_set():
                     raise CancelledError(
                         f"the deadline passed while waiting for one of {self.slots} {self.what}"
                     )
+            if ended.is_set():
+                self._cond.notify()  # pass on a release this waiter may have taken
+                raise CancelledError(
+                    f"the call ended before it got one of {self.slots} {self.what}"
+                )
             self.active += 1
         try:
             yield
