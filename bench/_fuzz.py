@@ -47,13 +47,9 @@ STREAM_TIMEOUT = 2.0
 # RPCs that reach deep code are drawn more often; the rest once each.
 WEIGHTS = {"Run": 4, "Explain": 2, "RegisterGraph": 2, "SubmitJob": 3}
 FOLLOWUPS = ("WatchJob", "GetJob", "GetJobResults", "CancelJob", "DeleteJob")
-STREAM_MESSAGES = 4
-LONG_LITERAL = re.compile(r'"(?:[^"\\]|\\.){80,}"')  # a quoted text-format string
-LOST = (
-    "Stream removed",
-    "Socket closed",
-    "Connection reset",
-)  # the client's transport errors  # a stream is read this far, then cancelled
+STREAM_MESSAGES = 4  # a stream is read this far, then cancelled
+LONG_LITERAL = re.compile(r'"(?:[^"\\\n]|\\.){80,}"')  # a quoted text-format string
+LOST = ("Stream removed", "Socket closed", "Connection reset")  # the client's transport errors
 
 
 @dataclass(frozen=True)
@@ -121,14 +117,11 @@ def send(channel: grpc.Channel, call: Call) -> Outcome:
         for k, msg in enumerate(stream):
             first = msg if first is None else first
             if k + 1 >= STREAM_MESSAGES:
-                stream.cancel()
+                stream.cancel()  # our own cancel is not the server's answer
                 break
         return Outcome(grpc.StatusCode.OK, "", first)
     except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        # Our own cancel after a few messages is not the server's answer.
-        code = grpc.StatusCode.OK if code == grpc.StatusCode.CANCELLED else code
-        return Outcome(code, e.details() or "", first)  # type: ignore[attr-defined]
+        return Outcome(e.code(), e.details() or "", first)  # type: ignore[attr-defined]
 
 
 def failure(outcome: Outcome) -> str | None:
@@ -206,6 +199,35 @@ def seed_run(rng: random.Random) -> service_pb2.RunRequest:
     req = service_pb2.RunRequest(graph=seed_graph(), outputs=["L"], wrt=["W", "b", "V", "a"])
     for k, s in SEED_INPUTS.items():
         req.feeds[k].CopyFrom(tensor([rng.gauss(0, 0.3) for _ in range(_size(s))], s))
+    return req
+
+
+# Requests whose declared shapes need far more memory than any one tensor: each value fits
+# --max-tensor-bytes (16 MiB here), the request does not, so the server must refuse it from
+# the shapes (RESOURCE_EXHAUSTED) before it allocates anything.
+BIG = 1 << 21  # float64 elements: 16 MiB
+UNARY_CHAIN = ("tanh", "sin", "exp", "neg", "cos", "sigmoid")
+
+
+def bomb_run(rng: random.Random) -> service_pb2.RunRequest:
+    """A scalar broadcast to BIG elements through a chain of elementwise ops, differentiated
+    (every value is kept for the backward), or unfed BIG inputs in `wrt` (zero gradients)."""
+    g = graph_pb2.Graph(nodes=[node("x", "input", shape=())])
+    big = node("big", "broadcast_to", "x")
+    big.attrs["shape"].ints.values.append(BIG)
+    g.nodes.append(big)
+    last = "big"
+    for k in range(rng.choice((4, 20, 40))):
+        g.nodes.append(node(f"u{k}", rng.choice(UNARY_CHAIN), last))
+        last = f"u{k}"
+    g.nodes.append(node("L", "sum", last))
+    wrt = ["x"]
+    if rng.random() < 0.5:
+        for k in range(rng.choice((2, 6, 16))):
+            g.nodes.append(node(f"unfed{k}", "input", shape=(BIG,)))
+            wrt.append(f"unfed{k}")
+    req = service_pb2.RunRequest(graph=g, outputs=["L"], wrt=wrt)
+    req.feeds["x"].CopyFrom(tensor([0.5], ()))
     return req
 
 
@@ -446,10 +468,13 @@ class Generator:
     # ---- structured requests and their mutations
 
     def structured(self, method: Method, pure: bool = False) -> Message:
-        """A request that makes sense; unless `pure`, an Explain may be of a random graph."""
+        """A request that makes sense; unless `pure`, an Explain may be of a random graph and a
+        Run may ask for far more memory than the server grants."""
         rng = self.rng
         name = method.name
         if name == "Run":
+            if not pure and rng.random() < 0.05:
+                return bomb_run(rng)
             req = seed_run(rng)
             if rng.random() < 0.3 and self.known.fingerprints:
                 req.fingerprint = rng.choice(self.known.fingerprints)

@@ -89,6 +89,7 @@ class Job(AsyncJob):
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._status = "running"
+        self._deleted = False
         self._thread = threading.Thread(target=self._work, name=f"job-{job_id}", daemon=True)
         self._thread.start()
 
@@ -120,6 +121,17 @@ class Job(AsyncJob):
         """Stop the job (its tasks are cancelled); `wait` then returns with status cancelled."""
         self._cancel.cancel()
 
+    def delete(self) -> None:
+        """Cancel the job if it runs and drop its results (as DeleteJob does on a server)."""
+        self._cancel.cancel()
+        self._thread.join()
+        self._deleted = True
+
+    def _results(self) -> TrainingRun:
+        if self._deleted:
+            raise RequestError(f"job {self.id} was deleted: it has no results", field="id")
+        return self._run
+
     def wait(self, progress: bool = True, timeout: float | None = None) -> Job:
         """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -144,14 +156,14 @@ class Job(AsyncJob):
 
     @property
     def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
-        groups = self._run.params()
+        groups = self._results().params()
         per_spec = [{k: v[s] for k, v in groups[g].items()} for g, s in self._slices()]
         return per_spec[0] if len(per_spec) == 1 else per_spec
 
     @property
     def history(self) -> np.ndarray:
         offsets = np.cumsum([0] + [g.n for g in self._run.groups])
-        full = self._run.history()
+        full = self._results().history()
         return np.concatenate(
             [full[offsets[g] + s.start : offsets[g] + s.stop] for g, s in self._slices()]
         )

@@ -121,6 +121,14 @@ class RemoteClient(AsyncClient):
         except grpc.RpcError as e:
             raise _remote_error(e) from None
 
+    def job_call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """One unary JobService call (what RemoteJob handles use), errors as RemoteError."""
+        return self._call(method, request, timeout, stub="jobs")
+
+    def job_stream(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """The messages of one JobService server stream, errors as RemoteError."""
+        return self._stream(self._call(method, request, timeout, stub="jobs"))
+
     def train(
         self,
         loss: Tensor | Sequence[Tensor],

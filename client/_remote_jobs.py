@@ -80,9 +80,7 @@ class RemoteJob(AsyncJob):
         self._results: tuple[list[dict[str, np.ndarray]], np.ndarray] | None = None
 
     def _info(self) -> jobs_pb2.JobInfo:
-        return self._client._call(
-            "GetJob", jobs_pb2.GetJobRequest(id=self.id), None, stub="jobs"
-        ).job
+        return self._client.job_call("GetJob", jobs_pb2.GetJobRequest(id=self.id)).job
 
     @property
     def status(self) -> str:
@@ -97,17 +95,20 @@ class RemoteJob(AsyncJob):
         return self.status in ("done", "cancelled", "failed")
 
     def cancel(self) -> None:
-        self._client._call("CancelJob", jobs_pb2.CancelJobRequest(id=self.id), None, stub="jobs")
+        self._client.job_call("CancelJob", jobs_pb2.CancelJobRequest(id=self.id))
+
+    def delete(self) -> None:
+        """Remove the job from the server (cancelled first if it runs), with its results."""
+        self._client.job_call("DeleteJob", jobs_pb2.DeleteJobRequest(id=self.id))
+        self._results = None
 
     def wait(self, progress: bool = True, timeout: float | None = None) -> RemoteJob:
         """Follow the job's progress stream until it ends (a progress bar unless disabled)."""
         info = self._info()
         bar = progress_bar(info.steps, self.id) if progress else None
         try:
-            stream = self._client._call(
-                "WatchJob", jobs_pb2.WatchJobRequest(id=self.id), timeout, stub="jobs"
-            )
-            for event in self._client._stream(stream):
+            request = jobs_pb2.WatchJobRequest(id=self.id)
+            for event in self._client.job_stream("WatchJob", request, timeout):
                 info = event.job
                 if bar is not None:
                     show_progress(bar, read_progress(info))
@@ -123,10 +124,8 @@ class RemoteJob(AsyncJob):
             parts: list[dict[str, list[tuple[int, np.ndarray]]]] = [
                 {} for _ in range(self._templates)
             ]
-            stream = self._client._call(
-                "GetJobResults", jobs_pb2.GetJobResultsRequest(id=self.id), None, stub="jobs"
-            )
-            for part in self._client._stream(stream):
+            request = jobs_pb2.GetJobResultsRequest(id=self.id)
+            for part in self._client.job_stream("GetJobResults", request):
                 key = part.name if part.kind == "params" else "\\0history"
                 parts[part.template].setdefault(key, []).append(
                     (part.first, _wire.read_tensor(part.value))

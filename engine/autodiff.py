@@ -62,10 +62,15 @@ def _plan_pass(
         raise RequestError("no outputs requested", field="outputs")
     outs = tuple(graph.position(n, field="outputs") for n in outputs)
     wrts = tuple(graph.position(n, field="wrt") for n in wrt)
+    # Seeds are checked here, where every path (executors, memory estimate) plans a request.
+    for name in seeded:
+        if graph.index.get(name) not in outs:
+            field = f"grad_outputs[{name_list([name])}]"
+            raise RequestError(f"{field} names no requested output", field=field)
     needed = graph.ancestors(outs)
     relevant: set[int] = set()
     if wrts:
-        diff = [graph.position(n, field="grad_outputs") for n in seeded] or [outs[0]]
+        diff = [graph.index[n] for n in seeded] or [outs[0]]
         # Descendants of wrt nodes, restricted to what the differentiated outputs depend on.
         reach = set(wrts)
         for i in needed:
@@ -137,7 +142,8 @@ def seed_cotangents(
 
     Without `grad_outputs` the first output is the one differentiated (it must be a scalar,
     seeded with 1) and the other outputs are auxiliary values, as in JAX's value_and_grad.
-    Given `grad_outputs` are checked even when nothing is differentiated (no `wrt`).
+    Given `grad_outputs` are checked even when nothing is differentiated (no `wrt`); `plan`
+    must come from `plan_pass` with their names as `seeded`, which checked those names.
     """
     if not plan.wrt and not grad_outputs:
         return {}
@@ -152,10 +158,8 @@ def seed_cotangents(
         return {first: np.ones((), dtype=t.dtype)}
     seeds: dict[int, np.ndarray] = {}
     for name, seed in grad_outputs.items():
-        o = graph.index.get(name)
+        o = graph.index[name]  # a requested output: plan_pass(..., seeded) checked it
         field = f"grad_outputs[{name_list([name])}]"
-        if o is None or o not in plan.outputs:
-            raise RequestError(f"{field} names no requested output", field=field)
         t = graph.types[o]
         if not t.matches(seed):
             raise RequestError(

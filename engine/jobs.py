@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import GraphError, RequestError
 from .executor import Cancellation
 from .training import ChunkState, ChunkTrainer, TrainSpec, activation_bytes, split
 
@@ -77,6 +78,19 @@ class SegmentRunner:
             on_segment()
 
 
+class CheckpointError(GraphError):
+    """Stored checkpoint bytes that do not fit the run they should resume."""
+
+
+@dataclass(frozen=True)
+class HistorySegment:
+    """Losses of one chunk's networks for steps [first, first + losses.shape[1])."""
+
+    chunk: int  # flat index over the run's chunks
+    first: int
+    losses: np.ndarray  # [networks of the chunk, steps] float64
+
+
 @dataclass
 class TrainingRun:
     groups: list[TrainSpec]  # one per distinct template
@@ -84,14 +98,21 @@ class TrainingRun:
     segment_steps: int = 25
     runner: SegmentRunner = field(default_factory=SegmentRunner)
     layout: list[int] | None = None  # chunks per group; None: sized by the cost model
+    # Keep taken history segments in memory for `history()`; a job whose history is
+    # appended to a store instead turns this off, so its memory stays one segment deep.
+    keep_history: bool = True
     chunks: list[list[TrainSpec]] = field(init=False)
 
     def __post_init__(self) -> None:
+        if not self.groups:  # each group has at least one network (TrainSpec checks it)
+            raise RequestError("the job has no templates", field="templates")
         counts = self.layout or [chunk_count(g, self.cpus) for g in self.groups]
         self.chunks = [split(g, c) for g, c in zip(self.groups, counts, strict=True)]
         self.layout = [len(cs) for cs in self.chunks]
         # Chunk states, flat over groups: the runner updates them as segments finish.
         self._states = [ChunkTrainer(c).initial_state() for cs in self.chunks for c in cs]
+        self._last = [np.full(c.n, np.nan) for cs in self.chunks for c in cs]
+        self._taken: list[HistorySegment] = []
 
     @property
     def states(self) -> list[list[ChunkState]]:
@@ -109,12 +130,29 @@ class TrainingRun:
     def networks(self) -> int:
         return sum(g.n for g in self.groups)
 
+    def chunk_sizes(self) -> list[int]:
+        return [c.n for cs in self.chunks for c in cs]
+
+    def take_history(self) -> list[HistorySegment]:
+        """The losses run since the last call, one segment per chunk that ran."""
+        out = []
+        for i, st in enumerate(self._states):
+            if st.losses:
+                seg = HistorySegment(i, st.step - len(st.losses), st.history)
+                st.losses.clear()
+                self._last[i] = seg.losses[:, -1]
+                out.append(seg)
+        if self.keep_history:
+            self._taken.extend(out)
+        return out
+
     def checkpoint(self) -> bytes:
-        """The run's state as an .npz (plain arrays, never pickled), with its chunk layout."""
+        """The run's state as an .npz (plain arrays, never pickled), with its chunk layout.
+        Parameters and optimizer state only: the history goes to `take_history()`."""
         arrays: dict[str, np.ndarray] = {"layout": np.asarray(self.layout)}
         for i, st in enumerate(self._states):
             arrays[f"{i}/step"] = np.asarray(st.step)
-            arrays[f"{i}/history"] = st.history
+            arrays[f"{i}/last"] = st.losses[-1] if st.losses else self._last[i]
             arrays |= {f"{i}/p/{k}": v for k, v in st.params.items()}
             arrays |= {f"{i}/o/{k}": v for k, v in st.opt_state.items()}
         buf = io.BytesIO()
@@ -123,26 +161,79 @@ class TrainingRun:
 
     @classmethod
     def resumed(
-        cls, groups: list[TrainSpec], blob: bytes, cpus: int, runner: SegmentRunner
+        cls,
+        groups: list[TrainSpec],
+        blob: bytes,
+        cpus: int,
+        runner: SegmentRunner,
+        keep_history: bool = True,
     ) -> TrainingRun:
-        """A run of `groups` continuing from `checkpoint()` bytes, cut into the same chunks."""
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-            run = cls(groups, cpus=cpus, runner=runner, layout=[int(c) for c in z["layout"]])
-            states = []
-            for i, old in enumerate(run._states):
-                params = {k: z[f"{i}/p/{k}"] for k in old.params}
-                opt = {k: z[f"{i}/o/{k}"] for k in old.opt_state}
-                states.append(ChunkState(int(z[f"{i}/step"]), params, opt, z[f"{i}/history"]))
+        """A run of `groups` continuing from `checkpoint()` bytes, cut into the same chunks.
+        Raises CheckpointError when the bytes do not fit these groups."""
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                return cls._from_arrays(groups, z, cpus, runner, keep_history)
+        except CheckpointError:
+            raise
+        except Exception as e:  # any unreadable .npz: zip, header, pickled object arrays
+            raise CheckpointError(f"the checkpoint is unreadable: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_arrays(
+        cls,
+        groups: list[TrainSpec],
+        z: Mapping[str, np.ndarray],
+        cpus: int,
+        runner: SegmentRunner,
+        keep_history: bool,
+    ) -> TrainingRun:
+        def read(key: str, like: np.ndarray) -> np.ndarray:
+            if key not in z:
+                raise CheckpointError(f"the checkpoint lacks '{key}'")
+            v = z[key]
+            if v.shape != like.shape or v.dtype != like.dtype:
+                raise CheckpointError(
+                    f"checkpoint array '{key}' must be {like.shape} {like.dtype}, "
+                    f"got {v.shape} {v.dtype}"
+                )
+            return v
+
+        if "layout" not in z:
+            raise CheckpointError("the checkpoint lacks 'layout'")
+        layout = z["layout"]
+        sizes = [g.n for g in groups]
+        if (
+            layout.shape != (len(groups),)
+            or layout.dtype.kind not in "iu"
+            or any(not 1 <= int(c) <= n for c, n in zip(layout, sizes, strict=True))
+        ):
+            raise CheckpointError(
+                f"the checkpoint's layout must be {len(groups)} chunk counts within the "
+                f"networks per group {sizes}, got {layout.tolist()}"
+            )
+        run = cls(groups, cpus=cpus, runner=runner, layout=[int(c) for c in layout])
+        run.keep_history = keep_history
+        states = []
+        for i, old in enumerate(run._states):
+            step = int(read(f"{i}/step", np.asarray(0)))
+            if not 0 <= step <= run.steps:
+                raise CheckpointError(f"checkpoint step {step} is outside [0, {run.steps}]")
+            params = {k: read(f"{i}/p/{k}", v) for k, v in old.params.items()}
+            opt = {k: read(f"{i}/o/{k}", v) for k, v in old.opt_state.items()}
+            state = ChunkState(step, params, opt)
+            if f"{i}/history" in z:  # a store from before history rows: its steps so far
+                legacy = read(f"{i}/history", np.zeros((len(run._last[i]), run.steps)))
+                state.losses = list(legacy[:, :step].T)
+            else:
+                run._last[i] = read(f"{i}/last", run._last[i])
+            states.append(state)
         run._states = states
         return run
 
     def progress(self) -> Progress:
         step = min(s.step for s in self._states)
         last = np.concatenate(
-            [
-                s.history[:, step - 1] if step else np.full(len(s.history), np.nan)
-                for s in self._states
-            ]
+            [s.losses[-1] if s.losses else self._last[i] for i, s in enumerate(self._states)]
         )
         finite = last[np.isfinite(last)]
         stats = (
@@ -150,7 +241,7 @@ class TrainingRun:
             if finite.size
             else (math.nan, math.nan, math.nan)
         )
-        done = sum(len(s.history) for s in self._states if s.step >= self.steps)
+        done = sum(len(self._last[i]) for i, s in enumerate(self._states) if s.step >= self.steps)
         return Progress(step, self.steps, self.networks, done, *stats)
 
     def run(
@@ -175,9 +266,35 @@ class TrainingRun:
             for states in self.states
         ]
 
-    def history(self) -> np.ndarray:
-        """Loss per network per step, [networks, steps], groups in order."""
-        return np.concatenate([s.history for states in self.states for s in states])
+    def history(self, stored: Sequence[HistorySegment] = ()) -> np.ndarray:
+        """Loss per network per step, [networks, steps], groups in order; NaN for steps not
+        run. Built from `stored` segments (a store's), those kept and those not yet taken."""
+        pending = [
+            HistorySegment(i, s.step - len(s.losses), s.history)
+            for i, s in enumerate(self._states)
+            if s.losses
+        ]
+        return assemble_history(self.chunk_sizes(), self.steps, [*stored, *self._taken, *pending])
+
+
+def assemble_history(
+    sizes: Sequence[int], steps: int, segments: Sequence[HistorySegment]
+) -> np.ndarray:
+    """The [sum(sizes), steps] history of chunks of `sizes` networks from their segments."""
+    offsets = np.cumsum([0, *sizes])
+    out = np.full((int(offsets[-1]), steps), np.nan)
+    for seg in segments:
+        fits = (
+            0 <= seg.chunk < len(sizes)
+            and seg.losses.ndim == 2
+            and seg.losses.shape[0] == sizes[seg.chunk]
+            and 0 <= seg.first <= seg.first + seg.losses.shape[1] <= steps
+        )
+        if not fits:
+            raise CheckpointError(f"a history segment of chunk {seg.chunk} does not fit the run")
+        lo = offsets[seg.chunk]
+        out[lo : lo + sizes[seg.chunk], seg.first : seg.first + seg.losses.shape[1]] = seg.losses
+    return out
 
 
 Placement = tuple[int, int, int]  # (group, first network, end) of one submitted spec

@@ -164,6 +164,7 @@ class RaySegmentRunner(SegmentRunner):
                     k = owner.pop(ref)
                     done, seconds = ray.get(ref)
                     lengths[k] = next_segment(done.step - states[k].step, seconds, lengths[k])
+                    done.losses[:0] = states[k].losses  # those not yet taken, then the new
                     states[k] = done
                     if done.step < steps:
                         submit(k)

@@ -121,15 +121,23 @@ class ChunkState:
     step: int
     params: Arrays
     opt_state: Arrays
-    history: np.ndarray  # [n, steps] loss per network per step (NaN where not yet run)
+    # Loss per network of the steps [step - len(losses), step) not yet taken by the owner
+    # (a job appends them to its durable history): memory grows with a segment, not a job.
+    losses: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def history(self) -> np.ndarray:
+        """The losses not yet taken, [n, len(losses)]."""
+        n = len(next(iter(self.params.values())))
+        return np.stack(self.losses, axis=1) if self.losses else np.zeros((n, 0))
 
     def writable(self) -> ChunkState:
-        """A copy the next steps may write to (states from Ray's object store are read-only)."""
+        """A copy the next steps may write to (states from Ray's object store are read-only),
+        with no losses: the copy's losses are those of the steps it goes on to run."""
         return ChunkState(
             self.step,
             {k: v.copy() for k, v in self.params.items()},
             {k: v.copy() for k, v in self.opt_state.items()},
-            self.history.copy(),
         )
 
 
@@ -219,7 +227,7 @@ def _template_input(graph: Graph, kind: str, name: str) -> TensorType:
         raise RequestError(
             f"{_label(kind)} '{name}' is not a node of the template", field=f"{kind}['{name}']"
         )
-    if graph.nodes[i].op != INPUT.name:
+    if graph.ops[i] is not INPUT:
         raise RequestError(
             f"{_label(kind)} '{name}' must name an input of the template, not a "
             f"'{graph.nodes[i].op}' node",
@@ -266,8 +274,8 @@ def check_spec(spec: TrainSpec) -> None:
         )
     n = _check_params(spec)
     _check_data(spec, n)
-    for node in graph.nodes:
-        if node.op == INPUT.name and node.name not in spec.params and node.name not in spec.data:
+    for node, op in zip(graph.nodes, graph.ops, strict=True):
+        if op is INPUT and node.name not in spec.params and node.name not in spec.data:
             raise RequestError(
                 f"template input '{node.name}' is given neither as a param nor as data",
                 field=f"data['{node.name}']",
@@ -396,8 +404,7 @@ class ChunkTrainer:
 
     def initial_state(self) -> ChunkState:
         params = {k: v.copy() for k, v in self.spec.params.items()}
-        history = np.full((self.spec.n, self.spec.steps), np.nan, dtype=np.float64)
-        return ChunkState(0, params, self.spec.optimizer.init(params), history)
+        return ChunkState(0, params, self.spec.optimizer.init(params))
 
     def _batch(self, step: int) -> Arrays:
         spec = self.spec
@@ -431,7 +438,7 @@ class ChunkTrainer:
         res = self.executor.run(
             self.graph, RunRequest((self.loss,), feeds, self.params, {self.loss: seed}), cancel
         )
-        state.history[:, state.step] = res.values[self.loss]
+        state.losses.append(np.asarray(res.values[self.loss], dtype=np.float64).copy())
         spec.optimizer.update(state.params, res.grads, state.opt_state, state.step)
         state.step += 1
 

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 from graphgrad.engine import CancelledError, LimitError
 
+from .inflight import CallContext
+
 
 class Admission:
     """At most `slots` holders at once and `queue` more waiting for a slot (waiting blocks
@@ -21,6 +23,11 @@ class Admission:
         self.active = self.waiting = 0
         self._cond = threading.Condition()
 
+    def _wake(self, ended: threading.Event) -> None:
+        with self._cond:
+            ended.set()
+            self._cond.notify_all()  # the waiter of `ended` is among them
+
     def _refuse(self) -> LimitError:
         queued = f" and {self.waiting} waiting (queue {self.queue})" if self.queue else ""
         return LimitError(
@@ -30,21 +37,31 @@ class Admission:
         )
 
     @contextmanager
-    def slot(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold a slot for the body; wait at most `timeout` seconds (the caller's deadline)."""
+    def slot(self, timeout: float | None = None, call: CallContext | None = None) -> Iterator[None]:
+        """Hold a slot for the body; wait at most `timeout` seconds (the caller's deadline),
+        and only while `call` goes on: a call that ends (its client cancelled, the server
+        stops) gives up at once, so dead callers never fill the queue."""
+        ended = threading.Event()
+        if call is not None:
+            call.add_callback(lambda: self._wake(ended))
         with self._cond:
             if self.active >= self.slots:
                 if self.waiting >= self.queue:
                     raise self._refuse()
                 self.waiting += 1
                 try:
-                    free = self._cond.wait_for(lambda: self.active < self.slots, timeout)
+                    self._cond.wait_for(lambda: self.active < self.slots or ended.is_set(), timeout)
                 finally:
                     self.waiting -= 1
-                if not free:
+                if self.active >= self.slots and not ended.is_set():
                     raise CancelledError(
                         f"the deadline passed while waiting for one of {self.slots} {self.what}"
                     )
+            if ended.is_set():
+                self._cond.notify()  # pass on a release this waiter may have taken
+                raise CancelledError(
+                    f"the call ended before it got one of {self.slots} {self.what}"
+                )
             self.active += 1
         try:
             yield

@@ -1,9 +1,12 @@
 """Building and running the gRPC server: services, health, reflection, TLS, auth, shutdown.
 
-The server is grpc.aio: unary handlers stay plain functions that run in a thread pool, while
-a stream that mostly waits (WatchJob) is an async generator holding no thread while idle.
-Concurrency is bounded: Run/Explain by `max_concurrent_runs` with a short queue, streams by
-`max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond: RESOURCE_EXHAUSTED.
+The server is grpc.aio: every handler is a coroutine; plain servicers run in a thread pool
+and never wait on the event loop, while a stream that mostly waits (WatchJob) is an async
+generator holding no thread while idle.
+Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
+build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
+at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -11,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -30,16 +32,19 @@ from graphgrad.v1 import jobs_pb2, service_pb2
 from .admission import Admission
 from .auth import TokenAuth
 from .errors import to_status
+from .inflight import CallContext, InFlight
 from .job_service import JobServicer
-from .jobs import JobManager
-from .limits import Limits
+from .jobs import DEFAULT_MAX_QUEUED, JobManager
+from .limits import Limits, one_per_cpu
 from .runtime import Runtime
 from .service import GraphServicer
 
 log = logging.getLogger("graphgrad.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GraphService"]
 JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
-RUN_METHODS = ("Run", "Explain")  # the calls that execute graphs, bounded by max_concurrent_runs
+# The calls that decode, build or run graphs share one bound, max_concurrent_runs: each is
+# CPU work proportional to a request that may be as large as max_message_bytes.
+RUN_METHODS = ("Run", "Explain", "RegisterGraph", "SubmitJob")
 
 
 @dataclass
@@ -51,10 +56,12 @@ class ServerConfig:
     tls_key: bytes | None = None
     token: str | None = None
     workers: int = 16  # threads for ordinary calls; runs waiting for a slot get their own
-    grace_seconds: float = 10.0
-    max_concurrent_runs: int = field(default_factory=lambda: os.cpu_count() or 1)
-    run_queue: int = 32  # runs waiting for a slot; beyond: RESOURCE_EXHAUSTED
+    grace_seconds: float = 10.0  # what in-flight calls get at shutdown
+    max_concurrent_runs: int = field(default_factory=one_per_cpu)  # heavy calls at once
+    run_queue: int = 32  # heavy calls waiting for a slot; beyond: RESOURCE_EXHAUSTED
     max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
+    max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
 
     @property
     def threads(self) -> int:
@@ -73,6 +80,7 @@ class Guards:
 
     runs: Admission
     streams: Admission
+    inflight: InFlight  # stopping the server cancels what the thread pool runs
 
 
 def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
@@ -84,31 +92,49 @@ def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
         ) from e
 
 
+_END = object()  # what `next` returns past a stream's last message
+
+
 def _handler(
     impl: Callable[[Any, Any], Any],
     request_type: type[pb_message.Message],
     streaming: bool,
     guard: Callable[[Any], AbstractContextManager[None]],
+    inflight: InFlight,
+    pool: futures.Executor,
 ) -> grpc.RpcMethodHandler:
-    """A handler that parses the request itself, so malformed bytes get INVALID_ARGUMENT, holds
-    `guard(context)` while it works, and turns every failure into a status: the server keeps
-    serving. Plain functions run in the thread pool; async generators on the event loop."""
+    """A coroutine handler that parses the request itself, so malformed bytes get
+    INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
+    status: the server keeps serving. A plain servicer runs in `pool` with a CallContext and
+    never waits on the event loop; an async generator servicer runs on the loop."""
 
-    def unary(raw: bytes, context: Any) -> Any:
-        try:
-            with guard(context):
-                return impl(_parse(raw, request_type), context)
-        except Exception as e:
-            status = to_status(e, context)
-            context.abort(status.code, status.details, status.trailing_metadata)
+    def work(raw: bytes, call: CallContext) -> Any:
+        with guard(call):  # a run may wait here for a slot, in its thread
+            return impl(_parse(raw, request_type), call)
 
-    def stream(raw: bytes, context: Any) -> Iterator[Any]:
+    async def abort(e: Exception, context: Any) -> None:
+        status = to_status(e, context)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def unary(raw: bytes, context: Any) -> Any:
+        call = inflight.start(context)
         try:
-            with guard(context):
-                yield from impl(_parse(raw, request_type), context)
+            return await asyncio.get_running_loop().run_in_executor(pool, work, raw, call)
         except Exception as e:
-            status = to_status(e, context)
-            context.abort(status.code, status.details, status.trailing_metadata)
+            await abort(e, context)
+
+    async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+        call = inflight.start(context)
+        loop = asyncio.get_running_loop()
+        try:
+            with guard(call):  # a stream slot is taken or refused at once, never waited for
+                messages = iter(impl(_parse(raw, request_type), call))
+                while (
+                    message := await loop.run_in_executor(pool, next, messages, _END)
+                ) is not _END:
+                    yield message
+        except Exception as e:
+            await abort(e, context)
 
     async def async_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
         try:
@@ -116,8 +142,7 @@ def _handler(
                 async for message in impl(_parse(raw, request_type), context):
                     yield message
         except Exception as e:
-            status = to_status(e, context)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort(e, context)
 
     serialize = lambda m: m.SerializeToString()  # noqa: E731
     if streaming:
@@ -127,13 +152,13 @@ def _handler(
 
 
 def service_handler(
-    service: Any, module: Any, servicer: object, guards: Guards
+    service: Any, module: Any, servicer: object, guards: Guards, pool: futures.Executor
 ) -> grpc.GenericRpcHandler:
     def guard(m: Any) -> Callable[[Any], AbstractContextManager[None]]:
         if m.server_streaming:
             return lambda context: guards.streams.slot()
         if m.name in RUN_METHODS:
-            return lambda context: guards.runs.slot(context.time_remaining())
+            return lambda call: guards.runs.slot(call.time_remaining(), call)
         return lambda context: nullcontext()
 
     methods = {
@@ -142,6 +167,8 @@ def service_handler(
             getattr(module, m.input_type.name),
             m.server_streaming,
             guard(m),
+            guards.inflight,
+            pool,
         )
         for m in service.methods
     }
@@ -161,9 +188,13 @@ class Server:
         self.config, self.runtime, self.jobs = config, runtime, jobs
         self.guards = Guards(
             runs=Admission(
-                "max_concurrent_runs", "runs", config.max_concurrent_runs, config.run_queue
+                "max_concurrent_runs",
+                f"calls of {'/'.join(RUN_METHODS)}",
+                config.max_concurrent_runs,
+                config.run_queue,
             ),
             streams=Admission("max_streams", "streams", config.max_streams),
+            inflight=InFlight(),
         )
         self.port = 0
 
@@ -171,15 +202,29 @@ class Server:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    def limits(self) -> dict[str, int]:
+        """Every limit a RESOURCE_EXHAUSTED can name, by that name (GetServerInfo.limits)."""
+        runs, streams = self.guards.runs, self.guards.streams
+        out = {
+            **self.runtime.limits.as_dict(),  # the ones the runtime enforces
+            runs.limit: runs.slots,
+            "run_queue": runs.queue,
+            streams.limit: streams.slots,
+            "graph_cache_bytes": self.runtime.caches()["graphs"].max_bytes,
+        }
+        if self.jobs is not None:
+            out["max_running_jobs"] = self.jobs.max_running
+            out["max_queued_jobs"] = self.jobs.max_queued
+            out["max_blob_bytes"] = self.jobs.store.max_blob_bytes
+        return out
+
     def _build(self) -> grpc.aio.Server:
         """Needs the running event loop: grpc.aio binds the server to it."""
         config = self.config
         mb = config.limits.max_message_bytes
         interceptors = [TokenAuth(config.token)] if config.token else []
+        self.pool = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc")
         server = grpc.aio.server(
-            migration_thread_pool=futures.ThreadPoolExecutor(
-                max_workers=config.threads, thread_name_prefix="rpc"
-            ),
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
@@ -188,10 +233,20 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        handlers = [service_handler(SERVICE, service_pb2, GraphServicer(self.runtime), self.guards)]
+        handlers = [
+            service_handler(
+                SERVICE,
+                service_pb2,
+                GraphServicer(self.runtime, self.limits()),
+                self.guards,
+                self.pool,
+            )
+        ]
         if self.jobs is not None:
             handlers.append(
-                service_handler(JOB_SERVICE, jobs_pb2, JobServicer(self.jobs), self.guards)
+                service_handler(
+                    JOB_SERVICE, jobs_pb2, JobServicer(self.jobs), self.guards, self.pool
+                )
             )
         server.add_generic_rpc_handlers(handlers)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in the stubs
@@ -228,6 +283,8 @@ class Server:
         """NOT_SERVING at once, then let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        self.guards.inflight.close()  # past the grace period no work goes on
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def serve(self, on_serving: Callable[[str], None] = lambda address: None) -> None:
         """Start, call `on_serving(address)` (in a thread: it may block), serve until SIGTERM

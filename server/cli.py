@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from graphgrad.engine.dispatch import Dispatcher
@@ -15,22 +17,132 @@ from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 from .app import Server, ServerConfig
 from .auth import check_token
 from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
-from .job_service import spec_decoder
+from .job_service import spec_decoder, stored_spec_decoder
 from .jobs import JobManager
 from .limits import MIB, Limits
 from .runtime import Runtime
-from .store import JobStore
+from .store import JobStore, StoreError
 
 TOKEN_ENV = "GRAPHGRAD_TOKEN"
 
 
+@dataclass(frozen=True)
+class Number:
+    """A numeric flag: its least allowed value and its default, each stated here once."""
+
+    flag: str
+    least: float
+    default: float | None
+    help: str
+    kind: type = int
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+@functools.cache
+def numbers() -> tuple[Number, ...]:
+    """The numeric flags; defaults come from ServerConfig, Limits and the caches."""
+    config, limits = ServerConfig(), Limits()
+    mib = lambda n: f"{n // MIB} MiB"  # noqa: E731
+    return (
+        Number("--port", 0, config.port, "port (0: pick a free one)"),
+        Number("--max-nodes", 1, limits.max_nodes, "nodes a graph may have"),
+        Number(
+            "--max-tensor-bytes",
+            1,
+            limits.max_tensor_bytes,
+            f"bytes of any one value (default {mib(limits.max_tensor_bytes)})",
+        ),
+        Number(
+            "--max-message-bytes",
+            1,
+            limits.max_message_bytes,
+            f"gRPC message limit both ways (default {mib(limits.max_message_bytes)})",
+        ),
+        Number(
+            "--max-request-bytes",
+            1,
+            limits.max_request_bytes,
+            "peak memory one request or job may take, from its declared shapes (default: an "
+            f"eighth of this machine's memory, {mib(limits.max_request_bytes)})",
+        ),
+        Number("--ray-num-cpus", 1, None, "CPUs of the local Ray (default: all)"),
+        Number(
+            "--graph-cache-size",
+            1,
+            DEFAULT_GRAPHS,
+            "registered graphs kept (least recently used are dropped)",
+        ),
+        Number(
+            "--graph-cache-bytes",
+            1,
+            DEFAULT_GRAPH_BYTES,
+            "estimated bytes of registered graphs kept; a larger graph is refused "
+            f"(default {mib(DEFAULT_GRAPH_BYTES)})",
+        ),
+        Number(
+            "--plan-cache-size",
+            1,
+            DEFAULT_ENTRIES,
+            "plans kept (pass plans, compiled steps, partitions; least recently used dropped)",
+        ),
+        Number(
+            "--plan-cache-bytes",
+            1,
+            DEFAULT_BYTES,
+            f"estimated bytes of plans kept (default {mib(DEFAULT_BYTES)})",
+        ),
+        Number("--workers", 1, config.workers, "threads serving requests"),
+        Number(
+            "--max-concurrent-runs",
+            1,
+            config.max_concurrent_runs,
+            "heavy calls (Run, Explain, RegisterGraph, SubmitJob) executing at once "
+            "(default: CPU count)",
+        ),
+        Number(
+            "--run-queue",
+            0,
+            config.run_queue,
+            "heavy calls waiting for a slot; beyond: RESOURCE_EXHAUSTED",
+        ),
+        Number(
+            "--max-streams",
+            1,
+            config.max_streams,
+            "open server streams (WatchJob, GetJobResults); beyond: RESOURCE_EXHAUSTED",
+        ),
+        Number(
+            "--max-running-jobs",
+            1,
+            config.max_running_jobs,
+            "training jobs run at once; later ones queue as pending (default: CPU count)",
+        ),
+        Number(
+            "--max-queued-jobs",
+            0,
+            config.max_queued_jobs,
+            "pending jobs beyond which SubmitJob is RESOURCE_EXHAUSTED",
+        ),
+        Number(
+            "--grace",
+            0,
+            config.grace_seconds,
+            "seconds in-flight calls get at shutdown",
+            float,
+        ),
+    )
+
+
 def parser() -> argparse.ArgumentParser:
-    defaults = Limits()
     p = argparse.ArgumentParser(prog="graphgrad", description="graphgrad graph execution service")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gRPC server")
-    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
-    s.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
+    s.add_argument(
+        "--host", default=ServerConfig.host, help="interface to listen on (0.0.0.0: all)"
+    )
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain; enables TLS")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument(
@@ -38,27 +150,11 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"file holding the bearer token clients must send (or set {TOKEN_ENV})",
     )
-    s.add_argument("--max-nodes", type=int, default=defaults.max_nodes)
-    s.add_argument("--max-tensor-bytes", type=int, default=defaults.max_tensor_bytes)
-    s.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=defaults.max_message_bytes,
-        help=f"gRPC message limit both ways (default {defaults.max_message_bytes // MIB} MiB)",
-    )
-    s.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=defaults.max_request_bytes,
-        help="peak memory one request or job may take, from its declared shapes "
-        f"(default: an eighth of this machine's memory, {defaults.max_request_bytes // MIB} MiB)",
-    )
     s.add_argument(
         "--ray-address",
         default=os.environ.get("RAY_ADDRESS"),
         help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)",
     )
-    s.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     s.add_argument("--no-ray", action="store_true", help="run everything inline; no Ray at all")
     s.add_argument(
         "--data-dir",
@@ -69,86 +165,20 @@ def parser() -> argparse.ArgumentParser:
         ),
         help="where jobs are stored (default: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad)",
     )
-    s.add_argument(
-        "--graph-cache-size",
-        type=int,
-        default=DEFAULT_GRAPHS,
-        help="registered graphs kept (least recently used are dropped)",
-    )
-    s.add_argument(
-        "--graph-cache-bytes",
-        type=int,
-        default=DEFAULT_GRAPH_BYTES,
-        help="estimated bytes of registered graphs kept; a larger graph is refused "
-        f"(default {DEFAULT_GRAPH_BYTES // MIB} MiB)",
-    )
-    s.add_argument(
-        "--plan-cache-size",
-        type=int,
-        default=DEFAULT_ENTRIES,
-        help="plans kept (pass plans, compiled steps, partitions; least recently used dropped)",
-    )
-    s.add_argument(
-        "--plan-cache-bytes",
-        type=int,
-        default=DEFAULT_BYTES,
-        help=f"estimated bytes of plans kept (default {DEFAULT_BYTES // MIB} MiB)",
-    )
-    s.add_argument("--workers", type=int, default=16, help="threads serving requests")
-    s.add_argument(
-        "--max-concurrent-runs",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="Run/Explain calls executing at once (default: CPU count)",
-    )
-    s.add_argument(
-        "--run-queue",
-        type=int,
-        default=32,
-        help="Run/Explain calls waiting for a slot; beyond: RESOURCE_EXHAUSTED (default 32)",
-    )
-    s.add_argument(
-        "--max-streams",
-        type=int,
-        default=1000,
-        help="open server streams (WatchJob, GetJobResults); beyond: RESOURCE_EXHAUSTED",
-    )
-    s.add_argument(
-        "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
-    )
+    for n in numbers():
+        shown = "" if "default" in n.help else " (default %(default)s)"
+        s.add_argument(n.flag, type=n.kind, default=n.default, help=n.help + shown)
     s.add_argument("--log-level", default="INFO")
     return p
 
 
-POSITIVE = (
-    "max_nodes",
-    "max_tensor_bytes",
-    "max_message_bytes",
-    "max_request_bytes",
-    "graph_cache_size",
-    "graph_cache_bytes",
-    "plan_cache_size",
-    "plan_cache_bytes",
-)
-
-
 def config_from(args: argparse.Namespace) -> ServerConfig:
-    for name in POSITIVE:
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise SystemExit(
-                f"graphgrad serve: {flag} must be at least 1, got {getattr(args, name)}"
-            )
+    for n in numbers():
+        value = getattr(args, n.dest)
+        if value is not None and not value >= n.least:  # NaN is refused too
+            raise SystemExit(f"graphgrad serve: {n.flag} must be at least {n.least}, got {value}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
-    for flag, value, least in (
-        ("--workers", args.workers, 1),
-        ("--max-concurrent-runs", args.max_concurrent_runs, 1),
-        ("--run-queue", args.run_queue, 0),
-        ("--max-streams", args.max_streams, 1),
-    ):
-        if value < least:
-            raise SystemExit(f"graphgrad serve: {flag} must be at least {least}, got {value}")
     token = read_token(args)
     return ServerConfig(
         host=args.host,
@@ -164,6 +194,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_concurrent_runs=args.max_concurrent_runs,
         run_queue=args.run_queue,
         max_streams=args.max_streams,
+        max_running_jobs=args.max_running_jobs,
+        max_queued_jobs=args.max_queued_jobs,
     )
 
 
@@ -192,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from(args)
+    try:  # an unusable store is fatal before anything starts, in one line
+        store = JobStore(args.data_dir / "jobs.sqlite3")
+    except StoreError as e:
+        raise SystemExit(f"graphgrad serve: {e}") from None
     dispatcher = Dispatcher(
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
@@ -210,15 +246,24 @@ def main(argv: list[str] | None = None) -> int:
             dispatcher.ray.start()
         except Exception:
             logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
-    store = JobStore(args.data_dir / "jobs.sqlite3")
-    jobs = JobManager(store, dispatcher, spec_decoder(runtime))  # type: ignore[arg-type]
+    jobs = JobManager(
+        store,
+        dispatcher,
+        spec_decoder(runtime),
+        max_running=config.max_running_jobs,
+        max_queued=config.max_queued_jobs,
+        read=stored_spec_decoder,
+    )
+    jobs.resume_all()  # reads the rows' summaries only: each job is built when it starts
     server = Server(config, runtime, jobs)
     scheme = "grpcs" if config.tls_cert else "grpc"
 
     def serving(address: str) -> None:
         # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
         print(f"graphgrad serving on {scheme}://{address}", flush=True)
-        jobs.resume_all()
 
-    asyncio.run(server.serve(serving))
+    try:
+        asyncio.run(server.serve(serving))
+    except OSError as e:  # e.g. the port is taken: one line, before "serving on"
+        raise SystemExit(f"graphgrad serve: {e}") from None
     return 0

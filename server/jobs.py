@@ -1,7 +1,13 @@
-"""The job manager: runs training jobs in threads, checkpoints them, resumes them at start.
+"""The job manager: checks jobs before storing them, runs a bounded number at a time (the
+rest queue as pending, in submission order), checkpoints them, resumes them at start.
 
-Protobuf stops at the servicer: the manager takes the stored spec bytes, decodes them once
-through the codec into engine specs, and reports plain dataclasses.
+Protobuf stops at the servicer: the manager takes spec bytes, decodes them into engine specs
+and reports plain dataclasses. Memory is bounded by the running jobs: a place is reserved
+before a submit does any work, and a queued job holds its id only (built from its row when it
+starts). Stored jobs are listed from their rows and read back with structure checks only, their
+history a range of networks at a time. A stored row that cannot be read (a spec that does not
+parse, a checkpoint that does not fit, an unknown status) makes that job read as failed; it
+never stops the server.
 """
 
 from __future__ import annotations
@@ -9,23 +15,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sqlite3
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from graphgrad.engine import Cancellation, CancelledError
+from graphgrad.engine import Cancellation, CancelledError, LimitError, RequestError
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import Placement, Progress, TrainingRun, group_specs
+from graphgrad.engine.jobs import (
+    HistorySegment,
+    Placement,
+    Progress,
+    SegmentRunner,
+    TrainingRun,
+    group_specs,
+)
 from graphgrad.engine.training import TrainSpec
 
 from .errors import NotFoundError
-from .store import JobRow, JobStore
+from .store import JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
 TERMINAL = ("done", "cancelled", "failed")
+STATUSES = ("pending", "running", *TERMINAL)
+NO_PROGRESS = Progress(0, 0, 0, 0, float("nan"), float("nan"), float("nan"))
+DEFAULT_MAX_QUEUED = 256
+# Failures that may pass (a busy or unreadable store, memory): never kept as a job's failure.
+TRANSIENT = (sqlite3.Error, OSError, MemoryError)
+
+
+def default_max_running() -> int:
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -38,21 +63,28 @@ class JobView:
 
 
 class ManagedJob:
+    """A job this process queues or runs (`live`; `run` is set only while it runs: a queued
+    job holds its id, and is built from its stored row when it starts), or a snapshot of a
+    stored one."""
+
     def __init__(
         self,
         job_id: str,
         created: float,
-        specs: list[TrainSpec],
-        executor: str,
-        run: TrainingRun,
-        placement: list[Placement],
+        progress: Progress,
+        status: str = "pending",
+        error: str = "",
+        live: bool = False,
     ) -> None:
-        self.id, self.created, self.specs, self.executor = job_id, created, specs, executor
-        self.run, self.placement = run, placement
-        self.status, self.error = "pending", ""
+        self.id, self.created, self.live = job_id, created, live
+        self.run: TrainingRun | None = None
+        self.status, self.error = status, error
+        # What the store holds: a view never reports progress a crash could take back.
+        self.durable = progress
         self.cancel = Cancellation()
         self.changed = threading.Condition()
         self.version = 0
+        self.deleted = False
         self.listeners: set[Callable[[], None]] = set()  # called at every bump (watchers)
 
     def bump(self) -> None:
@@ -63,7 +95,14 @@ class ManagedJob:
             listener()
 
     def view(self) -> JobView:
-        return JobView(self.id, self.status, self.run.progress(), self.error, self.created)
+        return JobView(self.id, self.status, self.durable, self.error, self.created)
+
+
+@dataclass(frozen=True)
+class Built:
+    specs: list[TrainSpec]
+    run: TrainingRun
+    placement: list[Placement]
 
 
 class JobManager:
@@ -72,82 +111,235 @@ class JobManager:
         store: JobStore,
         dispatcher: Dispatcher,
         decode: Callable[[bytes], tuple[list[TrainSpec], str]],
+        max_running: int | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        read: Callable[[bytes], tuple[list[TrainSpec], str]] | None = None,
     ) -> None:
+        """`decode` checks a spec with every live check (limits, graph registration); `read`
+        (default: `decode`) reads a stored one back with structure checks only."""
         self.store, self.dispatcher, self.decode = store, dispatcher, decode
-        self._jobs: dict[str, ManagedJob] = {}
+        self.read = read or decode
+        self.max_running = max_running or default_max_running()
+        self.max_queued = max_queued
+        self._active: dict[str, ManagedJob] = {}  # queued or running here
+        self._queue: deque[ManagedJob] = deque()
+        self._running = 0
+        self._reserved = 0  # places taken by submits still being checked and stored
+        # Rows read once: (error, progress) of rows that do not read or predate stored
+        # progress. Only failures that cannot pass are kept.
+        self._stored: dict[str, tuple[str, Progress | None]] = {}
         self._lock = threading.Lock()
 
-    def _build(self, row: JobRow) -> ManagedJob:
-        specs, executor = self.decode(row.spec)
+    def _build(self, spec: bytes, checkpoint: bytes | None, to_run: bool) -> Built:
+        """The job's run with every check it will make (to run it), or with structure checks
+        only (to read a stored one): anything wrong raises here."""
+        specs, executor = (self.decode if to_run else self.read)(spec)
         groups, placement = group_specs(specs)
-        runner, cpus = self.dispatcher.training_runner(executor)
+        runner, cpus = self.dispatcher.training_runner(executor) if to_run else (SegmentRunner(), 1)
         run = (
-            TrainingRun(groups, cpus=cpus, runner=runner)
-            if row.checkpoint is None
-            else TrainingRun.resumed(groups, row.checkpoint, cpus, runner)
+            TrainingRun(groups, cpus=cpus, runner=runner, keep_history=False)
+            if checkpoint is None
+            else TrainingRun.resumed(groups, checkpoint, cpus, runner, keep_history=False)
         )
-        job = ManagedJob(row.id, row.created, specs, executor, run, placement)
-        job.status, job.error = row.status, row.error
-        return job
+        return Built(specs, run, placement)
+
+    def _check_size(self, run: TrainingRun, spec: bytes) -> None:
+        """The spec and every checkpoint must fit a blob of the store (the job's whole size
+        from N x steps is checked against max_request_bytes by the spec decoder)."""
+        # A checkpoint's size never changes: parameters and optimizer state.
+        for what, size in (("spec", len(spec)), ("checkpoint", len(run.checkpoint()))):
+            if size > self.store.max_blob_bytes:
+                raise LimitError(
+                    f"the job's {what} takes {size} bytes, over the store's blob limit "
+                    f"max_blob_bytes={self.store.max_blob_bytes}",
+                    limit="max_blob_bytes",
+                )
+
+    def _reserve(self) -> None:
+        """Take a place among the running and queued jobs, or refuse: before any work."""
+        with self._lock:
+            waiting = len(self._queue) + self._reserved
+            if self._running + waiting >= self.max_running + self.max_queued:
+                raise LimitError(
+                    f"{self._running} jobs are running and {waiting} are queued or being "
+                    f"submitted, the limit max_queued_jobs={self.max_queued}: submit again later",
+                    limit="max_queued_jobs",
+                )
+            self._reserved += 1
 
     def submit(self, spec: bytes) -> str:
-        self.decode(spec)  # validate before anything is stored
-        job_id = uuid.uuid4().hex[:12]
-        self.store.insert(job_id, spec)
-        self._start(self._build(self.store.get(job_id)))  # type: ignore[arg-type]
+        self._reserve()
+        try:
+            built = self._build(spec, None, to_run=True)  # nothing is stored before this passes
+            self._check_size(built.run, spec)
+            progress = built.run.progress()
+            del built  # queued, the job holds its id only: it is built again when it starts
+            job_id = uuid.uuid4().hex[:12]
+            created = self.store.insert(job_id, spec, progress)
+        except BaseException:
+            with self._lock:
+                self._reserved -= 1
+            raise
+        job = ManagedJob(job_id, created, progress, live=True)
+        with self._lock:
+            self._reserved -= 1
+            self._active[job_id] = job
+            self._queue.append(job)
+        self._schedule()
         return job_id
 
     def resume_all(self) -> None:
-        """Jobs a previous server left unfinished continue from their last checkpoint."""
-        for job_id in self.store.ids(("pending", "running")):
-            row = self.store.get(job_id)
-            assert row is not None
-            log.info("resuming job %s from step %d", job_id, row.steps_done)
-            self._start(self._build(row))
-
-    def _start(self, job: ManagedJob) -> None:
+        """Jobs a previous server left unfinished are queued again in submission order. Only
+        their rows' summaries are read here: each job is built from its row when it starts,
+        in its own thread, and one that cannot be built fails alone."""
+        jobs = [
+            ManagedJob(s.id, s.created, s.progress or NO_PROGRESS, live=True)
+            for s in self.store.summaries(oldest_first=True)
+            if s.status in ("pending", "running")
+        ]
         with self._lock:
-            self._jobs[job.id] = job
-        threading.Thread(target=self._work, args=(job,), name=f"job-{job.id}", daemon=True).start()
+            for job in jobs:
+                self._active[job.id] = job
+                self._queue.append(job)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start queued jobs, oldest first, while fewer than max_running run."""
+        while True:
+            with self._lock:
+                if self._running >= self.max_running or not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._running += 1
+            try:
+                threading.Thread(
+                    target=self._work, args=(job,), name=f"job-{job.id}", daemon=True
+                ).start()
+            except Exception as e:  # e.g. no thread to be had: the job fails, not the server
+                with self._lock:
+                    self._running -= 1
+                self._finish(job, "failed", f"the job could not start: {e}")
+
+    def _start(self, job: ManagedJob) -> TrainingRun | None:
+        """The job's run, built from its stored row; None for a job deleted meanwhile."""
+        row = self.store.get(job.id)
+        if row is None:
+            return None
+        run = self._build(row.spec, row.checkpoint, to_run=True).run
+        if row.checkpoint is not None:
+            log.info("resuming job %s from step %d", job.id, run.progress().steps_done)
+        return run
 
     def _work(self, job: ManagedJob) -> None:
         def checkpoint(run: TrainingRun) -> None:
             # Written and committed before the progress it carries is reported.
-            self.store.checkpoint(job.id, run.checkpoint(), run.progress().steps_done)
+            progress = run.progress()
+            self.store.checkpoint(job.id, run.checkpoint(), progress, run.take_history())
+            job.durable = progress
             job.bump()
 
-        job.status = "running"
-        job.bump()
+        status, error, durable = "done", "", True
         try:
-            job.run.run(job.cancel, on_segment=checkpoint)
-            job.status = "done"
-        except CancelledError:
-            job.status = "cancelled"
-        except Exception as e:  # the job fails, the server keeps serving
-            log.exception("job %s failed", job.id)
-            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
-        self.store.checkpoint(
-            job.id, job.run.checkpoint(), job.run.progress().steps_done, job.status, job.error
-        )
+            job.run = self._start(job)
+        except Exception as e:
+            status, error = "failed", f"the stored job cannot be started: {type(e).__name__}: {e}"
+            log.error("job %s: %s", job.id, error)
+            durable = not isinstance(e, TRANSIENT)  # tried again at the next start
+        if job.run is None and not error:
+            status, error = "cancelled", "deleted"
+        if job.run is not None:
+            job.status = "running"
+            job.bump()
+            try:
+                job.run.run(job.cancel, on_segment=checkpoint)
+            except CancelledError:
+                status = "cancelled"
+            except Exception as e:  # the job fails, the server keeps serving
+                log.exception("job %s failed", job.id)
+                status, error = "failed", f"{type(e).__name__}: {e}"
+        with self._lock:
+            self._running -= 1
+        self._finish(job, status, error, durable)
+        self._schedule()
+
+    def _finish(self, job: ManagedJob, status: str, error: str, durable: bool = True) -> None:
+        """The job's last checkpoint and status, durable before they are reported. A job
+        that was never built writes its status alone (`durable` False: not even that)."""
+        run, progress = job.run, job.durable
+        try:
+            if run is not None:
+                progress = run.progress()
+                self.store.checkpoint(
+                    job.id, run.checkpoint(), progress, run.take_history(), status, error
+                )
+            elif durable:
+                self.store.set_status(job.id, status, error)
+        except Exception as e:
+            log.exception("job %s: its last checkpoint could not be stored", job.id)
+            status, error = "failed", f"its last checkpoint could not be stored: {e}"
+            progress = job.durable
+            try:
+                self.store.set_status(job.id, status, error)
+            except Exception:
+                log.exception("job %s: its failure could not be stored", job.id)
+        with self._lock:
+            if durable:  # read from the store from now on, its results included
+                self._active.pop(job.id, None)
+        job.run = None  # its memory goes with it
+        job.durable, job.status, job.error = progress, status, error
         job.bump()
+
+    def _snapshot(self, summary: JobSummary) -> ManagedJob:
+        """A stored job's view from its row; FAILED where the row does not read."""
+        error, progress = self._checked(summary)
+        return ManagedJob(
+            summary.id,
+            summary.created,
+            progress or summary.progress or NO_PROGRESS,
+            "failed" if error else summary.status,
+            error or summary.error,
+        )
+
+    def _checked(self, summary: JobSummary) -> tuple[str, Progress | None]:
+        """(error, progress) of a stored row: its own columns, except for a row from before
+        progress was stored, read once with structure checks only (no limits, no graph
+        cache). A failure that may pass (TRANSIENT) raises and is not kept."""
+        if summary.status in STATUSES and summary.progress is not None:
+            return "", summary.progress
+        with self._lock:
+            known = self._stored.get(summary.id)
+        if known is not None:
+            return known
+        checked: tuple[str, Progress | None]
+        try:
+            if summary.status not in STATUSES:
+                raise ValueError(f"the store holds an unknown status '{summary.status}'")
+            row = self.store.get(summary.id)
+            if row is None:
+                raise NotFoundError(summary.id, "job")
+            checked = ("", self._build(row.spec, row.checkpoint, to_run=False).run.progress())
+        except (NotFoundError, *TRANSIENT):
+            raise
+        except Exception as e:
+            checked = (f"the stored job cannot be read: {type(e).__name__}: {e}", None)
+            log.error("job %s: %s", summary.id, checked[0])
+        with self._lock:
+            return self._stored.setdefault(summary.id, checked)
 
     def job(self, job_id: str) -> ManagedJob:
         with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            row = self.store.get(job_id)
-            if row is None:
-                raise NotFoundError(job_id, "job")
-            job = self._build(row)  # a finished job from before a restart
-            with self._lock:
-                job = self._jobs.setdefault(job_id, job)
-        return job
+            job = self._active.get(job_id)
+        if job is not None:
+            return job
+        summary = self.store.summary(job_id)
+        if summary is None:
+            raise NotFoundError(job_id, "job")
+        return self._snapshot(summary)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobView]:
         """The job's view now and after every change until it ends. A watcher waits on the
         event loop, holding no thread: the job's bump() wakes it through the loop. A stored
-        job not run here (yet: resume_all may not have reached it) is read again, twice a
-        second, until it runs here or ends."""
+        job not run here is read again, twice a second, until it runs here or ends."""
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
 
@@ -161,7 +353,7 @@ class JobManager:
             job.listeners.add(wake)
             try:
                 seen = -1
-                while job.version != seen or job.run is not None:
+                while job.version != seen or job.live:
                     changed.clear()
                     if job.version == seen:
                         await changed.wait()
@@ -169,7 +361,7 @@ class JobManager:
                     seen = job.version
                     view = job.view()
                     key = (view.status, view.progress.steps_done, view.error)
-                    if key != last or job.run is not None:  # a stored job read again: news only
+                    if key != last or job.live:  # a stored job read again: news only
                         last = key
                         yield view
                     if view.status in TERMINAL:
@@ -180,25 +372,108 @@ class JobManager:
 
     def cancel(self, job_id: str) -> JobView:
         job = self.job(job_id)
-        if job.status not in TERMINAL:
+        with self._lock:
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+        if queued:
+            self._finish(job, "cancelled", "")
+        elif job.status not in TERMINAL:
             job.cancel.cancel()
         return job.view()
 
+    def delete(self, job_id: str) -> None:
+        """Cancel the job if it runs, then remove it and its history from the store."""
+        job = self.job(job_id)
+        with self._lock:  # deleted with its entries: a _finish meanwhile keeps nothing
+            if job in self._queue:
+                self._queue.remove(job)
+            self._active.pop(job_id, None)
+            self._stored.pop(job_id, None)
+            job.deleted = True
+        job.cancel.cancel()  # its thread's last writes find no row: they change nothing
+        self.store.delete(job_id)
+        job.status, job.error = "cancelled", "deleted"
+        job.bump()
+
     def list(self) -> list[JobView]:
-        return [self.job(i).view() for i in self.store.ids()]
+        """Every job, from the store's rows (and the live jobs here): nothing is built."""
+        views = []
+        for summary in self.store.summaries():
+            with self._lock:
+                job = self._active.get(summary.id)
+            with contextlib.suppress(NotFoundError):  # deleted meanwhile
+                views.append((job or self._snapshot(summary)).view())
+        return views
 
     def results(
         self, job_id: str, max_bytes: int = 4 << 20
     ) -> Iterator[tuple[int, str, str, int, np.ndarray]]:
-        """(template, kind, name, first network, values) pieces of at most ~max_bytes."""
+        """(template, kind, name, first network, values) pieces of at most ~max_bytes (one
+        network at least), of a job that is done, or of what a cancelled job had trained.
+        The history is read from the store one range of networks at a time."""
         job = self.job(job_id)
-        params = job.run.params()
-        offsets = np.cumsum([0] + [g.n for g in job.run.groups])
-        history = job.run.history()
-        for t, (g, lo, hi) in enumerate(job.placement):
-            arrays = [("params", k, v[lo:hi]) for k, v in params[g].items()]
-            arrays.append(("history", "", history[offsets[g] + lo : offsets[g] + hi]))
-            for kind, name, value in arrays:
-                per = max(1, max_bytes // max(value[:1].nbytes, 1))
-                for first in range(0, len(value), per):
-                    yield t, kind, name, first, value[first : first + per]
+        if job.status not in ("done", "cancelled"):
+            why = f": {job.error}" if job.error else ""
+            raise RequestError(
+                f"job '{job_id}' is {job.status}{why}: results come when it is done or cancelled",
+                field="id",
+            )
+        row = self.store.get(job_id)
+        if row is None:
+            raise NotFoundError(job_id, "job")
+        try:
+            built = self._build(row.spec, row.checkpoint, to_run=False)
+            run = built.run
+            params = run.params()
+            legacy = run.take_history()  # stores from before history rows: in the checkpoint
+        except TRANSIENT:
+            raise
+        except Exception as e:
+            error = f"the stored job cannot be read: {type(e).__name__}: {e}"
+            with self._lock:
+                self._stored.setdefault(job_id, (error, None))
+            raise RequestError(f"job '{job_id}': {error}", field="id") from e
+        placement, sizes = built.placement, run.chunk_sizes()
+        del row, built
+        offsets = np.cumsum([0] + [g.n for g in run.groups])
+        per = max(1, max_bytes // (8 * run.steps))
+        for t, (g, lo, hi) in enumerate(placement):
+            for name, value in params[g].items():
+                each = max(1, max_bytes // max(value[:1].nbytes, 1))
+                for first in range(lo, hi, each):
+                    yield t, "params", name, first - lo, value[first : min(hi, first + each)]
+            base = int(offsets[g])
+            for first in range(lo, hi, per):
+                end = min(hi, first + per)
+                history = read_history(
+                    self.store, job_id, sizes, run.steps, legacy, base, first, end
+                )
+                yield t, "history", "", first - lo, history
+
+
+def read_history(
+    store: JobStore,
+    job_id: str,
+    sizes: list[int],
+    steps: int,
+    legacy: list[HistorySegment],
+    base: int,
+    lo: int,
+    hi: int,
+) -> np.ndarray:
+    """Networks [base + lo, base + hi) of the job's [networks, steps] history, NaN for steps
+    not run, read from the store's rows of the chunks (of `sizes` networks) that hold them."""
+    out = np.full((hi - lo, steps), np.nan)
+    start = 0
+    for chunk, n in enumerate(sizes):
+        a, b = max(base + lo, start), min(base + hi, start + n)
+        if a < b:
+            rows = out[a - base - lo : b - base - lo]
+            store.read_history(job_id, chunk, n, steps, a - start, b - start, rows)
+            for seg in legacy:
+                if seg.chunk == chunk:
+                    k = seg.losses.shape[1]
+                    rows[:, seg.first : seg.first + k] = seg.losses[a - start : b - start]
+        start += n
+    return out

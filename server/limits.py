@@ -11,6 +11,11 @@ from graphgrad.engine import Graph, LimitError
 MIB = 1 << 20
 
 
+def one_per_cpu() -> int:
+    """The default of the caps on CPU work at once (runs, running jobs): one per CPU."""
+    return os.cpu_count() or 1
+
+
 def default_request_bytes() -> int:
     """An eighth of the machine's memory: a few requests at their budget fit at once."""
     try:

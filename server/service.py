@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import metadata
-
-import grpc
 
 from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
 from graphgrad.engine.executor import check_finite
 from graphgrad.v1 import graph_pb2, service_pb2
 
 from . import codec
+from .inflight import CallContext
 from .runtime import Runtime
 
 EXECUTORS = {
@@ -21,19 +21,19 @@ EXECUTORS = {
 }
 
 
-def executor_name(value: service_pb2.Executor.ValueType) -> str:
-    """The engine's name for an Executor enum value; an unknown value is the client's error."""
+def executor_name(value: service_pb2.Executor.ValueType, field: str) -> str:
+    """The engine's name for the Executor enum `value` of the request's `field`; an unknown
+    value is the client's error. Every request with an executor decodes it here."""
     try:
         return EXECUTORS[value]
     except KeyError:
         known = ", ".join(service_pb2.Executor.Name(k) for k in EXECUTORS)
         raise RequestError(
-            f"options.executor must be one of {known}, got enum value {value}",
-            field="options.executor",
+            f"{field} must be one of {known}, got enum value {value}", field=field
         ) from None
 
 
-def cancellation(context: grpc.ServicerContext) -> Cancellation:
+def cancellation(context: CallContext) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
     cancel = Cancellation.within(context.time_remaining())
     context.add_callback(cancel.cancel)
@@ -47,8 +47,11 @@ def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
 
 
 class GraphServicer:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, limits: Mapping[str, int] | None = None) -> None:
+        """`limits`: every limit of the server by name, for GetServerInfo (default: the
+        runtime's request limits)."""
         self.runtime = runtime
+        self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -61,48 +64,46 @@ class GraphServicer:
         )
 
     def RegisterGraph(
-        self, request: service_pb2.RegisterGraphRequest, context: grpc.ServicerContext
+        self, request: service_pb2.RegisterGraphRequest, context: CallContext
     ) -> service_pb2.RegisterGraphResponse:
         graph = register_wire(self.runtime, request.graph)
         return service_pb2.RegisterGraphResponse(
             fingerprint=graph.fingerprint, num_nodes=len(graph)
         )
 
-    def Run(
-        self, request: service_pb2.RunRequest, context: grpc.ServicerContext
-    ) -> service_pb2.RunResponse:
+    def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
         graph = self._graph(request)
         limit = self.runtime.limits.max_tensor_bytes
         feeds = codec.decode_tensors(request.feeds, "feeds", limit)
         seeds = codec.decode_tensors(request.grad_outputs, "grad_outputs", limit)
         run = RunRequest(tuple(request.outputs), feeds, tuple(request.wrt), seeds or None)
-        executor = executor_name(request.options.executor)
+        executor = executor_name(request.options.executor, "options.executor")
         result = self.runtime.run(graph, run, executor, cancellation(context))
         if request.options.check_numerics:
             check_finite(result, feeds)
         return codec.encode_result(result, graph.fingerprint)
 
     def Explain(
-        self, request: service_pb2.ExplainRequest, context: grpc.ServicerContext
+        self, request: service_pb2.ExplainRequest, context: CallContext
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
-        executor = executor_name(request.options.executor)
+        executor = executor_name(request.options.executor, "options.executor")
         run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
         explanation = self.runtime.explain(graph, run, executor, cancellation(context))
         return codec.encode_explanation(explanation)
 
     def ListOps(
-        self, request: service_pb2.ListOpsRequest, context: grpc.ServicerContext
+        self, request: service_pb2.ListOpsRequest, context: CallContext
     ) -> service_pb2.ListOpsResponse:
         return codec.op_infos()
 
     def GetServerInfo(
-        self, request: service_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+        self, request: service_pb2.GetServerInfoRequest, context: CallContext
     ) -> service_pb2.GetServerInfoResponse:
         out = service_pb2.GetServerInfoResponse(
             version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
         )
-        out.limits.update(self.runtime.limits.as_dict())
+        out.limits.update(self.limits)
         for name, stats in self.runtime.caches().items():
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes

@@ -1,17 +1,29 @@
 """The durable job store: an embedded SQLite database in the server's data directory.
 
-A job's spec is stored when it is submitted and its checkpoints as it trains, each written
-(and committed) before the progress it carries is reported. Specs are protobuf bytes and
-checkpoints .npz arrays: nothing read back is ever unpickled.
+A job's row is written only once the job is built and checked, and its progress only with
+the checkpoint that carries it, in one transaction with the history rows of the steps it
+covers (write-ahead log, synchronous commits: what was reported survives a crash). Each
+checkpoint holds parameters and optimizer state; the loss history is appended per segment
+to its own table, so the bytes written per checkpoint do not grow with the job's length.
+Specs are protobuf bytes, checkpoints .npz arrays, history raw float64: nothing read back is
+ever unpickled.
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphgrad.engine.jobs import HistorySegment, Progress
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -24,63 +36,238 @@ CREATE TABLE IF NOT EXISTS jobs (
     steps_done INTEGER NOT NULL DEFAULT 0
 );
 """
+# Version 1: progress beside each checkpoint, and the history in rows of its own.
+MIGRATIONS = [
+    """
+    ALTER TABLE jobs ADD COLUMN steps INTEGER;
+    ALTER TABLE jobs ADD COLUMN networks INTEGER;
+    ALTER TABLE jobs ADD COLUMN networks_done INTEGER;
+    ALTER TABLE jobs ADD COLUMN loss_median REAL;
+    ALTER TABLE jobs ADD COLUMN loss_best REAL;
+    ALTER TABLE jobs ADD COLUMN loss_worst REAL;
+    CREATE TABLE history (
+        job_id TEXT NOT NULL,
+        chunk INTEGER NOT NULL,
+        first INTEGER NOT NULL,
+        networks INTEGER NOT NULL,
+        steps INTEGER NOT NULL,
+        losses BLOB NOT NULL,    -- [networks, steps] float64, little-endian, row-major
+        PRIMARY KEY (job_id, chunk, first)
+    );
+    """,
+]
+# SQLite's default SQLITE_MAX_LENGTH: no blob (checkpoint, spec, segment) may be longer.
+MAX_BLOB_BYTES = 1_000_000_000
+PROGRESS = "steps_done, steps, networks, networks_done, loss_median, loss_best, loss_worst"
+
+
+class StoreError(RuntimeError):
+    """The job store cannot be used (not a SQLite database, unreadable, a newer schema)."""
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    id: str
+    status: str
+    error: str
+    created: float
+    progress: Progress | None  # None: a row from before progress was stored
 
 
 @dataclass(frozen=True)
 class JobRow:
-    id: str
+    summary: JobSummary
     spec: bytes
-    status: str
-    error: str
-    created: float
     checkpoint: bytes | None
-    steps_done: int
+
+    @property
+    def id(self) -> str:
+        return self.summary.id
+
+
+def _progress(row: Sequence[Any]) -> Progress | None:
+    if any(v is None for v in row[:4]):
+        return None
+    nan = lambda v: math.nan if v is None else float(v)  # noqa: E731  SQLite stores NaN as NULL
+    i = [int(v) for v in row[:4]]
+    return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]))
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a reported checkpoint survives a crash
-        self._db.executescript(SCHEMA)
+    def __init__(self, path: Path, max_blob_bytes: int = MAX_BLOB_BYTES) -> None:
+        self.max_blob_bytes = max_blob_bytes
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_blob_bytes)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a reported checkpoint survives a crash
+            self._migrate()
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"the job store {path} cannot be used: {e}") from e
         self._lock = threading.Lock()
 
-    def _write(self, sql: str, args: tuple[object, ...]) -> None:
-        with self._lock:
-            self._db.execute(sql, args)
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(f"schema version {version} is newer than this server's")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Statement by statement: executescript would commit half-way.
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            for script in MIGRATIONS[version:]:
+                for stmt in script.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+            self._db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
-    def insert(self, job_id: str, spec: bytes) -> float:
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def insert(self, job_id: str, spec: bytes, progress: Progress) -> float:
         created = time.time()
-        self._write(
-            "INSERT INTO jobs (id, spec, status, created) VALUES (?, ?, 'pending', ?)",
-            (job_id, spec, created),
-        )
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO jobs (id, spec, status, created, {PROGRESS}) "
+                "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, spec, created, *_values(progress)),
+            )
         return created
 
     def checkpoint(
-        self, job_id: str, blob: bytes, steps_done: int, status: str = "running", error: str = ""
+        self,
+        job_id: str,
+        blob: bytes,
+        progress: Progress,
+        history: Sequence[HistorySegment] = (),
+        status: str = "running",
+        error: str = "",
     ) -> None:
-        """The job's state and its status in one write: the last one (done, cancelled,
-        failed) can never be seen without the other."""
-        self._write(
-            "UPDATE jobs SET checkpoint = ?, steps_done = ?, status = ?, error = ? WHERE id = ?",
-            (blob, steps_done, status, error, job_id),
-        )
+        """The job's state, the history of the steps it covers and its status in one
+        transaction: none is ever seen without the others."""
+        with self._transaction() as db:
+            found = db.execute(
+                f"UPDATE jobs SET checkpoint = ?, status = ?, error = ?, "
+                f"({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?) WHERE id = ?",
+                (blob, status, error, *_values(progress), job_id),
+            ).rowcount
+            if found:  # a deleted job's last writes change nothing
+                db.executemany(
+                    "INSERT OR REPLACE INTO history "
+                    "(job_id, chunk, first, networks, steps, losses) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (job_id, s.chunk, s.first, *s.losses.shape, _f64(s.losses).tobytes())
+                        for s in history
+                    ],
+                )
+
+    def set_status(self, job_id: str, status: str, error: str = "") -> None:
+        """A status without a checkpoint: for a job that failed before or while writing one."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET status = ?, error = ? WHERE id = ?", (status, error, job_id)
+            )
+
+    def delete(self, job_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM history WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def get(self, job_id: str) -> JobRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, spec, status, error, created, checkpoint, "
-                "steps_done FROM jobs WHERE id = ?",
+                f"SELECT id, status, error, created, {PROGRESS}, spec, checkpoint "
+                "FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
-        return None if row is None else JobRow(*row)
+        if row is None:
+            return None
+        return JobRow(_summary(row), bytes(row[11]), None if row[12] is None else bytes(row[12]))
 
-    def ids(self, statuses: tuple[str, ...] | None = None) -> list[str]:
+    def summary(self, job_id: str) -> JobSummary | None:
         with self._lock:
-            rows = self._db.execute("SELECT id, status FROM jobs ORDER BY created DESC").fetchall()
-        return [i for i, s in rows if statuses is None or s in statuses]
+            row = self._db.execute(
+                f"SELECT id, status, error, created, {PROGRESS} FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+        return None if row is None else _summary(row)
+
+    def summaries(self, oldest_first: bool = False) -> list[JobSummary]:
+        """Every job, newest first (or in submission order)."""
+        order = "ASC" if oldest_first else "DESC"
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, status, error, created, {PROGRESS} FROM jobs ORDER BY rowid {order}"
+            ).fetchall()
+        return [_summary(r) for r in rows]
+
+    def read_history(
+        self, job_id: str, chunk: int, networks: int, steps: int, lo: int, hi: int, out: np.ndarray
+    ) -> None:
+        """Writes networks [lo, hi) of the chunk's history rows (of `networks` x `steps` in
+        all) into `out` [hi - lo, steps]: one row's byte range at a time, so no more than
+        `out` is ever held."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT first, networks, steps, length(losses), typeof(losses) FROM history "
+                "WHERE job_id = ? AND chunk = ?",
+                (job_id, chunk),
+            ).fetchall()
+        for first, n, k, size, kind in rows:
+            if kind != "blob" or n != networks or size != 8 * n * k or not 0 <= first <= steps - k:
+                raise ValueError(
+                    f"history row ({chunk}, {first}) must hold {networks} networks x at most "
+                    f"{steps - first} steps of float64, got {n}x{k} in {size} bytes ({kind})"
+                )
+            with self._lock:
+                found = self._db.execute(
+                    "SELECT substr(losses, ?, ?) FROM history "
+                    "WHERE job_id = ? AND chunk = ? AND first = ?",
+                    (8 * k * lo + 1, 8 * k * (hi - lo), job_id, chunk, first),
+                ).fetchone()
+            if found is None:
+                raise ValueError(f"history row ({chunk}, {first}) was deleted while read")
+            out[:, first : first + k] = np.frombuffer(found[0], "<f8").reshape(hi - lo, k)
 
     def close(self) -> None:
         self._db.close()
+
+
+def _summary(row: Sequence[Any]) -> JobSummary:
+    return JobSummary(
+        str(row[0]),
+        str(row[1]),
+        str(row[2]),
+        float(row[3]),
+        _progress(row[4:11]),
+    )
+
+
+def _values(p: Progress) -> tuple[object, ...]:
+    return (
+        p.steps_done,
+        p.steps,
+        p.networks,
+        p.networks_done,
+        p.loss_median,
+        p.loss_best,
+        p.loss_worst,
+    )
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype="<f8")

@@ -9,10 +9,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+import numpy as np
+
+import graphgrad as gg
 
 
 @dataclass
@@ -73,3 +79,40 @@ def running_server(
         os.unlink(log_path)
         if scratch is not None:
             scratch.cleanup()
+
+
+def probe_run(client: gg.RemoteClient, timeout: float) -> str:
+    """What a tiny Run meets within `timeout` seconds: "served"; "waited" (its deadline
+    passed, in the queue for a run slot); or "refused" (RESOURCE_EXHAUSTED naming
+    max_concurrent_runs: every slot and queue place taken)."""
+    with gg.Graph():
+        probe = gg.neg(gg.input("p", shape=()))
+    try:
+        client.run(probe, {"p": np.zeros(())}, timeout=timeout)
+    except gg.RemoteError as e:
+        if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "waited"
+        if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and [s for s, _ in e.violations] == [
+            "max_concurrent_runs"
+        ]:
+            return "refused"
+        raise
+    return "served"
+
+
+def wait_until_probe(client: gg.RemoteClient, outcome: str, timeout: float = 120.0) -> None:
+    """Until a probe Run meets `outcome` (see probe_run); `timeout` bounds the wait only."""
+    give_up = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < give_up:
+        seen = probe_run(client, timeout=2.0)
+        if seen == outcome:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"a probe Run never met {outcome!r}; the last one was {seen!r}")
+
+
+def wait_until_running(client: gg.RemoteClient, timeout: float = 120.0) -> None:
+    """On a server with --max-concurrent-runs 1 --run-queue 0: until a probe Run is refused
+    for want of the run slot, so the long call sent before holds it."""
+    wait_until_probe(client, "refused", timeout)

@@ -4,20 +4,26 @@ RESOURCE_EXHAUSTED naming the cap while the admitted ones are served."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
 import pytest
 
 import graphgrad as gg
+from graphgrad._wire import fill_tensor
 from graphgrad.engine import CancelledError, LimitError
+from graphgrad.server import cli
 from graphgrad.server.admission import Admission
+from graphgrad.server.app import ServerConfig
+from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
-from .server_proc import running_server
+from .server_proc import running_server, wait_until_probe, wait_until_running
 
 DEADLINE = 10.0  # per call: generous, so a pass never depends on the machine's speed
 
@@ -174,6 +180,35 @@ def test_streams_beyond_the_cap_are_resource_exhausted(capped):
             job.cancel()
 
 
+@pytest.mark.parametrize(
+    ("flag", "least"),
+    [
+        ("--max-queued-jobs", 0),
+        ("--grace", 0),
+        ("--run-queue", 0),
+        ("--max-running-jobs", 1),
+        ("--max-concurrent-runs", 1),
+        ("--max-streams", 1),
+        ("--workers", 1),
+        ("--max-nodes", 1),
+        ("--port", 0),
+    ],
+)
+def test_a_numeric_flag_below_its_minimum_stops_the_start(flag, least):
+    args = cli.parser().parse_args(["serve", flag, str(least - 1)])
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(args)
+    below = f"graphgrad serve: {flag} must be at least {least}, got {least - 1}"
+    assert str(e.value) in (below, f"{below}.0")  # --grace is a float
+    at_least = cli.config_from(cli.parser().parse_args(["serve", flag, str(least)]))
+    assert at_least.host == "127.0.0.1"
+
+
+def test_the_flags_defaults_are_the_configs():
+    config = cli.config_from(cli.parser().parse_args(["serve"]))
+    assert config == ServerConfig()
+
+
 def test_admission_runs_then_queues_then_refuses():
     runs = Admission("max_concurrent_runs", "runs", slots=1, queue=1)
     ran: list[str] = []
@@ -196,3 +231,143 @@ def test_admission_runs_then_queues_then_refuses():
     with runs.slot(), pytest.raises(CancelledError, match="deadline"), runs.slot(timeout=0.01):
         pass  # the caller's deadline passes while it waits
     assert runs.active == runs.waiting == 0
+
+
+def test_a_waiter_whose_call_ends_gives_up_at_once_and_frees_its_place():
+    runs = Admission("max_concurrent_runs", "runs", slots=1, queue=1)
+    call = CallContext(None, InFlight())  # no deadline: only the call's end stops the wait
+    outcome: list[BaseException] = []
+
+    def queued() -> None:
+        try:
+            with runs.slot(call=call):
+                pass
+        except CancelledError as e:
+            outcome.append(e)
+
+    with runs.slot():
+        waiter = threading.Thread(target=queued)
+        waiter.start()
+        give_up = time.monotonic() + 60  # a bound on the wait, not a measurement
+        while runs.waiting == 0 and waiter.is_alive() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert runs.waiting == 1, "the second caller never waited for the slot"
+        call.end()  # the client cancels while the slot is still taken
+        waiter.join(60)
+        assert not waiter.is_alive(), "the waiter kept waiting after its call ended"
+        assert runs.waiting == 0 and runs.active == 1
+        assert len(outcome) == 1 and "ended" in str(outcome[0])
+        with pytest.raises(CancelledError, match="deadline"), runs.slot(timeout=0.01):
+            pass  # the queue place is free again: waited for, not refused
+    ended = CallContext(None, InFlight())
+    ended.end()
+    with runs.slot(), pytest.raises(CancelledError), runs.slot(call=ended):
+        pass
+    assert runs.active == runs.waiting == 0
+
+
+def endless_graph():
+    """Minutes of work for one Run: it runs until it is cancelled, for any test here."""
+    with gg.Graph():
+        h = gg.input("x", shape=(1000, 1000))
+        eye = gg.constant(np.eye(1000) * 0.5)
+        for _ in range(5000):
+            h = gg.tanh(h @ eye)
+        y = gg.sum(h)
+    return y
+
+
+def enqueue(send: Callable[[], grpc.Future]) -> grpc.Future:
+    """Send a Run until it waits in the run queue (a probe that waited may still hold the
+    queue place for a moment after its deadline: that refusal comes back at once)."""
+    for _ in range(20):
+        queued = send()
+        try:
+            queued.result(timeout=3.0)
+        except grpc.FutureTimeoutError:
+            return queued  # not answered: it waits for the slot
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+    raise AssertionError("the Run never got the queue place")
+
+
+@contextmanager
+def endless_run(*caps: str) -> Iterator[tuple[gg.RemoteClient, Callable[[], grpc.Future]]]:
+    """A server with `caps`, a client, and `send()`: sends a Run of minutes (as a future);
+    every one still running is cancelled at the end."""
+    y = endless_graph()
+    sent: list[grpc.Future] = []
+    with (
+        running_server(*caps) as server,
+        gg.connect(server.address) as client,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        fingerprint = client.register(y.graph.freeze())
+        request = service_pb2.RunRequest(fingerprint=fingerprint, outputs=[y.name])
+        fill_tensor(np.ones((1000, 1000)), request.feeds["x"])
+        stub = service_pb2_grpc.GraphServiceStub(channel)
+
+        def send() -> grpc.Future:
+            sent.append(stub.Run.future(request))
+            return sent[-1]
+
+        try:
+            yield client, send
+        finally:
+            for call in sent:
+                call.cancel()
+
+
+def test_a_cancelled_queued_run_frees_its_queue_place_at_once():
+    with endless_run("--max-concurrent-runs", "1", "--run-queue", "1") as (client, send):
+        running = send()
+        wait_until_probe(client, "waited")  # the long Run holds the slot
+        queued = enqueue(send)
+        wait_until_probe(client, "refused")  # ... and this one the only queue place
+        assert not queued.done()
+        queued.cancel()
+        # The place is free again while the long Run still runs: probes wait, not refused.
+        wait_until_probe(client, "waited", timeout=60)
+        assert not running.done()
+
+
+def test_register_graph_and_submit_job_share_the_run_bound():
+    """Decoding a graph or building a job is heavy work too: with the one run slot taken,
+    RegisterGraph and SubmitJob are refused naming max_concurrent_runs, like a Run."""
+    with endless_run("--max-concurrent-runs", "1", "--run-queue", "0") as (client, send):
+        send()
+        wait_until_running(client)
+        for heavy in (
+            lambda: client.register(small_graph().graph.freeze()),
+            lambda: start_long_job(client),
+        ):
+            with pytest.raises(gg.RemoteError) as e:
+                heavy()
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [s for s, _ in e.value.violations] == ["max_concurrent_runs"]
+            assert "RegisterGraph/SubmitJob" in e.value.message
+
+
+def test_sigterm_past_the_grace_period_stops_running_work():
+    """The server exits after its grace period even with a long Run in flight: that run's
+    work is cancelled, not finished (minutes here) on a thread the exit would wait for."""
+    y = endless_graph()
+    outcome: list[object] = []
+    # One run at a time and no queue: a probe is refused exactly while the long call runs.
+    flags = ("--grace", "1", "--max-concurrent-runs", "1", "--run-queue", "0")
+    with running_server(*flags) as server, gg.connect(server.address) as client:
+        client.register(y.graph.freeze())
+
+        def call() -> None:
+            try:
+                outcome.append(client.run(y, {"x": np.ones((1000, 1000))}))
+            except gg.RemoteError as e:
+                outcome.append(e)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_until_running(client)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        caller.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], gg.RemoteError)

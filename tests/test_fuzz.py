@@ -120,7 +120,7 @@ def _report(bad: list) -> str:
 
 
 def test_fuzz_whole_api():
-    with running_server(*SERVER_ARGS) as server:
+    with running_server(*SERVER_ARGS, env={"PYTHONFAULTHANDLER": "1"}) as server:
         watch = RssWatch(server.proc.pid)
         watch.start()
         with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
@@ -161,9 +161,13 @@ def _stops_on_sigterm(server: ServerProcess) -> None:
         server.proc.wait(SHUTDOWN_WAIT)
         return
     except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+        server.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack
+        try:
+            server.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
     pytest.fail(
-        f"the server did not exit within {SHUTDOWN_WAIT} s of SIGTERM:\n{server.log()[-3000:]}",
+        f"the server did not exit within {SHUTDOWN_WAIT} s of SIGTERM:\n{server.log()[-6000:]}",
         pytrace=False,
     )

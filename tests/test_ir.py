@@ -156,6 +156,16 @@ def test_decoding_a_shape_numpy_cannot_hold_names_the_shape(shape, words):
     assert e.value.part == "shape"
 
 
+def test_every_shape_that_passes_fits_numpy_at_the_widest_dtype():
+    """The element bound times 8 bytes stays within int64: numpy can hold what passes."""
+    from graphgrad.engine.ops._registry import MAX_ELEMENTS, shape_problem
+
+    assert shape_problem((MAX_ELEMENTS,)) is None
+    assert shape_problem((MAX_ELEMENTS + 1,)) is not None
+    view = np.broadcast_to(np.zeros((), np.float64), (MAX_ELEMENTS,))  # no memory taken
+    assert view.nbytes == MAX_ELEMENTS * 8
+
+
 def test_float_attributes_must_be_finite():
     op = Op("scale", 1, lambda ins, at: ins[0], lambda xs, at: xs[0], None, attrs=_FLOAT)
     assert check_attr(op, "f", 2, node="y") == 2.0

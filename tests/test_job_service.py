@@ -44,6 +44,21 @@ def test_submit_watch_and_results_equal_the_in_process_job(client):
     assert any(info.id == job.id for info in client.jobs())
 
 
+@pytest.mark.parametrize(
+    "adam",
+    [gg.optim.Adam(lr=0.05, beta1=0.0), gg.optim.Adam(lr=0.05, beta2=0.0, eps=1e-3)],
+    ids=["beta1=0", "beta2=0"],
+)
+def test_zero_adam_hyper_parameters_reach_the_server(client, adam):
+    """A zero beta is a choice, not "unset": the server trains with it, not with the default."""
+    loss, params, data = mlp(8), init(3, 8, 0), own_data(3)
+    job = client.train(loss, params, data, adam, steps=10, seed=1, executor="local")
+    job.wait(progress=False)
+    local = gg.connect().train(loss, params, data, adam, steps=10, seed=1, executor="local")
+    local.wait(progress=False)
+    assert job.history.tobytes() == local.history.tobytes()
+
+
 def test_mixed_templates_over_grpc(client):
     narrow, wide = mlp(8), mlp(16)
     shared = {k: v[0] for k, v in own_data(1).items()}
@@ -67,8 +82,11 @@ def test_cancel_and_unknown_and_bad_jobs(server, client):
             stub.SubmitJob(jobs_pb2.SubmitJobRequest(steps=10))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "no templates" in e.value.details()
-    with pytest.raises(gg.RemoteError, match="still running|is cancelled"):
-        _ = job.params  # a cancelled job has no results
+    assert job.params["W1"].shape == (4, 8, 4)  # a cancelled job keeps what it trained
+    running = client.train(mlp(8), init(4, 8, 0), own_data(4), steps=10_000_000)
+    with pytest.raises(gg.RemoteError, match="is (pending|running)"):
+        _ = running.params  # results come when it is done or cancelled
+    running.delete()
 
 
 def test_sigkilled_server_resumes_the_job_with_the_same_results(tmp_path):
@@ -88,6 +106,8 @@ def test_sigkilled_server_resumes_the_job_with_the_same_results(tmp_path):
     assert killed_at < steps
     with running_server("--data-dir", str(tmp_path)) as second, gg.connect(second.address) as c:
         resumed = gg.RemoteJob(c, job.id, 1)
+        # Progress is read from what is durable: a restart never takes back a reported step.
+        assert resumed.progress.steps_done >= killed_at
         resumed.wait(progress=False, timeout=600)
         assert resumed.status == "done"
         survivor = gg.RemoteJob(c, done_job.id, 1)  # finished before the kill: still there

@@ -201,6 +201,16 @@ CASES: dict[str, tuple[Message, str, str]] = {
         "grad_outputs['x']",
         "names no requested output",
     ),
+    "grad-outputs-not-a-node-without-wrt": (
+        run(X, node("y", "neg", "x"), feeds=XV, grad_outputs={"zz": tensor()}),
+        "grad_outputs['zz']",
+        "names no requested output",
+    ),
+    "grad-outputs-not-a-node-with-wrt": (
+        run(X, node("y", "neg", "x"), feeds=XV, wrt=["x"], grad_outputs={"zz": tensor()}),
+        "grad_outputs['zz']",
+        "names no requested output",
+    ),
 }
 
 

@@ -3,9 +3,10 @@ bad input gets a clear status and the next good request is served."""
 
 from __future__ import annotations
 
+import ast
 import signal
 import threading
-import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,9 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 import graphgrad as gg
-from graphgrad.v1 import graph_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+import graphgrad.engine
+import graphgrad.server
+from graphgrad._jobs import build_specs
+from graphgrad._remote_jobs import encode_job
+from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
 
-from .server_proc import running_server
+from .server_proc import running_server, wait_until_running
 from .test_seed import network_feeds, two_layer_network
 
 
@@ -202,6 +207,44 @@ def test_bad_input_gets_invalid_argument_naming_the_field(
     assert_good_request_served(client)
 
 
+def test_an_unknown_executor_gets_one_message_on_every_rpc(server, stub):
+    """Run, Explain and SubmitJob decode the Executor enum with one function: the same
+    message, naming each request's own field."""
+    with gg.Graph():
+        w = gg.input("w", shape=(2,))
+        loss = gg.sum(w * w, name="loss")
+    specs = build_specs(loss, {"w": np.zeros((1, 2))}, None, gg.optim.SGD(lr=0.1), 2, None, 0)
+    job = encode_job(specs, gg.optim.SGD(lr=0.1), 2, None, 0, "local")
+    job.executor = 7  # type: ignore[assignment]
+    x = graph_pb2.Node(name="x", op="input", shape=graph_pb2.Shape(dims=[2]), dtype=1)
+    wire = graph_pb2.Graph(nodes=[x])
+    options = service_pb2.RunOptions(executor=7)  # type: ignore[arg-type]
+    known = "EXECUTOR_UNSPECIFIED, EXECUTOR_AUTO, EXECUTOR_LOCAL, EXECUTOR_RAY"
+    with grpc.insecure_channel(server.address) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        sends = [
+            (
+                "options.executor",
+                lambda: stub.Run(
+                    service_pb2.RunRequest(graph=wire, outputs=["x"], options=options)
+                ),
+            ),
+            (
+                "options.executor",
+                lambda: stub.Explain(
+                    service_pb2.ExplainRequest(graph=wire, outputs=["x"], options=options)
+                ),
+            ),
+            ("executor", lambda: jobs.SubmitJob(job)),
+        ]
+        for field, send in sends:
+            with pytest.raises(grpc.RpcError) as e:
+                send()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            expected = f"{field} must be one of {known}, got enum value 7"
+            assert details(e.value) == [(field, expected)]
+
+
 def test_huge_declared_shape_is_resource_exhausted(stub, client):
     graph = graph_msg(
         inp("x", (1 << 29, 1 << 29)), graph_pb2.Node(name="y", op="sum", inputs=["x"])
@@ -322,6 +365,34 @@ def test_concurrent_requests_are_served_in_parallel(client):
         assert res.grads["W"].tobytes() == expected.grads["W"].tobytes()
 
 
+def quota_names() -> set[str]:
+    """Every limit name the server's code can put in a QuotaFailure: the `limit=` of each
+    LimitError it raises and the name of each Admission it makes, read from the source."""
+    names = set()
+    packages = (gg, graphgrad.engine, graphgrad.server)
+    for source in {f for p in packages for f in Path(p.__file__).parent.glob("**/*.py")}:
+        for call in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+                continue
+            if call.func.id == "LimitError":
+                named = [k.value for k in call.keywords if k.arg == "limit"]
+            elif call.func.id == "Admission":
+                named = call.args[:1]
+            else:
+                continue
+            names |= {n.value for n in named if isinstance(n, ast.Constant)}
+    return names
+
+
+def test_server_info_reports_every_limit_a_quota_failure_can_name(stub):
+    names = quota_names()
+    assert {"max_nodes", "max_queued_jobs", "max_concurrent_runs", "max_streams"} <= names
+    info = stub.GetServerInfo(service_pb2.GetServerInfoRequest())
+    assert names - set(info.limits) == set()
+    assert info.limits["max_nodes"] == 50000 and info.limits["graph_cache_bytes"] > 0
+    assert info.limits["run_queue"] >= 0 and info.limits["max_running_jobs"] >= 1
+
+
 def test_health_reflection_and_list_ops(server, stub):
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -356,17 +427,19 @@ def test_sigterm_lets_in_flight_calls_finish():
     with gg.Graph():
         h = gg.input("x", shape=(200, 200))
         eye = gg.constant(np.eye(200) * 0.5)
-        for _ in range(5000):  # several seconds of work
+        for _ in range(1500):  # a second or more of work
             h = gg.tanh(h @ eye)
         y = gg.sum(h)
-    with running_server("--grace", "60") as server, gg.connect(server.address) as client:
+    # One run at a time and no queue: a probe is refused exactly while the long call runs.
+    flags = ("--grace", "60", "--max-concurrent-runs", "1", "--run-queue", "0")
+    with running_server(*flags) as server, gg.connect(server.address) as client:
         client.register(y.graph.freeze())
         outcome = {}
         call = threading.Thread(
             target=lambda: outcome.update(res=client.run(y, {"x": np.ones((200, 200))}))
         )
         call.start()
-        time.sleep(1.0)  # the call is running on the server
+        wait_until_running(client)
         server.proc.send_signal(signal.SIGTERM)
         call.join(120)
         assert server.proc.wait(60) == 0

@@ -144,8 +144,8 @@ class ShapeError(Exception):
 
 MAX_RANK = 32
 # Elements counted with zero dimensions skipped (numpy's own rule): times the widest dtype's
-# 8 bytes this stays within int64, so numpy can hold any shape that passes.
-MAX_ELEMENTS = 2**60
+# 8 bytes this is 2**63 - 8, within int64, so numpy can hold any shape that passes.
+MAX_ELEMENTS = 2**60 - 1
 
 
 def shape_problem(shape: Sequence[Any]) -> str | None:

@@ -31,7 +31,7 @@ class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.V
     JOB_STATUS_UNSPECIFIED: _JobStatus.ValueType  # 0
     """Not set."""
     JOB_STATUS_PENDING: _JobStatus.ValueType  # 1
-    """Stored, not started yet."""
+    """Stored, waiting for a free slot among the running jobs."""
     JOB_STATUS_RUNNING: _JobStatus.ValueType  # 2
     """Training."""
     JOB_STATUS_DONE: _JobStatus.ValueType  # 3
@@ -47,7 +47,7 @@ class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper):
 JOB_STATUS_UNSPECIFIED: JobStatus.ValueType  # 0
 """Not set."""
 JOB_STATUS_PENDING: JobStatus.ValueType  # 1
-"""Stored, not started yet."""
+"""Stored, waiting for a free slot among the running jobs."""
 JOB_STATUS_RUNNING: JobStatus.ValueType  # 2
 """Training."""
 JOB_STATUS_DONE: JobStatus.ValueType  # 3
@@ -179,24 +179,35 @@ class Adam(_message.Message):
     lr: _builtins.float
     """Learning rate."""
     beta1: _builtins.float
-    """Decay of the first moment estimate (default 0.9 when 0)."""
+    """Decay of the first moment estimate, in [0, 1) (default 0.9 when not set; 0 is a value)."""
     beta2: _builtins.float
-    """Decay of the second moment estimate (default 0.999 when 0)."""
+    """Decay of the second moment estimate, in [0, 1) (default 0.999 when not set)."""
     eps: _builtins.float
-    """Numerical stabiliser (default 1e-8 when 0)."""
+    """Numerical stabiliser, > 0 (default 1e-8 when not set)."""
     def __init__(
         self,
         *,
         lr: _builtins.float = ...,
-        beta1: _builtins.float = ...,
-        beta2: _builtins.float = ...,
-        eps: _builtins.float = ...,
+        beta1: _builtins.float | None = ...,
+        beta2: _builtins.float | None = ...,
+        eps: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta1", b"_beta1", "_beta2", b"_beta2", "_eps", b"_eps", "beta1", b"beta1", "beta2", b"beta2", "eps", b"eps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["beta1", b"beta1", "beta2", b"beta2", "eps", b"eps", "lr", b"lr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta1", b"_beta1", "_beta2", b"_beta2", "_eps", b"_eps", "beta1", b"beta1", "beta2", b"beta2", "eps", b"eps", "lr", b"lr"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__beta1: _TypeAlias = _typing.Literal["beta1"]  # noqa: Y015
+    _WhichOneofArgType__beta1: _TypeAlias = _typing.Literal["_beta1", b"_beta1"]  # noqa: Y015
+    _WhichOneofReturnType__beta2: _TypeAlias = _typing.Literal["beta2"]  # noqa: Y015
+    _WhichOneofArgType__beta2: _TypeAlias = _typing.Literal["_beta2", b"_beta2"]  # noqa: Y015
+    _WhichOneofReturnType__eps: _TypeAlias = _typing.Literal["eps"]  # noqa: Y015
+    _WhichOneofArgType__eps: _TypeAlias = _typing.Literal["_eps", b"_eps"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta1) -> _WhichOneofReturnType__beta1 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta2) -> _WhichOneofReturnType__beta2 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eps) -> _WhichOneofReturnType__eps | None: ...
 
 Global___Adam: _TypeAlias = Adam  # noqa: Y015
 
@@ -499,6 +510,45 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    """DeleteJob input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    """DeleteJob output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):

@@ -65,6 +65,11 @@ class JobServiceStub:
                 request_serializer=graphgrad_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=graphgrad_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/graphgrad.v1.JobService/DeleteJob',
+                request_serializer=graphgrad_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=graphgrad_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -72,7 +77,10 @@ class JobServiceServicer:
     """
 
     def SubmitJob(self, request, context):
-        """Starts a job; returns its id at once. The spec is stored before this returns.
+        """Starts a job; returns its id at once. The job is checked whole before anything is stored
+        (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED naming the limit, stores nothing), and stored
+        before this returns. Beyond the server's running jobs it queues as PENDING, in
+        submission order; beyond its queue bound (max_queued_jobs) it is RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,7 +101,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobResults(self, request, context):
-        """Final parameters and loss history, streamed in pieces of whole networks.
+        """Final parameters and loss history, streamed in pieces of whole networks; for a cancelled
+        job, what it had trained (the history is NaN for steps not run).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +117,14 @@ class JobServiceServicer:
 
     def ListJobs(self, request, context):
         """All jobs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Removes a job, its checkpoint and its history; a running job is cancelled first.
+        NOT_FOUND for an unknown id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +162,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=graphgrad_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
                     response_serializer=graphgrad_dot_v1_dot_jobs__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=graphgrad_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=graphgrad_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +332,33 @@ class JobService:
             '/graphgrad.v1.JobService/ListJobs',
             graphgrad_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
             graphgrad_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graphgrad.v1.JobService/DeleteJob',
+            graphgrad_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            graphgrad_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,17 +34,27 @@ class JobServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> JobServiceAsyncStub: ...
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]
-    """Starts a job; returns its id at once. The spec is stored before this returns."""
+    """Starts a job; returns its id at once. The job is checked whole before anything is stored
+    (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED naming the limit, stores nothing), and stored
+    before this returns. Beyond the server's running jobs it queues as PENDING, in
+    submission order; beyond its queue bound (max_queued_jobs) it is RESOURCE_EXHAUSTED.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]
     """Progress events until the job ends; a new Watch resumes from the current state."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
     """Status and progress of one job. NOT_FOUND for an unknown id."""
     GetJobResults: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetJobResultsRequest, _jobs_pb2.GetJobResultsResponse]
-    """Final parameters and loss history, streamed in pieces of whole networks."""
+    """Final parameters and loss history, streamed in pieces of whole networks; for a cancelled
+    job, what it had trained (the history is NaN for steps not run).
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]
     """Stops a running job (its tasks are cancelled); a finished job is left as it is."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """All jobs, newest first."""
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
+    """Removes a job, its checkpoint and its history; a running job is cancelled first.
+    NOT_FOUND for an unknown id.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -52,17 +62,27 @@ class JobServiceAsyncStub(JobServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]  # type: ignore[assignment]
-    """Starts a job; returns its id at once. The spec is stored before this returns."""
+    """Starts a job; returns its id at once. The job is checked whole before anything is stored
+    (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED naming the limit, stores nothing), and stored
+    before this returns. Beyond the server's running jobs it queues as PENDING, in
+    submission order; beyond its queue bound (max_queued_jobs) it is RESOURCE_EXHAUSTED.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Progress events until the job ends; a new Watch resumes from the current state."""
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
     """Status and progress of one job. NOT_FOUND for an unknown id."""
     GetJobResults: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetJobResultsRequest, _jobs_pb2.GetJobResultsResponse]  # type: ignore[assignment]
-    """Final parameters and loss history, streamed in pieces of whole networks."""
+    """Final parameters and loss history, streamed in pieces of whole networks; for a cancelled
+    job, what it had trained (the history is NaN for steps not run).
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Stops a running job (its tasks are cancelled); a finished job is left as it is."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """All jobs, newest first."""
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Removes a job, its checkpoint and its history; a running job is cancelled first.
+    NOT_FOUND for an unknown id.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """Batch training jobs: many small networks trained together, durable across restarts."""
@@ -73,7 +93,11 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.SubmitJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.SubmitJobResponse, _abc.Awaitable[_jobs_pb2.SubmitJobResponse]]:
-        """Starts a job; returns its id at once. The spec is stored before this returns."""
+        """Starts a job; returns its id at once. The job is checked whole before anything is stored
+        (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED naming the limit, stores nothing), and stored
+        before this returns. Beyond the server's running jobs it queues as PENDING, in
+        submission order; beyond its queue bound (max_queued_jobs) it is RESOURCE_EXHAUSTED.
+        """
 
     @_abc_1.abstractmethod
     def WatchJob(
@@ -97,7 +121,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobResultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.GetJobResultsResponse], _abc.AsyncIterator[_jobs_pb2.GetJobResultsResponse]]:
-        """Final parameters and loss history, streamed in pieces of whole networks."""
+        """Final parameters and loss history, streamed in pieces of whole networks; for a cancelled
+        job, what it had trained (the history is NaN for steps not run).
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(
@@ -114,5 +140,15 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ListJobsResponse, _abc.Awaitable[_jobs_pb2.ListJobsResponse]]:
         """All jobs, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _jobs_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
+        """Removes a job, its checkpoint and its history; a running job is cancelled first.
+        NOT_FOUND for an unknown id.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
