@@ -38,7 +38,12 @@ from graphgrad.v1 import service_pb2
 BAD = ("INTERNAL", "UNKNOWN")
 WARMUP = 0.25  # RSS after warm-up is read here: by then the bounded caches have filled
 TIMELINE = (0.1, 0.25, 0.5, 0.75, 0.95)
-SERVER_LIMITS = ("--max-tensor-bytes", str(16 << 20), "--max-request-bytes", str(256 << 20))
+# The caches are bounded small (the defaults allow 1 GiB of graphs and 256 MiB of plans) so
+# that they fill during warm-up: RSS growth after it is then what no cache bounds.
+SERVER_LIMITS = (
+    *("--max-tensor-bytes", str(16 << 20), "--max-request-bytes", str(256 << 20)),
+    *("--graph-cache-bytes", str(32 << 20), "--plan-cache-bytes", str(32 << 20)),
+)
 # Share of each kind of traffic; "fuzz" is the hostile part, the rest is valid.
 MIX = {"run": 30, "explain": 4, "register": 4, "listops": 3, "info": 3, "job": 4, "fuzz": 52}
 
@@ -204,6 +209,17 @@ def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, lo
     for text in [b for r in results for b in r.bad][:5]:
         print(f"--- {text}")
     alive = proc.poll() is None
+    if alive:
+        with grpc.insecure_channel(address) as channel:
+            info = channel.unary_unary(
+                "/graphgrad.v1.GraphService/GetServerInfo",
+                response_deserializer=service_pb2.GetServerInfoResponse.FromString,
+            )(service_pb2.GetServerInfoRequest().SerializeToString(), timeout=10)
+        for name, c in sorted(info.caches.items()):
+            print(
+                f"cache {name}: {c.entries} entries (max {c.max_entries}), "
+                f"{mib(c.bytes)} (max {mib(c.max_bytes)})"
+            )
     if not alive:
         print(f"the server died (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
     print(f"statuses lost in transport: {lost}")

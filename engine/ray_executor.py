@@ -5,8 +5,6 @@ is the only module that imports ray."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import subprocess
@@ -21,6 +19,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
 from . import _ray_reaper
+from .allocator import set_malloc_thresholds
 from .autodiff import RunRequest
 from .driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task, schedule
 from .errors import CancelledError, GraphError
@@ -49,16 +48,14 @@ def _tune_allocator() -> None:
 
     In Ray workers glibc hands every large array a fresh mmap (and page faults it in), which
     made the same numpy code twice as slow as in the driver; raising the mmap and trim
-    thresholds restores driver speed. Workers only: the server keeps glibc's defaults.
+    thresholds restores driver speed. Workers only: the server returns memory instead
+    (server/cli.py).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return
     _ALLOCATOR_TUNED = True
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum, 32 MiB
-        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    set_malloc_thresholds(32 << 20, 128 << 20)  # glibc's maximum mmap threshold
 
 
 def _where() -> str:

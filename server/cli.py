@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 
@@ -216,7 +217,13 @@ def read_token(args: argparse.Namespace) -> str | None:
     return None
 
 
+# Arrays from 1 MiB up get their own mmap, given back when freed: RSS returns after a large
+# request (glibc would otherwise keep raising the threshold and hold the memory on its heap).
+SERVER_MMAP_THRESHOLD = 1 << 20
+
+
 def main(argv: list[str] | None = None) -> int:
+    set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
