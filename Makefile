@@ -53,6 +53,9 @@ bench: setup
 	$(BIN)/python bench/remote_latency.py
 	$(BIN)/python bench/bigdag.py
 	$(BIN)/python bench/wide.py
+	$(BIN)/python bench/seednet.py
+	$(BIN)/python bench/planning.py
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
