@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
 import uuid
@@ -38,6 +37,7 @@ from graphgrad.engine.jobs import (
 from graphgrad.engine.training import TrainSpec
 
 from .errors import NotFoundError
+from .limits import one_per_cpu
 from .store import JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
@@ -47,10 +47,6 @@ NO_PROGRESS = Progress(0, 0, 0, 0, float("nan"), float("nan"), float("nan"))
 DEFAULT_MAX_QUEUED = 256
 # Failures that may pass (a busy or unreadable store, memory): never kept as a job's failure.
 TRANSIENT = (sqlite3.Error, OSError, MemoryError)
-
-
-def default_max_running() -> int:
-    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +115,7 @@ class JobManager:
         (default: `decode`) reads a stored one back with structure checks only."""
         self.store, self.dispatcher, self.decode = store, dispatcher, decode
         self.read = read or decode
-        self.max_running = max_running or default_max_running()
+        self.max_running = max_running or one_per_cpu()
         self.max_queued = max_queued
         self._active: dict[str, ManagedJob] = {}  # queued or running here
         self._queue: deque[ManagedJob] = deque()

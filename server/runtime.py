@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from graphgrad.engine import Cancellation, Graph, RunRequest, RunResult
 from graphgrad.engine.dispatch import Dispatcher
+from graphgrad.engine.errors import name_list
 from graphgrad.engine.ir import Node
 from graphgrad.engine.lru import CacheStats
 from graphgrad.engine.memory import request_memory
@@ -55,8 +56,8 @@ class Runtime:
         seeded = tuple(request.grad_outputs or ())
         mem = request_memory(graph, request.outputs, request.wrt, seeded)
         if mem.peak > self.limits.max_request_bytes:
-            what = f"the run of {_named(request.outputs)}" + (
-                f" with wrt {_named(request.wrt)}" if request.wrt else ""
+            what = f"the run of {name_list(request.outputs)}" + (
+                f" with wrt {name_list(request.wrt)}" if request.wrt else ""
             )
             self.limits.check_request_bytes(mem.peak, f"{what} ({mem})")
 
@@ -74,8 +75,3 @@ class Runtime:
 
     def caches(self) -> dict[str, CacheStats]:
         return {"graphs": self.cache.stats(), "plans": PLANS.stats()}
-
-
-def _named(names: Sequence[str], shown: int = 3) -> str:
-    listed = ", ".join(repr(n[:64]) for n in names[:shown])
-    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
