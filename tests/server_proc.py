@@ -116,3 +116,12 @@ def wait_until_running(client: gg.RemoteClient, timeout: float = 120.0) -> None:
     """On a server with --max-concurrent-runs 1 --run-queue 0: until a probe Run is refused
     for want of the run slot, so the long call sent before holds it."""
     wait_until_probe(client, "refused", timeout)
+
+
+def assert_good_request_served(client) -> None:
+    """After a bad request: the server still answers a good one, right."""
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        y = gg.sum(x * x)
+    res = client.run(y, {"x": np.array([1.0, 2.0, 3.0])}, wrt=[x])
+    np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0, 6.0])

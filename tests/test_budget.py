@@ -12,7 +12,7 @@ import graphgrad as gg
 from graphgrad.engine import LocalExecutor, RunRequest
 from graphgrad.engine.memory import request_memory
 
-from .server_proc import running_server
+from .server_proc import assert_good_request_served, running_server
 
 MIB = 1 << 20
 
@@ -40,14 +40,6 @@ def assert_refused(e: pytest.ExceptionInfo[gg.RemoteError]) -> None:
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert e.value.violations[0][0] == "max_request_bytes"
     assert "max_request_bytes=67108864" in e.value.message
-
-
-def assert_good_request_served(client) -> None:
-    with gg.Graph():
-        x = gg.input("x", shape=(3,))
-        y = gg.sum(x * x)
-    res = client.run(y, {"x": np.array([1.0, 2.0, 3.0])}, wrt=[x])
-    np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0, 6.0])
 
 
 def test_values_kept_for_the_backward_count(client):

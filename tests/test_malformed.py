@@ -22,7 +22,7 @@ from graphgrad.v1 import (
     tensor_pb2,
 )
 
-from .server_proc import running_server
+from .server_proc import assert_good_request_served, running_server
 
 F64 = tensor_pb2.DTYPE_FLOAT64
 HUGE = (0, 2**63 - 1)  # zero elements, one dimension numpy cannot hold
@@ -232,14 +232,6 @@ def fields(e: grpc.RpcError) -> list[str]:
 def metadata_bytes(e: grpc.RpcError) -> int:
     trailing = e.trailing_metadata() or ()
     return len(e.details().encode()) + sum(len(k) + len(v) for k, v in trailing)
-
-
-def assert_good_request_served(client) -> None:
-    with gg.Graph():
-        x = gg.input("x", shape=(3,))
-        y = gg.sum(x * x)
-    res = client.run(y, {"x": np.array([1.0, 2.0, 3.0])}, wrt=[x])
-    np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0, 6.0])
 
 
 @pytest.mark.parametrize("case", list(CASES))

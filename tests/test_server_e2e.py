@@ -22,7 +22,7 @@ from graphgrad._jobs import build_specs
 from graphgrad._remote_jobs import encode_job
 from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
 
-from .server_proc import running_server, wait_until_running
+from .server_proc import assert_good_request_served, running_server, wait_until_running
 from .test_seed import network_feeds, two_layer_network
 
 
@@ -44,14 +44,6 @@ def client(server):
 def stub(server):
     with grpc.insecure_channel(server.address) as channel:
         yield service_pb2_grpc.GraphServiceStub(channel)
-
-
-def assert_good_request_served(client):
-    with gg.Graph():
-        x = gg.input("x", shape=(3,))
-        y = gg.sum(x * x)
-    res = client.run(y, {"x": np.array([1.0, 2.0, 3.0])}, wrt=[x])
-    np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0, 6.0])
 
 
 def details(e: grpc.RpcError) -> list[tuple[str, str]]:
