@@ -95,7 +95,7 @@ def run_job(n: int, executor: str, cpus: int) -> dict[str, float]:
         {k: v[:4] for k, v in params.items()}, {k: v[:4] for k, v in data.items()}, STEPS
     )
     np.testing.assert_allclose(job.history[:4], ref_hist, rtol=2e-3, atol=1e-5)
-    return {"seconds": seconds, "chunks": len(job._run.chunks[0])}
+    return {"seconds": seconds, "chunks": job.chunks[0]}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import graphgrad_server, interleaved_medians, subprocess_server, us
 
 import graphgrad as gg
-from graphgrad import _wire
+from graphgrad import wire
 from graphgrad.v1 import service_pb2
 
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -36,10 +36,10 @@ def numpy_over_grpc(raw: bytes, context: object) -> bytes:
     (checking only that bytes match shapes), run the hand-written numpy, encode the
     RunResponse. No graph, no feed checks: a floor, not a competitor."""
     req = service_pb2.RunRequest.FromString(raw)
-    loss, *grads = numpy_reference({k: _wire.read_tensor(t) for k, t in req.feeds.items()})
+    loss, *grads = numpy_reference({k: wire.decode_tensor(t) for k, t in req.feeds.items()})
     out = service_pb2.RunResponse(fingerprint=req.fingerprint)
-    _wire.fill_tensors({"L": np.float32(loss)}, out.values)
-    _wire.fill_tensors(dict(zip("WbVa", grads, strict=True)), out.grads)
+    wire.encode_tensors({"L": np.float32(loss)}, out.values)
+    wire.encode_tensors(dict(zip("WbVa", grads, strict=True)), out.grads)
     return out.SerializeToString()
 
 
@@ -131,7 +131,7 @@ def main() -> None:
         msg = service_pb2.RunRequest(
             fingerprint=L.graph.freeze().fingerprint, outputs=[L.name], wrt=wrt
         )
-        _wire.fill_tensors(feeds, msg.feeds)
+        wire.encode_tensors(feeds, msg.feeds)
         payload = msg.SerializeToString()
         echo_channel = grpc.insecure_channel(echo_address)
         echo = echo_channel.unary_unary(ECHO_METHOD)
@@ -139,11 +139,11 @@ def main() -> None:
             NUMPY_METHOD, response_deserializer=service_pb2.RunResponse.FromString
         )
         floor = numpy_grpc(payload)
-        np.testing.assert_allclose(_wire.read_tensor(floor.grads["W"]), ref[1], rtol=1e-6)
+        np.testing.assert_allclose(wire.decode_tensor(floor.grads["W"]), ref[1], rtol=1e-6)
 
         def numpy_remote() -> object:
             r = numpy_grpc(payload)
-            return {k: _wire.read_tensor(v) for k, v in r.grads.items()}
+            return {k: wire.decode_tensor(v) for k, v in r.grads.items()}
 
         def remote() -> object:
             return client.run(L, feeds, wrt=wrt)

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import html
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ._aio import AsyncJob
-from ._builder import Tensor
-from .engine import Cancellation, CancelledError, Graph, RequestError
-from .engine.jobs import Placement, Progress, SegmentRunner, TrainingRun, group_specs
-from .engine.training import SGD, Optimizer, TrainSpec, check_settings, within
+from graphgrad._aio import AsyncJob
+from graphgrad._builder import Tensor
+from graphgrad.engine import (
+    Graph,
+    JobStatus,
+    Optimizer,
+    Progress,
+    RequestError,
+    Session,
+    TrainSpec,
+    check_settings,
+    join_parts,
+    within,
+)
 
 ArrayMap = Mapping[str, Any]
 
@@ -74,99 +82,81 @@ def _array(graph: Graph, kind: str, name: str, value: Any) -> np.ndarray:
 
 
 class Job(AsyncJob):
-    """A training job: many networks trained together, in the background.
+    """A training job: many networks trained together, in the background (a handle on a
+    job of the client's Session).
 
     `status` is "running", "done", "cancelled" or "failed"; `params` and `history` are the
     results ([N, ...] per parameter, and the loss [N, steps]); with several templates,
     `params` is a list with one mapping per template, in the order given.
     """
 
-    def __init__(self, run: TrainingRun, placement: list[Placement], job_id: str) -> None:
+    def __init__(self, session: Session, job_id: str) -> None:
         self.id = job_id
-        self._run = run
-        self._placement = placement
-        self._cancel = Cancellation()
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._status = "running"
-        self._deleted = False
-        self._thread = threading.Thread(target=self._work, name=f"job-{job_id}", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        try:
-            self._run.run(self._cancel)
-            self._status = "done"
-        except CancelledError:
-            self._status = "cancelled"
-        except BaseException as e:  # reported through .status and .wait()
-            self._error = e
-            self._status = "failed"
-        finally:
-            self._done.set()
+        self._session = session
+        self._results: tuple[list[dict[str, np.ndarray]], np.ndarray] | None = None
 
     @property
-    def status(self) -> str:
-        return self._status
+    def status(self) -> JobStatus:
+        return self._session.job(self.id).status
 
     @property
     def progress(self) -> Progress:
-        return self._run.progress()
+        return self._session.job(self.id).view().progress
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._session.job(self.id).ended.is_set()
+
+    @property
+    def chunks(self) -> list[int]:
+        """How many chunks each stacked group of networks was cut into (networks of
+        templates that differ only in their arrays are stacked in one group)."""
+        return self._session.job(self.id).chunks
 
     def cancel(self) -> None:
         """Stop the job (its tasks are cancelled); `wait` then returns with status cancelled."""
-        self._cancel.cancel()
+        self._session.cancel(self.id)
 
     def delete(self) -> None:
         """Cancel the job if it runs and drop its results (as DeleteJob does on a server)."""
-        self._cancel.cancel()
-        self._thread.join()
-        self._deleted = True
-
-    def _results(self) -> TrainingRun:
-        if self._deleted:
-            raise RequestError(f"job {self.id} was deleted: it has no results", field="id")
-        return self._run
+        self._session.delete(self.id)
+        self._results = None
 
     def wait(self, progress: bool = True, timeout: float | None = None) -> Job:
         """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = progress_bar(self._run.steps, self.id) if progress else None
+        job = self._session.job(self.id)
+        bar = progress_bar(job.run.steps, self.id) if progress else None
         try:
-            while not self._done.wait(0.1):
+            for view in self._session.watch(self.id):
                 if bar is not None:
-                    show_progress(bar, self._run.progress())
-                if deadline is not None and time.monotonic() > deadline:
+                    show_progress(bar, view.progress)
+                if deadline is not None and time.monotonic() > deadline and not job.ended.is_set():
                     raise TimeoutError(f"job {self.id} still running after {timeout}s")
-            if bar is not None:
-                show_progress(bar, self._run.progress())
         finally:
             if bar is not None:
                 bar.close()
-        if self._error is not None:
-            raise self._error
+        if job.error is not None:
+            raise job.error
         return self
 
-    def _slices(self) -> list[tuple[int, slice]]:
-        return [(g, slice(lo, hi)) for g, lo, hi in self._placement]
+    def _fetch(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        if self._results is None:
+            job = self._session.job(self.id)
+            results = join_parts(self._session.results(self.id), job.templates)
+            if not job.ended.is_set():  # still training: read again next time
+                return results
+            self._results = results
+        return self._results
 
     @property
     def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
-        groups = self._results().params()
-        per_spec = [{k: v[s] for k, v in groups[g].items()} for g, s in self._slices()]
-        return per_spec[0] if len(per_spec) == 1 else per_spec
+        params = self._fetch()[0]
+        return params[0] if len(params) == 1 else params
 
     @property
     def history(self) -> np.ndarray:
-        offsets = np.cumsum([0] + [g.n for g in self._run.groups])
-        full = self._results().history()
-        return np.concatenate(
-            [full[offsets[g] + s.start : offsets[g] + s.stop] for g, s in self._slices()]
-        )
+        return self._fetch()[1]
 
     def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
         """Loss curves: the median and the 10-90% band across networks, or chosen networks.
@@ -174,12 +164,14 @@ class Job(AsyncJob):
         return plot_history(self.history, networks, ax)
 
     def _repr_html_(self) -> str:
-        return job_html(self.id, self._status, self._run.progress())
+        view = self._session.job(self.id).view()
+        return job_html(self.id, view.status, view.progress)
 
     def __repr__(self) -> str:
-        p = self._run.progress()
+        view = self._session.job(self.id).view()
+        p = view.progress
         return (
-            f"<graphgrad.Job {self.id} {self._status}: step {p.steps_done}/{p.steps}, "
+            f"<graphgrad.Job {self.id} {view.status}: step {p.steps_done}/{p.steps}, "
             f"{p.networks} networks, median loss {p.loss_median:.4g}>"
         )
 
@@ -228,9 +220,4 @@ def show_progress(bar: Any, p: Progress) -> None:
         bar.set_postfix(loss=f"{p.loss_median:.4g}", refresh=False)
 
 
-def start_job(specs: list[TrainSpec], runner: SegmentRunner, cpus: int, job_id: str) -> Job:
-    groups, placement = group_specs(specs)
-    return Job(TrainingRun(groups, cpus=cpus, runner=runner), placement, job_id)
-
-
-__all__ = ["SGD", "Job", "build_specs", "start_job"]
+__all__ = ["Job", "build_specs"]

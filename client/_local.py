@@ -2,45 +2,47 @@
 
 from __future__ import annotations
 
-import functools
 import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._aio import AsyncClient
-from ._builder import Tensor
-from ._jobs import ArrayMap, Job, build_specs, start_job
-from ._plan import Plan
-from ._request import Ref, build_request
-from ._result import Result
-from .engine import Cancellation, RunRequest
-from .engine.dispatch import Dispatcher
-from .engine.driver import task_source
-from .engine.executor import check_finite
-from .engine.planner import describe
-from .engine.training import SGD, Optimizer
+from graphgrad._aio import AsyncClient
+from graphgrad._builder import Tensor
+from graphgrad._jobs import ArrayMap, Job, build_specs
+from graphgrad._plan import Plan
+from graphgrad._request import Ref, build_request
+from graphgrad._result import Result
+from graphgrad.engine import (
+    SGD,
+    Cancellation,
+    Dispatcher,
+    ExecutorKind,
+    JobView,
+    Optimizer,
+    RunOptions,
+    Session,
+)
 
 
 class LocalClient(AsyncClient):
     """Runs graphs in this process: inline, or on Ray with `executor="ray"`."""
 
     def __init__(self, *, ray_address: str | None = None, ray_num_cpus: int | None = None) -> None:
-        self._dispatcher = Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
-        self._jobs = 0
+        self.session = Session(Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus))
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"
 
     def _repr_html_(self) -> str:
         ray = "not started (starts on the first executor='ray' run)"
-        if self._dispatcher.ray_ready():
-            address, resources = self._dispatcher.ray.info()
+        info = self.session.ray_info()
+        if info is not None:
+            address, resources = info
             ray = f"{address}, {', '.join(f'{k}: {v:g}' for k, v in sorted(resources.items()))}"
         return f"<div><b>graphgrad</b> in-process client<br/>Ray: {html.escape(ray)}</div>"
 
     def _before_thread(self, executor: str) -> None:
-        if executor == "ray":  # Ray must start on the caller's (main) thread
-            self._dispatcher.ray.start()
+        self.session.start_for(ExecutorKind.parse(executor))
 
     def run(
         self,
@@ -54,10 +56,8 @@ class LocalClient(AsyncClient):
         timeout: float | None = None,
     ) -> Result:
         _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
-        cancel = Cancellation.within(timeout)
-        res = self._dispatcher.run(graph, request, executor, cancel)
-        if check_numerics:
-            check_finite(res, request.feeds)
+        options = RunOptions(ExecutorKind.parse(executor), check_numerics)
+        res = self.session.run(graph, request, options, Cancellation.within(timeout))
         return Result(res.values, res.grads, res.stats)
 
     def explain(
@@ -69,13 +69,8 @@ class LocalClient(AsyncClient):
     ) -> Plan:
         """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
-        name, plan = self._dispatcher.choose(
-            graph, RunRequest(request.outputs, {}, request.wrt), executor
-        )
-        _, sched = self._dispatcher.executor(name).plan(
-            graph, RunRequest(request.outputs, {}, request.wrt)
-        )
-        return Plan(describe(graph, name, plan), graph, functools.partial(task_source, sched))
+        explained = self.session.plan(graph, request, ExecutorKind.parse(executor))
+        return Plan(explained.explanation, graph, explained.source)
 
     def train(
         self,
@@ -92,10 +87,13 @@ class LocalClient(AsyncClient):
         """Train N networks at once: `params` maps each trainable input to its N initial
         values stacked on a new leading axis; `data` maps each data input to [N, S, ...]
         (each network its own samples) or [S, ...] (shared). Returns a running Job."""
+        kind = ExecutorKind.parse(executor, field="executor")
         specs = build_specs(loss, params, data, optimizer or SGD(lr=0.1), steps, batch_size, seed)
-        runner, cpus = self._dispatcher.training_runner(executor)
-        self._jobs += 1
-        return start_job(specs, runner, cpus, f"local-{self._jobs}")
+        return Job(self.session, self.session.submit(specs, kind))
+
+    def jobs(self) -> list[JobView]:
+        """Every job of this client that was not deleted."""
+        return self.session.jobs()
 
     def close(self) -> None:
         pass

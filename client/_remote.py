@@ -11,17 +11,24 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from . import _wire
-from ._aio import AsyncClient
-from ._builder import Tensor
-from ._jobs import ArrayMap, build_specs
-from ._plan import Plan
-from ._remote_jobs import RemoteJob, encode_job
-from ._request import Ref, build_request
-from ._result import Result
-from .engine import Graph, GraphError
-from .engine.training import SGD, Optimizer
-from .v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
+from graphgrad import wire
+from graphgrad._aio import AsyncClient
+from graphgrad._builder import Tensor
+from graphgrad._jobs import ArrayMap, build_specs
+from graphgrad._plan import Plan
+from graphgrad._remote_jobs import RemoteJob
+from graphgrad._request import Ref, build_request
+from graphgrad._result import Result
+from graphgrad.engine import (
+    SGD,
+    ExecutorKind,
+    Graph,
+    GraphError,
+    JobView,
+    Optimizer,
+    RunOptions,
+)
+from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
 MAX_MESSAGE_BYTES = 512 << 20
 
@@ -143,18 +150,21 @@ class RemoteClient(AsyncClient):
     ) -> RemoteJob:
         """As LocalClient.train, on the server: the job is stored there and survives
         restarts; the returned handle follows it."""
-        optimizer = optimizer or SGD(lr=0.1)
-        specs = build_specs(loss, params, data, optimizer, steps, batch_size, seed)
-        req = encode_job(specs, optimizer, steps, batch_size, seed, executor)
-        job_id = self._call("SubmitJob", req, None, stub="jobs").id
+        kind = ExecutorKind.parse(executor, field="executor")
+        specs = build_specs(loss, params, data, optimizer or SGD(lr=0.1), steps, batch_size, seed)
+        job_id = self.job_call("SubmitJob", wire.encode_job(specs, kind)).id
         return RemoteJob(self, job_id, len(specs))
 
-    def jobs(self) -> list[jobs_pb2.JobInfo]:
-        return list(self._call("ListJobs", jobs_pb2.ListJobsRequest(), None, stub="jobs").jobs)
+    def jobs(self) -> list[JobView]:
+        """Every job the server holds."""
+        return [
+            wire.decode_job_info(info)
+            for info in self.job_call("ListJobs", jobs_pb2.ListJobsRequest()).jobs
+        ]
 
     def register(self, graph: Graph, timeout: float | None = None) -> str:
-        wire = _wire.wire_graph(graph)
-        resp = self._call("RegisterGraph", service_pb2.RegisterGraphRequest(graph=wire), timeout)
+        msg = service_pb2.RegisterGraphRequest(graph=wire.encode_graph(graph))
+        resp = self._call("RegisterGraph", msg, timeout)
         self._registered.add(resp.fingerprint)
         return str(resp.fingerprint)
 
@@ -185,19 +195,10 @@ class RemoteClient(AsyncClient):
         timeout: float | None = None,
     ) -> Result:
         _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
-        msg = service_pb2.RunRequest(
-            outputs=request.outputs,
-            wrt=request.wrt,
-            options=service_pb2.RunOptions(
-                executor=_wire.EXECUTORS[executor], check_numerics=check_numerics
-            ),
-        )
-        _wire.fill_tensors(request.feeds, msg.feeds)
-        _wire.fill_tensors(request.grad_outputs or {}, msg.grad_outputs)
-        resp = self._call_on_graph("Run", msg, graph, timeout)
-        values = {k: _wire.read_tensor(v) for k, v in resp.values.items()}
-        grads = {k: _wire.read_tensor(v) for k, v in resp.grads.items()}
-        return Result(values, grads, _wire.read_stats(resp.stats))
+        options = RunOptions(ExecutorKind.parse(executor), check_numerics)
+        msg = wire.encode_run_request(request, options)
+        res = wire.decode_result(self._call_on_graph("Run", msg, graph, timeout))
+        return Result(res.values, res.grads, res.stats)
 
     def explain(
         self,
@@ -209,18 +210,12 @@ class RemoteClient(AsyncClient):
     ) -> Plan:
         """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
-        msg = service_pb2.ExplainRequest(
-            outputs=request.outputs,
-            wrt=request.wrt,
-            options=service_pb2.RunOptions(executor=_wire.EXECUTORS[executor]),
-        )
+        msg = wire.encode_explain_request(request, ExecutorKind.parse(executor))
         resp = self._call_on_graph("Explain", msg, graph, timeout)
-        return Plan(_wire.read_explanation(resp), graph)
+        return Plan(wire.decode_explanation(resp), graph)
 
     def list_ops(self) -> list[str]:
-        return [
-            op.signature for op in self._call("ListOps", service_pb2.ListOpsRequest(), None).ops
-        ]
+        return wire.decode_ops(self._call("ListOps", service_pb2.ListOpsRequest(), None))
 
     def server_info(self) -> service_pb2.GetServerInfoResponse:
         return self._call("GetServerInfo", service_pb2.GetServerInfoRequest(), None)

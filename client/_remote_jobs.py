@@ -2,97 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import _wire
-from ._aio import AsyncJob
-from ._jobs import job_html, plot_history, progress_bar, show_progress
-from .engine import GraphError
-from .engine.dispatch import check_executor
-from .engine.jobs import Progress
-from .engine.training import SGD, Optimizer, TrainSpec
-from .v1 import jobs_pb2
-
-if TYPE_CHECKING:
-    from ._remote import RemoteClient
-
-STATUS = {
-    jobs_pb2.JOB_STATUS_PENDING: "pending",
-    jobs_pb2.JOB_STATUS_RUNNING: "running",
-    jobs_pb2.JOB_STATUS_DONE: "done",
-    jobs_pb2.JOB_STATUS_CANCELLED: "cancelled",
-    jobs_pb2.JOB_STATUS_FAILED: "failed",
-}
+from graphgrad import wire
+from graphgrad._aio import AsyncJob
+from graphgrad._jobs import job_html, plot_history, progress_bar, show_progress
+from graphgrad.engine import GraphError, JobStatus, JobView, Progress, ResultPart, join_parts
+from graphgrad.v1 import jobs_pb2
 
 
-def encode_job(
-    specs: Sequence[TrainSpec],
-    optimizer: Optimizer,
-    steps: int,
-    batch_size: int | None,
-    seed: int,
-    executor: str,
-) -> jobs_pb2.SubmitJobRequest:
-    check_executor(executor, field="executor")
-    req = jobs_pb2.SubmitJobRequest(
-        steps=steps, batch_size=batch_size or 0, seed=seed, executor=_wire.EXECUTORS[executor]
-    )
-    if isinstance(optimizer, SGD):
-        req.optimizer.sgd.lr, req.optimizer.sgd.momentum = optimizer.lr, optimizer.momentum
-    else:
-        a = req.optimizer.adam
-        a.lr, a.beta1, a.beta2, a.eps = (
-            optimizer.lr,
-            optimizer.beta1,
-            optimizer.beta2,
-            optimizer.eps,
-        )
-    for spec in specs:
-        t = req.templates.add(loss=spec.loss)
-        t.graph.CopyFrom(_wire.wire_graph(spec.template))
-        _wire.fill_tensors(spec.params, t.params)
-        _wire.fill_tensors(spec.data, t.data)
-    return req
+class JobCalls(Protocol):
+    """What a handle needs of its connection (RemoteClient has it): JobService calls, with
+    errors as RemoteError."""
 
+    def job_call(self, method: str, request: Any, timeout: float | None = None) -> Any: ...
 
-def read_progress(info: jobs_pb2.JobInfo) -> Progress:
-    return Progress(
-        info.steps_done,
-        info.steps,
-        info.networks,
-        info.networks_done,
-        info.loss_median,
-        info.loss_best,
-        info.loss_worst,
-    )
+    def job_stream(self, method: str, request: Any, timeout: float | None = None) -> Any: ...
 
 
 class RemoteJob(AsyncJob):
     """A job on a graphgrad server (it keeps running, and survives, without this handle)."""
 
-    def __init__(self, client: RemoteClient, job_id: str, templates: int) -> None:
+    def __init__(self, client: JobCalls, job_id: str, templates: int) -> None:
         self.id = job_id
         self._client = client
         self._templates = templates
         self._results: tuple[list[dict[str, np.ndarray]], np.ndarray] | None = None
 
-    def _info(self) -> jobs_pb2.JobInfo:
-        return self._client.job_call("GetJob", jobs_pb2.GetJobRequest(id=self.id)).job
+    def _info(self) -> JobView:
+        return wire.decode_job_info(
+            self._client.job_call("GetJob", jobs_pb2.GetJobRequest(id=self.id)).job
+        )
 
     @property
-    def status(self) -> str:
-        return STATUS.get(self._info().status, "unknown")
+    def status(self) -> JobStatus:
+        return self._info().status
 
     @property
     def progress(self) -> Progress:
-        return read_progress(self._info())
+        return self._info().progress
 
     @property
     def done(self) -> bool:
-        return self.status in ("done", "cancelled", "failed")
+        return self.status.terminal
 
     def cancel(self) -> None:
         self._client.job_call("CancelJob", jobs_pb2.CancelJobRequest(id=self.id))
@@ -105,40 +60,28 @@ class RemoteJob(AsyncJob):
     def wait(self, progress: bool = True, timeout: float | None = None) -> RemoteJob:
         """Follow the job's progress stream until it ends (a progress bar unless disabled)."""
         info = self._info()
-        bar = progress_bar(info.steps, self.id) if progress else None
+        bar = progress_bar(info.progress.steps, self.id) if progress else None
         try:
             request = jobs_pb2.WatchJobRequest(id=self.id)
             for event in self._client.job_stream("WatchJob", request, timeout):
-                info = event.job
+                info = wire.decode_job_info(event.job)
                 if bar is not None:
-                    show_progress(bar, read_progress(info))
+                    show_progress(bar, info.progress)
         finally:
             if bar is not None:
                 bar.close()
-        if info.status == jobs_pb2.JOB_STATUS_FAILED:
+        if info.status == JobStatus.FAILED:
             raise GraphError(f"job {self.id} failed: {info.error}")
         return self
 
+    def _parts(self) -> Iterator[ResultPart]:
+        request = jobs_pb2.GetJobResultsRequest(id=self.id)
+        for msg in self._client.job_stream("GetJobResults", request):
+            yield wire.decode_result_part(msg)
+
     def _fetch(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
         if self._results is None:
-            parts: list[dict[str, list[tuple[int, np.ndarray]]]] = [
-                {} for _ in range(self._templates)
-            ]
-            request = jobs_pb2.GetJobResultsRequest(id=self.id)
-            for part in self._client.job_stream("GetJobResults", request):
-                key = part.name if part.kind == "params" else "\\0history"
-                parts[part.template].setdefault(key, []).append(
-                    (part.first, _wire.read_tensor(part.value))
-                )
-            joined = [
-                {
-                    k: np.concatenate([v for _, v in sorted(pieces, key=lambda p: p[0])])
-                    for k, pieces in t.items()
-                }
-                for t in parts
-            ]
-            history = np.concatenate([t.pop("\\0history") for t in joined])
-            self._results = (joined, history)
+            self._results = join_parts(self._parts(), self._templates)
         return self._results
 
     @property
@@ -155,12 +98,11 @@ class RemoteJob(AsyncJob):
 
     def _repr_html_(self) -> str:
         info = self._info()
-        return job_html(self.id, STATUS.get(info.status, "unknown"), read_progress(info))
+        return job_html(self.id, info.status, info.progress)
 
     def __repr__(self) -> str:
-        info = self._info()
+        info, p = self._info(), self._info().progress
         return (
-            f"<graphgrad.RemoteJob {self.id} {STATUS.get(info.status)}: step "
-            f"{info.steps_done}/{info.steps}, {info.networks} networks, median loss "
-            f"{info.loss_median:.4g}>"
+            f"<graphgrad.RemoteJob {self.id} {info.status}: step {p.steps_done}/{p.steps}, "
+            f"{p.networks} networks, median loss {p.loss_median:.4g}>"
         )

@@ -1,7 +1,11 @@
-"""graphgrad's engine: pure computation, no gRPC. Graph IR, op registry, autodiff, executors."""
+"""graphgrad's engine: pure computation, no gRPC. Graph IR, op registry, autodiff, executors.
 
-from .autodiff import RunRequest
-from .errors import (
+What the SDK, the wire and the server use is exported here; the rest is the engine's own.
+"""
+
+from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.dispatch import Dispatcher
+from graphgrad.engine.errors import (
     CancelledError,
     ExecutionError,
     FeedError,
@@ -11,30 +15,78 @@ from .errors import (
     UnknownOpError,
     ValidationError,
 )
-from .executor import Cancellation, Executor, LocalExecutor, RunResult, RunStats, TaskStat
-from .ir import Graph, Node
-from .ops import DTYPES, REGISTRY, Op, TensorType
+from graphgrad.engine.executor import (
+    Cancellation,
+    Executor,
+    LocalExecutor,
+    RunResult,
+    RunStats,
+    TaskStat,
+)
+from graphgrad.engine.ir import Graph, Node
+from graphgrad.engine.job_reports import (
+    NO_PROGRESS,
+    JobView,
+    ResultPart,
+    join_parts,
+    result_parts,
+)
+from graphgrad.engine.jobs import Placement, Progress
+from graphgrad.engine.kinds import TERMINAL, ExecutorKind, JobStatus
+from graphgrad.engine.ops import DTYPES, REGISTRY, Op, TensorType
+from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
+from graphgrad.engine.training import (
+    SGD,
+    Adam,
+    Optimizer,
+    TrainSpec,
+    check_settings,
+    job_bytes,
+    within,
+)
 
 __all__ = [
     "DTYPES",
+    "NO_PROGRESS",
     "REGISTRY",
+    "SGD",
+    "TERMINAL",
+    "Adam",
     "Cancellation",
     "CancelledError",
+    "Dispatcher",
     "ExecutionError",
     "Executor",
+    "ExecutorKind",
+    "Explained",
     "FeedError",
     "Graph",
     "GraphError",
+    "JobStatus",
+    "JobView",
     "LimitError",
     "LocalExecutor",
+    "LocalJob",
     "Node",
     "Op",
+    "Optimizer",
+    "Placement",
+    "Progress",
     "RequestError",
+    "ResultPart",
+    "RunOptions",
     "RunRequest",
     "RunResult",
     "RunStats",
+    "Session",
     "TaskStat",
     "TensorType",
+    "TrainSpec",
     "UnknownOpError",
     "ValidationError",
+    "check_settings",
+    "job_bytes",
+    "join_parts",
+    "result_parts",
+    "within",
 ]

@@ -19,8 +19,7 @@ from graphgrad.engine import (
     RequestError,
     ValidationError,
 )
-
-from .codec import FieldError
+from graphgrad.wire import FieldError
 
 log = logging.getLogger("graphgrad.server")
 

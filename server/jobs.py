@@ -24,7 +24,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphgrad.engine import Cancellation, CancelledError, LimitError, RequestError
+from graphgrad.engine import (
+    NO_PROGRESS,
+    TERMINAL,
+    Cancellation,
+    CancelledError,
+    ExecutorKind,
+    JobStatus,
+    JobView,
+    LimitError,
+    RequestError,
+    ResultPart,
+    TrainSpec,
+    result_parts,
+)
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.jobs import (
     HistorySegment,
@@ -34,28 +47,15 @@ from graphgrad.engine.jobs import (
     TrainingRun,
     group_specs,
 )
-from graphgrad.engine.training import TrainSpec
-
-from .errors import NotFoundError
-from .limits import one_per_cpu
-from .store import JobStore, JobSummary
+from graphgrad.server.errors import NotFoundError
+from graphgrad.server.limits import one_per_cpu
+from graphgrad.server.store import JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
-TERMINAL = ("done", "cancelled", "failed")
-STATUSES = ("pending", "running", *TERMINAL)
-NO_PROGRESS = Progress(0, 0, 0, 0, float("nan"), float("nan"), float("nan"))
+STATUSES = frozenset(JobStatus)
 DEFAULT_MAX_QUEUED = 256
 # Failures that may pass (a busy or unreadable store, memory): never kept as a job's failure.
 TRANSIENT = (sqlite3.Error, OSError, MemoryError)
-
-
-@dataclass(frozen=True)
-class JobView:
-    id: str
-    status: str
-    progress: Progress
-    error: str
-    created: float
 
 
 class ManagedJob:
@@ -68,7 +68,7 @@ class ManagedJob:
         job_id: str,
         created: float,
         progress: Progress,
-        status: str = "pending",
+        status: JobStatus = JobStatus.PENDING,
         error: str = "",
         live: bool = False,
     ) -> None:
@@ -106,10 +106,10 @@ class JobManager:
         self,
         store: JobStore,
         dispatcher: Dispatcher,
-        decode: Callable[[bytes], tuple[list[TrainSpec], str]],
+        decode: Callable[[bytes], tuple[list[TrainSpec], ExecutorKind]],
         max_running: int | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
-        read: Callable[[bytes], tuple[list[TrainSpec], str]] | None = None,
+        read: Callable[[bytes], tuple[list[TrainSpec], ExecutorKind]] | None = None,
     ) -> None:
         """`decode` checks a spec with every live check (limits, graph registration); `read`
         (default: `decode`) reads a stored one back with structure checks only."""
@@ -191,7 +191,7 @@ class JobManager:
         jobs = [
             ManagedJob(s.id, s.created, s.progress or NO_PROGRESS, live=True)
             for s in self.store.summaries(oldest_first=True)
-            if s.status in ("pending", "running")
+            if s.status in (JobStatus.PENDING, JobStatus.RUNNING)
         ]
         with self._lock:
             for job in jobs:
@@ -214,7 +214,7 @@ class JobManager:
             except Exception as e:  # e.g. no thread to be had: the job fails, not the server
                 with self._lock:
                     self._running -= 1
-                self._finish(job, "failed", f"the job could not start: {e}")
+                self._finish(job, JobStatus.FAILED, f"the job could not start: {e}")
 
     def _start(self, job: ManagedJob) -> TrainingRun | None:
         """The job's run, built from its stored row; None for a job deleted meanwhile."""
@@ -234,31 +234,34 @@ class JobManager:
             job.durable = progress
             job.bump()
 
-        status, error, durable = "done", "", True
+        status, error, durable = JobStatus.DONE, "", True
         try:
             job.run = self._start(job)
         except Exception as e:
-            status, error = "failed", f"the stored job cannot be started: {type(e).__name__}: {e}"
+            status, error = (
+                JobStatus.FAILED,
+                f"the stored job cannot be started: {type(e).__name__}: {e}",
+            )
             log.error("job %s: %s", job.id, error)
             durable = not isinstance(e, TRANSIENT)  # tried again at the next start
         if job.run is None and not error:
-            status, error = "cancelled", "deleted"
+            status, error = JobStatus.CANCELLED, "deleted"
         if job.run is not None:
-            job.status = "running"
+            job.status = JobStatus.RUNNING
             job.bump()
             try:
                 job.run.run(job.cancel, on_segment=checkpoint)
             except CancelledError:
-                status = "cancelled"
+                status = JobStatus.CANCELLED
             except Exception as e:  # the job fails, the server keeps serving
                 log.exception("job %s failed", job.id)
-                status, error = "failed", f"{type(e).__name__}: {e}"
+                status, error = JobStatus.FAILED, f"{type(e).__name__}: {e}"
         with self._lock:
             self._running -= 1
         self._finish(job, status, error, durable)
         self._schedule()
 
-    def _finish(self, job: ManagedJob, status: str, error: str, durable: bool = True) -> None:
+    def _finish(self, job: ManagedJob, status: JobStatus, error: str, durable: bool = True) -> None:
         """The job's last checkpoint and status, durable before they are reported. A job
         that was never built writes its status alone (`durable` False: not even that)."""
         run, progress = job.run, job.durable
@@ -272,7 +275,7 @@ class JobManager:
                 self.store.set_status(job.id, status, error)
         except Exception as e:
             log.exception("job %s: its last checkpoint could not be stored", job.id)
-            status, error = "failed", f"its last checkpoint could not be stored: {e}"
+            status, error = JobStatus.FAILED, f"its last checkpoint could not be stored: {e}"
             progress = job.durable
             try:
                 self.store.set_status(job.id, status, error)
@@ -292,7 +295,7 @@ class JobManager:
             summary.id,
             summary.created,
             progress or summary.progress or NO_PROGRESS,
-            "failed" if error else summary.status,
+            JobStatus.FAILED if error else JobStatus(summary.status),
             error or summary.error,
         )
 
@@ -373,7 +376,7 @@ class JobManager:
             if queued:
                 self._queue.remove(job)
         if queued:
-            self._finish(job, "cancelled", "")
+            self._finish(job, JobStatus.CANCELLED, "")
         elif job.status not in TERMINAL:
             job.cancel.cancel()
         return job.view()
@@ -389,7 +392,7 @@ class JobManager:
             job.deleted = True
         job.cancel.cancel()  # its thread's last writes find no row: they change nothing
         self.store.delete(job_id)
-        job.status, job.error = "cancelled", "deleted"
+        job.status, job.error = JobStatus.CANCELLED, "deleted"
         job.bump()
 
     def list(self) -> list[JobView]:
@@ -402,14 +405,12 @@ class JobManager:
                 views.append((job or self._snapshot(summary)).view())
         return views
 
-    def results(
-        self, job_id: str, max_bytes: int = 4 << 20
-    ) -> Iterator[tuple[int, str, str, int, np.ndarray]]:
-        """(template, kind, name, first network, values) pieces of at most ~max_bytes (one
-        network at least), of a job that is done, or of what a cancelled job had trained.
-        The history is read from the store one range of networks at a time."""
+    def results(self, job_id: str, max_bytes: int = 4 << 20) -> Iterator[ResultPart]:
+        """The results of a job that is done, or what a cancelled job had trained, in pieces
+        of at most ~max_bytes (one network at least). The history is read from the store
+        one range of networks at a time."""
         job = self.job(job_id)
-        if job.status not in ("done", "cancelled"):
+        if job.status not in (JobStatus.DONE, JobStatus.CANCELLED):
             why = f": {job.error}" if job.error else ""
             raise RequestError(
                 f"job '{job_id}' is {job.status}{why}: results come when it is done or cancelled",
@@ -430,22 +431,14 @@ class JobManager:
             with self._lock:
                 self._stored.setdefault(job_id, (error, None))
             raise RequestError(f"job '{job_id}': {error}", field="id") from e
-        placement, sizes = built.placement, run.chunk_sizes()
+        placement, sizes, steps = built.placement, run.chunk_sizes(), run.steps
         del row, built
-        offsets = np.cumsum([0] + [g.n for g in run.groups])
-        per = max(1, max_bytes // (8 * run.steps))
-        for t, (g, lo, hi) in enumerate(placement):
-            for name, value in params[g].items():
-                each = max(1, max_bytes // max(value[:1].nbytes, 1))
-                for first in range(lo, hi, each):
-                    yield t, "params", name, first - lo, value[first : min(hi, first + each)]
-            base = int(offsets[g])
-            for first in range(lo, hi, per):
-                end = min(hi, first + per)
-                history = read_history(
-                    self.store, job_id, sizes, run.steps, legacy, base, first, end
-                )
-                yield t, "history", "", first - lo, history
+
+        def history(lo: int, hi: int) -> np.ndarray:
+            return read_history(self.store, job_id, sizes, steps, legacy, 0, lo, hi)
+
+        groups = [g.n for g in run.groups]
+        yield from result_parts(params, placement, groups, steps, history, max_bytes)
 
 
 def read_history(

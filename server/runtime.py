@@ -1,28 +1,36 @@
-"""What the servicer delegates to: graph cache, limits and the dispatcher. No protobuf here."""
+"""The engine Session under the server's bounds: the graph cache, and request limits checked
+before any work. What the servicers delegate to; no protobuf here."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from graphgrad.engine import Cancellation, Graph, RunRequest, RunResult
-from graphgrad.engine.dispatch import Dispatcher
+from graphgrad.engine import (
+    Cancellation,
+    Dispatcher,
+    ExecutorKind,
+    Graph,
+    Node,
+    RunOptions,
+    RunRequest,
+    RunResult,
+    Session,
+)
 from graphgrad.engine.errors import name_list
-from graphgrad.engine.ir import Node
 from graphgrad.engine.lru import CacheStats
 from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import PLANS
-from graphgrad.engine.planner import Explanation, describe
-
-from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
-from .errors import NotFoundError
-from .limits import Limits
+from graphgrad.engine.planner import Explanation
+from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
+from graphgrad.server.errors import NotFoundError
+from graphgrad.server.limits import Limits
 
 
 @dataclass
 class Runtime:
     limits: Limits
-    dispatcher: Dispatcher
+    session: Session
     cache: GraphCache
 
     @classmethod
@@ -35,9 +43,13 @@ class Runtime:
     ) -> Runtime:
         return cls(
             limits or Limits(),
-            dispatcher or Dispatcher(ray_enabled=False),
+            Session(dispatcher or Dispatcher(ray_enabled=False)),
             GraphCache(cache_size, cache_bytes),
         )
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.session.dispatcher
 
     def register(self, nodes: Iterable[Node]) -> Graph:
         """Validate and keep a graph; its node count was checked before it was decoded."""
@@ -62,16 +74,19 @@ class Runtime:
             self.limits.check_request_bytes(mem.peak, f"{what} ({mem})")
 
     def run(
-        self, graph: Graph, request: RunRequest, executor: str, cancel: Cancellation
+        self, graph: Graph, request: RunRequest, options: RunOptions, cancel: Cancellation
     ) -> RunResult:
         self.admit(graph, request)
-        return self.dispatcher.run(graph, request, executor, cancel)
+        return self.session.run(graph, request, options, cancel)
 
     def explain(
-        self, graph: Graph, request: RunRequest, executor: str, cancel: Cancellation | None = None
+        self,
+        graph: Graph,
+        request: RunRequest,
+        executor: ExecutorKind,
+        cancel: Cancellation | None = None,
     ) -> Explanation:
-        name, plan = self.dispatcher.choose(graph, request, executor, cancel)
-        return describe(graph, name, plan)
+        return self.session.explain(graph, request, executor, cancel)
 
     def caches(self) -> dict[str, CacheStats]:
         return {"graphs": self.cache.stats(), "plans": PLANS.stats()}

@@ -5,32 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib import metadata
 
-from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
-from graphgrad.engine.executor import check_finite
+from graphgrad import wire
+from graphgrad.engine import Cancellation, Graph, RequestError
+from graphgrad.server.inflight import CallContext
+from graphgrad.server.runtime import Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
-
-from . import codec
-from .inflight import CallContext
-from .runtime import Runtime
-
-EXECUTORS = {
-    service_pb2.EXECUTOR_UNSPECIFIED: "auto",
-    service_pb2.EXECUTOR_AUTO: "auto",
-    service_pb2.EXECUTOR_LOCAL: "local",
-    service_pb2.EXECUTOR_RAY: "ray",
-}
-
-
-def executor_name(value: service_pb2.Executor.ValueType, field: str) -> str:
-    """The engine's name for the Executor enum `value` of the request's `field`; an unknown
-    value is the client's error. Every request with an executor decodes it here."""
-    try:
-        return EXECUTORS[value]
-    except KeyError:
-        known = ", ".join(service_pb2.Executor.Name(k) for k in EXECUTORS)
-        raise RequestError(
-            f"{field} must be one of {known}, got enum value {value}", field=field
-        ) from None
 
 
 def cancellation(context: CallContext) -> Cancellation:
@@ -42,8 +21,10 @@ def cancellation(context: CallContext) -> Cancellation:
 
 def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
     """Validate and keep a graph from the wire; the node count is checked before decoding."""
-    runtime.limits.check_node_count(len(graph.nodes))
-    return runtime.register(codec.decode_graph(graph, runtime.limits.max_tensor_bytes))
+    limits = runtime.limits
+    return runtime.register(
+        wire.decode_graph(graph, limits.max_tensor_bytes, limits.check_node_count)
+    )
 
 
 class GraphServicer:
@@ -73,43 +54,37 @@ class GraphServicer:
 
     def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
         graph = self._graph(request)
-        limit = self.runtime.limits.max_tensor_bytes
-        feeds = codec.decode_tensors(request.feeds, "feeds", limit)
-        seeds = codec.decode_tensors(request.grad_outputs, "grad_outputs", limit)
-        run = RunRequest(tuple(request.outputs), feeds, tuple(request.wrt), seeds or None)
-        executor = executor_name(request.options.executor, "options.executor")
-        result = self.runtime.run(graph, run, executor, cancellation(context))
-        if request.options.check_numerics:
-            check_finite(result, feeds)
-        return codec.encode_result(result, graph.fingerprint)
+        run, options = wire.decode_run_request(request, self.runtime.limits.max_tensor_bytes)
+        result = self.runtime.run(graph, run, options, cancellation(context))
+        return wire.encode_result(result, graph.fingerprint)
 
     def Explain(
         self, request: service_pb2.ExplainRequest, context: CallContext
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
-        executor = executor_name(request.options.executor, "options.executor")
-        run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
+        run, executor = wire.decode_explain_request(request)
         explanation = self.runtime.explain(graph, run, executor, cancellation(context))
-        return codec.encode_explanation(explanation)
+        return wire.encode_explanation(explanation)
 
     def ListOps(
         self, request: service_pb2.ListOpsRequest, context: CallContext
     ) -> service_pb2.ListOpsResponse:
-        return codec.op_infos()
+        return wire.encode_ops()
 
     def GetServerInfo(
         self, request: service_pb2.GetServerInfoRequest, context: CallContext
     ) -> service_pb2.GetServerInfoResponse:
         out = service_pb2.GetServerInfoResponse(
-            version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
+            version=metadata.version("graphgrad"), opset_version=wire.OPSET_VERSION
         )
         out.limits.update(self.limits)
         for name, stats in self.runtime.caches().items():
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes
             info.max_entries, info.max_bytes = stats.max_entries, stats.max_bytes
-        if self.runtime.dispatcher.ray_ready():
-            address, resources = self.runtime.dispatcher.ray.info()
+        ray = self.runtime.session.ray_info()
+        if ray is not None:
+            address, resources = ray
             out.ray_address = address
             out.ray_resources.update(resources)
         return out

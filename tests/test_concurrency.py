@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad._wire import fill_tensor
 from graphgrad.engine import CancelledError, LimitError
 from graphgrad.server import cli
 from graphgrad.server.admission import Admission
 from graphgrad.server.app import ServerConfig
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
+from graphgrad.wire import encode_tensor
 
 from .server_proc import running_server, wait_until_probe, wait_until_running
 
@@ -304,7 +304,7 @@ def endless_run(*caps: str) -> Iterator[tuple[gg.RemoteClient, Callable[[], grpc
     ):
         fingerprint = client.register(y.graph.freeze())
         request = service_pb2.RunRequest(fingerprint=fingerprint, outputs=[y.name])
-        fill_tensor(np.ones((1000, 1000)), request.feeds["x"])
+        encode_tensor(np.ones((1000, 1000)), request.feeds["x"])
         stub = service_pb2_grpc.GraphServiceStub(channel)
 
         def send() -> grpc.Future:

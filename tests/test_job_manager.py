@@ -14,7 +14,6 @@ import pytest
 
 import graphgrad as gg
 from graphgrad._jobs import build_specs
-from graphgrad._remote_jobs import encode_job
 from graphgrad.engine import LimitError, RequestError
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.jobs import Progress
@@ -24,6 +23,7 @@ from graphgrad.server.jobs import TERMINAL, JobManager
 from graphgrad.server.limits import Limits
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.store import JobStore
+from graphgrad.wire import encode_job
 
 LR = 0.01
 Decoder = Callable[[bytes], tuple[list[TrainSpec], str]]
@@ -37,7 +37,7 @@ def one_weight_job(n: int, steps: int) -> bytes:
     sgd = gg.optim.SGD(lr=LR)
     w0 = np.linspace(0.5, 1.5, n).reshape(n, 1)
     specs = build_specs(loss, {"w": w0}, {"x": np.ones(4)}, sgd, steps, None, 0)
-    return encode_job(specs, sgd, steps, None, 0, "local").SerializeToString()
+    return encode_job(specs, "local").SerializeToString()
 
 
 def expected_history(n: int, steps: int) -> np.ndarray:
@@ -154,7 +154,8 @@ def test_results_stream_a_range_of_networks_at_a_time(tmp_path):
     expected, first = expected_history(n, steps), 0
     tracemalloc.start()
     try:
-        for t, kind, _, start, value in again.results(job_id, max_bytes=64 << 10):
+        for part in again.results(job_id, max_bytes=64 << 10):
+            t, kind, start, value = part.template, part.kind, part.first, part.value
             if kind == "history":
                 assert (t, start) == (0, first) and value.nbytes <= 64 << 10
                 np.testing.assert_allclose(value, expected[first : first + len(value)], rtol=1e-12)
@@ -185,7 +186,7 @@ def test_listing_builds_nothing_and_a_read_that_may_pass_is_not_kept(tmp_path):
     with pytest.raises(MemoryError):
         next(again.results(job_id))
     assert again.job(job_id).view().status == "done"
-    history = np.concatenate([v for _, k, _, _, v in again.results(job_id) if k == "history"])
+    history = np.concatenate([p.value for p in again.results(job_id) if p.kind == "history"])
     np.testing.assert_allclose(history, expected_history(3, 20), rtol=1e-12)
 
 

@@ -96,8 +96,8 @@ def test_sigkilled_server_resumes_the_job_with_the_same_results(tmp_path):
         done_job = c.train(loss, params, data, steps=30)
         done_job.wait(progress=False)
         job = c.train(loss, params, data, gg.optim.SGD(lr=0.05, momentum=0.9), steps=steps)
-        stream = c._call("WatchJob", jobs_pb2.WatchJobRequest(id=job.id), 120, stub="jobs")
-        for event in c._stream(stream):  # until a checkpoint past step 100 is reported
+        stream = c.job_stream("WatchJob", jobs_pb2.WatchJobRequest(id=job.id), 120)
+        for event in stream:  # until a checkpoint past step 100 is reported
             if event.job.steps_done >= 100:
                 break
         first.proc.send_signal(signal.SIGKILL)

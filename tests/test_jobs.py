@@ -73,7 +73,7 @@ def test_mixed_widths_and_identical_templates_train_together():
         [s[0] for s in specs], [s[1] for s in specs], shared, gg.optim.Adam(lr=0.01), steps=10
     )
     job.wait(progress=False)
-    assert len(job._run.groups) == 2  # the two narrow entries share one stack
+    assert len(job.chunks) == 2  # the two narrow entries share one stack
     params = job.params
     assert [p["W1"].shape for p in params] == [(3, 8, 4), (4, 16, 4), (2, 8, 4)]
     assert job.history.shape == (9, 10)

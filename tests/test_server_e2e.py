@@ -19,8 +19,8 @@ import graphgrad as gg
 import graphgrad.engine
 import graphgrad.server
 from graphgrad._jobs import build_specs
-from graphgrad._remote_jobs import encode_job
 from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
+from graphgrad.wire import encode_job
 
 from .server_proc import assert_good_request_served, running_server, wait_until_running
 from .test_seed import network_feeds, two_layer_network
@@ -206,7 +206,7 @@ def test_an_unknown_executor_gets_one_message_on_every_rpc(server, stub):
         w = gg.input("w", shape=(2,))
         loss = gg.sum(w * w, name="loss")
     specs = build_specs(loss, {"w": np.zeros((1, 2))}, None, gg.optim.SGD(lr=0.1), 2, None, 0)
-    job = encode_job(specs, gg.optim.SGD(lr=0.1), 2, None, 0, "local")
+    job = encode_job(specs, "local")
     job.executor = 7  # type: ignore[assignment]
     x = graph_pb2.Node(name="x", op="input", shape=graph_pb2.Shape(dims=[2]), dtype=1)
     wire = graph_pb2.Graph(nodes=[x])

@@ -1,0 +1,474 @@
+"""graphgrad.wire: the one place that converts between protobuf messages and engine objects.
+
+The SDK and the server both use it (as Temporal's SDK shares one data converter between
+client and worker): an `encode_*`/`decode_*` pair per type that crosses the wire, each enum
+mapped once, the opset one constant. Decoding is zero-copy for tensors and checks what it
+reads: a bad field raises FieldError (or the engine's ValidationError/RequestError) naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from graphgrad.engine import (
+    RunOptions,
+    RunRequest,
+    RunResult,
+    RunStats,
+    TaskStat,
+    ValidationError,
+    tensors,
+)
+from graphgrad.engine.errors import RequestError
+from graphgrad.engine.ir import Graph, Node
+from graphgrad.engine.job_reports import JobView, ResultPart
+from graphgrad.engine.jobs import Progress
+from graphgrad.engine.kinds import ExecutorKind, JobStatus
+from graphgrad.engine.lru import LRU
+from graphgrad.engine.ops import REGISTRY, AttrKind
+from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
+from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, check_settings, within
+from graphgrad.v1 import graph_pb2, jobs_pb2, service_pb2, tensor_pb2
+
+OPSET_VERSION = 1
+
+E = TypeVar("E")
+
+
+class FieldError(ValueError):
+    """A message field that cannot be decoded; `field` is its path in the message."""
+
+    def __init__(self, message: str, field: str):
+        self.field = field
+        super().__init__(message)
+
+
+class _EnumMap:
+    """One engine enum <-> one protobuf enum; an unknown value is an error naming the field.
+    `default` is what the protobuf's UNSPECIFIED (0) decodes to, if anything."""
+
+    def __init__(self, pairs: Mapping[E, int], proto: object, default: E | None = None) -> None:
+        self.to_wire = dict(pairs)
+        self.from_wire = {v: k for k, v in pairs.items()}
+        if default is not None:
+            self.from_wire[0] = default
+        self.proto = proto
+
+    def encode(self, value: object) -> int:
+        return self.to_wire[value]  # type: ignore[index]
+
+    def decode(self, value: int, field: str) -> object:
+        try:
+            return self.from_wire[value]
+        except KeyError:
+            names = self.proto.Name  # type: ignore[attr-defined]
+            known = ", ".join(names(k) for k in sorted(self.from_wire))
+            raise FieldError(
+                f"{field} must be one of {known}, got enum value {value}", field
+            ) from None
+
+
+DTYPES = _EnumMap(
+    {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}, tensor_pb2.Dtype
+)
+EXECUTORS = _EnumMap(
+    {
+        ExecutorKind.AUTO: service_pb2.EXECUTOR_AUTO,
+        ExecutorKind.LOCAL: service_pb2.EXECUTOR_LOCAL,
+        ExecutorKind.RAY: service_pb2.EXECUTOR_RAY,
+    },
+    service_pb2.Executor,
+    default=ExecutorKind.AUTO,
+)
+JOB_STATUSES = _EnumMap(
+    {
+        JobStatus.PENDING: jobs_pb2.JOB_STATUS_PENDING,
+        JobStatus.RUNNING: jobs_pb2.JOB_STATUS_RUNNING,
+        JobStatus.DONE: jobs_pb2.JOB_STATUS_DONE,
+        JobStatus.CANCELLED: jobs_pb2.JOB_STATUS_CANCELLED,
+        JobStatus.FAILED: jobs_pb2.JOB_STATUS_FAILED,
+    },
+    jobs_pb2.JobStatus,
+)
+
+
+def encode_executor(kind: ExecutorKind) -> service_pb2.Executor.ValueType:
+    return EXECUTORS.encode(ExecutorKind.parse(kind))  # type: ignore[return-value]
+
+
+def decode_executor(value: int, field: str) -> ExecutorKind:
+    """An unknown value is the sender's error (RequestError on `field`)."""
+    try:
+        return EXECUTORS.decode(value, field)  # type: ignore[return-value]
+    except FieldError as e:
+        raise RequestError(str(e), field=field) from None
+
+
+def encode_status(status: JobStatus) -> jobs_pb2.JobStatus.ValueType:
+    return JOB_STATUSES.encode(status)  # type: ignore[return-value]
+
+
+def decode_status(value: int, field: str = "status") -> JobStatus:
+    return JOB_STATUSES.decode(value, field)  # type: ignore[return-value]
+
+
+def _fields_of(cls: type, msg: object) -> dict[str, object]:
+    """The values of `msg`'s fields named as dataclass `cls`'s fields."""
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)}
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+def encode_tensor(arr: np.ndarray, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
+    out = tensor_pb2.Tensor() if out is None else out
+    dtype, shape, data = tensors.encode(arr)
+    out.dtype = DTYPES.encode(dtype)  # type: ignore[assignment]
+    out.shape[:] = shape
+    out.data = data
+    return out
+
+
+def decode_tensor(
+    t: tensor_pb2.Tensor, field: str = "tensor", max_bytes: int | None = None
+) -> np.ndarray:
+    """A read-only view on the message's bytes: no copy."""
+    dtype = DTYPES.decode(t.dtype, f"{field}.dtype")
+    try:
+        return tensors.decode(str(dtype), t.shape, t.data, max_bytes=max_bytes, what=field)
+    except tensors.TensorFormatError as e:
+        raise FieldError(str(e), f"{field}.{e.part}") from e
+
+
+def encode_tensors(
+    arrays: Mapping[str, np.ndarray], out: MutableMapping[str, tensor_pb2.Tensor]
+) -> None:
+    for name, arr in arrays.items():
+        encode_tensor(arr, out[name])
+
+
+def decode_tensors(
+    msgs: Mapping[str, tensor_pb2.Tensor], field: str, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    return {k: decode_tensor(v, f"{field}['{k}']", max_bytes) for k, v in msgs.items()}
+
+
+# --- graphs --------------------------------------------------------------------------------
+
+
+def _encode_attr(value: object, kind: AttrKind, out: graph_pb2.AttrValue) -> None:
+    if isinstance(value, np.ndarray):
+        encode_tensor(value, out.tensor)
+    elif isinstance(value, tuple):
+        out.ints.values[:] = value
+    elif isinstance(value, bool):
+        out.b = value
+    elif isinstance(value, int):
+        out.i = value
+    elif isinstance(value, float):
+        out.f = value
+    else:
+        raise TypeError(f"attribute value {value!r} of kind {kind.value} has no wire form")
+
+
+def _decode_attr(node: str, key: str, v: graph_pb2.AttrValue, max_bytes: int | None) -> object:
+    kind = v.WhichOneof("value")
+    if kind is None:
+        raise ValidationError(f"attribute '{key}' has no value", node=node, field=f"attrs.{key}")
+    if kind == "ints":
+        return tuple(v.ints.values)
+    if kind == "tensor":
+        return decode_tensor(v.tensor, f"attrs.{key}", max_bytes)
+    return getattr(v, kind)
+
+
+def _encode_graph(graph: Graph) -> graph_pb2.Graph:
+    out = graph_pb2.Graph(opset_version=OPSET_VERSION)
+    for node in graph.nodes:
+        n = out.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
+        for key, value in node.attrs.items():
+            _encode_attr(value, REGISTRY[node.op].attrs[key].kind, n.attrs[key])
+        if node.shape is not None:
+            n.shape.dims[:] = node.shape
+        if node.dtype is not None:
+            n.dtype = DTYPES.encode(node.dtype)  # type: ignore[assignment]
+    return out
+
+
+# Encoded graphs by fingerprint: a graph run many times is encoded once. The messages are
+# shared, so callers copy them into requests (protobuf's assignment does) and never mutate.
+ENCODED_GRAPHS: LRU[str, graph_pb2.Graph] = LRU(64, 64 << 20, lambda m: m.ByteSize())
+
+
+def encode_graph(graph: Graph) -> graph_pb2.Graph:
+    """The graph's protobuf form (from a small cache keyed by fingerprint)."""
+    return ENCODED_GRAPHS.get_or_make(graph.fingerprint, lambda: _encode_graph(graph))
+
+
+def decode_graph(
+    g: graph_pb2.Graph,
+    max_tensor_bytes: int | None = None,
+    check_node_count: Callable[[int], None] | None = None,
+) -> list[Node]:
+    """The graph's nodes (validated when built into a Graph); `check_node_count` runs before
+    any node is decoded."""
+    if check_node_count is not None:
+        check_node_count(len(g.nodes))
+    if g.opset_version not in (0, OPSET_VERSION):
+        raise FieldError(
+            f"opset_version {g.opset_version} is not supported (this side: {OPSET_VERSION})",
+            "graph.opset_version",
+        )
+    nodes = []
+    for n in g.nodes:
+        try:
+            attrs = {k: _decode_attr(n.name, k, v, max_tensor_bytes) for k, v in n.attrs.items()}
+        except FieldError as e:
+            raise ValidationError(str(e), node=n.name, field=e.field) from e
+        dtype = None
+        if n.dtype != tensor_pb2.DTYPE_UNSPECIFIED:
+            # An unknown dtype is left for validation, which names the node.
+            dtype = str(DTYPES.from_wire.get(n.dtype, f"enum value {n.dtype}"))
+        shape = tuple(n.shape.dims) if n.HasField("shape") else None
+        nodes.append(Node(n.name, n.op, tuple(n.inputs), attrs, shape=shape, dtype=dtype))
+    return nodes
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def encode_run_request(
+    request: RunRequest, options: RunOptions, fingerprint: str = ""
+) -> service_pb2.RunRequest:
+    msg = service_pb2.RunRequest(
+        outputs=request.outputs,
+        wrt=request.wrt,
+        options=service_pb2.RunOptions(
+            executor=encode_executor(options.executor), check_numerics=options.check_numerics
+        ),
+    )
+    if fingerprint:
+        msg.fingerprint = fingerprint
+    encode_tensors(request.feeds, msg.feeds)
+    encode_tensors(request.grad_outputs or {}, msg.grad_outputs)
+    return msg
+
+
+def decode_run_request(
+    msg: service_pb2.RunRequest, max_tensor_bytes: int | None = None
+) -> tuple[RunRequest, RunOptions]:
+    """The request and its options; the graph it names (graph_ref) is the caller's."""
+    feeds = decode_tensors(msg.feeds, "feeds", max_tensor_bytes)
+    seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes)
+    request = RunRequest(tuple(msg.outputs), feeds, tuple(msg.wrt), seeds or None)
+    executor = decode_executor(msg.options.executor, "options.executor")
+    return request, RunOptions(executor, msg.options.check_numerics)
+
+
+def encode_explain_request(
+    request: RunRequest, executor: ExecutorKind, fingerprint: str = ""
+) -> service_pb2.ExplainRequest:
+    msg = service_pb2.ExplainRequest(
+        outputs=request.outputs,
+        wrt=request.wrt,
+        options=service_pb2.RunOptions(executor=encode_executor(executor)),
+    )
+    if fingerprint:
+        msg.fingerprint = fingerprint
+    return msg
+
+
+def decode_explain_request(msg: service_pb2.ExplainRequest) -> tuple[RunRequest, ExecutorKind]:
+    request = RunRequest(tuple(msg.outputs), {}, tuple(msg.wrt))
+    return request, decode_executor(msg.options.executor, "options.executor")
+
+
+# --- results and plans ---------------------------------------------------------------------
+
+
+def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
+    out.executor = s.executor
+    out.wall_time = s.wall_time
+    out.partitions = s.partitions
+    out.bytes_moved = s.bytes_moved
+    for t in s.tasks:  # TaskStat's fields are the message's
+        out.tasks.add(**dataclasses.asdict(t))
+
+
+def decode_stats(s: service_pb2.RunStats) -> RunStats:
+    tasks = tuple(TaskStat(**_fields_of(TaskStat, t)) for t in s.tasks)
+    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks)
+
+
+def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
+    out = service_pb2.RunResponse(fingerprint=fingerprint)
+    encode_tensors(res.values, out.values)
+    encode_tensors(res.grads, out.grads)
+    encode_stats(res.stats, out.stats)
+    return out
+
+
+def decode_result(msg: service_pb2.RunResponse) -> RunResult:
+    values = decode_tensors(msg.values, "values")
+    grads = decode_tensors(msg.grads, "grads")
+    return RunResult(values, grads, decode_stats(msg.stats))
+
+
+def encode_explanation(e: Explanation) -> service_pb2.ExplainResponse:
+    out = service_pb2.ExplainResponse(
+        executor=e.executor, fingerprint=e.fingerprint, total_flops=e.total_flops
+    )
+    for p in e.partitions:
+        out.partitions.add(index=p.index, nodes=p.nodes, flops=p.flops, bytes=p.bytes)
+    for c in e.cuts:
+        out.cuts.add(src=c.src, dst=c.dst, node=c.node, bytes=c.bytes)
+    return out
+
+
+def decode_explanation(e: service_pb2.ExplainResponse) -> Explanation:
+    return Explanation(
+        e.executor,
+        tuple(PartitionInfo(p.index, tuple(p.nodes), p.flops, p.bytes) for p in e.partitions),
+        tuple(CutInfo(c.src, c.dst, c.node, c.bytes) for c in e.cuts),
+        e.fingerprint,
+    )
+
+
+def encode_ops(ops: Iterable[str] | None = None) -> service_pb2.ListOpsResponse:
+    """The registry's ops (or those named) as ListOps reports them."""
+    out = service_pb2.ListOpsResponse(opset_version=OPSET_VERSION)
+    for name in sorted(REGISTRY) if ops is None else ops:
+        op = REGISTRY[name]
+        info = out.ops.add(
+            name=name,
+            arity=-1 if op.arity is None else op.arity,
+            signature=op.signature(),
+            differentiable=op.vjp is not None,
+        )
+        for key, spec in op.attrs.items():
+            info.attrs.add(name=key, kind=spec.kind.value, required=spec.required)
+    return out
+
+
+def decode_ops(msg: service_pb2.ListOpsResponse) -> list[str]:
+    """The signatures of the ops a server offers."""
+    return [op.signature for op in msg.ops]
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+def encode_optimizer(optimizer: Optimizer, out: jobs_pb2.Optimizer) -> None:
+    if isinstance(optimizer, SGD):
+        out.sgd.lr, out.sgd.momentum = optimizer.lr, optimizer.momentum
+    else:
+        a = out.adam
+        a.lr, a.beta1, a.beta2, a.eps = (
+            optimizer.lr,
+            optimizer.beta1,
+            optimizer.beta2,
+            optimizer.eps,
+        )
+
+
+def decode_optimizer(o: jobs_pb2.Optimizer) -> Optimizer:
+    kind = o.WhichOneof("kind")
+    if kind is None:
+        raise RequestError(
+            "the job names no optimizer: set `optimizer.sgd` or `optimizer.adam`",
+            field="optimizer",
+        )
+    with within(f"optimizer.{kind}"):  # the optimizers check their hyper-parameters
+        if kind == "sgd":
+            return SGD(lr=o.sgd.lr, momentum=o.sgd.momentum)
+        default, a = Adam(), o.adam  # fields not set take Adam's defaults; 0 is a value
+        return Adam(
+            lr=a.lr,
+            beta1=a.beta1 if a.HasField("beta1") else default.beta1,
+            beta2=a.beta2 if a.HasField("beta2") else default.beta2,
+            eps=a.eps if a.HasField("eps") else default.eps,
+        )
+
+
+def encode_job(specs: Sequence[TrainSpec], executor: ExecutorKind) -> jobs_pb2.SubmitJobRequest:
+    """A job of one template per spec; the settings (optimizer, steps, batch size, seed) are
+    those every spec shares."""
+    first = specs[0]
+    req = jobs_pb2.SubmitJobRequest(
+        steps=first.steps,
+        batch_size=first.batch_size or 0,
+        seed=first.seed,
+        executor=encode_executor(executor),
+    )
+    encode_optimizer(first.optimizer, req.optimizer)
+    for spec in specs:
+        t = req.templates.add(loss=spec.loss)
+        t.graph.CopyFrom(encode_graph(spec.template))
+        encode_tensors(spec.params, t.params)
+        encode_tensors(spec.data, t.data)
+    return req
+
+
+def decode_job(
+    req: jobs_pb2.SubmitJobRequest,
+    max_tensor_bytes: int | None = None,
+    make_graph: Callable[[list[Node]], Graph] = Graph,
+    check_node_count: Callable[[int], None] | None = None,
+    check_steps: Callable[[int], None] | None = None,
+) -> tuple[list[TrainSpec], ExecutorKind]:
+    """The job's specs, each checked by the engine (TrainSpec.build), and its executor.
+    `make_graph` builds each template (a server registers it as well); `check_steps` adds
+    the receiver's bound on steps, after the settings' own checks."""
+    if not req.templates:
+        raise RequestError("the job has no templates", field="templates")
+    executor = decode_executor(req.executor, "executor")
+    optimizer = decode_optimizer(req.optimizer)
+    batch_size = req.batch_size if req.batch_size != 0 else None  # 0: every sample
+    check_settings(optimizer, req.steps, batch_size, req.seed)
+    if check_steps is not None:
+        check_steps(req.steps)
+    specs = []
+    for k, t in enumerate(req.templates):
+        where = f"templates[{k}]"
+        graph = make_graph(decode_graph(t.graph, max_tensor_bytes, check_node_count))
+        params = decode_tensors(t.params, f"{where}.params", max_tensor_bytes)
+        data = decode_tensors(t.data, f"{where}.data", max_tensor_bytes)
+        with within(where):
+            specs.append(
+                TrainSpec.build(
+                    graph, t.loss, params, data, optimizer, req.steps, batch_size, req.seed
+                )
+            )
+    return specs, executor
+
+
+def encode_job_info(v: JobView) -> jobs_pb2.JobInfo:
+    return jobs_pb2.JobInfo(  # Progress's fields are the message's
+        id=v.id,
+        status=encode_status(v.status),
+        error=v.error,
+        created=v.created,
+        **dataclasses.asdict(v.progress),
+    )
+
+
+def decode_job_info(info: jobs_pb2.JobInfo) -> JobView:
+    progress = Progress(**_fields_of(Progress, info))
+    return JobView(info.id, decode_status(info.status), progress, info.error, info.created)
+
+
+def encode_result_part(part: ResultPart) -> jobs_pb2.GetJobResultsResponse:
+    out = jobs_pb2.GetJobResultsResponse(
+        template=part.template, kind=part.kind, name=part.name, first=part.first
+    )
+    encode_tensor(part.value, out.value)
+    return out
+
+
+def decode_result_part(msg: jobs_pb2.GetJobResultsResponse) -> ResultPart:
+    value = decode_tensor(msg.value, "value")
+    return ResultPart(msg.template, msg.kind, msg.name, msg.first, value)

@@ -1,0 +1,209 @@
+"""The engine's one data plane (the role KServe's DataPlane plays): run, explain, prepare,
+and training jobs with their results by placement. The in-process client and the gRPC
+servicers are thin wrappers over a Session: they translate arguments (the servicers with
+graphgrad.wire) and call it, nothing more.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.dispatch import Dispatcher
+from graphgrad.engine.driver import task_source
+from graphgrad.engine.errors import CancelledError, RequestError
+from graphgrad.engine.executor import RunResult, check_finite
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.job_reports import JobView, ResultPart, result_parts
+from graphgrad.engine.jobs import Placement, TrainingRun, group_specs
+from graphgrad.engine.kinds import ExecutorKind, JobStatus
+from graphgrad.engine.planner import Explanation, describe
+from graphgrad.engine.training import TrainSpec
+
+# What `prepare` is told: the graph and request about to be run (a serving layer may plan
+# and compile ahead); None does nothing more than planning.
+PrepareHook = Callable[[Graph, RunRequest, ExecutorKind], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    executor: ExecutorKind = ExecutorKind.AUTO
+    check_numerics: bool = False
+
+
+@dataclass(frozen=True)
+class Explained:
+    """An explanation, and (in process) the generated source of its partitions' tasks."""
+
+    explanation: Explanation
+    source: Callable[[int, str], str]
+
+
+class LocalJob:
+    """A training job run in this process, in its own thread."""
+
+    def __init__(
+        self, job_id: str, run: TrainingRun, placement: list[Placement], specs: int
+    ) -> None:
+        self.id, self.run, self.placement, self.templates = job_id, run, placement, specs
+        self.created = time.time()
+        self.cancel = Cancellation()
+        self.status = JobStatus.RUNNING
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+        self.deleted = False
+        self.thread = threading.Thread(target=self._work, name=f"job-{job_id}", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        try:
+            self.run.run(self.cancel)
+            self.status = JobStatus.DONE
+        except CancelledError:
+            self.status = JobStatus.CANCELLED
+        except BaseException as e:  # reported through the view and the handle's wait()
+            self.error = e
+            self.status = JobStatus.FAILED
+        finally:
+            self.ended.set()
+
+    def view(self) -> JobView:
+        error = "" if self.error is None else f"{type(self.error).__name__}: {self.error}"
+        return JobView(self.id, self.status, self.run.progress(), error, self.created)
+
+    @property
+    def chunks(self) -> list[int]:
+        """How many chunks each stacked group of networks was cut into."""
+        return list(self.run.layout or [])
+
+
+class Session:
+    """Run, explain and prepare requests, and train jobs, on one Dispatcher (inline or Ray)."""
+
+    def __init__(
+        self, dispatcher: Dispatcher | None = None, prepare_hook: PrepareHook | None = None
+    ) -> None:
+        self.dispatcher = dispatcher or Dispatcher()
+        self.prepare_hook = prepare_hook
+        self._jobs: dict[str, LocalJob] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # --- requests --------------------------------------------------------------------------
+
+    def run(
+        self,
+        graph: Graph,
+        request: RunRequest,
+        options: RunOptions = RunOptions(),
+        cancel: Cancellation | None = None,
+    ) -> RunResult:
+        result = self.dispatcher.run(graph, request, options.executor, cancel)
+        if options.check_numerics:
+            check_finite(result, request.feeds)
+        return result
+
+    def explain(
+        self,
+        graph: Graph,
+        request: RunRequest,
+        executor: ExecutorKind = ExecutorKind.AUTO,
+        cancel: Cancellation | None = None,
+    ) -> Explanation:
+        name, plan = self.dispatcher.choose(graph, request, executor, cancel)
+        return describe(graph, name, plan)
+
+    def plan(
+        self, graph: Graph, request: RunRequest, executor: ExecutorKind = ExecutorKind.AUTO
+    ) -> Explained:
+        """The explanation with the source of each partition's tasks (compiled once)."""
+        bare = RunRequest(request.outputs, {}, request.wrt)
+        name, plan = self.dispatcher.choose(graph, bare, executor)
+        _, sched = self.dispatcher.executor(name).plan(graph, bare)
+        return Explained(describe(graph, name, plan), functools.partial(task_source, sched))
+
+    def prepare(
+        self, graph: Graph, request: RunRequest, executor: ExecutorKind = ExecutorKind.AUTO
+    ) -> None:
+        """Plan (and, with a hook, compile) ahead of the first run: the plan cache keeps it."""
+        self.dispatcher.choose(graph, RunRequest(request.outputs, {}, request.wrt), executor)
+        if self.prepare_hook is not None:
+            self.prepare_hook(graph, request, executor)
+
+    def start_for(self, executor: ExecutorKind) -> None:
+        """Start what `executor` needs on the caller's thread (Ray must start on the main
+        thread) before work goes to another thread."""
+        if executor == ExecutorKind.RAY:
+            self.dispatcher.ray.start()
+
+    def ray_info(self) -> tuple[str, dict[str, float]] | None:
+        """Ray's address and resources, or None while Ray is not running."""
+        if not self.dispatcher.ray_ready():
+            return None
+        info: tuple[str, dict[str, float]] = self.dispatcher.ray.info()
+        return info
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def submit(self, specs: list[TrainSpec], executor: ExecutorKind) -> str:
+        """Start training `specs` in a thread of this process; returns the job's id."""
+        groups, placement = group_specs(specs)
+        runner, cpus = self.dispatcher.training_runner(executor)
+        job_id = f"local-{next(self._ids)}"
+        job = LocalJob(job_id, TrainingRun(groups, cpus=cpus, runner=runner), placement, len(specs))
+        with self._lock:
+            self._jobs[job_id] = job
+        return job_id
+
+    def job(self, job_id: str) -> LocalJob:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise RequestError(f"no job '{job_id}' in this session", field="id")
+        return job
+
+    def jobs(self) -> list[JobView]:
+        with self._lock:
+            live = [j for j in self._jobs.values() if not j.deleted]
+        return [j.view() for j in live]
+
+    def cancel(self, job_id: str) -> JobView:
+        job = self.job(job_id)
+        job.cancel.cancel()
+        return job.view()
+
+    def delete(self, job_id: str) -> None:
+        """Cancel the job if it runs, wait for it to stop, and drop it with its results."""
+        job = self.job(job_id)
+        job.cancel.cancel()
+        job.thread.join()
+        job.deleted = True
+
+    def watch(self, job_id: str, interval: float = 0.1) -> Iterator[JobView]:
+        """The job's view now, every `interval` seconds while it runs, and once it ends."""
+        job = self.job(job_id)
+        while not job.ended.wait(interval):
+            yield job.view()
+        yield job.view()
+
+    def results(self, job_id: str, max_bytes: int = 4 << 20) -> Iterator[ResultPart]:
+        """The job's parameters and loss history per submitted template (its placement)."""
+        job = self.job(job_id)
+        if job.deleted:
+            raise RequestError(f"job {job_id} was deleted: it has no results", field="id")
+        run = job.run
+        history = run.history()
+
+        def rows(lo: int, hi: int) -> np.ndarray:
+            return history[lo:hi]
+
+        groups = [g.n for g in run.groups]
+        return result_parts(run.params(), job.placement, groups, run.steps, rows, max_bytes)
