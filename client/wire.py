@@ -116,9 +116,12 @@ def decode_status(value: int, field: str = "status") -> JobStatus:
     return JOB_STATUSES.decode(value, field)  # type: ignore[return-value]
 
 
-def _fields_of(cls: type, msg: object) -> dict[str, object]:
-    """The values of `msg`'s fields named as dataclass `cls`'s fields."""
-    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)}
+D = TypeVar("D")
+
+
+def _from_fields(cls: type[D], msg: object) -> D:
+    """A dataclass `cls` from the fields of `msg` of the same names."""
+    return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 # --- tensors -------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
 
 
 def decode_stats(s: service_pb2.RunStats) -> RunStats:
-    tasks = tuple(TaskStat(**_fields_of(TaskStat, t)) for t in s.tasks)
+    tasks = tuple(_from_fields(TaskStat, t) for t in s.tasks)
     return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks)
 
 
@@ -457,7 +460,7 @@ def encode_job_info(v: JobView) -> jobs_pb2.JobInfo:
 
 
 def decode_job_info(info: jobs_pb2.JobInfo) -> JobView:
-    progress = Progress(**_fields_of(Progress, info))
+    progress = _from_fields(Progress, info)
     return JobView(info.id, decode_status(info.status), progress, info.error, info.created)
 
 
