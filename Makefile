@@ -29,9 +29,12 @@ test: setup lint typecheck
 smoke: setup
 	$(BIN)/pytest -q -m "not slow" tests/test_ir.py tests/test_ops.py tests/test_seed.py
 
+# The layer contract of ../shared/DESIGN.md over the import graph (and the imports' cost:
+# the engine loads no gRPC or protobuf); it runs in `make test` too.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py
 
 # mypy resolves modules from directories, so it checks a tree of links laid out as installed.
 typecheck: setup
@@ -56,6 +59,7 @@ bench: setup
 	$(BIN)/python bench/seednet.py
 	$(BIN)/python bench/planning.py
 	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/imports.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,11 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from . import _display
-from .engine import ir
-from .engine.errors import ValidationError
-from .engine.grad import grad_graph
-from .engine.ops import CONSTANT, DTYPES, ShapeError, TensorType, check_attr, lookup
+from graphgrad import _display, engine
+from graphgrad.engine import (
+    CONSTANT,
+    DTYPES,
+    ShapeError,
+    TensorType,
+    ValidationError,
+    check_attr,
+    grad_graph,
+    lookup,
+)
 
 _current: contextvars.ContextVar[Graph | None] = contextvars.ContextVar(
     "graphgrad_graph", default=None
@@ -29,11 +35,11 @@ class Graph:
 
     def __init__(self, name: str = "graph") -> None:
         self.name = name
-        self._nodes: list[ir.Node] = []
+        self._nodes: list[engine.Node] = []
         self._types: dict[str, TensorType] = {}
         self._op_of: dict[str, str] = {}
         self._counter = itertools.count()
-        self._frozen: ir.Graph | None = None
+        self._frozen: engine.Graph | None = None
         self._tokens: list[contextvars.Token[Graph | None]] = []
 
     def __enter__(self) -> Graph:
@@ -55,7 +61,7 @@ class Graph:
         return Tensor(self, name)
 
     @property
-    def nodes(self) -> list[ir.Node]:
+    def nodes(self) -> list[engine.Node]:
         return list(self._nodes)
 
     # Notebook and terminal displays.
@@ -71,10 +77,10 @@ class Graph:
     def to_mermaid(self) -> str:
         return _display.to_mermaid(_display.graph_drawing(self.freeze()))
 
-    def freeze(self) -> ir.Graph:
+    def freeze(self) -> engine.Graph:
         """The engine's validated, immutable graph for the nodes built so far (cached)."""
         if self._frozen is None:
-            self._frozen = ir.Graph(self._nodes)
+            self._frozen = engine.Graph(self._nodes)
         return self._frozen
 
     def _fresh_name(self, prefix: str) -> str:
@@ -109,7 +115,7 @@ class Graph:
                 raise ValidationError(
                     f"op '{op_name}' on ({shapes}): {e}", node=name, field="inputs"
                 ) from e
-        node = ir.Node(
+        node = engine.Node(
             name,
             op_name,
             tuple(x.name for x in inputs),

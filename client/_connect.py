@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
-from ._local import LocalClient
-from ._remote import RemoteClient
+if TYPE_CHECKING:
+    from graphgrad._local import LocalClient
+    from graphgrad._remote import RemoteClient
 
 
 @overload
@@ -39,6 +40,11 @@ def connect(
     In process, ray_address / ray_num_cpus say which Ray `executor="ray"` uses (default: a
     local Ray started on first use).
     """
+    # Each kind is imported when first asked for: the remote one brings gRPC.
     if address is None:
+        from graphgrad._local import LocalClient
+
         return LocalClient(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
+    from graphgrad._remote import RemoteClient
+
     return RemoteClient(address, token=token, tls=tls, timeout=timeout)

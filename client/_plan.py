@@ -6,9 +6,8 @@ import html
 from collections.abc import Callable
 from typing import Any
 
-from . import _display
-from .engine import Graph, RequestError
-from .engine.planner import Explanation
+from graphgrad import _display
+from graphgrad.engine import Explanation, Graph, RequestError
 
 
 class Plan:

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ._builder import Graph, Tensor, _current
-from .engine import RunRequest, ir
+from graphgrad import engine
+from graphgrad._builder import Graph, Tensor, _current
+from graphgrad.engine import RunRequest
 
 Ref = Tensor | str
 
@@ -47,7 +48,7 @@ def build_request(
     feeds: Mapping[Ref, Any] | None,
     wrt: Ref | Sequence[Ref] | None,
     grad_outputs: Mapping[Ref, Any] | None,
-) -> tuple[Graph, ir.Graph, RunRequest]:
+) -> tuple[Graph, engine.Graph, RunRequest]:
     outs, wrts = as_list(outputs), as_list(wrt)
     feeds = dict(feeds or {})
     builder = find_graph(outs, wrts, list(feeds))

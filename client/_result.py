@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import RunStats
+from graphgrad.engine import RunStats
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Optimizers for `client.train`: `gg.optim.SGD(lr, momentum)` and `gg.optim.Adam(lr, ...)`."""
 
-from .engine.training import SGD, Adam
+from graphgrad.engine import SGD, Adam
 
 __all__ = ["SGD", "Adam"]

@@ -23,6 +23,7 @@ from graphgrad.engine.executor import (
     RunStats,
     TaskStat,
 )
+from graphgrad.engine.grad import grad_graph
 from graphgrad.engine.ir import Graph, Node
 from graphgrad.engine.job_reports import (
     NO_PROGRESS,
@@ -33,7 +34,17 @@ from graphgrad.engine.job_reports import (
 )
 from graphgrad.engine.jobs import Placement, Progress
 from graphgrad.engine.kinds import TERMINAL, ExecutorKind, JobStatus
-from graphgrad.engine.ops import DTYPES, REGISTRY, Op, TensorType
+from graphgrad.engine.ops import (
+    CONSTANT,
+    DTYPES,
+    REGISTRY,
+    Op,
+    ShapeError,
+    TensorType,
+    check_attr,
+    lookup,
+)
+from graphgrad.engine.planner import Explanation
 from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
 from graphgrad.engine.training import (
     SGD,
@@ -46,6 +57,7 @@ from graphgrad.engine.training import (
 )
 
 __all__ = [
+    "CONSTANT",
     "DTYPES",
     "NO_PROGRESS",
     "REGISTRY",
@@ -59,6 +71,7 @@ __all__ = [
     "Executor",
     "ExecutorKind",
     "Explained",
+    "Explanation",
     "FeedError",
     "Graph",
     "GraphError",
@@ -79,14 +92,18 @@ __all__ = [
     "RunResult",
     "RunStats",
     "Session",
+    "ShapeError",
     "TaskStat",
     "TensorType",
     "TrainSpec",
     "UnknownOpError",
     "ValidationError",
+    "check_attr",
     "check_settings",
+    "grad_graph",
     "job_bytes",
     "join_parts",
+    "lookup",
     "result_parts",
     "within",
 ]

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from graphgrad.engine import CancelledError, LimitError
-
-from .inflight import CallContext
+from graphgrad.server.inflight import CallContext
 
 
 class Admission:

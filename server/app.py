@@ -27,17 +27,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from graphgrad.engine import RequestError
+from graphgrad.server.admission import Admission
+from graphgrad.server.auth import TokenAuth
+from graphgrad.server.errors import to_status
+from graphgrad.server.inflight import CallContext, InFlight
+from graphgrad.server.job_service import JobServicer
+from graphgrad.server.jobs import DEFAULT_MAX_QUEUED, JobManager
+from graphgrad.server.limits import Limits, one_per_cpu
+from graphgrad.server.runtime import Runtime
+from graphgrad.server.service import GraphServicer
 from graphgrad.v1 import jobs_pb2, service_pb2
-
-from .admission import Admission
-from .auth import TokenAuth
-from .errors import to_status
-from .inflight import CallContext, InFlight
-from .job_service import JobServicer
-from .jobs import DEFAULT_MAX_QUEUED, JobManager
-from .limits import Limits, one_per_cpu
-from .runtime import Runtime
-from .service import GraphServicer
 
 log = logging.getLogger("graphgrad.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GraphService"]

@@ -14,15 +14,14 @@ from pathlib import Path
 from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
-
-from .app import Server, ServerConfig
-from .auth import check_token
-from .cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
-from .job_service import spec_decoder, stored_spec_decoder
-from .jobs import JobManager
-from .limits import MIB, Limits
-from .runtime import Runtime
-from .store import JobStore, StoreError
+from graphgrad.server.app import Server, ServerConfig
+from graphgrad.server.auth import check_token
+from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
+from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
+from graphgrad.server.jobs import JobManager
+from graphgrad.server.limits import MIB, Limits
+from graphgrad.server.runtime import Runtime
+from graphgrad.server.store import JobStore, StoreError
 
 TOKEN_ENV = "GRAPHGRAD_TOKEN"
 
