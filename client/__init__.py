@@ -19,7 +19,6 @@ from ._builder import (
     cos,
     div,
     exp,
-    grad,
     input,
     log,
     log_softmax,
@@ -50,6 +49,7 @@ from ._local import LocalClient
 from ._remote import RemoteClient, RemoteError
 from ._remote_jobs import RemoteJob
 from ._result import Result
+from ._transforms import grad, value_and_grad, vmap
 from .engine.errors import FeedError, GraphError, RequestError, ValidationError
 
 __version__ = "0.1.0"
@@ -102,4 +102,6 @@ __all__ = [
     "sum",
     "tanh",
     "transpose",
+    "value_and_grad",
+    "vmap",
 ]
