@@ -49,6 +49,7 @@ from ._local import LocalClient
 from ._remote import RemoteClient, RemoteError
 from ._remote_jobs import RemoteJob
 from ._result import Result
+from ._saving import Saved, SavedGraphError, load, save
 from ._transforms import grad, value_and_grad, vmap
 from .engine.errors import FeedError, GraphError, RequestError, ValidationError
 
@@ -65,6 +66,8 @@ __all__ = [
     "RemoteJob",
     "RequestError",
     "Result",
+    "Saved",
+    "SavedGraphError",
     "Tensor",
     "ValidationError",
     "__version__",
@@ -79,6 +82,7 @@ __all__ = [
     "exp",
     "grad",
     "input",
+    "load",
     "log",
     "log_softmax",
     "matmul",
@@ -93,6 +97,7 @@ __all__ = [
     "pow",
     "relu",
     "reshape",
+    "save",
     "sigmoid",
     "sin",
     "softmax",

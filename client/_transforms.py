@@ -482,6 +482,14 @@ def _splice(target: Graph, source: ir.Graph, bind: dict[str, Tensor] | None) -> 
     return made
 
 
+def builder_graph(source: ir.Graph, name: str = "graph") -> Graph:
+    """A builder graph holding the nodes of an engine graph, under the same names (so the
+    same fingerprint): what a graph made by a transform or read from a file runs as."""
+    graph = Graph(name)
+    _splice(graph, source, None)
+    return graph
+
+
 def vmap(
     fun: Callable[..., Any], in_axes: Any = 0, out_axes: int | None = 0, *, client: Any = None
 ) -> Transformed:
@@ -544,8 +552,7 @@ def vmap(
         src, names, axes, refs, outs, out_def, n = stacked(
             leaves, [a.shape for a in arrays], [a.dtype.name for a in arrays], td
         )
-        graph = Graph(f"vmap({getattr(fun, '__name__', 'f')})")
-        _splice(graph, src, None)
+        graph = builder_graph(src, f"vmap({getattr(fun, '__name__', 'f')})")
         batched = [refs[o].batched for o in outs]
         if out_axes is None and any(batched):
             raise ValueError("gg.vmap: out_axes=None needs outputs that are not mapped")
