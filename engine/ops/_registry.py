@@ -223,7 +223,8 @@ def _floats_only(op: Op) -> InferFn:
     def checked(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
         for k, t in enumerate(ins):
             if t.dtype not in FLOAT_DTYPES:
-                arg = op.inputs[min(k, len(op.inputs) - 1)] if op.inputs else f"x{k}"
+                names = REGISTRY.get(op.name, op).inputs  # as documented, maybe later
+                arg = names[min(k, len(names) - 1)] if names else f"x{k}"
                 raise ShapeError(
                     f"input {k} ({arg}) is {t.dtype}, but this op takes "
                     f"{' or '.join(FLOAT_DTYPES)} (convert with astype)"
