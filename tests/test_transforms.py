@@ -114,6 +114,32 @@ def test_python_if_on_a_node_raises_the_builders_error():
         gg.grad(f)(1.0)
 
 
+def test_python_if_on_a_comparison_raises_the_builders_error():
+    def f(x):
+        return x if x > 0 else -x
+
+    with pytest.raises(TypeError, match="truth value of graph node 'greater_\\d+'"):
+        gg.grad(f)(1.0)
+
+
+def test_integer_labels_are_arguments_that_are_not_differentiated():
+    rng = np.random.default_rng(5)
+    X, labels = rng.standard_normal((5, 2)), np.array([0, 1, 2, 1, 0])
+    W = rng.standard_normal((2, 3))
+
+    def loss(W, X, labels):
+        return gg.mean(gg.softmax_cross_entropy(X @ W, labels))
+
+    value, g = gg.value_and_grad(loss)(W, X, labels)
+    logits = X @ W
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert value == pytest.approx(-np.mean(np.log(p[np.arange(5), labels])), rel=1e-12)
+    np.testing.assert_allclose(g, X.T @ (p - np.eye(3)[labels]) / 5, rtol=1e-12, atol=1e-15)
+    with pytest.raises(gg.RequestError, match="wrt 'labels' is int64"):
+        gg.grad(loss, argnums=2)(W, X, labels)
+
+
 def test_bad_uses_get_clear_errors():
     with pytest.raises(TypeError, match="must return a scalar, got shape \\(3,\\)"):
         gg.grad(lambda x: x * 2)(np.ones(3))
