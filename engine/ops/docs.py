@@ -8,7 +8,7 @@ defined before docs were part of an entry), applied once when the registry is lo
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ._registry import REGISTRY
 
@@ -72,6 +72,25 @@ TABLE: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
 }
 
+# Ops whose VJP rule gives no gradient at all: piecewise constant or integer outputs
+# (tests/test_op_docs.py checks this against each rule).
+NO_GRADIENT = frozenset(
+    {
+        "less",
+        "less_equal",
+        "greater",
+        "greater_equal",
+        "equal",
+        "not_equal",
+        "argmax",
+        "argmin",
+        "step",
+        "sign",
+        "select_share",
+        "max_share",
+    }
+)
+
 UNARY = ("neg", "exp", "log", "tanh", "sigmoid", "relu", "sin", "cos", "sqrt", "abs")
 HELPERS = ("step", "sign", "safe_log")
 
@@ -89,3 +108,47 @@ def apply() -> None:
             inputs=op.inputs or inputs,
             doc=op.doc or doc or "",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AttrInfo:
+    """One attribute of an op: its name, kind (an AttrKind value) and whether it is required."""
+
+    name: str
+    kind: str
+    required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OpInfo:
+    """What `client.list_ops()` gives for one op, locally or from a server's ListOps."""
+
+    name: str
+    signature: str  # with named arguments: "take(x, indices, axis: int=0)"
+    doc: str
+    inputs: tuple[str, ...]
+    attrs: tuple[AttrInfo, ...]
+    arity: int | None  # None: variadic
+    differentiable: bool
+
+    def __str__(self) -> str:
+        return f"{self.signature}: {self.doc}" if self.doc else self.signature
+
+
+def op_infos() -> list[OpInfo]:
+    """Every registered op, by name."""
+    out = []
+    for name in sorted(REGISTRY):
+        op = REGISTRY[name]
+        out.append(
+            OpInfo(
+                name,
+                op.signature(),
+                op.doc,
+                op.inputs,
+                tuple(AttrInfo(k, s.kind.value, s.required) for k, s in op.attrs.items()),
+                op.arity,
+                op.vjp is not None and name not in NO_GRADIENT,
+            )
+        )
+    return out
