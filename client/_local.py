@@ -17,6 +17,7 @@ from .engine import Cancellation, RunRequest
 from .engine.dispatch import Dispatcher
 from .engine.driver import task_source
 from .engine.executor import check_finite
+from .engine.ops.docs import OpInfo, op_infos
 from .engine.planner import describe
 from .engine.training import SGD, Optimizer
 
@@ -96,6 +97,11 @@ class LocalClient(AsyncClient):
         runner, cpus = self._dispatcher.training_runner(executor)
         self._jobs += 1
         return start_job(specs, runner, cpus, f"local-{self._jobs}")
+
+    def list_ops(self) -> list[OpInfo]:
+        """The ops this process can run: name, signature with named arguments, doc, attributes
+        (what a server's ListOps gives)."""
+        return op_infos()
 
     def close(self) -> None:
         pass

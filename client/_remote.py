@@ -20,6 +20,7 @@ from ._remote_jobs import RemoteJob, encode_job
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Graph, GraphError
+from .engine.ops.docs import OpInfo
 from .engine.training import SGD, Optimizer
 from .v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
@@ -222,10 +223,9 @@ class RemoteClient(AsyncClient):
         resp = self._call_on_graph("Explain", msg, graph, timeout)
         return Plan(_wire.read_explanation(resp), graph)
 
-    def list_ops(self) -> list[str]:
-        return [
-            op.signature for op in self._call("ListOps", service_pb2.ListOpsRequest(), None).ops
-        ]
+    def list_ops(self) -> list[OpInfo]:
+        """The server's ops: name, signature with named arguments, doc, attributes."""
+        return _wire.read_op_infos(self._call("ListOps", service_pb2.ListOpsRequest(), None))
 
     def server_info(self) -> service_pb2.GetServerInfoResponse:
         return self._call("GetServerInfo", service_pb2.GetServerInfoRequest(), None)

@@ -7,11 +7,17 @@ from collections.abc import Mapping
 import numpy as np
 
 from .engine import Graph, RunStats, TaskStat, tensors
-from .engine.ops import REGISTRY, AttrKind
+from .engine.ops import OPSET_VERSION, REGISTRY, AttrKind
+from .engine.ops.docs import AttrInfo, OpInfo
 from .engine.planner import CutInfo, Explanation, PartitionInfo
 from .v1 import graph_pb2, service_pb2, tensor_pb2
 
-DTYPE_ENUMS = {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}
+DTYPE_ENUMS = {
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+    "float64": tensor_pb2.DTYPE_FLOAT64,
+    "int32": tensor_pb2.DTYPE_INT32,
+    "int64": tensor_pb2.DTYPE_INT64,
+}
 DTYPE_NAMES = {v: k for k, v in DTYPE_ENUMS.items()}
 EXECUTORS = {
     "auto": service_pb2.EXECUTOR_AUTO,
@@ -35,6 +41,8 @@ def read_tensor(t: tensor_pb2.Tensor) -> np.ndarray:
 def _fill_attr(value: object, kind: AttrKind, out: graph_pb2.AttrValue) -> None:
     if isinstance(value, np.ndarray):
         fill_tensor(value, out.tensor)
+    elif isinstance(value, str):  # a dtype
+        out.dtype = DTYPE_ENUMS[value]
     elif isinstance(value, tuple):
         out.ints.values[:] = value
     elif isinstance(value, bool):
@@ -48,7 +56,7 @@ def _fill_attr(value: object, kind: AttrKind, out: graph_pb2.AttrValue) -> None:
 
 
 def encode_graph(graph: Graph) -> graph_pb2.Graph:
-    out = graph_pb2.Graph(opset_version=1)
+    out = graph_pb2.Graph(opset_version=OPSET_VERSION)
     for node in graph.nodes:
         n = out.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
         for key, value in node.attrs.items():
@@ -86,3 +94,18 @@ def read_explanation(e: service_pb2.ExplainResponse) -> Explanation:
         tuple(CutInfo(c.src, c.dst, c.node, c.bytes) for c in e.cuts),
         e.fingerprint,
     )
+
+
+def read_op_infos(resp: service_pb2.ListOpsResponse) -> list[OpInfo]:
+    return [
+        OpInfo(
+            op.name,
+            op.signature,
+            op.doc,
+            tuple(op.inputs),
+            tuple(AttrInfo(a.name, a.kind, a.required) for a in op.attrs),
+            None if op.arity < 0 else op.arity,
+            op.differentiable,
+        )
+        for op in resp.ops
+    ]

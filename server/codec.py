@@ -8,13 +8,18 @@ import numpy as np
 
 from graphgrad.engine import RunResult, ValidationError, tensors
 from graphgrad.engine.ir import Node
-from graphgrad.engine.ops import REGISTRY
+from graphgrad.engine.ops import OPSET_VERSION
+from graphgrad.engine.ops.docs import op_infos as registry_ops
 from graphgrad.engine.planner import Explanation
 from graphgrad.v1 import graph_pb2, service_pb2, tensor_pb2
 
-DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
+DTYPE_NAMES = {
+    tensor_pb2.DTYPE_FLOAT32: "float32",
+    tensor_pb2.DTYPE_FLOAT64: "float64",
+    tensor_pb2.DTYPE_INT32: "int32",
+    tensor_pb2.DTYPE_INT64: "int64",
+}
 DTYPE_ENUMS = {v: k for k, v in DTYPE_NAMES.items()}
-OPSET_VERSION = 1
 
 
 class FieldError(ValueError):
@@ -29,7 +34,8 @@ def decode_tensor(t: tensor_pb2.Tensor, field: str, max_bytes: int | None = None
     dtype = DTYPE_NAMES.get(t.dtype)
     if dtype is None:
         raise FieldError(
-            f"{field}: dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64, got enum value {t.dtype}",
+            f"{field}: dtype must be one of "
+            f"{', '.join(tensor_pb2.Dtype.Name(k) for k in DTYPE_NAMES)}, got enum value {t.dtype}",
             f"{field}.dtype",
         )
     try:
@@ -59,11 +65,13 @@ def _decode_attr(node: str, key: str, v: graph_pb2.AttrValue, max_bytes: int | N
         return tuple(v.ints.values)
     if kind == "tensor":
         return decode_tensor(v.tensor, f"attrs.{key}", max_bytes)
+    if kind == "dtype":  # an unknown enum value stays visible to the attribute check
+        return DTYPE_NAMES.get(v.dtype, f"enum value {v.dtype}")
     return getattr(v, kind)
 
 
 def decode_graph(g: graph_pb2.Graph, max_tensor_bytes: int | None = None) -> list[Node]:
-    if g.opset_version not in (0, OPSET_VERSION):
+    if g.opset_version > OPSET_VERSION:  # each opset extends the one before
         raise FieldError(
             f"opset_version {g.opset_version} is not supported (this server: {OPSET_VERSION})",
             "graph.opset_version",
@@ -119,14 +127,15 @@ def encode_explanation(e: Explanation) -> service_pb2.ExplainResponse:
 
 def op_infos() -> service_pb2.ListOpsResponse:
     out = service_pb2.ListOpsResponse(opset_version=OPSET_VERSION)
-    for name in sorted(REGISTRY):
-        op = REGISTRY[name]
+    for op in registry_ops():
         info = out.ops.add(
-            name=name,
+            name=op.name,
             arity=-1 if op.arity is None else op.arity,
-            signature=op.signature(),
-            differentiable=op.vjp is not None,
+            signature=op.signature,
+            differentiable=op.differentiable,
+            doc=op.doc,
+            inputs=op.inputs,
         )
-        for key, spec in op.attrs.items():
-            info.attrs.add(name=key, kind=spec.kind.value, required=spec.required)
+        for a in op.attrs:
+            info.attrs.add(name=a.name, kind=a.kind, required=a.required)
     return out
