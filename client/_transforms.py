@@ -28,7 +28,7 @@ from ._builder import Graph, Tensor
 from .engine import ir
 from .engine.batching import batch_graph
 from .engine.lru import LRU
-from .engine.ops import DTYPES, INPUT, TensorType
+from .engine.ops import DTYPE_NAMES, DTYPES, INPUT, TensorType
 
 # Traced graphs kept per transformed function (least recently used dropped beyond either).
 CACHE_ENTRIES = 64
@@ -83,20 +83,20 @@ def _as_array(path: str, leaf: Any, what: str) -> np.ndarray:
     JAX); numpy arrays keep their dtype, which must be one the engine has."""
     if isinstance(leaf, bool | int | float):
         return np.asarray(leaf, dtype="float64")
-    if not isinstance(leaf, np.ndarray | np.generic | list):
+    if not isinstance(leaf, np.ndarray | np.generic):
         raise TypeError(
             f"{what}: argument {path} is a {type(leaf).__name__}; expected a numpy array, "
             "a Python number, or a dict, list or tuple of them"
         )
     arr = np.asarray(leaf)
-    if arr.dtype.name not in DTYPES:
-        if isinstance(leaf, list) and arr.dtype.kind in "biu":
-            return arr.astype("float64")
-        raise TypeError(f"{what}: argument {path} has dtype {arr.dtype}; expected one of {DTYPES}")
-    return arr
+    if arr.dtype in DTYPE_NAMES:  # a dict lookup: dtype.name is slow on this hot path
+        return arr
+    if arr.dtype.name in DTYPES:  # the other byte order
+        return arr.astype(arr.dtype.newbyteorder("="))
+    raise TypeError(f"{what}: argument {path} has dtype {arr.dtype}; expected one of {DTYPES}")
 
 
-def _is_symbolic(leaves: Sequence[tuple[str, Any]]) -> Graph | None:
+def _graph_of(leaves: Sequence[tuple[str, Any]]) -> Graph | None:
     """The graph of the Tensor leaves, if any: then the transform builds into it."""
     graphs = {id(v.graph): v.graph for _, v in leaves if isinstance(v, Tensor)}
     if len(graphs) > 1:
@@ -188,6 +188,7 @@ class Transformed:
     ) -> None:
         functools.update_wrapper(self, fun)
         self._fun = fun
+        self._params = _param_names(fun)
         self._what = what
         self._make = make
         self._symbolic = symbolic
@@ -203,7 +204,7 @@ class Transformed:
 
     def __call__(self, *args: Any) -> Any:
         leaves, treedef = flatten(tuple(args))
-        graph = _is_symbolic(leaves)
+        graph = _graph_of(leaves)
         if graph is not None:  # inside another transform or a graph: build, do not run
             return self._symbolic(graph, _lift(graph, leaves, self._what), treedef)
         arrays = self._arrays(leaves)
@@ -216,13 +217,13 @@ class Transformed:
         return self._traced(leaves, self._arrays(leaves), treedef).fingerprint
 
     def _arrays(self, leaves: list[tuple[str, Any]]) -> list[np.ndarray]:
-        names = _input_names(self._fun, [p for p, _ in leaves])
+        names = _input_names(self._params, [p for p, _ in leaves])
         return [_as_array(n, v, self._what) for n, (_, v) in zip(names, leaves, strict=True)]
 
     def _traced(
         self, leaves: list[tuple[str, Any]], arrays: list[np.ndarray], treedef: TreeDef
     ) -> Traced:
-        key = (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
+        key = (treedef, tuple((a.shape, a.dtype) for a in arrays))
         traced = self._cache.get(key)
         if traced is None:
             traced = self._make(leaves, arrays, treedef)
@@ -237,7 +238,7 @@ def _tracer(
     """Trace by building `nodes` on fresh inputs, one per argument leaf."""
 
     def make(leaves: list[tuple[str, Any]], arrays: list[np.ndarray], treedef: TreeDef) -> Traced:
-        names = _input_names(fun, [p for p, _ in leaves])
+        names = _input_names(_param_names(fun), [p for p, _ in leaves])
         graph = Graph(f"{what}({getattr(fun, '__name__', 'f')})")
         with graph:
             xs = [
@@ -250,22 +251,23 @@ def _tracer(
     return make
 
 
-def _input_names(fun: Callable[..., Any], paths: list[str]) -> list[str]:
-    """Readable input names: `[0].W` becomes `params.W` when the first parameter is `params`."""
+def _param_names(fun: Callable[..., Any]) -> list[str]:
+    """The names of f's positional parameters (none where Python cannot tell)."""
     try:
-        params = [
-            p.name
-            for p in inspect.signature(fun).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
+        params = inspect.signature(fun).parameters.values()
     except (TypeError, ValueError):
-        params = []
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _input_names(params: list[str], paths: list[str]) -> list[str]:
+    """Readable input names: `[0].W` becomes `params.W` when the first parameter is `params`."""
     out: list[str] = []
     for path in paths:
         head, _, rest = path[1:].partition("]")
         i = int(head)
         base = params[i] if i < len(params) else f"arg{i}"
-        name = f"{base}{rest}" if not rest or rest[0] in ".[" else f"{base}.{rest}"
+        name = base + rest  # rest: the path within the argument, ".W[1]"
         out.append(name if name not in out else f"{name}#{len(out)}")
     return out
 
@@ -509,7 +511,7 @@ def vmap(
     ) -> tuple[ir.Graph, list[str], list[int | None], dict[str, Any], list[str], TreeDef, int]:
         axes = _axes_per_leaf(in_axes, td, len(td[1]))
         n, axes = _mapped(leaves, shapes, axes)
-        names = _input_names(fun, [p for p, _ in leaves])
+        names = _input_names(_param_names(fun), [p for p, _ in leaves])
         types = [
             TensorType(_without(s, a), d) for s, a, d in zip(shapes, axes, dtypes, strict=True)
         ]
