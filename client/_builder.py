@@ -380,7 +380,12 @@ def dtype_name(dtype: Any, what: str) -> str:
 
 def shape_tuple(shape: Any, what: str) -> tuple[int, ...]:
     """A shape given as an int (`3`: a vector) or a sequence of ints, as a tuple."""
-    dims = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
+    if isinstance(shape, int | np.integer):
+        dims: tuple[Any, ...] = (shape,)
+    elif isinstance(shape, Sequence | np.ndarray):
+        dims = tuple(shape)
+    else:
+        dims = (shape,)  # reported below
     if not builtins.all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims):
         raise ValueError(f"{what}: shape must be an int or a sequence of ints, got {shape!r}")
     out = tuple(int(d) for d in dims)
