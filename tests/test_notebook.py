@@ -84,6 +84,7 @@ def test_the_classifier_learns_through_value_and_grad_on_the_server(classifier):
     accuracy = next(ln for ln in text.splitlines() if ln.startswith("training accuracy"))
     assert float(accuracy.split()[-1]) >= 0.9
     assert "graphs traced: 1" in text  # 150 steps, one graph
+    assert "labels int64, predicted classes int64" in text  # integer labels both ways
 
 
 def test_the_saved_classifier_draws_its_decision_regions(classifier):
