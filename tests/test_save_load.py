@@ -153,3 +153,18 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_fault(model, tmp_path, da
 def test_a_missing_file_names_it(tmp_path):
     with pytest.raises(gg.SavedGraphError, match="nope.gg: cannot read the file"):
         gg.load(tmp_path / "nope.gg")
+
+
+def test_integer_inputs_and_constants_round_trip(tmp_path):
+    with gg.Graph() as g:
+        logits = gg.input("logits", shape=(3, 4))
+        labels = gg.input("labels", shape=(3,), dtype="int64")
+        picked = gg.constant(np.array([2, 0], dtype=np.int32))
+        L = gg.mean(gg.softmax_cross_entropy(logits, labels)) + gg.sum(gg.astype(picked, "float64"))
+    loaded = gg.load(gg.save(tmp_path / "int.gg", L, params={"labels": np.array([0, 3, 1])}))
+    assert loaded.fingerprint == g.freeze().fingerprint
+    assert loaded.params["labels"].dtype == np.int64
+    feeds = {"logits": np.arange(12.0).reshape(3, 4) / 7}
+    client = gg.connect()
+    want = client.run(L, {**feeds, "labels": np.array([0, 3, 1])}).value
+    assert client.run(loaded.output, {**feeds, **loaded.params}).value == want
