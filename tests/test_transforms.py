@@ -181,6 +181,32 @@ def test_vmap_equals_a_python_loop():
     np.testing.assert_allclose(moved, np.stack([np.tanh(W @ x) for x in xs], axis=1), rtol=1e-14)
 
 
+def test_vmap_over_a_dict_of_stacked_parameters_is_an_ensemble():
+    rng = np.random.default_rng(6)
+    stacked = {"W": rng.standard_normal((4, 3, 2)), "b": rng.standard_normal((4, 3))}
+    x, t = rng.standard_normal(2), rng.standard_normal(3)
+
+    def loss(p, x, t):
+        return gg.sum((gg.tanh(p["W"] @ x + p["b"]) - t) ** 2)
+
+    losses, grads = gg.vmap(gg.value_and_grad(loss), in_axes=(0, None, None))(stacked, x, t)
+    for k in range(4):
+        one = {"W": stacked["W"][k], "b": stacked["b"][k]}
+        value, g = gg.value_and_grad(loss)(one, x, t)
+        assert losses[k] == pytest.approx(value, rel=1e-13)
+        np.testing.assert_allclose(grads["W"][k], g["W"], rtol=1e-13)
+        np.testing.assert_allclose(grads["b"][k], g["b"], rtol=1e-13)
+
+
+def test_the_trace_cache_is_bounded():
+    from graphgrad._transforms import CACHE_ENTRIES
+
+    g = gg.grad(lambda x: gg.sum(x))
+    for n in range(1, CACHE_ENTRIES + 6):
+        np.testing.assert_array_equal(g(np.zeros(n)), np.ones(n))
+    assert g.traces == CACHE_ENTRIES + 5 and g.cache_size() == CACHE_ENTRIES
+
+
 def test_vmap_of_grad_gives_per_example_gradients_and_grad_of_vmap_their_sum():
     xs = np.arange(1.0, 7.0).reshape(3, 2)
     per_example = gg.vmap(gg.grad(lambda x: gg.sum(x**3)))(xs)
