@@ -347,14 +347,14 @@ class Tensor:
     def __ge__(self, o: Any) -> Tensor:
         return greater_equal(self, o)
 
-    def __eq__(self, o: object) -> bool:  # type: ignore[override]
+    def __eq__(self, o: object) -> bool:
         raise TypeError(
             f"`==` on graph node '{self.name}' is ambiguous while the graph is built; use "
             "gg.equal(a, b) for the elementwise comparison (a node of 1s and 0s), or compare "
             "names (a.name == b.name) for the same node"
         )
 
-    def __ne__(self, o: object) -> bool:  # type: ignore[override]
+    def __ne__(self, o: object) -> bool:
         raise TypeError(
             f"`!=` on graph node '{self.name}' is ambiguous while the graph is built; use "
             "gg.not_equal(a, b) for the elementwise comparison (a node of 1s and 0s)"

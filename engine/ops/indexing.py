@@ -192,7 +192,7 @@ def _scatter_add(g: np.ndarray, idx: np.ndarray, axis: int, size: int) -> np.nda
     shape = (*g.shape[:axis], size, *g.shape[axis + idx.ndim :])
     out = np.zeros(shape, g.dtype)
     check_range(idx, size, axis)
-    np.add.at(out, (slice(None),) * axis + (idx,), g)
+    np.add.at(out, (slice(None),) * axis + (idx,), g)  # type: ignore[arg-type]
     return out
 
 
