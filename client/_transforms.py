@@ -392,7 +392,6 @@ def grad(fun_or_outputs: Any, *args: Any, **kwargs: Any) -> Any:
     """
     if isinstance(fun_or_outputs, Tensor) or (
         isinstance(fun_or_outputs, list | tuple)
-        and fun_or_outputs
         and all(isinstance(o, Tensor) for o in fun_or_outputs)
     ):
         return _builder.grad(fun_or_outputs, *args, **kwargs)
