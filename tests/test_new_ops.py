@@ -193,3 +193,33 @@ def test_softmax_cross_entropy_with_integer_labels_equals_one_hot_labels():
     np.testing.assert_allclose(a.values[sparse.name], b.values[dense.name], rtol=1e-14)
     p = np.exp(X) / np.exp(X).sum(1, keepdims=True)
     np.testing.assert_allclose(a.grads["logits"], p - np.eye(5)[labels], atol=1e-15)
+
+
+def test_new_ops_give_the_same_bits_partitioned_as_in_one_program():
+    """Branches of opset-2 ops cut into partitions (the tasks Ray would run, here inline)
+    give the bits of the one-program run, values and gradients."""
+    from graphgrad.engine import LocalExecutor, RunRequest
+
+    with gg.Graph() as g:
+        x = gg.input("x", (4, 5))
+        idx = gg.input("idx", 3, np.int64)
+        branches = [
+            gg.sum(x[idx] * 2.0),
+            gg.sum(x[::-1, 1:4] ** 2),
+            gg.logsumexp(x, axis=1).sum(),
+            gg.sum(gg.where(x > 0, x, 0.1 * x)),
+            gg.softmax_cross_entropy(x[:3], idx).sum(),
+            gg.sum(gg.take_along_axis(x[:3], gg.expand_dims(idx, 1), axis=1)),
+            gg.sum(gg.clip(x, -0.5, 0.5) * gg.argmax(x, 1).astype("float64")[:, None]),
+        ]
+        total = branches[0]
+        for b in branches[1:]:
+            total = total + b
+    graph = g.freeze()
+    request = RunRequest((total.name,), {"x": X, "idx": np.array([2, 0, -1])}, ("x",))
+    one = LocalExecutor().run(graph, request)
+    split = LocalExecutor(min_partition_seconds=0.0)
+    parts = split.run(graph, request)
+    assert len(split.plan(graph, request)[0].partitions) > 1
+    assert parts.values[total.name].tobytes() == one.values[total.name].tobytes()
+    assert parts.grads["x"].tobytes() == one.grads["x"].tobytes()
