@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
@@ -33,10 +34,14 @@ def connect(
     ray_address: str | None = None,
     ray_num_cpus: int | None = None,
 ) -> LocalClient | RemoteClient:
-    """Without an address: run in this process. With "host:port": talk to a graphgrad server.
+    """Without an address: run in this process. With "host:port", or the
+    "grpc://host:port" (plaintext) / "grpcs://host:port" (TLS) a server prints when it
+    starts: talk to that graphgrad server.
 
     token: bearer token the server requires; tls: True (system roots) or a CA certificate
-    (path or PEM bytes); timeout: default deadline of each call, in seconds.
+    (path or PEM bytes), implied by "grpcs://"; timeout: default deadline of each call, in
+    seconds. The connection is made on the first call; if nothing answers there, the error
+    names the address and says whether any server is listening on it.
     In process, ray_address / ray_num_cpus say which Ray `executor="ray"` uses (default: a
     local Ray started on first use).
     """
@@ -47,4 +52,50 @@ def connect(
         return LocalClient(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
     from graphgrad._remote import RemoteClient
 
-    return RemoteClient(address, token=token, tls=tls, timeout=timeout)
+    target, secure = split_address(address)
+    if secure and tls is False:
+        tls = True
+    return RemoteClient(target, token=token, tls=tls, timeout=timeout)
+
+
+SCHEMES = {"grpc": False, "grpcs": True}
+
+
+def split_address(address: str) -> tuple[str, bool]:
+    """ "host:port", "grpc://host:port" or "grpcs://host:port" as (host:port, whether TLS)."""
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"gg.connect: address must be 'host:port', got {address!r}")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return address, False
+    if scheme.lower() not in SCHEMES:
+        raise ValueError(
+            f"gg.connect: address {address!r} has scheme '{scheme}'; "
+            "use 'host:port', 'grpc://host:port' or 'grpcs://host:port'"
+        )
+    target = rest.rstrip("/")
+    if not target or "/" in target:
+        raise ValueError(f"gg.connect: address {address!r} must be a scheme and host:port only")
+    return target, SCHEMES[scheme.lower()]
+
+
+def unavailable_message(address: str, details: str) -> str:
+    """What a call that could not reach `address` says: whether anything listens there (a
+    TCP connect, not a reading of gRPC's text), and gRPC's own words."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            pass
+    except ValueError:
+        return f"cannot reach {address} ({details})"
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        return (
+            f"no server is running at {address} ({reason}): start one with "
+            f"`graphgrad serve --port {port}`, or check the address ({details})"
+        )
+    return (
+        f"a server is listening at {address} but did not answer the call ({details}): "
+        "is it a graphgrad server, not shutting down, and is the TLS setting (grpcs://) right?"
+    )

@@ -18,6 +18,7 @@ from graphgrad.engine import (
     Dispatcher,
     ExecutorKind,
     JobView,
+    OpInfo,
     Optimizer,
     RunOptions,
     Session,
@@ -94,6 +95,11 @@ class LocalClient(AsyncClient):
     def jobs(self) -> list[JobView]:
         """Every job of this client that was not deleted."""
         return self.session.jobs()
+
+    def list_ops(self) -> list[OpInfo]:
+        """The ops this process can run: name, signature with named arguments, doc, attributes
+        (what a server's ListOps gives)."""
+        return self.session.ops()
 
     def close(self) -> None:
         pass

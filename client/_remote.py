@@ -25,6 +25,7 @@ from graphgrad.engine import (
     Graph,
     GraphError,
     JobView,
+    OpInfo,
     Optimizer,
     RunOptions,
 )
@@ -45,7 +46,7 @@ class RemoteError(GraphError):
         super().__init__(f"{code.name}: {message}")
 
 
-def _remote_error(e: grpc.RpcError) -> RemoteError:
+def _remote_error(e: grpc.RpcError, address: str | None = None) -> RemoteError:
     violations: list[tuple[str, str]] = []
     status = rpc_status.from_call(e)  # type: ignore[arg-type]
     for detail in status.details if status else ():
@@ -57,7 +58,12 @@ def _remote_error(e: grpc.RpcError) -> RemoteError:
             qf = error_details_pb2.QuotaFailure()
             detail.Unpack(qf)
             violations += [(v.subject, v.description) for v in qf.violations]
-    return RemoteError(e.code(), e.details() or "", violations)
+    message = e.details() or ""
+    if e.code() == grpc.StatusCode.UNAVAILABLE and address is not None:
+        from graphgrad._connect import unavailable_message  # _connect imports this module
+
+        message = unavailable_message(address, message)
+    return RemoteError(e.code(), message, violations)
 
 
 def _credentials(tls: bool | str | bytes | Path) -> grpc.ChannelCredentials:
@@ -118,7 +124,7 @@ class RemoteClient(AsyncClient):
                 metadata=self._metadata,
             )
         except grpc.RpcError as e:
-            raise _remote_error(e) from None
+            raise _remote_error(e, self.address) from None
 
     @staticmethod
     def _stream(responses: Any) -> Any:
@@ -214,7 +220,8 @@ class RemoteClient(AsyncClient):
         resp = self._call_on_graph("Explain", msg, graph, timeout)
         return Plan(wire.decode_explanation(resp), graph)
 
-    def list_ops(self) -> list[str]:
+    def list_ops(self) -> list[OpInfo]:
+        """The server's ops: name, signature with named arguments, doc, attributes."""
         return wire.decode_ops(self._call("ListOps", service_pb2.ListOpsRequest(), None))
 
     def server_info(self) -> service_pb2.GetServerInfoResponse:

@@ -28,6 +28,15 @@ class Result:
             )
         return next(iter(self.values.values()))
 
+    def copy(self) -> Result:
+        """The same result with arrays of its own, writable (a remote result's arrays are
+        read-only views on the response bytes; copy to update them in place)."""
+        return Result(
+            {k: np.array(v) for k, v in self.values.items()},
+            {k: np.array(v) for k, v in self.grads.items()},
+            self.stats,
+        )
+
     def trace_events(self) -> list[dict[str, object]]:
         """The run's tasks as Chrome trace events (chrome://tracing, Perfetto)."""
         if self.stats is None:

@@ -29,12 +29,11 @@ from graphgrad.engine.job_reports import JobView, ResultPart
 from graphgrad.engine.jobs import Progress
 from graphgrad.engine.kinds import ExecutorKind, JobStatus
 from graphgrad.engine.lru import LRU
-from graphgrad.engine.ops import REGISTRY, AttrKind
+from graphgrad.engine.ops import OPSET_VERSION, REGISTRY, AttrKind  # the opset spoken
+from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
 from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, check_settings, within
 from graphgrad.v1 import graph_pb2, jobs_pb2, service_pb2, tensor_pb2
-
-OPSET_VERSION = 1
 
 E = TypeVar("E")
 
@@ -73,7 +72,13 @@ class _EnumMap:
 
 
 DTYPES = _EnumMap(
-    {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}, tensor_pb2.Dtype
+    {
+        "float32": tensor_pb2.DTYPE_FLOAT32,
+        "float64": tensor_pb2.DTYPE_FLOAT64,
+        "int32": tensor_pb2.DTYPE_INT32,
+        "int64": tensor_pb2.DTYPE_INT64,
+    },
+    tensor_pb2.Dtype,
 )
 EXECUTORS = _EnumMap(
     {
@@ -166,6 +171,8 @@ def decode_tensors(
 def _encode_attr(value: object, kind: AttrKind, out: graph_pb2.AttrValue) -> None:
     if isinstance(value, np.ndarray):
         encode_tensor(value, out.tensor)
+    elif isinstance(value, str):  # a dtype
+        out.dtype = DTYPES.encode(value)  # type: ignore[assignment]
     elif isinstance(value, tuple):
         out.ints.values[:] = value
     elif isinstance(value, bool):
@@ -186,6 +193,8 @@ def _decode_attr(node: str, key: str, v: graph_pb2.AttrValue, max_bytes: int | N
         return tuple(v.ints.values)
     if kind == "tensor":
         return decode_tensor(v.tensor, f"attrs.{key}", max_bytes)
+    if kind == "dtype":  # an unknown enum value stays visible to the attribute check
+        return DTYPES.from_wire.get(v.dtype, f"enum value {v.dtype}")
     return getattr(v, kind)
 
 
@@ -221,7 +230,7 @@ def decode_graph(
     any node is decoded."""
     if check_node_count is not None:
         check_node_count(len(g.nodes))
-    if g.opset_version not in (0, OPSET_VERSION):
+    if g.opset_version > OPSET_VERSION:  # each opset extends the one before
         raise FieldError(
             f"opset_version {g.opset_version} is not supported (this side: {OPSET_VERSION})",
             "graph.opset_version",
@@ -341,25 +350,36 @@ def decode_explanation(e: service_pb2.ExplainResponse) -> Explanation:
     )
 
 
-def encode_ops(ops: Iterable[str] | None = None) -> service_pb2.ListOpsResponse:
-    """The registry's ops (or those named) as ListOps reports them."""
+def encode_ops(ops: Iterable[OpInfo] | None = None) -> service_pb2.ListOpsResponse:
+    """The ops (default: every registered one) as ListOps reports them."""
     out = service_pb2.ListOpsResponse(opset_version=OPSET_VERSION)
-    for name in sorted(REGISTRY) if ops is None else ops:
-        op = REGISTRY[name]
+    for op in op_infos() if ops is None else ops:
         info = out.ops.add(
-            name=name,
+            name=op.name,
             arity=-1 if op.arity is None else op.arity,
-            signature=op.signature(),
-            differentiable=op.vjp is not None,
+            signature=op.signature,
+            differentiable=op.differentiable,
+            doc=op.doc,
+            inputs=op.inputs,
         )
-        for key, spec in op.attrs.items():
-            info.attrs.add(name=key, kind=spec.kind.value, required=spec.required)
+        for a in op.attrs:
+            info.attrs.add(name=a.name, kind=a.kind, required=a.required)
     return out
 
 
-def decode_ops(msg: service_pb2.ListOpsResponse) -> list[str]:
-    """The signatures of the ops a server offers."""
-    return [op.signature for op in msg.ops]
+def decode_ops(msg: service_pb2.ListOpsResponse) -> list[OpInfo]:
+    return [
+        OpInfo(
+            op.name,
+            op.signature,
+            op.doc,
+            tuple(op.inputs),
+            tuple(AttrInfo(a.name, a.kind, a.required) for a in op.attrs),
+            None if op.arity < 0 else op.arity,
+            op.differentiable,
+        )
+        for op in msg.ops
+    ]
 
 
 # --- jobs ----------------------------------------------------------------------------------

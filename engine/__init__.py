@@ -4,6 +4,7 @@ What the SDK, the wire and the server use is exported here; the rest is the engi
 """
 
 from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.batching import batch_graph
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.errors import (
     CancelledError,
@@ -34,9 +35,15 @@ from graphgrad.engine.job_reports import (
 )
 from graphgrad.engine.jobs import Placement, Progress
 from graphgrad.engine.kinds import TERMINAL, ExecutorKind, JobStatus
+from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import (
     CONSTANT,
+    DTYPE_NAMES,
     DTYPES,
+    FLOAT_DTYPES,
+    INPUT,
+    INT_DTYPES,
+    OPSET_VERSION,
     REGISTRY,
     Op,
     ShapeError,
@@ -44,6 +51,7 @@ from graphgrad.engine.ops import (
     check_attr,
     lookup,
 )
+from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
 from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
 from graphgrad.engine.training import (
@@ -57,6 +65,16 @@ from graphgrad.engine.training import (
 )
 
 __all__ = [
+    "DTYPE_NAMES",
+    "FLOAT_DTYPES",
+    "INPUT",
+    "INT_DTYPES",
+    "OPSET_VERSION",
+    "LRU",
+    "AttrInfo",
+    "OpInfo",
+    "op_infos",
+    "batch_graph",
     "CONSTANT",
     "DTYPES",
     "NO_PROGRESS",

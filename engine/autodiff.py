@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import FeedError, RequestError, name_list
 from .ir import Graph
-from .ops import INPUT
+from .ops import FLOAT_DTYPES, INPUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,14 @@ def _plan_pass(
         raise RequestError("no outputs requested", field="outputs")
     outs = tuple(graph.position(n, field="outputs") for n in outputs)
     wrts = tuple(graph.position(n, field="wrt") for n in wrt)
+    for w in wrts:  # integer nodes hold labels and indices: nothing to differentiate
+        if graph.types[w].dtype not in FLOAT_DTYPES:
+            name = graph.nodes[w].name
+            raise RequestError(
+                f"wrt {name_list([name])} is {graph.types[w].dtype}: gradients are taken with "
+                f"respect to {' or '.join(FLOAT_DTYPES)} nodes only",
+                field="wrt",
+            )
     # Seeds are checked here, where every path (executors, memory estimate) plans a request.
     for name in seeded:
         if graph.index.get(name) not in outs:

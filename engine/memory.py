@@ -1,11 +1,19 @@
-"""A request's peak memory, from declared shapes and the schedule the local executor runs.
+"""A request's peak memory, from declared shapes and the programs the driver runs.
 
-The estimate replays the executor's bookkeeping without computing anything: values appear
-when their node runs and are freed after their last read (forward or VJP; outputs are kept),
-gradient contributions are held until their node's VJP sums them, wrt gradients (zero ones
-included) are kept to the end, and the response holds a copy of every value and gradient
-plus its serialized form. Linear in the graph; cached with the plan. Every executor is
-admitted by this one schedule: the partitioned one frees no later and holds no more.
+The estimate replays the local executor's schedule (engine/driver.py) without computing
+anything: its tasks (the forward program, the backward program of the gradient nodes, the
+caller's) in order, each node of a task in the order its compiled program runs them. Fed
+values and seed cotangents are held throughout; a value a task makes is freed after its last
+read in that task unless later tasks or the response read it (the driver holds every task's
+exports until the caller's task has run); a node whose kernel is more than one numpy call
+may hold two temporaries the size of its largest operand while it runs; gradients are copied
+out, and the response holds a copy of every value and gradient plus its serialized form.
+Constants are the program's (the plan cache counts them), and in-place ops, shared
+subexpressions and folded constants only allocate less, so the replay bounds what a run
+allocates (tests/test_memory_bounds.py measures it). Linear in the schedule; kept in a
+bounded cache beside the schedule. The partitioned executors run the same nodes in the same
+tasks' order on workers, and the caller of a Ray run holds no more than the exports it
+gathers.
 """
 
 from __future__ import annotations
@@ -13,14 +21,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .autodiff import PassPlan, plan_pass
+import numpy as np
+
+from .autodiff import RunRequest
+from .driver import Schedule, TaskSpec
+from .executor import LocalExecutor
 from .ir import Graph
+from .lru import LRU
+from .ops import CONSTANT, Op
 
 
 @dataclass(frozen=True, slots=True)
 class RequestMemory:
     peak: int  # the most bytes held at once, response included
-    kept: int  # values alive at the worst point of the passes (kept for the backward, feeds)
+    kept: int  # the most bytes held while the tasks run (feeds, values, their temporaries)
     grads: int  # the wrt gradients returned, zero ones included
     response: int  # values and gradients in the response message and its serialized form
 
@@ -31,63 +45,80 @@ class RequestMemory:
         )
 
 
+# Estimates of the schedules the plan cache holds. Keyed by the schedule's id, with the
+# schedule itself kept beside the estimate: an id cannot be reused while its entry lives.
+_ESTIMATES: LRU[int, tuple[Schedule, RequestMemory]] = LRU(
+    1024, 64 << 20, lambda v: v[0].approx_bytes() + 200
+)
+_PLANNER = LocalExecutor()
+# Ops whose kernel is one numpy call allocating at most its output: the ufuncs of
+# engine/ops/elementwise.py's `_unary`/`_binary`, reductions, reshape (a copy is its output),
+# broadcast_to (a view). Every other op (softmax, losses, matmul, ops added later) is counted
+# with two temporaries the size of its largest operand (a log-softmax holds x - max(x) and
+# its exponential at once).
+NO_TEMPORARY = frozenset(
+    {"neg", "exp", "log", "tanh", "sin", "cos", "sqrt", "abs", "sign"}
+    | {"add", "sub", "mul", "div", "pow", "maximum", "minimum"}
+    | {"sum", "mean", "max", "reshape", "broadcast_to"}
+)
+# Held beside the values while any op runs: numpy's iteration buffers (8192 elements of up to
+# 8 bytes for each of a few operands, in reductions and casts) and the run's bookkeeping.
+WORKSPACE = 256 << 10
+_ANY = np.empty(0)  # planning reads only which outputs are seeded, not the seeds
+
+
 def request_memory(
     graph: Graph, outputs: Sequence[str], wrt: Sequence[str], seeded: Sequence[str] = ()
 ) -> RequestMemory:
     """The estimate for `run(outputs, wrt, grad_outputs with keys `seeded`)`; no feeds needed."""
-    plan = plan_pass(graph, outputs, wrt, seeded)
-    key = ("request-memory", tuple(outputs), tuple(wrt), tuple(seeded))
-    diff = [graph.index[n] for n in seeded] or list(plan.outputs[:1])
-    mem: RequestMemory = graph.memo(key, lambda: _replay(graph, plan, diff))
-    return mem
+    request = RunRequest(
+        tuple(outputs), {}, tuple(wrt), {s: _ANY for s in seeded} if seeded else None
+    )
+    _, sched = _PLANNER.plan(graph, request)
+    held = _ESTIMATES.get(id(sched))
+    if held is not None and held[0] is sched:
+        return held[1]
+    return _ESTIMATES.put(id(sched), (sched, replay(sched)))[1]
 
 
-def _replay(graph: Graph, plan: PassPlan, seeded: list[int]) -> RequestMemory:
+def replay(sched: Schedule) -> RequestMemory:
+    """The bytes a run of `sched` holds at its worst point, task by task."""
+    graph = sched.graph
     size = [t.nbytes for t in graph.types]
-    uses = dict(plan.uses)
-    pinned = set(plan.outputs)
-    live = sum(size[i] for i in plan.needed_inputs)
-    peak = live
-
-    def release(nodes: Sequence[int]) -> int:
-        freed = 0
-        for j in nodes:
-            uses[j] = uses.get(j, 0) - 1
-            if uses[j] == 0 and j not in pinned:
-                freed += size[j]
-        return freed
-
-    for i in plan.forward:
-        live += size[i]
-        peak = max(peak, live)
-        live -= release(graph.input_pos[i])
-
-    wanted = set(plan.wrt)
-    # Contributions waiting per node; seeds are the first ones (of the outputs differentiated).
-    pending: dict[int, int] = {}
-    if plan.wrt:
-        for o in seeded:
-            pending[o] = size[o]
-    held = sum(pending.values())  # contributions not yet summed
-    grads = 0
-    for i in plan.backward:
-        parts = pending.pop(i, 0)
-        g = size[i] if parts else 0
-        peak = max(peak, live + held + g + grads)  # the parts and their sum, at once
-        held -= parts
-        if g:
-            for j in graph.input_pos[i]:
-                if j in plan.relevant:
-                    pending[j] = pending.get(j, 0) + size[j]
-                    held += size[j]
-            peak = max(peak, live + held + g + grads)
-            if i in wanted:
-                grads += g
-        live -= release((i, *graph.input_pos[i]))
-    kept = peak
-    # Every wrt node gets a gradient of its own size: summed at the end, or zeros.
-    grads = sum(size[w] for w in wanted)
-    values = sum(size[o] for o in pinned)
+    fed = set(sched.feed_pos.values()) | set(sched.seeds.values())
+    held = sum(size[i] for i in fed)  # feeds, and exports of the tasks run so far
+    kept = held
+    for task in sched.tasks:
+        peak, exported = _task_peak(graph.input_pos, graph.ops, size, task)
+        kept = max(kept, held + peak + WORKSPACE)
+        held += exported
+    values = sum(size[i] for i in set(sched.outputs))
+    grads = sum(size[g] for g in sched.grads)  # each copied out (they may be views)
     response = 2 * (values + grads)
-    peak = max(peak, live + held + grads + response)
-    return RequestMemory(peak, kept, grads, response)
+    return RequestMemory(max(kept, held + grads + response), kept, grads, response)
+
+
+def _task_peak(
+    input_pos: Sequence[tuple[int, ...]], ops: Sequence[Op], size: list[int], task: TaskSpec
+) -> tuple[int, int]:
+    """The most bytes a task's program holds at once beyond what it reads, and the bytes of
+    the values it exports (held after it)."""
+    mine = [i for i in task.nodes if ops[i] is not CONSTANT]
+    made = set(mine)
+    keep = set(task.exports)
+    last: dict[int, int] = {}
+    for k, i in enumerate(mine):
+        for j in input_pos[i]:
+            if j in made:
+                last[j] = k
+    live = peak = 0
+    for k, i in enumerate(mine):
+        live += size[i]
+        ins = input_pos[i]
+        temporary = 0 if ops[i].name in NO_TEMPORARY else 2 * max(size[j] for j in (i, *ins))
+        peak = max(peak, live + temporary)
+        for j in {*input_pos[i], i}:
+            if j in made and j not in keep and last.get(j, -1) <= k:
+                live -= size[j]
+                made.discard(j)  # freed once
+    return peak, sum(size[i] for i in keep if ops[i] is not CONSTANT and i in task.nodes)

@@ -25,6 +25,7 @@ from graphgrad.engine.ir import Graph
 from graphgrad.engine.job_reports import JobView, ResultPart, result_parts
 from graphgrad.engine.jobs import Placement, TrainingRun, group_specs
 from graphgrad.engine.kinds import ExecutorKind, JobStatus
+from graphgrad.engine.ops.docs import OpInfo, op_infos
 from graphgrad.engine.planner import Explanation, describe
 from graphgrad.engine.training import TrainSpec
 
@@ -137,6 +138,10 @@ class Session:
         self.dispatcher.choose(graph, RunRequest(request.outputs, {}, request.wrt), executor)
         if self.prepare_hook is not None:
             self.prepare_hook(graph, request, executor)
+
+    def ops(self) -> list[OpInfo]:
+        """The ops this engine runs: name, signature, doc, attributes (ListOps' answer)."""
+        return op_infos()
 
     def start_for(self, executor: ExecutorKind) -> None:
         """Start what `executor` needs on the caller's thread (Ray must start on the main

@@ -1,8 +1,10 @@
 """Batched training: N networks of one template trained together, every step in one call.
 
 The template computes one network's scalar loss on one batch. `ChunkTrainer` stacks a chunk
-of networks with the batching transform, so a step over all of them is one pass of a few
-numpy calls per op. Minibatches are drawn per network from a generator keyed by (seed,
+of networks with the batching transform and differentiates the stacked graph (engine/grad.py);
+that gradient graph is compiled once per chunk shape (engine/codegen.py) and every step, of
+every segment, inline or in a Ray worker, is one call of that program: a few numpy calls per
+op for all the networks. Minibatches are drawn per network from a generator keyed by (seed,
 network index, epoch), so results do not depend on how networks are chunked or on resuming.
 """
 
@@ -17,10 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .autodiff import RunRequest
 from .batching import batch_graph
+from .cancel import Cancellation
+from .codegen import Program, compile_program
 from .errors import RequestError
-from .executor import Cancellation, LocalExecutor
+from .grad import grad_graph
 from .ir import Graph
 from .lru import LRU
 from .ops import INPUT, TensorType
@@ -368,20 +371,69 @@ def _check_data(spec: TrainSpec, n: int) -> None:
                 )
 
 
-_STACKED: LRU[tuple[str, str, frozenset[str], int], tuple[Graph, str]] = LRU(
-    64, 1 << 30, lambda v: v[0].approx_bytes()
-)
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledStep:
+    """One training step of a chunk shape, compiled once: the stacked template's gradient
+    graph (the batching transform, then the gradient transform, like any other graph) as one
+    straight-line program from the feeds to the losses and the params' gradients."""
+
+    graph: Graph  # the stacked gradient graph
+    program: Program
+    inputs: tuple[tuple[str, int], ...]  # fed input name -> position
+    seed: int  # the input fed the loss cotangent: ones, every network's loss weighs 1
+    loss: int
+    grads: tuple[tuple[str, int], ...]  # param -> position of its gradient
+
+    def approx_bytes(self) -> int:
+        """What the step cache counts: the gradient graph and its program."""
+        return self.graph.approx_bytes() + self.program.approx_bytes()
+
+    def __call__(self, feeds: Arrays, cancel: Cancellation) -> tuple[np.ndarray, Arrays]:
+        """The losses [n] and the gradients of their sum, by param name."""
+        values: dict[int, np.ndarray] = {pos: feeds[name] for name, pos in self.inputs}
+        t = self.graph.types[self.seed]
+        values[self.seed] = np.ones(t.shape, t.dtype)  # fresh: a program consumes its values
+        out = self.program(values, cancel)
+        return out[self.loss], {name: out[pos] for name, pos in self.grads}
 
 
-def stacked(template: Graph, loss: str, batched: frozenset[str], n: int) -> tuple[Graph, str]:
-    """The stacked graph and its loss node, built once per process (a job's segments reuse
-    it, with the plans memoised on it)."""
+def compile_step(
+    template: Graph, loss: str, batched: frozenset[str], n: int, params: tuple[str, ...]
+) -> CompiledStep:
+    """The step of `n` networks of `template` (inputs in `batched` stacked), differentiating
+    the sum of their losses with respect to `params`."""
+    graph, refs = batch_graph(template, set(batched), n)
+    losses = refs[loss].name
+    grads = grad_graph(graph, [losses], params, [losses])
+    full = grads.graph
+    pos = full.index
+    exports = [pos[losses], *(pos[g] for g in grads.grads)]
+    needed = full.ancestors(exports)
+    program = compile_program(full, [i for i in needed if full.ops[i] is not INPUT], exports)
+    inputs = tuple((full.nodes[i].name, i) for i in needed if full.ops[i] is INPUT)
+    seed = pos[grads.seeds[losses]]
+    return CompiledStep(
+        full,
+        program,
+        tuple((name, i) for name, i in inputs if i != seed),
+        seed,
+        pos[losses],
+        tuple((p, pos[g]) for p, g in zip(params, grads.grads, strict=True)),
+    )
 
-    def make() -> tuple[Graph, str]:
-        graph, refs = batch_graph(template, set(batched), n)
-        return graph, refs[loss].name
 
-    return _STACKED.get_or_make((template.fingerprint, loss, batched, n), make)
+StepKey = tuple[str, str, frozenset[str], int, tuple[str, ...]]
+# Per process: a job's chunks of one shape, its segments and its steps share one program (in
+# a Ray worker, every segment the worker runs).
+_STEPS: LRU[StepKey, CompiledStep] = LRU(64, 1 << 30, CompiledStep.approx_bytes)
+
+
+def compiled_step(
+    template: Graph, loss: str, batched: frozenset[str], n: int, params: tuple[str, ...]
+) -> CompiledStep:
+    """`compile_step`, made once per process and chunk shape."""
+    key = (template.fingerprint, loss, batched, n, params)
+    return _STEPS.get_or_make(key, lambda: compile_step(template, loss, batched, n, params))
 
 
 class ChunkTrainer:
@@ -392,9 +444,8 @@ class ChunkTrainer:
         batched = set(spec.params) | set(spec.per_network)
         if spec.batch_size is not None:
             batched |= set(spec.data)  # every network draws its own minibatches
-        self.graph, self.loss = stacked(spec.template, spec.loss, frozenset(batched), spec.n)
-        self.params = tuple(spec.params)
-        self.executor = LocalExecutor()
+        params = tuple(sorted(spec.params))
+        self.compiled = compiled_step(spec.template, spec.loss, frozenset(batched), spec.n, params)
         sizes = {
             name: v.shape[1] if name in spec.per_network else v.shape[0]
             for name, v in spec.data.items()
@@ -433,13 +484,9 @@ class ChunkTrainer:
     def step(self, state: ChunkState, cancel: Cancellation | None = None) -> None:
         spec = self.spec
         feeds = {**state.params, **self._batch(state.step)}
-        loss_type = self.graph.types[self.graph.index[self.loss]]
-        seed = np.ones(loss_type.shape, loss_type.dtype)
-        res = self.executor.run(
-            self.graph, RunRequest((self.loss,), feeds, self.params, {self.loss: seed}), cancel
-        )
-        state.losses.append(np.asarray(res.values[self.loss], dtype=np.float64).copy())
-        spec.optimizer.update(state.params, res.grads, state.opt_state, state.step)
+        losses, grads = self.compiled(feeds, cancel or Cancellation())
+        state.losses.append(np.asarray(losses, dtype=np.float64).copy())
+        spec.optimizer.update(state.params, grads, state.opt_state, state.step)
         state.step += 1
 
     def run(

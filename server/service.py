@@ -69,7 +69,7 @@ class GraphServicer:
     def ListOps(
         self, request: service_pb2.ListOpsRequest, context: CallContext
     ) -> service_pb2.ListOpsResponse:
-        return wire.encode_ops()
+        return wire.encode_ops(self.runtime.session.ops())
 
     def GetServerInfo(
         self, request: service_pb2.GetServerInfoRequest, context: CallContext

@@ -12,10 +12,14 @@ def numerical_vjp(
     xs: list[np.ndarray],
     u: np.ndarray,
     eps: float = 1e-6,
-) -> list[np.ndarray]:
-    """d/dx_k of sum(u * f(xs)) for every input k, by central differences."""
-    grads = []
+) -> list[np.ndarray | None]:
+    """d/dx_k of sum(u * f(xs)) for every input k, by central differences (None for an
+    integer input: indices and labels are not differentiated)."""
+    grads: list[np.ndarray | None] = []
     for k, x in enumerate(xs):
+        if x.dtype.kind != "f":
+            grads.append(None)
+            continue
         g = np.zeros_like(x)
         for idx in np.ndindex(x.shape):
             plus = [v.copy() for v in xs]

@@ -57,3 +57,39 @@ def test_the_job_trained_with_a_progress_bar_and_a_plot(executed):
     line = next(ln for ln in text_of(executed).splitlines() if ln.startswith("median loss"))
     words = line.split()  # median loss: step 1 A -> step 200 B
     assert float(words[-1]) < float(words[4]) / 3
+
+
+# -- examples/classifier.ipynb: a classifier trained through gg.value_and_grad on a server ---
+
+CLASSIFIER = NOTEBOOK.parent / "classifier.ipynb"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    nb = nbformat.read(CLASSIFIER, as_version=4)
+    NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path_factory.mktemp("nb"))}},
+    ).execute()
+    return nb
+
+
+def test_the_classifier_learns_through_value_and_grad_on_the_server(classifier):
+    text = text_of(classifier)
+    line = next(ln for ln in text.splitlines() if ln.startswith("loss: step 1"))
+    words = line.split()  # loss: step 1 A -> step 150 B
+    assert float(words[-1]) < float(words[3]) / 3
+    accuracy = next(ln for ln in text.splitlines() if ln.startswith("training accuracy"))
+    assert float(accuracy.split()[-1]) >= 0.9
+    assert "graphs traced: 1" in text  # 150 steps, one graph
+    assert "labels int64, predicted classes int64" in text  # integer labels both ways
+
+
+def test_the_saved_classifier_draws_its_decision_regions(classifier):
+    text = text_of(classifier)
+    assert "saved and loaded fingerprint equal: True" in text
+    kinds = {k for o in outputs(classifier) for k in o.get("data", {})}
+    assert "image/png" in kinds
+    assert "server exit status: 0" in text

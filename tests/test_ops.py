@@ -17,7 +17,25 @@ from graphgrad.engine.grad import grad_graph
 
 from .gradcheck import numerical_vjp
 
-POSITIVE = {"log", "sqrt", "pow", "safe_log"}  # inputs drawn from (0.5, 1.5)
+POSITIVE = {"log", "sqrt", "pow", "safe_log", "logsumexp"}  # inputs drawn from (0.5, 1.5)
+
+
+class Ints(tuple):
+    """A case's shape whose input is int64, drawn from [-high, high): indices (negative ones
+    count from the end), labels, conditions. Not differentiated."""
+
+    high: int
+
+    def __new__(cls, shape: tuple[int, ...], high: int) -> Ints:
+        self = super().__new__(cls, shape)
+        self.high = high
+        return self
+
+
+def dtype_of(shape: tuple[int, ...]) -> str:
+    return "int64" if isinstance(shape, Ints) else "float64"
+
+
 SPECIAL: dict[str, list[tuple[list[tuple[int, ...]], dict]]] = {
     "matmul": [
         ([(3, 4), (4, 2)], {}),
@@ -57,7 +75,49 @@ SPECIAL: dict[str, list[tuple[list[tuple[int, ...]], dict]]] = {
         ([(2, 4)], {"axis": -1, "start": 0, "stop": 4}),
     ],
     "max_share": [([(3, 4)], {}), ([(3, 4)], {"axis": 1})],
+    # ops of opset 2
+    "strided_slice": [
+        ([(5, 4)], {"begin": (1, 3), "size": (2, 2), "stride": (2, -1)}),
+        ([(4, 3)], {"begin": (0, 0), "size": (4, 3), "stride": (1, 1)}),
+    ],
+    "pad_slice": [([(2, 2)], {"shape": (5, 4), "begin": (1, 3), "stride": (2, -1)})],
+    "take": [([(4, 3), Ints((2, 2), 4)], {}), ([(2, 5), Ints((3,), 5)], {"axis": -1})],
+    "scatter_add": [
+        ([(3, 2), Ints((3,), 4)], {"size": 4}),
+        ([(2, 2, 3), Ints((2,), 5)], {"axis": 1, "size": 5}),
+    ],
+    "take_along_axis": [
+        ([(3, 4), Ints((3, 2), 4)], {"axis": 1}),
+        ([(3, 4), Ints((1, 4), 3)], {"axis": 0}),
+        ([(3, 4), Ints((3, 1), 3)], {"axis": 0}),
+    ],
+    "put_along_axis_add": [
+        ([(3, 2), Ints((3, 2), 4)], {"axis": 1, "size": 4}),
+        ([(2, 4), Ints((2, 1), 3)], {"axis": 0, "size": 3}),
+    ],
+    "argmax": [
+        ([(3, 4)], {}),
+        ([(3, 4)], {"axis": 1}),
+        ([(2, 3, 4)], {"axis": -1, "keepdims": True}),
+        ([(3, 4)], {"keepdims": True}),
+    ],
+    "argmin": [([(3, 4)], {}), ([(2, 3, 4)], {"axis": 0})],
+    "where": [
+        ([Ints((3, 4), 2), (3, 4), (3, 4)], {}),
+        ([Ints((3, 1), 2), (4,), (3, 4)], {}),
+    ],
+    "astype": [([(3, 4)], {"dtype": "float64"}), ([Ints((3,), 5)], {"dtype": "float64"})],
+    "logsumexp": [
+        ([(3, 4)], {}),
+        ([(3, 4)], {"axis": 1}),
+        ([(2, 3, 4)], {"axis": (0, 2), "keepdims": True}),
+    ],
 }
+SPECIAL["softmax_cross_entropy"] += [
+    ([(3, 4), Ints((3,), 4)], {}),
+    ([(3, 4), Ints((4,), 3)], {"axis": 0}),
+]
+INT_OUTPUT = {"argmax", "argmin"}  # int64 indices whatever the input dtype
 NOT_DIFFERENTIATED = {"input"}  # fed, not computed
 
 
@@ -82,16 +142,25 @@ def cases():
 def random_inputs(op: str, shapes, rng) -> list[np.ndarray]:
     xs = []
     for s in shapes:
+        if isinstance(s, Ints):
+            xs.append(rng.integers(-s.high, s.high, size=s))
+            continue
         mag = rng.uniform(0.5, 1.5, size=s)  # away from the kinks of abs/relu at 0
         xs.append(np.asarray(mag if op in POSITIVE else mag * rng.choice([-1.0, 1.0], size=s)))
     return xs
+
+
+def floats(xs: list[np.ndarray]) -> tuple[str, ...]:
+    """The names of the float inputs: what is differentiated (integers are not)."""
+    return tuple(f"x{k}" for k, x in enumerate(xs) if x.dtype.kind == "f")
 
 
 def run_op(op: str, xs: list[np.ndarray], attrs: dict, u: np.ndarray | None = None):
     nodes = [Node(f"x{k}", "input", shape=x.shape, dtype=x.dtype.name) for k, x in enumerate(xs)]
     nodes.append(Node("out", op, tuple(f"x{k}" for k in range(len(xs))), attrs))
     graph = Graph(nodes)
-    wrt = tuple(f"x{k}" for k in range(len(xs)))
+    wrt = floats(xs)
+    u = u if wrt else None
     request = RunRequest(
         ("out",),
         {f"x{k}": x for k, x in enumerate(xs)},
@@ -106,10 +175,13 @@ def test_vjp_matches_central_differences(op, shapes, attrs):
     rng = np.random.default_rng(abs(hash(op)) % 2**32)
     xs = random_inputs(op, shapes, rng)
     out = run_op(op, xs, attrs).values["out"]
-    u = rng.standard_normal(out.shape)
+    u = rng.standard_normal(out.shape).astype(out.dtype)  # a seed has its output's dtype
     res = run_op(op, xs, attrs, u) if xs else None
     numeric = numerical_vjp(lambda v: run_op(op, v, attrs).values["out"], xs, u)
     for k, expected in enumerate(numeric):
+        if expected is None:  # an integer input
+            assert f"x{k}" not in (res.grads if res else {})
+            continue
         got = res.grads[f"x{k}"]
         assert got.shape == xs[k].shape and got.dtype == np.float64
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8, err_msg=f"{op} input {k}")
@@ -119,13 +191,15 @@ def test_vjp_matches_central_differences(op, shapes, attrs):
 def test_float32_keeps_its_dtype(op):
     shapes, attrs = (SPECIAL.get(op) or default_cases(REGISTRY[op].arity))[0]
     rng = np.random.default_rng(1)
-    xs = [x.astype(np.float32) for x in random_inputs(op, shapes, rng)]
+    xs = [
+        x.astype(np.float32) if x.dtype.kind == "f" else x for x in random_inputs(op, shapes, rng)
+    ]
     if op == "constant":
         attrs = {"value": attrs["value"].astype(np.float32)}
     out = run_op(op, xs, attrs).values["out"]
-    assert out.dtype == np.float32
+    assert out.dtype == (np.int64 if op in INT_OUTPUT else attrs.get("dtype", np.float32))
     if xs:
-        res = run_op(op, xs, attrs, np.ones(out.shape, np.float32))
+        res = run_op(op, xs, attrs, np.ones(out.shape, out.dtype))
         assert all(g.dtype == np.float32 for g in res.grads.values())
 
 
@@ -160,7 +234,7 @@ def test_softmax_cross_entropy_is_the_textbook_formula():
 def _gradient_graph(op: str, xs: list[np.ndarray], attrs: dict):
     nodes = [Node(f"x{k}", "input", shape=x.shape, dtype=x.dtype.name) for k, x in enumerate(xs)]
     nodes.append(Node("out", op, tuple(f"x{k}" for k in range(len(xs))), attrs))
-    wrt = tuple(f"x{k}" for k in range(len(xs)))
+    wrt = floats(xs)
     return grad_graph(Graph(nodes), ["out"], wrt, ["out"]), wrt
 
 
@@ -170,18 +244,19 @@ def test_gradient_rule_gives_the_numeric_vjp_bit_for_bit(op, shapes, attrs):
     interpreted backward pass ran), in the same order: the same bits."""
     rng = np.random.default_rng(zlib.crc32(op.encode()))
     xs = random_inputs(op, shapes, rng)
-    if not xs:
+    if not floats(xs):
         return
     out = run_op(op, xs, attrs).values["out"]
-    u = rng.standard_normal(out.shape)
+    u = rng.standard_normal(out.shape).astype(out.dtype)
     vjp = REGISTRY[op].vjp
     assert vjp is not None
     with np.errstate(all="ignore"):
-        ref = vjp(u, xs, out, attrs, [True] * len(xs))
+        ref = vjp(u, xs, out, attrs, [x.dtype.kind == "f" for x in xs])
     gg_, wrt = _gradient_graph(op, xs, attrs)
-    feeds = {**dict(zip(wrt, xs, strict=True)), gg_.seeds["out"]: u}
+    feeds = {**{f"x{k}": x for k, x in enumerate(xs)}, gg_.seeds["out"]: u}
     res = LocalExecutor().run(gg_.graph, RunRequest(tuple(dict.fromkeys(gg_.grads)), feeds))
-    for k, (w, node) in enumerate(zip(wrt, gg_.grads, strict=True)):
+    for w, node in zip(wrt, gg_.grads, strict=True):
+        k = int(w[1:])
         expected = np.zeros_like(xs[k]) if ref[k] is None else ref[k]
         np.testing.assert_array_equal(res.values[node], expected, err_msg=f"{op} {w}")
 
@@ -191,11 +266,14 @@ def test_second_derivatives_match_central_differences(op, shapes, attrs):
     """The gradient graph differentiated again: d/dx of sum_k <w_k, dout/dx_k . u>."""
     rng = np.random.default_rng(zlib.crc32(op.encode()) + 1)
     xs = random_inputs(op, shapes, rng)
-    if not xs:
+    if not floats(xs):
         return
-    out = run_op(op, xs, attrs).values["out"]
-    u = rng.standard_normal(out.shape)
-    gg_, wrt = _gradient_graph(op, xs, attrs)
+    ints = {f"x{k}": x for k, x in enumerate(xs) if x.dtype.kind != "f"}  # held fixed
+    xs_int = xs
+    xs = [x for x in xs if x.dtype.kind == "f"]
+    out = run_op(op, xs_int, attrs).values["out"]
+    u = rng.standard_normal(out.shape).astype(out.dtype)
+    gg_, wrt = _gradient_graph(op, xs_int, attrs)
     nodes = list(gg_.graph.nodes)
     ws = {f"w{k}": rng.standard_normal(x.shape) for k, x in enumerate(xs)}
     terms = []
@@ -211,7 +289,7 @@ def test_second_derivatives_match_central_differences(op, shapes, attrs):
     nodes.append(Node("total", "sum", ("S",)))
     graph = Graph(nodes)
     second = grad_graph(graph, ["total"], wrt)
-    fixed = {gg_.seeds["out"]: u, **ws}
+    fixed = {gg_.seeds["out"]: u, **ws, **ints}
 
     def total(v: list[np.ndarray]) -> np.ndarray:
         feeds = {**fixed, **dict(zip(wrt, v, strict=True))}

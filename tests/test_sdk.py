@@ -186,3 +186,99 @@ def test_values_are_dropped_once_no_longer_needed():
     tracemalloc.stop()
     assert forward_peak < 5 * xv.nbytes  # a couple of live values, not forty
     assert backward_peak < (depth + 6) * xv.nbytes  # activations saved once, then freed
+
+
+# -- connecting: the address forms a server prints, and what an unreachable one says --------
+
+
+@pytest.fixture(scope="module")
+def server():
+    from .server_proc import running_server
+
+    with running_server() as s:
+        yield s
+
+
+def small_graph():
+    with gg.Graph():
+        x = gg.input("x", shape=(2,))
+        y = gg.sum(x**2)
+    return x, y
+
+
+def test_connect_accepts_the_grpc_url_the_server_prints(server):
+    x, y = small_graph()
+    with gg.connect(f"grpc://{server.address}") as client:
+        assert client.address == server.address
+        res = client.run(y, {x: [1.0, 2.0]}, wrt=[x])
+    np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0])
+
+
+def test_connect_refuses_other_schemes_and_paths():
+    with pytest.raises(ValueError, match="scheme 'http'"):
+        gg.connect("http://127.0.0.1:50051")
+    with pytest.raises(ValueError, match="scheme and host:port only"):
+        gg.connect("grpc://127.0.0.1:50051/graphs")
+
+
+def test_grpcs_url_turns_tls_on_so_a_plaintext_server_is_not_understood(server):
+    with (
+        gg.connect(f"grpcs://{server.address}", timeout=10) as client,
+        pytest.raises(gg.RemoteError) as e,
+    ):
+        client.list_ops()
+    assert e.value.code.name == "UNAVAILABLE"  # the TLS handshake fails
+    assert f"a server is listening at {server.address}" in str(e.value)
+
+
+def closed_port():
+    """A loopback port bound by this process but not listening: connections are refused."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def test_a_refused_connection_says_no_server_runs_there():
+    sock = closed_port()
+    address = f"127.0.0.1:{sock.getsockname()[1]}"
+    x, y = small_graph()
+    try:
+        with (
+            gg.connect(f"grpc://{address}", timeout=10) as client,
+            pytest.raises(gg.RemoteError) as e,
+        ):
+            client.run(y, {x: [1.0, 2.0]})
+    finally:
+        sock.close()
+    assert e.value.code.name == "UNAVAILABLE"
+    assert f"no server is running at {address}" in str(e.value)
+    assert "graphgrad serve --port" in str(e.value)
+
+
+def test_an_unreachable_but_listening_address_says_a_server_listens():
+    import socket
+
+    from graphgrad._connect import unavailable_message
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        message = unavailable_message(address, "handshake failed")
+    assert message.startswith(f"a server is listening at {address}")
+    assert "handshake failed" in message
+
+
+def test_remote_results_are_read_only_views_and_copy_makes_them_writable(server):
+    x, y = small_graph()
+    with gg.connect(server.address) as client:
+        res = client.run(y, {x: [1.0, 2.0]}, wrt=[x])
+    assert not res.grads["x"].flags.writeable
+    own = res.copy()
+    own.grads["x"] -= 0.5 * own.grads["x"]
+    own.values[y.name][...] = 0.0
+    np.testing.assert_array_equal(own.grads["x"], [1.0, 2.0])
+    np.testing.assert_array_equal(res.grads["x"], [2.0, 4.0])  # the original is untouched
+    assert res.value == 5.0

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine import LocalExecutor, RequestError, RunRequest
+from graphgrad.engine import (
+    Cancellation,
+    CancelledError,
+    LocalExecutor,
+    RequestError,
+    RunRequest,
+    training,
+)
+from graphgrad.engine.batching import batch_graph
+from graphgrad.engine.lru import LRU
 from graphgrad.engine.training import (
     SGD,
     Adam,
@@ -125,6 +134,47 @@ def test_chunking_and_resuming_do_not_change_results():
         hi = lo + part.n
         np.testing.assert_array_equal(state.history, ref.history[lo:hi])
         np.testing.assert_array_equal(state.params["W1"], ref.params["W1"][lo:hi])
+
+
+def test_a_step_is_the_stacked_gradient_graph_compiled_once_per_chunk_shape(monkeypatch):
+    compiled = []
+    real = training.compile_step
+    monkeypatch.setattr(training, "compile_step", lambda *a: compiled.append(a) or real(*a))
+    monkeypatch.setattr(training, "_STEPS", LRU(8, 1 << 30, lambda step: 1))  # empty
+    graph = template(S)
+    params, data = problem(per_network=True, seed=4)
+    spec = TrainSpec(
+        graph, "loss", params, data, Adam(lr=0.01), 6, per_network=frozenset({"x", "t"})
+    )
+    chunks = [*split(spec, 2), *split(spec, 5)]  # networks 2 + 3, then 1 + 1 + 1 + 1 + 1
+    for chunk in chunks:
+        for until in (2, 4, 6):  # segments, each with a trainer of its own
+            ChunkTrainer(chunk).run(ChunkTrainer(chunk).initial_state(), until)
+    assert sorted(a[3] for a in compiled) == [1, 2, 3]  # one program per chunk shape
+    # What a step runs is the stacked graph's gradient, bit for bit as the executor gives it.
+    chunk = chunks[1]
+    trainer = ChunkTrainer(chunk)
+    feeds = {**trainer.initial_state().params, **chunk.data}
+    losses, grads = trainer.compiled(feeds, Cancellation())
+    stacked, refs = batch_graph(graph, {*params, "x", "t"}, chunk.n)
+    loss = refs["loss"].name
+    request = RunRequest((loss,), feeds, tuple(params), {loss: np.ones(chunk.n)})
+    ref = LocalExecutor().run(stacked, request)
+    assert losses.tobytes() == ref.values[loss].tobytes()
+    for k in params:
+        assert grads[k].tobytes() == ref.grads[k].tobytes(), k
+
+
+def test_a_cancelled_step_stops_inside_the_program():
+    graph = template(S)
+    params, data = problem(per_network=False)
+    trainer = ChunkTrainer(TrainSpec(graph, "loss", params, data, SGD(), 3))
+    cancel = Cancellation()
+    cancel.cancel()
+    state = trainer.initial_state()
+    with pytest.raises(CancelledError):
+        trainer.step(state, cancel)
+    assert state.step == 0 and not state.losses
 
 
 # --- A spec is checked completely when it is built: every mistake names its field. -------

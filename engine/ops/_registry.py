@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
@@ -12,7 +12,10 @@ import numpy as np
 
 from ..errors import UnknownOpError, ValidationError
 
-DTYPES: tuple[str, ...] = ("float32", "float64")
+FLOAT_DTYPES: tuple[str, ...] = ("float32", "float64")
+# Integer tensors hold what is not differentiated: labels, indices, counts.
+INT_DTYPES: tuple[str, ...] = ("int32", "int64")
+DTYPES: tuple[str, ...] = FLOAT_DTYPES + INT_DTYPES
 NP_DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}
 # dtype -> name by dict lookup: `ndarray.dtype.name` is a slow Python property on hot paths.
 DTYPE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in NP_DTYPES.items()}
@@ -45,6 +48,7 @@ class AttrKind(Enum):
     INTS = "ints"  # tuple of ints (a shape, a permutation)
     AXES = "axes"  # None (all axes), an int or a tuple of ints
     TENSOR = "tensor"  # an np.ndarray (constants)
+    DTYPE = "dtype"  # a dtype name from DTYPES (astype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,17 @@ class Op:
     batch: BatchFn | None = None  # None: the op cannot be batched (inputs, constants)
     grad: GradFn | None = None  # None: no gradient flows through (inputs, constants)
     kernel: KernelFn | None = None
+    # Argument names, in input order (for a variadic op, one name for them all): what
+    # signature(), ListOps and docs/ops.md show. Empty: x0, x1, ...
+    inputs: tuple[str, ...] = ()
+    # False: every input must be a float, checked before `infer` by `register`. True: `infer`
+    # checks dtypes itself (ops that take indices or labels, or move values of any dtype).
+    any_dtype: bool = False
+    # The kernel is a numpy ufunc that may write its result into the buffer of a dead input
+    # of the output's type (`out=`) with the same bits: exact IEEE arithmetic only (add, sub,
+    # mul, div, neg), whose result never depends on the loop numpy picks; compiled programs
+    # (engine/codegen.py) decide which buffers are dead.
+    inplace: bool = False
 
     def lower(self, attrs: Attrs, types: Sequence[TensorType]) -> Callable[..., Any]:
         """The function of the input arrays a compiled program calls for this op."""
@@ -125,7 +140,10 @@ class Op:
         return call
 
     def signature(self) -> str:
-        ins = "*xs" if self.arity is None else ", ".join(f"x{i}" for i in range(self.arity))
+        if self.arity is None:
+            ins = f"*{self.inputs[0] if self.inputs else 'xs'}"
+        else:
+            ins = ", ".join(self.inputs or [f"x{i}" for i in range(self.arity)])
         attrs = ", ".join(
             f"{n}: {s.kind.value}{'' if s.required else '=' + repr(s.default)}"
             for n, s in self.attrs.items()
@@ -189,10 +207,31 @@ REGISTRY: dict[str, Op] = {}
 
 
 def register(op: Op) -> Op:
+    """Add `op` to the registry; returns the registered entry (its `infer` checks that inputs
+    are floats unless the op says `any_dtype`)."""
     if op.name in REGISTRY:
         raise ValueError(f"op '{op.name}' is registered twice")
+    if not op.any_dtype and op.arity != 0:
+        op = replace(op, infer=_floats_only(op))
     REGISTRY[op.name] = op
     return op
+
+
+def _floats_only(op: Op) -> InferFn:
+    infer = op.infer
+
+    def checked(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+        for k, t in enumerate(ins):
+            if t.dtype not in FLOAT_DTYPES:
+                names = REGISTRY.get(op.name, op).inputs  # as documented, maybe later
+                arg = names[min(k, len(names) - 1)] if names else f"x{k}"
+                raise ShapeError(
+                    f"input {k} ({arg}) is {t.dtype}, but this op takes "
+                    f"{' or '.join(FLOAT_DTYPES)} (convert with astype)"
+                )
+        return infer(ins, attrs)
+
+    return checked
 
 
 def lookup(name: str, *, node: str | None = None) -> Op:
@@ -272,6 +311,14 @@ def check_attr(op: Op, name: str, value: Any, *, node: str | None) -> Any:
         if isinstance(value, tuple | list) and all(is_int(v) for v in value):
             return tuple(int(v) for v in value)
         raise bad("an int, a list of ints or absent")
+    if kind is AttrKind.DTYPE:
+        try:
+            dtype = None if value is None else np.dtype(value).name  # np.dtype(None) is f8
+        except (TypeError, ValueError):
+            dtype = None
+        if dtype not in DTYPES:
+            raise bad(f"a dtype, one of {DTYPES}")
+        return dtype
     if kind is AttrKind.TENSOR:
         if not isinstance(value, np.ndarray) or value.dtype.name not in DTYPES:
             raise bad(f"an array of dtype {' or '.join(DTYPES)}")

@@ -53,6 +53,8 @@ register(
             em.emit("reshape", [g], {"shape": em.type(xs[0]).shape}),
         ),
         kernel=lambda at, tys: functools.partial(np.reshape, shape=at["shape"]),
+        inputs=("x",),
+        any_dtype=True,  # moves values: any dtype
     )
 )
 
@@ -92,6 +94,8 @@ register(
                 {"axes": tuple(int(k) for k in np.argsort(_perm(at, len(em.type(g).shape))))},
             ),
         ),
+        inputs=("x",),
+        any_dtype=True,  # moves values: any dtype
     )
 )
 
@@ -121,6 +125,8 @@ register(
         ),
         grad=lambda em, g, xs, y, at, w: (unbroadcast_node(em, g, em.type(xs[0]).shape),),
         kernel=lambda at, tys: functools.partial(np.broadcast_to, shape=at["shape"]),
+        inputs=("x",),
+        any_dtype=True,  # moves values: any dtype
     )
 )
 
@@ -165,6 +171,8 @@ register(
             {"axis": at.get("axis", 0) % len(out.shape) + 1},
         ),
         grad=lambda em, g, xs, y, at, w: _concat_grad(em, g, xs, at, w),
+        inputs=("xs",),
+        any_dtype=True,  # moves values: any dtype
     )
 )
 
@@ -245,5 +253,7 @@ register(
             {**at, "axis": at["axis"] % len(tys[0].shape) + 1},
         ),
         grad=_slice_grad,
+        inputs=("x",),
+        any_dtype=True,  # moves values: any dtype
     )
 )

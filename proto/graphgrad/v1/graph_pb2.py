@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from graphgrad.v1 import tensor_pb2 as graphgrad_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18graphgrad/v1/graph.proto\x12\x0cgraphgrad.v1\x1a\x19graphgrad/v1/tensor.proto\"\x16\n\x04Ints\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x87\x01\n\tAttrValue\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x03 \x01(\x08H\x00\x12\"\n\x04ints\x18\x04 \x01(\x0b\x32\x12.graphgrad.v1.IntsH\x00\x12&\n\x06tensor\x18\x05 \x01(\x0b\x32\x14.graphgrad.v1.TensorH\x00\x42\x07\n\x05value\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"\xed\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12,\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\x1d.graphgrad.v1.Node.AttrsEntry\x12\"\n\x05shape\x18\x05 \x01(\x0b\x32\x13.graphgrad.v1.Shape\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.graphgrad.v1.Dtype\x1a\x45\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.graphgrad.v1.AttrValue:\x02\x38\x01\"A\n\x05Graph\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.graphgrad.v1.Node\x12\x15\n\ropset_version\x18\x02 \x01(\rB.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18graphgrad/v1/graph.proto\x12\x0cgraphgrad.v1\x1a\x19graphgrad/v1/tensor.proto\"\x16\n\x04Ints\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\xad\x01\n\tAttrValue\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x03 \x01(\x08H\x00\x12\"\n\x04ints\x18\x04 \x01(\x0b\x32\x12.graphgrad.v1.IntsH\x00\x12&\n\x06tensor\x18\x05 \x01(\x0b\x32\x14.graphgrad.v1.TensorH\x00\x12$\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.graphgrad.v1.DtypeH\x00\x42\x07\n\x05value\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"\xed\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12,\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\x1d.graphgrad.v1.Node.AttrsEntry\x12\"\n\x05shape\x18\x05 \x01(\x0b\x32\x13.graphgrad.v1.Shape\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.graphgrad.v1.Dtype\x1a\x45\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.graphgrad.v1.AttrValue:\x02\x38\x01\"A\n\x05Graph\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.graphgrad.v1.Node\x12\x15\n\ropset_version\x18\x02 \x01(\rB.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTS']._serialized_start=69
   _globals['_INTS']._serialized_end=91
   _globals['_ATTRVALUE']._serialized_start=94
-  _globals['_ATTRVALUE']._serialized_end=229
-  _globals['_SHAPE']._serialized_start=231
-  _globals['_SHAPE']._serialized_end=252
-  _globals['_NODE']._serialized_start=255
-  _globals['_NODE']._serialized_end=492
-  _globals['_NODE_ATTRSENTRY']._serialized_start=423
-  _globals['_NODE_ATTRSENTRY']._serialized_end=492
-  _globals['_GRAPH']._serialized_start=494
-  _globals['_GRAPH']._serialized_end=559
+  _globals['_ATTRVALUE']._serialized_end=267
+  _globals['_SHAPE']._serialized_start=269
+  _globals['_SHAPE']._serialized_end=290
+  _globals['_NODE']._serialized_start=293
+  _globals['_NODE']._serialized_end=530
+  _globals['_NODE_ATTRSENTRY']._serialized_start=461
+  _globals['_NODE_ATTRSENTRY']._serialized_end=530
+  _globals['_GRAPH']._serialized_start=532
+  _globals['_GRAPH']._serialized_end=597
 # @@protoc_insertion_point(module_scope)

@@ -54,12 +54,15 @@ class AttrValue(_message.Message):
     B_FIELD_NUMBER: _builtins.int
     INTS_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     i: _builtins.int
     """An integer, e.g. `axis` of concat or softmax."""
     f: _builtins.float
     """A floating-point number."""
     b: _builtins.bool
     """A boolean, e.g. `keepdims` of sum."""
+    dtype: _tensor_pb2.Dtype.ValueType
+    """A dtype, e.g. `dtype` of astype (opset 2)."""
     @_builtins.property
     def ints(self) -> Global___Ints:
         """A list of integers, e.g. `shape` of reshape, or `axis` of sum over several axes."""
@@ -76,12 +79,13 @@ class AttrValue(_message.Message):
         b: _builtins.bool = ...,
         ints: Global___Ints | None = ...,
         tensor: _tensor_pb2.Tensor | None = ...,
+        dtype: _tensor_pb2.Dtype.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["b", b"b", "f", b"f", "i", b"i", "ints", b"ints", "tensor", b"tensor", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["b", b"b", "dtype", b"dtype", "f", b"f", "i", b"i", "ints", b"ints", "tensor", b"tensor", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["b", b"b", "f", b"f", "i", b"i", "ints", b"ints", "tensor", b"tensor", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["b", b"b", "dtype", b"dtype", "f", b"f", "i", b"i", "ints", b"ints", "tensor", b"tensor", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["i", "f", "b", "ints", "tensor"]  # noqa: Y015
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["i", "f", "b", "ints", "tensor", "dtype"]  # noqa: Y015
     _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
 
@@ -191,7 +195,10 @@ class Graph(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     OPSET_VERSION_FIELD_NUMBER: _builtins.int
     opset_version: _builtins.int
-    """Version of the op set the graph was written against. 0 means the current version (1)."""
+    """Version of the op set the graph was written against. 0 means the current version (2).
+    A server accepts every version up to its own (each opset extends the one before) and
+    refuses a newer one; an op it does not know is INVALID_ARGUMENT naming the op.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
         """The nodes. Their content (not their order) defines the graph's fingerprint."""

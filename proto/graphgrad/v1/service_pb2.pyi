@@ -619,17 +619,29 @@ class OpInfo(_message.Message):
     ATTRS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     DIFFERENTIABLE_FIELD_NUMBER: _builtins.int
+    DOC_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The op's name, as used in Node.op."""
     arity: _builtins.int
     """Number of inputs; -1 for variadic ops (at least one input)."""
     signature: _builtins.str
-    """Human-readable signature, e.g. "sum(x0, axis: axes=None, keepdims: bool=False)"."""
+    """Human-readable signature with named arguments, e.g.
+    "sum(x, axis: axes=None, keepdims: bool=False)".
+    """
     differentiable: _builtins.bool
     """Whether gradients flow through it."""
+    doc: _builtins.str
+    """What it computes: its arguments, broadcasting and gradient (plain text, from the
+    registry, as in docs/ops.md).
+    """
     @_builtins.property
     def attrs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttrInfo]:
         """Its attributes."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of its inputs, in order (one name for a variadic op's inputs)."""
 
     def __init__(
         self,
@@ -639,10 +651,12 @@ class OpInfo(_message.Message):
         attrs: _abc.Iterable[Global___AttrInfo] | None = ...,
         signature: _builtins.str = ...,
         differentiable: _builtins.bool = ...,
+        doc: _builtins.str = ...,
+        inputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arity", b"arity", "attrs", b"attrs", "differentiable", b"differentiable", "name", b"name", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arity", b"arity", "attrs", b"attrs", "differentiable", b"differentiable", "doc", b"doc", "inputs", b"inputs", "name", b"name", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19graphgrad/v1/tensor.proto\x12\x0cgraphgrad.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.graphgrad.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*D\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x42.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19graphgrad/v1/tensor.proto\x12\x0cgraphgrad.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.graphgrad.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*f\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x42.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.graphgrad.v1P\001Z\030graphgrad/v1;graphgradv1'
   _globals['_DTYPE']._serialized_start=118
-  _globals['_DTYPE']._serialized_end=186
+  _globals['_DTYPE']._serialized_end=220
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=116
 # @@protoc_insertion_point(module_scope)

@@ -31,6 +31,10 @@ class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType
     """IEEE 754 binary32, 4 bytes per element."""
     DTYPE_FLOAT64: _Dtype.ValueType  # 2
     """IEEE 754 binary64, 8 bytes per element."""
+    DTYPE_INT32: _Dtype.ValueType  # 3
+    """Two's-complement signed integer, 4 bytes per element (labels, indices; opset 2)."""
+    DTYPE_INT64: _Dtype.ValueType  # 4
+    """Two's-complement signed integer, 8 bytes per element (labels, indices; opset 2)."""
 
 class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
     """Element type of a tensor."""
@@ -41,6 +45,10 @@ DTYPE_FLOAT32: Dtype.ValueType  # 1
 """IEEE 754 binary32, 4 bytes per element."""
 DTYPE_FLOAT64: Dtype.ValueType  # 2
 """IEEE 754 binary64, 8 bytes per element."""
+DTYPE_INT32: Dtype.ValueType  # 3
+"""Two's-complement signed integer, 4 bytes per element (labels, indices; opset 2)."""
+DTYPE_INT64: Dtype.ValueType  # 4
+"""Two's-complement signed integer, 8 bytes per element (labels, indices; opset 2)."""
 Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 @_typing.final

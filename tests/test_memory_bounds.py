@@ -1,0 +1,71 @@
+"""The request memory estimate (engine/memory.py) bounds what a run allocates: tracemalloc's
+peak over a warm local run, for graphs of ufuncs, matmuls, softmaxes, reductions and losses,
+with and without gradients."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import graphgrad as gg
+from graphgrad.engine import Graph, LocalExecutor, RunRequest
+from graphgrad.engine.memory import request_memory
+
+Case = tuple[Graph, dict[str, np.ndarray], list[str]]
+
+
+def mlp() -> Case:
+    rng = np.random.default_rng(0)
+    with gg.Graph() as g:
+        x, W = gg.input("x", shape=(256, 64)), gg.input("W", shape=(64, 128))
+        b, V = gg.input("b", shape=(128,)), gg.input("V", shape=(128, 10))
+        labels = gg.input("y", shape=(256, 10))
+        z = gg.log_softmax(gg.sigmoid(x @ W + b) @ V, axis=1)
+        gg.mean(-(z * labels), name="L")
+    feeds = {
+        "x": rng.standard_normal((256, 64)),
+        "W": rng.standard_normal((64, 128)),
+        "b": np.zeros(128),
+        "V": rng.standard_normal((128, 10)),
+        "y": np.eye(10)[rng.integers(0, 10, 256)],
+    }
+    return g.freeze(), feeds, ["W", "b", "V", "x"]
+
+
+def softmax_and_max() -> Case:
+    with gg.Graph() as g:
+        x = gg.input("x", shape=(512, 256))
+        m = gg.max(gg.exp(gg.softmax(x, axis=1)) * x, axis=0)
+        gg.sum(gg.tanh(m) + gg.sqrt(gg.abs(m)), name="L")
+    return g.freeze(), {"x": np.random.default_rng(1).standard_normal((512, 256))}, ["x"]
+
+
+def cross_entropy() -> Case:
+    with gg.Graph() as g:
+        x, labels = gg.input("x", shape=(512, 100)), gg.input("y", shape=(512, 100))
+        gg.sum(gg.softmax_cross_entropy(gg.relu(x) * 2.0, labels), name="L")
+    rng = np.random.default_rng(2)
+    return g.freeze(), {"x": rng.standard_normal((512, 100)), "y": np.full((512, 100), 0.01)}, ["x"]
+
+
+@pytest.mark.parametrize("make", [mlp, softmax_and_max, cross_entropy])
+@pytest.mark.parametrize("with_grads", [False, True])
+def test_the_estimate_bounds_the_measured_peak(make: Callable[[], Case], with_grads: bool):
+    graph, feeds, wrt = make()
+    wrt = wrt if with_grads else []
+    mem = request_memory(graph, ["L"], wrt)
+    request = RunRequest(("L",), feeds, tuple(wrt))
+    LocalExecutor().run(graph, request)  # transform and compile outside the measurement
+    tracemalloc.start()
+    try:
+        LocalExecutor().run(graph, request)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    fed = sum(v.nbytes for v in feeds.values())  # held before the measurement began
+    assert mem.kept - fed >= peak
+    assert mem.kept - fed <= 3 * peak  # a bound, not a guess far above it
+    assert mem.peak >= max(mem.kept, mem.grads + mem.response)
