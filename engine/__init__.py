@@ -8,6 +8,7 @@ from graphgrad.engine.batching import batch_graph
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.errors import (
     CancelledError,
+    CancelReason,
     ExecutionError,
     FeedError,
     GraphError,
@@ -84,6 +85,7 @@ __all__ = [
     "Adam",
     "Cancellation",
     "CancelledError",
+    "CancelReason",
     "Dispatcher",
     "ExecutionError",
     "Executor",

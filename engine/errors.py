@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
 SHOWN_NAMES = 3  # how many offenders a message names before counting the rest
@@ -86,5 +87,21 @@ class ExecutionError(GraphError):
         super().__init__(f"node '{node}': {message}")
 
 
+class CancelReason(StrEnum):
+    """Why work stopped before it finished: the caller picks its status from this (gRPC:
+    DEADLINE_EXCEEDED for DEADLINE, CANCELLED otherwise), never from the message."""
+
+    DEADLINE = "deadline"  # its deadline passed
+    CLIENT = "client"  # its caller cancelled it, or the call it served ended
+    SHUTDOWN = "shutdown"  # the server is stopping
+
+
 class CancelledError(GraphError):
-    """A run was cancelled or its deadline passed before it finished."""
+    """A run was cancelled or its deadline passed before it finished; `reason` says which."""
+
+    def __init__(self, message: str, reason: CancelReason = CancelReason.CLIENT) -> None:
+        self.reason = CancelReason(reason)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[CancelledError], tuple[str, CancelReason]]:
+        return type(self), (str(self), self.reason)  # the reason survives Ray's pickling

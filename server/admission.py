@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from graphgrad.engine import CancelledError, LimitError
+from graphgrad.engine import CancelledError, CancelReason, LimitError
 from graphgrad.server.inflight import CallContext
 
 
@@ -54,12 +54,14 @@ class Admission:
                     self.waiting -= 1
                 if self.active >= self.slots and not ended.is_set():
                     raise CancelledError(
-                        f"the deadline passed while waiting for one of {self.slots} {self.what}"
+                        f"the deadline passed while waiting for one of {self.slots} {self.what}",
+                        CancelReason.DEADLINE,
                     )
             if ended.is_set():
                 self._cond.notify()  # pass on a release this waiter may have taken
                 raise CancelledError(
-                    f"the call ended before it got one of {self.slots} {self.what}"
+                    f"the call ended before it got one of {self.slots} {self.what}",
+                    (call.reason if call is not None else None) or CancelReason.CLIENT,
                 )
             self.active += 1
         try:

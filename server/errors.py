@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from graphgrad.engine import (
     CancelledError,
+    CancelReason,
     ExecutionError,
     FeedError,
     GraphError,
@@ -110,14 +111,15 @@ def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> 
         )
         return _status(code_pb2.NOT_FOUND, what, info)
     if isinstance(e, CancelledError):
+        # From why it stopped (and, should a lower layer not know, whether the call's
+        # deadline has passed), never from the message.
         expired = (
             context is not None
             and context.time_remaining() is not None
             and context.time_remaining() <= 0
         )
-        return _status(
-            code_pb2.DEADLINE_EXCEEDED if expired or "deadline" in msg else code_pb2.CANCELLED, msg
-        )
+        deadline = e.reason == CancelReason.DEADLINE or expired
+        return _status(code_pb2.DEADLINE_EXCEEDED if deadline else code_pb2.CANCELLED, msg)
     if isinstance(e, GraphError):
         return _status(code_pb2.INVALID_ARGUMENT, msg)
     log.exception("internal error while serving a request")

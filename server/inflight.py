@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from graphgrad.engine import CancelReason
+
 Callback = Callable[[], None]
 
 
@@ -23,57 +25,64 @@ class CallContext:
         self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self._inflight = inflight
         self._callbacks: list[Callback] = []
-        self._ended = False
+        self.reason: CancelReason | None = None  # why the call ended, once it has
         self._lock = threading.Lock()
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def add_callback(self, callback: Callback) -> bool:
-        """Run `callback` when the call ends (at once if it has ended already)."""
+        """Run `callback` when the call ends (at once if it has ended already); `reason`
+        then says why."""
         with self._lock:
-            if not self._ended:
+            if self.reason is None:
                 self._callbacks.append(callback)
-                return self._inflight.add(callback)
+                return True
         callback()
         return True
 
-    def end(self) -> None:
+    def end(self, reason: CancelReason | None = None) -> None:
+        """The call is over: its deadline passed, its client went (or it finished), or the
+        server stops (`reason` SHUTDOWN). Runs the callbacks once."""
+        if reason is None:
+            expired = self._deadline is not None and time.monotonic() >= self._deadline
+            reason = CancelReason.DEADLINE if expired else CancelReason.CLIENT
         with self._lock:
-            self._ended, callbacks, self._callbacks = True, self._callbacks, []
-        self._inflight.discard(callbacks)
+            if self.reason is not None:
+                return
+            self.reason, callbacks, self._callbacks = reason, self._callbacks, []
+        self._inflight.discard(self)
         for callback in callbacks:
             callback()
 
 
 class InFlight:
     def __init__(self) -> None:
-        self._callbacks: set[Callback] = set()
+        self._calls: set[CallContext] = set()
         self._closed = False
         self._lock = threading.Lock()
 
     def start(self, context: Any) -> CallContext:
-        """A call begins (on the event loop): its callbacks run when gRPC is done with it."""
+        """A call begins (on the event loop): its callbacks run when gRPC is done with it,
+        or when the server stops."""
         call = CallContext(context.time_remaining(), self)
         context.add_done_callback(lambda _: call.end())
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._calls.add(call)
+        if closed:  # the server is stopping: a call that starts now is cancelled at once
+            call.end(CancelReason.SHUTDOWN)
         return call
 
-    def add(self, callback: Callback) -> bool:
+    def discard(self, call: CallContext) -> None:
         with self._lock:
-            if not self._closed:
-                self._callbacks.add(callback)
-                return True
-        callback()  # the server is stopping: a call that starts now is cancelled at once
-        return True
-
-    def discard(self, callbacks: list[Callback]) -> None:
-        with self._lock:
-            self._callbacks.difference_update(callbacks)
+            self._calls.discard(call)
 
     def close(self) -> None:
-        """Run the callbacks of every call in progress, and of every call still to start."""
+        """End every call in progress, and every call still to start, as SHUTDOWN."""
         with self._lock:
             self._closed = True
-            callbacks, self._callbacks = list(self._callbacks), set()
-        for callback in callbacks:
-            callback()
+            calls, self._calls = list(self._calls), set()
+        for call in calls:
+            call.end(CancelReason.SHUTDOWN)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from importlib import metadata
 
 from graphgrad import wire
-from graphgrad.engine import Cancellation, Graph, RequestError
+from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError
 from graphgrad.server.inflight import CallContext
 from graphgrad.server.runtime import Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
@@ -15,7 +15,7 @@ from graphgrad.v1 import graph_pb2, service_pb2
 def cancellation(context: CallContext) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
     cancel = Cancellation.within(context.time_remaining())
-    context.add_callback(cancel.cancel)
+    context.add_callback(lambda: cancel.cancel(context.reason or CancelReason.CLIENT))
     return cancel
 
 
