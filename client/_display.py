@@ -7,6 +7,7 @@ Graphs larger than MAX_DRAWN nodes are summarised instead of drawn node by node.
 
 from __future__ import annotations
 
+import base64
 import html
 import itertools
 import shutil
@@ -21,6 +22,7 @@ from .engine import Graph
 from .engine.ir import Node
 
 MAX_DRAWN = 80
+MOST_LISTED = 8  # names listed in a summary before "..."
 PALETTE = ("#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da", "#e2d9f3", "#cff4fc", "#ffe5d0", "#d3d3d3")
 
 
@@ -268,12 +270,18 @@ def summary_text(graph: Graph, keep: set[str] | None = None) -> str:
     names = [n for n in graph.nodes if keep is None or n.name in keep]
     ops = Counter(n.op for n in names)
     inputs = [n.name for n in names if n.op == "input"]
-    shown = ", ".join(inputs[:8]) + (", ..." if len(inputs) > 8 else "")
+    shown = shortlist(inputs)
     return (
         f"graph of {len(names)} nodes (too many to draw: showing a summary)\n"
         f"  inputs ({len(inputs)}): {shown}\n"
         f"  ops: {', '.join(f'{op} x{c}' for op, c in ops.most_common())}"
     )
+
+
+def shortlist(names: Sequence[str], most: int | None = None) -> str:
+    """The first `most` names (MOST_LISTED), then "..." if there are more."""
+    most = MOST_LISTED if most is None else most
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def mimebundle(
@@ -292,11 +300,19 @@ def mimebundle(
     return {
         "text/plain": (title + "\n" if title else "") + graph_text(graph, keep),
         # JupyterLab prefers Markdown to SVG, and HTML to both: the picture goes in HTML
-        # too, or a notebook would show the Mermaid source.
-        "text/html": heading + svg,
+        # too, or a notebook would show the Mermaid block.
+        "text/html": heading + svg_img(svg),
         "image/svg+xml": svg,
         "text/markdown": f"```mermaid\n{to_mermaid(d)}\n```",
     }
+
+
+def svg_img(svg: str) -> str:
+    """The SVG as an <img> for HTML: JupyterLab's sanitizer, which cleans the HTML of a
+    notebook it did not run (one opened from a file), strips inline <svg> to its text but
+    keeps an image's data URI; and the drawing's ids cannot clash with another's."""
+    data = base64.b64encode(svg.encode()).decode()
+    return f'<img alt="graph" src="data:image/svg+xml;base64,{data}"/>'
 
 
 def partition_colours(partitions: Sequence[Sequence[str]]) -> dict[str, str]:

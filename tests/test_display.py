@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import re
 
@@ -57,6 +58,7 @@ def test_plan_is_coloured_by_partition():
     plan = gg.connect().explain(loss, wrt=wrt, executor="ray")
     bundle = plan._repr_mimebundle_()
     assert len(plan.partitions) == 4 and "P3:" in bundle["text/html"]  # 3 branches, 1 join
+    assert html_svg(bundle["text/html"]) == bundle["image/svg+xml"]
     fills = set(re.findall(r'fill="(#[0-9a-f]{6})"', bundle["image/svg+xml"]))
     assert len(fills & {"#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da"}) == 4
 
@@ -170,9 +172,15 @@ def test_the_geometry_check_sees_a_crossing():
 def test_a_graph_shows_as_html_for_jupyterlab_which_ranks_markdown_above_svg():
     g, _ = two_layer_network()
     bundle = g._repr_mimebundle_()
-    assert bundle["text/html"].count("<svg") == 1 and 'data-name="h"' in bundle["text/html"]
-    assert bundle["text/html"].index("<svg") > 0  # the title above the picture
-    assert "```mermaid" not in bundle["text/html"]
+    assert html_svg(bundle["text/html"]) == bundle["image/svg+xml"]
+    assert "&lt;graphgrad.Graph" in bundle["text/html"]  # the title above the picture
+    assert "<svg" not in bundle["text/html"]  # sanitized to its text in untrusted notebooks
+
+
+def html_svg(text):
+    """The SVG an HTML output shows as a data-URI image."""
+    (data,) = re.findall(r'<img alt="graph" src="data:image/svg\+xml;base64,([^"]+)"', text)
+    return base64.b64decode(data).decode()
 
 
 def test_small_constants_show_their_value():
@@ -191,3 +199,19 @@ def test_small_constants_show_their_value():
     lines = {ln.split("=")[0].strip(): ln for ln in bundle["text/plain"].splitlines()}
     assert "value=0.5" in lines["half"] and "value=[1, 2, 3]" in lines["few"]
     assert "value" not in lines["many"]
+
+
+def test_explain_summarises_a_long_list_of_feeds():
+    with gg.Graph():
+        xs = [gg.input(f"x{k}", shape=(4,)) for k in range(30)]
+        total = xs[0]
+        for x in xs[1:]:
+            total = total + x
+        loss = gg.sum(total, name="L")
+    plan = gg.connect().explain(loss, wrt=["x0"])
+    text = str(plan)
+    fed = [ln for ln in text.splitlines() if ln.startswith("  feeds -> P0")]
+    assert fed == ["  feeds -> P0: 30 inputs (960 bytes): x0, x1, x2, x3, x4, x5, x6, x7, ..."]
+    assert len(text.splitlines()) == 3 and text in plan._repr_mimebundle_()["text/plain"]
+    few = gg.connect().explain(gg.sum(xs[0] * xs[1]), wrt=["x0"])
+    assert "  feeds -> P0: x1 (32 bytes)" in str(few).splitlines()  # a few: one line each
