@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .engine import Graph, RunStats, TaskStat, tensors
-from .engine.ops import OPSET_VERSION, REGISTRY, AttrKind
+from .engine.ops import REGISTRY, AttrKind, opset_of
 from .engine.ops.docs import AttrInfo, OpInfo
 from .engine.planner import CutInfo, Explanation, PartitionInfo
 from .v1 import graph_pb2, service_pb2, tensor_pb2
@@ -56,7 +56,8 @@ def _fill_attr(value: object, kind: AttrKind, out: graph_pb2.AttrValue) -> None:
 
 
 def encode_graph(graph: Graph) -> graph_pb2.Graph:
-    out = graph_pb2.Graph(opset_version=OPSET_VERSION)
+    ops, dtypes = (n.op for n in graph.nodes), (t.dtype for t in graph.types)
+    out = graph_pb2.Graph(opset_version=opset_of(ops, dtypes))
     for node in graph.nodes:
         n = out.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
         for key, value in node.attrs.items():
