@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +39,20 @@ class Plan:
         return getattr(self.explanation, name)
 
     def __str__(self) -> str:
-        return str(self.explanation)
+        """The explanation, with the inputs fed to a partition summarised when there are
+        many of them, as a large graph's display summarises its inputs."""
+        e = self.explanation
+        fed = [c for c in e.cuts if c.src < 0]
+        if len(fed) <= _display.MOST_LISTED:
+            return str(e)
+        lines = [str(dataclasses.replace(e, cuts=tuple(c for c in e.cuts if c.src >= 0)))]
+        for dst in sorted({c.dst for c in fed}):
+            into = [c for c in fed if c.dst == dst]
+            lines.append(
+                f"  feeds -> P{dst}: {len(into)} inputs ({sum(c.bytes for c in into)} bytes): "
+                + _display.shortlist([c.node for c in into])
+            )
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         e = self.explanation
@@ -62,7 +76,8 @@ class Plan:
         )
         if "image/svg+xml" in bundle:
             bundle["text/html"] = (
-                f"<div><b>{html.escape(repr(self))}</b><br/>{legend}</div>{bundle['image/svg+xml']}"
+                f"<div><b>{html.escape(repr(self))}</b><br/>{legend}</div>"
+                + _display.svg_img(bundle["image/svg+xml"])
             )
         return bundle
 

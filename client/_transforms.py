@@ -161,7 +161,7 @@ def _client(client: Any) -> Any:
         return client
     with _default_lock:
         if _default_client is None:
-            from ._local import LocalClient
+            from graphgrad._local import LocalClient
 
             _default_client = LocalClient()
         return _default_client

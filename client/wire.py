@@ -29,7 +29,7 @@ from graphgrad.engine.job_reports import JobView, ResultPart
 from graphgrad.engine.jobs import Progress
 from graphgrad.engine.kinds import ExecutorKind, JobStatus
 from graphgrad.engine.lru import LRU
-from graphgrad.engine.ops import OPSET_VERSION, REGISTRY, AttrKind  # the opset spoken
+from graphgrad.engine.ops import OPSET_VERSION, REGISTRY, AttrKind, opset_of
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
 from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, check_settings, within
@@ -199,7 +199,9 @@ def _decode_attr(node: str, key: str, v: graph_pb2.AttrValue, max_bytes: int | N
 
 
 def _encode_graph(graph: Graph) -> graph_pb2.Graph:
-    out = graph_pb2.Graph(opset_version=OPSET_VERSION)
+    # The oldest opset that has every op and dtype used: older servers take the graph.
+    ops, dtypes = (n.op for n in graph.nodes), (t.dtype for t in graph.types)
+    out = graph_pb2.Graph(opset_version=opset_of(ops, dtypes))
     for node in graph.nodes:
         n = out.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
         for key, value in node.attrs.items():

@@ -6,11 +6,12 @@ caller's) in order, each node of a task in the order its compiled program runs t
 values and seed cotangents are held throughout; a value a task makes is freed after its last
 read in that task unless later tasks or the response read it (the driver holds every task's
 exports until the caller's task has run); a node whose kernel is more than one numpy call
-may hold two temporaries the size of its largest operand while it runs; gradients are copied
-out, and the response holds a copy of every value and gradient plus its serialized form.
-Constants are the program's (the plan cache counts them), and in-place ops, shared
-subexpressions and folded constants only allocate less, so the replay bounds what a run
-allocates (tests/test_memory_bounds.py measures it). Linear in the schedule; kept in a
+may hold two temporaries the size of its largest operand while it runs, and any op numpy's
+iteration buffers; gradients are copied out, and the response holds a copy of every value
+and gradient plus its serialized form. Constants are the program's (the plan cache counts
+them), and in-place ops, shared subexpressions and folded constants only allocate less, so
+the replay bounds the arrays a run allocates (tests/test_memory_bounds.py measures it; the
+interpreter's own objects, a few KiB, are left out). Linear in the schedule; kept in a
 bounded cache beside the schedule. The partitioned executors run the same nodes in the same
 tasks' order on workers, and the caller of a Ray run holds no more than the exports it
 gathers.
@@ -61,9 +62,9 @@ NO_TEMPORARY = frozenset(
     | {"add", "sub", "mul", "div", "pow", "maximum", "minimum"}
     | {"sum", "mean", "max", "reshape", "broadcast_to"}
 )
-# Held beside the values while any op runs: numpy's iteration buffers (8192 elements of up to
-# 8 bytes for each of a few operands, in reductions and casts) and the run's bookkeeping.
-WORKSPACE = 256 << 10
+# numpy's iteration buffer per operand of a buffered op (a reduction over a strided axis, a
+# cast): 8192 elements of up to 8 bytes, or the operand if it is smaller.
+BUFFER_BYTES = 8192 * 8
 _ANY = np.empty(0)  # planning reads only which outputs are seeded, not the seeds
 
 
@@ -90,7 +91,7 @@ def replay(sched: Schedule) -> RequestMemory:
     kept = held
     for task in sched.tasks:
         peak, exported = _task_peak(graph.input_pos, graph.ops, size, task)
-        kept = max(kept, held + peak + WORKSPACE)
+        kept = max(kept, held + peak)
         held += exported
     values = sum(size[i] for i in set(sched.outputs))
     grads = sum(size[g] for g in sched.grads)  # each copied out (they may be views)
@@ -114,8 +115,10 @@ def _task_peak(
     live = peak = 0
     for k, i in enumerate(mine):
         live += size[i]
-        ins = input_pos[i]
-        temporary = 0 if ops[i].name in NO_TEMPORARY else 2 * max(size[j] for j in (i, *ins))
+        operands = [size[j] for j in (i, *input_pos[i])]
+        temporary = sum(min(b, BUFFER_BYTES) for b in operands)
+        if ops[i].name not in NO_TEMPORARY:
+            temporary += 2 * max(operands)
         peak = max(peak, live + temporary)
         for j in {*input_pos[i], i}:
             if j in made and j not in keep and last.get(j, -1) <= k:

@@ -21,13 +21,13 @@ from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 from . import _ray_reaper
 from .allocator import set_malloc_thresholds
 from .autodiff import RunRequest
-from .driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task, schedule
+from .driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task
 from .errors import CancelledError, GraphError
-from .executor import Cancellation, RunResult, RunStats, TaskStat
+from .executor import Cancellation, LocalExecutor, RunResult, RunStats, TaskStat
 from .ir import Graph
 from .jobs import SegmentRunner, next_segment
 from .lru import LRU
-from .planner import MIN_PARTITION_S, Plan, partition
+from .planner import MIN_PARTITION_S, Plan
 from .training import ChunkState, ChunkTrainer, TrainSpec
 
 log = logging.getLogger("graphgrad.ray")
@@ -245,22 +245,9 @@ class RayExecutor:
     def plan(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> tuple[Plan, Schedule]:
-        seeded = tuple(request.grad_outputs or ())
-
-        def make() -> tuple[Plan, Schedule]:
-            sched = schedule(
-                graph,
-                request.outputs,
-                request.wrt,
-                seeded,
-                lambda pp: partition(
-                    graph, pp, min_seconds=self.min_partition_seconds, cancel=cancel
-                ),
-            )
-            return sched.plan, sched
-
-        key = ("ray-plan", request.outputs, request.wrt, seeded, self.min_partition_seconds)
-        return graph.memo(key, make)
+        """The schedule the local executor makes over the same partitions (one cache holds
+        both: a local run partitioned like a Ray run is the same schedule)."""
+        return LocalExecutor(self.min_partition_seconds).plan(graph, request, cancel)
 
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None

@@ -107,3 +107,27 @@ def test_a_dtype_attribute_round_trips_on_the_wire():
     nodes = wire.decode_graph(wire.encode_graph(g.freeze()))
     assert Graph(nodes).fingerprint == g.freeze().fingerprint
     assert dict(nodes[-1].attrs) == {"dtype": "int32"}
+
+
+def test_training_takes_integer_labels_as_data():
+    """A batched training job (batching, then gradient graphs) with int64 class labels."""
+    rng = np.random.default_rng(0)
+    x_data = rng.standard_normal((32, 4))
+    y_data = (x_data[:, 0] > 0).astype(np.int64)
+    with gg.Graph():
+        x = gg.input("x", (8, 4))
+        labels = gg.input("y", 8, np.int64)
+        w = gg.input("W", (4, 2))
+        loss = gg.softmax_cross_entropy(x @ w, labels).mean()
+    job = gg.LocalClient().train(
+        loss,
+        {"W": np.zeros((2, 4, 2))},
+        {"x": x_data, "y": y_data},
+        gg.optim.SGD(lr=0.5),
+        steps=30,
+        batch_size=8,
+    )
+    history = job.wait(progress=False).history
+    assert history.shape[0] == 2
+    np.testing.assert_allclose(history[:, 0], np.log(2))  # zero weights: uniform guesses
+    assert (history[:, -5:].mean(axis=1) < 0.5 * np.log(2)).all()

@@ -15,6 +15,9 @@ from graphgrad.engine import Graph, LocalExecutor, RunRequest
 from graphgrad.engine.memory import request_memory
 
 Case = tuple[Graph, dict[str, np.ndarray], list[str]]
+# The run's own Python objects (dicts of values, frames, the result), which the estimate of
+# array bytes leaves out: a few KiB.
+PYTHON_OBJECTS = 16 << 10
 
 
 def mlp() -> Case:
@@ -66,6 +69,6 @@ def test_the_estimate_bounds_the_measured_peak(make: Callable[[], Case], with_gr
     finally:
         tracemalloc.stop()
     fed = sum(v.nbytes for v in feeds.values())  # held before the measurement began
-    assert mem.kept - fed >= peak
+    assert mem.kept - fed + PYTHON_OBJECTS >= peak
     assert mem.kept - fed <= 3 * peak  # a bound, not a guess far above it
     assert mem.peak >= max(mem.kept, mem.grads + mem.response)

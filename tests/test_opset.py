@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine.ops import OPSET_VERSION
+from graphgrad import wire
+from graphgrad.engine.ops import ADDED_IN, OPSET_VERSION, REGISTRY
 from graphgrad.v1 import graph_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .server_proc import running_server
@@ -121,3 +122,30 @@ def test_a_bad_dtype_attribute_is_invalid_argument_naming_it(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "attribute 'dtype' of op 'astype' must be a dtype" in e.value.details()
     assert [f for f, _ in details(e.value)] == ["graph.nodes['y'].attrs.dtype"]
+
+
+# The op set of opset 1, as released: a contract with deployed servers, never edited.
+OPSET_1 = {
+    "abs", "add", "broadcast_to", "concat", "constant", "cos", "div", "exp", "input", "log",
+    "log_softmax", "matmul", "max", "max_share", "maximum", "mean", "minimum", "mse", "mul",
+    "neg", "pow", "relu", "reshape", "safe_log", "select_share", "sigmoid", "sign", "sin",
+    "slice", "softmax", "softmax_cross_entropy", "sqrt", "step", "sub", "sum", "tanh",
+    "transpose",
+}  # fmt: skip
+
+
+def test_every_op_after_opset_1_says_which_opset_added_it():
+    assert set(REGISTRY) - ADDED_IN[2] == OPSET_1
+    assert max(ADDED_IN) == OPSET_VERSION
+
+
+def test_a_client_writes_the_lowest_opset_that_holds_the_graph():
+    """So a server of an older opset still runs every graph it can."""
+    with gg.Graph() as old:
+        gg.tanh(gg.input("x", 3))
+    with gg.Graph() as gather:
+        x = gg.input("x", 3)
+        x[np.array([0, 2])]
+    with gg.Graph() as ints:
+        gg.input("i", 3, np.int64)
+    assert [wire.encode_graph(g.freeze()).opset_version for g in (old, gather, ints)] == [1, 2, 2]

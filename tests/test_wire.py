@@ -100,7 +100,7 @@ def test_graph_round_trips_to_the_same_fingerprint(graph):
     assert [(n.name, n.op, n.inputs) for n in back.nodes] == [
         (n.name, n.op, n.inputs) for n in graph.nodes
     ]
-    assert msg.opset_version == wire.OPSET_VERSION
+    assert 1 <= msg.opset_version <= wire.OPSET_VERSION
 
 
 def test_encoded_graphs_are_cached_by_fingerprint_and_bounded():

@@ -91,6 +91,12 @@ NO_GRADIENT = frozenset(
     }
 )
 
+_AT = {  # where the derivative is taken by convention
+    "relu": "; the gradient at 0 is 0",
+    "abs": "; the gradient at 0 is 0 (sign(0))",
+    "sqrt": "; the gradient at 0 is inf",
+    "log": "; log(0) is -inf",
+}
 UNARY = ("neg", "exp", "log", "tanh", "sigmoid", "relu", "sin", "cos", "sqrt", "abs")
 HELPERS = ("step", "sign", "safe_log")
 
@@ -99,6 +105,12 @@ def apply() -> None:
     """Fill in the registry entries' missing argument names and docs."""
     for name in (*UNARY, *HELPERS):
         TABLE.setdefault(name, (("x",), None))
+    for name in UNARY:  # their entries say what; say how it applies
+        op = REGISTRY.get(name)
+        if op is not None and op.doc and "elementwise" not in op.doc:
+            REGISTRY[name] = replace(
+                op, doc=f"{op.doc}, elementwise, of a float tensor{_AT.get(name, '')}"
+            )
     for name, (inputs, doc) in TABLE.items():
         op = REGISTRY.get(name)
         if op is None:
