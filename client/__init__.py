@@ -74,11 +74,11 @@ from graphgrad.engine import FeedError, GraphError, RequestError, ValidationErro
 # Loaded on first use (PEP 562): the remote client brings gRPC and protobuf, which neither
 # `import graphgrad.engine` (every Ray worker does it) nor an in-process user needs.
 _LAZY = {
-    "Job": "graphgrad._jobs",
+    "Job": "graphgrad._local_job",
     "LocalClient": "graphgrad._local",
     "RemoteClient": "graphgrad._remote",
     "RemoteError": "graphgrad._remote",
-    "RemoteJob": "graphgrad._remote_jobs",
+    "RemoteJob": "graphgrad._remote_job",
     "Result": "graphgrad._result",
     "Saved": "graphgrad._saving",
     "SavedGraphError": "graphgrad._saving",
@@ -87,10 +87,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from graphgrad._jobs import Job
     from graphgrad._local import LocalClient
+    from graphgrad._local_job import Job
     from graphgrad._remote import RemoteClient, RemoteError
-    from graphgrad._remote_jobs import RemoteJob
+    from graphgrad._remote_job import RemoteJob
     from graphgrad._result import Result
     from graphgrad._saving import Saved, SavedGraphError, load, save
 

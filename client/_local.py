@@ -8,10 +8,11 @@ from typing import Any
 
 from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
-from graphgrad._jobs import ArrayMap, Job, build_specs
-from graphgrad._plan import Plan
-from graphgrad._request import Ref, build_request
+from graphgrad._local_job import Job
+from graphgrad._plan_view import PlanView
+from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
+from graphgrad._train_specs import ArrayMap, build_specs
 from graphgrad.engine import (
     SGD,
     Cancellation,
@@ -47,10 +48,10 @@ class LocalClient(AsyncClient):
 
     def run(
         self,
-        outputs: Ref | Sequence[Ref],
-        feeds: Mapping[Ref, Any] | None = None,
-        wrt: Ref | Sequence[Ref] | None = (),
-        grad_outputs: Mapping[Ref, Any] | None = None,
+        outputs: NodeRef | Sequence[NodeRef],
+        feeds: Mapping[NodeRef, Any] | None = None,
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
         *,
         executor: str = "auto",
         check_numerics: bool = False,
@@ -63,15 +64,15 @@ class LocalClient(AsyncClient):
 
     def explain(
         self,
-        outputs: Ref | Sequence[Ref],
-        wrt: Ref | Sequence[Ref] | None = (),
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
         *,
         executor: str = "auto",
-    ) -> Plan:
+    ) -> PlanView:
         """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
         explained = self.session.plan(graph, request, ExecutorKind.parse(executor))
-        return Plan(explained.explanation, graph, explained.source)
+        return PlanView(explained.explanation, graph, explained.source)
 
     def train(
         self,

@@ -14,11 +14,11 @@ from grpc_status import rpc_status
 from graphgrad import wire
 from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
-from graphgrad._jobs import ArrayMap, build_specs
-from graphgrad._plan import Plan
-from graphgrad._remote_jobs import RemoteJob
-from graphgrad._request import Ref, build_request
+from graphgrad._plan_view import PlanView
+from graphgrad._remote_job import RemoteJob
+from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
+from graphgrad._train_specs import ArrayMap, build_specs
 from graphgrad.engine import (
     SGD,
     ExecutorKind,
@@ -191,10 +191,10 @@ class RemoteClient(AsyncClient):
 
     def run(
         self,
-        outputs: Ref | Sequence[Ref],
-        feeds: Mapping[Ref, Any] | None = None,
-        wrt: Ref | Sequence[Ref] | None = (),
-        grad_outputs: Mapping[Ref, Any] | None = None,
+        outputs: NodeRef | Sequence[NodeRef],
+        feeds: Mapping[NodeRef, Any] | None = None,
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
         *,
         executor: str = "auto",
         check_numerics: bool = False,
@@ -208,17 +208,17 @@ class RemoteClient(AsyncClient):
 
     def explain(
         self,
-        outputs: Ref | Sequence[Ref],
-        wrt: Ref | Sequence[Ref] | None = (),
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
         *,
         executor: str = "auto",
         timeout: float | None = None,
-    ) -> Plan:
+    ) -> PlanView:
         """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
         _, graph, request = build_request(outputs, None, wrt, None)
         msg = wire.encode_explain_request(request, ExecutorKind.parse(executor))
         resp = self._call_on_graph("Explain", msg, graph, timeout)
-        return Plan(wire.decode_explanation(resp), graph)
+        return PlanView(wire.decode_explanation(resp), graph)
 
     def list_ops(self) -> list[OpInfo]:
         """The server's ops: name, signature with named arguments, doc, attributes."""

@@ -11,10 +11,10 @@ from graphgrad import engine
 from graphgrad._builder import Graph, Tensor, _current
 from graphgrad.engine import RunRequest
 
-Ref = Tensor | str
+NodeRef = Tensor | str
 
 
-def as_list(refs: Ref | Sequence[Ref] | None) -> list[Ref]:
+def as_list(refs: NodeRef | Sequence[NodeRef] | None) -> list[NodeRef]:
     if refs is None:
         return []
     if isinstance(refs, Tensor | str):
@@ -22,7 +22,7 @@ def as_list(refs: Ref | Sequence[Ref] | None) -> list[Ref]:
     return list(refs)
 
 
-def _name(ref: Ref, what: str) -> str:
+def _name(ref: NodeRef, what: str) -> str:
     if isinstance(ref, Tensor):
         return ref.name
     if isinstance(ref, str):
@@ -44,10 +44,10 @@ def find_graph(*groups: Sequence[Any]) -> Graph:
 
 
 def build_request(
-    outputs: Ref | Sequence[Ref],
-    feeds: Mapping[Ref, Any] | None,
-    wrt: Ref | Sequence[Ref] | None,
-    grad_outputs: Mapping[Ref, Any] | None,
+    outputs: NodeRef | Sequence[NodeRef],
+    feeds: Mapping[NodeRef, Any] | None,
+    wrt: NodeRef | Sequence[NodeRef] | None,
+    grad_outputs: Mapping[NodeRef, Any] | None,
 ) -> tuple[Graph, engine.Graph, RunRequest]:
     outs, wrts = as_list(outputs), as_list(wrt)
     feeds = dict(feeds or {})

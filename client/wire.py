@@ -26,13 +26,13 @@ from graphgrad.engine import (
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph, Node
 from graphgrad.engine.job_reports import JobView, ResultPart
-from graphgrad.engine.jobs import Progress
 from graphgrad.engine.kinds import ExecutorKind, JobStatus
 from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import OPSET_VERSION, REGISTRY, AttrKind, opset_of
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
 from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, check_settings, within
+from graphgrad.engine.training_run import Progress
 from graphgrad.v1 import graph_pb2, jobs_pb2, service_pb2, tensor_pb2
 
 E = TypeVar("E")

@@ -34,7 +34,6 @@ from graphgrad.engine.job_reports import (
     join_parts,
     result_parts,
 )
-from graphgrad.engine.jobs import Placement, Progress
 from graphgrad.engine.kinds import TERMINAL, ExecutorKind, JobStatus
 from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import (
@@ -64,6 +63,7 @@ from graphgrad.engine.training import (
     job_bytes,
     within,
 )
+from graphgrad.engine.training_run import Placement, Progress
 
 __all__ = [
     "DTYPE_NAMES",

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FeedError, RequestError, name_list
-from .ir import Graph
-from .ops import FLOAT_DTYPES, INPUT
+from graphgrad.engine.errors import FeedError, RequestError, name_list
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.ops import FLOAT_DTYPES, INPUT
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,9 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ValidationError
-from .ir import Graph, Node
-from .ops import INPUT, TensorType, lookup
+from graphgrad.engine.errors import ValidationError
+from graphgrad.engine.ir import Graph, Node
+from graphgrad.engine.ops import INPUT, TensorType, lookup
 
 
 @dataclass(frozen=True, slots=True)

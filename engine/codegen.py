@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .cancel import Cancellation
-from .errors import ExecutionError, GraphError
-from .ir import Graph
-from .ops import CONSTANT
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.errors import ExecutionError, GraphError
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.ops import CONSTANT
 
 Values = dict[int, Any]
 CHUNK = 2000  # nodes per generated function

@@ -7,12 +7,12 @@ import os
 import threading
 from typing import Any
 
-from .autodiff import RunRequest, plan_pass
-from .errors import RequestError
-from .executor import Cancellation, Executor, LocalExecutor, RunResult
-from .ir import Graph
-from .jobs import SegmentRunner
-from .planner import Plan, may_prefer_ray, prefers_ray, single_partition
+from graphgrad.engine.autodiff import RunRequest, plan_pass
+from graphgrad.engine.errors import RequestError
+from graphgrad.engine.executor import Cancellation, Executor, LocalExecutor, RunResult
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.planner import Plan, may_prefer_ray, prefers_ray, single_partition
+from graphgrad.engine.training_run import SegmentRunner
 
 log = logging.getLogger("graphgrad.dispatch")
 EXECUTOR_NAMES = ("auto", "local", "ray")
@@ -52,7 +52,9 @@ class Dispatcher:
                     # An embedded Ray serves this machine alone: Ray's single-host mode keeps
                     # every address on loopback. Ray reads this when it is first imported.
                     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-                from .ray_executor import RayExecutor  # ray is imported here and only here
+                from graphgrad.engine.ray_executor import (
+                    RayExecutor,  # ray is imported here and only here
+                )
 
                 self._ray = RayExecutor(*self._ray_args)
             return self._ray
@@ -93,7 +95,7 @@ class Dispatcher:
         check_executor(executor, field="executor")
         if executor == "local" or (executor == "auto" and not self.ray_ready()):
             return SegmentRunner(), 1
-        from .ray_executor import RaySegmentRunner
+        from graphgrad.engine.ray_training import RaySegmentRunner  # imports ray
 
         self.ray.start()
         return RaySegmentRunner(self.ray), int(self.ray.cpus())

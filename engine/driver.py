@@ -20,13 +20,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .autodiff import PassPlan, RunRequest, check_feeds, owned, plan_pass, seed_cotangents
-from .cancel import Cancellation
-from .codegen import Program, Values, compile_program
-from .grad import grad_graph
-from .ir import Graph
-from .ops import CONSTANT, INPUT
-from .planner import Plan
+from graphgrad.engine.autodiff import (
+    PassPlan,
+    RunRequest,
+    check_feeds,
+    owned,
+    plan_pass,
+    seed_cotangents,
+)
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.codegen import Program, Values, compile_program
+from graphgrad.engine.grad import grad_graph
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.ops import CONSTANT, INPUT
+from graphgrad.engine.planner import Plan
 
 FORWARD, BACKWARD, CALLER = "forward", "backward", "caller"
 # A gradient graph's index, types and positions per node, and its own nodes (the request's

@@ -9,12 +9,12 @@ from typing import Protocol
 
 import numpy as np
 
-from .autodiff import PassPlan, RunRequest
-from .cancel import Cancellation
-from .driver import InlineRunner, Schedule, run_schedule, schedule
-from .errors import RequestError
-from .ir import Graph
-from .planner import Plan, partition, single_partition
+from graphgrad.engine.autodiff import PassPlan, RunRequest
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.driver import InlineRunner, Schedule, run_schedule, schedule
+from graphgrad.engine.errors import RequestError
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.planner import Plan, partition, single_partition
 
 __all__ = ["Cancellation", "Executor", "LocalExecutor", "RunResult", "RunStats", "TaskStat"]
 

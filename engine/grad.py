@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .autodiff import plan_pass
-from .errors import RequestError, name_list
-from .ir import MAX_NAME_LENGTH, Graph, Node
-from .ops import CONSTANT, INPUT, TensorType, lookup
+from graphgrad.engine.autodiff import plan_pass
+from graphgrad.engine.errors import RequestError, name_list
+from graphgrad.engine.ir import MAX_NAME_LENGTH, Graph, Node
+from graphgrad.engine.ops import CONSTANT, INPUT, TensorType, lookup
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SHOWN_NAMES, RequestError, ValidationError, name_list
-from .ops import (
+from graphgrad.engine.errors import SHOWN_NAMES, RequestError, ValidationError, name_list
+from graphgrad.engine.ops import (
     DTYPES,
     INPUT,
     Op,
@@ -27,7 +27,7 @@ from .ops import (
     lookup,
     shape_problem,
 )
-from .plan_cache import PLANS, PlanKey
+from graphgrad.engine.plan_cache import PLANS, PlanKey
 
 MAX_NAME_LENGTH = 256
 NODE_BYTES = 600  # a node, its type, index entry and positions (tests/test_caches.py checks)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .jobs import Placement, Progress
-from .kinds import JobStatus
+from graphgrad.engine.kinds import JobStatus
+from graphgrad.engine.training_run import Placement, Progress
 
 NO_PROGRESS = Progress(0, 0, 0, 0, float("nan"), float("nan"), float("nan"))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from .errors import RequestError
+from graphgrad.engine.errors import RequestError
 
 
 class ExecutorKind(StrEnum):

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .autodiff import RunRequest
-from .driver import Schedule, TaskSpec
-from .executor import LocalExecutor
-from .ir import Graph
-from .lru import LRU
-from .ops import CONSTANT, Op
+from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.driver import Schedule, TaskSpec
+from graphgrad.engine.executor import LocalExecutor
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.lru import LRU
+from graphgrad.engine.ops import CONSTANT, Op
 
 
 @dataclass(frozen=True, slots=True)

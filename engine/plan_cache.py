@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .lru import LRU, CacheStats
-from .ops import Op, TensorType
+from graphgrad.engine.lru import LRU, CacheStats
+from graphgrad.engine.ops import Op, TensorType
 
 DEFAULT_ENTRIES = 4096
 DEFAULT_BYTES = 256 << 20

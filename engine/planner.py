@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .autodiff import PassPlan
-from .cancel import Cancellation
-from .ir import Graph
-from .ops import CONSTANT, INPUT
+from graphgrad.engine.autodiff import PassPlan
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.ops import CONSTANT, INPUT
 
 TASK_OVERHEAD_S = 1e-3  # what one Ray task costs on this kind of machine
 NODE_OVERHEAD_S = 4e-6  # Python dispatch per node

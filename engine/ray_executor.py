@@ -1,6 +1,7 @@
 """The Ray executor: the driver (engine/driver.py) with a runner that submits each partition's
-forward and backward task to Ray, as one DAG of ObjectRefs without waiting in between. This
-is the only module that imports ray."""
+forward and backward task to Ray, as one DAG of ObjectRefs without waiting in between; and
+the Ray connection the training runner (engine/ray_training.py) shares. Ray is imported here
+and in the training runner only, and both are imported lazily (engine/dispatch.py)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
-from . import _ray_reaper
-from .allocator import set_malloc_thresholds
-from .autodiff import RunRequest
-from .driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task
-from .errors import CancelledError, GraphError
-from .executor import Cancellation, LocalExecutor, RunResult, RunStats, TaskStat
-from .ir import Graph
-from .jobs import SegmentRunner, next_segment
-from .lru import LRU
-from .planner import MIN_PARTITION_S, Plan
-from .training import ChunkState, ChunkTrainer, TrainSpec
+from graphgrad.engine import _ray_reaper
+from graphgrad.engine.allocator import set_malloc_thresholds
+from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task
+from graphgrad.engine.errors import CancelledError, GraphError
+from graphgrad.engine.executor import Cancellation, LocalExecutor, RunResult, RunStats, TaskStat
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.lru import LRU
+from graphgrad.engine.planner import MIN_PARTITION_S, Plan
 
 log = logging.getLogger("graphgrad.ray")
 
@@ -43,7 +42,7 @@ def _graph(fingerprint: str, nodes_ref: list[Any]) -> Graph:
 _ALLOCATOR_TUNED = False
 
 
-def _tune_allocator() -> None:
+def tune_allocator() -> None:
     """Once per worker process: keep numpy's large temporaries on the heap.
 
     In Ray workers glibc hands every large array a fresh mmap (and page faults it in), which
@@ -69,7 +68,7 @@ def _merged(bundles: Sequence[dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
 
 
 def _run(fingerprint: str, nodes_ref: list[Any], spec: TaskSpec, n_bundles: int, *args: Any) -> Any:
-    _tune_allocator()
+    tune_allocator()
     feeds = _merged(args[:n_bundles])
     graph = _graph(fingerprint, nodes_ref)
     return run_task(graph, spec, feeds, list(args[n_bundles:]), Cancellation(), _where())
@@ -113,65 +112,6 @@ class FeedBundles:
             if key not in self._refs:
                 self._refs[key] = ray.put({j: self._feeds[j] for j in self._groups[key]})
         return [self._refs[key] for key in keys]
-
-
-@ray.remote
-def _train_segment(spec: TrainSpec, state: ChunkState, until: int) -> tuple[ChunkState, float]:
-    _tune_allocator()
-    start = time.perf_counter()
-    done = ChunkTrainer(spec).run(state.writable(), until)
-    return done, time.perf_counter() - start
-
-
-class RaySegmentRunner(SegmentRunner):
-    """Each chunk as a chain of Ray tasks, one segment in flight per chunk: no barrier between
-    chunks, progress as each segment finishes. Segments grow (see `next_segment`) until each
-    lasts about SEGMENT_SECONDS, so Ray's cost per task is lost in them. A killed worker
-    costs a retry (segments are deterministic)."""
-
-    def __init__(self, executor: RayExecutor) -> None:
-        self.executor = executor
-
-    def train(
-        self,
-        chunks: Sequence[TrainSpec],
-        states: list[ChunkState],
-        steps: int,
-        segment: int,
-        cancel: Cancellation,
-        on_segment: Callable[[], None],
-    ) -> None:
-        self.executor.start()
-        spec_refs = [ray.put(spec) for spec in chunks]
-        lengths = [segment] * len(chunks)
-        owner: dict[Any, int] = {}
-
-        def submit(k: int) -> None:
-            until = min(steps, states[k].step + lengths[k])
-            owner[_train_segment.remote(spec_refs[k], states[k], until)] = k
-
-        for k in range(len(chunks)):
-            if states[k].step < steps:
-                submit(k)
-        try:
-            while owner:
-                cancel.check()
-                ready, _ = ray.wait(list(owner), num_returns=1, timeout=0.1)
-                for ref in ready:
-                    k = owner.pop(ref)
-                    done, seconds = ray.get(ref)
-                    lengths[k] = next_segment(done.step - states[k].step, seconds, lengths[k])
-                    done.losses[:0] = states[k].losses  # those not yet taken, then the new
-                    states[k] = done
-                    if done.step < steps:
-                        submit(k)
-                if ready:
-                    on_segment()
-        except CancelledError:
-            _cancel_all(list(owner))
-            raise
-        except RayTaskError as e:
-            raise _unwrap(e) from None
 
 
 class RayExecutor:
@@ -259,7 +199,7 @@ class RayExecutor:
         try:
             out = run_schedule(graph, sched, request, _RayRunner(self), cancel)
         except RayTaskError as e:
-            raise _unwrap(e) from None
+            raise unwrap_task_error(e) from None
         except RayError as e:
             raise GraphError(f"the Ray task failed: {e}") from e
         tasks = tuple(
@@ -281,7 +221,7 @@ class RayExecutor:
                 cancel.check()
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.05)
         except CancelledError:
-            _cancel_all(every)
+            cancel_all(every)
             raise
 
 
@@ -325,14 +265,14 @@ def _start_reaper(ray_pids: set[int]) -> subprocess.Popen[bytes]:
     )
 
 
-def _cancel_all(refs: Sequence[Any]) -> None:
+def cancel_all(refs: Sequence[Any]) -> None:
     """Cancel the tasks behind `refs` (and what they spawned); finished ones are skipped."""
     for ref in refs:
         with contextlib.suppress(RayError, TypeError, ValueError):
             ray.cancel(ref, recursive=True)
 
 
-def _unwrap(e: RayTaskError) -> Exception:
+def unwrap_task_error(e: RayTaskError) -> Exception:
     cause = getattr(e, "cause", None)
     if isinstance(cause, GraphError):
         return cause

@@ -23,11 +23,11 @@ from graphgrad.engine.errors import CancelledError, RequestError
 from graphgrad.engine.executor import RunResult, check_finite
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.job_reports import JobView, ResultPart, result_parts
-from graphgrad.engine.jobs import Placement, TrainingRun, group_specs
 from graphgrad.engine.kinds import ExecutorKind, JobStatus
 from graphgrad.engine.ops.docs import OpInfo, op_infos
 from graphgrad.engine.planner import Explanation, describe
 from graphgrad.engine.training import TrainSpec
+from graphgrad.engine.training_run import Placement, TrainingRun, group_specs
 
 # What `prepare` is told: the graph and request about to be run (a serving layer may plan
 # and compile ahead); None does nothing more than planning.

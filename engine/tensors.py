@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ops import DTYPE_NAMES, DTYPES, shape_problem
+from graphgrad.engine.ops import DTYPE_NAMES, DTYPES, shape_problem
 
 _WIRE = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
 

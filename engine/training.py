@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batching import batch_graph
-from .cancel import Cancellation
-from .codegen import Program, compile_program
-from .errors import RequestError
-from .grad import grad_graph
-from .ir import Graph
-from .lru import LRU
-from .ops import INPUT, TensorType
+from graphgrad.engine.batching import batch_graph
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.codegen import Program, compile_program
+from graphgrad.engine.errors import RequestError
+from graphgrad.engine.grad import grad_graph
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.lru import LRU
+from graphgrad.engine.ops import INPUT, TensorType
 
 Arrays = dict[str, np.ndarray]
 # Bounds the loop count of a job; its memory and storage are bounded by the server's

@@ -31,8 +31,8 @@ from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
+from graphgrad.server.job_manager import DEFAULT_MAX_QUEUED, JobManager
 from graphgrad.server.job_service import JobServicer
-from graphgrad.server.jobs import DEFAULT_MAX_QUEUED, JobManager
 from graphgrad.server.limits import Limits, one_per_cpu
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer

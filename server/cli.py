@@ -17,8 +17,8 @@ from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
+from graphgrad.server.job_manager import JobManager
 from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
-from graphgrad.server.jobs import JobManager
 from graphgrad.server.limits import MIB, Limits
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.store import JobStore, StoreError

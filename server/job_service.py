@@ -10,7 +10,7 @@ import grpc
 from graphgrad import wire
 from graphgrad.engine import ExecutorKind, RequestError, TrainSpec, job_bytes
 from graphgrad.server.inflight import CallContext
-from graphgrad.server.jobs import JobManager
+from graphgrad.server.job_manager import JobManager
 from graphgrad.server.runtime import Runtime
 from graphgrad.v1 import jobs_pb2
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from graphgrad.engine.jobs import HistorySegment, Progress
+from graphgrad.engine.training_run import HistorySegment, Progress
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad._jobs import build_specs
+from graphgrad._train_specs import build_specs
 from graphgrad.engine import LimitError, RequestError
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import Progress
 from graphgrad.engine.training import TrainSpec
+from graphgrad.engine.training_run import Progress
+from graphgrad.server.job_manager import TERMINAL, JobManager
 from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
-from graphgrad.server.jobs import TERMINAL, JobManager
 from graphgrad.server.limits import Limits
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.store import JobStore

@@ -19,12 +19,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import graphgrad as gg
-from graphgrad._jobs import build_specs
+from graphgrad._train_specs import build_specs
 from graphgrad.engine import LimitError
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import TrainingRun, group_specs
+from graphgrad.engine.training_run import TrainingRun, group_specs
+from graphgrad.server.job_manager import JobManager
 from graphgrad.server.job_service import spec_decoder
-from graphgrad.server.jobs import JobManager
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.store import JobStore
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2

@@ -118,7 +118,7 @@ def test_bad_training_input_is_reported():
 
 
 def test_segments_grow_to_about_half_a_second():
-    from graphgrad.engine.jobs import SEGMENT_SECONDS, next_segment
+    from graphgrad.engine.training_run import SEGMENT_SECONDS, next_segment
 
     # 25 steps in 50 ms: 250 steps fill SEGMENT_SECONDS, but growth is capped at 8x.
     assert SEGMENT_SECONDS == 0.5

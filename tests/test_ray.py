@@ -291,9 +291,9 @@ def test_training_job_on_ray_equals_inline(ray_cluster):
 
 
 def test_segments_on_ray_grow_so_tasks_are_few(ray_cluster):
-    from graphgrad._jobs import build_specs
-    from graphgrad.engine.jobs import TrainingRun
-    from graphgrad.engine.ray_executor import RaySegmentRunner
+    from graphgrad._train_specs import build_specs
+    from graphgrad.engine.ray_training import RaySegmentRunner
+    from graphgrad.engine.training_run import TrainingRun
 
     from .test_jobs import init, mlp, own_data
 

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 import graphgrad as gg
 import graphgrad.engine
 import graphgrad.server
-from graphgrad._jobs import build_specs
+from graphgrad._train_specs import build_specs
 from graphgrad.v1 import graph_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc, tensor_pb2
 from graphgrad.wire import encode_job
 

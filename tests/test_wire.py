@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 import graphgrad as gg
 from graphgrad import wire
-from graphgrad._jobs import build_specs
+from graphgrad._train_specs import build_specs
 from graphgrad.engine import (
     NO_PROGRESS,
     SGD,

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from . import (  # noqa: F401  (they register)
+from graphgrad.engine.ops import (  # noqa: F401  (they register)
     compare,
     docs,
     elementwise,
@@ -14,7 +14,7 @@ from . import (  # noqa: F401  (they register)
     shape,
     source,
 )
-from ._registry import (
+from graphgrad.engine.ops._registry import (
     DTYPE_NAMES,
     DTYPES,
     FLOAT_DTYPES,
@@ -34,7 +34,7 @@ from ._registry import (
     register,
     shape_problem,
 )
-from .source import CONSTANT, INPUT
+from graphgrad.engine.ops.source import CONSTANT, INPUT
 
 docs.apply()
 

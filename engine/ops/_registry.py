@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import UnknownOpError, ValidationError
+from graphgrad.engine.errors import UnknownOpError, ValidationError
 
 FLOAT_DTYPES: tuple[str, ...] = ("float32", "float64")
 # Integer tensors hold what is not differentiated: labels, indices, counts.

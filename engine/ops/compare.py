@@ -13,8 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import AttrKind, Attrs, AttrSpec, Op, ShapeError, TensorType, register
-from .elementwise import batch_broadcasting
+from graphgrad.engine.ops._registry import (
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    Op,
+    ShapeError,
+    TensorType,
+    register,
+)
+from graphgrad.engine.ops.elementwise import batch_broadcasting
 
 
 def _compare_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ._registry import REGISTRY
+from graphgrad.engine.ops._registry import REGISTRY
 
 _BROADCAST = "a and b broadcast as in numpy and share one float dtype."
 _REDUCE = (

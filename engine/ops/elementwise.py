@@ -7,7 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import Attrs, BatchFn, Emitter, Op, ShapeError, TensorType, register
+from graphgrad.engine.ops._registry import (
+    Attrs,
+    BatchFn,
+    Emitter,
+    Op,
+    ShapeError,
+    TensorType,
+    register,
+)
 
 
 def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

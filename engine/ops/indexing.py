@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import (
+from graphgrad.engine.ops._registry import (
     INT_DTYPES,
     AttrKind,
     Attrs,

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import Attrs, Emitter, Op, ShapeError, TensorType, register
-from .elementwise import unbroadcast, unbroadcast_node
+from graphgrad.engine.ops._registry import Attrs, Emitter, Op, ShapeError, TensorType, register
+from graphgrad.engine.ops.elementwise import unbroadcast, unbroadcast_node
 
 
 def _infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:

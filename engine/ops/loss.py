@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import (
+from graphgrad.engine.ops._registry import (
     FLOAT_DTYPES,
     INT_DTYPES,
     AttrKind,
@@ -21,8 +21,13 @@ from ._registry import (
     normalize_axes,
     register,
 )
-from .elementwise import batch_broadcasting, broadcast_type, unbroadcast, unbroadcast_node
-from .indexing import _put_along_add, check_range
+from graphgrad.engine.ops.elementwise import (
+    batch_broadcasting,
+    broadcast_type,
+    unbroadcast,
+    unbroadcast_node,
+)
+from graphgrad.engine.ops.indexing import _put_along_add, check_range
 
 _AXIS = {"axis": AttrSpec(AttrKind.INT, default=-1)}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import (
+from graphgrad.engine.ops._registry import (
     AttrKind,
     Attrs,
     AttrSpec,

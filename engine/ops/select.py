@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._registry import (
+from graphgrad.engine.ops._registry import (
     FLOAT_DTYPES,
     AttrKind,
     Attrs,
@@ -16,7 +16,7 @@ from ._registry import (
     TensorType,
     register,
 )
-from .elementwise import batch_broadcasting, unbroadcast, unbroadcast_node
+from graphgrad.engine.ops.elementwise import batch_broadcasting, unbroadcast, unbroadcast_node
 
 
 def _where_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._registry import (
+from graphgrad.engine.ops._registry import (
     AttrKind,
     Attrs,
     AttrSpec,
@@ -19,7 +19,7 @@ from ._registry import (
     check_shape,
     register,
 )
-from .elementwise import unbroadcast, unbroadcast_node
+from graphgrad.engine.ops.elementwise import unbroadcast, unbroadcast_node
 
 
 def _reshape_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._registry import AttrKind, Attrs, AttrSpec, Op, ShapeError, TensorType, register
+from graphgrad.engine.ops._registry import (
+    AttrKind,
+    Attrs,
+    AttrSpec,
+    Op,
+    ShapeError,
+    TensorType,
+    register,
+)
 
 
 def _no_forward(xs: Sequence[np.ndarray], at: Attrs) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 
 from graphgrad import wire
 from graphgrad._aio import AsyncJob
-from graphgrad._jobs import job_html, plot_history, progress_bar, show_progress
+from graphgrad._job_display import job_html, plot_history, progress_bar, show_progress
 from graphgrad.engine import GraphError, JobStatus, JobView, Progress, ResultPart, join_parts
 from graphgrad.v1 import jobs_pb2
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import GraphError, RequestError
-from .executor import Cancellation
-from .training import ChunkState, ChunkTrainer, TrainSpec, activation_bytes, split
+from graphgrad.engine.errors import GraphError, RequestError
+from graphgrad.engine.executor import Cancellation
+from graphgrad.engine.training import ChunkState, ChunkTrainer, TrainSpec, activation_bytes, split
 
 # A chunk's activations should stay in cache. 4 MiB measured best here (2 MiB of L2 per
 # core, a large L3): 4 chunks of the 1000-network ensemble ran 1.06x faster than 8 and

@@ -39,7 +39,7 @@ from graphgrad.engine import (
     result_parts,
 )
 from graphgrad.engine.dispatch import Dispatcher
-from graphgrad.engine.jobs import (
+from graphgrad.engine.training_run import (
     HistorySegment,
     Placement,
     Progress,

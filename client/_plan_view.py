@@ -11,7 +11,7 @@ from graphgrad import _display
 from graphgrad.engine import Explanation, Graph, RequestError
 
 
-class Plan:
+class PlanView:
     """How a run would execute: `executor`, `partitions`, `cuts` (see Explanation); shows
     itself as a drawing coloured by partition in notebooks and as text in terminals."""
 

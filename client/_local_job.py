@@ -1,0 +1,117 @@
+"""The handle of an in-process training job: `LocalClient.train(...)` returns a `Job` to
+watch, cancel and read (the job itself runs in the client's engine Session)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from graphgrad._aio import AsyncJob
+from graphgrad._job_display import job_html, plot_history, progress_bar, show_progress
+from graphgrad.engine import (
+    JobStatus,
+    Progress,
+    Session,
+    join_parts,
+)
+
+
+class Job(AsyncJob):
+    """A training job: many networks trained together, in the background (a handle on a
+    job of the client's Session).
+
+    `status` is "running", "done", "cancelled" or "failed"; `params` and `history` are the
+    results ([N, ...] per parameter, and the loss [N, steps]); with several templates,
+    `params` is a list with one mapping per template, in the order given.
+    """
+
+    def __init__(self, session: Session, job_id: str) -> None:
+        self.id = job_id
+        self._session = session
+        self._results: tuple[list[dict[str, np.ndarray]], np.ndarray] | None = None
+
+    @property
+    def status(self) -> JobStatus:
+        return self._session.job(self.id).status
+
+    @property
+    def progress(self) -> Progress:
+        return self._session.job(self.id).view().progress
+
+    @property
+    def done(self) -> bool:
+        return self._session.job(self.id).ended.is_set()
+
+    @property
+    def chunks(self) -> list[int]:
+        """How many chunks each stacked group of networks was cut into (networks of
+        templates that differ only in their arrays are stacked in one group)."""
+        return self._session.job(self.id).chunks
+
+    def cancel(self) -> None:
+        """Stop the job (its tasks are cancelled); `wait` then returns with status cancelled."""
+        self._session.cancel(self.id)
+
+    def delete(self) -> None:
+        """Cancel the job if it runs and drop its results (as DeleteJob does on a server)."""
+        self._session.delete(self.id)
+        self._results = None
+
+    def wait(self, progress: bool = True, timeout: float | None = None) -> Job:
+        """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self._session.job(self.id)
+        bar = progress_bar(job.run.steps, self.id) if progress else None
+        try:
+            for view in self._session.watch(self.id):
+                if bar is not None:
+                    show_progress(bar, view.progress)
+                if deadline is not None and time.monotonic() > deadline and not job.ended.is_set():
+                    raise TimeoutError(f"job {self.id} still running after {timeout}s")
+        finally:
+            if bar is not None:
+                bar.close()
+        if job.error is not None:
+            raise job.error
+        return self
+
+    def _fetch(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        if self._results is None:
+            job = self._session.job(self.id)
+            results = join_parts(self._session.results(self.id), job.templates)
+            if not job.ended.is_set():  # still training: read again next time
+                return results
+            self._results = results
+        return self._results
+
+    @property
+    def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        params = self._fetch()[0]
+        return params[0] if len(params) == 1 else params
+
+    @property
+    def history(self) -> np.ndarray:
+        return self._fetch()[1]
+
+    def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
+        """Loss curves: the median and the 10-90% band across networks, or chosen networks.
+        Needs matplotlib (pip install graphgrad[plot])."""
+        return plot_history(self.history, networks, ax)
+
+    def _repr_html_(self) -> str:
+        view = self._session.job(self.id).view()
+        return job_html(self.id, view.status, view.progress)
+
+    def __repr__(self) -> str:
+        view = self._session.job(self.id).view()
+        p = view.progress
+        return (
+            f"<graphgrad.Job {self.id} {view.status}: step {p.steps_done}/{p.steps}, "
+            f"{p.networks} networks, median loss {p.loss_median:.4g}>"
+        )
+
+
+__all__ = ["Job"]
