@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _wire
 from ._aio import AsyncJob
-from ._jobs import job_html, plot_history, progress_bar, show_progress
+from ._jobs import ProgressBar, job_html, job_repr, plot_history
 from .engine import GraphError
 from .engine.dispatch import check_executor
 from .engine.jobs import Progress
@@ -67,6 +67,7 @@ def read_progress(info: jobs_pb2.JobInfo) -> Progress:
         info.loss_median,
         info.loss_best,
         info.loss_worst,
+        info.networks_nonfinite,
     )
 
 
@@ -105,16 +106,16 @@ class RemoteJob(AsyncJob):
     def wait(self, progress: bool = True, timeout: float | None = None) -> RemoteJob:
         """Follow the job's progress stream until it ends (a progress bar unless disabled)."""
         info = self._info()
-        bar = progress_bar(info.steps, self.id) if progress else None
+        bar = ProgressBar(info.steps, self.id) if progress else None
         try:
             request = jobs_pb2.WatchJobRequest(id=self.id)
             for event in self._client.job_stream("WatchJob", request, timeout):
                 info = event.job
                 if bar is not None:
-                    show_progress(bar, read_progress(info))
+                    bar.show(read_progress(info))
         finally:
             if bar is not None:
-                bar.close()
+                bar.close(STATUS.get(info.status, "unknown"), read_progress(info))
         if info.status == jobs_pb2.JOB_STATUS_FAILED:
             raise GraphError(f"job {self.id} failed: {info.error}")
         return self
@@ -159,8 +160,6 @@ class RemoteJob(AsyncJob):
 
     def __repr__(self) -> str:
         info = self._info()
-        return (
-            f"<graphgrad.RemoteJob {self.id} {STATUS.get(info.status)}: step "
-            f"{info.steps_done}/{info.steps}, {info.networks} networks, median loss "
-            f"{info.loss_median:.4g}>"
+        return job_repr(
+            "RemoteJob", self.id, STATUS.get(info.status, "unknown"), read_progress(info)
         )

@@ -134,6 +134,7 @@ def encode_view(v: JobView) -> jobs_pb2.JobInfo:
         loss_median=p.loss_median,
         loss_best=p.loss_best,
         loss_worst=p.loss_worst,
+        networks_nonfinite=p.networks_nonfinite,
         error=v.error,
         created=v.created,
     )
