@@ -165,6 +165,31 @@ def test_a_step_is_the_stacked_gradient_graph_compiled_once_per_chunk_shape(monk
         assert grads[k].tobytes() == ref.grads[k].tobytes(), k
 
 
+def test_a_template_holding_gradient_nodes_trains_like_each_network_alone():
+    """A gradient penalty: the template differentiates its own fit (gg.grad), the step
+    batches that gradient graph and differentiates it again (second order, per network)."""
+    with gg.Graph() as g:
+        x, t = gg.input("x", shape=(S, 4)), gg.input("t", shape=(S, 1))
+        W1, W2 = gg.input("W1", shape=(H, 4)), gg.input("W2", shape=(1, H))
+        fit = gg.mean((gg.tanh(x @ gg.transpose(W1)) @ gg.transpose(W2) - t) ** 2)
+        dx = gg.grad(fit, x)
+        gg.add(fit, gg.mul(0.1, gg.sum(dx * dx)), name="loss")
+    graph = g.freeze()
+    params, data = problem(per_network=True, seed=2)
+    params = {k: params[k] for k in ("W1", "W2")}
+    spec = TrainSpec(graph, "loss", params, data, SGD(lr=0.05), 4, per_network=frozenset(data))
+    trainer = ChunkTrainer(spec)
+    state = trainer.run(trainer.initial_state())
+    for j in range(N):
+        own = {k: v[j] for k, v in data.items()}
+        p, hist = train_alone(
+            graph, {k: v[j] for k, v in params.items()}, own, SGD(lr=0.05), 4, None, 0, j
+        )
+        np.testing.assert_allclose(state.history[j], hist, rtol=1e-10)
+        for k in p:
+            np.testing.assert_allclose(state.params[k][j], p[k], rtol=1e-9, atol=1e-12)
+
+
 def test_a_cancelled_step_stops_inside_the_program():
     graph = template(S)
     params, data = problem(per_network=False)
