@@ -26,6 +26,7 @@ from .errors import RequestError
 from .grad import grad_graph
 from .ir import Graph
 from .lru import LRU
+from .memory import request_memory
 from .ops import INPUT, TensorType
 
 Arrays = dict[str, np.ndarray]
@@ -542,17 +543,26 @@ def activation_bytes(template: Graph) -> int:
     return sum(t.nbytes for t in template.types)
 
 
+def step_bytes(spec: TrainSpec) -> int:
+    """About the most bytes a step of all the spec's networks holds while its program runs:
+    one network's step replayed over its gradient graph (engine/memory.py), times the
+    networks (the stacked graph holds theirs side by side)."""
+    params = sorted(spec.params)
+    return spec.n * request_memory(spec.template, [spec.loss], params).kept
+
+
 def job_bytes(specs: Sequence[TrainSpec]) -> int:
     """About the most memory and storage a job of these specs takes, from N x steps: its
     inputs; the loss history (kept durably and assembled for the results); parameters and
-    optimizer state (in memory, in a checkpoint, and the checkpoint's bytes); one step's
-    values and their gradients for every network; the minibatch permutations."""
+    optimizer state (in memory, in a checkpoint, and the checkpoint's bytes); a step of
+    every network (`step_bytes`) and the optimizer's update; the minibatch permutations."""
     total = 0
     for s in specs:
         inputs = sum(v.nbytes for v in (*s.params.values(), *s.data.values()))
         state = sum(v.nbytes for v in s.params.values()) * (1 + s.optimizer.slots)
         history = s.n * s.steps * 8
-        step = 2 * s.n * activation_bytes(s.template)
+        # The update goes one param at a time; Adam's holds about six arrays of its size.
+        step = step_bytes(s) + 6 * max(v.nbytes for v in s.params.values())
         samples = max(
             (v.shape[1 if k in s.per_network else 0] for k, v in s.data.items()), default=0
         )

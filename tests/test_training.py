@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from graphgrad.engine.training import (
     classify_data,
     job_bytes,
     split,
+    step_bytes,
     within,
 )
 
@@ -357,3 +359,28 @@ def test_job_bytes_count_history_state_and_activations():
     assert longer - need >= N * (10_000 - spec.steps) * 8
     adam = job_bytes([dataclasses.replace(spec, optimizer=Adam())])
     assert adam - need >= 2 * N * per_net  # two moments per parameter
+
+
+@pytest.mark.parametrize("optimizer", [SGD(), Adam()], ids=["sgd", "adam"])
+@pytest.mark.parametrize("per_network", [True, False])
+def test_step_bytes_bound_what_a_step_allocates(per_network, optimizer):
+    n = 400  # values of a few hundred KiB: the step's Python objects are small beside them
+    rng = np.random.default_rng(3)
+    params = {"W1": rng.standard_normal((n, H, 4)), "b1": np.zeros((n, H))}
+    params |= {"W2": rng.standard_normal((n, 1, H)), "b2": np.zeros((n, 1))}
+    x = rng.standard_normal((n, S, 4) if per_network else (S, 4))
+    data = {"x": x, "t": np.sin(x.sum(-1, keepdims=True))}
+    spec = TrainSpec.build(template(S), "loss", params, data, optimizer, 3)
+    trainer = ChunkTrainer(spec)
+    state = trainer.initial_state()
+    trainer.step(state)  # compiled outside the measurement
+    tracemalloc.start()
+    try:
+        trainer.step(state)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    update = 6 * max(v.nbytes for v in params.values())  # what job_bytes adds for it
+    python_objects = 16 << 10  # the step's dicts and frames, not arrays
+    assert step_bytes(spec) + update + python_objects >= peak
+    assert step_bytes(spec) <= 4 * peak  # a bound, not a guess far above it
