@@ -20,6 +20,7 @@ from ._remote_jobs import RemoteJob, encode_job
 from ._request import Ref, build_request
 from ._result import Result
 from .engine import Graph, GraphError
+from .engine.errors import ERROR_DOMAIN, rebuild_error
 from .engine.ops.docs import OpInfo
 from .engine.training import SGD, Optimizer
 from .v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
@@ -36,13 +37,21 @@ class RemoteError(GraphError):
         self.code = code
         self.message = message
         self.violations = list(violations)
-        super().__init__(f"{code.name}: {message}")
+        # Not super(): rebuilt errors are also FeedError, ExecutionError... (rebuild_error),
+        # whose constructors take other arguments.
+        Exception.__init__(self, f"{code.name}: {message}")
 
 
 def _remote_error(e: grpc.RpcError, address: str | None = None) -> RemoteError:
     violations: list[tuple[str, str]] = []
+    kind, where = "", {}
     status = rpc_status.from_call(e)  # type: ignore[arg-type]
     for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == ERROR_DOMAIN:
+                kind, where = info.reason, dict(info.metadata)
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             br = error_details_pb2.BadRequest()
             detail.Unpack(br)
@@ -56,7 +65,9 @@ def _remote_error(e: grpc.RpcError, address: str | None = None) -> RemoteError:
         from ._connect import unavailable_message  # _connect imports this module
 
         message = unavailable_message(address, message)
-    return RemoteError(e.code(), message, violations)
+    error = rebuild_error(kind, where, RemoteError, e.code(), message, violations)
+    assert isinstance(error, RemoteError)
+    return error
 
 
 def _credentials(tls: bool | str | bytes | Path) -> grpc.ChannelCredentials:
