@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib import metadata
 
-from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest
+from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest, calibration
 from graphgrad.engine.executor import check_finite
 from graphgrad.v1 import graph_pb2, service_pb2
 
@@ -104,6 +104,9 @@ class GraphServicer:
             version=metadata.version("graphgrad"), opset_version=codec.OPSET_VERSION
         )
         out.limits.update(self.limits)
+        cal = calibration.in_force()
+        out.calibration = cal.source
+        out.calibration_figures.update(calibration.figures(cal))
         for name, stats in self.runtime.caches().items():
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes

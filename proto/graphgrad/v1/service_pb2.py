@@ -26,7 +26,7 @@ from graphgrad.v1 import graph_pb2 as graphgrad_dot_v1_dot_graph__pb2
 from graphgrad.v1 import tensor_pb2 as graphgrad_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agraphgrad/v1/service.proto\x12\x0cgraphgrad.v1\x1a\x18graphgrad/v1/graph.proto\x1a\x19graphgrad/v1/tensor.proto\":\n\x14RegisterGraphRequest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.Graph\"?\n\x15RegisterGraphResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\tnum_nodes\x18\x02 \x01(\x03\"N\n\nRunOptions\x12(\n\x08\x65xecutor\x18\x01 \x01(\x0e\x32\x16.graphgrad.v1.Executor\x12\x16\n\x0e\x63heck_numerics\x18\x02 \x01(\x08\"\xa2\x03\n\nRunRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.GraphH\x00\x12\x15\n\x0b\x66ingerprint\x18\x02 \x01(\tH\x00\x12\x32\n\x05\x66\x65\x65\x64s\x18\x03 \x03(\x0b\x32#.graphgrad.v1.RunRequest.FeedsEntry\x12\x0f\n\x07outputs\x18\x04 \x03(\t\x12\x0b\n\x03wrt\x18\x05 \x03(\t\x12?\n\x0cgrad_outputs\x18\x06 \x03(\x0b\x32).graphgrad.v1.RunRequest.GradOutputsEntry\x12)\n\x07options\x18\x07 \x01(\x0b\x32\x18.graphgrad.v1.RunOptions\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x1aH\n\x10GradOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x42\x0b\n\tgraph_ref\"|\n\x08TaskStat\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x01\x12\r\n\x05where\x18\x05 \x01(\t\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x03\x12\x11\n\tbytes_out\x18\x07 \x01(\x03\"\x7f\n\x08RunStats\x12\x10\n\x08\x65xecutor\x18\x01 \x01(\t\x12\x11\n\twall_time\x18\x02 \x01(\x01\x12\x12\n\npartitions\x18\x03 \x01(\x05\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x03\x12%\n\x05tasks\x18\x05 \x03(\x0b\x32\x16.graphgrad.v1.TaskStat\"\xbe\x02\n\x0bRunResponse\x12\x35\n\x06values\x18\x01 \x03(\x0b\x32%.graphgrad.v1.RunResponse.ValuesEntry\x12\x33\n\x05grads\x18\x02 \x03(\x0b\x32$.graphgrad.v1.RunResponse.GradsEntry\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.graphgrad.v1.RunStats\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x1a\x43\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x1a\x42\n\nGradsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\"\xa3\x01\n\x0e\x45xplainRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.GraphH\x00\x12\x15\n\x0b\x66ingerprint\x18\x02 \x01(\tH\x00\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12)\n\x07options\x18\x05 \x01(\x0b\x32\x18.graphgrad.v1.RunOptionsB\x0b\n\tgraph_ref\"<\n\x03\x43ut\x12\x0b\n\x03src\x18\x01 \x01(\x05\x12\x0b\n\x03\x64st\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"G\n\tPartition\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\r\n\x05\x66lops\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x01\"\x9b\x01\n\x0f\x45xplainResponse\x12\x10\n\x08\x65xecutor\x18\x01 \x01(\t\x12+\n\npartitions\x18\x02 \x03(\x0b\x32\x17.graphgrad.v1.Partition\x12\x1f\n\x04\x63uts\x18\x03 \x03(\x0b\x32\x11.graphgrad.v1.Cut\x12\x13\n\x0btotal_flops\x18\x04 \x01(\x01\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"\x10\n\x0eListOpsRequest\"8\n\x08\x41ttrInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\"\x94\x01\n\x06OpInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61rity\x18\x02 \x01(\x05\x12%\n\x05\x61ttrs\x18\x03 \x03(\x0b\x32\x16.graphgrad.v1.AttrInfo\x12\x11\n\tsignature\x18\x04 \x01(\t\x12\x16\n\x0e\x64ifferentiable\x18\x05 \x01(\x08\x12\x0b\n\x03\x64oc\x18\x06 \x01(\t\x12\x0e\n\x06inputs\x18\x07 \x03(\t\"K\n\x0fListOpsResponse\x12!\n\x03ops\x18\x01 \x03(\x0b\x32\x14.graphgrad.v1.OpInfo\x12\x15\n\ropset_version\x18\x02 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xd0\x03\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\ropset_version\x18\x02 \x01(\r\x12\x13\n\x0bray_address\x18\x03 \x01(\t\x12L\n\rray_resources\x18\x04 \x03(\x0b\x32\x35.graphgrad.v1.GetServerInfoResponse.RayResourcesEntry\x12?\n\x06limits\x18\x05 \x03(\x0b\x32/.graphgrad.v1.GetServerInfoResponse.LimitsEntry\x12?\n\x06\x63\x61\x63hes\x18\x06 \x03(\x0b\x32/.graphgrad.v1.GetServerInfoResponse.CachesEntry\x1a\x33\n\x11RayResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x46\n\x0b\x43\x61\x63hesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.graphgrad.v1.CacheInfo:\x02\x38\x01\"S\n\tCacheInfo\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x13\n\x0bmax_entries\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03*]\n\x08\x45xecutor\x12\x18\n\x14\x45XECUTOR_UNSPECIFIED\x10\x00\x12\x11\n\rEXECUTOR_AUTO\x10\x01\x12\x12\n\x0e\x45XECUTOR_LOCAL\x10\x02\x12\x10\n\x0c\x45XECUTOR_RAY\x10\x03\x32\x8e\x03\n\x0cGraphService\x12X\n\rRegisterGraph\x12\".graphgrad.v1.RegisterGraphRequest\x1a#.graphgrad.v1.RegisterGraphResponse\x12:\n\x03Run\x12\x18.graphgrad.v1.RunRequest\x1a\x19.graphgrad.v1.RunResponse\x12\x46\n\x07\x45xplain\x12\x1c.graphgrad.v1.ExplainRequest\x1a\x1d.graphgrad.v1.ExplainResponse\x12\x46\n\x07ListOps\x12\x1c.graphgrad.v1.ListOpsRequest\x1a\x1d.graphgrad.v1.ListOpsResponse\x12X\n\rGetServerInfo\x12\".graphgrad.v1.GetServerInfoRequest\x1a#.graphgrad.v1.GetServerInfoResponseB.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agraphgrad/v1/service.proto\x12\x0cgraphgrad.v1\x1a\x18graphgrad/v1/graph.proto\x1a\x19graphgrad/v1/tensor.proto\":\n\x14RegisterGraphRequest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.Graph\"?\n\x15RegisterGraphResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x11\n\tnum_nodes\x18\x02 \x01(\x03\"N\n\nRunOptions\x12(\n\x08\x65xecutor\x18\x01 \x01(\x0e\x32\x16.graphgrad.v1.Executor\x12\x16\n\x0e\x63heck_numerics\x18\x02 \x01(\x08\"\xa2\x03\n\nRunRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.GraphH\x00\x12\x15\n\x0b\x66ingerprint\x18\x02 \x01(\tH\x00\x12\x32\n\x05\x66\x65\x65\x64s\x18\x03 \x03(\x0b\x32#.graphgrad.v1.RunRequest.FeedsEntry\x12\x0f\n\x07outputs\x18\x04 \x03(\t\x12\x0b\n\x03wrt\x18\x05 \x03(\t\x12?\n\x0cgrad_outputs\x18\x06 \x03(\x0b\x32).graphgrad.v1.RunRequest.GradOutputsEntry\x12)\n\x07options\x18\x07 \x01(\x0b\x32\x18.graphgrad.v1.RunOptions\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x1aH\n\x10GradOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x42\x0b\n\tgraph_ref\"|\n\x08TaskStat\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x01\x12\r\n\x05where\x18\x05 \x01(\t\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x03\x12\x11\n\tbytes_out\x18\x07 \x01(\x03\"\x7f\n\x08RunStats\x12\x10\n\x08\x65xecutor\x18\x01 \x01(\t\x12\x11\n\twall_time\x18\x02 \x01(\x01\x12\x12\n\npartitions\x18\x03 \x01(\x05\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x03\x12%\n\x05tasks\x18\x05 \x03(\x0b\x32\x16.graphgrad.v1.TaskStat\"\xbe\x02\n\x0bRunResponse\x12\x35\n\x06values\x18\x01 \x03(\x0b\x32%.graphgrad.v1.RunResponse.ValuesEntry\x12\x33\n\x05grads\x18\x02 \x03(\x0b\x32$.graphgrad.v1.RunResponse.GradsEntry\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.graphgrad.v1.RunStats\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x1a\x43\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x1a\x42\n\nGradsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\"\xd0\x01\n\x0e\x45xplainRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.GraphH\x00\x12\x15\n\x0b\x66ingerprint\x18\x02 \x01(\tH\x00\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12)\n\x07options\x18\x05 \x01(\x0b\x32\x18.graphgrad.v1.RunOptions\x12+\n\x07\x63luster\x18\x06 \x01(\x0b\x32\x1a.graphgrad.v1.ClusterShapeB\x0b\n\tgraph_ref\"Q\n\x0c\x43lusterShape\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x15\n\rcpus_per_node\x18\x02 \x01(\r\x12\x1b\n\x13network_bytes_per_s\x18\x03 \x01(\x01\"\xe0\x01\n\nPrediction\x12\x10\n\x08makespan\x18\x01 \x01(\x01\x12\x0f\n\x07one_cpu\x18\x02 \x01(\x01\x12\r\n\x05\x62ound\x18\x03 \x01(\t\x12\x15\n\rcritical_path\x18\x04 \x03(\t\x12\x18\n\x10\x63ritical_seconds\x18\x05 \x01(\x01\x12-\n\x08timeline\x18\x06 \x03(\x0b\x32\x1b.graphgrad.v1.PredictedTask\x12+\n\x07\x63luster\x18\x07 \x01(\x0b\x32\x1a.graphgrad.v1.ClusterShape\x12\x13\n\x0b\x63\x61libration\x18\x08 \x01(\t\"T\n\rPredictedTask\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\r\x12\x0b\n\x03\x63pu\x18\x03 \x01(\r\x12\r\n\x05start\x18\x04 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x01\"<\n\x03\x43ut\x12\x0b\n\x03src\x18\x01 \x01(\x05\x12\x0b\n\x03\x64st\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"G\n\tPartition\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\r\n\x05\x66lops\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x01\"\xc9\x01\n\x0f\x45xplainResponse\x12\x10\n\x08\x65xecutor\x18\x01 \x01(\t\x12+\n\npartitions\x18\x02 \x03(\x0b\x32\x17.graphgrad.v1.Partition\x12\x1f\n\x04\x63uts\x18\x03 \x03(\x0b\x32\x11.graphgrad.v1.Cut\x12\x13\n\x0btotal_flops\x18\x04 \x01(\x01\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12,\n\nprediction\x18\x06 \x01(\x0b\x32\x18.graphgrad.v1.Prediction\"\x10\n\x0eListOpsRequest\"8\n\x08\x41ttrInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\"\x94\x01\n\x06OpInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61rity\x18\x02 \x01(\x05\x12%\n\x05\x61ttrs\x18\x03 \x03(\x0b\x32\x16.graphgrad.v1.AttrInfo\x12\x11\n\tsignature\x18\x04 \x01(\t\x12\x16\n\x0e\x64ifferentiable\x18\x05 \x01(\x08\x12\x0b\n\x03\x64oc\x18\x06 \x01(\t\x12\x0e\n\x06inputs\x18\x07 \x03(\t\"K\n\x0fListOpsResponse\x12!\n\x03ops\x18\x01 \x03(\x0b\x32\x14.graphgrad.v1.OpInfo\x12\x15\n\ropset_version\x18\x02 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xfa\x04\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\ropset_version\x18\x02 \x01(\r\x12\x13\n\x0bray_address\x18\x03 \x01(\t\x12L\n\rray_resources\x18\x04 \x03(\x0b\x32\x35.graphgrad.v1.GetServerInfoResponse.RayResourcesEntry\x12?\n\x06limits\x18\x05 \x03(\x0b\x32/.graphgrad.v1.GetServerInfoResponse.LimitsEntry\x12?\n\x06\x63\x61\x63hes\x18\x06 \x03(\x0b\x32/.graphgrad.v1.GetServerInfoResponse.CachesEntry\x12\x13\n\x0b\x63\x61libration\x18\x07 \x01(\t\x12X\n\x13\x63\x61libration_figures\x18\x08 \x03(\x0b\x32;.graphgrad.v1.GetServerInfoResponse.CalibrationFiguresEntry\x1a\x33\n\x11RayResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x46\n\x0b\x43\x61\x63hesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.graphgrad.v1.CacheInfo:\x02\x38\x01\x1a\x39\n\x17\x43\x61librationFiguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\tCacheInfo\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x13\n\x0bmax_entries\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03*]\n\x08\x45xecutor\x12\x18\n\x14\x45XECUTOR_UNSPECIFIED\x10\x00\x12\x11\n\rEXECUTOR_AUTO\x10\x01\x12\x12\n\x0e\x45XECUTOR_LOCAL\x10\x02\x12\x10\n\x0c\x45XECUTOR_RAY\x10\x03\x32\x8e\x03\n\x0cGraphService\x12X\n\rRegisterGraph\x12\".graphgrad.v1.RegisterGraphRequest\x1a#.graphgrad.v1.RegisterGraphResponse\x12:\n\x03Run\x12\x18.graphgrad.v1.RunRequest\x1a\x19.graphgrad.v1.RunResponse\x12\x46\n\x07\x45xplain\x12\x1c.graphgrad.v1.ExplainRequest\x1a\x1d.graphgrad.v1.ExplainResponse\x12\x46\n\x07ListOps\x12\x1c.graphgrad.v1.ListOpsRequest\x1a\x1d.graphgrad.v1.ListOpsResponse\x12X\n\rGetServerInfo\x12\".graphgrad.v1.GetServerInfoRequest\x1a#.graphgrad.v1.GetServerInfoResponseB.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,8 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFORESPONSE_LIMITSENTRY']._serialized_options = b'8\001'
   _globals['_GETSERVERINFORESPONSE_CACHESENTRY']._loaded_options = None
   _globals['_GETSERVERINFORESPONSE_CACHESENTRY']._serialized_options = b'8\001'
-  _globals['_EXECUTOR']._serialized_start=2638
-  _globals['_EXECUTOR']._serialized_end=2731
+  _globals['_GETSERVERINFORESPONSE_CALIBRATIONFIGURESENTRY']._loaded_options = None
+  _globals['_GETSERVERINFORESPONSE_CALIBRATIONFIGURESENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTOR']._serialized_start=3295
+  _globals['_EXECUTOR']._serialized_end=3388
   _globals['_REGISTERGRAPHREQUEST']._serialized_start=97
   _globals['_REGISTERGRAPHREQUEST']._serialized_end=155
   _globals['_REGISTERGRAPHRESPONSE']._serialized_start=157
@@ -73,33 +75,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNRESPONSE_GRADSENTRY']._serialized_start=1231
   _globals['_RUNRESPONSE_GRADSENTRY']._serialized_end=1297
   _globals['_EXPLAINREQUEST']._serialized_start=1300
-  _globals['_EXPLAINREQUEST']._serialized_end=1463
-  _globals['_CUT']._serialized_start=1465
-  _globals['_CUT']._serialized_end=1525
-  _globals['_PARTITION']._serialized_start=1527
-  _globals['_PARTITION']._serialized_end=1598
-  _globals['_EXPLAINRESPONSE']._serialized_start=1601
-  _globals['_EXPLAINRESPONSE']._serialized_end=1756
-  _globals['_LISTOPSREQUEST']._serialized_start=1758
-  _globals['_LISTOPSREQUEST']._serialized_end=1774
-  _globals['_ATTRINFO']._serialized_start=1776
-  _globals['_ATTRINFO']._serialized_end=1832
-  _globals['_OPINFO']._serialized_start=1835
-  _globals['_OPINFO']._serialized_end=1983
-  _globals['_LISTOPSRESPONSE']._serialized_start=1985
-  _globals['_LISTOPSRESPONSE']._serialized_end=2060
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2062
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2084
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2087
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2551
-  _globals['_GETSERVERINFORESPONSE_RAYRESOURCESENTRY']._serialized_start=2381
-  _globals['_GETSERVERINFORESPONSE_RAYRESOURCESENTRY']._serialized_end=2432
-  _globals['_GETSERVERINFORESPONSE_LIMITSENTRY']._serialized_start=2434
-  _globals['_GETSERVERINFORESPONSE_LIMITSENTRY']._serialized_end=2479
-  _globals['_GETSERVERINFORESPONSE_CACHESENTRY']._serialized_start=2481
-  _globals['_GETSERVERINFORESPONSE_CACHESENTRY']._serialized_end=2551
-  _globals['_CACHEINFO']._serialized_start=2553
-  _globals['_CACHEINFO']._serialized_end=2636
-  _globals['_GRAPHSERVICE']._serialized_start=2734
-  _globals['_GRAPHSERVICE']._serialized_end=3132
+  _globals['_EXPLAINREQUEST']._serialized_end=1508
+  _globals['_CLUSTERSHAPE']._serialized_start=1510
+  _globals['_CLUSTERSHAPE']._serialized_end=1591
+  _globals['_PREDICTION']._serialized_start=1594
+  _globals['_PREDICTION']._serialized_end=1818
+  _globals['_PREDICTEDTASK']._serialized_start=1820
+  _globals['_PREDICTEDTASK']._serialized_end=1904
+  _globals['_CUT']._serialized_start=1906
+  _globals['_CUT']._serialized_end=1966
+  _globals['_PARTITION']._serialized_start=1968
+  _globals['_PARTITION']._serialized_end=2039
+  _globals['_EXPLAINRESPONSE']._serialized_start=2042
+  _globals['_EXPLAINRESPONSE']._serialized_end=2243
+  _globals['_LISTOPSREQUEST']._serialized_start=2245
+  _globals['_LISTOPSREQUEST']._serialized_end=2261
+  _globals['_ATTRINFO']._serialized_start=2263
+  _globals['_ATTRINFO']._serialized_end=2319
+  _globals['_OPINFO']._serialized_start=2322
+  _globals['_OPINFO']._serialized_end=2470
+  _globals['_LISTOPSRESPONSE']._serialized_start=2472
+  _globals['_LISTOPSRESPONSE']._serialized_end=2547
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2549
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2571
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2574
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=3208
+  _globals['_GETSERVERINFORESPONSE_RAYRESOURCESENTRY']._serialized_start=2979
+  _globals['_GETSERVERINFORESPONSE_RAYRESOURCESENTRY']._serialized_end=3030
+  _globals['_GETSERVERINFORESPONSE_LIMITSENTRY']._serialized_start=3032
+  _globals['_GETSERVERINFORESPONSE_LIMITSENTRY']._serialized_end=3077
+  _globals['_GETSERVERINFORESPONSE_CACHESENTRY']._serialized_start=3079
+  _globals['_GETSERVERINFORESPONSE_CACHESENTRY']._serialized_end=3149
+  _globals['_GETSERVERINFORESPONSE_CALIBRATIONFIGURESENTRY']._serialized_start=3151
+  _globals['_GETSERVERINFORESPONSE_CALIBRATIONFIGURESENTRY']._serialized_end=3208
+  _globals['_CACHEINFO']._serialized_start=3210
+  _globals['_CACHEINFO']._serialized_end=3293
+  _globals['_GRAPHSERVICE']._serialized_start=3391
+  _globals['_GRAPHSERVICE']._serialized_end=3789
 # @@protoc_insertion_point(module_scope)
