@@ -19,6 +19,7 @@ import numpy as np
 from .errors import FeedError, RequestError, name_list
 from .ir import Graph
 from .ops import FLOAT_DTYPES, INPUT
+from .plan_cache import DerivedCache, RequestKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +50,13 @@ def plan_pass(
 ) -> PassPlan:
     """`seeded`: the outputs differentiated (the keys of grad_outputs; by default the first).
 
-    Plans are memoised on the graph, so repeated runs of a registered graph skip this work.
+    Plans are cached per graph and request, so repeated runs of a registered graph skip this.
     """
-    key = ("pass", tuple(outputs), tuple(wrt), tuple(seeded))
-    return graph.memo(key, lambda: _plan_pass(graph, outputs, wrt, seeded))
+    key = RequestKey(graph.serial, tuple(outputs), tuple(wrt), tuple(seeded))
+    return _PASSES.get_or_make(key, lambda: _plan_pass(graph, outputs, wrt, seeded))
+
+
+_PASSES: DerivedCache[RequestKey, PassPlan] = DerivedCache("pass plans")
 
 
 def _plan_pass(

@@ -12,9 +12,11 @@ from .errors import RequestError
 from .executor import Cancellation, Executor, LocalExecutor, RunResult
 from .ir import Graph
 from .jobs import SegmentRunner
+from .plan_cache import DerivedCache, RequestKey
 from .planner import Plan, may_prefer_ray, prefers_ray, single_partition
 
 log = logging.getLogger("graphgrad.dispatch")
+_SINGLE: DerivedCache[RequestKey, Plan] = DerivedCache("single-partition plans")
 EXECUTOR_NAMES = ("auto", "local", "ray")
 
 
@@ -72,10 +74,8 @@ class Dispatcher:
         seeded = tuple(request.grad_outputs or ())
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
         if executor == "local":
-            return "local", graph.memo(
-                ("single", pass_plan.outputs, pass_plan.wrt),
-                lambda: single_partition(graph, pass_plan),
-            )
+            key = RequestKey(graph.serial, request.outputs, request.wrt, seeded)
+            return "local", _SINGLE.get_or_make(key, lambda: single_partition(graph, pass_plan))
         if executor == "ray":
             return "ray", self.ray.plan(graph, request, cancel)[0]
         # auto: Ray only when the cost model expects it to win and Ray is already up
@@ -109,5 +109,7 @@ class Dispatcher:
         executor: str = "auto",
         cancel: Cancellation | None = None,
     ) -> RunResult:
+        if executor == "local" or (executor == "auto" and not self.ray_ready()):
+            return self.local.run(graph, request, cancel)  # what `choose` would pick
         name, _ = self.choose(graph, request, executor, cancel)
         return self.executor(name).run(graph, request, cancel)

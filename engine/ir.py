@@ -27,11 +27,12 @@ from .ops import (
     lookup,
     shape_problem,
 )
-from .plan_cache import PLANS, PlanKey
+from .plan_cache import DerivedCache
 
 MAX_NAME_LENGTH = 256
 NODE_BYTES = 600  # a node, its type, index entry and positions (tests/test_caches.py checks)
 _SERIALS = itertools.count()  # never reused, unlike id(): plan cache keys name instances
+_MEMO: DerivedCache[tuple[int, Hashable], Any] = DerivedCache("memo")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,7 +65,16 @@ class Graph:
     Positions (ints) index `nodes`, `ops`, `types` and `input_pos`; `index` maps names to them.
     """
 
-    __slots__ = ("_fingerprint", "_serial", "index", "input_pos", "nodes", "ops", "types")
+    __slots__ = (
+        "_bytes",
+        "_fingerprint",
+        "_serial",
+        "index",
+        "input_pos",
+        "nodes",
+        "ops",
+        "types",
+    )
 
     def __init__(self, nodes: Iterable[Node]):
         checked = [_check_node(n) for n in nodes]
@@ -79,24 +89,28 @@ class Graph:
         )
         self.types: tuple[TensorType, ...] = _infer_types(self)
         self._fingerprint: str | None = None
+        self._bytes: int | None = None
         self._serial = next(_SERIALS)
 
+    @property
+    def serial(self) -> int:
+        """This instance's number, never reused: what derived-value caches key on."""
+        return self._serial
+
     def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        """A value derived from this (immutable) graph, kept in the bounded plan cache
-        (engine/plan_cache.py) and made again should it have been dropped."""
-        return PLANS.get_or_make(PlanKey(self._serial, key), make)
+        """Deprecated: a value derived from this graph under an untyped key. Layers own typed
+        caches (engine/plan_cache.py `DerivedCache`); this stays for code not yet moved."""
+        return _MEMO.get_or_make((self._serial, key), make)
 
     def approx_bytes(self) -> int:
         """Estimated memory the graph holds (what the graph cache counts)."""
-
-        def count() -> int:
+        if self._bytes is None:
             names = sum(len(n.name) for n in self.nodes)
             arrays = sum(
                 v.nbytes for n in self.nodes for v in n.attrs.values() if isinstance(v, np.ndarray)
             )
-            return NODE_BYTES * len(self.nodes) + 2 * names + arrays
-
-        return int(self.memo("approx_bytes", count))
+            self._bytes = NODE_BYTES * len(self.nodes) + 2 * names + arrays
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self.nodes)

@@ -18,6 +18,7 @@ from .autodiff import PassPlan
 from .cancel import Cancellation
 from .ir import Graph
 from .ops import CONSTANT, INPUT
+from .plan_cache import DerivedCache
 
 TASK_OVERHEAD_S = 1e-3  # what one Ray task costs on this kind of machine
 NODE_OVERHEAD_S = 4e-6  # Python dispatch per node
@@ -48,7 +49,10 @@ def node_costs(graph: Graph) -> list[NodeCost]:
             op.flops(ins, t, graph.nodes[i].attrs), float(t.nbytes + sum(x.nbytes for x in ins))
         )
 
-    return graph.memo("costs", lambda: [make(i) for i in range(len(graph))])
+    return _COSTS.get_or_make(graph.serial, lambda: [make(i) for i in range(len(graph))])
+
+
+_COSTS: DerivedCache[int, list[NodeCost]] = DerivedCache("node costs")  # by Graph.serial
 
 
 @dataclass(frozen=True, slots=True)
