@@ -65,6 +65,7 @@ from ._builder import (
 from ._connect import connect
 from ._jobs import Job
 from ._local import LocalClient
+from ._onnx_sdk import from_onnx, to_onnx
 from ._remote import RemoteClient, RemoteError
 from ._remote_jobs import RemoteJob
 from ._result import Result
@@ -105,6 +106,7 @@ __all__ = [
     "equal",
     "exp",
     "expand_dims",
+    "from_onnx",
     "grad",
     "greater",
     "greater_equal",
@@ -143,6 +145,7 @@ __all__ = [
     "take",
     "take_along_axis",
     "tanh",
+    "to_onnx",
     "transpose",
     "value_and_grad",
     "vmap",
