@@ -1,0 +1,349 @@
+"""Plan simulator: predict how long a request or a training job takes on a cluster.
+
+A discrete-event replay of the task DAG as Ray runs it. The caller stages the fed inputs
+into the object store (on its node), then every task runs on the first CPU that can start
+it (a CPU of the node holding most of its inputs wins a tie, as Ray's locality-aware
+scheduling does). A task starts when its CPU is free and its inputs have arrived: each
+upstream task's exports one task-to-task latency after it ended, plus bytes / network
+bandwidth when they come from another node. On its CPU it costs the per-task overhead, its
+nodes' compute (the calibrated cost model) and writing its exports into the object store.
+The caller's own task (gradients of nodes no partition owns) runs in the driver once every
+task it reads has ended. Forward tasks come in topological order and backward tasks in
+reverse, as the schedule lists them (engine/driver.py), and a backward task waits for the
+last gradient contribution it sums, because it reads every downstream backward task.
+
+What it reports: the makespan, the one-CPU inline time (the local executor: every node in
+one thread, no task costs) and their ratio, the critical path, the lower bound each
+resource sets (critical path, CPU work, task overhead, object store, network) and which
+binds, and a per-task timeline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .autodiff import RunRequest
+from .calibration import Calibration, in_force
+from .cancel import Cancellation
+from .driver import CALLER, Schedule
+from .ir import Graph
+from .ops import INPUT
+from .planner import MIN_PARTITION_S, node_costs
+
+NETWORK_BYTES_PER_S = 1.25e9  # 10 Gb/s between nodes, when not given
+MAX_TIMELINE = 10_000  # tasks kept in a prediction's timeline (the makespan counts them all)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """`nodes` machines of `cpus_per_node` CPUs each, joined by `network_bytes_per_s`."""
+
+    nodes: int = 1
+    cpus_per_node: int = 1
+    network_bytes_per_s: float = NETWORK_BYTES_PER_S
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
+                raise ValueError(
+                    f"cluster {name} must be an integer from 1 to 65536, got {value!r}"
+                )
+        bw = self.network_bytes_per_s
+        if not (isinstance(bw, int | float) and math.isfinite(bw) and bw > 0):
+            raise ValueError(f"cluster network_bytes_per_s must be a positive number, got {bw!r}")
+
+    @property
+    def cpus(self) -> int:
+        return self.nodes * self.cpus_per_node
+
+    def __str__(self) -> str:
+        if self.nodes == 1:
+            return f"{self.cpus_per_node} CPU(s)"
+        return (
+            f"{self.nodes} nodes x {self.cpus_per_node} CPUs ({self.network_bytes_per_s:.3g} B/s)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SimTask:
+    """One task of the DAG. `deps` are (earlier task, bytes it reads from that task)."""
+
+    name: str
+    seconds: float  # compute (what it would take inline)
+    deps: tuple[tuple[int, int], ...] = ()
+    fed_bytes: int = 0  # fed inputs it reads (staged by the caller)
+    out_bytes: int = 0  # exports it writes into the object store
+    on_caller: bool = False  # runs in the driver: no CPU slot, no task overhead
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTiming:
+    name: str
+    node: int
+    cpu: int  # -1: the caller (the driver process)
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    makespan: float
+    one_cpu: float  # inline on one CPU
+    bound: str  # the resource whose lower bound binds
+    bounds: tuple[tuple[str, float], ...]  # each resource's lower bound on the makespan
+    critical_path: tuple[str, ...]
+    critical_seconds: float
+    timeline: tuple[TaskTiming, ...]  # in start order (the first MAX_TIMELINE)
+    tasks: int
+    cluster: Cluster
+    calibration: str
+    bytes_across_nodes: int = 0
+
+    @property
+    def speedup(self) -> float:
+        return self.one_cpu / self.makespan if self.makespan > 0 else 1.0
+
+    def __str__(self) -> str:
+        path = self.critical_path
+        shown = " -> ".join(path if len(path) <= 6 else (*path[:3], "...", *path[-2:]))
+        bounds = ", ".join(f"{name} {_s(s)}" for name, s in self.bounds)
+        return (
+            f"predicted on {self.cluster}: {_s(self.makespan)} ({self.speedup:.2f}x one CPU "
+            f"inline, {_s(self.one_cpu)}), {self.tasks} tasks, bound by {self.bound}\n"
+            f"  critical path {_s(self.critical_seconds)}: {shown}\n"
+            f"  lower bounds: {bounds}\n"
+            f"  calibration: {self.calibration}"
+        )
+
+
+def _s(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def simulate(
+    tasks: Sequence[SimTask],
+    cal: Calibration,
+    cluster: Cluster,
+    staged_bytes: int = 0,
+) -> Prediction:
+    """Replay `tasks` (in submission order; deps point to earlier tasks) on `cluster`."""
+    n = len(tasks)
+    store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
+    staged_at = staged_bytes / store  # the caller puts the feeds before the tasks read them
+    free = [[0.0] * cluster.cpus_per_node for _ in range(cluster.nodes)]
+    start, end = [0.0] * n, [0.0] * n
+    where: list[tuple[int, int]] = [(0, -1)] * n
+    waits: list[int] = [-1] * n  # the task each one last waited for (critical path)
+    consumers: list[list[int]] = [[] for _ in tasks]
+    missing = [len(t.deps) for t in tasks]
+    for k, t in enumerate(tasks):
+        for d, _ in t.deps:
+            if not 0 <= d < k:
+                raise ValueError(f"task {k} ({t.name}) depends on task {d}, not an earlier one")
+            consumers[d].append(k)
+    across = 0
+    ready = [(staged_at if t.fed_bytes else 0.0, k) for k, t in enumerate(tasks) if not t.deps]
+    heapq.heapify(ready)
+    while ready:
+        _, k = heapq.heappop(ready)  # earliest ready first, then submission order
+        t = tasks[k]
+        nodes = [0] if t.on_caller else range(cluster.nodes)
+        best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
+        for node in nodes:
+            arrive, local, waited = 0.0, 0, -1
+            if t.fed_bytes:
+                arrive = staged_at + (t.fed_bytes / net if node else 0.0)
+                local += t.fed_bytes if node == 0 else 0
+            for d, nbytes in t.deps:
+                at = end[d] + (0.0 if t.on_caller else cal.task_latency_s)
+                if where[d][0] != node:
+                    at += nbytes / net
+                else:
+                    local += nbytes
+                if at >= arrive:
+                    arrive, waited = at, d
+            if t.on_caller:
+                cpu, at = -1, arrive
+            else:
+                cpu = min(range(cluster.cpus_per_node), key=free[node].__getitem__)
+                at = max(arrive, free[node][cpu])
+            key = (at, -local, node, cpu)
+            if best is None or key < best:
+                best = key
+                waits[k] = waited
+        assert best is not None
+        at, _, node, cpu = best
+        cost = t.seconds if t.on_caller else (cal.task_overhead_s + t.seconds + t.out_bytes / store)
+        start[k], end[k], where[k] = at, at + cost, (node, cpu)
+        if cpu >= 0:
+            free[node][cpu] = end[k]
+        for d, nbytes in t.deps:
+            across += nbytes if where[d][0] != node else 0
+        across += t.fed_bytes if node else 0
+        for c in consumers[k]:
+            missing[c] -= 1
+            if missing[c] == 0:
+                dep_ready = max(end[d] for d, _ in tasks[c].deps)
+                fed = staged_at if tasks[c].fed_bytes else 0.0
+                heapq.heappush(ready, (max(dep_ready, fed), c))
+    if any(missing):
+        raise ValueError("the task DAG has a task whose dependencies never finish")
+    makespan = max(end, default=0.0)
+    path, critical = _critical_path(tasks, cal, staged_at)
+    workers = [t for t in tasks if not t.on_caller]
+    cpus = cluster.cpus
+    bounds = (
+        ("critical path", critical),
+        ("cpu", sum(t.seconds for t in workers) / cpus),
+        ("task overhead", len(workers) * cal.task_overhead_s / cpus),
+        ("object store", staged_at + sum(t.out_bytes for t in workers) / store / cpus),
+        ("network", across / net / max(1, cluster.nodes - 1)),
+    )
+    order = sorted(range(n), key=lambda k: (start[k], k))[:MAX_TIMELINE]
+    return Prediction(
+        makespan,
+        sum(t.seconds for t in tasks),
+        max(bounds, key=lambda b: b[1])[0],
+        bounds,
+        path,
+        critical,
+        tuple(TaskTiming(tasks[k].name, *where[k], start[k], end[k]) for k in order),
+        n,
+        cluster,
+        cal.source,
+        across,
+    )
+
+
+def _critical_path(
+    tasks: Sequence[SimTask], cal: Calibration, staged_at: float
+) -> tuple[tuple[str, ...], float]:
+    """The longest chain with as many CPUs as tasks, on one node (no network)."""
+    finish: list[float] = []
+    via: list[int] = []
+    for t in tasks:
+        lat = 0.0 if t.on_caller else cal.task_latency_s
+        begin, came = (staged_at if t.fed_bytes else 0.0), -1
+        for d, _ in t.deps:
+            if finish[d] + lat > begin:
+                begin, came = finish[d] + lat, d
+        cost = (
+            t.seconds
+            if t.on_caller
+            else (cal.task_overhead_s + t.seconds + t.out_bytes / cal.store_bytes_per_s)
+        )
+        finish.append(begin + cost)
+        via.append(came)
+    if not tasks:
+        return (), 0.0
+    k = max(range(len(tasks)), key=finish.__getitem__)
+    chain = []
+    while k >= 0:
+        chain.append(tasks[k].name)
+        k = via[k]
+    return tuple(reversed(chain)), max(finish)
+
+
+# --- what to simulate ------------------------------------------------------------------
+
+
+def node_seconds(graph: Graph, nodes: Sequence[int], cal: Calibration) -> float:
+    """The calibrated cost model's time for these nodes of `graph` (inputs are free)."""
+    costs = node_costs(graph)
+    total = 0.0
+    for i in nodes:
+        if graph.ops[i] is INPUT:
+            continue
+        c = costs[i]
+        total += cal.node_seconds(graph.ops[i], graph.types[i].dtype, c.flops, c.bytes)
+    return total
+
+
+def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], int]:
+    """The tasks of a request's schedule, and the bytes of the fed inputs staged."""
+    graph = sched.graph
+    nbytes = [t.nbytes for t in graph.types]
+    out: list[SimTask] = []
+    staged: set[int] = set()
+    for spec in sched.tasks:
+        caller = spec.phase == CALLER
+        deps = tuple(
+            (u, sum(nbytes[j] for j in set(spec.reads) & set(sched.tasks[u].exports)))
+            for u in spec.upstream
+        )
+        name = "caller" if caller else f"P{spec.partition} {spec.phase}"
+        if not caller:
+            staged.update(spec.feeds)
+        out.append(
+            SimTask(
+                name,
+                node_seconds(graph, spec.nodes, cal),
+                deps,
+                0 if caller else sum(nbytes[j] for j in spec.feeds),
+                0 if caller else sum(nbytes[j] for j in spec.exports),
+                caller,
+            )
+        )
+    return out, sum(nbytes[j] for j in staged)
+
+
+def predict_schedule(
+    sched: Schedule, cluster: Cluster, cal: Calibration | None = None
+) -> Prediction:
+    cal = cal or in_force()
+    tasks, staged = schedule_tasks(sched, cal)
+    return simulate(tasks, cal, cluster, staged)
+
+
+def predict(
+    graph: Graph,
+    request: RunRequest,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    cancel: Cancellation | None = None,
+) -> Prediction:
+    """A request on `cluster`, partitioned as the Ray executor partitions it."""
+    from .executor import LocalExecutor  # the Ray executor's plan, made without Ray
+
+    _, sched = LocalExecutor(MIN_PARTITION_S).plan(graph, request, cancel)
+    return predict_schedule(sched, cluster, cal)
+
+
+def training_tasks(
+    step_fixed_s: float,
+    step_per_network_s: float,
+    state_bytes_per_network: int,
+    networks: int,
+    steps: int,
+    chunks: int,
+    segment_s: float,
+) -> tuple[list[SimTask], int]:
+    """A batched training job as Ray runs it (engine/ray_executor.py's RaySegmentRunner):
+    `chunks` independent chains of segments, each segment a task of about `segment_s` that
+    reads its chunk's state (parameters and optimizer state) and writes it back. Also the
+    bytes staged: every chunk's first state."""
+    tasks: list[SimTask] = []
+    base, extra = divmod(networks, chunks)
+    for c in range(chunks):
+        m = base + (c < extra)
+        if m == 0:
+            continue
+        step = step_fixed_s + m * step_per_network_s
+        per_segment = max(1, min(steps, int(segment_s / step) if step > 0 else steps))
+        state = m * state_bytes_per_network
+        done, prev = 0, -1
+        while done < steps:
+            run = min(per_segment, steps - done)
+            deps = ((prev, state),) if prev >= 0 else ()
+            name = f"chunk {c} steps {done}-{done + run}"
+            tasks.append(SimTask(name, run * step, deps, 0 if deps else state, state))
+            prev, done = len(tasks) - 1, done + run
+    return tasks, networks * state_bytes_per_network

@@ -1,0 +1,159 @@
+"""The plan simulator (engine/simulator.py): hand-built DAGs whose makespans follow by hand,
+then the task DAGs of real schedules."""
+
+from __future__ import annotations
+
+import pytest
+
+import graphgrad as gg
+from graphgrad._request import build_request
+from graphgrad.engine.calibration import Calibration
+from graphgrad.engine.executor import LocalExecutor
+from graphgrad.engine.simulator import Cluster, SimTask, node_seconds, predict_schedule, simulate
+
+# Round figures, so each expected makespan is a sum one can check on paper.
+CAL = Calibration(
+    source="test",
+    task_overhead_s=1e-3,
+    task_latency_s=2e-4,
+    store_bytes_per_s=1e9,
+)
+OH, LAT = CAL.task_overhead_s, CAL.task_latency_s
+
+
+def one_cpu() -> Cluster:
+    return Cluster(1, 1)
+
+
+def test_a_chain_takes_the_sum() -> None:
+    seconds = [0.010, 0.020, 0.005]
+    tasks = [SimTask("a", seconds[0])]
+    tasks += [SimTask("b", seconds[1], ((0, 8),)), SimTask("c", seconds[2], ((1, 8),))]
+    for cluster in (Cluster(1, 1), Cluster(1, 8)):  # more CPUs do not help a chain
+        p = simulate(tasks, CAL, cluster)
+        assert p.makespan == pytest.approx(sum(seconds) + 3 * OH + 2 * LAT)
+        assert p.critical_path == ("a", "b", "c")
+        assert p.critical_seconds == pytest.approx(p.makespan)
+        assert p.bound == "critical path"
+    assert p.one_cpu == pytest.approx(sum(seconds))
+
+
+@pytest.mark.parametrize(("cpus", "rounds"), [(1, 8), (4, 2), (8, 1), (16, 1)])
+def test_independent_tasks_fill_the_cpus(cpus: int, rounds: int) -> None:
+    s = 0.004
+    tasks = [SimTask(f"t{k}", s) for k in range(8)]
+    p = simulate(tasks, CAL, Cluster(1, cpus))
+    assert p.makespan == pytest.approx(rounds * (OH + s))
+    assert p.speedup == pytest.approx(8 * s / (rounds * (OH + s)))
+    assert len({(t.node, t.cpu) for t in p.timeline}) == min(cpus, 8)
+
+
+def test_tiny_tasks_are_bound_by_task_overhead() -> None:
+    tasks = [SimTask(f"t{k}", 1e-5) for k in range(64)]
+    p = simulate(tasks, CAL, Cluster(1, 4))
+    assert p.bound == "task overhead"
+    assert p.speedup < 1  # Ray loses to inline here, as it should be predicted to
+
+
+def test_a_diamond_waits_for_its_slower_branch() -> None:
+    tasks = [
+        SimTask("top", 0.001),
+        SimTask("slow", 0.030, ((0, 8),)),
+        SimTask("fast", 0.002, ((0, 8),)),
+        SimTask("join", 0.001, ((1, 8), (2, 8))),
+    ]
+    p = simulate(tasks, CAL, Cluster(1, 2))
+    assert p.makespan == pytest.approx(0.001 + 0.030 + 0.001 + 3 * OH + 2 * LAT)
+    assert p.critical_path == ("top", "slow", "join")
+    # On one CPU the branches take turns.
+    assert simulate(tasks, CAL, one_cpu()).makespan == pytest.approx(0.034 + 4 * OH + 2 * LAT)
+
+
+def test_bytes_across_nodes_cost_bytes_over_bandwidth() -> None:
+    net = 1e9
+
+    def fork(nbytes: int) -> list[SimTask]:
+        return [
+            SimTask("source", 0.001),
+            SimTask("left", 0.010, ((0, nbytes),)),
+            SimTask("right", 0.010, ((0, nbytes),)),
+        ]
+
+    first, second = OH + 0.001, OH + 0.010
+    # 5 MB cross in 5 ms, less than waiting for node 0's CPU: one reader runs on node 1.
+    p = simulate(fork(5_000_000), CAL, Cluster(2, 1, net))
+    assert p.makespan == pytest.approx(first + LAT + 5e6 / net + second)
+    assert p.bytes_across_nodes == 5_000_000
+    assert {t.node for t in p.timeline if t.name != "source"} == {0, 1}
+    # 50 MB would take 50 ms: both readers stay on node 0, one after the other.
+    q = simulate(fork(50_000_000), CAL, Cluster(2, 1, net))
+    assert q.makespan == pytest.approx(first + LAT + 2 * second)
+    assert q.bytes_across_nodes == 0
+    # On one node of 2 CPUs nothing crosses and the readers run side by side.
+    r = simulate(fork(50_000_000), CAL, Cluster(1, 2, net))
+    assert r.makespan == pytest.approx(first + LAT + second)
+
+
+def test_fed_inputs_are_staged_first_and_exports_written() -> None:
+    tasks = [SimTask("reads feeds", 0.002, (), fed_bytes=4_000_000, out_bytes=1_000_000)]
+    p = simulate(tasks, CAL, one_cpu(), staged_bytes=4_000_000)
+    assert p.makespan == pytest.approx(4e6 / 1e9 + OH + 0.002 + 1e6 / 1e9)
+
+
+def test_the_caller_task_runs_in_the_driver_without_task_costs() -> None:
+    tasks = [SimTask("work", 0.003), SimTask("caller", 0.001, ((0, 8),), on_caller=True)]
+    p = simulate(tasks, CAL, one_cpu())
+    assert p.makespan == pytest.approx(OH + 0.003 + 0.001)
+    assert p.timeline[-1].cpu == -1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"nodes": 0}, "nodes must be an integer from 1"),
+        ({"cpus_per_node": 2.5}, "cpus_per_node must be an integer"),
+        ({"network_bytes_per_s": 0.0}, "network_bytes_per_s must be a positive number"),
+    ],
+)
+def test_a_bad_cluster_is_named(kwargs: dict[str, object], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        Cluster(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_dependency_on_a_later_task_is_refused() -> None:
+    with pytest.raises(ValueError, match="depends on task 1"):
+        simulate([SimTask("a", 0.001, ((1, 8),)), SimTask("b", 0.001)], CAL, one_cpu())
+
+
+def wide(branches: int, layers: int = 3, n: int = 64, d: int = 128) -> tuple[gg.Tensor, list[str]]:
+    """bench/wide.py's graph, smaller: independent tanh-matmul branches summed."""
+    with gg.Graph():
+        total = None
+        for b in range(branches):
+            h = gg.input(f"x{b}", shape=(n, d))
+            for k in range(layers):
+                h = gg.tanh(h @ gg.input(f"W{b}_{k}", shape=(d, d)))
+            term = gg.mean(h * h)
+            total = term if total is None else total + term
+    assert total is not None
+    return total, [f"W{b}_{k}" for b in range(branches) for k in range(layers)]
+
+
+def test_a_real_schedule_replays_its_tasks() -> None:
+    loss, wrt = wide(4)
+    _, graph, request = build_request(loss, None, wrt, None)
+    _, sched = LocalExecutor(1e-4).plan(graph, request)  # small branches: a task each
+    _, single = LocalExecutor().plan(graph, request)
+    p = predict_schedule(sched, Cluster(1, 4), CAL)
+    assert p.tasks == len(sched.tasks) and len(p.timeline) == p.tasks
+    assert len(sched.plan.partitions) >= 4  # one per branch at least
+    # The one-CPU time is the whole request's cost model, whatever the partitioning.
+    everything = sorted({i for t in single.tasks for i in t.nodes})
+    assert p.one_cpu == pytest.approx(node_seconds(single.graph, everything, CAL), rel=0.02)
+    # Branches run side by side on 4 CPUs, not on 1; the caller's task ends last.
+    q = predict_schedule(sched, Cluster(1, 1), CAL)
+    assert p.makespan < q.makespan
+    assert p.speedup > q.speedup
+    assert max(t.end for t in p.timeline) == pytest.approx(p.makespan)
+    path = p.critical_path
+    assert path[0].endswith("forward") and any(t.endswith("backward") for t in path)
