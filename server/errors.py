@@ -20,6 +20,7 @@ from graphgrad.engine import (
     ValidationError,
 )
 from graphgrad.engine.errors import ERROR_DOMAIN, error_kind
+from graphgrad.onnx import OnnxUnavailableError
 
 from .codec import FieldError
 
@@ -135,6 +136,8 @@ def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> 
             msg,
             info,
         )
+    if isinstance(e, OnnxUnavailableError):
+        return _status(code_pb2.FAILED_PRECONDITION, f"this server cannot read ONNX models: {msg}")
     if isinstance(e, GraphError):
         return _status(code_pb2.INVALID_ARGUMENT, msg, info)
     log.exception("internal error while serving a request")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib import metadata
 
-from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest, calibration
+from graphgrad.engine import Cancellation, Graph, RequestError, RunRequest, calibration, simulator
 from graphgrad.engine.executor import check_finite
 from graphgrad.v1 import graph_pb2, service_pb2
 
@@ -46,6 +46,22 @@ def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
     return runtime.register(codec.decode_graph(graph, runtime.limits.max_tensor_bytes))
 
 
+def register_onnx(
+    runtime: Runtime, data: bytes, dims: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]
+) -> Graph:
+    """Validate and keep an ONNX model from the wire (graphgrad.onnx converts it): the node
+    count and every stored tensor's size are checked before any tensor is converted."""
+    from graphgrad import onnx as onnx_models  # the wire layer; needs the `onnx` package
+
+    limits = runtime.limits
+    model = onnx_models.parse_model(data)
+    imported = onnx_models.from_onnx(
+        model, dims, shapes, max_nodes=limits.max_nodes, max_tensor_bytes=limits.max_tensor_bytes
+    )
+    limits.check_node_count(len(imported.graph))
+    return runtime.register(imported.graph.nodes)
+
+
 class GraphServicer:
     def __init__(self, runtime: Runtime, limits: Mapping[str, int] | None = None) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
@@ -59,6 +75,9 @@ class GraphServicer:
             return register_wire(self.runtime, request.graph)
         if which == "fingerprint":
             return self.runtime.graph(request.fingerprint)
+        if which == "onnx_model" and isinstance(request, service_pb2.RunRequest):
+            shapes = {k: tuple(v.shape) for k, v in request.feeds.items()}
+            return register_onnx(self.runtime, request.onnx_model, request.onnx_dims, shapes)
         raise RequestError(
             "the request names no graph: set `graph` or `fingerprint`", field="graph_ref"
         )
@@ -66,7 +85,12 @@ class GraphServicer:
     def RegisterGraph(
         self, request: service_pb2.RegisterGraphRequest, context: CallContext
     ) -> service_pb2.RegisterGraphResponse:
-        graph = register_wire(self.runtime, request.graph)
+        if request.onnx_model:
+            if request.HasField("graph"):
+                raise RequestError("set `graph` or `onnx_model`, not both", field="onnx_model")
+            graph = register_onnx(self.runtime, request.onnx_model, request.onnx_dims, {})
+        else:
+            graph = register_wire(self.runtime, request.graph)
         return service_pb2.RegisterGraphResponse(
             fingerprint=graph.fingerprint, num_nodes=len(graph)
         )
@@ -89,8 +113,19 @@ class GraphServicer:
         graph = self._graph(request)
         executor = executor_name(request.options.executor, "options.executor")
         run = RunRequest(tuple(request.outputs), {}, tuple(request.wrt))
-        explanation = self.runtime.explain(graph, run, executor, cancellation(context))
-        return codec.encode_explanation(explanation)
+        cancel = cancellation(context)
+        explanation = self.runtime.explain(graph, run, executor, cancel)
+        out = codec.encode_explanation(explanation)
+        c = request.cluster
+        shape = simulator.cluster_from(
+            nodes=c.nodes or None,
+            cpus_per_node=c.cpus_per_node or None,
+            network_bytes_per_s=c.network_bytes_per_s or None,
+        )
+        if shape is not None:
+            prediction = simulator.predict(graph, run, shape, calibration.in_force(), cancel)
+            codec.encode_prediction(prediction, out.prediction)
+        return out
 
     def ListOps(
         self, request: service_pb2.ListOpsRequest, context: CallContext

@@ -55,19 +55,54 @@ class RegisterGraphRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OnnxDimsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GRAPH_FIELD_NUMBER: _builtins.int
+    ONNX_MODEL_FIELD_NUMBER: _builtins.int
+    ONNX_DIMS_FIELD_NUMBER: _builtins.int
+    onnx_model: _builtins.bytes
+    """Instead of `graph`: a serialized ONNX ModelProto (opset 13 or later), converted on the
+    server. Its float initializers become graph inputs under their own names (feed them and
+    ask for gradients with respect to them by name); its graph inputs and outputs keep their
+    names. The same limits and validation apply as to any graph; external data is refused.
+    FAILED_PRECONDITION where the server lacks the `onnx` package.
+    """
     @_builtins.property
     def graph(self) -> _graph_pb2.Graph:
         """The graph to validate and keep."""
+
+    @_builtins.property
+    def onnx_dims(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Sizes of the ONNX model's dynamic dimensions, by dimension parameter name."""
 
     def __init__(
         self,
         *,
         graph: _graph_pb2.Graph | None = ...,
+        onnx_model: _builtins.bytes = ...,
+        onnx_dims: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "onnx_dims", b"onnx_dims", "onnx_model", b"onnx_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -175,15 +210,41 @@ class RunRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class OnnxDimsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GRAPH_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ONNX_MODEL_FIELD_NUMBER: _builtins.int
     FEEDS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     WRT_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUTS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    ONNX_DIMS_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Fingerprint of a registered graph. NOT_FOUND if the server does not hold it."""
+    onnx_model: _builtins.bytes
+    """A serialized ONNX ModelProto, as in RegisterGraphRequest.onnx_model (registered as a
+    side effect); dynamic dimensions take the shapes of the feeds, or `onnx_dims`.
+    """
     @_builtins.property
     def graph(self) -> _graph_pb2.Graph:
         """The whole graph (registered as a side effect, so later runs may use its fingerprint)."""
@@ -210,22 +271,28 @@ class RunRequest(_message.Message):
     def options(self) -> Global___RunOptions:
         """Run options."""
 
+    @_builtins.property
+    def onnx_dims(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Sizes of an inline ONNX model's dynamic dimensions, by dimension parameter name."""
+
     def __init__(
         self,
         *,
         graph: _graph_pb2.Graph | None = ...,
         fingerprint: _builtins.str = ...,
+        onnx_model: _builtins.bytes = ...,
         feeds: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         wrt: _abc.Iterable[_builtins.str] | None = ...,
         grad_outputs: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
         options: Global___RunOptions | None = ...,
+        onnx_dims: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "onnx_model", b"onnx_model", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "fingerprint", b"fingerprint", "grad_outputs", b"grad_outputs", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options", "outputs", b"outputs", "wrt", b"wrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "fingerprint", b"fingerprint", "grad_outputs", b"grad_outputs", "graph", b"graph", "graph_ref", b"graph_ref", "onnx_dims", b"onnx_dims", "onnx_model", b"onnx_model", "options", b"options", "outputs", b"outputs", "wrt", b"wrt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_graph_ref: _TypeAlias = _typing.Literal["graph", "fingerprint"]  # noqa: Y015
+    _WhichOneofReturnType_graph_ref: _TypeAlias = _typing.Literal["graph", "fingerprint", "onnx_model"]  # noqa: Y015
     _WhichOneofArgType_graph_ref: _TypeAlias = _typing.Literal["graph_ref", b"graph_ref"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_graph_ref) -> _WhichOneofReturnType_graph_ref | None: ...
 
