@@ -25,9 +25,9 @@ from .codegen import Program, compile_program
 from .errors import RequestError
 from .grad import grad_graph
 from .ir import Graph
-from .lru import LRU
 from .memory import request_memory
 from .ops import INPUT, TensorType
+from .plan_cache import DerivedCache
 
 Arrays = dict[str, np.ndarray]
 # Bounds the loop count of a job; its memory and storage are bounded by the server's
@@ -423,17 +423,27 @@ def compile_step(
     )
 
 
-StepKey = tuple[str, str, frozenset[str], int, tuple[str, ...]]
-# Per process: a job's chunks of one shape, its segments and its steps share one program (in
-# a Ray worker, every segment the worker runs).
-_STEPS: LRU[StepKey, CompiledStep] = LRU(64, 1 << 30, CompiledStep.approx_bytes)
+@dataclass(frozen=True, slots=True)
+class StepKey:
+    """A chunk shape: what a compiled step depends on."""
+
+    template: str  # the template's fingerprint (the step's positions are its own graph's)
+    loss: str
+    batched: frozenset[str]
+    n: int
+    params: tuple[str, ...]
+
+
+# Per process, in the plan cache's budget: a job's chunks of one shape, its segments and its
+# steps share one program (in a Ray worker, every segment the worker runs).
+_STEPS: DerivedCache[StepKey, CompiledStep] = DerivedCache("training steps")
 
 
 def compiled_step(
     template: Graph, loss: str, batched: frozenset[str], n: int, params: tuple[str, ...]
 ) -> CompiledStep:
     """`compile_step`, made once per process and chunk shape."""
-    key = (template.fingerprint, loss, batched, n, params)
+    key = StepKey(template.fingerprint, loss, batched, n, params)
     return _STEPS.get_or_make(key, lambda: compile_step(template, loss, batched, n, params))
 
 

@@ -18,7 +18,7 @@ from graphgrad.engine import (
     training,
 )
 from graphgrad.engine.batching import batch_graph
-from graphgrad.engine.lru import LRU
+from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.training import (
     SGD,
     Adam,
@@ -142,7 +142,7 @@ def test_a_step_is_the_stacked_gradient_graph_compiled_once_per_chunk_shape(monk
     compiled = []
     real = training.compile_step
     monkeypatch.setattr(training, "compile_step", lambda *a: compiled.append(a) or real(*a))
-    monkeypatch.setattr(training, "_STEPS", LRU(8, 1 << 30, lambda step: 1))  # empty
+    monkeypatch.setattr(training, "_STEPS", DerivedCache("training steps, this test's"))
     graph = template(S)
     params, data = problem(per_network=True, seed=4)
     spec = TrainSpec(
