@@ -19,6 +19,7 @@ from .engine.driver import task_source
 from .engine.executor import check_finite
 from .engine.ops.docs import OpInfo, op_infos
 from .engine.planner import describe
+from .engine.simulator import cluster_from, predict
 from .engine.training import SGD, Optimizer
 
 
@@ -67,8 +68,15 @@ class LocalClient(AsyncClient):
         wrt: Ref | Sequence[Ref] | None = (),
         *,
         executor: str = "auto",
+        cpus: int | None = None,
+        nodes: int | None = None,
+        cpus_per_node: int | None = None,
+        network_bytes_per_s: float | None = None,
     ) -> Plan:
-        """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts."""
+        """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts.
+        Given `cpus` (one machine) or `nodes` and `cpus_per_node`, also the predicted run
+        on that cluster (`.prediction`: makespan, speedup, critical path, what bounds it)."""
+        cluster = cluster_from(cpus, nodes, cpus_per_node, network_bytes_per_s, "explain")
         _, graph, request = build_request(outputs, None, wrt, None)
         name, plan = self._dispatcher.choose(
             graph, RunRequest(request.outputs, {}, request.wrt), executor
@@ -76,7 +84,11 @@ class LocalClient(AsyncClient):
         _, sched = self._dispatcher.executor(name).plan(
             graph, RunRequest(request.outputs, {}, request.wrt)
         )
-        return Plan(describe(graph, name, plan), graph, functools.partial(task_source, sched))
+        run = RunRequest(request.outputs, {}, request.wrt)
+        prediction = None if cluster is None else predict(graph, run, cluster)
+        return Plan(
+            describe(graph, name, plan), graph, functools.partial(task_source, sched), prediction
+        )
 
     def train(
         self,

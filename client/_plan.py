@@ -10,6 +10,7 @@ from typing import Any
 from . import _display
 from .engine import Graph, RequestError
 from .engine.planner import Explanation
+from .engine.simulator import Prediction
 
 
 class Plan:
@@ -21,10 +22,12 @@ class Plan:
         explanation: Explanation,
         graph: Graph,
         sources: Callable[[int, str], str] | None = None,
+        prediction: Prediction | None = None,
     ) -> None:
         self.explanation = explanation
         self._graph = graph
         self._sources = sources
+        self.prediction = prediction  # explain(..., cpus=) or (nodes=, cpus_per_node=)
 
     def source(self, partition: int, phase: str = "backward") -> str:
         """The Python generated for a partition's "forward" or "backward" task (compiled
@@ -42,6 +45,10 @@ class Plan:
     def __str__(self) -> str:
         """The explanation, with the inputs fed to a partition summarised when there are
         many of them, as a large graph's display summarises its inputs."""
+        text = self._plan_text()
+        return text if self.prediction is None else f"{text}\n{self.prediction}"
+
+    def _plan_text(self) -> str:
         e = self.explanation
         fed = [c for c in e.cuts if c.src < 0]
         if len(fed) <= _display.MOST_LISTED:

@@ -22,6 +22,7 @@ from ._result import Result
 from .engine import Graph, GraphError
 from .engine.errors import ERROR_DOMAIN, rebuild_error
 from .engine.ops.docs import OpInfo
+from .engine.simulator import cluster_from
 from .engine.training import SGD, Optimizer
 from .v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
@@ -223,16 +224,26 @@ class RemoteClient(AsyncClient):
         *,
         executor: str = "auto",
         timeout: float | None = None,
+        cpus: int | None = None,
+        nodes: int | None = None,
+        cpus_per_node: int | None = None,
+        network_bytes_per_s: float | None = None,
     ) -> Plan:
-        """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
+        """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts; given
+        `cpus` or `nodes` and `cpus_per_node`, the server's prediction on that cluster."""
+        cluster = cluster_from(cpus, nodes, cpus_per_node, network_bytes_per_s, "explain")
         _, graph, request = build_request(outputs, None, wrt, None)
         msg = service_pb2.ExplainRequest(
             outputs=request.outputs,
             wrt=request.wrt,
             options=service_pb2.RunOptions(executor=_wire.EXECUTORS[executor]),
         )
+        if cluster is not None:
+            msg.cluster.nodes, msg.cluster.cpus_per_node = cluster.nodes, cluster.cpus_per_node
+            msg.cluster.network_bytes_per_s = cluster.network_bytes_per_s
         resp = self._call_on_graph("Explain", msg, graph, timeout)
-        return Plan(_wire.read_explanation(resp), graph)
+        prediction = _wire.read_prediction(resp.prediction) if resp.HasField("prediction") else None
+        return Plan(_wire.read_explanation(resp), graph, prediction=prediction)
 
     def list_ops(self) -> list[OpInfo]:
         """The server's ops: name, signature with named arguments, doc, attributes."""

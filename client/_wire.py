@@ -10,6 +10,7 @@ from .engine import Graph, RunStats, TaskStat, tensors
 from .engine.ops import REGISTRY, AttrKind, opset_of
 from .engine.ops.docs import AttrInfo, OpInfo
 from .engine.planner import CutInfo, Explanation, PartitionInfo
+from .engine.simulator import BOUND_NAMES, Cluster, Prediction, TaskTiming
 from .v1 import graph_pb2, service_pb2, tensor_pb2
 
 DTYPE_ENUMS = {
@@ -94,6 +95,23 @@ def read_explanation(e: service_pb2.ExplainResponse) -> Explanation:
         tuple(PartitionInfo(p.index, tuple(p.nodes), p.flops, p.bytes) for p in e.partitions),
         tuple(CutInfo(c.src, c.dst, c.node, c.bytes) for c in e.cuts),
         e.fingerprint,
+    )
+
+
+def read_prediction(p: service_pb2.Prediction) -> Prediction:
+    c = p.cluster
+    return Prediction(
+        p.makespan,
+        p.one_cpu,
+        p.bound,
+        tuple((name, p.bounds[name]) for name in BOUND_NAMES if name in p.bounds),
+        tuple(p.critical_path),
+        p.critical_seconds,
+        tuple(TaskTiming(t.name, t.node, t.cpu, t.start, t.end) for t in p.timeline),
+        p.tasks,
+        Cluster(c.nodes, c.cpus_per_node, c.network_bytes_per_s),
+        p.calibration,
+        p.bytes_across_nodes,
     )
 
 

@@ -29,11 +29,13 @@ from .autodiff import RunRequest
 from .calibration import Calibration, in_force
 from .cancel import Cancellation
 from .driver import CALLER, Schedule
+from .errors import RequestError
 from .ir import Graph
 from .ops import INPUT
 from .planner import MIN_PARTITION_S, node_costs
 
 NETWORK_BYTES_PER_S = 1.25e9  # 10 Gb/s between nodes, when not given
+BOUND_NAMES = ("critical path", "cpu", "task overhead", "object store", "network")
 MAX_TIMELINE = 10_000  # tasks kept in a prediction's timeline (the makespan counts them all)
 
 
@@ -66,6 +68,31 @@ class Cluster:
         return (
             f"{self.nodes} nodes x {self.cpus_per_node} CPUs ({self.network_bytes_per_s:.3g} B/s)"
         )
+
+
+def cluster_from(
+    cpus: int | None = None,
+    nodes: int | None = None,
+    cpus_per_node: int | None = None,
+    network_bytes_per_s: float | None = None,
+    field: str = "cluster",
+) -> Cluster | None:
+    """The cluster an explain() asks about: `cpus` alone (one node), or `nodes` and
+    `cpus_per_node`; None when none is asked. A bad shape is a RequestError naming it."""
+    if cpus is None and nodes is None and cpus_per_node is None:
+        if network_bytes_per_s is not None:
+            raise RequestError("network_bytes_per_s needs nodes and cpus_per_node", field=field)
+        return None
+    if cpus is not None and (nodes is not None or cpus_per_node is not None):
+        raise RequestError("give cpus (one node), or nodes and cpus_per_node", field=field)
+    if cpus is None and (nodes is None or cpus_per_node is None):
+        raise RequestError("nodes and cpus_per_node go together", field=field)
+    try:
+        if cpus is not None:
+            return Cluster(1, cpus, network_bytes_per_s or NETWORK_BYTES_PER_S)
+        return Cluster(nodes, cpus_per_node, network_bytes_per_s or NETWORK_BYTES_PER_S)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise RequestError(str(e), field=field) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,13 +227,14 @@ def simulate(
     path, critical = _critical_path(tasks, cal, staged_at)
     workers = [t for t in tasks if not t.on_caller]
     cpus = cluster.cpus
-    bounds = (
-        ("critical path", critical),
-        ("cpu", sum(t.seconds for t in workers) / cpus),
-        ("task overhead", len(workers) * cal.task_overhead_s / cpus),
-        ("object store", staged_at + sum(t.out_bytes for t in workers) / store / cpus),
-        ("network", across / net / max(1, cluster.nodes - 1)),
+    figures = (
+        critical,
+        sum(t.seconds for t in workers) / cpus,
+        len(workers) * cal.task_overhead_s / cpus,
+        staged_at + sum(t.out_bytes for t in workers) / store / cpus,
+        across / net / max(1, cluster.nodes - 1),
     )
+    bounds = tuple(zip(BOUND_NAMES, figures, strict=True))
     order = sorted(range(n), key=lambda k: (start[k], k))[:MAX_TIMELINE]
     return Prediction(
         makespan,
@@ -248,7 +276,9 @@ def _critical_path(
     chain = []
     while k >= 0:
         chain.append(tasks[k].name)
-        k = via[k]
+        first, k = k, via[k]
+    if tasks[first].fed_bytes and staged_at > 0:
+        chain.append("stage feeds")  # the caller's ray.put of the inputs came first
     return tuple(reversed(chain)), max(finish)
 
 

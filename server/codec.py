@@ -11,6 +11,7 @@ from graphgrad.engine.ir import Node
 from graphgrad.engine.ops import OPSET_VERSION
 from graphgrad.engine.ops.docs import op_infos as registry_ops
 from graphgrad.engine.planner import Explanation
+from graphgrad.engine.simulator import Prediction
 from graphgrad.v1 import graph_pb2, service_pb2, tensor_pb2
 
 DTYPE_NAMES = {
@@ -123,6 +124,19 @@ def encode_explanation(e: Explanation) -> service_pb2.ExplainResponse:
     for c in e.cuts:
         out.cuts.add(src=c.src, dst=c.dst, node=c.node, bytes=c.bytes)
     return out
+
+
+def encode_prediction(p: Prediction, out: service_pb2.Prediction) -> None:
+    out.makespan, out.one_cpu, out.bound = p.makespan, p.one_cpu, p.bound
+    out.critical_path.extend(p.critical_path)
+    out.critical_seconds, out.tasks, out.calibration = p.critical_seconds, p.tasks, p.calibration
+    out.bytes_across_nodes = p.bytes_across_nodes
+    out.bounds.update(dict(p.bounds))
+    c = p.cluster
+    out.cluster.nodes, out.cluster.cpus_per_node = c.nodes, c.cpus_per_node
+    out.cluster.network_bytes_per_s = c.network_bytes_per_s
+    for t in p.timeline:
+        out.timeline.add(name=t.name, node=t.node, cpu=t.cpu, start=t.start, end=t.end)
 
 
 def op_infos() -> service_pb2.ListOpsResponse:

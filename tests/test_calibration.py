@@ -8,13 +8,18 @@ import logging
 import math
 from pathlib import Path
 
+import grpc
 import pytest
 
 import graphgrad as gg
+from graphgrad._request import build_request
+from graphgrad._wire import encode_graph
 from graphgrad.engine import calibration
 from graphgrad.engine.calibration import DEFAULT, Calibration, CalibrationError
 from graphgrad.engine.planner import FLOPS_PER_S, NODE_OVERHEAD_S, TASK_OVERHEAD_S
+from graphgrad.engine.simulator import Cluster, predict
 from graphgrad.server import cli
+from graphgrad.v1 import service_pb2, service_pb2_grpc
 
 from .server_proc import running_server
 
@@ -93,12 +98,32 @@ def test_calibrate_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert all(math.isfinite(v) and v >= 0 for v in figures.values())
 
 
-def test_server_reports_the_calibration_in_force(tmp_path: Path) -> None:
+def test_server_uses_the_calibration_in_force(tmp_path: Path) -> None:
     calibration.save(MEASURED, tmp_path / calibration.FILE_NAME)
+    with gg.Graph():
+        x = gg.input("x", shape=(64, 64))
+        branches = [gg.sum(gg.tanh(x @ gg.input(f"W{k}", shape=(64, 64)))) for k in range(4)]
+        loss = branches[0] + branches[1] + branches[2] + branches[3]
+    wrt = [f"W{k}" for k in range(4)]
+    _, graph, request = build_request(loss, None, wrt, None)
     with running_server("--data-dir", str(tmp_path)) as server:
         client = gg.connect(server.address)
         info = client.server_info()
+        remote = client.explain(loss, wrt=wrt, nodes=2, cpus_per_node=3).prediction
+        stub = service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(server.address))
+        bad = service_pb2.ExplainRequest(graph=encode_graph(graph), outputs=[loss.name])
+        bad.cluster.nodes = 2  # and no cpus_per_node
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Explain(bad, timeout=30)
         client.close()
     assert info.calibration == MEASURED.source
     assert dict(info.calibration_figures) == calibration.figures(MEASURED)
     assert info.calibration_figures["flops_per_s/linalg/float64"] == 3e10
+    # Explain predicts with it: as this process does given the same calibration.
+    here = predict(graph, request, Cluster(2, 3), MEASURED)
+    assert remote is not None and remote.calibration == MEASURED.source
+    assert remote.makespan == pytest.approx(here.makespan)
+    assert remote.critical_path == here.critical_path and remote.bound == here.bound
+    assert remote.timeline == here.timeline and remote.cluster == here.cluster
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nodes and cpus_per_node go together" in (refused.value.details() or "")

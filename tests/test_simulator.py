@@ -3,6 +3,8 @@ then the task DAGs of real schedules."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import graphgrad as gg
@@ -156,4 +158,36 @@ def test_a_real_schedule_replays_its_tasks() -> None:
     assert p.speedup > q.speedup
     assert max(t.end for t in p.timeline) == pytest.approx(p.makespan)
     path = p.critical_path
-    assert path[0].endswith("forward") and any(t.endswith("backward") for t in path)
+    assert path[0] == "stage feeds" and path[1].endswith("forward")
+    assert any(t.endswith("backward") for t in path)
+
+
+def test_explain_predicts_on_the_cluster_asked_for() -> None:
+    loss, wrt = wide(3)
+    client = gg.connect()
+    plain = client.explain(loss, wrt=wrt)
+    assert plain.prediction is None and "predicted" not in str(plain)
+    one = client.explain(loss, wrt=wrt, cpus=1).prediction
+    many = client.explain(loss, wrt=wrt, cpus=64)
+    spread = client.explain(loss, wrt=wrt, nodes=4, cpus_per_node=16).prediction
+    assert one is not None and many.prediction is not None and spread is not None
+    assert many.prediction.cluster == Cluster(1, 64) and spread.cluster == Cluster(4, 16)
+    assert many.prediction.makespan <= one.makespan
+    text = str(many)
+    assert str(plain) in text and "predicted on 64 CPU(s)" in text and "critical path" in text
+    assert many.prediction.bound in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"cpus": 0}, "cpus_per_node must be an integer from 1"),
+        ({"nodes": 4}, "nodes and cpus_per_node go together"),
+        ({"cpus": 8, "nodes": 2}, "give cpus (one node), or nodes and cpus_per_node"),
+        ({"network_bytes_per_s": 1e9}, "network_bytes_per_s needs nodes"),
+    ],
+)
+def test_explain_names_a_bad_cluster(kwargs: dict[str, int], says: str) -> None:
+    loss, wrt = wide(1, layers=1, n=4, d=4)
+    with pytest.raises(gg.RequestError, match=re.escape(says)):
+        gg.connect().explain(loss, wrt=wrt, **kwargs)  # type: ignore[arg-type]

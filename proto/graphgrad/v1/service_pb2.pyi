@@ -558,6 +558,26 @@ class Prediction(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class BoundsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MAKESPAN_FIELD_NUMBER: _builtins.int
     ONE_CPU_FIELD_NUMBER: _builtins.int
     BOUND_FIELD_NUMBER: _builtins.int
@@ -566,6 +586,9 @@ class Prediction(_message.Message):
     TIMELINE_FIELD_NUMBER: _builtins.int
     CLUSTER_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    BOUNDS_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    BYTES_ACROSS_NODES_FIELD_NUMBER: _builtins.int
     makespan: _builtins.float
     """Predicted wall time, seconds."""
     one_cpu: _builtins.float
@@ -578,6 +601,10 @@ class Prediction(_message.Message):
     """Seconds of the critical path."""
     calibration: _builtins.str
     """The calibration used (GetServerInfoResponse.calibration)."""
+    tasks: _builtins.int
+    """Tasks replayed (the timeline holds at most the first 10,000 to start)."""
+    bytes_across_nodes: _builtins.int
+    """Bytes moved between nodes."""
     @_builtins.property
     def critical_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tasks on the critical path, first to last ("P0 forward", ...)."""
@@ -590,6 +617,10 @@ class Prediction(_message.Message):
     def cluster(self) -> Global___ClusterShape:
         """The cluster predicted for."""
 
+    @_builtins.property
+    def bounds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Each resource's lower bound on the makespan, seconds, by the names of `bound`."""
+
     def __init__(
         self,
         *,
@@ -601,10 +632,13 @@ class Prediction(_message.Message):
         timeline: _abc.Iterable[Global___PredictedTask] | None = ...,
         cluster: Global___ClusterShape | None = ...,
         calibration: _builtins.str = ...,
+        bounds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        tasks: _builtins.int = ...,
+        bytes_across_nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "calibration", b"calibration", "cluster", b"cluster", "critical_path", b"critical_path", "critical_seconds", b"critical_seconds", "makespan", b"makespan", "one_cpu", b"one_cpu", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "bounds", b"bounds", "bytes_across_nodes", b"bytes_across_nodes", "calibration", b"calibration", "cluster", b"cluster", "critical_path", b"critical_path", "critical_seconds", b"critical_seconds", "makespan", b"makespan", "one_cpu", b"one_cpu", "tasks", b"tasks", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -626,7 +660,7 @@ class PredictedTask(_message.Message):
     node: _builtins.int
     """Node it runs on (0: the caller's)."""
     cpu: _builtins.int
-    """CPU of that node it runs on."""
+    """CPU of that node it runs on; -1: the caller's task, in the driver process."""
     start: _builtins.float
     """Predicted start, seconds from the request's start."""
     end: _builtins.float
