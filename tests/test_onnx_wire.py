@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -46,8 +48,14 @@ def dynamic_mlp() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def stub() -> Iterator[service_pb2_grpc.GraphServiceStub]:
-    with running_server() as server, grpc.insecure_channel(server.address) as channel:
+def address() -> Iterator[str]:
+    with running_server() as server:
+        yield server.address
+
+
+@pytest.fixture(scope="module")
+def stub(address: str) -> Iterator[service_pb2_grpc.GraphServiceStub]:
+    with grpc.insecure_channel(address) as channel:
         yield service_pb2_grpc.GraphServiceStub(channel)
 
 
@@ -116,6 +124,17 @@ def test_bad_models_are_invalid_arguments_naming_what(stub) -> None:
         stub.RegisterGraph(both)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not both" in e.value.details()
+
+
+def test_the_finetuning_example_lowers_the_loss(address: str, capsys) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "onnx_finetune.py"
+    spec = importlib.util.spec_from_file_location("onnx_finetune", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses = example.main(address, steps=10)
+    assert len(losses) == 11 and losses[-1] < 0.5 * losses[0]
+    assert "registered the ONNX model" in capsys.readouterr().out
 
 
 def test_without_the_onnx_package_the_status_is_failed_precondition(monkeypatch) -> None:
