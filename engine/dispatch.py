@@ -5,18 +5,31 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from .autodiff import RunRequest, plan_pass
+from .calibration import in_force
 from .errors import RequestError
 from .executor import Cancellation, Executor, LocalExecutor, RunResult
 from .ir import Graph
 from .jobs import SegmentRunner
 from .plan_cache import DerivedCache, RequestKey
-from .planner import Plan, may_prefer_ray, prefers_ray, single_partition
+from .planner import Plan, may_prefer_ray, single_partition
+from .simulator import ray_is_faster
 
 log = logging.getLogger("graphgrad.dispatch")
 _SINGLE: DerivedCache[RequestKey, Plan] = DerivedCache("single-partition plans")
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceKey:
+    request: RequestKey
+    cpus: int
+    calibration: str  # its source
+
+
+_RAY_WINS: DerivedCache[ChoiceKey, bool] = DerivedCache("auto choices")  # simulated
 EXECUTOR_NAMES = ("auto", "local", "ray")
 
 
@@ -78,12 +91,17 @@ class Dispatcher:
             return "local", _SINGLE.get_or_make(key, lambda: single_partition(graph, pass_plan))
         if executor == "ray":
             return "ray", self.ray.plan(graph, request, cancel)[0]
-        # auto: Ray only when the cost model expects it to win and Ray is already up
-        # (a request never waits for Ray to start unless it asked for Ray); a linear bound
-        # rules out most graphs before any partitioning.
-        if self.ray_ready() and may_prefer_ray(graph, pass_plan, self.ray.cpus()):
-            plan = self.ray.plan(graph, request, cancel)[0]
-            if prefers_ray(plan, self.ray.cpus()):
+        # auto: Ray only when the plan simulator, with the calibration in force, predicts it
+        # wins and Ray is already up (a request never waits for Ray to start unless it asked
+        # for Ray); a linear bound rules out most graphs before any partitioning.
+        cpus = self.ray.cpus() if self.ray_ready() else 1
+        if cpus > 1 and may_prefer_ray(graph, pass_plan, cpus):
+            plan, sched = self.ray.plan(graph, request, cancel)
+            cal = in_force()
+            key = ChoiceKey(
+                RequestKey(graph.serial, request.outputs, request.wrt, seeded), cpus, cal.source
+            )
+            if _RAY_WINS.get_or_make(key, lambda: ray_is_faster(sched, cpus, cal)):
                 return "ray", plan
         return self.choose(graph, request, "local")
 

@@ -20,6 +20,7 @@ binds, and a per-task timeline.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Sequence
@@ -36,7 +37,10 @@ from .planner import MIN_PARTITION_S, node_costs
 
 NETWORK_BYTES_PER_S = 1.25e9  # 10 Gb/s between nodes, when not given
 BOUND_NAMES = ("critical path", "cpu", "task overhead", "object store", "network")
-MAX_TIMELINE = 10_000  # tasks kept in a prediction's timeline (the makespan counts them all)
+MAX_TIMELINE = 10_000
+# Ray must be predicted to win by more than the simulator's error (bench/simulate.py's
+# target: within 25 %) before the auto policy sends a request to it.
+RAY_MARGIN = 0.8  # tasks kept in a prediction's timeline (the makespan counts them all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +337,15 @@ def predict_schedule(
     return simulate(tasks, cal, cluster, staged)
 
 
+def ray_is_faster(sched: Schedule, cpus: int, cal: Calibration | None = None) -> bool:
+    """Whether the schedule's simulated makespan on `cpus` CPUs beats running it inline on
+    one, by more than the simulator's error: the auto policy's choice."""
+    if len(sched.plan.partitions) < 2 or cpus < 2:
+        return False
+    p = predict_schedule(sched, Cluster(1, cpus), cal)
+    return p.makespan < RAY_MARGIN * p.one_cpu
+
+
 def predict(
     graph: Graph,
     request: RunRequest,
@@ -377,3 +390,34 @@ def training_tasks(
             tasks.append(SimTask(name, run * step, deps, 0 if deps else state, state))
             prev, done = len(tasks) - 1, done + run
     return tasks, networks * state_bytes_per_network
+
+
+def predict_training(
+    template: Graph,
+    loss: str,
+    params: Sequence[str],
+    networks: int,
+    steps: int,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    segment_s: float = 0.5,
+) -> Prediction:
+    """A job training `networks` copies of `template` for `steps` steps on `cluster`: one
+    network's gradient graph, stacked (the per-node dispatch paid once per chunk and step,
+    the arithmetic once per network), plus the optimizer's update of every parameter; split
+    into chunks as engine/jobs.py's chunk_count splits it for that many CPUs."""
+    from .executor import LocalExecutor
+
+    cal = cal or in_force()
+    _, sched = LocalExecutor().plan(template, RunRequest((loss,), {}, tuple(params)))
+    graph = sched.graph
+    nodes = sorted({i for t in sched.tasks for i in t.nodes if graph.ops[i] is not INPUT})
+    fixed = (len(nodes) + 2 * len(params)) * cal.node_overhead_s
+    per_network = node_seconds(graph, nodes, cal) - len(nodes) * cal.node_overhead_s
+    state = sum(template.types[template.index[p]].nbytes for p in params)
+    per_network += 3 * state / cal.bytes_per_s  # the update reads parameter and gradient
+    chunks = max(1, min(networks, 3 * cluster.cpus)) if cluster.cpus > 1 else 1
+    tasks, staged = training_tasks(fixed, per_network, state, networks, steps, chunks, segment_s)
+    p = simulate(tasks, cal, cluster, staged)
+    inline = steps * (fixed + networks * per_network)
+    return dataclasses.replace(p, one_cpu=inline)

@@ -3,6 +3,7 @@ then the task DAGs of real schedules."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -11,7 +12,18 @@ import graphgrad as gg
 from graphgrad._request import build_request
 from graphgrad.engine.calibration import Calibration
 from graphgrad.engine.executor import LocalExecutor
-from graphgrad.engine.simulator import Cluster, SimTask, node_seconds, predict_schedule, simulate
+from graphgrad.engine.planner import MIN_PARTITION_S
+from graphgrad.engine.simulator import (
+    RAY_MARGIN,
+    Cluster,
+    SimTask,
+    node_seconds,
+    predict_schedule,
+    ray_is_faster,
+    simulate,
+)
+
+from .test_seed import two_layer_network
 
 # Round figures, so each expected makespan is a sum one can check on paper.
 CAL = Calibration(
@@ -191,3 +203,22 @@ def test_explain_names_a_bad_cluster(kwargs: dict[str, int], says: str) -> None:
     loss, wrt = wide(1, layers=1, n=4, d=4)
     with pytest.raises(gg.RequestError, match=re.escape(says)):
         gg.connect().explain(loss, wrt=wrt, **kwargs)  # type: ignore[arg-type]
+
+
+def test_auto_policy_follows_the_simulated_makespan() -> None:
+    """The seed's network stays inline on any number of CPUs; independent heavy branches go
+    to Ray once the simulator predicts Ray beats one CPU by more than its error."""
+    _, L = two_layer_network()
+    _, seed_graph, request = build_request(L, None, ["W", "b", "V", "a"], None)
+    _, seed = LocalExecutor(MIN_PARTITION_S).plan(seed_graph, request)
+    assert not any(ray_is_faster(seed, cpus, CAL) for cpus in (2, 16, 256))
+    loss, wrt = wide(8, layers=4, n=256, d=256)
+    _, graph, request = build_request(loss, None, wrt, None)
+    _, branches = LocalExecutor(MIN_PARTITION_S).plan(graph, request)
+    assert not ray_is_faster(branches, 1, CAL)
+    on_8 = predict_schedule(branches, Cluster(1, 8), CAL)
+    assert ray_is_faster(branches, 8, CAL) == (on_8.makespan < RAY_MARGIN * on_8.one_cpu)
+    assert ray_is_faster(branches, 8, CAL)
+    # Make every task cost a second: then Ray cannot win.
+    slow = dataclasses.replace(CAL, task_overhead_s=1.0)
+    assert not ray_is_faster(branches, 8, slow)
