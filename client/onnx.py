@@ -187,7 +187,14 @@ class _Importer:
                 f"{what} has ONNX data type {t.data_type}, not one of float, double, int32, int64",
                 "dtype",
             )
-        arr = self.onnx.numpy_helper.to_array(t)
+        if any(d < 0 for d in t.dims):
+            raise self.error(
+                f"{what} cannot be read: negative dimension in {tuple(t.dims)}", "data"
+            )
+        try:
+            arr = self.onnx.numpy_helper.to_array(t)
+        except ValueError as e:  # bytes that do not fill the shape, and their kin
+            raise self.error(f"{what} cannot be read: {e}", "data") from e
         return np.ascontiguousarray(arr, dtype=_DTYPES[t.data_type])
 
     # emitting engine nodes
@@ -313,11 +320,28 @@ class _Importer:
         for a in node.attribute:
             if a.name not in allowed:
                 raise self.error(f"attribute '{a.name}' is not supported", f"attrs.{a.name}")
+            kind = _ATTR_TYPES[a.name]
+            if a.type != kind:
+                raise self.error(
+                    f"attribute '{a.name}' must be {_ATTR_KIND_TEXT[kind]}, got "
+                    f"{self.onnx.AttributeProto.AttributeType.Name(a.type)}",
+                    f"attrs.{a.name}",
+                )
         if len(node.output) != 1:
             raise self.error(f"{len(node.output)} outputs (graphgrad imports one)", "output")
         rule.fn(
             self, node, {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
         )
+
+
+# The AttributeProto type of every attribute an import rule reads (1 FLOAT, 2 INT, 4 TENSOR,
+# 6 FLOATS, 7 INTS).
+_ATTR_TYPES = {
+    "alpha": 1, "beta": 1, "value_float": 1, "transA": 2, "transB": 2, "axis": 2,
+    "keepdims": 2, "noop_with_empty_axes": 2, "allowzero": 2, "to": 2, "saturate": 2,
+    "value_int": 2, "value": 4, "value_floats": 6, "perm": 7, "axes": 7, "value_ints": 7,
+}  # fmt: skip
+_ATTR_KIND_TEXT = {1: "a float", 2: "an int", 4: "a tensor", 6: "floats", 7: "ints"}
 
 
 def _shape_text(dims: Iterable[Any]) -> str:

@@ -7,6 +7,7 @@ through onnxruntime, and import -> export -> import keeps the fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -355,3 +356,41 @@ def test_limits_are_checked_before_tensors_are_converted() -> None:
         from_onnx(m, max_nodes=0)
     with pytest.raises(ValidationError, match="not an ONNX ModelProto"):
         parse_model(b"\xff\xff\xff")
+
+
+def test_malformed_attributes_and_tensors_are_validation_errors() -> None:
+    """Attributes of the wrong type and tensors whose bytes do not match their shape are the
+    sender's error naming the node and attribute, never an internal error."""
+    m = Case([node("Softmax", ["x"], axis="last")], X23).model()
+    with pytest.raises(
+        ValidationError, match=r"y_node': Softmax \(opset 13\): attribute 'axis' must be an int"
+    ):
+        from_onnx(m.SerializeToString())
+    m = Case([node("Gemm", ["x", "W"], alpha=[1.0, 2.0])], X23, {"W": rand(3, 3)}).model()
+    with pytest.raises(ValidationError, match="attribute 'alpha' must be a float"):
+        from_onnx(m)
+    m = Case([node("Add", ["x", "b"])], X23, {"b": rand(3)}).model()
+    m.graph.initializer[0].dims[:] = [4]  # 24 bytes of data for 4 doubles
+    with pytest.raises(ValidationError, match="initializer 'b' cannot be read"):
+        from_onnx(m.SerializeToString())
+    k = numpy_helper.from_array(rand(3), "k")
+    k.dims[:] = [-3]
+    m = Case(
+        [helper.make_node("Constant", [], ["k"], value=k), node("Add", ["x", "k"])], X23
+    ).model()
+    with pytest.raises(ValidationError, match="attribute 'value' cannot be read"):
+        from_onnx(m)
+
+
+@pytest.mark.parametrize("name", ["Gemm", "Reshape", "Constant", "Gather_axis1"])
+def test_corrupted_model_bytes_are_graph_errors_or_valid(name: str) -> None:
+    """Bytes of a model with a few bytes changed: the import succeeds or raises a GraphError
+    (what a server answers INVALID_ARGUMENT or RESOURCE_EXHAUSTED), never anything else."""
+    rng = np.random.default_rng(len(name))
+    data = CASES[name].model().SerializeToString()
+    for _ in range(100):
+        mutated = bytearray(data)
+        for _ in range(rng.integers(1, 4)):
+            mutated[rng.integers(len(mutated))] = rng.integers(256)
+        with contextlib.suppress(gg.GraphError):
+            from_onnx(bytes(mutated), max_nodes=1000, max_tensor_bytes=10**6)
