@@ -110,21 +110,24 @@ def _program_peak(
     mine = [i for i in nodes if ops[i] is not CONSTANT]
     made = set(mine)
     keep = set(exports)
-    last: dict[int, int] = {}
+    last: dict[int, int] = {}  # the last read of each value made here
     for k, i in enumerate(mine):
         for j in input_pos[i]:
             if j in made:
                 last[j] = k
     live = peak = 0
     for k, i in enumerate(mine):
+        ins = input_pos[i]
         live += size[i]
-        operands = [size[j] for j in (i, *input_pos[i])]
-        temporary = sum(min(b, BUFFER_BYTES) for b in operands)
-        if ops[i].name not in NO_TEMPORARY:
-            temporary += 2 * max(operands)
-        peak = max(peak, live + temporary)
-        for j in {*input_pos[i], i}:
-            if j in made and j not in keep and last.get(j, -1) <= k:
+        largest, buffers = size[i], min(size[i], BUFFER_BYTES)
+        for j in ins:
+            largest = max(largest, size[j])
+            buffers += min(size[j], BUFFER_BYTES)
+        peak = max(peak, live + buffers + (0 if ops[i].name in NO_TEMPORARY else 2 * largest))
+        for j in ins:
+            if last.get(j) == k and j in made and j not in keep:
                 live -= size[j]
-                made.discard(j)  # freed once
+                made.discard(j)  # freed once (an op may read it twice)
+        if i not in last and i not in keep:
+            live -= size[i]  # read by no later node here: dropped at once
     return peak, sum(size[i] for i in keep & set(mine))
