@@ -14,7 +14,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import socket
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +35,12 @@ FILE_NAME = "calibration.json"
 # Scheduling latency between a task's end and the start of a task waiting on it; the planner
 # has no constant for it (it folds it into TASK_OVERHEAD_S); `graphgrad calibrate` measures it.
 TASK_LATENCY_S = 5e-4
+PUT_OVERHEAD_S = 1e-3  # "each ray.put costs about a millisecond" (engine/ray_executor.py)
+SUBMIT_S = 2e-4
+CACHE_BYTES = 1 << 21  # a node touching no more than this runs from cache
 FAMILIES = ("elementwise", "linalg", "reduce")  # measured; other families use the default
+# Ops whose arithmetic costs far more than their family's (keyed "op/dtype" in flops_per_s).
+TRANSCENDENTAL = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sin": np.sin, "cos": np.cos}
 DTYPES = ("float64", "float32")
 
 log = logging.getLogger("graphgrad.calibration")
@@ -48,21 +57,28 @@ class Calibration:
     source: str = "defaults"
     node_overhead_s: float = NODE_OVERHEAD_S  # Python dispatch per node
     bytes_per_s: float = BYTES_PER_S  # memory traffic of elementwise numpy
+    cache_bytes_per_s: float = BYTES_PER_S  # the same, for nodes touching <= CACHE_BYTES
     default_flops_per_s: float = FLOPS_PER_S  # families and dtypes not measured
     # "family/dtype" -> flops/s (e.g. "linalg/float64"); missing keys use the default.
     flops_per_s: Mapping[str, float] = field(default_factory=dict)
     store_bytes_per_s: float = STAGE_BYTES_PER_S  # ray.put / ray.get through the object store
+    put_overhead_s: float = PUT_OVERHEAD_S  # one ray.put of a small object, at the caller
+    submit_s: float = SUBMIT_S  # the caller's cost of submitting one task
     task_overhead_s: float = TASK_OVERHEAD_S  # CPU time one Ray task costs beyond its work
     task_latency_s: float = TASK_LATENCY_S  # a dependency's end to its consumer's start
     ray_measured: bool = False  # False: the Ray figures are the defaults
 
-    def flops_rate(self, family: str, dtype: str) -> float:
-        return self.flops_per_s.get(f"{family}/{dtype}", self.default_flops_per_s)
+    def flops_rate(self, family: str, dtype: str, op: str = "") -> float:
+        """The op's own rate if measured, else its family's, else the default."""
+        rates = self.flops_per_s
+        rate = rates.get(f"{op}/{dtype}") if op else None
+        return rate or rates.get(f"{family}/{dtype}", self.default_flops_per_s)
 
     def node_seconds(self, op: Op, dtype: str, flops: float, nbytes: float) -> float:
-        """A node's estimated time: dispatch, arithmetic at its family's rate, memory traffic."""
-        rate = self.flops_rate(family(op), dtype)
-        return self.node_overhead_s + flops / rate + nbytes / self.bytes_per_s
+        """A node's estimated time: dispatch, arithmetic at its op's rate, memory traffic."""
+        rate = self.flops_rate(family(op), dtype, op.name)
+        bw = self.cache_bytes_per_s if nbytes <= CACHE_BYTES else self.bytes_per_s
+        return self.node_overhead_s + flops / rate + nbytes / bw
 
     def to_json(self) -> str:
         body = {"version": VERSION, **dataclasses.asdict(self)}
@@ -174,18 +190,24 @@ def load_or_defaults(data_dir: Path) -> Calibration:
 # --- measuring -------------------------------------------------------------------------
 
 
-def _best_of(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of `repeats` timings: noise on a shared machine only ever adds time."""
+def _median_of(fn: Callable[[], object], repeats: int, sample_s: float = 0.02) -> float:
+    """Seconds per call: the median of `repeats` samples, each as many calls as fill
+    `sample_s`. Samples that long see what a run of the workloads sees on a shared machine
+    (its share of the CPU, preemption included), not a lucky microsecond."""
     fn()  # warm: allocations, BLAS threads
-    best = math.inf
+    t0 = time.perf_counter()
+    fn()
+    calls = max(1, int(sample_s / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls)
+    return statistics.median(samples)
 
 
-def measure_node_overhead(nodes: int = 2000, repeats: int = 5) -> float:
+def measure_node_overhead(nodes: int = 2000, repeats: int = 5, sample_s: float = 0.02) -> float:
     """Seconds per node of a compiled program of scalar adds (all dispatch, no arithmetic)."""
     from .autodiff import RunRequest
     from .executor import LocalExecutor
@@ -197,40 +219,87 @@ def measure_node_overhead(nodes: int = 2000, repeats: int = 5) -> float:
     graph = Graph(chain)
     request = RunRequest((chain[-1].name,), {"x": np.array(1.0)}, ())
     executor = LocalExecutor()
-    return _best_of(lambda: executor.run(graph, request), repeats) / nodes
+    return _median_of(lambda: executor.run(graph, request), repeats, sample_s) / nodes
 
 
-def measure_compute(quick: bool = False) -> tuple[float, float, dict[str, float]]:
-    """(node_overhead_s, bytes_per_s, flops_per_s by "family/dtype") of this machine."""
-    repeats = 3 if quick else 7
-    overhead = measure_node_overhead(500 if quick else 2000, repeats)
-    n = 1 << 20
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def measure_compute(quick: bool = False) -> Calibration:
+    """The compute figures of one CPU of this machine (Ray's stay the defaults), measured in
+    a subprocess whose BLAS has one thread: a task has one CPU (Ray gives its workers
+    OMP_NUM_THREADS=1), and the inline time it predicts is one CPU's."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"from {__name__} import _print_compute; _print_compute({quick})"],
+        env={**os.environ, **ONE_THREAD},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring compute failed: {done.stderr.strip()[-2000:]}")
+    return Calibration.from_json(done.stdout.strip().splitlines()[-1], "measure_compute")
+
+
+def _print_compute(quick: bool) -> None:
+    print(measure_compute_here(quick).to_json().replace("\n", " "))  # read by measure_compute
+
+
+def measure_compute_here(quick: bool) -> Calibration:
+    """measure_compute's figures, in this process (with whatever BLAS threads it has)."""
+    repeats, sample_s = (3, 0.01) if quick else (9, 0.02)
+    overhead = measure_node_overhead(500 if quick else 2000, repeats, sample_s)
+    big = np.ones(1 << 22)  # 32 MiB: out of cache
+    big_out = np.empty_like(big)
+    memory = 3 * big.nbytes / _median_of(lambda: np.add(big, big, out=big_out), repeats, sample_s)
+    n = 1 << 15  # 256 KiB of float64: the size of a typical tensor, in cache as they are
     rates: dict[str, float] = {}
     bytes_per_s = BYTES_PER_S
     for dtype in DTYPES:
-        a = np.random.default_rng(0).standard_normal(n).astype(dtype)
+        a = np.abs(np.random.default_rng(0).standard_normal(n)).astype(dtype) + 0.5
         b = a[::-1].copy()
         out = np.empty_like(a)
         moved = 3 * a.nbytes  # add: two reads and a write, no arithmetic to speak of
-        bw = moved / _best_of(lambda: np.add(a, b, out=out), repeats)  # noqa: B023
+        bw = moved / _median_of(lambda: np.add(a, b, out=out), repeats, sample_s)  # noqa: B023
         if dtype == "float64":
             bytes_per_s = bw
         # What is left after the memory traffic is arithmetic (flops counted as ops do:
         # one per element for elementwise and reductions, 2 m n k for matmul).
-        t = _best_of(lambda: np.tanh(a, out=out), repeats)  # noqa: B023
-        rates[f"elementwise/{dtype}"] = n / max(t - 2 * a.nbytes / bw, t * 0.05)
-        t = _best_of(lambda: a.sum(), repeats)  # noqa: B023
+        t = _median_of(lambda: np.multiply(a, b, out=out), repeats, sample_s)  # noqa: B023
+        rates[f"elementwise/{dtype}"] = n / max(t - moved / bw, t * 0.05)
+        for name, fn in TRANSCENDENTAL.items():  # each far slower than a multiply
+            t = _median_of(lambda: fn(a, out=out), repeats, sample_s)  # noqa: B023
+            rates[f"{name}/{dtype}"] = n / max(t - 2 * a.nbytes / bw, t * 0.05)
+        t = _median_of(lambda: a.sum(), repeats, sample_s)  # noqa: B023
         rates[f"reduce/{dtype}"] = n / max(t - a.nbytes / bw, t * 0.05)
-        k = 128 if quick else 256
+        k = 64 if quick else 256  # quick: small enough for one BLAS thread
         m = np.random.default_rng(1).standard_normal((k, k)).astype(dtype)
-        t = _best_of(lambda: m @ m, repeats)  # noqa: B023
+        t = _median_of(lambda: m @ m, repeats, sample_s)  # noqa: B023
         rates[f"linalg/{dtype}"] = 2.0 * k**3 / t
-    return overhead, bytes_per_s, rates
+    return Calibration(
+        source=f"measured on {socket.gethostname()} at "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (" (quick)" if quick else ""),
+        node_overhead_s=overhead,
+        bytes_per_s=memory,
+        cache_bytes_per_s=bytes_per_s,
+        flops_per_s=rates,
+    )
 
 
-def measure_ray(cpus: int | None = None) -> tuple[float, float, float]:
-    """(store_bytes_per_s, task_overhead_s, task_latency_s) of a local Ray started here
-    (seconds). Imports Ray: only `graphgrad calibrate` without --quick calls it."""
+@dataclass(frozen=True, slots=True)
+class RayFigures:
+    store_bytes_per_s: float
+    put_overhead_s: float
+    submit_s: float
+    task_overhead_s: float
+    task_latency_s: float
+
+
+def measure_ray(cpus: int | None = None) -> RayFigures:
+    """Ray's figures, measured in the Ray this process runs (or a local one started here
+    and stopped after, which costs seconds). Only `graphgrad calibrate` without --quick and
+    bench/simulate.py call it."""
     import ray  # the one place besides engine/ray_executor.py: a probe, not an executor
 
     started = not ray.is_initialized()
@@ -253,7 +322,13 @@ def measure_ray(cpus: int | None = None) -> tuple[float, float, float]:
         tasks = 200
         t0 = time.perf_counter()
         ray.get([nothing.remote() for _ in range(tasks)])
-        overhead = (time.perf_counter() - t0) * min(workers, 2) / tasks
+        overhead = (time.perf_counter() - t0) * workers / tasks
+        t0 = time.perf_counter()
+        refs = [nothing.remote() for _ in range(tasks)]
+        submit = (time.perf_counter() - t0) / tasks
+        ray.get(refs)
+        small = np.ones(16)
+        put = _median_of(lambda: ray.put(small), 5)
         chain = 50
         t0 = time.perf_counter()
         ref = nothing.remote()
@@ -262,8 +337,8 @@ def measure_ray(cpus: int | None = None) -> tuple[float, float, float]:
         ray.get(ref)
         latency = max(0.0, (time.perf_counter() - t0) / chain - overhead)
         big = np.ones(4 << 20)  # 32 MiB
-        store = big.nbytes / _best_of(lambda: ray.put(big), 3)
-        return store, overhead, latency
+        store = big.nbytes / max(_median_of(lambda: ray.put(big), 5) - put, 1e-9)
+        return RayFigures(store, put, submit, overhead, latency)
     finally:
         if started:
             ray.shutdown()
@@ -272,21 +347,11 @@ def measure_ray(cpus: int | None = None) -> tuple[float, float, float]:
 def measure(quick: bool = False, ray_cpus: int | None = None) -> Calibration:
     """This machine's calibration; `quick`: smaller probes and no Ray (its figures stay the
     defaults, and `ray_measured` says so)."""
-    overhead, bytes_per_s, rates = measure_compute(quick)
-    cal = Calibration(
-        source=f"measured on {socket.gethostname()} at "
-        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (" (quick)" if quick else ""),
-        node_overhead_s=overhead,
-        bytes_per_s=bytes_per_s,
-        flops_per_s=rates,
-    )
+    cal = measure_compute(quick)
     if quick:
         return cal
-    store, task, latency = measure_ray(ray_cpus)
-    return dataclasses.replace(
-        cal,
-        store_bytes_per_s=store,
-        task_overhead_s=task,
-        task_latency_s=latency,
-        ray_measured=True,
-    )
+    return with_ray(cal, measure_ray(ray_cpus))
+
+
+def with_ray(cal: Calibration, ray: RayFigures) -> Calibration:
+    return dataclasses.replace(cal, **dataclasses.asdict(ray), ray_measured=True)

@@ -98,10 +98,10 @@ class Dispatcher:
         if cpus > 1 and may_prefer_ray(graph, pass_plan, cpus):
             plan, sched = self.ray.plan(graph, request, cancel)
             cal = in_force()
-            key = ChoiceKey(
+            choice = ChoiceKey(
                 RequestKey(graph.serial, request.outputs, request.wrt, seeded), cpus, cal.source
             )
-            if _RAY_WINS.get_or_make(key, lambda: ray_is_faster(sched, cpus, cal)):
+            if _RAY_WINS.get_or_make(choice, lambda: ray_is_faster(sched, cpus, cal)):
                 return "ray", plan
         return self.choose(graph, request, "local")
 

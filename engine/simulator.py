@@ -164,11 +164,15 @@ def simulate(
     cal: Calibration,
     cluster: Cluster,
     staged_bytes: int = 0,
+    staged_objects: int = 0,
 ) -> Prediction:
-    """Replay `tasks` (in submission order; deps point to earlier tasks) on `cluster`."""
+    """Replay `tasks` (in submission order; deps point to earlier tasks) on `cluster`. The
+    caller first puts `staged_objects` objects of `staged_bytes` in all into the store, then
+    submits the tasks one by one."""
     n = len(tasks)
     store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
-    staged_at = staged_bytes / store  # the caller puts the feeds before the tasks read them
+    staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
+    submitted = [staged_at + (k + 1) * cal.submit_s for k in range(n)]
     free = [[0.0] * cluster.cpus_per_node for _ in range(cluster.nodes)]
     start, end = [0.0] * n, [0.0] * n
     where: list[tuple[int, int]] = [(0, -1)] * n
@@ -181,7 +185,7 @@ def simulate(
                 raise ValueError(f"task {k} ({t.name}) depends on task {d}, not an earlier one")
             consumers[d].append(k)
     across = 0
-    ready = [(staged_at if t.fed_bytes else 0.0, k) for k, t in enumerate(tasks) if not t.deps]
+    ready = [(submitted[k], k) for k, t in enumerate(tasks) if not t.deps]
     heapq.heapify(ready)
     while ready:
         _, k = heapq.heappop(ready)  # earliest ready first, then submission order
@@ -189,9 +193,9 @@ def simulate(
         nodes = [0] if t.on_caller else range(cluster.nodes)
         best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
         for node in nodes:
-            arrive, local, waited = 0.0, 0, -1
+            arrive, local, waited = submitted[k], 0, -1
             if t.fed_bytes:
-                arrive = staged_at + (t.fed_bytes / net if node else 0.0)
+                arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
                 local += t.fed_bytes if node == 0 else 0
             for d, nbytes in t.deps:
                 at = end[d] + (0.0 if t.on_caller else cal.task_latency_s)
@@ -223,12 +227,11 @@ def simulate(
             missing[c] -= 1
             if missing[c] == 0:
                 dep_ready = max(end[d] for d, _ in tasks[c].deps)
-                fed = staged_at if tasks[c].fed_bytes else 0.0
-                heapq.heappush(ready, (max(dep_ready, fed), c))
+                heapq.heappush(ready, (max(dep_ready, submitted[c]), c))
     if any(missing):
         raise ValueError("the task DAG has a task whose dependencies never finish")
     makespan = max(end, default=0.0)
-    path, critical = _critical_path(tasks, cal, staged_at)
+    path, critical = _critical_path(tasks, cal, submitted)
     workers = [t for t in tasks if not t.on_caller]
     cpus = cluster.cpus
     figures = (
@@ -256,14 +259,14 @@ def simulate(
 
 
 def _critical_path(
-    tasks: Sequence[SimTask], cal: Calibration, staged_at: float
+    tasks: Sequence[SimTask], cal: Calibration, submitted: Sequence[float]
 ) -> tuple[tuple[str, ...], float]:
     """The longest chain with as many CPUs as tasks, on one node (no network)."""
     finish: list[float] = []
     via: list[int] = []
-    for t in tasks:
+    for k, t in enumerate(tasks):
         lat = 0.0 if t.on_caller else cal.task_latency_s
-        begin, came = (staged_at if t.fed_bytes else 0.0), -1
+        begin, came = submitted[k], -1
         for d, _ in t.deps:
             if finish[d] + lat > begin:
                 begin, came = finish[d] + lat, d
@@ -281,8 +284,8 @@ def _critical_path(
     while k >= 0:
         chain.append(tasks[k].name)
         first, k = k, via[k]
-    if tasks[first].fed_bytes and staged_at > 0:
-        chain.append("stage feeds")  # the caller's ray.put of the inputs came first
+    if submitted[first] > 0:
+        chain.append("stage and submit")  # the caller's ray.put of the inputs, .remote()s
     return tuple(reversed(chain)), max(finish)
 
 
@@ -301,12 +304,13 @@ def node_seconds(graph: Graph, nodes: Sequence[int], cal: Calibration) -> float:
     return total
 
 
-def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], int]:
-    """The tasks of a request's schedule, and the bytes of the fed inputs staged."""
+def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], int, int]:
+    """The tasks of a request's schedule, the bytes of the fed inputs staged and the objects
+    they are staged in (engine/ray_executor.py's FeedBundles: one per set of readers)."""
     graph = sched.graph
     nbytes = [t.nbytes for t in graph.types]
     out: list[SimTask] = []
-    staged: set[int] = set()
+    readers: dict[int, set[int]] = {}
     for spec in sched.tasks:
         caller = spec.phase == CALLER
         deps = tuple(
@@ -315,7 +319,8 @@ def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], in
         )
         name = "caller" if caller else f"P{spec.partition} {spec.phase}"
         if not caller:
-            staged.update(spec.feeds)
+            for j in spec.feeds:
+                readers.setdefault(j, set()).add(spec.index)
         out.append(
             SimTask(
                 name,
@@ -326,15 +331,16 @@ def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], in
                 caller,
             )
         )
-    return out, sum(nbytes[j] for j in staged)
+    bundles = {frozenset(r) for r in readers.values()}
+    return out, sum(nbytes[j] for j in readers), len(bundles)
 
 
 def predict_schedule(
     sched: Schedule, cluster: Cluster, cal: Calibration | None = None
 ) -> Prediction:
     cal = cal or in_force()
-    tasks, staged = schedule_tasks(sched, cal)
-    return simulate(tasks, cal, cluster, staged)
+    tasks, staged, objects = schedule_tasks(sched, cal)
+    return simulate(tasks, cal, cluster, staged, objects)
 
 
 def ray_is_faster(sched: Schedule, cpus: int, cal: Calibration | None = None) -> bool:
@@ -418,6 +424,6 @@ def predict_training(
     per_network += 3 * state / cal.bytes_per_s  # the update reads parameter and gradient
     chunks = max(1, min(networks, 3 * cluster.cpus)) if cluster.cpus > 1 else 1
     tasks, staged = training_tasks(fixed, per_network, state, networks, steps, chunks, segment_s)
-    p = simulate(tasks, cal, cluster, staged)
+    p = simulate(tasks, cal, cluster, staged, chunks)
     inline = steps * (fixed + networks * per_network)
     return dataclasses.replace(p, one_cpu=inline)
