@@ -26,7 +26,7 @@ from .errors import RequestError
 from .grad import grad_graph
 from .ir import Graph
 from .memory import request_memory
-from .ops import INPUT, TensorType
+from .ops import FLOAT_DTYPES, INPUT, TensorType
 from .plan_cache import DerivedCache
 
 Arrays = dict[str, np.ndarray]
@@ -293,6 +293,12 @@ def _check_params(spec: TrainSpec) -> int:
     first, n = "", -1
     for name, value in sorted(spec.params.items()):  # the same error for any map order
         t = _template_input(spec.template, "params", name)
+        if t.dtype not in FLOAT_DTYPES:
+            raise RequestError(
+                f"param '{name}' is an integer ({t.dtype}) input of the template: params "
+                f"are trained by their gradients, so they must be {' or '.join(FLOAT_DTYPES)}",
+                field=f"params['{name}']",
+            )
         value = _array("params", name, value)
         if value.shape[1:] != t.shape or value.ndim != len(t.shape) + 1 or value.dtype != t.dtype:
             raise RequestError(

@@ -292,6 +292,16 @@ BAD_SPECS = {
 }
 
 
+def test_an_integer_param_is_refused_naming_it():
+    with gg.Graph() as g:
+        x, k = gg.input("x", shape=(3,)), gg.input("k", shape=(3,), dtype="int64")
+        gg.sum(x * gg.astype(k, "float64"), name="loss")
+    params, data = {"k": np.ones((2, 3), np.int64)}, {"x": np.ones(3)}
+    with pytest.raises(RequestError, match=r"param 'k' is an integer \(int64\) input") as e:
+        TrainSpec.build(g.freeze(), "loss", params, data, SGD(), 2)
+    assert e.value.field == "params['k']"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
 def test_a_bad_spec_is_refused_naming_its_field(case):
     edit, field = BAD_SPECS[case]
