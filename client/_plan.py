@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _display
+from ._timeline import timeline_svg
 from .engine import Graph, RequestError
 from .engine.planner import Explanation
 from .engine.simulator import Prediction
@@ -87,6 +88,8 @@ class Plan:
                 f"<div><b>{html.escape(repr(self))}</b><br/>{legend}</div>"
                 + _display.svg_img(bundle["image/svg+xml"])
             )
+            if self.prediction is not None:  # the predicted timeline under the plan
+                bundle["text/html"] += "<br/>" + _display.svg_img(timeline_svg(self.prediction))
         return bundle
 
     def to_dot(self) -> str:

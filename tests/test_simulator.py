@@ -3,6 +3,7 @@ then the task DAGs of real schedules."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import statistics
@@ -331,3 +332,19 @@ def test_training_prediction_is_near_its_measurement(here: Calibration) -> None:
     # Known gap: a stacked step's numpy calls over [N, ...] arrays cost several times what
     # the per-network flops and bytes say (bench/simulate.py prints the ratio), hence wider.
     assert measured / LOOSE_TRAINING < p.one_cpu < measured * LOOSE
+
+
+def test_the_plan_picture_shows_the_predicted_timeline() -> None:
+    loss, wrt = wide(3)
+    plan = gg.connect().explain(loss, wrt=wrt, cpus=2)
+    p = plan.prediction
+    assert p is not None
+    images = re.findall(
+        r'src="data:image/svg\+xml;base64,([^"]+)"', plan._repr_mimebundle_()["text/html"]
+    )
+    assert len(images) == 2  # the plan, then its timeline
+    svg = base64.b64decode(images[1]).decode()
+    assert svg.count("<rect") == p.tasks and "node 0 cpu 1" in svg
+    assert f"bound by {p.bound}" in svg
+    for t in p.timeline:
+        assert f"<title>{t.name}:" in svg
