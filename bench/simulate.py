@@ -118,27 +118,32 @@ def main() -> None:
     parser.add_argument("--inline-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ray-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Each child calibrates (BLAS on one thread, as the child itself runs) just before it
+    # measures: the load of a shared machine changes by the minute.
     if args.inline_child:
-        print(json.dumps(measure("local", args.runs)))
+        cal = calibration.measure_compute_here(quick=False)
+        print(json.dumps({"times": measure("local", args.runs), "cal": cal.to_json()}))
         return
     if args.ray_child:
+        cal = calibration.measure_compute_here(quick=False)
         times = measure("ray", args.runs, args.ray_child)  # starts its Ray, then measures it
         figures = calibration.measure_ray()
-        print(json.dumps({"times": times, "ray": dataclasses.asdict(figures)}))
+        out = {"times": times, "ray": dataclasses.asdict(figures), "cal": cal.to_json()}
+        print(json.dumps(out))
         return
 
-    cal = calibration.measure_compute()  # one CPU, BLAS on one thread
-    print(f"calibration: {cal.source}; machine shared with other work, medians of {args.runs}")
+    print(f"machine shared with other work; medians of {args.runs}")
     rows: list[tuple[str, str, float, float]] = []
     inline = child(["--inline-child", "--runs", str(args.runs)])
+    cal = Calibration.from_json(inline["cal"])
     inline_pred = predictions(cal, Cluster(1, 1))
     for name in WORKLOADS:
-        rows.append((name, "inline, 1 CPU", inline_pred[name].one_cpu, inline[name]))
+        rows.append((name, "inline, 1 CPU", inline_pred[name].one_cpu, inline["times"][name]))
     if not args.no_ray:
         for cpus in (1, 2):
             got = child(["--ray-child", str(cpus), "--runs", str(args.runs)])
             figures = calibration.RayFigures(**got["ray"])
-            ray_cal = calibration.with_ray(cal, figures)
+            ray_cal = calibration.with_ray(Calibration.from_json(got["cal"]), figures)
             print(
                 f"ray at {cpus} CPU(s): object store {figures.store_bytes_per_s / 1e9:.2f} GB/s"
                 f" + {figures.put_overhead_s * 1e3:.2f} ms a put, submit "

@@ -36,6 +36,8 @@ from .ops import INPUT
 from .planner import MIN_PARTITION_S, node_costs
 
 NETWORK_BYTES_PER_S = 1.25e9  # 10 Gb/s between nodes, when not given
+# A replay costs O(tasks x nodes): these bound what one explain() may ask for.
+MAX_NODES, MAX_CPUS_PER_NODE = 256, 4096
 BOUND_NAMES = ("critical path", "cpu", "task overhead", "object store", "network")
 MAX_TIMELINE = 10_000
 # Ray must be predicted to win by more than the simulator's error (bench/simulate.py's
@@ -52,11 +54,11 @@ class Cluster:
     network_bytes_per_s: float = NETWORK_BYTES_PER_S
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "cpus_per_node"):
+        for name, most in (("nodes", MAX_NODES), ("cpus_per_node", MAX_CPUS_PER_NODE)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
                 raise ValueError(
-                    f"cluster {name} must be an integer from 1 to 65536, got {value!r}"
+                    f"cluster {name} must be an integer from 1 to {most}, got {value!r}"
                 )
         bw = self.network_bytes_per_s
         if not (isinstance(bw, int | float) and math.isfinite(bw) and bw > 0):
@@ -173,7 +175,10 @@ def simulate(
     store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
     staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
     submitted = [staged_at + (k + 1) * cal.submit_s for k in range(n)]
-    free = [[0.0] * cluster.cpus_per_node for _ in range(cluster.nodes)]
+    # Per node: a heap of (free at, cpu) over the CPUs used so far, and how many are unused
+    # (free from the start), so a large cluster costs only the CPUs the tasks occupy.
+    busy: list[list[tuple[float, int]]] = [[] for _ in range(cluster.nodes)]
+    unused = [cluster.cpus_per_node] * cluster.nodes
     start, end = [0.0] * n, [0.0] * n
     where: list[tuple[int, int]] = [(0, -1)] * n
     waits: list[int] = [-1] * n  # the task each one last waited for (critical path)
@@ -208,8 +213,11 @@ def simulate(
             if t.on_caller:
                 cpu, at = -1, arrive
             else:
-                cpu = min(range(cluster.cpus_per_node), key=free[node].__getitem__)
-                at = max(arrive, free[node][cpu])
+                if unused[node]:
+                    idle, cpu = 0.0, cluster.cpus_per_node - unused[node]
+                else:
+                    idle, cpu = busy[node][0]
+                at = max(arrive, idle)
             key = (at, -local, node, cpu)
             if best is None or key < best:
                 best = key
@@ -219,7 +227,11 @@ def simulate(
         cost = t.seconds if t.on_caller else (cal.task_overhead_s + t.seconds + t.out_bytes / store)
         start[k], end[k], where[k] = at, at + cost, (node, cpu)
         if cpu >= 0:
-            free[node][cpu] = end[k]
+            if cpu == cluster.cpus_per_node - unused[node]:
+                unused[node] -= 1
+                heapq.heappush(busy[node], (end[k], cpu))
+            else:
+                heapq.heapreplace(busy[node], (end[k], cpu))
         for d, nbytes in t.deps:
             across += nbytes if where[d][0] != node else 0
         across += t.fed_bytes if node else 0

@@ -143,7 +143,8 @@ def test_the_caller_task_runs_in_the_driver_without_task_costs() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "says"),
     [
-        ({"nodes": 0}, "nodes must be an integer from 1"),
+        ({"nodes": 0}, "nodes must be an integer from 1 to 256"),
+        ({"cpus_per_node": 5000}, "cpus_per_node must be an integer from 1 to 4096"),
         ({"cpus_per_node": 2.5}, "cpus_per_node must be an integer"),
         ({"network_bytes_per_s": 0.0}, "network_bytes_per_s must be a positive number"),
     ],
