@@ -92,6 +92,36 @@ class Graph:
         self._bytes: int | None = None
         self._serial = next(_SERIALS)
 
+    @classmethod
+    def extended(
+        cls, base: Graph, nodes: Sequence[Node], ops: Sequence[Op], types: Sequence[TensorType]
+    ) -> Graph:
+        """`base` with `nodes` appended, typed and checked by the rules that made them (engine/
+        grad.py's emitter: fresh names, inputs made earlier, types from the ops' shape rules):
+        only their attributes are put in canonical form; `base`'s nodes, their order and types
+        are shared, and nothing is sorted, inferred or hashed again (the fingerprint is lazy)."""
+        g = object.__new__(cls)
+        added = [
+            n.replace(attrs={k: check_attr(op, k, v, node=n.name) for k, v in n.attrs.items()})
+            if n.attrs
+            else n
+            for n, op in zip(nodes, ops, strict=True)
+        ]
+        g.nodes = base.nodes + tuple(added)
+        g.ops = base.ops + tuple(ops)
+        index = g.index = dict(base.index)
+        start = len(base.nodes)
+        for k, n in enumerate(added, start):
+            if index.setdefault(n.name, k) != k:
+                raise AssertionError(f"node '{n.name}' added twice")
+        at = index.__getitem__
+        g.input_pos = base.input_pos + tuple([tuple(map(at, n.inputs)) for n in added])
+        g.types = base.types + tuple(types)
+        g._fingerprint = None
+        g._bytes = None
+        g._serial = next(_SERIALS)
+        return g
+
     @property
     def serial(self) -> int:
         """This instance's number, never reused: what derived-value caches key on."""
