@@ -12,14 +12,22 @@ program, is no view's base, and is no export (never a feed, a constant or a valu
 or the caller reads). Cancellation is checked before costly ops and every CHECK_EVERY ops.
 Large programs are generated in chunks of CHUNK nodes, so compile time stays linear in the
 node count. An op that fails raises an ExecutionError naming its node.
+
+Programs run in two tiers, as JIT engines do: the nodes are first lowered to a list of steps
+(kernel, argument and result positions, in-place buffer, cancellation check, values that die)
+which an interpreter runs; the Python source is rendered from those same steps and compiled
+only when a program is called for the TIER_UP_CALLS-th time (see there why then). Both tiers
+run the same kernels in the same order with the same buffers, checks and frees: the same bits
+by construction. A request made a few times (an explain, one of many distinct requests) never
+pays for `compile`.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,55 +35,197 @@ from .cancel import Cancellation
 from .errors import ExecutionError, GraphError
 from .ir import Graph
 from .ops import CONSTANT
+from .plan_cache import DerivedCache
 
 Values = dict[int, Any]
 CHUNK = 2000  # nodes per generated function
 # Cancellation is checked before every op that may take a while, and every CHECK_EVERY ops.
 CHECK_EVERY, CHECK_ELEMENTS = 16, 1 << 16
 FOLD_ELEMENTS = 4096  # nodes of constants with at most this many elements are folded
+# Compiling costs about what 30 interpreted calls lose to the compiled tier (bench/bigdag.py at
+# K = 20,000: ~0.45 s against ~15 ms a call); compiling at half that many calls means a program
+# run a few times (an explain, one of a sweep of distinct requests, a test) never compiles,
+# one in a loop reaches compiled speed early, and the benchmarks' 20 warm-up calls measure it.
+TIER_UP_CALLS = 16
+STEP_BYTES = 400  # a lowered step: its tuple, positions and kernel (tests/test_caches.py checks)
 PROGRAM_NODE_BYTES = 600  # code, names and bindings per node (tests/test_caches.py checks)
 _SERIAL = itertools.count()
+NO_BUFFER = -1
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Program:
-    """A compiled task: call it with the values it reads (consumed) to get its exports."""
+class Step(NamedTuple):
+    """One node of a program, lowered: what both tiers run."""
 
-    source: str  # the generated Python, for reading (see Explanation.source)
-    exports: tuple[int, ...]
-    chunks: tuple[Callable[[Values, Callable[[], None]], None], ...]
-    where: dict[tuple[str, int], tuple[str, str]]  # (file, line) -> (node, op)
-    nodes: int
-    const_bytes: int = 0  # constants bound into the program (folded ones included)
+    node: int  # position: its value's key
+    fn: Any  # the kernel; for a constant (or a folded node) its value
+    args: tuple[int, ...]  # positions read (aliases resolved)
+    into: int  # the dead input whose buffer the result is written into (`out=`), or NO_BUFFER
+    check: bool  # check cancellation first
+    dead: tuple[int, ...]  # values last used here: freed after it
+    const: bool
+    name: str  # the node's name and op, for comments and errors
+    op: str
+
+
+class Chunk(NamedTuple):
+    """Steps `start:end` of a program, which a generated function holds."""
+
+    start: int
+    end: int
+    loads: tuple[tuple[int, bool], ...]  # values made earlier or fed; True: later chunks read it
+    stores: tuple[int, ...]  # values later chunks or the caller read
+
+
+ChunkFn = Callable[[Values, Callable[[], None]], None]
+
+
+class Compiled:
+    """The compiled tier of a program: its chunks as Python functions (in the plan cache)."""
+
+    __slots__ = ("__weakref__", "fns", "nodes", "source", "where")
+
+    def __init__(
+        self,
+        fns: list[ChunkFn],
+        source: str,
+        where: dict[tuple[str, int], tuple[str, str]],
+        nodes: int,
+    ) -> None:
+        self.fns, self.source, self.where, self.nodes = fns, source, where, nodes
 
     def approx_bytes(self) -> int:
-        """Estimated memory (what the plan cache counts): code, bindings, constants, source."""
-        return PROGRAM_NODE_BYTES * self.nodes + 2 * len(self.source) + self.const_bytes
+        return PROGRAM_NODE_BYTES * self.nodes + 2 * len(self.source)
+
+
+_COMPILED: DerivedCache[int, Compiled] = DerivedCache("compiled programs")
+
+
+class Program:
+    """A lowered task: call it with the values it reads (consumed) to get its exports.
+    Interpreted until its TIER_UP_CALLS-th call, then compiled (see the module's doc)."""
+
+    __slots__ = (
+        "_calls",
+        "_compiled",
+        "aliased",
+        "chunks",
+        "const_bytes",
+        "exports",
+        "nodes",
+        "serial",
+        "steps",
+        "total",
+    )
+
+    def __init__(
+        self,
+        steps: tuple[Step, ...],
+        chunks: tuple[Chunk, ...],
+        exports: tuple[int, ...],
+        aliased: tuple[tuple[int, int, bool], ...],
+        nodes: int,
+        const_bytes: int,
+    ) -> None:
+        self.steps, self.chunks, self.exports, self.aliased = steps, chunks, exports, aliased
+        self.nodes, self.const_bytes, self.total = nodes, const_bytes, len(steps)
+        self.serial = next(_SERIAL)
+        self._calls = 0
+        self._compiled: weakref.ref[Compiled] | None = None
+
+    def approx_bytes(self) -> int:
+        """Estimated memory (what the plan cache counts): the steps and constants; the compiled
+        tier is an entry of its own."""
+        return STEP_BYTES * self.nodes + self.const_bytes
+
+    @property
+    def tier(self) -> str:
+        return "compiled" if self._live() is not None else "interpreted"
+
+    @property
+    def source(self) -> str:
+        """The generated Python (rendered on demand: the interpreted tier has none)."""
+        compiled = self._live()
+        return (
+            compiled.source
+            if compiled is not None
+            else "\n\n".join(_render(self, c)[0] for c in self.chunks)
+        )
+
+    def compiled(self) -> Compiled:
+        """The compiled tier, made now if it is not held."""
+        compiled = _COMPILED.get_or_make(self.serial, lambda: _compile(self))
+        self._compiled = weakref.ref(compiled)
+        return compiled
+
+    def _live(self) -> Compiled | None:
+        ref = self._compiled
+        return ref() if ref is not None else None
 
     def __call__(self, values: Values, cancel: Cancellation) -> dict[int, np.ndarray]:
+        ref = self._compiled
+        compiled = ref() if ref is not None else None
+        if compiled is None:
+            self._calls += 1
+            if self._calls >= TIER_UP_CALLS:
+                compiled = self.compiled()
         check = cancel.check
-        try:
+        if compiled is None:
             with np.errstate(all="ignore"):  # NaN and infinity are values like any other
-                for chunk in self.chunks:
-                    chunk(values, check)
+                self._interpret(values, check)
+            return {i: np.asarray(values[i]) for i in self.exports}
+        try:
+            with np.errstate(all="ignore"):
+                for fn in compiled.fns:
+                    fn(values, check)
         except GraphError:
             raise  # cancelled, or a deadline passed: not the op's fault
         except (ValueError, ArithmeticError) as e:
-            node, op = self._failed(e)
+            node, op = _failed(compiled, e)
             raise ExecutionError(f"op '{op}' failed: {e}", node=node) from e
         return {i: np.asarray(values[i]) for i in self.exports}
 
-    def _failed(self, e: BaseException) -> tuple[str, str]:
-        tb, found = e.__traceback__, ("?", "?")
-        while tb is not None:
-            key = (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
-            found = self.where.get(key, found)
-            tb = tb.tb_next
-        return found
+    def _interpret(self, env: Values, check: Callable[[], None]) -> None:
+        """Run the steps one by one over `env`: what the generated chunks do, without locals
+        (a value lives in `env` until the step that frees it)."""
+        step = None
+        try:
+            for step in self.steps:
+                i, fn, args, into, chk, dead, const, _, _ = step
+                if chk:
+                    check()
+                if const:
+                    env[i] = fn
+                elif into != NO_BUFFER:
+                    env[i] = fn(*[env[a] for a in args], out=env[into])
+                elif len(args) == 1:
+                    env[i] = fn(env[args[0]])
+                elif len(args) == 2:
+                    env[i] = fn(env[args[0]], env[args[1]])
+                else:
+                    env[i] = fn(*[env[a] for a in args])
+                for d in dead:
+                    del env[d]
+        except GraphError:
+            raise  # cancelled, or a deadline passed: not the op's fault
+        except (ValueError, ArithmeticError) as e:
+            assert step is not None
+            raise ExecutionError(f"op '{step.op}' failed: {e}", node=step.name) from e
+        for i, j, own in self.aliased:
+            env[i] = np.array(env[j]) if own else env[j]
+
+
+def _failed(compiled: Compiled, e: BaseException) -> tuple[str, str]:
+    tb, found = e.__traceback__, ("?", "?")
+    while tb is not None:
+        key = (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+        found = compiled.where.get(key, found)
+        tb = tb.tb_next
+    return found
 
 
 def compile_program(graph: Graph, nodes: Sequence[int], exports: Iterable[int]) -> Program:
-    """The program evaluating `nodes` (topological order) and returning `exports`."""
+    """The program evaluating `nodes` (topological order) and returning `exports`, lowered
+    (its compiled tier is made when it is called again: `Program.compiled`)."""
     keep = tuple(dict.fromkeys(exports))
     known, alias = _simplify(graph, nodes)
     computed = [i for i in nodes if i not in alias and i not in known]
@@ -99,21 +249,15 @@ def compile_program(graph: Graph, nodes: Sequence[int], exports: Iterable[int]) 
         and i not in kept
         and all(graph.ops[r].inplace for r in readers.get(i, ()))
     }
-    chunks, sources, where = [], [], {}
+    steps: list[Step] = []
+    chunks = []
     for start in range(0, max(len(order), 1), CHUNK):
         part = order[start : start + CHUNK]
-        fn, source, lines = _chunk(
-            graph, part, start, last, alias, kept, known, scratch, len(order)
-        )
-        chunks.append(fn)
-        sources.append(source)
-        where.update(lines)
+        chunks.append(_lower(graph, part, start, last, alias, kept, known, scratch, steps))
     made = set(order) - set(known)
-    aliased = [(i, alias[i], alias[i] not in made) for i in keep if i in alias]
-    if aliased:
-        chunks.append(_copy_aliases(aliased))
+    aliased = tuple((i, alias[i], alias[i] not in made) for i in keep if i in alias)
     consts = sum(known[i].nbytes for i in order if i in known)
-    return Program("\n\n".join(sources), keep, tuple(chunks), where, len(nodes), consts)
+    return Program(tuple(steps), tuple(chunks), keep, aliased, len(nodes), consts)
 
 
 def _simplify(graph: Graph, nodes: Sequence[int]) -> tuple[dict[int, np.ndarray], dict[int, int]]:
@@ -169,7 +313,7 @@ def _identity_of(
     op, t = graph.ops[i].name, graph.types[i]
     if op in ("reshape", "broadcast_to"):
         return ins[0] if graph.types[ins[0]] == t else None
-    if len(ins) != 2:
+    if len(ins) != 2 or not (ins[0] in known or ins[1] in known):
         return None
     a, b = ins
     if op in _RIGHT_IDENTITY and b in known and graph.types[a] == t:
@@ -187,6 +331,8 @@ _RIGHT_IDENTITY = ("mul", "div", "pow", "sub")
 
 def _cse_key(graph: Graph, i: int, ins: tuple[int, ...]) -> tuple[Any, ...] | None:
     attrs = graph.nodes[i].attrs
+    if not attrs:
+        return (graph.ops[i].name, ins, ())
     if graph.ops[i] is CONSTANT or any(isinstance(v, np.ndarray) for v in attrs.values()):
         return None
     return (graph.ops[i].name, ins, tuple(sorted(attrs.items())))
@@ -205,9 +351,18 @@ def _copy_aliases(
     return copy
 
 
-def _costly(graph: Graph, i: int) -> bool:
-    t, ins = graph.types[i], [graph.types[j] for j in graph.input_pos[i]]
-    return graph.ops[i].flops(ins, t, graph.nodes[i].attrs) >= CHECK_ELEMENTS
+def _costly(graph: Graph, i: int, memo: dict[tuple[Any, ...], bool]) -> bool:
+    """Whether the op may take a while; `memo` holds the answers for ops without attributes,
+    which depend on the op and the types alone."""
+    op, t, attrs = graph.ops[i], graph.types[i], graph.nodes[i].attrs
+    ins = [graph.types[j] for j in graph.input_pos[i]]
+    key = (op.name, t, *ins)
+    costly = None if attrs else memo.get(key)
+    if costly is None:
+        costly = op.flops(ins, t, attrs) >= CHECK_ELEMENTS
+        if not attrs:
+            memo[key] = costly
+    return costly
 
 
 def _dead_buffer(
@@ -230,7 +385,7 @@ def _dead_buffer(
     return None
 
 
-def _chunk(
+def _lower(
     graph: Graph,
     part: list[int],
     start: int,
@@ -239,61 +394,102 @@ def _chunk(
     kept: set[int],
     known: dict[int, np.ndarray],
     scratch: set[int],
-    total: int,
-) -> tuple[Callable[..., None], str, dict[tuple[str, int], tuple[str, str]]]:
+    steps: list[Step],
+) -> Chunk:
+    """Append the steps of the nodes `part` (the `start`-th onwards) to `steps`: its chunk."""
     end = start + len(part)
     mine = set(part)
-    binds: dict[str, Any] = {}
-    body: list[str] = []
-    where: dict[int, tuple[str, str]] = {}
-
-    def v(j: int) -> str:
-        return f"v{alias.get(j, j)}"
-
     # Values made by earlier chunks or fed: popped when nothing after this chunk reads them.
-    loaded: set[int] = set()
+    loads: dict[int, bool] = {}
     for i in part:
         for j in () if i in known else graph.input_pos[i]:
             j = alias.get(j, j)
-            if j not in mine and j not in loaded:
-                loaded.add(j)
-                later = last.get(j, -1) >= end or j in kept
-                body.append(f"{v(j)} = env{'[' if later else '.pop('}{j}{']' if later else ')'}")
+            if j not in mine and j not in loads:
+                loads[j] = last.get(j, -1) >= end or j in kept
     since_check = CHECK_EVERY  # a chunk checks before its first op
+    costly: dict[tuple[Any, ...], bool] = {}
+    nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
     for k, i in enumerate(part, start):
-        node, op = graph.nodes[i], graph.ops[i]
-        reads = () if i in known else graph.input_pos[i]
+        node, op = nodes[i], ops[i]
         if i in known:
-            binds[f"c{i}"] = known[i]
-            body.append(f"v{i} = c{i}  # {node.name!r}{'' if op is CONSTANT else ' (folded)'}")
+            args: tuple[int, ...] = ()
         else:
-            binds[f"k{i}"] = op.lower(node.attrs, [graph.types[j] for j in graph.input_pos[i]])
-            args = ", ".join(v(j) for j in graph.input_pos[i])
-            into = _dead_buffer(graph, i, k, mine, last, alias, scratch)
-            if into is not None:
-                args += f", out=v{into}"  # its value dies here: its buffer is reused
-            if since_check >= CHECK_EVERY or _costly(graph, i):
+            reads = input_pos[i]
+            args = tuple([alias.get(j, j) for j in reads]) if alias else reads
+        # values last read here (or never read): freed after this step
+        dead = tuple(
+            sorted(
+                {
+                    j
+                    for j in (*args, i)
+                    if last[j] == k and j not in kept and (j in mine or j in loads)
+                }
+            )
+        )
+        if i in known:
+            opname = CONSTANT.name if op is CONSTANT else op.name
+            steps.append(Step(i, known[i], (), NO_BUFFER, False, dead, True, node.name, opname))
+            continue
+        fn = op.lower(node.attrs, [types[j] for j in reads])
+        into = _dead_buffer(graph, i, k, mine, last, alias, scratch)
+        check = since_check >= CHECK_EVERY or _costly(graph, i, costly)
+        if check:
+            since_check = 0
+        since_check += 1
+        into = NO_BUFFER if into is None else into
+        steps.append(Step(i, fn, args, into, check, dead, False, node.name, op.name))
+    stores = tuple(i for i in part if i in kept or last[i] >= end)
+    return Chunk(start, end, tuple(loads.items()), stores)
+
+
+def _render(
+    program: Program, chunk: Chunk
+) -> tuple[str, dict[str, Any], dict[int, tuple[str, str]]]:
+    """The chunk's generated Python, the globals it binds, and its lines' (node, op)."""
+    binds: dict[str, Any] = {}
+    body = [
+        f"v{j} = env{'[' if later else '.pop('}{j}{']' if later else ')'}"
+        for j, later in chunk.loads
+    ]
+    where: dict[int, tuple[str, str]] = {}
+    for i, fn, args, into, check, dead, const, name, op in program.steps[chunk.start : chunk.end]:
+        if const:
+            binds[f"c{i}"] = fn
+            body.append(f"v{i} = c{i}  # {name!r}{'' if op == CONSTANT.name else ' (folded)'}")
+        else:
+            binds[f"k{i}"] = fn
+            call = ", ".join(f"v{j}" for j in args)
+            if into != NO_BUFFER:
+                call += f", out=v{into}"  # its value dies here: its buffer is reused
+            if check:
                 body.append("check()")
-                since_check = 0
-            since_check += 1
-            body.append(f"v{i} = k{i}({args})  # {node.name!r} {op.name}")
-            where[len(body)] = (node.name, op.name)
-        dead = [
-            j
-            for j in sorted({alias.get(j, j) for j in (*reads, i)})
-            if j not in kept and last[j] == k and (j in mine or j in loaded)
-        ]
+            body.append(f"v{i} = k{i}({call})  # {name!r} {op}")
+            where[len(body)] = (name, op)
         if dead:
             body.append(f"del {', '.join(f'v{j}' for j in dead)}")
-    for i in part:
-        if i in kept or last[i] >= end:
-            body.append(f"env[{i}] = v{i}")
-    filename = f"<graphgrad program {next(_SERIAL)}: nodes {start}-{end - 1} of {total}>"
-    # Kernels and constants are the function's globals (dict lookups with inline caches):
-    # binding thousands of them as parameters costs quadratic time in CPython's call.
+    body += [f"env[{i}] = v{i}" for i in chunk.stores]
     source = "def chunk(env, check):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
-    offset = 1  # the body's first line is line 2
-    lines = {(filename, n + offset): w for n, w in where.items()}
-    namespace: dict[str, Any] = dict(binds)
-    exec(compile(source, filename, "exec"), namespace)
-    return namespace["chunk"], source, lines
+    return source, binds, where
+
+
+def _compile(program: Program) -> Compiled:
+    fns: list[ChunkFn] = []
+    sources: list[str] = []
+    where: dict[tuple[str, int], tuple[str, str]] = {}
+    for chunk in program.chunks:
+        source, binds, lines = _render(program, chunk)
+        filename = (
+            f"<graphgrad program {program.serial}: nodes {chunk.start}-{chunk.end - 1} "
+            f"of {program.total}>"
+        )
+        offset = 1  # the body's first line is line 2
+        where.update({(filename, n + offset): w for n, w in lines.items()})
+        # Kernels and constants are the function's globals (dict lookups with inline caches):
+        # binding thousands of them as parameters costs quadratic time in CPython's call.
+        namespace: dict[str, Any] = dict(binds)
+        exec(compile(source, filename, "exec"), namespace)
+        fns.append(namespace["chunk"])
+        sources.append(source)
+    if program.aliased:
+        fns.append(_copy_aliases(list(program.aliased)))
+    return Compiled(fns, "\n\n".join(sources), where, program.nodes)
