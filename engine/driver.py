@@ -12,7 +12,8 @@ partitioning, the same nodes compute the same values: results are bit-identical.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from .plan_cache import DerivedCache
 from .planner import Plan
 
 FORWARD, BACKWARD, CALLER = "forward", "backward", "caller"
+# A schedule's id: this process's random token and a counter. Unique whichever driver made it
+# (workers cache programs by it), and free to make (no hash of the graph on the first call).
+_PROCESS, _SCHEDULE_IDS = os.urandom(8).hex(), itertools.count()
 # A gradient graph's index, types and positions per node, and its own nodes (the request's
 # are shared): what the plan cache counts (tests/test_caches.py checks the estimate).
 GRAD_GRAPH_BYTES, GRAD_NODE_BYTES = 200, 400
@@ -39,7 +43,7 @@ GRAD_GRAPH_BYTES, GRAD_NODE_BYTES = 200, 400
 class TaskSpec:
     """What one task runs. Positions index the schedule's graph (primal and gradient nodes)."""
 
-    plan_id: str  # identifies the schedule, for worker-side program caches
+    plan_id: str  # identifies the schedule (unique across processes): worker program caches
     index: int  # position in the schedule
     partition: int  # -1: the caller
     phase: str  # FORWARD | BACKWARD | CALLER
@@ -116,9 +120,7 @@ def schedule(
     caller += [i for i in (*out_pos, *grad_pos) if full.ops[i] is CONSTANT]
     groups = [g for g in groups if g[2]]
     groups.append((-1, CALLER, sorted(set(caller))))
-    plan_id = hashlib.sha256(
-        repr((graph.fingerprint, tuple(outputs), tuple(wrt), tuple(seeded))).encode()
-    ).hexdigest()[:16]
+    plan_id = f"{_PROCESS}.{next(_SCHEDULE_IDS)}"
     tasks = _tasks(full, groups, set(out_pos + grad_pos), plan_id)
     return Schedule(
         full,
