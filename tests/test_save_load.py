@@ -168,3 +168,47 @@ def test_integer_inputs_and_constants_round_trip(tmp_path):
     client = gg.connect()
     want = client.run(L, {**feeds, "labels": np.array([0, 3, 1])}).value
     assert client.run(loaded.output, {**feeds, **loaded.params}).value == want
+
+
+def npz_declaring(name, shape, dtype="<f8"):
+    """An .npz whose member declares `shape` but holds only a few bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": dtype, "fortran_order": False, "shape": shape}
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{name}.npy", header.getvalue() + bytes(48))
+    return buf.getvalue()
+
+
+def test_a_param_declaring_a_huge_shape_is_refused_before_it_is_allocated(model, tmp_path):
+    _, outs, params = model
+    path = gg.save(tmp_path / "model.gg", outs, params=params)
+    rewrite(path, params_npz=npz_declaring("W", (2**40,)))  # 8 TiB declared, 48 bytes held
+    with pytest.raises(gg.SavedGraphError, match=r"param 'W' has shape \(1099511627776,\)"):
+        gg.load(path)
+
+
+def test_a_member_that_inflates_past_the_bound_is_refused_unread(model, tmp_path):
+    _, outs, params = model
+    path = gg.save(tmp_path / "model.gg", outs, params=params)
+    with zipfile.ZipFile(path) as z:
+        manifest = z.read("graphgrad.json")
+    # Valid JSON padded to 2 MiB of spaces: a few KiB deflated, a zip bomb in miniature.
+    padded = manifest + b" " * (2 << 20)
+    with zipfile.ZipFile(path) as z:
+        parts = {n: z.read(n) for n in z.namelist()}
+    parts["graphgrad.json"] = padded
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in parts.items():
+            z.writestr(name, data)
+    assert path.stat().st_size < 64 << 10
+    with pytest.raises(gg.SavedGraphError, match="graphgrad.json holds 2097.* bytes"):
+        gg.load(path)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in {**parts, "graphgrad.json": manifest}.items():
+            z.writestr(name, data)
+    gg.load(path)  # the same file unpadded loads
+    with pytest.raises(gg.SavedGraphError, match="over max_bytes=100"):
+        gg.load(path, max_bytes=100)
