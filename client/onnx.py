@@ -19,6 +19,7 @@ Import rules:
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,15 +233,21 @@ class _Importer:
         raise self.error(f"input '{name}' is not a graph input, initializer or node output")
 
     def static(self, name: str, what: str) -> np.ndarray:
-        """A value the op needs at import time (a shape, axes): an initializer or constant."""
+        """A value the op needs at import time (a shape, axes): an int64 initializer or
+        constant (ONNX's type for both; a float would be truncated)."""
         if name in self.stored:
-            return np.asarray(self.stored[name])
-        if name in self.consts:
-            return self.consts[name]
-        raise self.error(
-            f"{what} '{name}' must be an initializer or a Constant (graphgrad shapes are static)",
-            "inputs",
-        )
+            value = np.asarray(self.stored[name])
+        elif name in self.consts:
+            value = self.consts[name]
+        else:
+            raise self.error(
+                f"{what} '{name}' must be an initializer or a Constant (graphgrad shapes are "
+                "static)",
+                "inputs",
+            )
+        if value.dtype.kind not in "iu":
+            raise self.error(f"{what} '{name}' must be int64, got {value.dtype}", "inputs")
+        return value
 
     def const(self, name: str, value: float, like: str) -> str:
         arr = np.array(value, dtype=self.types[like].dtype)
@@ -252,6 +259,10 @@ class _Importer:
     def run(self) -> Imported:
         g = self.model.graph
         for t in g.initializer:
+            if t.name in self.stored:
+                raise ValidationError(
+                    f"initializer '{t.name}' is named twice", node=t.name, field="initializer"
+                )
             self.stored[t.name] = self.array(t, f"initializer '{t.name}'")
         inputs = []
         for vi in g.input:
@@ -279,7 +290,14 @@ class _Importer:
         given = self.shapes.get(vi.name)
         declared = list(tt.shape.dim)
         if given is not None:
-            given = tuple(int(d) for d in given)
+            try:
+                given = tuple(operator.index(d) for d in given)
+            except TypeError:
+                raise ValidationError(
+                    f"graph input '{vi.name}': shape {given!r} is not a sequence of ints",
+                    node=vi.name,
+                    field="shape",
+                ) from None
             fixed = [d.dim_value if d.HasField("dim_value") else None for d in declared]
             if len(given) != len(declared) or any(
                 f is not None and f != s for f, s in zip(fixed, given, strict=False)

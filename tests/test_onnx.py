@@ -394,3 +394,27 @@ def test_corrupted_model_bytes_are_graph_errors_or_valid(name: str) -> None:
             mutated[rng.integers(len(mutated))] = rng.integers(256)
         with contextlib.suppress(gg.GraphError):
             from_onnx(bytes(mutated), max_nodes=1000, max_tensor_bytes=10**6)
+
+
+def test_a_shape_or_axes_operand_of_floats_is_refused_not_truncated() -> None:
+    """ONNX shapes and axes are int64 tensors; 2.5 must not quietly become 2."""
+    x = {"x": rand(2, 3)}
+    m = Case([node("Reshape", ["x", "s"])], x, {"s": np.array([2.5, 3.0])}).model()
+    with pytest.raises(ValidationError, match=r"y_node': Reshape .*shape 's' must be int64.*float"):
+        from_onnx(m)
+    m = Case([node("ReduceSum", ["x", "a"])], x, {"a": np.array([1.0])}).model()
+    with pytest.raises(ValidationError, match=r"ReduceSum .*axes 'a' must be int64"):
+        from_onnx(m)
+
+
+def test_two_initializers_of_one_name_are_refused() -> None:
+    m = Case([node("Add", ["x", "b"])], {"x": rand(2, 3)}, {"b": rand(3)}).model()
+    m.graph.initializer.append(numpy_helper.from_array(rand(2, 3), "b"))
+    with pytest.raises(ValidationError, match="initializer 'b' is named twice"):
+        from_onnx(m)
+
+
+def test_a_given_shape_that_is_not_ints_names_the_input() -> None:
+    m = Case([node("Relu", ["x"])], {"x": rand(2, 3)}).model()
+    with pytest.raises(ValidationError, match=r"'x'.*shape \('a', 3\) is not a sequence of ints"):
+        from_onnx(m, shapes={"x": ("a", 3)})
