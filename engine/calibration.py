@@ -35,6 +35,7 @@ FILE_NAME = "calibration.json"
 # Scheduling latency between a task's end and the start of a task waiting on it; the planner
 # has no constant for it (it folds it into TASK_OVERHEAD_S); `graphgrad calibrate` measures it.
 TASK_LATENCY_S = 5e-4
+REQUEST_OVERHEAD_S = 2e-5
 PUT_OVERHEAD_S = 1e-3  # "each ray.put costs about a millisecond" (engine/ray_executor.py)
 SUBMIT_S = 2e-4
 CACHE_BYTES = 1 << 21  # a node touching no more than this runs from cache
@@ -56,6 +57,7 @@ class Calibration:
 
     source: str = "defaults"
     node_overhead_s: float = NODE_OVERHEAD_S  # Python dispatch per node
+    request_overhead_s: float = REQUEST_OVERHEAD_S  # per run: feeds checked, results named
     bytes_per_s: float = BYTES_PER_S  # memory traffic of elementwise numpy
     cache_bytes_per_s: float = BYTES_PER_S  # the same, for nodes touching <= CACHE_BYTES
     default_flops_per_s: float = FLOPS_PER_S  # families and dtypes not measured
@@ -208,16 +210,19 @@ def _median_of(fn: Callable[[], object], repeats: int, sample_s: float = 0.02) -
 
 
 def measure_node_overhead(nodes: int = 2000, repeats: int = 5, sample_s: float = 0.02) -> float:
-    """Seconds per node of a compiled program of scalar adds (all dispatch, no arithmetic)."""
+    """Seconds per node of a compiled program of small-vector ops (tanh, add, mul: all
+    dispatch and allocation, next to no arithmetic), as most nodes of small graphs are."""
     from .autodiff import RunRequest
     from .executor import LocalExecutor
     from .ir import Graph, Node
 
-    chain = [Node("x", "input", shape=(), dtype="float64")]
+    chain = [Node("x", "input", shape=(16,), dtype="float64")]
     for i in range(nodes):
-        chain.append(Node(f"a{i}", "add", (chain[-1].name, "x")))
+        op = ("tanh", "add", "mul")[i % 3]
+        inputs = (chain[-1].name,) if op == "tanh" else (chain[-1].name, "x")
+        chain.append(Node(f"n{i}", op, inputs))
     graph = Graph(chain)
-    request = RunRequest((chain[-1].name,), {"x": np.array(1.0)}, ())
+    request = RunRequest((chain[-1].name,), {"x": np.full(16, 0.5)}, ())
     executor = LocalExecutor()
     return _median_of(lambda: executor.run(graph, request), repeats, sample_s) / nodes
 
@@ -250,6 +255,7 @@ def measure_compute_here(quick: bool) -> Calibration:
     """measure_compute's figures, in this process (with whatever BLAS threads it has)."""
     repeats, sample_s = (3, 0.01) if quick else (9, 0.02)
     overhead = measure_node_overhead(500 if quick else 2000, repeats, sample_s)
+    request = max(measure_node_overhead(1, repeats, sample_s) - overhead, 0.0)
     big = np.ones(1 << 22)  # 32 MiB: out of cache
     big_out = np.empty_like(big)
     memory = 3 * big.nbytes / _median_of(lambda: np.add(big, big, out=big_out), repeats, sample_s)
@@ -281,6 +287,7 @@ def measure_compute_here(quick: bool) -> Calibration:
         source=f"measured on {socket.gethostname()} at "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (" (quick)" if quick else ""),
         node_overhead_s=overhead,
+        request_overhead_s=request,
         bytes_per_s=memory,
         cache_bytes_per_s=bytes_per_s,
         flops_per_s=rates,

@@ -242,7 +242,7 @@ def simulate(
                 heapq.heappush(ready, (max(dep_ready, submitted[c]), c))
     if any(missing):
         raise ValueError("the task DAG has a task whose dependencies never finish")
-    makespan = max(end, default=0.0)
+    makespan = max(end, default=0.0) + cal.request_overhead_s
     path, critical = _critical_path(tasks, cal, submitted)
     workers = [t for t in tasks if not t.on_caller]
     cpus = cluster.cpus
@@ -257,7 +257,7 @@ def simulate(
     order = sorted(range(n), key=lambda k: (start[k], k))[:MAX_TIMELINE]
     return Prediction(
         makespan,
-        sum(t.seconds for t in tasks),
+        sum(t.seconds for t in tasks) + cal.request_overhead_s,
         max(bounds, key=lambda b: b[1])[0],
         bounds,
         path,
@@ -437,5 +437,5 @@ def predict_training(
     chunks = max(1, min(networks, 3 * cluster.cpus)) if cluster.cpus > 1 else 1
     tasks, staged = training_tasks(fixed, per_network, state, networks, steps, chunks, segment_s)
     p = simulate(tasks, cal, cluster, staged, chunks)
-    inline = steps * (fixed + networks * per_network)
+    inline = steps * (fixed + networks * per_network) + cal.request_overhead_s
     return dataclasses.replace(p, one_cpu=inline)

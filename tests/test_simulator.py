@@ -41,6 +41,7 @@ CAL = Calibration(
     store_bytes_per_s=1e9,
     put_overhead_s=0.0,
     submit_s=0.0,
+    request_overhead_s=0.0,
 )
 OH, LAT = CAL.task_overhead_s, CAL.task_latency_s
 
