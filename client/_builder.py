@@ -901,7 +901,7 @@ def _getitem(x: Tensor, key: Any) -> Tensor:
             count = len(range(start, stop, step))
             begin.append(start if count else 0)
             size.append(count)
-            stride.append(step)
+            stride.append(step if count > 1 else 1)  # unused then, and may not fit int64
             shape.append(count)
         elif isinstance(k, int | np.integer):
             if not -n <= k < n:

@@ -223,3 +223,20 @@ def test_new_ops_give_the_same_bits_partitioned_as_in_one_program():
     assert len(split.plan(graph, request)[0].partitions) > 1
     assert parts.values[total.name].tobytes() == one.values[total.name].tobytes()
     assert parts.grads["x"].tobytes() == one.grads["x"].tobytes()
+
+
+def test_a_step_past_int64_takes_one_element_and_the_graph_still_encodes(tmp_path):
+    """x[::2**70] is numpy's first row; the stride it records must fit the wire's int64."""
+    with gg.Graph():
+        x = gg.input("x", X.shape)
+        first, last = x[:: 2**70], x[:: -(2**70)]
+        loss = gg.sum(first) + 2.0 * gg.sum(last)
+    path = gg.save(tmp_path / "steps.gg", [first, last, loss])
+    saved = gg.load(path)
+    res = CLIENT.run(saved.outputs[:2], {"x": X})
+    np.testing.assert_array_equal(res.values[first.name], X[:: 2**70])
+    np.testing.assert_array_equal(res.values[last.name], X[:: -(2**70)])
+    res = CLIENT.run(saved.outputs[2], {"x": X}, wrt=["x"])
+    want = np.zeros_like(X)
+    want[0], want[-1] = 1.0, 2.0
+    np.testing.assert_array_equal(res.grads["x"], want)
