@@ -240,3 +240,12 @@ def test_a_step_past_int64_takes_one_element_and_the_graph_still_encodes(tmp_pat
     want = np.zeros_like(X)
     want[0], want[-1] = 1.0, 2.0
     np.testing.assert_array_equal(res.grads["x"], want)
+
+
+@pytest.mark.parametrize("labels", [np.zeros(2, np.int64), np.zeros((2, 0))], ids=["int", "prob"])
+def test_softmax_cross_entropy_over_no_classes_is_refused_as_the_graph_is_built(labels):
+    """A loss over zero classes has no softmax; said when built, not numpy's message at run."""
+    with gg.Graph():
+        logits = gg.input("logits", (2, 0))
+        with pytest.raises(gg.ValidationError, match=r"logits \(2, 0\) have no classes"):
+            gg.softmax_cross_entropy(logits, labels)
