@@ -668,6 +668,9 @@ def to_onnx(
         elif op == "astype":
             to = _ELEM[at["dtype"]]
             nodes.append(h.make_node("Cast", list(node.inputs), [n], name=n, to=to))
+        elif op in ("sum", "mean", "max") and at.get("axis") == ():
+            # Over no axes (numpy: the input itself); ONNX's empty axes mean every axis.
+            nodes.append(h.make_node("Identity", list(node.inputs), [n], name=n))
         elif op in ("sum", "mean", "max"):
             nodes += _export_reduce(onnx, node)
             if op == "sum" and at.get("axis") is not None:

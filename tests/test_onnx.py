@@ -418,3 +418,16 @@ def test_a_given_shape_that_is_not_ints_names_the_input() -> None:
     m = Case([node("Relu", ["x"])], {"x": rand(2, 3)}).model()
     with pytest.raises(ValidationError, match=r"'x'.*shape \('a', 3\) is not a sequence of ints"):
         from_onnx(m, shapes={"x": ("a", 3)})
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_a_reduction_over_no_axes_exports_as_what_it_computes(op: str, keepdims: bool) -> None:
+    """axis=() reduces nothing (numpy); ONNX's empty axes mean every axis unless told."""
+    x_val = rand(2, 3)
+    with gg.Graph():
+        x = gg.input("x", shape=(2, 3))
+        y = getattr(gg, op)(x, axis=(), keepdims=keepdims)
+    want = gg.LocalClient().run(y, {"x": x_val}).value
+    np.testing.assert_array_equal(want, x_val)
+    np.testing.assert_array_equal(ort_run(gg.to_onnx(y), {"x": x_val}), want)
