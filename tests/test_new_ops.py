@@ -249,3 +249,14 @@ def test_softmax_cross_entropy_over_no_classes_is_refused_as_the_graph_is_built(
         logits = gg.input("logits", (2, 0))
         with pytest.raises(gg.ValidationError, match=r"logits \(2, 0\) have no classes"):
             gg.softmax_cross_entropy(logits, labels)
+
+
+def test_an_empty_index_list_gathers_nothing_and_a_huge_one_names_itself():
+    """x[[]] is numpy's empty gather; x[[2**63]] names 2**63, not the int64 it wraps to."""
+    got, grad, _ = run_with_grad(lambda x: x[[]])
+    assert got.shape == X[[]].shape == (0, 5)
+    np.testing.assert_array_equal(grad, np.zeros_like(X))
+    with gg.Graph():
+        x = gg.input("x", X.shape)
+        with pytest.raises(IndexError, match="index 9223372036854775808 .* out of range"):
+            x[[2**63]]
