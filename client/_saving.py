@@ -222,8 +222,8 @@ def _read_params(
         npz = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError("a single array, not an archive of named ones")
-        with npz:
-            _check_param_headers(path, npz.zip, graph, max_bytes)
+        with npz, zipfile.ZipFile(io.BytesIO(data)) as members:
+            _check_param_headers(path, members, graph, max_bytes)
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise SavedGraphError(path, f"{PARAMS} is not a numeric .npz ({e})") from e
