@@ -397,8 +397,8 @@ _UNARY = {
 }  # fmt: skip
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "MatMul": "matmul",
-    "Max": "maximum", "Min": "minimum",
 }  # fmt: skip
+_VARIADIC = {"Max": "maximum", "Min": "minimum"}  # 1 to N inputs, broadcast together
 
 
 def _arity(imp: _Importer, node: Any, lo: int, hi: int | None = None) -> list[str]:
@@ -421,6 +421,18 @@ def _unary(imp: _Importer, node: Any, at: dict[str, Any]) -> None:
 def _binary(imp: _Importer, node: Any, at: dict[str, Any]) -> None:
     a, b = _arity(imp, node, 2)
     imp.emit(node.output[0], _BINARY[node.op_type], [imp.data(a), imp.data(b)], {})
+
+
+@_rule(*_VARIADIC)
+def _variadic(imp: _Importer, node: Any, at: dict[str, Any]) -> None:
+    ins = [imp.data(i) for i in _arity(imp, node, 1, len(node.input) or 1)]
+    out, op = node.output[0], _VARIADIC[node.op_type]
+    if len(ins) == 1:
+        _reshape_to(imp, node, ins[0], imp.types[ins[0]].shape)
+        return
+    y = ins[0]
+    for k, x in enumerate(ins[1:], 1):
+        y = imp.emit(out if k == len(ins) - 1 else f"{out}/{op}{k}", op, [y, x], {})
 
 
 @_rule("Pow")
@@ -617,7 +629,7 @@ def _cast(imp: _Importer, node: Any, at: dict[str, Any]) -> None:
 
 # -- export ---------------------------------------------------------------------------------
 
-_EXPORT_SAME = {v: k for k, v in {**_UNARY, **_BINARY}.items()}
+_EXPORT_SAME = {v: k for k, v in {**_UNARY, **_BINARY, **_VARIADIC}.items()}
 _EXPORT_SAME.update({"pow": "Pow", "softmax": "Softmax", "log_softmax": "LogSoftmax"})
 
 

@@ -169,6 +169,13 @@ CASES: dict[str, Case] = {
         ],
         X23, {"w": rand(3).astype(np.float32)},
     ),
+    "Abs": Case([node("Mul", ["x", "w"], "h"), node("Abs", ["h"])], X23, {"w": rand(3)}),
+    "Sin": Case([node("Mul", ["x", "w"], "h"), node("Sin", ["h"])], X23, {"w": rand(3)}),
+    "Cos": Case([node("Mul", ["x", "w"], "h"), node("Cos", ["h"])], X23, {"w": rand(3)}),
+    "Max": Case([node("Max", ["x", "w"])], X23, {"w": rand(3)}),
+    "Min": Case([node("Min", ["w", "x"])], X23, {"w": rand(2, 1)}),
+    "Max_three": Case([node("Max", ["x", "w", "v"])], X23, {"w": rand(3), "v": rand(2, 1)}),
+    "Min_one": Case([node("Mul", ["x", "w"], "h"), node("Min", ["h"])], X23, {"w": rand(3)}),
     "mlp_float32": Case(
         [
             node("Gemm", ["x", "W1", "b1"], "h", transB=1),
