@@ -257,25 +257,24 @@ def measure_compute_here(quick: bool) -> Calibration:
     overhead = measure_node_overhead(500 if quick else 2000, repeats, sample_s)
     request = max(measure_node_overhead(1, repeats, sample_s) - overhead, 0.0)
     big = np.ones(1 << 22)  # 32 MiB: out of cache
-    big_out = np.empty_like(big)
-    memory = 3 * big.nbytes / _median_of(lambda: np.add(big, big, out=big_out), repeats, sample_s)
+    # Results are fresh arrays, as a node's are: their allocation and first touch count.
+    memory = 3 * big.nbytes / _median_of(lambda: np.add(big, big), repeats, sample_s)
     n = 1 << 15  # 256 KiB of float64: the size of a typical tensor, in cache as they are
     rates: dict[str, float] = {}
     bytes_per_s = BYTES_PER_S
     for dtype in DTYPES:
         a = np.abs(np.random.default_rng(0).standard_normal(n)).astype(dtype) + 0.5
         b = a[::-1].copy()
-        out = np.empty_like(a)
         moved = 3 * a.nbytes  # add: two reads and a write, no arithmetic to speak of
-        bw = moved / _median_of(lambda: np.add(a, b, out=out), repeats, sample_s)  # noqa: B023
+        bw = moved / _median_of(lambda: np.add(a, b), repeats, sample_s)  # noqa: B023
         if dtype == "float64":
             bytes_per_s = bw
         # What is left after the memory traffic is arithmetic (flops counted as ops do:
         # one per element for elementwise and reductions, 2 m n k for matmul).
-        t = _median_of(lambda: np.multiply(a, b, out=out), repeats, sample_s)  # noqa: B023
+        t = _median_of(lambda: np.multiply(a, b), repeats, sample_s)  # noqa: B023
         rates[f"elementwise/{dtype}"] = n / max(t - moved / bw, t * 0.05)
         for name, fn in TRANSCENDENTAL.items():  # each far slower than a multiply
-            t = _median_of(lambda: fn(a, out=out), repeats, sample_s)  # noqa: B023
+            t = _median_of(lambda: fn(a), repeats, sample_s)  # noqa: B023
             rates[f"{name}/{dtype}"] = n / max(t - 2 * a.nbytes / bw, t * 0.05)
         t = _median_of(lambda: a.sum(), repeats, sample_s)  # noqa: B023
         rates[f"reduce/{dtype}"] = n / max(t - a.nbytes / bw, t * 0.05)
