@@ -134,7 +134,7 @@ def check_feeds(
         if not t.matches(value):
             raise FeedError(
                 f"graph input '{name}' expects shape {t.shape} {t.dtype}, "
-                f"got {value.shape} {value.dtype.name}",
+                f"got {value.shape} {_dtype_text(value.dtype)}",
                 input_name=name,
             )
         values[i] = value
@@ -186,3 +186,12 @@ def owned(a: np.ndarray) -> np.ndarray:
     """A writeable ndarray that owns its memory (VJPs may return broadcast views or scalars)."""
     a = np.asarray(a)
     return a if a.flags.writeable and a.flags.owndata else a.copy()
+
+
+def _dtype_text(dtype: np.dtype) -> str:
+    """A feed's dtype as an error says it: by name, and by code where the byte order is not
+    this machine's (a '>f8' array is float64 by name, yet no float64 input takes it)."""
+    if dtype.isnative:
+        return dtype.name
+    order = "big-endian" if dtype.byteorder == ">" else "little-endian"
+    return f"{dtype.str} ({order}: convert with .astype('{dtype.name}'))"
