@@ -145,6 +145,8 @@ class Traced:
 
     def run(self, client: Any, arrays: Sequence[np.ndarray]) -> Any:
         names = list(dict.fromkeys(self.outputs))  # a node returned twice is run once
+        if not names:  # e.g. the gradient for an empty dict: its structure, nothing to run
+            return unflatten(self.treedef, [])
         feeds = dict(zip(self.inputs, arrays, strict=True))
         res = client.run([self.graph[n] for n in names], feeds)
         values = [res.values[n] for n in self.outputs]

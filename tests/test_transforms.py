@@ -307,3 +307,13 @@ def test_input_names_stay_unique_when_paths_collide():
     np.testing.assert_array_equal(grads["a"]["b"], np.ones(2))
     np.testing.assert_array_equal(grads["a"]["b#2"], np.full(2, 2.0))
     np.testing.assert_array_equal(grads["a.b"], np.full(2, 3.0))
+
+
+def test_the_gradient_for_an_empty_argument_is_empty():
+    """JAX's answer: the structure of the argument, with no leaves; nothing to run."""
+    f = lambda d, x: gg.sum(x * 2.0)  # noqa: E731
+    assert gg.grad(f)({}, np.ones(2)) == {}
+    assert gg.grad(f)([], np.ones(2)) == []
+    value, grads = gg.value_and_grad(f, argnums=(0, 1))({}, np.ones(2))
+    assert value == 4.0 and grads[0] == {}
+    np.testing.assert_array_equal(grads[1], np.full(2, 2.0))
