@@ -111,7 +111,10 @@ def save(
         "fingerprint": graph.fingerprint,
     }
     npz = io.BytesIO()
-    np.savez(npz, **arrays)  # type: ignore[arg-type]  # numpy stubs type allow_pickle
+    with zipfile.ZipFile(npz, "w") as members:  # np.savez's layout, without its keyword
+        for key, arr in arrays.items():  # arguments (a param named 'allow_pickle' or 'file')
+            with members.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:

@@ -212,3 +212,15 @@ def test_a_member_that_inflates_past_the_bound_is_refused_unread(model, tmp_path
     gg.load(path)  # the same file unpadded loads
     with pytest.raises(gg.SavedGraphError, match="over max_bytes=100"):
         gg.load(path, max_bytes=100)
+
+
+@pytest.mark.parametrize("name", ["allow_pickle", "file"])
+def test_a_param_named_like_a_savez_argument_is_saved(tmp_path, name):
+    """np.savez(file, allow_pickle=..., **arrays) took these names as its own arguments."""
+    with gg.Graph():
+        x = gg.input(name, shape=(3,))
+        y = gg.sum(x * x)
+    value = np.arange(3.0)
+    loaded = gg.load(gg.save(tmp_path / "m.gg", y, params={name: value}))
+    assert list(loaded.params) == [name]
+    np.testing.assert_array_equal(loaded.params[name], value)
