@@ -269,11 +269,11 @@ def _simplify(graph: Graph, nodes: Sequence[int]) -> tuple[dict[int, np.ndarray]
     seen: dict[tuple[Any, ...], int] = {}
     for i in nodes:
         op, t = graph.ops[i], graph.types[i]
-        ins = tuple(alias.get(j, j) for j in graph.input_pos[i])
+        ins = tuple([alias.get(j, j) for j in graph.input_pos[i]]) if alias else graph.input_pos[i]
         if op is CONSTANT:
             known[i] = graph.nodes[i].attrs["value"]
             continue
-        if ins and all(j in known for j in ins) and t.size <= FOLD_ELEMENTS:
+        if ins and ins[0] in known and all(j in known for j in ins) and t.size <= FOLD_ELEMENTS:
             value = _fold(graph, i, [known[j] for j in ins])
             if value is not None:
                 known[i] = value
@@ -416,19 +416,18 @@ def _lower(
         else:
             reads = input_pos[i]
             args = tuple([alias.get(j, j) for j in reads]) if alias else reads
-        # values last read here (or never read): freed after this step
-        dead = tuple(
-            sorted(
-                {
-                    j
-                    for j in (*args, i)
-                    if last[j] == k and j not in kept and (j in mine or j in loads)
-                }
-            )
-        )
+        # values last read here (or never read): freed after this step (what a chunk reads is
+        # made in it or loaded, so every one is its to free)
+        dead = [j for j in args if last[j] == k and j not in kept]
+        if last[i] == k and i not in kept:
+            dead.append(i)
+        if len(dead) > 1:
+            dead = sorted(set(dead))
         if i in known:
             opname = CONSTANT.name if op is CONSTANT else op.name
-            steps.append(Step(i, known[i], (), NO_BUFFER, False, dead, True, node.name, opname))
+            steps.append(
+                Step(i, known[i], (), NO_BUFFER, False, tuple(dead), True, node.name, opname)
+            )
             continue
         fn = op.lower(node.attrs, [types[j] for j in reads])
         into = _dead_buffer(graph, i, k, mine, last, alias, scratch)
@@ -437,7 +436,7 @@ def _lower(
             since_check = 0
         since_check += 1
         into = NO_BUFFER if into is None else into
-        steps.append(Step(i, fn, args, into, check, dead, False, node.name, op.name))
+        steps.append(Step(i, fn, args, into, check, tuple(dead), False, node.name, op.name))
     stores = tuple(i for i in part if i in kept or last[i] >= end)
     return Chunk(start, end, tuple(loads.items()), stores)
 
