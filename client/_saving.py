@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,16 @@ VERSION = 1
 MANIFEST, GRAPH, PARAMS = "graphgrad.json", "graph.pb", "params.npz"
 MAX_BYTES = 2 << 30  # default bound on the inflated graph and params, together
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few hundred bytes
+# What zipfile and zlib raise for damaged bytes: a bad archive, a spoilt deflate stream, a
+# compression method or zip feature it lacks, a member flagged encrypted (RuntimeError).
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 class SavedGraphError(GraphError):
@@ -148,7 +159,7 @@ def load(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES) -> Saved:
         raise
     except OSError as e:
         raise SavedGraphError(path, f"cannot read the file ({e.strerror or e})") from e
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+    except _CORRUPT as e:
         raise SavedGraphError(path, f"not a saved graph, or truncated or corrupt ({e})") from e
     if graph.fingerprint != manifest["fingerprint"]:
         raise SavedGraphError(
@@ -228,7 +239,7 @@ def _read_params(
         with npz, zipfile.ZipFile(io.BytesIO(data)) as members:
             _check_param_headers(path, members, graph, max_bytes)
             return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, *_CORRUPT) as e:
         raise SavedGraphError(path, f"{PARAMS} is not a numeric .npz ({e})") from e
 
 

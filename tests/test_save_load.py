@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 
 import numpy as np
@@ -101,6 +102,28 @@ def altered_graph(path):
     return msg.SerializeToString()
 
 
+def patch_member(path, member, how):
+    """Damage the zip's own records of `member`: 'deflate' spoils its compressed stream,
+    'method' names a compression method zipfile lacks, 'encrypted' sets the encryption flag."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    if how == "deflate":
+        at = info.header_offset
+        name_len, extra_len = struct.unpack("<HH", data[at + 26 : at + 30])
+        start = at + 30 + name_len + extra_len
+        data[start : start + 4] = b"\xff" * 4  # deflate block type 3: invalid
+    else:  # its central directory entry (signature, then the name at offset 46)
+        at = data.index(b"PK\x01\x02")
+        while bytes(data[at + 46 : at + 46 + len(member)]) != member.encode():
+            at = data.index(b"PK\x01\x02", at + 4)
+        if how == "method":
+            data[at + 10 : at + 12] = struct.pack("<H", 99)
+        else:
+            data[at + 8] |= 1
+    path.write_bytes(bytes(data))
+
+
 BAD_FILES = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "trunc"),
     "not a zip": (lambda p: p.write_text("hello"), "not a saved graph"),
@@ -126,6 +149,18 @@ BAD_FILES = {
     "graph changed": (
         lambda p: rewrite(p, graph_pb=altered_graph(p)),
         "does not match the fingerprint",
+    ),
+    "corrupt deflate stream": (
+        lambda p: patch_member(p, "graph.pb", "deflate"),
+        "not a saved graph, or truncated or corrupt",
+    ),
+    "unknown compression": (
+        lambda p: patch_member(p, "params.npz", "method"),
+        "not a saved graph, or truncated or corrupt",
+    ),
+    "encrypted member": (
+        lambda p: patch_member(p, "graphgrad.json", "encrypted"),
+        "not a saved graph, or truncated or corrupt",
     ),
     "pickled params": (
         lambda p: rewrite(p, params_npz=npz_bytes(W=np.array([{"a": 1}], dtype=object))),
