@@ -121,7 +121,14 @@ def load_model(model: Any) -> onnx.ModelProto:
     if isinstance(model, bytes | bytearray | memoryview):
         return parse_model(bytes(model))
     if isinstance(model, str | os.PathLike):
-        return onnx.load(os.fspath(model))
+        from google.protobuf.message import DecodeError
+
+        try:
+            return onnx.load(os.fspath(model))
+        except DecodeError as e:
+            raise ValidationError(
+                f"{os.fspath(model)}: not an ONNX ModelProto ({e})", field="onnx_model"
+            ) from e
     raise TypeError(f"an ONNX model must be a ModelProto, bytes or a path, got {type(model)}")
 
 

@@ -438,3 +438,10 @@ def test_a_reduction_over_no_axes_exports_as_what_it_computes(op: str, keepdims:
     want = gg.LocalClient().run(y, {"x": x_val}).value
     np.testing.assert_array_equal(want, x_val)
     np.testing.assert_array_equal(ort_run(gg.to_onnx(y), {"x": x_val}), want)
+
+
+def test_a_file_that_is_not_a_model_is_a_validation_error_naming_it(tmp_path: Any) -> None:
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\xff\xff\xff")
+    with pytest.raises(ValidationError, match=r"broken.onnx: not an ONNX ModelProto"):
+        gg.from_onnx(path)
