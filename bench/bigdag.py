@@ -1,11 +1,19 @@
-"""A big DAG run remotely versus in process.
+"""Big DAGs: K = 100,000 small nodes in process, and a layered DAG remote versus in process.
 
-800 nodes in 100 layers of 8; each node is tanh(a @ W_k + b) with a and b drawn from the
-previous layer (so values fan out to several consumers and gradients add up along many
-paths); loss = sum of mean(h^2) over the last layer; gradients for all 16 weight matrices.
-Targets: first remote call (graph upload included) <= 2 x in-process; later calls <= 1.2 x.
+1. K = 100,000 nodes on float64 vectors of length 16: nodes 0-7 are inputs; node i applies
+   OPS[i % 5] (add, mul, tanh, sub, cos); a unary op reads one node drawn from the previous
+   64, a binary op two drawn from the last 64 "bounded" nodes (inputs, tanh and cos outputs);
+   loss = the sum of the last 8 nodes' sums; gradients for the 8 inputs. Forward+backward in
+   process against torch autograd on the same graph where torch is installed (target: torch /
+   graphgrad >= 3.5) and, always, against plain numpy evaluating the forward pass alone node
+   by node (the interpreter floor); the first call (gradient transform and compile included,
+   graph validation not) against a warm call (target <= 3).
+2. 800 nodes in 100 layers of 8; each node is tanh(a @ W_k + b) with a and b drawn from the
+   previous layer; loss = sum of mean(h^2) over the last layer; gradients for all 16 weight
+   matrices. Targets: first remote call (graph upload included) <= 2 x in-process; later
+   calls <= 1.2 x.
 
-    python bench/bigdag.py [--executor local|ray|auto]
+    python bench/bigdag.py [--executor local|ray|auto] [--k 100000] [--skip-remote]
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import graphgrad_server, interleaved_medians
 
 import graphgrad as gg
+from graphgrad.engine import Graph, LocalExecutor, Node, RunRequest
 
 WIDTH, DEPTH, WEIGHTS, N, D = 8, 100, 16, 64, 128
 
@@ -48,12 +57,134 @@ def big_dag(seed: int):
     return loss, feeds, [f"W{k}" for k in range(WEIGHTS)]
 
 
+OPS = ("add", "mul", "tanh", "sub", "cos")
+UNARY = {"tanh": np.tanh, "cos": np.cos}
+BINARY = {"add": np.add, "mul": np.multiply, "sub": np.subtract}
+
+
+def k_dag(k: int) -> tuple[list[tuple[str, tuple[int, ...]]], dict[str, np.ndarray]]:
+    """The K-node workload: (op, input positions) per node, and the feeds."""
+    rng = np.random.default_rng(0)
+    spec: list[tuple[str, tuple[int, ...]]] = [("input", ())] * 8
+    bounded = list(range(8))
+    for i in range(8, k):
+        op = OPS[i % 5]
+        if op in UNARY:
+            spec.append((op, (int(rng.integers(max(0, i - 64), i)),)))
+            bounded.append(i)
+        else:
+            recent = bounded[-64:]
+            a, b = rng.integers(len(recent), size=2)
+            spec.append((op, (recent[a], recent[b])))
+    feeds_rng = np.random.default_rng(1)
+    feeds = {f"n{i}": 0.5 * feeds_rng.standard_normal(16) for i in range(8)}
+    return spec, feeds
+
+
+def k_graph(spec: list[tuple[str, tuple[int, ...]]]) -> Graph:
+    nodes = [
+        Node(
+            f"n{i}",
+            op,
+            tuple(f"n{j}" for j in ins),
+            shape=(16,) if op == "input" else None,
+            dtype="float64" if op == "input" else None,
+        )
+        for i, (op, ins) in enumerate(spec)
+    ]
+    k = len(spec)
+    nodes += [Node(f"s{i}", "sum", (f"n{i}",)) for i in range(k - 8, k)]
+    nodes += [Node(f"c{i}", "reshape", (f"s{i}",), {"shape": (1,)}) for i in range(k - 8, k)]
+    nodes.append(Node("cat", "concat", tuple(f"c{i}" for i in range(k - 8, k)), {"axis": 0}))
+    nodes.append(Node("loss", "sum", ("cat",)))
+    return Graph(nodes)
+
+
+def numpy_forward(spec: list[tuple[str, tuple[int, ...]]], feeds: dict[str, np.ndarray]) -> float:
+    """The floor: the forward pass alone, one numpy call per node in a Python loop."""
+    v: list[np.ndarray] = [feeds[f"n{i}"] for i in range(8)]
+    for op, ins in spec[8:]:
+        v.append(UNARY[op](v[ins[0]]) if op in UNARY else BINARY[op](v[ins[0]], v[ins[1]]))
+    return float(sum(x.sum() for x in v[-8:]))
+
+
+def torch_step(spec: list[tuple[str, tuple[int, ...]]], feeds: dict[str, np.ndarray]) -> object:
+    import torch
+
+    fns = {
+        "add": torch.add,
+        "mul": torch.mul,
+        "sub": torch.sub,
+        "tanh": torch.tanh,
+        "cos": torch.cos,
+    }
+    xs = [torch.tensor(feeds[f"n{i}"], requires_grad=True) for i in range(8)]
+
+    def step() -> list[object]:
+        v = list(xs)
+        for op, ins in spec[8:]:
+            v.append(fns[op](*(v[j] for j in ins)))
+        loss = sum(x.sum() for x in v[-8:])
+        return torch.autograd.grad(loss, xs, allow_unused=True, materialize_grads=True)
+
+    return step
+
+
+def bench_k(k: int, calls: int) -> None:
+    spec, feeds = k_dag(k)
+    wrt = tuple(f"n{i}" for i in range(8))
+    request = RunRequest(("loss",), feeds, wrt)
+    graph = k_graph(spec)
+    executor = LocalExecutor()
+    t = time.perf_counter()
+    res = executor.run(graph, request)  # gradient transform and compile, then the run
+    first = time.perf_counter() - t
+    fns: dict[str, object] = {
+        "graphgrad": lambda: executor.run(graph, request),
+        "numpy forward": lambda: numpy_forward(spec, feeds),
+    }
+    try:
+        step = torch_step(spec, feeds)
+    except ImportError:
+        print("torch is not installed: no torch autograd line (graphgrad vs numpy floor only)")
+    else:
+        grads = step()  # type: ignore[operator]
+        for w, g in zip(wrt, grads, strict=True):
+            np.testing.assert_allclose(res.grads[w], g.numpy(), rtol=1e-9, atol=1e-12)
+        fns["torch"] = step
+    med = interleaved_medians(fns, calls, block=1)  # type: ignore[arg-type]
+    ours, floor = med["graphgrad"], med["numpy forward"]
+    verdict = {True: "OK", False: "MISSED"}
+    nodes = len(graph)
+    print(
+        f"K = {k:,}: graphgrad forward+backward {ours * 1e3:7.1f} ms "
+        f"({nodes / ours:,.0f} nodes/s)   numpy forward alone {floor * 1e3:7.1f} ms "
+        f"({nodes / floor:,.0f} nodes/s)   graphgrad / numpy floor speed = {floor / ours:.2f}"
+    )
+    if "torch" in med:
+        ratio = med["torch"] / ours
+        print(
+            f"torch autograd {med['torch'] * 1e3:7.1f} ms   torch / graphgrad = {ratio:.2f}"
+            f"   target >= 3.5   {verdict[ratio >= 3.5]}"
+        )
+    print(
+        f"first call (transform + compile + run) {first * 1e3:7.1f} ms   first / warm = "
+        f"{first / ours:.2f}   target <= 3   {verdict[first / ours <= 3]}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--executor", default="local")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--graphs", type=int, default=3)
+    parser.add_argument("--k", type=int, default=100_000)
+    parser.add_argument("--k-calls", type=int, default=7)
+    parser.add_argument("--skip-remote", action="store_true")
     args = parser.parse_args()
+    bench_k(args.k, args.k_calls)
+    if args.skip_remote:
+        return
     local = gg.connect()
     with graphgrad_server() as address:
         firsts, laters = [], []

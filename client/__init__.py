@@ -72,7 +72,8 @@ from graphgrad._transforms import grad, value_and_grad, vmap
 from graphgrad.engine import FeedError, GraphError, RequestError, ValidationError
 
 # Loaded on first use (PEP 562): the remote client brings gRPC and protobuf, which neither
-# `import graphgrad.engine` (every Ray worker does it) nor an in-process user needs.
+# `import graphgrad.engine` (every Ray worker does it) nor an in-process user needs; so do
+# saving and ONNX.
 _LAZY = {
     "Job": "graphgrad._local_job",
     "LocalClient": "graphgrad._local",
@@ -81,6 +82,8 @@ _LAZY = {
     "RemoteJob": "graphgrad._remote_job",
     "Result": "graphgrad._result",
     "Saved": "graphgrad._saving",
+    "from_onnx": "graphgrad._onnx_sdk",
+    "to_onnx": "graphgrad._onnx_sdk",
     "SavedGraphError": "graphgrad._saving",
     "load": "graphgrad._saving",
     "save": "graphgrad._saving",
@@ -89,6 +92,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from graphgrad._local import LocalClient
     from graphgrad._local_job import Job
+    from graphgrad._onnx_sdk import from_onnx, to_onnx
     from graphgrad._remote import RemoteClient, RemoteError
     from graphgrad._remote_job import RemoteJob
     from graphgrad._result import Result
@@ -141,6 +145,7 @@ __all__ = [
     "equal",
     "exp",
     "expand_dims",
+    "from_onnx",
     "grad",
     "greater",
     "greater_equal",
@@ -179,6 +184,7 @@ __all__ = [
     "take",
     "take_along_axis",
     "tanh",
+    "to_onnx",
     "transpose",
     "value_and_grad",
     "vmap",

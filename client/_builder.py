@@ -841,8 +841,12 @@ def _index_tensor(x: Tensor, idx: Any) -> Tensor:
     if isinstance(idx, Tensor):
         return idx
     arr = np.asarray(idx)
+    if arr.size == 0 and not isinstance(idx, np.ndarray):
+        arr = arr.astype(np.int64)  # `[]` is an empty gather, as in numpy, not floats
     if arr.dtype.kind not in "iu":
         raise IndexError(f"index {idx!r:.60} of node '{x.name}' is not integers")
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"index {arr.max()} of node '{x.name}' is out of range (int64)")
     with x.graph:
         return constant(arr.astype(np.int64))
 
@@ -900,7 +904,7 @@ def _getitem(x: Tensor, key: Any) -> Tensor:
             count = len(range(start, stop, step))
             begin.append(start if count else 0)
             size.append(count)
-            stride.append(step)
+            stride.append(step if count > 1 else 1)  # unused then, and may not fit int64
             shape.append(count)
         elif isinstance(k, int | np.integer):
             if not -n <= k < n:

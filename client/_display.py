@@ -13,7 +13,7 @@ import itertools
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +116,8 @@ class _Layers:
 
     rows: list[list[_Key]]
     lanes: list[list[tuple[int, int]]]
+    above: dict[_Key, list[_Key]]  # neighbours in the row above
+    below: dict[_Key, list[_Key]]
 
 
 def layers(d: Drawing, sweeps: int = 4) -> _Layers:
@@ -166,7 +168,38 @@ def layers(d: Drawing, sweeps: int = 4) -> _Layers:
                 for k, at in here.items()
             }
             rows[r].sort(key=centre.__getitem__)
-    return _Layers(rows, lanes)
+    return _Layers(rows, lanes, above, below)
+
+
+def centres(
+    lay: _Layers, size: Callable[[_Key], float], gap: float, passes: int = 4
+) -> dict[_Key, float]:
+    """The x of each item's centre: rows packed, then in turn down and up, each item drawn
+    towards the mean of its neighbours in the row before, keeping its row's order and a
+    gap on either side (the mean of the placements packed from the left and from the right,
+    which both keep them). Lanes of one edge line up, so long edges run straight."""
+    x: dict[_Key, float] = {}
+    for row in lay.rows:
+        at = 0.0
+        for k in row:
+            x[k] = at + size(k) / 2
+            at += size(k) + gap
+    for sweep in range(passes):
+        down = sweep % 2 == 0
+        near = lay.above if down else lay.below
+        for row in lay.rows if down else reversed(lay.rows):
+            want = [sum(x[n] for n in near[k]) / len(near[k]) if k in near else x[k] for k in row]
+            apart = [
+                (size(a) + size(b)) / 2 + gap for a, b in itertools.pairwise(row)
+            ]  # least distance between neighbours in the row
+            left, right = want[:], want[:]
+            for i in range(1, len(row)):
+                left[i] = max(want[i], left[i - 1] + apart[i - 1])
+            for i in range(len(row) - 2, -1, -1):
+                right[i] = min(want[i], right[i + 1] - apart[i])
+            for k, lo, hi in zip(row, left, right, strict=True):
+                x[k] = (lo + hi) / 2
+    return x
 
 
 def _places(row: list[_Key]) -> dict[_Key, float]:
@@ -183,14 +216,13 @@ def layered_svg(
     lay = layers(d)
     lane_w = gap_x / 2
     size = lambda k: box_w if isinstance(k, str) else lane_w  # noqa: E731
-    spans = [sum(map(size, row)) + gap_x * (len(row) - 1) for row in lay.rows]
-    width = max(spans, default=60) + 2 * gap_x
+    mid = centres(lay, size, gap_x)
+    least = min((mid[k] - size(k) / 2 for k in mid), default=0.0)
+    width = max((mid[k] + size(k) / 2 for k in mid), default=60.0) - least + 2 * gap_x
     pos: dict[_Key, tuple[float, float]] = {}  # a box's top-left corner, a lane's left
-    for r, (row, span) in enumerate(zip(lay.rows, spans, strict=True)):
-        x = (width - span) / 2
+    for r, row in enumerate(lay.rows):
         for k in row:
-            pos[k] = (x, gap_y / 2 + r * (box_h + gap_y))
-            x += size(k) + gap_x
+            pos[k] = (mid[k] - size(k) / 2 - least + gap_x, gap_y / 2 + r * (box_h + gap_y))
     height = max(len(lay.rows), 1) * (box_h + gap_y)
     paths = []  # every edge's points, its ends at the middle of its boxes for now
     for (a, b), lanes in zip(d.edges, lay.lanes, strict=True):

@@ -23,6 +23,7 @@ from graphgrad.engine import (
     Optimizer,
     RunOptions,
     Session,
+    cluster_from,
 )
 
 
@@ -68,11 +69,18 @@ class LocalClient(AsyncClient):
         wrt: NodeRef | Sequence[NodeRef] | None = (),
         *,
         executor: str = "auto",
+        cpus: int | None = None,
+        nodes: int | None = None,
+        cpus_per_node: int | None = None,
+        network_bytes_per_s: float | None = None,
     ) -> PlanView:
-        """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts."""
+        """How `run(outputs, wrt=wrt)` would execute: partitions, their costs, the cuts.
+        Given `cpus` (one machine) or `nodes` and `cpus_per_node`, also the predicted run
+        on that cluster (`.prediction`: makespan, speedup, critical path, what bounds it)."""
+        cluster = cluster_from(cpus, nodes, cpus_per_node, network_bytes_per_s, "explain")
         _, graph, request = build_request(outputs, None, wrt, None)
-        explained = self.session.plan(graph, request, ExecutorKind.parse(executor))
-        return PlanView(explained.explanation, graph, explained.source)
+        explained = self.session.plan(graph, request, ExecutorKind.parse(executor), cluster)
+        return PlanView(explained.explanation, graph, explained.source, explained.prediction)
 
     def train(
         self,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from graphgrad._aio import AsyncJob
-from graphgrad._job_display import job_html, plot_history, progress_bar, show_progress
+from graphgrad._job_display import ProgressBar, job_html, job_repr, plot_history
 from graphgrad.engine import (
     JobStatus,
     Progress,
@@ -64,16 +64,16 @@ class Job(AsyncJob):
         """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
         deadline = None if timeout is None else time.monotonic() + timeout
         job = self._session.job(self.id)
-        bar = progress_bar(job.run.steps, self.id) if progress else None
+        bar = ProgressBar(job.run.steps, self.id) if progress else None
         try:
             for view in self._session.watch(self.id):
                 if bar is not None:
-                    show_progress(bar, view.progress)
+                    bar.show(view.progress)
                 if deadline is not None and time.monotonic() > deadline and not job.ended.is_set():
                     raise TimeoutError(f"job {self.id} still running after {timeout}s")
         finally:
             if bar is not None:
-                bar.close()
+                bar.close(job.status, job.view().progress)
         if job.error is not None:
             raise job.error
         return self
@@ -107,11 +107,4 @@ class Job(AsyncJob):
 
     def __repr__(self) -> str:
         view = self._session.job(self.id).view()
-        p = view.progress
-        return (
-            f"<graphgrad.Job {self.id} {view.status}: step {p.steps_done}/{p.steps}, "
-            f"{p.networks} networks, median loss {p.loss_median:.4g}>"
-        )
-
-
-__all__ = ["Job"]
+        return job_repr("Job", self.id, view.status, view.progress)

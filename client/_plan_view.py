@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from graphgrad import _display
-from graphgrad.engine import Explanation, Graph, RequestError
+from graphgrad._timeline import timeline_svg
+from graphgrad.engine import Explanation, Graph, Prediction, RequestError
 
 
 class PlanView:
@@ -20,10 +21,12 @@ class PlanView:
         explanation: Explanation,
         graph: Graph,
         sources: Callable[[int, str], str] | None = None,
+        prediction: Prediction | None = None,
     ) -> None:
         self.explanation = explanation
         self._graph = graph
         self._sources = sources
+        self.prediction = prediction  # explain(..., cpus=) or (nodes=, cpus_per_node=)
 
     def source(self, partition: int, phase: str = "backward") -> str:
         """The Python generated for a partition's "forward" or "backward" task (compiled
@@ -41,6 +44,10 @@ class PlanView:
     def __str__(self) -> str:
         """The explanation, with the inputs fed to a partition summarised when there are
         many of them, as a large graph's display summarises its inputs."""
+        text = self._plan_text()
+        return text if self.prediction is None else f"{text}\n{self.prediction}"
+
+    def _plan_text(self) -> str:
         e = self.explanation
         fed = [c for c in e.cuts if c.src < 0]
         if len(fed) <= _display.MOST_LISTED:
@@ -79,6 +86,8 @@ class PlanView:
                 f"<div><b>{html.escape(repr(self))}</b><br/>{legend}</div>"
                 + _display.svg_img(bundle["image/svg+xml"])
             )
+            if self.prediction is not None:  # the predicted timeline under the plan
+                bundle["text/html"] += "<br/>" + _display.svg_img(timeline_svg(self.prediction))
         return bundle
 
     def to_dot(self) -> str:

@@ -20,6 +20,7 @@ from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
 from graphgrad._train_specs import ArrayMap, build_specs
 from graphgrad.engine import (
+    ERROR_DOMAIN,
     SGD,
     ExecutorKind,
     Graph,
@@ -28,6 +29,8 @@ from graphgrad.engine import (
     OpInfo,
     Optimizer,
     RunOptions,
+    cluster_from,
+    rebuild_error,
 )
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
@@ -43,13 +46,21 @@ class RemoteError(GraphError):
         self.code = code
         self.message = message
         self.violations = list(violations)
-        super().__init__(f"{code.name}: {message}")
+        # Not super(): rebuilt errors are also FeedError, ExecutionError... (rebuild_error),
+        # whose constructors take other arguments.
+        Exception.__init__(self, f"{code.name}: {message}")
 
 
 def _remote_error(e: grpc.RpcError, address: str | None = None) -> RemoteError:
     violations: list[tuple[str, str]] = []
+    kind, where = "", {}
     status = rpc_status.from_call(e)  # type: ignore[arg-type]
     for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == ERROR_DOMAIN:
+                kind, where = info.reason, dict(info.metadata)
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             br = error_details_pb2.BadRequest()
             detail.Unpack(br)
@@ -63,7 +74,9 @@ def _remote_error(e: grpc.RpcError, address: str | None = None) -> RemoteError:
         from graphgrad._connect import unavailable_message  # _connect imports this module
 
         message = unavailable_message(address, message)
-    return RemoteError(e.code(), message, violations)
+    error = rebuild_error(kind, where, RemoteError, e.code(), message, violations)
+    assert isinstance(error, RemoteError)
+    return error
 
 
 def _credentials(tls: bool | str | bytes | Path) -> grpc.ChannelCredentials:
@@ -213,12 +226,21 @@ class RemoteClient(AsyncClient):
         *,
         executor: str = "auto",
         timeout: float | None = None,
+        cpus: int | None = None,
+        nodes: int | None = None,
+        cpus_per_node: int | None = None,
+        network_bytes_per_s: float | None = None,
     ) -> PlanView:
-        """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts."""
+        """How the server would run `run(outputs, wrt=wrt)`: partitions, costs, cuts; given
+        `cpus` or `nodes` and `cpus_per_node`, the server's prediction on that cluster."""
+        cluster = cluster_from(cpus, nodes, cpus_per_node, network_bytes_per_s, "explain")
         _, graph, request = build_request(outputs, None, wrt, None)
-        msg = wire.encode_explain_request(request, ExecutorKind.parse(executor))
+        msg = wire.encode_explain_request(request, ExecutorKind.parse(executor), cluster)
         resp = self._call_on_graph("Explain", msg, graph, timeout)
-        return PlanView(wire.decode_explanation(resp), graph)
+        prediction = (
+            wire.decode_prediction(resp.prediction) if resp.HasField("prediction") else None
+        )
+        return PlanView(wire.decode_explanation(resp), graph, prediction=prediction)
 
     def list_ops(self) -> list[OpInfo]:
         """The server's ops: name, signature with named arguments, doc, attributes."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from graphgrad import wire
 from graphgrad._aio import AsyncJob
-from graphgrad._job_display import job_html, plot_history, progress_bar, show_progress
+from graphgrad._job_display import ProgressBar, job_html, job_repr, plot_history
 from graphgrad.engine import GraphError, JobStatus, JobView, Progress, ResultPart, join_parts
 from graphgrad.v1 import jobs_pb2
 
@@ -60,16 +60,16 @@ class RemoteJob(AsyncJob):
     def wait(self, progress: bool = True, timeout: float | None = None) -> RemoteJob:
         """Follow the job's progress stream until it ends (a progress bar unless disabled)."""
         info = self._info()
-        bar = progress_bar(info.progress.steps, self.id) if progress else None
+        bar = ProgressBar(info.progress.steps, self.id) if progress else None
         try:
             request = jobs_pb2.WatchJobRequest(id=self.id)
             for event in self._client.job_stream("WatchJob", request, timeout):
                 info = wire.decode_job_info(event.job)
                 if bar is not None:
-                    show_progress(bar, info.progress)
+                    bar.show(info.progress)
         finally:
             if bar is not None:
-                bar.close()
+                bar.close(info.status, info.progress)
         if info.status == JobStatus.FAILED:
             raise GraphError(f"job {self.id} failed: {info.error}")
         return self
@@ -101,8 +101,5 @@ class RemoteJob(AsyncJob):
         return job_html(self.id, info.status, info.progress)
 
     def __repr__(self) -> str:
-        info, p = self._info(), self._info().progress
-        return (
-            f"<graphgrad.RemoteJob {self.id} {info.status}: step {p.steps_done}/{p.steps}, "
-            f"{p.networks} networks, median loss {p.loss_median:.4g}>"
-        )
+        info = self._info()
+        return job_repr("RemoteJob", self.id, info.status, info.progress)

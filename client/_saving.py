@@ -8,16 +8,21 @@ The file is a zip archive of three members:
 - `params.npz`: numpy's `.npz` of parameter values keyed by input name, read back with
   `allow_pickle=False` (numeric arrays only).
 Loading checks every part (a corrupt or truncated file is a `SavedGraphError` naming the file
-and what is wrong) and that the graph read back has the fingerprint recorded.
+and what is wrong) and that the graph read back has the fingerprint recorded. It is bounded
+before anything is inflated: each member's uncompressed size (from the zip's directory;
+zipfile stops reading at it) against `max_bytes`, the manifest against `MAX_MANIFEST_BYTES`,
+and each parameter's header (shape, dtype) against the graph's input before its data is read.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,18 @@ from graphgrad.wire import decode_graph, encode_graph
 FORMAT = "graphgrad.saved"
 VERSION = 1
 MANIFEST, GRAPH, PARAMS = "graphgrad.json", "graph.pb", "params.npz"
+MAX_BYTES = 2 << 30  # default bound on the inflated graph and params, together
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few hundred bytes
+# What zipfile and zlib raise for damaged bytes: a bad archive, a spoilt deflate stream, a
+# compression method or zip feature it lacks, a member flagged encrypted (RuntimeError).
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 class SavedGraphError(GraphError):
@@ -106,7 +123,10 @@ def save(
         "fingerprint": graph.fingerprint,
     }
     npz = io.BytesIO()
-    np.savez(npz, **arrays)  # type: ignore[arg-type]  # numpy stubs type allow_pickle
+    with zipfile.ZipFile(npz, "w") as members:  # np.savez's layout, without its keyword
+        for key, arr in arrays.items():  # arguments (a param named 'allow_pickle' or 'file')
+            with members.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:
@@ -121,24 +141,26 @@ def save(
     return target
 
 
-def load(path: str | os.PathLike[str]) -> Saved:
+def load(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES) -> Saved:
     """Read a file written by `gg.save`: `.graph`, `.outputs` (nodes), `.params` (arrays).
-    Nothing in it is unpickled or executed; a file that is not whole and well formed raises
-    `SavedGraphError` naming it and the part that is wrong."""
+    Nothing in it is unpickled or executed; a file that is not whole and well formed, or
+    whose graph and params would inflate past `max_bytes`, raises `SavedGraphError` naming it
+    and the part that is wrong."""
     try:
         with zipfile.ZipFile(path) as z:
             members = set(z.namelist())
             missing = [m for m in (MANIFEST, GRAPH, PARAMS) if m not in members]
             if missing:
                 raise SavedGraphError(path, f"not a saved graph: {', '.join(missing)} missing")
+            _check_sizes(path, z, max_bytes)
             manifest = _read_manifest(path, z.read(MANIFEST))
             graph = _read_graph(path, z.read(GRAPH))
-            params = _read_params(path, z.read(PARAMS))
+            params = _read_params(path, z.read(PARAMS), graph, max_bytes)
     except SavedGraphError:
         raise
     except OSError as e:
         raise SavedGraphError(path, f"cannot read the file ({e.strerror or e})") from e
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+    except _CORRUPT as e:
         raise SavedGraphError(path, f"not a saved graph, or truncated or corrupt ({e})") from e
     if graph.fingerprint != manifest["fingerprint"]:
         raise SavedGraphError(
@@ -153,6 +175,25 @@ def load(path: str | os.PathLike[str]) -> Saved:
         raise SavedGraphError(path, str(e)) from e
     builder = builder_graph(graph, Path(path).stem)
     return Saved(builder, [builder[o] for o in manifest["outputs"]], params)
+
+
+def _check_sizes(path: str | os.PathLike[str], z: zipfile.ZipFile, max_bytes: int) -> None:
+    """Each member's uncompressed size, as the zip's directory declares it, within its bound
+    before any is inflated (a few KiB of deflated zeros can declare gigabytes)."""
+    sizes = {m: z.getinfo(m).file_size for m in (MANIFEST, GRAPH, PARAMS)}
+    if sizes[MANIFEST] > MAX_MANIFEST_BYTES:
+        raise SavedGraphError(
+            path,
+            f"{MANIFEST} holds {sizes[MANIFEST]} bytes uncompressed, over the "
+            f"{MAX_MANIFEST_BYTES} a manifest may hold",
+        )
+    total = sizes[GRAPH] + sizes[PARAMS]
+    if total > max_bytes:
+        raise SavedGraphError(
+            path,
+            f"{GRAPH} and {PARAMS} hold {total} bytes uncompressed, over max_bytes={max_bytes} "
+            "(gg.load(path, max_bytes=...) raises the bound)",
+        )
 
 
 def _read_manifest(path: str | os.PathLike[str], data: bytes) -> dict[str, Any]:
@@ -186,12 +227,47 @@ def _read_graph(path: str | os.PathLike[str], data: bytes) -> engine.Graph:
         raise SavedGraphError(path, f"{GRAPH} is not a valid graph: {e}") from e
 
 
-def _read_params(path: str | os.PathLike[str], data: bytes) -> dict[str, np.ndarray]:
+def _read_params(
+    path: str | os.PathLike[str], data: bytes, graph: engine.Graph, max_bytes: int
+) -> dict[str, np.ndarray]:
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError("a single array, not an archive of named ones")
-        with npz:
+        with npz, zipfile.ZipFile(io.BytesIO(data)) as members:
+            _check_param_headers(path, members, graph, max_bytes)
             return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, *_CORRUPT) as e:
         raise SavedGraphError(path, f"{PARAMS} is not a numeric .npz ({e})") from e
+
+
+def _check_param_headers(
+    path: str | os.PathLike[str], npz: zipfile.ZipFile, graph: engine.Graph, max_bytes: int
+) -> None:
+    """Each array's header (shape, dtype) against its graph input before numpy allocates the
+    shape it declares (an 8 TiB shape fits in a 100-byte member)."""
+    total = 0
+    for info in npz.infolist():
+        name = info.filename.removesuffix(".npy")
+        with npz.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        if dtype.hasobject:
+            raise ValueError(f"'{name}' holds objects, not read with allow_pickle=False")
+        total += math.prod(shape) * dtype.itemsize
+        i = graph.index.get(name)
+        if i is not None and graph.nodes[i].op == "input":
+            t = graph.types[i]
+            if tuple(shape) != t.shape or dtype.name != t.dtype:
+                raise SavedGraphError(
+                    path,
+                    f"{PARAMS}: param '{name}' has shape {tuple(shape)} {dtype}, "
+                    f"the input is {t.shape} {t.dtype}",
+                )
+        if total > max_bytes:
+            raise SavedGraphError(
+                path, f"{PARAMS} declares {total} bytes of arrays, over max_bytes={max_bytes}"
+            )

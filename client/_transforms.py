@@ -142,6 +142,8 @@ class Traced:
 
     def run(self, client: Any, arrays: Sequence[np.ndarray]) -> Any:
         names = list(dict.fromkeys(self.outputs))  # a node returned twice is run once
+        if not names:  # e.g. the gradient for an empty dict: its structure, nothing to run
+            return unflatten(self.treedef, [])
         feeds = dict(zip(self.inputs, arrays, strict=True))
         res = client.run([self.graph[n] for n in names], feeds)
         values = [res.values[n] for n in self.outputs]
@@ -260,22 +262,32 @@ def _param_names(fun: Callable[..., Any]) -> list[str]:
 def _input_names(params: list[str], paths: list[str]) -> list[str]:
     """Readable input names: `[0].W` becomes `params.W` when the first parameter is `params`."""
     out: list[str] = []
+    taken: set[str] = set()  # a set: a call with thousands of leaves checks each name
     for path in paths:
         head, _, rest = path[1:].partition("]")
         i = int(head)
         base = params[i] if i < len(params) else f"arg{i}"
         name = base + rest  # rest: the path within the argument, ".W[1]"
-        out.append(name if name not in out else f"{name}#{len(out)}")
+        k = len(out)
+        while name in taken:
+            name, k = f"{base + rest}#{k}", k + 1
+        taken.add(name)
+        out.append(name)
     return out
 
 
 # -- grad and value_and_grad ---------------------------------------------------------------
 
 
+def _is_int(v: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, but never meant as axis 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _argnums(argnums: int | Sequence[int], nargs: int, what: str) -> tuple[int, ...]:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     for i in nums:
-        if not isinstance(i, int) or not -nargs <= i < nargs:
+        if not _is_int(i) or not -nargs <= i < nargs:
             raise ValueError(f"{what}: argnums {argnums!r} out of range for {nargs} argument(s)")
     return tuple(i % nargs for i in nums)
 
@@ -406,7 +418,7 @@ def grad(fun_or_outputs: Any, *args: Any, **kwargs: Any) -> Any:
 def _axes_per_leaf(in_axes: Any, treedef: TreeDef, nargs: int) -> list[int | None]:
     """in_axes (an int or None for every argument, or a tuple/list with one per argument)
     as one axis per leaf."""
-    if in_axes is None or isinstance(in_axes, int):
+    if in_axes is None or _is_int(in_axes):
         per_arg = [in_axes] * nargs
     elif isinstance(in_axes, tuple | list) and len(in_axes) == nargs:
         per_arg = list(in_axes)
@@ -417,7 +429,7 @@ def _axes_per_leaf(in_axes: Any, treedef: TreeDef, nargs: int) -> list[int | Non
         )
     out: list[int | None] = []
     for child, ax in zip(treedef[1], per_arg, strict=True):  # type: ignore[index]
-        if ax is not None and not isinstance(ax, int):
+        if ax is not None and not _is_int(ax):
             raise ValueError(f"gg.vmap: each in_axes entry must be an int or None, got {ax!r}")
         out += [ax] * _count_leaves(child)
     return out
@@ -501,7 +513,7 @@ def vmap(
     op's batching rule), so the mapped computation is one graph, not a loop.
     """
     what = "gg.vmap"
-    if out_axes is not None and not isinstance(out_axes, int):
+    if out_axes is not None and not _is_int(out_axes):
         raise ValueError(f"gg.vmap: out_axes must be an int or None, got {out_axes!r}")
 
     def stacked(

@@ -31,6 +31,7 @@ from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import OPSET_VERSION, REGISTRY, AttrKind, opset_of
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
+from graphgrad.engine.simulator import BOUND_NAMES, Cluster, Prediction, TaskTiming, cluster_from
 from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, check_settings, within
 from graphgrad.engine.training_run import Progress
 from graphgrad.v1 import graph_pb2, jobs_pb2, service_pb2, tensor_pb2
@@ -284,21 +285,31 @@ def decode_run_request(
 
 
 def encode_explain_request(
-    request: RunRequest, executor: ExecutorKind, fingerprint: str = ""
+    request: RunRequest, executor: ExecutorKind, cluster: Cluster | None = None
 ) -> service_pb2.ExplainRequest:
     msg = service_pb2.ExplainRequest(
         outputs=request.outputs,
         wrt=request.wrt,
         options=service_pb2.RunOptions(executor=encode_executor(executor)),
     )
-    if fingerprint:
-        msg.fingerprint = fingerprint
+    if cluster is not None:
+        msg.cluster.nodes, msg.cluster.cpus_per_node = cluster.nodes, cluster.cpus_per_node
+        msg.cluster.network_bytes_per_s = cluster.network_bytes_per_s
     return msg
 
 
-def decode_explain_request(msg: service_pb2.ExplainRequest) -> tuple[RunRequest, ExecutorKind]:
+def decode_explain_request(
+    msg: service_pb2.ExplainRequest,
+) -> tuple[RunRequest, ExecutorKind, Cluster | None]:
+    """The request, its executor, and the cluster to predict it on (None: not asked)."""
     request = RunRequest(tuple(msg.outputs), {}, tuple(msg.wrt))
-    return request, decode_executor(msg.options.executor, "options.executor")
+    c = msg.cluster
+    cluster = cluster_from(
+        nodes=c.nodes or None,
+        cpus_per_node=c.cpus_per_node or None,
+        network_bytes_per_s=c.network_bytes_per_s or None,
+    )
+    return request, decode_executor(msg.options.executor, "options.executor"), cluster
 
 
 # --- results and plans ---------------------------------------------------------------------
@@ -349,6 +360,36 @@ def decode_explanation(e: service_pb2.ExplainResponse) -> Explanation:
         tuple(PartitionInfo(p.index, tuple(p.nodes), p.flops, p.bytes) for p in e.partitions),
         tuple(CutInfo(c.src, c.dst, c.node, c.bytes) for c in e.cuts),
         e.fingerprint,
+    )
+
+
+def encode_prediction(p: Prediction, out: service_pb2.Prediction) -> None:
+    out.makespan, out.one_cpu, out.bound = p.makespan, p.one_cpu, p.bound
+    out.critical_path.extend(p.critical_path)
+    out.critical_seconds, out.tasks, out.calibration = p.critical_seconds, p.tasks, p.calibration
+    out.bytes_across_nodes = p.bytes_across_nodes
+    out.bounds.update(dict(p.bounds))
+    c = p.cluster
+    out.cluster.nodes, out.cluster.cpus_per_node = c.nodes, c.cpus_per_node
+    out.cluster.network_bytes_per_s = c.network_bytes_per_s
+    for t in p.timeline:  # TaskTiming's fields are the message's
+        out.timeline.add(**dataclasses.asdict(t))
+
+
+def decode_prediction(p: service_pb2.Prediction) -> Prediction:
+    c = p.cluster
+    return Prediction(
+        p.makespan,
+        p.one_cpu,
+        p.bound,
+        tuple((name, p.bounds[name]) for name in BOUND_NAMES if name in p.bounds),
+        tuple(p.critical_path),
+        p.critical_seconds,
+        tuple(_from_fields(TaskTiming, t) for t in p.timeline),
+        p.tasks,
+        Cluster(c.nodes, c.cpus_per_node, c.network_bytes_per_s),
+        p.calibration,
+        p.bytes_across_nodes,
     )
 
 

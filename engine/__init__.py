@@ -7,6 +7,7 @@ from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.batching import batch_graph
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.errors import (
+    ERROR_DOMAIN,
     CancelledError,
     CancelReason,
     ExecutionError,
@@ -16,6 +17,7 @@ from graphgrad.engine.errors import (
     RequestError,
     UnknownOpError,
     ValidationError,
+    rebuild_error,
 )
 from graphgrad.engine.executor import (
     Cancellation,
@@ -54,6 +56,7 @@ from graphgrad.engine.ops import (
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
 from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
+from graphgrad.engine.simulator import Cluster, Prediction, cluster_from
 from graphgrad.engine.training import (
     SGD,
     Adam,
@@ -66,6 +69,11 @@ from graphgrad.engine.training import (
 from graphgrad.engine.training_run import Placement, Progress
 
 __all__ = [
+    "ERROR_DOMAIN",
+    "Cluster",
+    "Prediction",
+    "cluster_from",
+    "rebuild_error",
     "DTYPE_NAMES",
     "FLOAT_DTYPES",
     "INPUT",

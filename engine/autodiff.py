@@ -19,6 +19,7 @@ import numpy as np
 from graphgrad.engine.errors import FeedError, RequestError, name_list
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.ops import FLOAT_DTYPES, INPUT
+from graphgrad.engine.plan_cache import DerivedCache, RequestKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +50,13 @@ def plan_pass(
 ) -> PassPlan:
     """`seeded`: the outputs differentiated (the keys of grad_outputs; by default the first).
 
-    Plans are memoised on the graph, so repeated runs of a registered graph skip this work.
+    Plans are cached per graph and request, so repeated runs of a registered graph skip this.
     """
-    key = ("pass", tuple(outputs), tuple(wrt), tuple(seeded))
-    return graph.memo(key, lambda: _plan_pass(graph, outputs, wrt, seeded))
+    key = RequestKey(graph.serial, tuple(outputs), tuple(wrt), tuple(seeded))
+    return _PASSES.get_or_make(key, lambda: _plan_pass(graph, outputs, wrt, seeded))
+
+
+_PASSES: DerivedCache[RequestKey, PassPlan] = DerivedCache("pass plans")
 
 
 def _plan_pass(
@@ -130,7 +134,7 @@ def check_feeds(
         if not t.matches(value):
             raise FeedError(
                 f"graph input '{name}' expects shape {t.shape} {t.dtype}, "
-                f"got {value.shape} {value.dtype.name}",
+                f"got {value.shape} {_dtype_text(value.dtype)}",
                 input_name=name,
             )
         values[i] = value
@@ -182,3 +186,12 @@ def owned(a: np.ndarray) -> np.ndarray:
     """A writeable ndarray that owns its memory (VJPs may return broadcast views or scalars)."""
     a = np.asarray(a)
     return a if a.flags.writeable and a.flags.owndata else a.copy()
+
+
+def _dtype_text(dtype: np.dtype) -> str:
+    """A feed's dtype as an error says it: by name, and by code where the byte order is not
+    this machine's (a '>f8' array is float64 by name, yet no float64 input takes it)."""
+    if dtype.isnative:
+        return dtype.name
+    order = "big-endian" if dtype.byteorder == ">" else "little-endian"
+    return f"{dtype.str} ({order}: convert with .astype('{dtype.name}'))"

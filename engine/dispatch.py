@@ -5,16 +5,31 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from graphgrad.engine.autodiff import RunRequest, plan_pass
+from graphgrad.engine.calibration import in_force
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.executor import Cancellation, Executor, LocalExecutor, RunResult
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.planner import Plan, may_prefer_ray, prefers_ray, single_partition
+from graphgrad.engine.plan_cache import DerivedCache, RequestKey
+from graphgrad.engine.planner import Plan, may_prefer_ray, single_partition
+from graphgrad.engine.simulator import ray_is_faster
 from graphgrad.engine.training_run import SegmentRunner
 
 log = logging.getLogger("graphgrad.dispatch")
+_SINGLE: DerivedCache[RequestKey, Plan] = DerivedCache("single-partition plans")
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceKey:
+    request: RequestKey
+    cpus: int
+    calibration: str  # its source
+
+
+_RAY_WINS: DerivedCache[ChoiceKey, bool] = DerivedCache("auto choices")  # simulated
 EXECUTOR_NAMES = ("auto", "local", "ray")
 
 
@@ -74,18 +89,21 @@ class Dispatcher:
         seeded = tuple(request.grad_outputs or ())
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
         if executor == "local":
-            return "local", graph.memo(
-                ("single", pass_plan.outputs, pass_plan.wrt),
-                lambda: single_partition(graph, pass_plan),
-            )
+            key = RequestKey(graph.serial, request.outputs, request.wrt, seeded)
+            return "local", _SINGLE.get_or_make(key, lambda: single_partition(graph, pass_plan))
         if executor == "ray":
             return "ray", self.ray.plan(graph, request, cancel)[0]
-        # auto: Ray only when the cost model expects it to win and Ray is already up
-        # (a request never waits for Ray to start unless it asked for Ray); a linear bound
-        # rules out most graphs before any partitioning.
-        if self.ray_ready() and may_prefer_ray(graph, pass_plan, self.ray.cpus()):
-            plan = self.ray.plan(graph, request, cancel)[0]
-            if prefers_ray(plan, self.ray.cpus()):
+        # auto: Ray only when the plan simulator, with the calibration in force, predicts it
+        # wins and Ray is already up (a request never waits for Ray to start unless it asked
+        # for Ray); a linear bound rules out most graphs before any partitioning.
+        cpus = self.ray.cpus() if self.ray_ready() else 1
+        if cpus > 1 and may_prefer_ray(graph, pass_plan, cpus):
+            plan, sched = self.ray.plan(graph, request, cancel)
+            cal = in_force()
+            choice = ChoiceKey(
+                RequestKey(graph.serial, request.outputs, request.wrt, seeded), cpus, cal.source
+            )
+            if _RAY_WINS.get_or_make(choice, lambda: ray_is_faster(sched, cpus, cal)):
                 return "ray", plan
         return self.choose(graph, request, "local")
 
@@ -111,5 +129,7 @@ class Dispatcher:
         executor: str = "auto",
         cancel: Cancellation | None = None,
     ) -> RunResult:
+        if executor == "local" or (executor == "auto" and not self.ray_ready()):
+            return self.local.run(graph, request, cancel)  # what `choose` would pick
         name, _ = self.choose(graph, request, executor, cancel)
         return self.executor(name).run(graph, request, cancel)

@@ -12,7 +12,8 @@ partitioning, the same nodes compute the same values: results are bit-identical.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,9 +34,13 @@ from graphgrad.engine.codegen import Program, Values, compile_program
 from graphgrad.engine.grad import grad_graph
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.ops import CONSTANT, INPUT
+from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.planner import Plan
 
 FORWARD, BACKWARD, CALLER = "forward", "backward", "caller"
+# A schedule's id: this process's random token and a counter. Unique whichever driver made it
+# (workers cache programs by it), and free to make (no hash of the graph on the first call).
+_PROCESS, _SCHEDULE_IDS = os.urandom(8).hex(), itertools.count()
 # A gradient graph's index, types and positions per node, and its own nodes (the request's
 # are shared): what the plan cache counts (tests/test_caches.py checks the estimate).
 GRAD_GRAPH_BYTES, GRAD_NODE_BYTES = 200, 400
@@ -45,7 +50,7 @@ GRAD_GRAPH_BYTES, GRAD_NODE_BYTES = 200, 400
 class TaskSpec:
     """What one task runs. Positions index the schedule's graph (primal and gradient nodes)."""
 
-    plan_id: str  # identifies the schedule, for worker-side program caches
+    plan_id: str  # identifies the schedule (unique across processes): worker program caches
     index: int  # position in the schedule
     partition: int  # -1: the caller
     phase: str  # FORWARD | BACKWARD | CALLER
@@ -122,9 +127,7 @@ def schedule(
     caller += [i for i in (*out_pos, *grad_pos) if full.ops[i] is CONSTANT]
     groups = [g for g in groups if g[2]]
     groups.append((-1, CALLER, sorted(set(caller))))
-    plan_id = hashlib.sha256(
-        repr((graph.fingerprint, tuple(outputs), tuple(wrt), tuple(seeded))).encode()
-    ).hexdigest()[:16]
+    plan_id = f"{_PROCESS}.{next(_SCHEDULE_IDS)}"
     tasks = _tasks(full, groups, set(out_pos + grad_pos), plan_id)
     return Schedule(
         full,
@@ -208,10 +211,20 @@ def run_task(
     return out, TaskMeta(start, time.time(), where, bytes_in, _nbytes(out) if measure else 0)
 
 
+@dataclass(frozen=True, slots=True)
+class TaskKey:
+    graph: int  # the schedule's graph's serial
+    plan_id: str
+    index: int
+
+
+_PROGRAMS: DerivedCache[TaskKey, Program] = DerivedCache("task programs")
+
+
 def program(graph: Graph, spec: TaskSpec) -> Program:
     """The task's compiled program, made once per graph and task (in the plan cache)."""
-    return graph.memo(
-        ("program", spec.plan_id, spec.index),
+    return _PROGRAMS.get_or_make(
+        TaskKey(graph.serial, spec.plan_id, spec.index),
         lambda: compile_program(graph, spec.nodes, spec.exports),
     )
 
@@ -306,3 +319,69 @@ def run_schedule(
     values = {names[o].name: value(o) for o in sched.outputs}
     grads = {w: owned(value(g)) for w, g in zip(sched.wrt_names, sched.grads, strict=True)}
     return Outcome(values, grads, tuple(zip(tasks, task_metas, strict=True)))
+
+
+FeedCheck = tuple[str, int, tuple[int, ...], np.dtype]  # name, position, shape, dtype
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class InlineProgram:
+    """A request run in this process with nothing to coordinate: its schedule's nodes as one
+    program (the same nodes as its tasks: the same bits), its feeds checked against types
+    worked out once. The warm path of the in-process executor."""
+
+    pass_plan: PassPlan
+    feeds: tuple[FeedCheck, ...]  # the inputs it needs, by name, position in the program
+    feed_pos: dict[int, int]  # input position in the request's graph -> in the program's
+    seeds: dict[int, int]  # seeded output (request graph) -> seed input (program)
+    program: Program
+    outputs: tuple[tuple[str, int], ...]
+    grads: tuple[tuple[str, int], ...]
+
+    def approx_bytes(self) -> int:
+        return self.program.approx_bytes() + 200 * (len(self.feeds) + len(self.grads))
+
+
+def inline_program(graph: Graph, sched: Schedule, pass_plan: PassPlan) -> InlineProgram:
+    full = sched.graph
+    nodes = sorted({i for t in sched.tasks for i in t.nodes})  # positions: topological
+    wanted = (*sched.outputs, *sched.grads)
+    feeds = tuple(
+        (graph.nodes[i].name, p, full.types[p].shape, np.dtype(full.types[p].dtype))
+        for i, p in sched.feed_pos.items()
+    )
+    return InlineProgram(
+        pass_plan,
+        feeds,
+        sched.feed_pos,
+        sched.seeds,
+        compile_program(full, nodes, wanted),
+        tuple((full.nodes[o].name, o) for o in sched.outputs),
+        tuple(zip(sched.wrt_names, sched.grads, strict=True)),
+    )
+
+
+def run_inline(
+    graph: Graph, ip: InlineProgram, request: RunRequest, cancel: Cancellation
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Values by output name and gradients by wrt name; feeds and seeds checked first."""
+    given = request.feeds
+    feeds: Values = {}
+    if len(given) == len(ip.feeds):
+        for name, pos, shape, dtype in ip.feeds:
+            v = given.get(name)
+            if v.__class__ is not np.ndarray or v.shape != shape or v.dtype != dtype:
+                break
+            feeds[pos] = v
+    if len(feeds) != len(ip.feeds) or len(given) != len(ip.feeds):
+        # Not the plain case (a bad feed, an extra input, an ndarray subclass): the full check
+        # names what is wrong, or accepts it.
+        fed = check_feeds(graph, ip.pass_plan, given)
+        feeds = {ip.feed_pos[i]: v for i, v in fed.items() if i in ip.feed_pos}
+    if request.grad_outputs is not None:
+        for o, seed in seed_cotangents(graph, ip.pass_plan, request.grad_outputs).items():
+            if o in ip.seeds:
+                feeds[ip.seeds[o]] = seed
+    out = ip.program(feeds, cancel)
+    values = {name: out[i] for name, i in ip.outputs}
+    return values, {name: owned(out[i]) for name, i in ip.grads}

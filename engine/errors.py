@@ -105,3 +105,60 @@ class CancelledError(GraphError):
 
     def __reduce__(self) -> tuple[type[CancelledError], tuple[str, CancelReason]]:
         return type(self), (str(self), self.reason)  # the reason survives Ray's pickling
+
+
+ERROR_DOMAIN = "graphgrad"  # google.rpc.ErrorInfo's domain for the kinds below
+
+# The errors that cross process and wire boundaries by name (a status's ErrorInfo.reason), so
+# a remote call raises the class the in-process one raises. Subclasses not listed travel as
+# their nearest listed base.
+ERROR_KINDS: dict[str, type[GraphError]] = {
+    cls.__name__: cls
+    for cls in (
+        GraphError,
+        ValidationError,
+        UnknownOpError,
+        FeedError,
+        RequestError,
+        LimitError,
+        ExecutionError,
+        CancelledError,
+    )
+}
+
+
+def error_kind(e: GraphError) -> tuple[str, dict[str, str]]:
+    """The listed class `e` is an instance of, and the string attributes that locate it
+    (node, field, input_name, limit...): what a server sends for `rebuild_error`."""
+    kind = next(c.__name__ for c in type(e).__mro__ if ERROR_KINDS.get(c.__name__) is c)
+    return kind, {k: v for k, v in vars(e).items() if isinstance(v, str)}
+
+
+def rebuild_error(
+    kind: str, where: dict[str, str], base: type[GraphError], *args: Any
+) -> GraphError:
+    """An error of the class named `kind` that is also a `base` (e.g. the SDK's RemoteError),
+    built by `base(*args)` and given the attributes `where`; unknown kinds give a plain base."""
+    cls = ERROR_KINDS.get(kind)
+    made = base if cls is None or issubclass(base, cls) else _remote_class(cls, base)
+    error = made(*args)
+    for key, value in where.items():
+        if not hasattr(type(error), key):  # never shadow a method or property
+            setattr(error, key, value)
+    return error
+
+
+_REMOTE_CLASSES: dict[tuple[type, type], type[GraphError]] = {}
+
+
+def _remote_class(cls: type[GraphError], base: type[GraphError]) -> type[GraphError]:
+    """`class Remote<cls>(base, cls)`, made once per pair: constructed as `base` is."""
+    made = _REMOTE_CLASSES.get((cls, base))
+    if made is None:
+        made = type(
+            f"{base.__name__.removesuffix('Error')}{cls.__name__}",
+            (base, cls),
+            {"__init__": base.__init__, "__module__": base.__module__},
+        )
+        _REMOTE_CLASSES[(cls, base)] = made
+    return made

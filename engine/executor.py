@@ -9,11 +9,20 @@ from typing import Protocol
 
 import numpy as np
 
-from graphgrad.engine.autodiff import PassPlan, RunRequest
+from graphgrad.engine.autodiff import PassPlan, RunRequest, plan_pass
 from graphgrad.engine.cancel import Cancellation
-from graphgrad.engine.driver import InlineRunner, Schedule, run_schedule, schedule
+from graphgrad.engine.driver import (
+    InlineProgram,
+    InlineRunner,
+    Schedule,
+    inline_program,
+    run_inline,
+    run_schedule,
+    schedule,
+)
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph
+from graphgrad.engine.plan_cache import DerivedCache, RequestKey
 from graphgrad.engine.planner import Plan, partition, single_partition
 
 __all__ = ["Cancellation", "Executor", "LocalExecutor", "RunResult", "RunStats", "TaskStat"]
@@ -24,7 +33,7 @@ class TaskStat:
     """One unit of work: a partition's forward or backward pass."""
 
     partition: int
-    phase: str  # "forward" | "backward"
+    phase: str  # "forward" | "backward" | "forward+backward" (one inline program)
     start: float  # seconds since the epoch
     end: float
     where: str  # "inline", or the Ray node id and worker
@@ -71,6 +80,20 @@ class Executor(Protocol):
     ) -> RunResult: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionedKey:
+    request: RequestKey
+    min_partition_seconds: float | None  # None: a single partition
+
+
+_SCHEDULES: DerivedCache[PartitionedKey, tuple[Plan, Schedule]] = DerivedCache("local schedules")
+_INLINE: DerivedCache[RequestKey, InlineProgram] = DerivedCache("inline programs")
+
+
+def request_key(graph: Graph, request: RunRequest) -> RequestKey:
+    return RequestKey(graph.serial, request.outputs, request.wrt, tuple(request.grad_outputs or ()))
+
+
 class LocalExecutor:
     """Runs requests in this process: the driver (engine/driver.py) with the inline runner,
     over a single partition; given `min_partition_seconds`, over the partitions the Ray
@@ -96,12 +119,27 @@ class LocalExecutor:
             sched = schedule(graph, request.outputs, request.wrt, seeded, partitioner)
             return sched.plan, sched
 
-        return graph.memo(("local-plan", request.outputs, request.wrt, seeded, bar), make)
+        return _SCHEDULES.get_or_make(PartitionedKey(request_key(graph, request), bar), make)
 
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult:
         t0 = time.time()
+        if self.min_partition_seconds is None:  # one partition: one program, one call
+            key = request_key(graph, request)
+
+            def make() -> InlineProgram:
+                sched = self.plan(graph, request, cancel)[1]
+                return inline_program(
+                    graph, sched, plan_pass(graph, key.outputs, key.wrt, key.seeded)
+                )
+
+            ip = _INLINE.get_or_make(key, make)
+            values, grads = run_inline(graph, ip, request, cancel or Cancellation())
+            t1 = time.time()
+            phase = "forward+backward" if ip.grads else "forward"
+            stat = TaskStat(0, phase, t0, t1, "inline")
+            return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
         _, sched = self.plan(graph, request, cancel)
         out = run_schedule(graph, sched, request, InlineRunner(), cancel or Cancellation())
         tasks = tuple(TaskStat(s.partition, s.phase, m.start, m.end, m.where) for s, m in out.tasks)

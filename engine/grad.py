@@ -21,7 +21,9 @@ import numpy as np
 from graphgrad.engine.autodiff import plan_pass
 from graphgrad.engine.errors import RequestError, name_list
 from graphgrad.engine.ir import MAX_NAME_LENGTH, Graph, Node
-from graphgrad.engine.ops import CONSTANT, INPUT, TensorType, lookup
+from graphgrad.engine.ops import CONSTANT, INPUT, Op, TensorType, lookup
+
+ADD = lookup("add")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,11 @@ class _Emitter:
     def __init__(self, graph: Graph) -> None:
         self._graph = graph
         self.nodes: list[Node] = []
+        self.ops: list[Op] = []
         self._types: dict[str, TensorType] = {}
+        # op name and input types -> output type, for ops without attributes: most emitted
+        # nodes repeat a few elementwise signatures, whose shape rule need not run again
+        self._inferred: dict[tuple[str, tuple[TensorType, ...]], TensorType] = {}
         self._count = 0
         self._consts: dict[tuple[float, str], str] = {}
         self.owner = ""  # the node whose VJP is being emitted: names and owns its nodes
@@ -57,6 +63,9 @@ class _Emitter:
         i = self._graph.index.get(name)
         return self._graph.types[i] if i is not None else self._types[name]
 
+    def types(self) -> list[TensorType]:
+        return [self._types[n.name] for n in self.nodes]
+
     def fresh(self, base: str) -> str:
         """An unused name from `base` (deterministic: the same graph gives the same names)."""
         name = base
@@ -65,19 +74,26 @@ class _Emitter:
             name = f"{base[: MAX_NAME_LENGTH - 24]}#{self._count}"
         return name
 
-    def add(self, node: Node, t: TensorType) -> str:
-        if node.op not in (CONSTANT.name, INPUT.name):
+    def add(self, node: Node, t: TensorType, op: Op | None = None) -> str:
+        op = op or lookup(node.op)
+        if op is not CONSTANT and op is not INPUT:
             self.owners[node.name] = self.owner
         self.nodes.append(node)
+        self.ops.append(op)
         self._types[node.name] = t
         return node.name
 
     def emit(self, op: str, inputs: Sequence[str], attrs: Mapping[str, Any] | None = None) -> str:
         o = lookup(op)
-        attrs = dict(attrs or {})
-        t = o.infer([self.type(x) for x in inputs], attrs)
+        types = tuple([self.type(x) for x in inputs])
+        if attrs:
+            t = o.infer(list(types), dict(attrs))
+        else:
+            t = self._inferred.get((op, types))  # type: ignore[assignment]
+            if t is None:
+                t = self._inferred[op, types] = o.infer(list(types), {})
         name = self.fresh(f"vjp({self.owner}).{len(self.nodes)}")
-        return self.add(Node(name, op, tuple(inputs), attrs), t)
+        return self.add(Node(name, op, tuple(inputs), attrs or {}), t, o)
 
     def const(self, value: float, like: str) -> str:
         dtype = self.type(like).dtype
@@ -147,7 +163,7 @@ def grad_graph(
             for k, (_, v) in enumerate(mine[1:], 1):
                 assert acc is not None
                 name = em.fresh(f"grad({base})" if k == len(mine) - 1 else f"grad({base})+{k}")
-                acc = em.add(Node(name, "add", (acc, v)), graph.types[i])
+                acc = em.add(Node(name, "add", (acc, v)), graph.types[i], ADD)
             totals[i] = acc
         return totals[i]
 
@@ -168,7 +184,8 @@ def grad_graph(
             )
         for slot, (j, dj, want) in enumerate(zip(ins, grads, wants, strict=True)):
             if want and dj is not None:
-                if em.type(dj) != graph.types[j]:
+                got = em.type(dj)
+                if got is not graph.types[j] and got != graph.types[j]:
                     raise AssertionError(
                         f"gradient rule of op '{op.name}' gave {em.type(dj)} for input {slot} "
                         f"of '{node.name}', expected {graph.types[j]}"
@@ -184,5 +201,5 @@ def grad_graph(
             zero = em.const(0, graph.nodes[w].name)
             g = zero if t.shape == () else em.emit("broadcast_to", [zero], {"shape": t.shape})
         names[w] = g
-    full = Graph([*graph.nodes, *em.nodes]) if em.nodes else graph
+    full = Graph.extended(graph, em.nodes, em.ops, em.types()) if em.nodes else graph
     return GradGraph(full, tuple(names[w] for w in plan.wrt), seeds, em.owners)

@@ -27,11 +27,12 @@ from graphgrad.engine.ops import (
     lookup,
     shape_problem,
 )
-from graphgrad.engine.plan_cache import PLANS, PlanKey
+from graphgrad.engine.plan_cache import DerivedCache
 
 MAX_NAME_LENGTH = 256
 NODE_BYTES = 600  # a node, its type, index entry and positions (tests/test_caches.py checks)
 _SERIALS = itertools.count()  # never reused, unlike id(): plan cache keys name instances
+_MEMO: DerivedCache[tuple[int, Hashable], Any] = DerivedCache("memo")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,7 +65,16 @@ class Graph:
     Positions (ints) index `nodes`, `ops`, `types` and `input_pos`; `index` maps names to them.
     """
 
-    __slots__ = ("_fingerprint", "_serial", "index", "input_pos", "nodes", "ops", "types")
+    __slots__ = (
+        "_bytes",
+        "_fingerprint",
+        "_serial",
+        "index",
+        "input_pos",
+        "nodes",
+        "ops",
+        "types",
+    )
 
     def __init__(self, nodes: Iterable[Node]):
         checked = [_check_node(n) for n in nodes]
@@ -79,24 +89,58 @@ class Graph:
         )
         self.types: tuple[TensorType, ...] = _infer_types(self)
         self._fingerprint: str | None = None
+        self._bytes: int | None = None
         self._serial = next(_SERIALS)
 
+    @classmethod
+    def extended(
+        cls, base: Graph, nodes: Sequence[Node], ops: Sequence[Op], types: Sequence[TensorType]
+    ) -> Graph:
+        """`base` with `nodes` appended, typed and checked by the rules that made them (engine/
+        grad.py's emitter: fresh names, inputs made earlier, types from the ops' shape rules):
+        only their attributes are put in canonical form; `base`'s nodes, their order and types
+        are shared, and nothing is sorted, inferred or hashed again (the fingerprint is lazy)."""
+        g = object.__new__(cls)
+        added = [
+            n.replace(attrs={k: check_attr(op, k, v, node=n.name) for k, v in n.attrs.items()})
+            if n.attrs
+            else n
+            for n, op in zip(nodes, ops, strict=True)
+        ]
+        g.nodes = base.nodes + tuple(added)
+        g.ops = base.ops + tuple(ops)
+        index = g.index = dict(base.index)
+        start = len(base.nodes)
+        for k, n in enumerate(added, start):
+            if index.setdefault(n.name, k) != k:
+                raise AssertionError(f"node '{n.name}' added twice")
+        at = index.__getitem__
+        g.input_pos = base.input_pos + tuple([tuple(map(at, n.inputs)) for n in added])
+        g.types = base.types + tuple(types)
+        g._fingerprint = None
+        g._bytes = None
+        g._serial = next(_SERIALS)
+        return g
+
+    @property
+    def serial(self) -> int:
+        """This instance's number, never reused: what derived-value caches key on."""
+        return self._serial
+
     def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        """A value derived from this (immutable) graph, kept in the bounded plan cache
-        (engine/plan_cache.py) and made again should it have been dropped."""
-        return PLANS.get_or_make(PlanKey(self._serial, key), make)
+        """Deprecated: a value derived from this graph under an untyped key. Layers own typed
+        caches (engine/plan_cache.py `DerivedCache`); this stays for code not yet moved."""
+        return _MEMO.get_or_make((self._serial, key), make)
 
     def approx_bytes(self) -> int:
         """Estimated memory the graph holds (what the graph cache counts)."""
-
-        def count() -> int:
+        if self._bytes is None:
             names = sum(len(n.name) for n in self.nodes)
             arrays = sum(
                 v.nbytes for n in self.nodes for v in n.attrs.values() if isinstance(v, np.ndarray)
             )
-            return NODE_BYTES * len(self.nodes) + 2 * names + arrays
-
-        return int(self.memo("approx_bytes", count))
+            self._bytes = NODE_BYTES * len(self.nodes) + 2 * names + arrays
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self.nodes)

@@ -1,8 +1,9 @@
 """A request's peak memory, from declared shapes and the programs the driver runs.
 
 The estimate replays the local executor's schedule (engine/driver.py) without computing
-anything: its tasks (the forward program, the backward program of the gradient nodes, the
-caller's) in order, each node of a task in the order its compiled program runs them. Fed
+anything, both ways the driver runs it: its tasks (the forward program, the backward program
+of the gradient nodes, the caller's) one after another, and all their nodes as the one
+inline program of an in-process run; each node in the order its compiled program runs it. Fed
 values and seed cotangents are held throughout; a value a task makes is freed after its last
 read in that task unless later tasks or the response read it (the driver holds every task's
 exports until the caller's task has run); a node whose kernel is more than one numpy call
@@ -25,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest
-from graphgrad.engine.driver import Schedule, TaskSpec
-from graphgrad.engine.executor import LocalExecutor
+from graphgrad.engine.driver import Schedule
+from graphgrad.engine.executor import LocalExecutor, request_key
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.lru import LRU
-from graphgrad.engine.ops import CONSTANT, Op
+from graphgrad.engine.ops import CONSTANT
+from graphgrad.engine.plan_cache import DerivedCache, RequestKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +47,8 @@ class RequestMemory:
         )
 
 
-# Estimates of the schedules the plan cache holds. Keyed by the schedule's id, with the
-# schedule itself kept beside the estimate: an id cannot be reused while its entry lives.
-_ESTIMATES: LRU[int, tuple[Schedule, RequestMemory]] = LRU(
-    1024, 64 << 20, lambda v: v[0].approx_bytes() + 200
-)
+# Kept in the plan cache's budget, beside the schedules they replay.
+_ESTIMATES: DerivedCache[RequestKey, RequestMemory] = DerivedCache("request memory")
 _PLANNER = LocalExecutor()
 # Ops whose kernel is one numpy call allocating at most its output: the ufuncs of
 # engine/ops/elementwise.py's `_unary`/`_binary`, reductions, reshape (a copy is its output),
@@ -75,53 +73,61 @@ def request_memory(
     request = RunRequest(
         tuple(outputs), {}, tuple(wrt), {s: _ANY for s in seeded} if seeded else None
     )
-    _, sched = _PLANNER.plan(graph, request)
-    held = _ESTIMATES.get(id(sched))
-    if held is not None and held[0] is sched:
-        return held[1]
-    return _ESTIMATES.put(id(sched), (sched, replay(sched)))[1]
+    return _ESTIMATES.get_or_make(
+        request_key(graph, request), lambda: replay(_PLANNER.plan(graph, request)[1])
+    )
 
 
 def replay(sched: Schedule) -> RequestMemory:
-    """The bytes a run of `sched` holds at its worst point, task by task."""
+    """The bytes a run of `sched` holds at its worst point: its tasks one after another (a
+    partitioned run, and the driver's caller on Ray), or every node of them as one program
+    (the local executor's inline run), whichever holds more."""
     graph = sched.graph
     size = [t.nbytes for t in graph.types]
-    fed = set(sched.feed_pos.values()) | set(sched.seeds.values())
-    held = sum(size[i] for i in fed)  # feeds, and exports of the tasks run so far
-    kept = held
+    fed = sum(size[i] for i in {*sched.feed_pos.values(), *sched.seeds.values()})
+    held = kept = fed  # feeds, then also the exports of the tasks run so far
     for task in sched.tasks:
-        peak, exported = _task_peak(graph.input_pos, graph.ops, size, task)
+        peak, exported = _program_peak(graph, size, task.nodes, task.exports)
         kept = max(kept, held + peak)
         held += exported
+    wanted = (*sched.outputs, *sched.grads)
+    every = sorted({i for t in sched.tasks for i in t.nodes})  # positions: topological
+    peak, exported = _program_peak(graph, size, every, wanted)
+    kept = max(kept, fed + peak)
+    held = max(held, fed + exported)
     values = sum(size[i] for i in set(sched.outputs))
     grads = sum(size[g] for g in sched.grads)  # each copied out (they may be views)
     response = 2 * (values + grads)
     return RequestMemory(max(kept, held + grads + response), kept, grads, response)
 
 
-def _task_peak(
-    input_pos: Sequence[tuple[int, ...]], ops: Sequence[Op], size: list[int], task: TaskSpec
+def _program_peak(
+    graph: Graph, size: list[int], nodes: Sequence[int], exports: Sequence[int]
 ) -> tuple[int, int]:
-    """The most bytes a task's program holds at once beyond what it reads, and the bytes of
-    the values it exports (held after it)."""
-    mine = [i for i in task.nodes if ops[i] is not CONSTANT]
+    """The most bytes a program of `nodes` holds at once beyond what it reads, and the bytes
+    of the values it makes and exports (held after it)."""
+    input_pos, ops = graph.input_pos, graph.ops
+    mine = [i for i in nodes if ops[i] is not CONSTANT]
     made = set(mine)
-    keep = set(task.exports)
-    last: dict[int, int] = {}
+    keep = set(exports)
+    last: dict[int, int] = {}  # the last read of each value made here
     for k, i in enumerate(mine):
         for j in input_pos[i]:
             if j in made:
                 last[j] = k
     live = peak = 0
     for k, i in enumerate(mine):
+        ins = input_pos[i]
         live += size[i]
-        operands = [size[j] for j in (i, *input_pos[i])]
-        temporary = sum(min(b, BUFFER_BYTES) for b in operands)
-        if ops[i].name not in NO_TEMPORARY:
-            temporary += 2 * max(operands)
-        peak = max(peak, live + temporary)
-        for j in {*input_pos[i], i}:
-            if j in made and j not in keep and last.get(j, -1) <= k:
+        largest, buffers = size[i], min(size[i], BUFFER_BYTES)
+        for j in ins:
+            largest = max(largest, size[j])
+            buffers += min(size[j], BUFFER_BYTES)
+        peak = max(peak, live + buffers + (0 if ops[i].name in NO_TEMPORARY else 2 * largest))
+        for j in ins:
+            if last.get(j) == k and j in made and j not in keep:
                 live -= size[j]
-                made.discard(j)  # freed once
-    return peak, sum(size[i] for i in keep if ops[i] is not CONSTANT and i in task.nodes)
+                made.discard(j)  # freed once (an op may read it twice)
+        if i not in last and i not in keep:
+            live -= size[i]  # read by no later node here: dropped at once
+    return peak, sum(size[i] for i in keep & set(mine))

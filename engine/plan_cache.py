@@ -1,9 +1,11 @@
-"""The plan cache: values derived from a graph (pass plans, compiled steps, partitions, costs),
-kept per graph instance in one process-wide LRU bounded by entries and estimated bytes.
+"""The plan cache: values derived from a graph (pass plans, compiled programs, partitions,
+costs), kept per graph instance in one process-wide LRU bounded by entries and estimated bytes.
 
-Derived values hold node positions, which belong to one Graph instance (two graphs with the
-same fingerprint may order their nodes differently), so keys name the instance by a serial
-number that is never reused.
+Each layer owns its derived values through a typed `DerivedCache` (its name, its key type, its
+value type) over that one budget, so the server bounds them all with one setting. Derived values
+hold node positions, which belong to one Graph instance (two graphs with the same fingerprint
+may order their nodes differently), so keys name the instance by its serial number, which is
+never reused (`RequestKey.graph`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import FunctionType, MappingProxyType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -26,10 +28,25 @@ _SHARED = (int, str, type(None))  # bool is an int
 _SCALARS = (float, bytes)
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
 @dataclass(frozen=True, slots=True)
 class PlanKey:
-    graph: int  # the Graph instance's serial number
-    what: Hashable  # e.g. ("pass", outputs, wrt, seeded)
+    cache: str  # the DerivedCache's name
+    key: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """What a request's derived values depend on: the graph instance, the outputs asked for,
+    the gradients asked for and the outputs seeded."""
+
+    graph: int  # Graph.serial
+    outputs: tuple[str, ...]
+    wrt: tuple[str, ...]
+    seeded: tuple[str, ...]
 
 
 def approx_bytes(obj: Any) -> int:
@@ -86,3 +103,14 @@ class PlanCache:
 
 
 PLANS = PlanCache()
+
+
+class DerivedCache(Generic[K, V]):
+    """One layer's derived values, typed, within the plan cache's bounds (`PLANS`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        value: V = PLANS.get_or_make(PlanKey(self.name, key), make)
+        return value

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from graphgrad.engine.autodiff import PassPlan
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.ops import CONSTANT, INPUT
+from graphgrad.engine.ops import CONSTANT, INPUT, TensorType
+from graphgrad.engine.plan_cache import DerivedCache
 
 TASK_OVERHEAD_S = 1e-3  # what one Ray task costs on this kind of machine
 NODE_OVERHEAD_S = 4e-6  # Python dispatch per node
@@ -39,16 +40,28 @@ class NodeCost:
 
 
 def node_costs(graph: Graph) -> list[NodeCost]:
-    def make(i: int) -> NodeCost:
-        op, t = graph.ops[i], graph.types[i]
-        ins = [graph.types[j] for j in graph.input_pos[i]]
-        if op is INPUT:
-            return NodeCost(0.0, 0.0)
-        return NodeCost(
-            op.flops(ins, t, graph.nodes[i].attrs), float(t.nbytes + sum(x.nbytes for x in ins))
-        )
+    # Costs of nodes without attributes depend on their op and types alone: large graphs
+    # repeat a few such signatures, worked out once each (and their costs shared).
+    same: dict[tuple[str, tuple[TensorType, ...]], NodeCost] = {}
+    free = NodeCost(0.0, 0.0)
 
-    return graph.memo("costs", lambda: [make(i) for i in range(len(graph))])
+    def make(i: int) -> NodeCost:
+        op, t, attrs = graph.ops[i], graph.types[i], graph.nodes[i].attrs
+        if op is INPUT:
+            return free
+        ins = [graph.types[j] for j in graph.input_pos[i]]
+        key = (op.name, (t, *ins))
+        cost = None if attrs else same.get(key)
+        if cost is None:
+            cost = NodeCost(op.flops(ins, t, attrs), float(t.nbytes + sum(x.nbytes for x in ins)))
+            if not attrs:
+                same[key] = cost
+        return cost
+
+    return _COSTS.get_or_make(graph.serial, lambda: [make(i) for i in range(len(graph))])
+
+
+_COSTS: DerivedCache[int, list[NodeCost]] = DerivedCache("node costs")  # by Graph.serial
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.calibration import in_force
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.driver import task_source
@@ -26,6 +27,7 @@ from graphgrad.engine.job_reports import JobView, ResultPart, result_parts
 from graphgrad.engine.kinds import ExecutorKind, JobStatus
 from graphgrad.engine.ops.docs import OpInfo, op_infos
 from graphgrad.engine.planner import Explanation, describe
+from graphgrad.engine.simulator import Cluster, Prediction, predict
 from graphgrad.engine.training import TrainSpec
 from graphgrad.engine.training_run import Placement, TrainingRun, group_specs
 
@@ -42,10 +44,12 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Explained:
-    """An explanation, and (in process) the generated source of its partitions' tasks."""
+    """An explanation, the generated source of its partitions' tasks, and its predicted run
+    on the cluster asked about (None: none asked)."""
 
     explanation: Explanation
     source: Callable[[int, str], str]
+    prediction: Prediction | None = None
 
 
 class LocalJob:
@@ -122,14 +126,32 @@ class Session:
         name, plan = self.dispatcher.choose(graph, request, executor, cancel)
         return describe(graph, name, plan)
 
+    def predict(
+        self,
+        graph: Graph,
+        request: RunRequest,
+        cluster: Cluster,
+        cancel: Cancellation | None = None,
+    ) -> Prediction:
+        """The request's run on `cluster`, simulated with the calibration in force."""
+        bare = RunRequest(request.outputs, {}, request.wrt)
+        return predict(graph, bare, cluster, in_force(), cancel)
+
     def plan(
-        self, graph: Graph, request: RunRequest, executor: ExecutorKind = ExecutorKind.AUTO
+        self,
+        graph: Graph,
+        request: RunRequest,
+        executor: ExecutorKind = ExecutorKind.AUTO,
+        cluster: Cluster | None = None,
     ) -> Explained:
-        """The explanation with the source of each partition's tasks (compiled once)."""
+        """The explanation with the source of each partition's tasks (compiled once), and
+        the prediction on `cluster` if one is given."""
         bare = RunRequest(request.outputs, {}, request.wrt)
         name, plan = self.dispatcher.choose(graph, bare, executor)
         _, sched = self.dispatcher.executor(name).plan(graph, bare)
-        return Explained(describe(graph, name, plan), functools.partial(task_source, sched))
+        prediction = None if cluster is None else self.predict(graph, bare, cluster)
+        source = functools.partial(task_source, sched)
+        return Explained(describe(graph, name, plan), source, prediction)
 
     def prepare(
         self, graph: Graph, request: RunRequest, executor: ExecutorKind = ExecutorKind.AUTO

@@ -25,8 +25,9 @@ from graphgrad.engine.codegen import Program, compile_program
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.grad import grad_graph
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.lru import LRU
-from graphgrad.engine.ops import INPUT, TensorType
+from graphgrad.engine.memory import request_memory
+from graphgrad.engine.ops import FLOAT_DTYPES, INPUT, TensorType
+from graphgrad.engine.plan_cache import DerivedCache
 
 Arrays = dict[str, np.ndarray]
 # Bounds the loop count of a job; its memory and storage are bounded by the server's
@@ -292,6 +293,12 @@ def _check_params(spec: TrainSpec) -> int:
     first, n = "", -1
     for name, value in sorted(spec.params.items()):  # the same error for any map order
         t = _template_input(spec.template, "params", name)
+        if t.dtype not in FLOAT_DTYPES:
+            raise RequestError(
+                f"param '{name}' is an integer ({t.dtype}) input of the template: params "
+                f"are trained by their gradients, so they must be {' or '.join(FLOAT_DTYPES)}",
+                field=f"params['{name}']",
+            )
         value = _array("params", name, value)
         if value.shape[1:] != t.shape or value.ndim != len(t.shape) + 1 or value.dtype != t.dtype:
             raise RequestError(
@@ -422,17 +429,27 @@ def compile_step(
     )
 
 
-StepKey = tuple[str, str, frozenset[str], int, tuple[str, ...]]
-# Per process: a job's chunks of one shape, its segments and its steps share one program (in
-# a Ray worker, every segment the worker runs).
-_STEPS: LRU[StepKey, CompiledStep] = LRU(64, 1 << 30, CompiledStep.approx_bytes)
+@dataclass(frozen=True, slots=True)
+class StepKey:
+    """A chunk shape: what a compiled step depends on."""
+
+    template: str  # the template's fingerprint (the step's positions are its own graph's)
+    loss: str
+    batched: frozenset[str]
+    n: int
+    params: tuple[str, ...]
+
+
+# Per process, in the plan cache's budget: a job's chunks of one shape, its segments and its
+# steps share one program (in a Ray worker, every segment the worker runs).
+_STEPS: DerivedCache[StepKey, CompiledStep] = DerivedCache("training steps")
 
 
 def compiled_step(
     template: Graph, loss: str, batched: frozenset[str], n: int, params: tuple[str, ...]
 ) -> CompiledStep:
     """`compile_step`, made once per process and chunk shape."""
-    key = (template.fingerprint, loss, batched, n, params)
+    key = StepKey(template.fingerprint, loss, batched, n, params)
     return _STEPS.get_or_make(key, lambda: compile_step(template, loss, batched, n, params))
 
 
@@ -542,17 +559,26 @@ def activation_bytes(template: Graph) -> int:
     return sum(t.nbytes for t in template.types)
 
 
+def step_bytes(spec: TrainSpec) -> int:
+    """About the most bytes a step of all the spec's networks holds while its program runs:
+    one network's step replayed over its gradient graph (engine/memory.py), times the
+    networks (the stacked graph holds theirs side by side)."""
+    params = sorted(spec.params)
+    return spec.n * request_memory(spec.template, [spec.loss], params).kept
+
+
 def job_bytes(specs: Sequence[TrainSpec]) -> int:
     """About the most memory and storage a job of these specs takes, from N x steps: its
     inputs; the loss history (kept durably and assembled for the results); parameters and
-    optimizer state (in memory, in a checkpoint, and the checkpoint's bytes); one step's
-    values and their gradients for every network; the minibatch permutations."""
+    optimizer state (in memory, in a checkpoint, and the checkpoint's bytes); a step of
+    every network (`step_bytes`) and the optimizer's update; the minibatch permutations."""
     total = 0
     for s in specs:
         inputs = sum(v.nbytes for v in (*s.params.values(), *s.data.values()))
         state = sum(v.nbytes for v in s.params.values()) * (1 + s.optimizer.slots)
         history = s.n * s.steps * 8
-        step = 2 * s.n * activation_bytes(s.template)
+        # The update goes one param at a time; Adam's holds about six arrays of its size.
+        step = step_bytes(s) + 6 * max(v.nbytes for v in s.params.values())
         samples = max(
             (v.shape[1 if k in s.per_network else 0] for k, v in s.data.items()), default=0
         )

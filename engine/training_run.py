@@ -39,6 +39,8 @@ class Progress:
     loss_median: float
     loss_best: float
     loss_worst: float
+    # Networks whose latest loss is NaN or infinite (left out of the statistics above).
+    networks_nonfinite: int = 0
 
 
 def chunk_count(spec: TrainSpec, cpus: int) -> int:
@@ -232,17 +234,22 @@ class TrainingRun:
 
     def progress(self) -> Progress:
         step = min(s.step for s in self._states)
-        last = np.concatenate(
-            [s.losses[-1] if s.losses else self._last[i] for i, s in enumerate(self._states)]
-        )
+        lasts = [s.losses[-1] if s.losses else self._last[i] for i, s in enumerate(self._states)]
+        last = np.concatenate(lasts)
         finite = last[np.isfinite(last)]
+        # A chunk that has not run yet holds NaN in place of a loss: not a diverged network.
+        nonfinite = sum(
+            int(np.count_nonzero(~np.isfinite(v)))
+            for v, s in zip(lasts, self._states, strict=True)
+            if s.step > 0
+        )
         stats = (
             (float(np.median(finite)), float(finite.min()), float(finite.max()))
             if finite.size
             else (math.nan, math.nan, math.nan)
         )
         done = sum(len(self._last[i]) for i, s in enumerate(self._states) if s.step >= self.steps)
-        return Progress(step, self.steps, self.networks, done, *stats)
+        return Progress(step, self.steps, self.networks, done, *stats, nonfinite)
 
     def run(
         self,

@@ -11,7 +11,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from graphgrad.engine import calibration
 from graphgrad.engine.allocator import set_malloc_thresholds
+from graphgrad.engine.calibration import FILE_NAME as CALIBRATION_FILE
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 from graphgrad.server.app import Server, ServerConfig
@@ -169,7 +171,21 @@ def parser() -> argparse.ArgumentParser:
         shown = "" if "default" in n.help else " (default %(default)s)"
         s.add_argument(n.flag, type=n.kind, default=n.default, help=n.help + shown)
     s.add_argument("--log-level", default="INFO")
+    c = sub.add_parser(
+        "calibrate", help=f"measure this machine for the cost model; writes {CALIBRATION_FILE}"
+    )
+    c.add_argument("--data-dir", type=Path, default=s.get_default("data_dir"))
+    c.add_argument("--quick", action="store_true", help="small probes, no Ray (keeps its defaults)")
+    c.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the Ray measured")
     return p
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    cal = calibration.measure(quick=args.quick, ray_cpus=args.ray_num_cpus)
+    path = args.data_dir / CALIBRATION_FILE
+    calibration.save(cal, path)
+    print(f"wrote {path}: {cal.source}", flush=True)
+    return 0
 
 
 def config_from(args: argparse.Namespace) -> ServerConfig:
@@ -222,14 +238,17 @@ SERVER_MMAP_THRESHOLD = 1 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
     args = parser().parse_args(argv)
+    if args.command == "calibrate":
+        return calibrate(args)
+    set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from(args)
+    calibration.use(calibration.load_or_defaults(args.data_dir))  # a bad file: a warning
     try:  # an unusable store is fatal before anything starts, in one line
         store = JobStore(args.data_dir / "jobs.sqlite3")
     except StoreError as e:

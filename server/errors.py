@@ -20,6 +20,8 @@ from graphgrad.engine import (
     RequestError,
     ValidationError,
 )
+from graphgrad.engine.errors import ERROR_DOMAIN, error_kind
+from graphgrad.onnx import OnnxUnavailableError
 from graphgrad.wire import FieldError
 
 log = logging.getLogger("graphgrad.server")
@@ -56,19 +58,31 @@ def _clip_strings(message: Message) -> None:
                 setattr(message, fd.name, clip(value, MAX_DETAIL_BYTES))
             else:
                 value[:] = [clip(v, MAX_DETAIL_BYTES) for v in value]
+        elif fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            for key in list(value):  # string maps (ErrorInfo.metadata): keys are ours
+                if isinstance(value[key], str):
+                    value[key] = clip(value[key], MAX_DETAIL_BYTES)
         elif fd.type == fd.TYPE_MESSAGE:
             for sub in [value] if isinstance(value, Message) else value:
                 _clip_strings(sub)
 
 
-def _status(code: int, message: str, detail: Message | None = None) -> grpc.Status:
+def _status(code: int, message: str, *details: Message | None) -> grpc.Status:
     st = status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE_BYTES))
-    if detail is not None:
+    for detail in details:
+        if detail is None:
+            continue
         _clip_strings(detail)
         packed = any_pb2.Any()
         packed.Pack(detail)
         st.details.append(packed)
     return rpc_status.to_status(st)
+
+
+def _error_info(e: GraphError) -> error_details_pb2.ErrorInfo:
+    """Which engine error this is and where (node, field...): clients raise the same class."""
+    kind, where = error_kind(e)
+    return error_details_pb2.ErrorInfo(reason=kind, domain=ERROR_DOMAIN, metadata=where)
 
 
 def _bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
@@ -82,24 +96,25 @@ def _bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
 def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> grpc.Status:
     """The status a client gets for an exception raised while serving."""
     msg = str(e)
+    info = _error_info(e) if isinstance(e, GraphError) else None
     if isinstance(e, ValidationError):
         field = f"graph.nodes['{e.node}'].{e.field}" if e.node is not None else f"graph.{e.field}"
-        return _status(code_pb2.INVALID_ARGUMENT, msg, _bad_request(field, e.reason))
+        return _status(code_pb2.INVALID_ARGUMENT, msg, _bad_request(field, e.reason), info)
     if isinstance(e, FeedError):
         return _status(
-            code_pb2.INVALID_ARGUMENT, msg, _bad_request(f"feeds['{e.input_name}']", msg)
+            code_pb2.INVALID_ARGUMENT, msg, _bad_request(f"feeds['{e.input_name}']", msg), info
         )
     if isinstance(e, RequestError | FieldError):
-        return _status(code_pb2.INVALID_ARGUMENT, msg, _bad_request(e.field or "", msg))
+        return _status(code_pb2.INVALID_ARGUMENT, msg, _bad_request(e.field or "", msg), info)
     if isinstance(e, ExecutionError):
         return _status(
-            code_pb2.INVALID_ARGUMENT, msg, _bad_request(f"graph.nodes['{e.node}']", msg)
+            code_pb2.INVALID_ARGUMENT, msg, _bad_request(f"graph.nodes['{e.node}']", msg), info
         )
     if isinstance(e, LimitError):
         quota = error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(subject=e.limit, description=msg)]
         )
-        return _status(code_pb2.RESOURCE_EXHAUSTED, msg, quota)
+        return _status(code_pb2.RESOURCE_EXHAUSTED, msg, quota, info)
     if isinstance(e, NotFoundError):
         info = error_details_pb2.ResourceInfo(
             resource_type=e.kind, resource_name=e.name, description=f"unknown {e.kind}"
@@ -119,8 +134,10 @@ def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> 
             and context.time_remaining() <= 0
         )
         deadline = e.reason == CancelReason.DEADLINE or expired
-        return _status(code_pb2.DEADLINE_EXCEEDED if deadline else code_pb2.CANCELLED, msg)
+        return _status(code_pb2.DEADLINE_EXCEEDED if deadline else code_pb2.CANCELLED, msg, info)
+    if isinstance(e, OnnxUnavailableError):
+        return _status(code_pb2.FAILED_PRECONDITION, f"this server cannot read ONNX models: {msg}")
     if isinstance(e, GraphError):
-        return _status(code_pb2.INVALID_ARGUMENT, msg)
+        return _status(code_pb2.INVALID_ARGUMENT, msg, info)
     log.exception("internal error while serving a request")
     return _status(code_pb2.INTERNAL, f"internal error: {type(e).__name__}: {e}")

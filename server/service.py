@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from importlib import metadata
 
 from graphgrad import wire
-from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError
+from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError, calibration
 from graphgrad.server.inflight import CallContext
 from graphgrad.server.runtime import Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
@@ -27,6 +27,22 @@ def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
     )
 
 
+def register_onnx(
+    runtime: Runtime, data: bytes, dims: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]
+) -> Graph:
+    """Validate and keep an ONNX model from the wire (graphgrad.onnx converts it): the node
+    count and every stored tensor's size are checked before any tensor is converted."""
+    from graphgrad import onnx as onnx_models  # the wire layer; needs the `onnx` package
+
+    limits = runtime.limits
+    model = onnx_models.parse_model(data)
+    imported = onnx_models.from_onnx(
+        model, dims, shapes, max_nodes=limits.max_nodes, max_tensor_bytes=limits.max_tensor_bytes
+    )
+    limits.check_node_count(len(imported.graph))
+    return runtime.register(imported.graph.nodes)
+
+
 class GraphServicer:
     def __init__(self, runtime: Runtime, limits: Mapping[str, int] | None = None) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
@@ -40,6 +56,9 @@ class GraphServicer:
             return register_wire(self.runtime, request.graph)
         if which == "fingerprint":
             return self.runtime.graph(request.fingerprint)
+        if which == "onnx_model" and isinstance(request, service_pb2.RunRequest):
+            shapes = {k: tuple(v.shape) for k, v in request.feeds.items()}
+            return register_onnx(self.runtime, request.onnx_model, request.onnx_dims, shapes)
         raise RequestError(
             "the request names no graph: set `graph` or `fingerprint`", field="graph_ref"
         )
@@ -47,7 +66,12 @@ class GraphServicer:
     def RegisterGraph(
         self, request: service_pb2.RegisterGraphRequest, context: CallContext
     ) -> service_pb2.RegisterGraphResponse:
-        graph = register_wire(self.runtime, request.graph)
+        if request.onnx_model:
+            if request.HasField("graph"):
+                raise RequestError("set `graph` or `onnx_model`, not both", field="onnx_model")
+            graph = register_onnx(self.runtime, request.onnx_model, request.onnx_dims, {})
+        else:
+            graph = register_wire(self.runtime, request.graph)
         return service_pb2.RegisterGraphResponse(
             fingerprint=graph.fingerprint, num_nodes=len(graph)
         )
@@ -62,9 +86,13 @@ class GraphServicer:
         self, request: service_pb2.ExplainRequest, context: CallContext
     ) -> service_pb2.ExplainResponse:
         graph = self._graph(request)
-        run, executor = wire.decode_explain_request(request)
-        explanation = self.runtime.explain(graph, run, executor, cancellation(context))
-        return wire.encode_explanation(explanation)
+        run, executor, cluster = wire.decode_explain_request(request)
+        cancel = cancellation(context)
+        out = wire.encode_explanation(self.runtime.explain(graph, run, executor, cancel))
+        if cluster is not None:
+            prediction = self.runtime.session.predict(graph, run, cluster, cancel)
+            wire.encode_prediction(prediction, out.prediction)
+        return out
 
     def ListOps(
         self, request: service_pb2.ListOpsRequest, context: CallContext
@@ -78,6 +106,9 @@ class GraphServicer:
             version=metadata.version("graphgrad"), opset_version=wire.OPSET_VERSION
         )
         out.limits.update(self.limits)
+        cal = calibration.in_force()
+        out.calibration = cal.source
+        out.calibration_figures.update(calibration.figures(cal))
         for name, stats in self.runtime.caches().items():
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes

@@ -55,10 +55,15 @@ MIGRATIONS = [
         PRIMARY KEY (job_id, chunk, first)
     );
     """,
+    # Version 2: networks whose latest loss is NaN or infinite.
+    "ALTER TABLE jobs ADD COLUMN networks_nonfinite INTEGER",
 ]
 # SQLite's default SQLITE_MAX_LENGTH: no blob (checkpoint, spec, segment) may be longer.
 MAX_BLOB_BYTES = 1_000_000_000
-PROGRESS = "steps_done, steps, networks, networks_done, loss_median, loss_best, loss_worst"
+PROGRESS = (
+    "steps_done, steps, networks, networks_done, loss_median, loss_best, loss_worst, "
+    "networks_nonfinite"
+)
 
 
 class StoreError(RuntimeError):
@@ -90,7 +95,8 @@ def _progress(row: Sequence[Any]) -> Progress | None:
         return None
     nan = lambda v: math.nan if v is None else float(v)  # noqa: E731  SQLite stores NaN as NULL
     i = [int(v) for v in row[:4]]
-    return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]))
+    nonfinite = int(row[7] or 0)  # NULL in a row from before version 2
+    return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]), nonfinite)
 
 
 class JobStore:
@@ -143,7 +149,7 @@ class JobStore:
         with self._transaction() as db:
             db.execute(
                 f"INSERT INTO jobs (id, spec, status, created, {PROGRESS}) "
-                "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, spec, created, *_values(progress)),
             )
         return created
@@ -162,7 +168,7 @@ class JobStore:
         with self._transaction() as db:
             found = db.execute(
                 f"UPDATE jobs SET checkpoint = ?, status = ?, error = ?, "
-                f"({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?) WHERE id = ?",
+                f"({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?",
                 (blob, status, error, *_values(progress), job_id),
             ).rowcount
             if found:  # a deleted job's last writes change nothing
@@ -196,7 +202,7 @@ class JobStore:
             ).fetchone()
         if row is None:
             return None
-        return JobRow(_summary(row), bytes(row[11]), None if row[12] is None else bytes(row[12]))
+        return JobRow(_summary(row), bytes(row[12]), None if row[13] is None else bytes(row[13]))
 
     def summary(self, job_id: str) -> JobSummary | None:
         with self._lock:
@@ -253,7 +259,7 @@ def _summary(row: Sequence[Any]) -> JobSummary:
         str(row[1]),
         str(row[2]),
         float(row[3]),
-        _progress(row[4:11]),
+        _progress(row[4:12]),
     )
 
 
@@ -266,6 +272,7 @@ def _values(p: Progress) -> tuple[object, ...]:
         p.loss_median,
         p.loss_best,
         p.loss_worst,
+        p.networks_nonfinite,
     )
 
 

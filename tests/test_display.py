@@ -215,3 +215,38 @@ def test_explain_summarises_a_long_list_of_feeds():
     assert len(text.splitlines()) == 3 and text in plan._repr_mimebundle_()["text/plain"]
     few = gg.connect().explain(gg.sum(xs[0] * xs[1]), wrt=["x0"])
     assert "  feeds -> P0: x1 (32 bytes)" in str(few).splitlines()  # a few: one line each
+
+
+def test_job_plot_keeps_its_axis_labels_inside_the_saved_figure():
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    job = gg.connect().train(mlp(8), init(3, 8, 0), own_data(3), steps=5).wait(progress=False)
+    ax = job.plot()
+    fig = ax.figure
+    fig.savefig(io.BytesIO(), format="png")  # as a notebook or a script saves it
+    drawn = ax.get_tightbbox(fig.canvas.get_renderer())  # labels and tick labels included
+    box = fig.bbox
+    assert ax.xaxis.label.get_text() == "step" and ax.yaxis.label.get_text() == "loss"
+    assert box.x0 <= drawn.x0 and drawn.x1 <= box.x1, (drawn, box)
+    assert box.y0 <= drawn.y0 and drawn.y1 <= box.y1, (drawn, box)
+
+
+def diverging(n=3, bad=1):
+    """`n` networks of which `bad` have targets so large that their loss overflows to
+    infinity at step 1 (and to NaN after it)."""
+    data = own_data(n)
+    data["t"][:bad] = 1e200
+    return mlp(8), init(n, 8, 0), data
+
+
+def test_a_job_whose_loss_becomes_nan_says_so():
+    job = gg.connect().train(*diverging(), steps=5).wait(progress=False)
+    assert job.status == "done" and job.progress.networks_nonfinite == 1
+    assert not np.isfinite(job.history[0]).any() and np.isfinite(job.history[1:]).all()
+    assert "loss NaN or infinite in 1 of 3 networks" in repr(job)
+    assert "loss NaN or infinite in 1 of 3 networks" in job._repr_html_()
+    fine = gg.connect().train(mlp(8), init(2, 8, 0), own_data(2), steps=2).wait(progress=False)
+    assert fine.progress.networks_nonfinite == 0 and "NaN" not in repr(fine)

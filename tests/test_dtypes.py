@@ -131,3 +131,12 @@ def test_training_takes_integer_labels_as_data():
     assert history.shape[0] == 2
     np.testing.assert_allclose(history[:, 0], np.log(2))  # zero weights: uniform guesses
     assert (history[:, -5:].mean(axis=1) < 0.5 * np.log(2)).all()
+
+
+def test_a_feed_of_the_other_byte_order_is_refused_saying_so():
+    """'>f8' is float64 by name; the error must not read 'expects float64, got float64'."""
+    with gg.Graph():
+        w = gg.input("w", shape=(3,))
+        y = gg.sum(w * w)
+    with pytest.raises(gg.FeedError, match=r"got \(3,\) >f8 \(big-endian: convert with"):
+        gg.LocalClient().run(y, {"w": np.arange(3.0).astype(">f8")})

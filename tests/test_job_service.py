@@ -118,3 +118,12 @@ def test_sigkilled_server_resumes_the_job_with_the_same_results(tmp_path):
         reference.wait(progress=False)
         assert resumed.history.tobytes() == reference.history.tobytes()
         assert resumed.params["W1"].tobytes() == reference.params["W1"].tobytes()
+
+
+def test_a_job_whose_loss_becomes_nan_says_so_over_grpc(client):
+    from .test_display import diverging
+
+    job = client.train(*diverging(n=4, bad=2), steps=5).wait(progress=False)
+    assert job.status == "done" and job.progress.networks_nonfinite == 2  # read from the store
+    assert "loss NaN or infinite in 2 of 4 networks" in repr(job)
+    assert "loss NaN or infinite in 2 of 4 networks" in job._repr_html_()

@@ -54,7 +54,22 @@ def cross_entropy() -> Case:
     return g.freeze(), {"x": rng.standard_normal((512, 100)), "y": np.full((512, 100), 0.01)}, ["x"]
 
 
-@pytest.mark.parametrize("make", [mlp, softmax_and_max, cross_entropy])
+def hessian_vector_product() -> Case:
+    """Gradient nodes in the graph itself: H v of a tanh layer's loss, as the VJP of its
+    gradient (and, with gradients, the third order)."""
+    rng = np.random.default_rng(3)
+    with gg.Graph() as g:
+        x, W = gg.input("x", shape=(256, 64)), gg.input("W", shape=(64, 128))
+        v = gg.input("v", shape=(64, 128))
+        loss = gg.sum(gg.tanh(x @ W) ** 2)
+        gW = gg.grad(loss, W)
+        hv = gg.grad(gW, W, v)
+        gg.sum(hv * v, name="L")
+    feeds = {k: rng.standard_normal(s) for k, s in (("x", (256, 64)), ("W", (64, 128)))}
+    return g.freeze(), {**feeds, "v": rng.standard_normal((64, 128))}, ["W", "v"]
+
+
+@pytest.mark.parametrize("make", [mlp, softmax_and_max, cross_entropy, hessian_vector_product])
 @pytest.mark.parametrize("with_grads", [False, True])
 def test_the_estimate_bounds_the_measured_peak(make: Callable[[], Case], with_grads: bool):
     graph, feeds, wrt = make()

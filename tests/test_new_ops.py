@@ -223,3 +223,40 @@ def test_new_ops_give_the_same_bits_partitioned_as_in_one_program():
     assert len(split.plan(graph, request)[0].partitions) > 1
     assert parts.values[total.name].tobytes() == one.values[total.name].tobytes()
     assert parts.grads["x"].tobytes() == one.grads["x"].tobytes()
+
+
+def test_a_step_past_int64_takes_one_element_and_the_graph_still_encodes(tmp_path):
+    """x[::2**70] is numpy's first row; the stride it records must fit the wire's int64."""
+    with gg.Graph():
+        x = gg.input("x", X.shape)
+        first, last = x[:: 2**70], x[:: -(2**70)]
+        loss = gg.sum(first) + 2.0 * gg.sum(last)
+    path = gg.save(tmp_path / "steps.gg", [first, last, loss])
+    saved = gg.load(path)
+    res = CLIENT.run(saved.outputs[:2], {"x": X})
+    np.testing.assert_array_equal(res.values[first.name], X[:: 2**70])
+    np.testing.assert_array_equal(res.values[last.name], X[:: -(2**70)])
+    res = CLIENT.run(saved.outputs[2], {"x": X}, wrt=["x"])
+    want = np.zeros_like(X)
+    want[0], want[-1] = 1.0, 2.0
+    np.testing.assert_array_equal(res.grads["x"], want)
+
+
+@pytest.mark.parametrize("labels", [np.zeros(2, np.int64), np.zeros((2, 0))], ids=["int", "prob"])
+def test_softmax_cross_entropy_over_no_classes_is_refused_as_the_graph_is_built(labels):
+    """A loss over zero classes has no softmax; said when built, not numpy's message at run."""
+    with gg.Graph():
+        logits = gg.input("logits", (2, 0))
+        with pytest.raises(gg.ValidationError, match=r"logits \(2, 0\) have no classes"):
+            gg.softmax_cross_entropy(logits, labels)
+
+
+def test_an_empty_index_list_gathers_nothing_and_a_huge_one_names_itself():
+    """x[[]] is numpy's empty gather; x[[2**63]] names 2**63, not the int64 it wraps to."""
+    got, grad, _ = run_with_grad(lambda x: x[[]])
+    assert got.shape == X[[]].shape == (0, 5)
+    np.testing.assert_array_equal(grad, np.zeros_like(X))
+    with gg.Graph():
+        x = gg.input("x", X.shape)
+        with pytest.raises(IndexError, match="index 9223372036854775808 .* out of range"):
+            x[[2**63]]

@@ -59,6 +59,23 @@ def test_the_job_trained_with_a_progress_bar_and_a_plot(executed):
     assert float(words[-1]) < float(words[4]) / 3
 
 
+def test_the_saved_progress_output_reads_its_final_state(executed):
+    bars = [
+        o.data
+        for o in outputs(executed)
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    assert len(bars) == 1  # one bar, updated in place
+    assert "200/200" in bars[0]["text/plain"] and "100%" in bars[0]["text/plain"]
+    assert "step 200/200" in bars[0]["text/html"] and ": done" in bars[0]["text/html"]
+
+
+def test_the_saved_graph_shows_as_an_html_picture(executed):
+    data = executed.cells[1].outputs[0]["data"]
+    assert 'src="data:image/svg+xml;base64,' in data["text/html"]
+    assert "<svg" not in data["text/html"]  # kept by JupyterLab's sanitizer in saved files
+
+
 # -- examples/classifier.ipynb: a classifier trained through gg.value_and_grad on a server ---
 
 CLASSIFIER = NOTEBOOK.parent / "classifier.ipynb"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 
 import numpy as np
@@ -101,6 +102,28 @@ def altered_graph(path):
     return msg.SerializeToString()
 
 
+def patch_member(path, member, how):
+    """Damage the zip's own records of `member`: 'deflate' spoils its compressed stream,
+    'method' names a compression method zipfile lacks, 'encrypted' sets the encryption flag."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    if how == "deflate":
+        at = info.header_offset
+        name_len, extra_len = struct.unpack("<HH", data[at + 26 : at + 30])
+        start = at + 30 + name_len + extra_len
+        data[start : start + 4] = b"\xff" * 4  # deflate block type 3: invalid
+    else:  # its central directory entry (signature, then the name at offset 46)
+        at = data.index(b"PK\x01\x02")
+        while bytes(data[at + 46 : at + 46 + len(member)]) != member.encode():
+            at = data.index(b"PK\x01\x02", at + 4)
+        if how == "method":
+            data[at + 10 : at + 12] = struct.pack("<H", 99)
+        else:
+            data[at + 8] |= 1
+    path.write_bytes(bytes(data))
+
+
 BAD_FILES = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "trunc"),
     "not a zip": (lambda p: p.write_text("hello"), "not a saved graph"),
@@ -126,6 +149,18 @@ BAD_FILES = {
     "graph changed": (
         lambda p: rewrite(p, graph_pb=altered_graph(p)),
         "does not match the fingerprint",
+    ),
+    "corrupt deflate stream": (
+        lambda p: patch_member(p, "graph.pb", "deflate"),
+        "not a saved graph, or truncated or corrupt",
+    ),
+    "unknown compression": (
+        lambda p: patch_member(p, "params.npz", "method"),
+        "not a saved graph, or truncated or corrupt",
+    ),
+    "encrypted member": (
+        lambda p: patch_member(p, "graphgrad.json", "encrypted"),
+        "not a saved graph, or truncated or corrupt",
     ),
     "pickled params": (
         lambda p: rewrite(p, params_npz=npz_bytes(W=np.array([{"a": 1}], dtype=object))),
@@ -168,3 +203,59 @@ def test_integer_inputs_and_constants_round_trip(tmp_path):
     client = gg.connect()
     want = client.run(L, {**feeds, "labels": np.array([0, 3, 1])}).value
     assert client.run(loaded.output, {**feeds, **loaded.params}).value == want
+
+
+def npz_declaring(name, shape, dtype="<f8"):
+    """An .npz whose member declares `shape` but holds only a few bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": dtype, "fortran_order": False, "shape": shape}
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{name}.npy", header.getvalue() + bytes(48))
+    return buf.getvalue()
+
+
+def test_a_param_declaring_a_huge_shape_is_refused_before_it_is_allocated(model, tmp_path):
+    _, outs, params = model
+    path = gg.save(tmp_path / "model.gg", outs, params=params)
+    rewrite(path, params_npz=npz_declaring("W", (2**40,)))  # 8 TiB declared, 48 bytes held
+    with pytest.raises(gg.SavedGraphError, match=r"param 'W' has shape \(1099511627776,\)"):
+        gg.load(path)
+
+
+def test_a_member_that_inflates_past_the_bound_is_refused_unread(model, tmp_path):
+    _, outs, params = model
+    path = gg.save(tmp_path / "model.gg", outs, params=params)
+    with zipfile.ZipFile(path) as z:
+        manifest = z.read("graphgrad.json")
+    # Valid JSON padded to 2 MiB of spaces: a few KiB deflated, a zip bomb in miniature.
+    padded = manifest + b" " * (2 << 20)
+    with zipfile.ZipFile(path) as z:
+        parts = {n: z.read(n) for n in z.namelist()}
+    parts["graphgrad.json"] = padded
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in parts.items():
+            z.writestr(name, data)
+    assert path.stat().st_size < 64 << 10
+    with pytest.raises(gg.SavedGraphError, match="graphgrad.json holds 2097.* bytes"):
+        gg.load(path)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in {**parts, "graphgrad.json": manifest}.items():
+            z.writestr(name, data)
+    gg.load(path)  # the same file unpadded loads
+    with pytest.raises(gg.SavedGraphError, match="over max_bytes=100"):
+        gg.load(path, max_bytes=100)
+
+
+@pytest.mark.parametrize("name", ["allow_pickle", "file"])
+def test_a_param_named_like_a_savez_argument_is_saved(tmp_path, name):
+    """np.savez(file, allow_pickle=..., **arrays) took these names as its own arguments."""
+    with gg.Graph():
+        x = gg.input(name, shape=(3,))
+        y = gg.sum(x * x)
+    value = np.arange(3.0)
+    loaded = gg.load(gg.save(tmp_path / "m.gg", y, params={name: value}))
+    assert list(loaded.params) == [name]
+    np.testing.assert_array_equal(loaded.params[name], value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from graphgrad.engine import (
     training,
 )
 from graphgrad.engine.batching import batch_graph
-from graphgrad.engine.lru import LRU
+from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.training import (
     SGD,
     Adam,
@@ -26,6 +27,7 @@ from graphgrad.engine.training import (
     classify_data,
     job_bytes,
     split,
+    step_bytes,
     within,
 )
 
@@ -140,7 +142,7 @@ def test_a_step_is_the_stacked_gradient_graph_compiled_once_per_chunk_shape(monk
     compiled = []
     real = training.compile_step
     monkeypatch.setattr(training, "compile_step", lambda *a: compiled.append(a) or real(*a))
-    monkeypatch.setattr(training, "_STEPS", LRU(8, 1 << 30, lambda step: 1))  # empty
+    monkeypatch.setattr(training, "_STEPS", DerivedCache("training steps, this test's"))
     graph = template(S)
     params, data = problem(per_network=True, seed=4)
     spec = TrainSpec(
@@ -163,6 +165,31 @@ def test_a_step_is_the_stacked_gradient_graph_compiled_once_per_chunk_shape(monk
     assert losses.tobytes() == ref.values[loss].tobytes()
     for k in params:
         assert grads[k].tobytes() == ref.grads[k].tobytes(), k
+
+
+def test_a_template_holding_gradient_nodes_trains_like_each_network_alone():
+    """A gradient penalty: the template differentiates its own fit (gg.grad), the step
+    batches that gradient graph and differentiates it again (second order, per network)."""
+    with gg.Graph() as g:
+        x, t = gg.input("x", shape=(S, 4)), gg.input("t", shape=(S, 1))
+        W1, W2 = gg.input("W1", shape=(H, 4)), gg.input("W2", shape=(1, H))
+        fit = gg.mean((gg.tanh(x @ gg.transpose(W1)) @ gg.transpose(W2) - t) ** 2)
+        dx = gg.grad(fit, x)
+        gg.add(fit, gg.mul(0.1, gg.sum(dx * dx)), name="loss")
+    graph = g.freeze()
+    params, data = problem(per_network=True, seed=2)
+    params = {k: params[k] for k in ("W1", "W2")}
+    spec = TrainSpec(graph, "loss", params, data, SGD(lr=0.05), 4, per_network=frozenset(data))
+    trainer = ChunkTrainer(spec)
+    state = trainer.run(trainer.initial_state())
+    for j in range(N):
+        own = {k: v[j] for k, v in data.items()}
+        p, hist = train_alone(
+            graph, {k: v[j] for k, v in params.items()}, own, SGD(lr=0.05), 4, None, 0, j
+        )
+        np.testing.assert_allclose(state.history[j], hist, rtol=1e-10)
+        for k in p:
+            np.testing.assert_allclose(state.params[k][j], p[k], rtol=1e-9, atol=1e-12)
 
 
 def test_a_cancelled_step_stops_inside_the_program():
@@ -265,6 +292,16 @@ BAD_SPECS = {
 }
 
 
+def test_an_integer_param_is_refused_naming_it():
+    with gg.Graph() as g:
+        x, k = gg.input("x", shape=(3,)), gg.input("k", shape=(3,), dtype="int64")
+        gg.sum(x * gg.astype(k, "float64"), name="loss")
+    params, data = {"k": np.ones((2, 3), np.int64)}, {"x": np.ones(3)}
+    with pytest.raises(RequestError, match=r"param 'k' is an integer \(int64\) input") as e:
+        TrainSpec.build(g.freeze(), "loss", params, data, SGD(), 2)
+    assert e.value.field == "params['k']"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
 def test_a_bad_spec_is_refused_naming_its_field(case):
     edit, field = BAD_SPECS[case]
@@ -332,3 +369,28 @@ def test_job_bytes_count_history_state_and_activations():
     assert longer - need >= N * (10_000 - spec.steps) * 8
     adam = job_bytes([dataclasses.replace(spec, optimizer=Adam())])
     assert adam - need >= 2 * N * per_net  # two moments per parameter
+
+
+@pytest.mark.parametrize("optimizer", [SGD(), Adam()], ids=["sgd", "adam"])
+@pytest.mark.parametrize("per_network", [True, False])
+def test_step_bytes_bound_what_a_step_allocates(per_network, optimizer):
+    n = 400  # values of a few hundred KiB: the step's Python objects are small beside them
+    rng = np.random.default_rng(3)
+    params = {"W1": rng.standard_normal((n, H, 4)), "b1": np.zeros((n, H))}
+    params |= {"W2": rng.standard_normal((n, 1, H)), "b2": np.zeros((n, 1))}
+    x = rng.standard_normal((n, S, 4) if per_network else (S, 4))
+    data = {"x": x, "t": np.sin(x.sum(-1, keepdims=True))}
+    spec = TrainSpec.build(template(S), "loss", params, data, optimizer, 3)
+    trainer = ChunkTrainer(spec)
+    state = trainer.initial_state()
+    trainer.step(state)  # compiled outside the measurement
+    tracemalloc.start()
+    try:
+        trainer.step(state)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    update = 6 * max(v.nbytes for v in params.values())  # what job_bytes adds for it
+    python_objects = 16 << 10  # the step's dicts and frames, not arrays
+    assert step_bytes(spec) + update + python_objects >= peak
+    assert step_bytes(spec) <= 4 * peak  # a bound, not a guess far above it

@@ -285,3 +285,35 @@ def test_transforms_run_the_same_on_a_server(remote):
         gg.vmap(lambda r: gg.sum(r**2), client=remote)(xs), (xs**2).sum(1), rtol=1e-14
     )
     assert gg.grad(gg.grad(lambda v: 1 / v**2), client=remote)(2.0) == pytest.approx(6 / 16)
+
+
+def test_a_bool_is_not_an_axis_or_an_argument_number():
+    """True is an int to Python; as an axis or argnums it is a mistake, not axis 1."""
+    xs = np.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match="in_axes .*True"):
+        gg.vmap(lambda x: x * 2, in_axes=True)(xs)
+    with pytest.raises(ValueError, match="in_axes .*True"):
+        gg.vmap(lambda x, y: x * y, in_axes=(0, True))(xs, xs)
+    with pytest.raises(ValueError, match="out_axes .*True"):
+        gg.vmap(lambda x: x * 2, out_axes=True)(xs)
+    with pytest.raises(ValueError, match="argnums True"):
+        gg.grad(lambda x, y: gg.sum(x * y), argnums=True)(xs, xs)
+
+
+def test_input_names_stay_unique_when_paths_collide():
+    """A dict key holding '.' can spell another leaf's path; each input keeps its own name."""
+    d = {"a": {"b": np.ones(2), "b#2": np.full(2, 2.0)}, "a.b": np.full(2, 3.0)}
+    grads = gg.grad(lambda d: gg.sum(d["a"]["b"] * 1.0 + d["a"]["b#2"] * 2.0 + d["a.b"] * 3.0))(d)
+    np.testing.assert_array_equal(grads["a"]["b"], np.ones(2))
+    np.testing.assert_array_equal(grads["a"]["b#2"], np.full(2, 2.0))
+    np.testing.assert_array_equal(grads["a.b"], np.full(2, 3.0))
+
+
+def test_the_gradient_for_an_empty_argument_is_empty():
+    """JAX's answer: the structure of the argument, with no leaves; nothing to run."""
+    f = lambda d, x: gg.sum(x * 2.0)  # noqa: E731
+    assert gg.grad(f)({}, np.ones(2)) == {}
+    assert gg.grad(f)([], np.ones(2)) == []
+    value, grads = gg.value_and_grad(f, argnums=(0, 1))({}, np.ones(2))
+    assert value == 4.0 and grads[0] == {}
+    np.testing.assert_array_equal(grads[1], np.full(2, 2.0))

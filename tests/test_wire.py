@@ -27,7 +27,9 @@ from graphgrad.engine import (
     RunRequest,
     RunResult,
     RunStats,
+    Session,
     TaskStat,
+    cluster_from,
 )
 from graphgrad.engine.ops.docs import op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
@@ -131,12 +133,44 @@ def test_run_request_round_trips(outputs, feeds, wrt, seeds, executor, check):
     assert back_options == options and type(back_options.executor) is ExecutorKind
 
 
+clusters = st.none() | st.builds(
+    lambda n, c, b: cluster_from(nodes=n, cpus_per_node=c, network_bytes_per_s=b),
+    st.integers(1, 8),
+    st.integers(1, 16),
+    st.floats(1e6, 1e11),
+)
+
+
 @EXAMPLES
-@given(st.lists(names, max_size=3), st.lists(names, max_size=3), st.sampled_from(ExecutorKind))
-def test_explain_request_round_trips(outputs, wrt, executor):
+@given(
+    st.lists(names, max_size=3),
+    st.lists(names, max_size=3),
+    st.sampled_from(ExecutorKind),
+    clusters,
+)
+def test_explain_request_round_trips(outputs, wrt, executor, cluster):
     request = RunRequest(tuple(outputs), {}, tuple(wrt))
-    back, kind = wire.decode_explain_request(wire.encode_explain_request(request, executor))
-    assert (back.outputs, back.wrt, kind) == (request.outputs, request.wrt, executor)
+    msg = wire.encode_explain_request(request, executor, cluster)
+    back, kind, back_cluster = wire.decode_explain_request(msg)
+    assert (back.outputs, back.wrt, kind, back_cluster) == (
+        request.outputs,
+        request.wrt,
+        executor,
+        cluster,
+    )
+
+
+def test_prediction_round_trips():
+    with gg.Graph() as g:
+        x = gg.input("x", shape=(64, 64))
+        loss = gg.sum(gg.tanh(x @ x) + gg.exp(x), name="L")
+    request = RunRequest(("L",), {}, ("x",))
+    cluster = cluster_from(nodes=2, cpus_per_node=4)
+    assert cluster is not None and loss is not None
+    prediction = Session().predict(g.freeze(), request, cluster)
+    msg = service_pb2.ExplainResponse()
+    wire.encode_prediction(prediction, msg.prediction)
+    assert wire.decode_prediction(msg.prediction) == prediction
 
 
 task_stats = st.builds(
@@ -278,7 +312,10 @@ def test_unknown_enum_values_are_errors_naming_the_field():
         wire.decode_explain_request(msg)
     assert r.value.field == "options.executor"
     # An executor left unset is AUTO: the protobuf default means "let the server choose".
-    assert wire.decode_explain_request(service_pb2.ExplainRequest())[1] == ExecutorKind.AUTO
+    assert wire.decode_explain_request(service_pb2.ExplainRequest())[1:] == (
+        ExecutorKind.AUTO,
+        None,
+    )
     tensor = wire.encode_tensor(np.zeros(2))
     tensor.dtype = 5  # type: ignore[assignment]
     with pytest.raises(wire.FieldError) as f:

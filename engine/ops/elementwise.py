@@ -63,7 +63,12 @@ UnaryRule = Callable[[Emitter, str, str, str], str | None]  # (em, g, x, y) -> d
 
 
 def _unary(
-    name: str, fn: Callable[[np.ndarray], np.ndarray], grad: UnaryGrad, rule: UnaryRule, doc: str
+    name: str,
+    fn: Callable[[np.ndarray], np.ndarray],
+    grad: UnaryGrad,
+    rule: UnaryRule,
+    doc: str,
+    inplace: bool = False,
 ) -> None:
     register(
         Op(
@@ -76,6 +81,7 @@ def _unary(
             batch=lambda em, ins, tys, out, at: em.emit(name, [ins[0].name], at),
             grad=lambda em, g, xs, y, a, w: (rule(em, g, xs[0], y),),
             kernel=lambda at, tys: fn,
+            inplace=inplace,
         )
     )
 
@@ -109,7 +115,14 @@ def _zero(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> Any:
 
 
 # Each rule emits the same numpy operations, in the same order, as the numeric VJP beside it.
-_unary("neg", np.negative, lambda g, x, y: -g, lambda em, g, x, y: em.emit("neg", [g]), "-x")
+_unary(
+    "neg",
+    np.negative,
+    lambda g, x, y: -g,
+    lambda em, g, x, y: em.emit("neg", [g]),
+    "-x",
+    inplace=True,
+)
 _unary("exp", np.exp, lambda g, x, y: g * y, lambda em, g, x, y: em.emit("mul", [g, y]), "e**x")
 _unary(
     "log",
@@ -198,6 +211,7 @@ def _binary(
     fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     grad: BinaryGrad,
     rule: BinaryRule,
+    inplace: bool = False,
 ) -> None:
     def vjp(
         g: np.ndarray, xs: Sequence[np.ndarray], y: np.ndarray, attrs: Attrs, wants: Sequence[bool]
@@ -229,6 +243,7 @@ def _binary(
             batch=batch_broadcasting(name),
             grad=graph_rule,
             kernel=lambda at, tys: fn,
+            inplace=inplace,
         )
     )
 
@@ -281,12 +296,19 @@ def _select_rule(a_first: bool) -> BinaryRule:
     return rule
 
 
-_binary("add", np.add, lambda g, a, b, y, w: (g, g), lambda em, g, a, b, y, w: (g, g))
+_binary(
+    "add",
+    np.add,
+    lambda g, a, b, y, w: (g, g),
+    lambda em, g, a, b, y, w: (g, g),
+    inplace=True,
+)
 _binary(
     "sub",
     np.subtract,
     lambda g, a, b, y, w: (g, -g),
     lambda em, g, a, b, y, w: (g, _when(w[1], lambda: em.emit("neg", [g]))),
+    inplace=True,
 )
 _binary(
     "mul",
@@ -296,6 +318,7 @@ _binary(
         _when(w[0], lambda: em.emit("mul", [g, b])),
         _when(w[1], lambda: em.emit("mul", [g, a])),
     ),
+    inplace=True,
 )
 _binary(
     "div",
@@ -305,6 +328,7 @@ _binary(
         _when(w[0], lambda: em.emit("div", [g, b])),
         _when(w[1], lambda: em.emit("div", [em.emit("mul", [em.emit("neg", [g]), y]), b])),
     ),
+    inplace=True,
 )
 _binary("pow", np.power, _pow_grad, _pow_rule)
 _binary("maximum", np.maximum, _select_grad(np.greater), _select_rule(True))

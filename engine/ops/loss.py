@@ -132,6 +132,8 @@ def _sce_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     x = _axis_type(ins, attrs)
     axis = attrs.get("axis", -1) % len(x.shape)
     out = x.shape[:axis] + x.shape[axis + 1 :]
+    if x.shape[axis] == 0:
+        raise ShapeError(f"logits {logits.shape} have no classes along axis {axis}")
     if labels.dtype in INT_DTYPES:  # class indices, one per example
         if labels.shape != out:
             raise ShapeError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,7 +53,7 @@ register(
         grad=lambda em, g, xs, y, at, w: (
             em.emit("reshape", [g], {"shape": em.type(xs[0]).shape}),
         ),
-        kernel=lambda at, tys: functools.partial(np.reshape, shape=at["shape"]),
+        kernel=lambda at, tys: operator.methodcaller("reshape", at["shape"]),
         inputs=("x",),
         any_dtype=True,  # moves values: any dtype
     )
@@ -96,6 +97,7 @@ register(
         ),
         inputs=("x",),
         any_dtype=True,  # moves values: any dtype
+        kernel=lambda at, tys: operator.methodcaller("transpose", _perm(at, len(tys[0].shape))),
     )
 )
 

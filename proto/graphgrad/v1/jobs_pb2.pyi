@@ -328,6 +328,7 @@ class JobInfo(_message.Message):
     LOSS_WORST_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    NETWORKS_NONFINITE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id."""
     status: Global___JobStatus.ValueType
@@ -350,6 +351,10 @@ class JobInfo(_message.Message):
     """What went wrong, for a failed job."""
     created: _builtins.float
     """Submission time, seconds since the Unix epoch."""
+    networks_nonfinite: _builtins.int
+    """Networks whose latest loss is NaN or infinite (not counted in the loss statistics):
+    their training diverged.
+    """
     def __init__(
         self,
         *,
@@ -364,10 +369,11 @@ class JobInfo(_message.Message):
         loss_worst: _builtins.float = ...,
         error: _builtins.str = ...,
         created: _builtins.float = ...,
+        networks_nonfinite: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "id", b"id", "loss_best", b"loss_best", "loss_median", b"loss_median", "loss_worst", b"loss_worst", "networks", b"networks", "networks_done", b"networks_done", "status", b"status", "steps", b"steps", "steps_done", b"steps_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "id", b"id", "loss_best", b"loss_best", "loss_median", b"loss_median", "loss_worst", b"loss_worst", "networks", b"networks", "networks_done", b"networks_done", "networks_nonfinite", b"networks_nonfinite", "status", b"status", "steps", b"steps", "steps_done", b"steps_done"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

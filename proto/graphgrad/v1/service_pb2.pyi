@@ -55,19 +55,54 @@ class RegisterGraphRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OnnxDimsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GRAPH_FIELD_NUMBER: _builtins.int
+    ONNX_MODEL_FIELD_NUMBER: _builtins.int
+    ONNX_DIMS_FIELD_NUMBER: _builtins.int
+    onnx_model: _builtins.bytes
+    """Instead of `graph`: a serialized ONNX ModelProto (opset 13 or later), converted on the
+    server. Its float initializers become graph inputs under their own names (feed them and
+    ask for gradients with respect to them by name); its graph inputs and outputs keep their
+    names. The same limits and validation apply as to any graph; external data is refused.
+    FAILED_PRECONDITION where the server lacks the `onnx` package.
+    """
     @_builtins.property
     def graph(self) -> _graph_pb2.Graph:
         """The graph to validate and keep."""
+
+    @_builtins.property
+    def onnx_dims(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Sizes of the ONNX model's dynamic dimensions, by dimension parameter name."""
 
     def __init__(
         self,
         *,
         graph: _graph_pb2.Graph | None = ...,
+        onnx_model: _builtins.bytes = ...,
+        onnx_dims: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "onnx_dims", b"onnx_dims", "onnx_model", b"onnx_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -175,15 +210,41 @@ class RunRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class OnnxDimsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GRAPH_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ONNX_MODEL_FIELD_NUMBER: _builtins.int
     FEEDS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     WRT_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUTS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    ONNX_DIMS_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Fingerprint of a registered graph. NOT_FOUND if the server does not hold it."""
+    onnx_model: _builtins.bytes
+    """A serialized ONNX ModelProto, as in RegisterGraphRequest.onnx_model (registered as a
+    side effect); dynamic dimensions take the shapes of the feeds, or `onnx_dims`.
+    """
     @_builtins.property
     def graph(self) -> _graph_pb2.Graph:
         """The whole graph (registered as a side effect, so later runs may use its fingerprint)."""
@@ -210,22 +271,28 @@ class RunRequest(_message.Message):
     def options(self) -> Global___RunOptions:
         """Run options."""
 
+    @_builtins.property
+    def onnx_dims(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Sizes of an inline ONNX model's dynamic dimensions, by dimension parameter name."""
+
     def __init__(
         self,
         *,
         graph: _graph_pb2.Graph | None = ...,
         fingerprint: _builtins.str = ...,
+        onnx_model: _builtins.bytes = ...,
         feeds: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         wrt: _abc.Iterable[_builtins.str] | None = ...,
         grad_outputs: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
         options: Global___RunOptions | None = ...,
+        onnx_dims: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "onnx_model", b"onnx_model", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "fingerprint", b"fingerprint", "grad_outputs", b"grad_outputs", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options", "outputs", b"outputs", "wrt", b"wrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "fingerprint", b"fingerprint", "grad_outputs", b"grad_outputs", "graph", b"graph", "graph_ref", b"graph_ref", "onnx_dims", b"onnx_dims", "onnx_model", b"onnx_model", "options", b"options", "outputs", b"outputs", "wrt", b"wrt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_graph_ref: _TypeAlias = _typing.Literal["graph", "fingerprint"]  # noqa: Y015
+    _WhichOneofReturnType_graph_ref: _TypeAlias = _typing.Literal["graph", "fingerprint", "onnx_model"]  # noqa: Y015
     _WhichOneofArgType_graph_ref: _TypeAlias = _typing.Literal["graph_ref", b"graph_ref"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_graph_ref) -> _WhichOneofReturnType_graph_ref | None: ...
 
@@ -410,6 +477,7 @@ class ExplainRequest(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     WRT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """Fingerprint of a registered graph."""
     @_builtins.property
@@ -428,6 +496,12 @@ class ExplainRequest(_message.Message):
     def options(self) -> Global___RunOptions:
         """Options, as in RunRequest."""
 
+    @_builtins.property
+    def cluster(self) -> Global___ClusterShape:
+        """Predict the run on a cluster of this shape (the plan simulator): nodes (0: none asked)
+        with cpus_per_node CPUs each, joined by network_bytes_per_s (0: the default).
+        """
+
     def __init__(
         self,
         *,
@@ -436,16 +510,177 @@ class ExplainRequest(_message.Message):
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         wrt: _abc.Iterable[_builtins.str] | None = ...,
         options: Global___RunOptions | None = ...,
+        cluster: Global___ClusterShape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options", "outputs", b"outputs", "wrt", b"wrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "fingerprint", b"fingerprint", "graph", b"graph", "graph_ref", b"graph_ref", "options", b"options", "outputs", b"outputs", "wrt", b"wrt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_graph_ref: _TypeAlias = _typing.Literal["graph", "fingerprint"]  # noqa: Y015
     _WhichOneofArgType_graph_ref: _TypeAlias = _typing.Literal["graph_ref", b"graph_ref"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_graph_ref) -> _WhichOneofReturnType_graph_ref | None: ...
 
 Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
+
+@_typing.final
+class ClusterShape(_message.Message):
+    """A cluster to predict a run on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    CPUS_PER_NODE_FIELD_NUMBER: _builtins.int
+    NETWORK_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    nodes: _builtins.int
+    """Nodes; 0: no prediction."""
+    cpus_per_node: _builtins.int
+    """CPUs per node (at least 1 when nodes is set)."""
+    network_bytes_per_s: _builtins.float
+    """Bytes per second between two nodes; 0: the default."""
+    def __init__(
+        self,
+        *,
+        nodes: _builtins.int = ...,
+        cpus_per_node: _builtins.int = ...,
+        network_bytes_per_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus_per_node", b"cpus_per_node", "network_bytes_per_s", b"network_bytes_per_s", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterShape: _TypeAlias = ClusterShape  # noqa: Y015
+
+@_typing.final
+class Prediction(_message.Message):
+    """A predicted run (see ClusterShape): the simulator's replay of the plan's tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BoundsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MAKESPAN_FIELD_NUMBER: _builtins.int
+    ONE_CPU_FIELD_NUMBER: _builtins.int
+    BOUND_FIELD_NUMBER: _builtins.int
+    CRITICAL_PATH_FIELD_NUMBER: _builtins.int
+    CRITICAL_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    BOUNDS_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    BYTES_ACROSS_NODES_FIELD_NUMBER: _builtins.int
+    makespan: _builtins.float
+    """Predicted wall time, seconds."""
+    one_cpu: _builtins.float
+    """Predicted time of the same request inline on one CPU, seconds."""
+    bound: _builtins.str
+    """What bounds the makespan: "critical path", "cpu", "task overhead", "object store",
+    "network".
+    """
+    critical_seconds: _builtins.float
+    """Seconds of the critical path."""
+    calibration: _builtins.str
+    """The calibration used (GetServerInfoResponse.calibration)."""
+    tasks: _builtins.int
+    """Tasks replayed (the timeline holds at most the first 10,000 to start)."""
+    bytes_across_nodes: _builtins.int
+    """Bytes moved between nodes."""
+    @_builtins.property
+    def critical_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks on the critical path, first to last ("P0 forward", ...)."""
+
+    @_builtins.property
+    def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictedTask]:
+        """One entry per task, in start order."""
+
+    @_builtins.property
+    def cluster(self) -> Global___ClusterShape:
+        """The cluster predicted for."""
+
+    @_builtins.property
+    def bounds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Each resource's lower bound on the makespan, seconds, by the names of `bound`."""
+
+    def __init__(
+        self,
+        *,
+        makespan: _builtins.float = ...,
+        one_cpu: _builtins.float = ...,
+        bound: _builtins.str = ...,
+        critical_path: _abc.Iterable[_builtins.str] | None = ...,
+        critical_seconds: _builtins.float = ...,
+        timeline: _abc.Iterable[Global___PredictedTask] | None = ...,
+        cluster: Global___ClusterShape | None = ...,
+        calibration: _builtins.str = ...,
+        bounds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        tasks: _builtins.int = ...,
+        bytes_across_nodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "bounds", b"bounds", "bytes_across_nodes", b"bytes_across_nodes", "calibration", b"calibration", "cluster", b"cluster", "critical_path", b"critical_path", "critical_seconds", b"critical_seconds", "makespan", b"makespan", "one_cpu", b"one_cpu", "tasks", b"tasks", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
+
+@_typing.final
+class PredictedTask(_message.Message):
+    """One task of a prediction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    CPU_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"P3 forward", "P3 backward", "caller"."""
+    node: _builtins.int
+    """Node it runs on (0: the caller's)."""
+    cpu: _builtins.int
+    """CPU of that node it runs on; -1: the caller's task, in the driver process."""
+    start: _builtins.float
+    """Predicted start, seconds from the request's start."""
+    end: _builtins.float
+    """Predicted end, seconds from the request's start."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node: _builtins.int = ...,
+        cpu: _builtins.int = ...,
+        start: _builtins.float = ...,
+        end: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "end", b"end", "name", b"name", "node", b"node", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictedTask: _TypeAlias = PredictedTask  # noqa: Y015
 
 @_typing.final
 class Cut(_message.Message):
@@ -528,6 +763,7 @@ class ExplainResponse(_message.Message):
     CUTS_FIELD_NUMBER: _builtins.int
     TOTAL_FLOPS_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PREDICTION_FIELD_NUMBER: _builtins.int
     executor: _builtins.str
     """The executor that would run the request."""
     total_flops: _builtins.float
@@ -542,6 +778,10 @@ class ExplainResponse(_message.Message):
     def cuts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cut]:
         """Tensors crossing partition boundaries."""
 
+    @_builtins.property
+    def prediction(self) -> Global___Prediction:
+        """The prediction, when the request asked for a cluster."""
+
     def __init__(
         self,
         *,
@@ -550,10 +790,11 @@ class ExplainResponse(_message.Message):
         cuts: _abc.Iterable[Global___Cut] | None = ...,
         total_flops: _builtins.float = ...,
         fingerprint: _builtins.str = ...,
+        prediction: Global___Prediction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuts", b"cuts", "executor", b"executor", "fingerprint", b"fingerprint", "partitions", b"partitions", "total_flops", b"total_flops"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuts", b"cuts", "executor", b"executor", "fingerprint", b"fingerprint", "partitions", b"partitions", "prediction", b"prediction", "total_flops", b"total_flops"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -774,18 +1015,44 @@ class GetServerInfoResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CalibrationFiguresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     OPSET_VERSION_FIELD_NUMBER: _builtins.int
     RAY_ADDRESS_FIELD_NUMBER: _builtins.int
     RAY_RESOURCES_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     CACHES_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIGURES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """graphgrad version of the server."""
     opset_version: _builtins.int
     """Op set version."""
     ray_address: _builtins.str
     """Address of the Ray cluster the server uses, or empty when none is started yet."""
+    calibration: _builtins.str
+    """The cost model's calibration in force (`graphgrad calibrate` writes it into the data
+    directory): where its figures come from ("defaults", or "measured on HOST at TIME").
+    """
     @_builtins.property
     def ray_resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Ray resources (e.g. "CPU": 2), when Ray is running."""
@@ -802,6 +1069,12 @@ class GetServerInfoResponse(_message.Message):
         (what is derived from a graph per request: pass plans, compiled steps, partitions).
         """
 
+    @_builtins.property
+    def calibration_figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Its figures by name (node_overhead_s, bytes_per_s, store_bytes_per_s, task_overhead_s,
+        task_latency_s, and flops_per_s/FAMILY/DTYPE).
+        """
+
     def __init__(
         self,
         *,
@@ -811,10 +1084,12 @@ class GetServerInfoResponse(_message.Message):
         ray_resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         limits: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         caches: _abc.Mapping[_builtins.str, Global___CacheInfo] | None = ...,
+        calibration: _builtins.str = ...,
+        calibration_figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caches", b"caches", "limits", b"limits", "opset_version", b"opset_version", "ray_address", b"ray_address", "ray_resources", b"ray_resources", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caches", b"caches", "calibration", b"calibration", "calibration_figures", b"calibration_figures", "limits", b"limits", "opset_version", b"opset_version", "ray_address", b"ray_address", "ray_resources", b"ray_resources", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

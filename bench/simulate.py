@@ -1,0 +1,189 @@
+"""The plan simulator's predictions against measurements on this machine, then its predictions
+for clusters this machine is not.
+
+Workloads: bench/wide.py's graph (8 branches), a deep chain (400 tanh layers on a vector),
+the seed's two-layer network (bench/seednet.py), and a training job (bench/ensemble.py's
+networks, N = 1,000, 50 steps). Each is timed (median) inline with BLAS on one thread (a
+subprocess, so the pin holds) and on a local Ray of 1 and of 2 CPUs (a subprocess each,
+which also measures that Ray's figures for the calibration), and predicted with the
+calibration measured here (`graphgrad calibrate`'s routine). Target: every prediction within
+25 % of its measurement. Then the predicted speedups of the wide graph with B = 64 branches
+and of 100,000-network training at 16, 64 and 256 CPUs, and what bounds each.
+
+    python bench/simulate.py [--runs 5] [--no-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # this machine only
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ensemble
+import numpy as np
+import seednet
+import wide
+from _common import median_seconds
+
+import graphgrad as gg
+from graphgrad._request import build_request
+from graphgrad.engine import calibration
+from graphgrad.engine.calibration import ONE_THREAD, Calibration
+from graphgrad.engine.simulator import Cluster, Prediction, predict, predict_training
+
+CHAIN_DEPTH, CHAIN_WIDTH = 400, 4096
+TRAIN_N, TRAIN_STEPS = 1000, 50
+WORKLOADS = ("wide", "chain", "seed", "training")
+
+
+def chain() -> tuple[gg.Tensor, dict[str, np.ndarray], list[str]]:
+    with gg.Graph():
+        x = gg.input("x", shape=(CHAIN_WIDTH,))
+        h = x
+        for _ in range(CHAIN_DEPTH):
+            h = gg.tanh(h) + x
+        loss = gg.sum(h * h)
+    return loss, {"x": np.random.default_rng(0).standard_normal(CHAIN_WIDTH)}, ["x"]
+
+
+def seed() -> tuple[gg.Tensor, dict[str, np.ndarray], list[str]]:
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(s) for k, s in seednet.SHAPES.items()}
+    return seednet.network(), feeds, seednet.WRT
+
+
+def graphs() -> dict[str, tuple[gg.Tensor, dict[str, np.ndarray], list[str]]]:
+    return {"wide": wide.build(), "chain": chain(), "seed": seed()}
+
+
+def measure(executor: str, runs: int, ray_cpus: int | None = None) -> dict[str, float]:
+    """Median seconds of each workload on `executor` (in this process)."""
+    client = gg.connect(ray_num_cpus=ray_cpus) if ray_cpus else gg.connect()
+    out = {}
+    for name, (loss, feeds, wrt) in graphs().items():
+        out[name] = median_seconds(
+            lambda: client.run(loss, feeds, wrt=wrt, executor=executor),  # noqa: B023
+            runs,
+            warmup=1,
+        )
+    params, data = ensemble.problem(TRAIN_N)
+    loss = ensemble.template()
+
+    def train() -> None:
+        client.train(
+            loss, params, data, gg.optim.SGD(lr=0.1), steps=TRAIN_STEPS, executor=executor
+        ).wait(progress=False)
+
+    out["training"] = median_seconds(train, max(1, runs // 2), warmup=1)
+    return out
+
+
+def predictions(cal: Calibration, cluster: Cluster) -> dict[str, Prediction]:
+    out = {}
+    for name, (loss, _, wrt) in graphs().items():
+        _, graph, request = build_request(loss, None, wrt, None)
+        out[name] = predict(graph, request, cluster, cal)
+    template = ensemble.template()
+    _, graph, _ = build_request(template, None, (), None)
+    out["training"] = predict_training(
+        graph, template.name, ["W1", "b1", "W2", "b2"], TRAIN_N, TRAIN_STEPS, cluster, cal
+    )
+    return out
+
+
+def child(args: list[str]) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, *args],
+        env={**os.environ, **ONE_THREAD},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-ray", action="store_true", help="inline only")
+    parser.add_argument("--inline-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ray-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    # Each child calibrates (BLAS on one thread, as the child itself runs) just before it
+    # measures: the load of a shared machine changes by the minute.
+    if args.inline_child:
+        cal = calibration.measure_compute_here(quick=False)
+        print(json.dumps({"times": measure("local", args.runs), "cal": cal.to_json()}))
+        return
+    if args.ray_child:
+        cal = calibration.measure_compute_here(quick=False)
+        times = measure("ray", args.runs, args.ray_child)  # starts its Ray, then measures it
+        figures = calibration.measure_ray()
+        out = {"times": times, "ray": dataclasses.asdict(figures), "cal": cal.to_json()}
+        print(json.dumps(out))
+        return
+
+    print(f"machine shared with other work; medians of {args.runs}")
+    rows: list[tuple[str, str, float, float]] = []
+    inline = child(["--inline-child", "--runs", str(args.runs)])
+    cal = Calibration.from_json(inline["cal"])
+    inline_pred = predictions(cal, Cluster(1, 1))
+    for name in WORKLOADS:
+        rows.append((name, "inline, 1 CPU", inline_pred[name].one_cpu, inline["times"][name]))
+    if not args.no_ray:
+        for cpus in (1, 2):
+            got = child(["--ray-child", str(cpus), "--runs", str(args.runs)])
+            figures = calibration.RayFigures(**got["ray"])
+            ray_cal = calibration.with_ray(Calibration.from_json(got["cal"]), figures)
+            print(
+                f"ray at {cpus} CPU(s): object store {figures.store_bytes_per_s / 1e9:.2f} GB/s"
+                f" + {figures.put_overhead_s * 1e3:.2f} ms a put, submit "
+                f"{figures.submit_s * 1e3:.2f} ms, task overhead "
+                f"{figures.task_overhead_s * 1e3:.2f} ms, latency "
+                f"{figures.task_latency_s * 1e3:.2f} ms"
+            )
+            pred = predictions(ray_cal, Cluster(1, cpus))
+            for name in WORKLOADS:
+                rows.append((name, f"ray, {cpus} CPU(s)", pred[name].makespan, got["times"][name]))
+            cal = ray_cal
+    print(f"{'workload':10s} {'where':14s} {'predicted':>11s} {'measured':>11s}  ratio")
+    within = 0
+    for name, where, p, m in rows:
+        ok = abs(p / m - 1) <= 0.25
+        within += ok
+        print(
+            f"{name:10s} {where:14s} {p * 1e3:9.1f} ms {m * 1e3:9.1f} ms  {p / m:5.2f}"
+            f"{'' if ok else '  (off by more than 25 %)'}"
+        )
+    print(f"within 25 %: {within} of {len(rows)}   target: all")
+
+    print("\npredicted at scale (calibration above; one node per 16 CPUs, 10 Gb/s between):")
+    wide.B = 64
+    loss, _, wrt = wide.build()
+    _, graph, request = build_request(loss, None, wrt, None)
+    template = ensemble.template()
+    _, tgraph, _ = build_request(template, None, (), None)
+    for cpus in (16, 64, 256):
+        cluster = Cluster(max(1, cpus // 16), min(cpus, 16))
+        p = predict(graph, request, cluster, cal)
+        t = predict_training(
+            tgraph, template.name, ["W1", "b1", "W2", "b2"], 100_000, 200, cluster, cal
+        )
+        for what, q in (("wide B=64", p), ("train 100,000", t)):
+            print(
+                f"{what:14s} {cpus:4d} CPUs: {q.makespan * 1e3:10.1f} ms, {q.speedup:6.1f}x one "
+                f"CPU ({q.one_cpu * 1e3:.0f} ms), bound by {q.bound}"
+            )
+
+
+if __name__ == "__main__":
+    main()

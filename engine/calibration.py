@@ -1,0 +1,369 @@
+"""What the cost model needs to know about a machine, measured once and kept as JSON.
+
+A `Calibration` holds compute rates (flops/s per op family and dtype, memory bytes/s, the
+Python cost of one node) and Ray's costs (object-store bytes/s, per-task overhead,
+task-to-task latency). Its defaults are the planner's constants (engine/planner.py);
+`graphgrad calibrate` measures this machine (`measure`) and writes calibration.json into
+the data directory, which the server loads at start (`load_or_defaults`: a corrupt file
+is a warning and the defaults, never a failed start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphgrad.engine.ops import Op
+from graphgrad.engine.planner import (
+    BYTES_PER_S,
+    FLOPS_PER_S,
+    NODE_OVERHEAD_S,
+    STAGE_BYTES_PER_S,
+    TASK_OVERHEAD_S,
+)
+
+VERSION = 1
+FILE_NAME = "calibration.json"
+# Scheduling latency between a task's end and the start of a task waiting on it; the planner
+# has no constant for it (it folds it into TASK_OVERHEAD_S); `graphgrad calibrate` measures it.
+TASK_LATENCY_S = 5e-4
+REQUEST_OVERHEAD_S = 2e-5
+PUT_OVERHEAD_S = 1e-3  # "each ray.put costs about a millisecond" (engine/ray_executor.py)
+SUBMIT_S = 2e-4
+CACHE_BYTES = 1 << 21  # a node touching no more than this runs from cache
+FAMILIES = ("elementwise", "linalg", "reduce")  # measured; other families use the default
+# Ops whose arithmetic costs far more than their family's (keyed "op/dtype" in flops_per_s).
+TRANSCENDENTAL = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sin": np.sin, "cos": np.cos}
+DTYPES = ("float64", "float32")
+
+log = logging.getLogger("graphgrad.calibration")
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used: it names the file and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Rates and costs of one machine (and its Ray); `source` says where they come from."""
+
+    source: str = "defaults"
+    node_overhead_s: float = NODE_OVERHEAD_S  # Python dispatch per node
+    request_overhead_s: float = REQUEST_OVERHEAD_S  # per run: feeds checked, results named
+    bytes_per_s: float = BYTES_PER_S  # memory traffic of elementwise numpy
+    cache_bytes_per_s: float = BYTES_PER_S  # the same, for nodes touching <= CACHE_BYTES
+    default_flops_per_s: float = FLOPS_PER_S  # families and dtypes not measured
+    # "family/dtype" -> flops/s (e.g. "linalg/float64"); missing keys use the default.
+    flops_per_s: Mapping[str, float] = field(default_factory=dict)
+    store_bytes_per_s: float = STAGE_BYTES_PER_S  # ray.put / ray.get through the object store
+    put_overhead_s: float = PUT_OVERHEAD_S  # one ray.put of a small object, at the caller
+    submit_s: float = SUBMIT_S  # the caller's cost of submitting one task
+    task_overhead_s: float = TASK_OVERHEAD_S  # CPU time one Ray task costs beyond its work
+    task_latency_s: float = TASK_LATENCY_S  # a dependency's end to its consumer's start
+    ray_measured: bool = False  # False: the Ray figures are the defaults
+
+    def flops_rate(self, family: str, dtype: str, op: str = "") -> float:
+        """The op's own rate if measured, else its family's, else the default."""
+        rates = self.flops_per_s
+        rate = rates.get(f"{op}/{dtype}") if op else None
+        return rate or rates.get(f"{family}/{dtype}", self.default_flops_per_s)
+
+    def node_seconds(self, op: Op, dtype: str, flops: float, nbytes: float) -> float:
+        """A node's estimated time: dispatch, arithmetic at its op's rate, memory traffic."""
+        rate = self.flops_rate(family(op), dtype, op.name)
+        bw = self.cache_bytes_per_s if nbytes <= CACHE_BYTES else self.bytes_per_s
+        return self.node_overhead_s + flops / rate + nbytes / bw
+
+    def to_json(self) -> str:
+        body = {"version": VERSION, **dataclasses.asdict(self)}
+        body["flops_per_s"] = dict(self.flops_per_s)
+        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "calibration") -> Calibration:
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{where}: not JSON ({e})") from e
+        if not isinstance(body, dict):
+            raise CalibrationError(f"{where}: expected a JSON object, got {type(body).__name__}")
+        if body.get("version") != VERSION:
+            raise CalibrationError(
+                f"{where}: version {body.get('version')!r} is not the supported {VERSION}"
+            )
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - set(known) - {"version"})
+        if unknown:
+            raise CalibrationError(f"{where}: unknown field(s) {unknown}")
+        values: dict[str, Any] = {}
+        for name, value in body.items():
+            if name == "version":
+                continue
+            if name == "source":
+                if not isinstance(value, str):
+                    raise CalibrationError(f"{where}: source must be a string, got {value!r}")
+            elif name == "ray_measured":
+                if not isinstance(value, bool):
+                    raise CalibrationError(f"{where}: ray_measured must be true or false")
+            elif name == "flops_per_s":
+                if not isinstance(value, dict):
+                    raise CalibrationError(f"{where}: flops_per_s must be an object")
+                value = {k: _positive(where, f"flops_per_s[{k!r}]", v) for k, v in value.items()}
+            else:
+                value = _positive(where, name, value, allow_zero=name == "task_latency_s")
+            values[name] = value
+        return cls(**values)
+
+
+def _positive(where: str, name: str, value: object, allow_zero: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
+        expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise CalibrationError(f"{where}: {name} must be {expected}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def family(op: Op) -> str:
+    """An op's family: the module of engine/ops/ that defines it (elementwise, linalg, ...)."""
+    return op.forward.__module__.rsplit(".", 1)[-1]
+
+
+DEFAULT = Calibration()
+_in_force = DEFAULT  # one per process: the server sets it at start (server/cli.py)
+
+
+def in_force() -> Calibration:
+    """The calibration the planner and simulator use in this process."""
+    return _in_force
+
+
+def use(cal: Calibration) -> None:
+    global _in_force
+    _in_force = cal
+
+
+def figures(cal: Calibration) -> dict[str, float]:
+    """Its numbers by name, flops rates as "flops_per_s/FAMILY/DTYPE" (GetServerInfo)."""
+    out = {
+        f.name: float(getattr(cal, f.name))
+        for f in dataclasses.fields(cal)
+        if f.name not in ("source", "flops_per_s")
+    }
+    out.update({f"flops_per_s/{k}": v for k, v in cal.flops_per_s.items()})
+    return out
+
+
+def load(path: Path) -> Calibration:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot read ({e.strerror or e})") from e
+    return Calibration.from_json(text, str(path))
+
+
+def save(cal: Calibration, path: Path) -> None:
+    """Written whole, then renamed into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(cal.to_json())
+    tmp.replace(path)
+
+
+def load_or_defaults(data_dir: Path) -> Calibration:
+    """The calibration in data_dir, or the defaults: absent silently, unusable with a warning."""
+    path = data_dir / FILE_NAME
+    if not path.exists():
+        return DEFAULT
+    try:
+        return load(path)
+    except CalibrationError as e:
+        log.warning("%s; using the default calibration", e)
+        return DEFAULT
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+def _median_of(fn: Callable[[], object], repeats: int, sample_s: float = 0.02) -> float:
+    """Seconds per call: the median of `repeats` samples, each as many calls as fill
+    `sample_s`. Samples that long see what a run of the workloads sees on a shared machine
+    (its share of the CPU, preemption included), not a lucky microsecond."""
+    fn()  # warm: allocations, BLAS threads
+    t0 = time.perf_counter()
+    fn()
+    calls = max(1, int(sample_s / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls)
+    return statistics.median(samples)
+
+
+def measure_node_overhead(nodes: int = 2000, repeats: int = 5, sample_s: float = 0.02) -> float:
+    """Seconds per node of a compiled program of small-vector ops (tanh, add, mul: all
+    dispatch and allocation, next to no arithmetic), as most nodes of small graphs are."""
+    from graphgrad.engine.autodiff import RunRequest
+    from graphgrad.engine.executor import LocalExecutor
+    from graphgrad.engine.ir import Graph, Node
+
+    chain = [Node("x", "input", shape=(16,), dtype="float64")]
+    for i in range(nodes):
+        op = ("tanh", "add", "mul")[i % 3]
+        inputs = (chain[-1].name,) if op == "tanh" else (chain[-1].name, "x")
+        chain.append(Node(f"n{i}", op, inputs))
+    graph = Graph(chain)
+    request = RunRequest((chain[-1].name,), {"x": np.full(16, 0.5)}, ())
+    executor = LocalExecutor()
+    return _median_of(lambda: executor.run(graph, request), repeats, sample_s) / nodes
+
+
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def measure_compute(quick: bool = False) -> Calibration:
+    """The compute figures of one CPU of this machine (Ray's stay the defaults), measured in
+    a subprocess whose BLAS has one thread: a task has one CPU (Ray gives its workers
+    OMP_NUM_THREADS=1), and the inline time it predicts is one CPU's."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"from {__name__} import _print_compute; _print_compute({quick})"],
+        env={**os.environ, **ONE_THREAD},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring compute failed: {done.stderr.strip()[-2000:]}")
+    return Calibration.from_json(done.stdout.strip().splitlines()[-1], "measure_compute")
+
+
+def _print_compute(quick: bool) -> None:
+    print(measure_compute_here(quick).to_json().replace("\n", " "))  # read by measure_compute
+
+
+def measure_compute_here(quick: bool) -> Calibration:
+    """measure_compute's figures, in this process (with whatever BLAS threads it has)."""
+    repeats, sample_s = (3, 0.01) if quick else (9, 0.02)
+    overhead = measure_node_overhead(500 if quick else 2000, repeats, sample_s)
+    request = max(measure_node_overhead(1, repeats, sample_s) - overhead, 0.0)
+    big = np.ones(1 << 22)  # 32 MiB: out of cache
+    # Results are fresh arrays, as a node's are: their allocation and first touch count.
+    memory = 3 * big.nbytes / _median_of(lambda: np.add(big, big), repeats, sample_s)
+    n = 1 << 15  # 256 KiB of float64: the size of a typical tensor, in cache as they are
+    rates: dict[str, float] = {}
+    bytes_per_s = BYTES_PER_S
+    for dtype in DTYPES:
+        a = np.abs(np.random.default_rng(0).standard_normal(n)).astype(dtype) + 0.5
+        b = a[::-1].copy()
+        moved = 3 * a.nbytes  # add: two reads and a write, no arithmetic to speak of
+        bw = moved / _median_of(lambda: np.add(a, b), repeats, sample_s)  # noqa: B023
+        if dtype == "float64":
+            bytes_per_s = bw
+        # What is left after the memory traffic is arithmetic (flops counted as ops do:
+        # one per element for elementwise and reductions, 2 m n k for matmul).
+        t = _median_of(lambda: np.multiply(a, b), repeats, sample_s)  # noqa: B023
+        rates[f"elementwise/{dtype}"] = n / max(t - moved / bw, t * 0.05)
+        for name, fn in TRANSCENDENTAL.items():  # each far slower than a multiply
+            t = _median_of(lambda: fn(a), repeats, sample_s)  # noqa: B023
+            rates[f"{name}/{dtype}"] = n / max(t - 2 * a.nbytes / bw, t * 0.05)
+        t = _median_of(lambda: a.sum(), repeats, sample_s)  # noqa: B023
+        rates[f"reduce/{dtype}"] = n / max(t - a.nbytes / bw, t * 0.05)
+        k = 64 if quick else 256  # quick: small enough for one BLAS thread
+        m = np.random.default_rng(1).standard_normal((k, k)).astype(dtype)
+        t = _median_of(lambda: m @ m, repeats, sample_s)  # noqa: B023
+        rates[f"linalg/{dtype}"] = 2.0 * k**3 / t
+    return Calibration(
+        source=f"measured on {socket.gethostname()} at "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (" (quick)" if quick else ""),
+        node_overhead_s=overhead,
+        request_overhead_s=request,
+        bytes_per_s=memory,
+        cache_bytes_per_s=bytes_per_s,
+        flops_per_s=rates,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RayFigures:
+    store_bytes_per_s: float
+    put_overhead_s: float
+    submit_s: float
+    task_overhead_s: float
+    task_latency_s: float
+
+
+def measure_ray(cpus: int | None = None) -> RayFigures:
+    """Ray's figures, measured in the Ray this process runs (or a local one started here
+    and stopped after, which costs seconds). Only `graphgrad calibrate` without --quick and
+    bench/simulate.py call it."""
+    import ray  # the one place besides engine/ray_executor.py: a probe, not an executor
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
+    try:
+
+        @ray.remote
+        def nothing(*_: Any) -> int:
+            return 0
+
+        ray.get([nothing.remote() for _ in range(20)])  # workers up
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        tasks = 200
+        t0 = time.perf_counter()
+        ray.get([nothing.remote() for _ in range(tasks)])
+        overhead = (time.perf_counter() - t0) * workers / tasks
+        t0 = time.perf_counter()
+        refs = [nothing.remote() for _ in range(tasks)]
+        submit = (time.perf_counter() - t0) / tasks
+        ray.get(refs)
+        small = np.ones(16)
+        put = _median_of(lambda: ray.put(small), 5)
+        chain = 50
+        t0 = time.perf_counter()
+        ref = nothing.remote()
+        for _ in range(chain - 1):
+            ref = nothing.remote(ref)
+        ray.get(ref)
+        latency = max(0.0, (time.perf_counter() - t0) / chain - overhead)
+        big = np.ones(4 << 20)  # 32 MiB
+        store = big.nbytes / max(_median_of(lambda: ray.put(big), 5) - put, 1e-9)
+        return RayFigures(store, put, submit, overhead, latency)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def measure(quick: bool = False, ray_cpus: int | None = None) -> Calibration:
+    """This machine's calibration; `quick`: smaller probes and no Ray (its figures stay the
+    defaults, and `ray_measured` says so)."""
+    cal = measure_compute(quick)
+    if quick:
+        return cal
+    return with_ray(cal, measure_ray(ray_cpus))
+
+
+def with_ray(cal: Calibration, ray: RayFigures) -> Calibration:
+    return dataclasses.replace(cal, **dataclasses.asdict(ray), ray_measured=True)

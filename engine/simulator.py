@@ -1,0 +1,441 @@
+"""Plan simulator: predict how long a request or a training job takes on a cluster.
+
+A discrete-event replay of the task DAG as Ray runs it. The caller stages the fed inputs
+into the object store (on its node), then every task runs on the first CPU that can start
+it (a CPU of the node holding most of its inputs wins a tie, as Ray's locality-aware
+scheduling does). A task starts when its CPU is free and its inputs have arrived: each
+upstream task's exports one task-to-task latency after it ended, plus bytes / network
+bandwidth when they come from another node. On its CPU it costs the per-task overhead, its
+nodes' compute (the calibrated cost model) and writing its exports into the object store.
+The caller's own task (gradients of nodes no partition owns) runs in the driver once every
+task it reads has ended. Forward tasks come in topological order and backward tasks in
+reverse, as the schedule lists them (engine/driver.py), and a backward task waits for the
+last gradient contribution it sums, because it reads every downstream backward task.
+
+What it reports: the makespan, the one-CPU inline time (the local executor: every node in
+one thread, no task costs) and their ratio, the critical path, the lower bound each
+resource sets (critical path, CPU work, task overhead, object store, network) and which
+binds, and a per-task timeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from graphgrad.engine.autodiff import RunRequest
+from graphgrad.engine.calibration import Calibration, in_force
+from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.driver import CALLER, Schedule
+from graphgrad.engine.errors import RequestError
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.ops import INPUT
+from graphgrad.engine.planner import MIN_PARTITION_S, node_costs
+
+NETWORK_BYTES_PER_S = 1.25e9  # 10 Gb/s between nodes, when not given
+# A replay costs O(tasks x nodes): these bound what one explain() may ask for.
+MAX_NODES, MAX_CPUS_PER_NODE = 256, 4096
+BOUND_NAMES = ("critical path", "cpu", "task overhead", "object store", "network")
+MAX_TIMELINE = 10_000
+# Ray must be predicted to win by more than the simulator's error (bench/simulate.py's
+# target: within 25 %) before the auto policy sends a request to it.
+RAY_MARGIN = 0.8  # tasks kept in a prediction's timeline (the makespan counts them all)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """`nodes` machines of `cpus_per_node` CPUs each, joined by `network_bytes_per_s`."""
+
+    nodes: int = 1
+    cpus_per_node: int = 1
+    network_bytes_per_s: float = NETWORK_BYTES_PER_S
+
+    def __post_init__(self) -> None:
+        for name, most in (("nodes", MAX_NODES), ("cpus_per_node", MAX_CPUS_PER_NODE)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ValueError(
+                    f"cluster {name} must be an integer from 1 to {most}, got {value!r}"
+                )
+        bw = self.network_bytes_per_s
+        if not (isinstance(bw, int | float) and math.isfinite(bw) and bw > 0):
+            raise ValueError(f"cluster network_bytes_per_s must be a positive number, got {bw!r}")
+
+    @property
+    def cpus(self) -> int:
+        return self.nodes * self.cpus_per_node
+
+    def __str__(self) -> str:
+        if self.nodes == 1:
+            return f"{self.cpus_per_node} CPU(s)"
+        return (
+            f"{self.nodes} nodes x {self.cpus_per_node} CPUs ({self.network_bytes_per_s:.3g} B/s)"
+        )
+
+
+def cluster_from(
+    cpus: int | None = None,
+    nodes: int | None = None,
+    cpus_per_node: int | None = None,
+    network_bytes_per_s: float | None = None,
+    field: str = "cluster",
+) -> Cluster | None:
+    """The cluster an explain() asks about: `cpus` alone (one node), or `nodes` and
+    `cpus_per_node`; None when none is asked. A bad shape is a RequestError naming it."""
+    if cpus is None and nodes is None and cpus_per_node is None:
+        if network_bytes_per_s is not None:
+            raise RequestError("network_bytes_per_s needs nodes and cpus_per_node", field=field)
+        return None
+    if cpus is not None and (nodes is not None or cpus_per_node is not None):
+        raise RequestError("give cpus (one node), or nodes and cpus_per_node", field=field)
+    if cpus is None and (nodes is None or cpus_per_node is None):
+        raise RequestError("nodes and cpus_per_node go together", field=field)
+    try:
+        if cpus is not None:
+            return Cluster(1, cpus, network_bytes_per_s or NETWORK_BYTES_PER_S)
+        return Cluster(nodes, cpus_per_node, network_bytes_per_s or NETWORK_BYTES_PER_S)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise RequestError(str(e), field=field) from None
+
+
+@dataclass(frozen=True, slots=True)
+class SimTask:
+    """One task of the DAG. `deps` are (earlier task, bytes it reads from that task)."""
+
+    name: str
+    seconds: float  # compute (what it would take inline)
+    deps: tuple[tuple[int, int], ...] = ()
+    fed_bytes: int = 0  # fed inputs it reads (staged by the caller)
+    out_bytes: int = 0  # exports it writes into the object store
+    on_caller: bool = False  # runs in the driver: no CPU slot, no task overhead
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTiming:
+    name: str
+    node: int
+    cpu: int  # -1: the caller (the driver process)
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    makespan: float
+    one_cpu: float  # inline on one CPU
+    bound: str  # the resource whose lower bound binds
+    bounds: tuple[tuple[str, float], ...]  # each resource's lower bound on the makespan
+    critical_path: tuple[str, ...]
+    critical_seconds: float
+    timeline: tuple[TaskTiming, ...]  # in start order (the first MAX_TIMELINE)
+    tasks: int
+    cluster: Cluster
+    calibration: str
+    bytes_across_nodes: int = 0
+
+    @property
+    def speedup(self) -> float:
+        return self.one_cpu / self.makespan if self.makespan > 0 else 1.0
+
+    def __str__(self) -> str:
+        path = self.critical_path
+        shown = " -> ".join(path if len(path) <= 6 else (*path[:3], "...", *path[-2:]))
+        bounds = ", ".join(f"{name} {_s(s)}" for name, s in self.bounds)
+        return (
+            f"predicted on {self.cluster}: {_s(self.makespan)} ({self.speedup:.2f}x one CPU "
+            f"inline, {_s(self.one_cpu)}), {self.tasks} tasks, bound by {self.bound}\n"
+            f"  critical path {_s(self.critical_seconds)}: {shown}\n"
+            f"  lower bounds: {bounds}\n"
+            f"  calibration: {self.calibration}"
+        )
+
+
+def _s(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def simulate(
+    tasks: Sequence[SimTask],
+    cal: Calibration,
+    cluster: Cluster,
+    staged_bytes: int = 0,
+    staged_objects: int = 0,
+) -> Prediction:
+    """Replay `tasks` (in submission order; deps point to earlier tasks) on `cluster`. The
+    caller first puts `staged_objects` objects of `staged_bytes` in all into the store, then
+    submits the tasks one by one."""
+    n = len(tasks)
+    store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
+    staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
+    submitted = [staged_at + (k + 1) * cal.submit_s for k in range(n)]
+    # Per node: a heap of (free at, cpu) over the CPUs used so far, and how many are unused
+    # (free from the start), so a large cluster costs only the CPUs the tasks occupy.
+    busy: list[list[tuple[float, int]]] = [[] for _ in range(cluster.nodes)]
+    unused = [cluster.cpus_per_node] * cluster.nodes
+    start, end = [0.0] * n, [0.0] * n
+    where: list[tuple[int, int]] = [(0, -1)] * n
+    waits: list[int] = [-1] * n  # the task each one last waited for (critical path)
+    consumers: list[list[int]] = [[] for _ in tasks]
+    missing = [len(t.deps) for t in tasks]
+    for k, t in enumerate(tasks):
+        for d, _ in t.deps:
+            if not 0 <= d < k:
+                raise ValueError(f"task {k} ({t.name}) depends on task {d}, not an earlier one")
+            consumers[d].append(k)
+    across = 0
+    ready = [(submitted[k], k) for k, t in enumerate(tasks) if not t.deps]
+    heapq.heapify(ready)
+    while ready:
+        _, k = heapq.heappop(ready)  # earliest ready first, then submission order
+        t = tasks[k]
+        nodes = [0] if t.on_caller else range(cluster.nodes)
+        best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
+        for node in nodes:
+            arrive, local, waited = submitted[k], 0, -1
+            if t.fed_bytes:
+                arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
+                local += t.fed_bytes if node == 0 else 0
+            for d, nbytes in t.deps:
+                at = end[d] + (0.0 if t.on_caller else cal.task_latency_s)
+                if where[d][0] != node:
+                    at += nbytes / net
+                else:
+                    local += nbytes
+                if at >= arrive:
+                    arrive, waited = at, d
+            if t.on_caller:
+                cpu, at = -1, arrive
+            else:
+                if unused[node]:
+                    idle, cpu = 0.0, cluster.cpus_per_node - unused[node]
+                else:
+                    idle, cpu = busy[node][0]
+                at = max(arrive, idle)
+            key = (at, -local, node, cpu)
+            if best is None or key < best:
+                best = key
+                waits[k] = waited
+        assert best is not None
+        at, _, node, cpu = best
+        cost = t.seconds if t.on_caller else (cal.task_overhead_s + t.seconds + t.out_bytes / store)
+        start[k], end[k], where[k] = at, at + cost, (node, cpu)
+        if cpu >= 0:
+            if cpu == cluster.cpus_per_node - unused[node]:
+                unused[node] -= 1
+                heapq.heappush(busy[node], (end[k], cpu))
+            else:
+                heapq.heapreplace(busy[node], (end[k], cpu))
+        for d, nbytes in t.deps:
+            across += nbytes if where[d][0] != node else 0
+        across += t.fed_bytes if node else 0
+        for c in consumers[k]:
+            missing[c] -= 1
+            if missing[c] == 0:
+                dep_ready = max(end[d] for d, _ in tasks[c].deps)
+                heapq.heappush(ready, (max(dep_ready, submitted[c]), c))
+    if any(missing):
+        raise ValueError("the task DAG has a task whose dependencies never finish")
+    makespan = max(end, default=0.0) + cal.request_overhead_s
+    path, critical = _critical_path(tasks, cal, submitted)
+    workers = [t for t in tasks if not t.on_caller]
+    cpus = cluster.cpus
+    figures = (
+        critical,
+        sum(t.seconds for t in workers) / cpus,
+        len(workers) * cal.task_overhead_s / cpus,
+        staged_at + sum(t.out_bytes for t in workers) / store / cpus,
+        across / net / max(1, cluster.nodes - 1),
+    )
+    bounds = tuple(zip(BOUND_NAMES, figures, strict=True))
+    order = sorted(range(n), key=lambda k: (start[k], k))[:MAX_TIMELINE]
+    return Prediction(
+        makespan,
+        sum(t.seconds for t in tasks) + cal.request_overhead_s,
+        max(bounds, key=lambda b: b[1])[0],
+        bounds,
+        path,
+        critical,
+        tuple(TaskTiming(tasks[k].name, *where[k], start[k], end[k]) for k in order),
+        n,
+        cluster,
+        cal.source,
+        across,
+    )
+
+
+def _critical_path(
+    tasks: Sequence[SimTask], cal: Calibration, submitted: Sequence[float]
+) -> tuple[tuple[str, ...], float]:
+    """The longest chain with as many CPUs as tasks, on one node (no network)."""
+    finish: list[float] = []
+    via: list[int] = []
+    for k, t in enumerate(tasks):
+        lat = 0.0 if t.on_caller else cal.task_latency_s
+        begin, came = submitted[k], -1
+        for d, _ in t.deps:
+            if finish[d] + lat > begin:
+                begin, came = finish[d] + lat, d
+        cost = (
+            t.seconds
+            if t.on_caller
+            else (cal.task_overhead_s + t.seconds + t.out_bytes / cal.store_bytes_per_s)
+        )
+        finish.append(begin + cost)
+        via.append(came)
+    if not tasks:
+        return (), 0.0
+    k = max(range(len(tasks)), key=finish.__getitem__)
+    chain = []
+    while k >= 0:
+        chain.append(tasks[k].name)
+        first, k = k, via[k]
+    if submitted[first] > 0:
+        chain.append("stage and submit")  # the caller's ray.put of the inputs, .remote()s
+    return tuple(reversed(chain)), max(finish)
+
+
+# --- what to simulate ------------------------------------------------------------------
+
+
+def node_seconds(graph: Graph, nodes: Sequence[int], cal: Calibration) -> float:
+    """The calibrated cost model's time for these nodes of `graph` (inputs are free)."""
+    costs = node_costs(graph)
+    total = 0.0
+    for i in nodes:
+        if graph.ops[i] is INPUT:
+            continue
+        c = costs[i]
+        total += cal.node_seconds(graph.ops[i], graph.types[i].dtype, c.flops, c.bytes)
+    return total
+
+
+def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], int, int]:
+    """The tasks of a request's schedule, the bytes of the fed inputs staged and the objects
+    they are staged in (engine/ray_executor.py's FeedBundles: one per set of readers)."""
+    graph = sched.graph
+    nbytes = [t.nbytes for t in graph.types]
+    out: list[SimTask] = []
+    readers: dict[int, set[int]] = {}
+    for spec in sched.tasks:
+        caller = spec.phase == CALLER
+        deps = tuple(
+            (u, sum(nbytes[j] for j in set(spec.reads) & set(sched.tasks[u].exports)))
+            for u in spec.upstream
+        )
+        name = "caller" if caller else f"P{spec.partition} {spec.phase}"
+        if not caller:
+            for j in spec.feeds:
+                readers.setdefault(j, set()).add(spec.index)
+        out.append(
+            SimTask(
+                name,
+                node_seconds(graph, spec.nodes, cal),
+                deps,
+                0 if caller else sum(nbytes[j] for j in spec.feeds),
+                0 if caller else sum(nbytes[j] for j in spec.exports),
+                caller,
+            )
+        )
+    bundles = {frozenset(r) for r in readers.values()}
+    return out, sum(nbytes[j] for j in readers), len(bundles)
+
+
+def predict_schedule(
+    sched: Schedule, cluster: Cluster, cal: Calibration | None = None
+) -> Prediction:
+    cal = cal or in_force()
+    tasks, staged, objects = schedule_tasks(sched, cal)
+    return simulate(tasks, cal, cluster, staged, objects)
+
+
+def ray_is_faster(sched: Schedule, cpus: int, cal: Calibration | None = None) -> bool:
+    """Whether the schedule's simulated makespan on `cpus` CPUs beats running it inline on
+    one, by more than the simulator's error: the auto policy's choice."""
+    if len(sched.plan.partitions) < 2 or cpus < 2:
+        return False
+    p = predict_schedule(sched, Cluster(1, cpus), cal)
+    return p.makespan < RAY_MARGIN * p.one_cpu
+
+
+def predict(
+    graph: Graph,
+    request: RunRequest,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    cancel: Cancellation | None = None,
+) -> Prediction:
+    """A request on `cluster`, partitioned as the Ray executor partitions it."""
+    from graphgrad.engine.executor import LocalExecutor  # the Ray executor's plan, made without Ray
+
+    _, sched = LocalExecutor(MIN_PARTITION_S).plan(graph, request, cancel)
+    return predict_schedule(sched, cluster, cal)
+
+
+def training_tasks(
+    step_fixed_s: float,
+    step_per_network_s: float,
+    state_bytes_per_network: int,
+    networks: int,
+    steps: int,
+    chunks: int,
+    segment_s: float,
+) -> tuple[list[SimTask], int]:
+    """A batched training job as Ray runs it (engine/ray_executor.py's RaySegmentRunner):
+    `chunks` independent chains of segments, each segment a task of about `segment_s` that
+    reads its chunk's state (parameters and optimizer state) and writes it back. Also the
+    bytes staged: every chunk's first state."""
+    tasks: list[SimTask] = []
+    base, extra = divmod(networks, chunks)
+    for c in range(chunks):
+        m = base + (c < extra)
+        if m == 0:
+            continue
+        step = step_fixed_s + m * step_per_network_s
+        per_segment = max(1, min(steps, int(segment_s / step) if step > 0 else steps))
+        state = m * state_bytes_per_network
+        done, prev = 0, -1
+        while done < steps:
+            run = min(per_segment, steps - done)
+            deps = ((prev, state),) if prev >= 0 else ()
+            name = f"chunk {c} steps {done}-{done + run}"
+            tasks.append(SimTask(name, run * step, deps, 0 if deps else state, state))
+            prev, done = len(tasks) - 1, done + run
+    return tasks, networks * state_bytes_per_network
+
+
+def predict_training(
+    template: Graph,
+    loss: str,
+    params: Sequence[str],
+    networks: int,
+    steps: int,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    segment_s: float = 0.5,
+) -> Prediction:
+    """A job training `networks` copies of `template` for `steps` steps on `cluster`: one
+    network's gradient graph, stacked (the per-node dispatch paid once per chunk and step,
+    the arithmetic once per network), plus the optimizer's update of every parameter; split
+    into chunks as engine/jobs.py's chunk_count splits it for that many CPUs."""
+    from graphgrad.engine.executor import LocalExecutor
+
+    cal = cal or in_force()
+    _, sched = LocalExecutor().plan(template, RunRequest((loss,), {}, tuple(params)))
+    graph = sched.graph
+    nodes = sorted({i for t in sched.tasks for i in t.nodes if graph.ops[i] is not INPUT})
+    fixed = (len(nodes) + 2 * len(params)) * cal.node_overhead_s
+    per_network = node_seconds(graph, nodes, cal) - len(nodes) * cal.node_overhead_s
+    state = sum(template.types[template.index[p]].nbytes for p in params)
+    per_network += 3 * state / cal.bytes_per_s  # the update reads parameter and gradient
+    chunks = max(1, min(networks, 3 * cluster.cpus)) if cluster.cpus > 1 else 1
+    tasks, staged = training_tasks(fixed, per_network, state, networks, steps, chunks, segment_s)
+    p = simulate(tasks, cal, cluster, staged, chunks)
+    inline = steps * (fixed + networks * per_network) + cal.request_overhead_s
+    return dataclasses.replace(p, one_cpu=inline)

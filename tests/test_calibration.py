@@ -1,0 +1,129 @@
+"""Calibration: JSON round trip, clear errors for unusable files (a warning and the defaults
+at server start), `graphgrad calibrate --quick`, and GetServerInfo naming what is in force."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+
+import graphgrad as gg
+from graphgrad._request import build_request
+from graphgrad._wire import encode_graph
+from graphgrad.engine import calibration
+from graphgrad.engine.calibration import DEFAULT, Calibration, CalibrationError
+from graphgrad.engine.planner import FLOPS_PER_S, NODE_OVERHEAD_S, TASK_OVERHEAD_S
+from graphgrad.engine.simulator import Cluster, predict
+from graphgrad.server import cli
+from graphgrad.v1 import service_pb2, service_pb2_grpc
+
+from .server_proc import running_server
+
+MEASURED = Calibration(
+    source="measured on test",
+    node_overhead_s=3e-6,
+    bytes_per_s=1e10,
+    flops_per_s={"linalg/float64": 3e10, "elementwise/float32": 2e9},
+    store_bytes_per_s=2e9,
+    task_overhead_s=8e-4,
+    task_latency_s=0.0,
+    ray_measured=True,
+)
+
+
+def test_defaults_are_the_planners_constants() -> None:
+    assert DEFAULT.node_overhead_s == NODE_OVERHEAD_S
+    assert DEFAULT.task_overhead_s == TASK_OVERHEAD_S
+    assert DEFAULT.flops_rate("linalg", "float64") == FLOPS_PER_S
+    assert not DEFAULT.ray_measured
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c" / calibration.FILE_NAME
+    calibration.save(MEASURED, path)
+    back = calibration.load(path)
+    assert back == MEASURED
+    assert back.flops_rate("linalg", "float64") == 3e10
+    assert back.flops_rate("linalg", "float32") == MEASURED.default_flops_per_s
+    assert json.loads(path.read_text())["version"] == calibration.VERSION
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"version": 99}', "version 99"),
+        ('{"version": 1, "bytes_per_s": -5}', "bytes_per_s must be a finite number > 0"),
+        ('{"version": 1, "task_overhead_s": "fast"}', "task_overhead_s must be"),
+        ('{"version": 1, "flops_per_s": {"linalg/float64": 0}}', "flops_per_s['linalg/float64']"),
+        ('{"version": 1, "speed": 1}', "unknown field(s) ['speed']"),
+        ('{"version": 1, "ray_measured": 1}', "ray_measured must be true or false"),
+    ],
+)
+def test_unusable_file_is_named(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / calibration.FILE_NAME
+    path.write_text(text)
+    with pytest.raises(CalibrationError) as e:
+        calibration.load(path)
+    assert str(path) in str(e.value) and says in str(e.value)
+
+
+def test_server_start_falls_back_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert calibration.load_or_defaults(tmp_path) is DEFAULT  # no file: quietly the defaults
+    assert not caplog.records
+    (tmp_path / calibration.FILE_NAME).write_text('{"version": 1, "bytes_per_s": NaN}')
+    with caplog.at_level(logging.WARNING, "graphgrad.calibration"):
+        assert calibration.load_or_defaults(tmp_path) is DEFAULT
+    assert "bytes_per_s" in caplog.text and "default calibration" in caplog.text
+
+
+def test_calibrate_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["calibrate", "--quick", "--data-dir", str(tmp_path)]) == 0
+    written = tmp_path / calibration.FILE_NAME
+    assert str(written) in capsys.readouterr().out
+    cal = calibration.load(written)
+    assert not cal.ray_measured and "(quick)" in cal.source
+    assert cal.task_overhead_s == DEFAULT.task_overhead_s  # Ray's figures: the defaults
+    figures = calibration.figures(cal)
+    for family in calibration.FAMILIES:
+        for dtype in calibration.DTYPES:
+            assert figures[f"flops_per_s/{family}/{dtype}"] > 0
+    assert all(math.isfinite(v) and v >= 0 for v in figures.values())
+
+
+def test_server_uses_the_calibration_in_force(tmp_path: Path) -> None:
+    calibration.save(MEASURED, tmp_path / calibration.FILE_NAME)
+    with gg.Graph():
+        x = gg.input("x", shape=(64, 64))
+        branches = [gg.sum(gg.tanh(x @ gg.input(f"W{k}", shape=(64, 64)))) for k in range(4)]
+        loss = branches[0] + branches[1] + branches[2] + branches[3]
+    wrt = [f"W{k}" for k in range(4)]
+    _, graph, request = build_request(loss, None, wrt, None)
+    with running_server("--data-dir", str(tmp_path)) as server:
+        client = gg.connect(server.address)
+        info = client.server_info()
+        remote = client.explain(loss, wrt=wrt, nodes=2, cpus_per_node=3).prediction
+        stub = service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(server.address))
+        bad = service_pb2.ExplainRequest(graph=encode_graph(graph), outputs=[loss.name])
+        bad.cluster.nodes = 2  # and no cpus_per_node
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Explain(bad, timeout=30)
+        client.close()
+    assert info.calibration == MEASURED.source
+    assert dict(info.calibration_figures) == calibration.figures(MEASURED)
+    assert info.calibration_figures["flops_per_s/linalg/float64"] == 3e10
+    # Explain predicts with it: as this process does given the same calibration.
+    here = predict(graph, request, Cluster(2, 3), MEASURED)
+    assert remote is not None and remote.calibration == MEASURED.source
+    assert remote.makespan == pytest.approx(here.makespan)
+    assert remote.critical_path == here.critical_path and remote.bound == here.bound
+    assert remote.timeline == here.timeline and remote.cluster == here.cluster
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nodes and cpus_per_node go together" in (refused.value.details() or "")
