@@ -13,13 +13,13 @@ import pytest
 
 import graphgrad as gg
 from graphgrad._request import build_request
-from graphgrad._wire import encode_graph
 from graphgrad.engine import calibration
 from graphgrad.engine.calibration import DEFAULT, Calibration, CalibrationError
 from graphgrad.engine.planner import FLOPS_PER_S, NODE_OVERHEAD_S, TASK_OVERHEAD_S
 from graphgrad.engine.simulator import Cluster, predict
 from graphgrad.server import cli
 from graphgrad.v1 import service_pb2, service_pb2_grpc
+from graphgrad.wire import encode_graph
 
 from .server_proc import running_server
 
