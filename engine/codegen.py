@@ -47,6 +47,7 @@ FOLD_ELEMENTS = 4096  # nodes of constants with at most this many elements are f
 # run a few times (an explain, one of a sweep of distinct requests, a test) never compiles,
 # one in a loop reaches compiled speed early, and the benchmarks' 20 warm-up calls measure it.
 TIER_UP_CALLS = 16
+TOUCH_EVERY = 32  # a compiled program in use is marked recent in the plan cache every so often
 STEP_BYTES = 400  # a lowered step: its tuple, positions and kernel (tests/test_caches.py checks)
 PROGRAM_NODE_BYTES = 600  # code, names and bindings per node (tests/test_caches.py checks)
 _SERIAL = itertools.count()
@@ -106,6 +107,7 @@ class Program:
 
     __slots__ = (
         "_calls",
+        "_compilable",
         "_compiled",
         "aliased",
         "chunks",
@@ -131,6 +133,7 @@ class Program:
         self.serial = next(_SERIAL)
         self._calls = 0
         self._compiled: weakref.ref[Compiled] | None = None
+        self._compilable = True  # False once its compiled tier proved larger than the cache
 
     def approx_bytes(self) -> int:
         """Estimated memory (what the plan cache counts): the steps and constants; the compiled
@@ -152,9 +155,15 @@ class Program:
         )
 
     def compiled(self) -> Compiled:
-        """The compiled tier, made now if it is not held."""
+        """The compiled tier, made now if it is not held. The plan cache holds it (an entry of
+        its own, counted in bytes); the program only refers to it, so when the cache drops it the
+        program is interpreted again until its next tier-up. One larger than the cache's whole
+        budget is used once and the program stays interpreted."""
         compiled = _COMPILED.get_or_make(self.serial, lambda: _compile(self))
-        self._compiled = weakref.ref(compiled)
+        if _COMPILED.get(self.serial) is compiled:
+            self._compiled = weakref.ref(compiled)
+        else:
+            self._compiled, self._compilable = None, False
         return compiled
 
     def _live(self) -> Compiled | None:
@@ -162,12 +171,14 @@ class Program:
         return ref() if ref is not None else None
 
     def __call__(self, values: Values, cancel: Cancellation) -> dict[int, np.ndarray]:
+        self._calls = calls = self._calls + 1
         ref = self._compiled
         compiled = ref() if ref is not None else None
         if compiled is None:
-            self._calls += 1
-            if self._calls >= TIER_UP_CALLS:
+            if calls >= TIER_UP_CALLS and self._compilable:
                 compiled = self.compiled()
+        elif calls % TOUCH_EVERY == 0:
+            _COMPILED.get(self.serial)  # in use: the cache's LRU drops it last
         check = cancel.check
         if compiled is None:
             with np.errstate(all="ignore"):  # NaN and infinity are values like any other
