@@ -367,7 +367,7 @@ def _costly(graph: Graph, i: int, memo: dict[tuple[Any, ...], bool]) -> bool:
     which depend on the op and the types alone."""
     op, t, attrs = graph.ops[i], graph.types[i], graph.nodes[i].attrs
     ins = [graph.types[j] for j in graph.input_pos[i]]
-    key = (op.name, t, *ins)
+    key = (op.name, t.shape, t.dtype, *[(x.shape, x.dtype) for x in ins])  # hashed in C
     costly = None if attrs else memo.get(key)
     if costly is None:
         costly = op.flops(ins, t, attrs) >= CHECK_ELEMENTS
