@@ -68,6 +68,10 @@ class Step(NamedTuple):
     op: str
 
 
+# A Step from a tuple of its fields without NamedTuple's Python-level __new__ (a step per node)
+_new_step = tuple.__new__
+
+
 class Chunk(NamedTuple):
     """Steps `start:end` of a program, which a generated function holds."""
 
@@ -436,9 +440,8 @@ def _lower(
             dead = sorted(set(dead))
         if i in known:
             opname = CONSTANT.name if op is CONSTANT else op.name
-            steps.append(
-                Step(i, known[i], (), NO_BUFFER, False, tuple(dead), True, node.name, opname)
-            )
+            fields = (i, known[i], (), NO_BUFFER, False, tuple(dead), True, node.name, opname)
+            steps.append(_new_step(Step, fields))
             continue
         fn = op.lower(node.attrs, [types[j] for j in reads])
         into = _dead_buffer(graph, i, k, mine, last, alias, scratch)
@@ -447,7 +450,8 @@ def _lower(
             since_check = 0
         since_check += 1
         into = NO_BUFFER if into is None else into
-        steps.append(Step(i, fn, args, into, check, tuple(dead), False, node.name, op.name))
+        step = (i, fn, args, into, check, tuple(dead), False, node.name, op.name)
+        steps.append(_new_step(Step, step))
     stores = tuple(i for i in part if i in kept or last[i] >= end)
     return Chunk(start, end, tuple(loads.items()), stores)
 
