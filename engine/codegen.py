@@ -243,32 +243,37 @@ def compile_program(graph: Graph, nodes: Sequence[int], exports: Iterable[int]) 
     (its compiled tier is made when it is called again: `Program.compiled`)."""
     keep = tuple(dict.fromkeys(exports))
     known, alias = _simplify(graph, nodes)
+    input_pos, ops, types = graph.input_pos, graph.ops, graph.types
     computed = [i for i in nodes if i not in alias and i not in known]
-    read = {alias.get(j, j) for i in computed for j in graph.input_pos[i]}
+    # what each computed node reads, aliases resolved
+    args_of = {
+        i: tuple([alias.get(j, j) for j in input_pos[i]]) if alias else input_pos[i]
+        for i in computed
+    }
+    read = {j for i in computed for j in args_of[i]}
     kept = {alias.get(i, i) for i in keep}
     order = [i for i in nodes if i not in alias and (i not in known or i in read or i in kept)]
     last: dict[int, int] = {}
-    readers: dict[int, list[int]] = {}
+    viewed: set[int] = set()  # read by an op that is not in-place (its result may be a view)
     for k, i in enumerate(order):
         last.setdefault(i, k)
-        for j in () if i in known else graph.input_pos[i]:
-            last[alias.get(j, j)] = k
-            readers.setdefault(alias.get(j, j), []).append(i)
+        args = args_of.get(i, ())
+        for j in args:
+            last[j] = k
+        if args and not ops[i].inplace:
+            viewed.update(args)
     # A buffer an op may overwrite: made here by an in-place op, never a view (every reader
     # is an in-place ufunc, so no reshape or transpose of it lives on), not exported.
     scratch = {
         i
         for i in computed
-        if graph.ops[i].inplace
-        and graph.types[i].shape
-        and i not in kept
-        and all(graph.ops[r].inplace for r in readers.get(i, ()))
+        if ops[i].inplace and types[i].shape and i not in kept and i not in viewed
     }
     steps: list[Step] = []
     chunks = []
     for start in range(0, max(len(order), 1), CHUNK):
         part = order[start : start + CHUNK]
-        chunks.append(_lower(graph, part, start, last, alias, kept, known, scratch, steps))
+        chunks.append(_lower(graph, part, start, last, args_of, kept, known, scratch, steps))
     made = set(order) - set(known)
     aliased = tuple((i, alias[i], alias[i] not in made) for i in keep if i in alias)
     consts = sum(known[i].nbytes for i in order if i in known)
@@ -384,17 +389,17 @@ def _dead_buffer(
     graph: Graph,
     i: int,
     k: int,
+    args: tuple[int, ...],
     mine: set[int],
     last: dict[int, int],
-    alias: dict[int, int],
     scratch: set[int],
 ) -> int | None:
-    """An input of node `i` (the k-th evaluated) whose buffer its op may write its result into:
-    a scratch buffer of the output's type made in this chunk and read for the last time here."""
+    """An input of node `i` (the k-th evaluated, reading `args`) whose buffer its op may write
+    its result into: a scratch buffer of the output's type made in this chunk and read for the
+    last time here."""
     if not graph.ops[i].inplace or not graph.types[i].shape:
         return None
-    for j in graph.input_pos[i]:
-        j = alias.get(j, j)
+    for j in args:
         if j in scratch and j in mine and last[j] == k and graph.types[j] == graph.types[i]:
             return j
     return None
@@ -405,7 +410,7 @@ def _lower(
     part: list[int],
     start: int,
     last: dict[int, int],
-    alias: dict[int, int],
+    args_of: dict[int, tuple[int, ...]],
     kept: set[int],
     known: dict[int, np.ndarray],
     scratch: set[int],
@@ -417,8 +422,7 @@ def _lower(
     # Values made by earlier chunks or fed: popped when nothing after this chunk reads them.
     loads: dict[int, bool] = {}
     for i in part:
-        for j in () if i in known else graph.input_pos[i]:
-            j = alias.get(j, j)
+        for j in args_of.get(i, ()):
             if j not in mine and j not in loads:
                 loads[j] = last.get(j, -1) >= end or j in kept
     since_check = CHECK_EVERY  # a chunk checks before its first op
@@ -426,11 +430,7 @@ def _lower(
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
     for k, i in enumerate(part, start):
         node, op = nodes[i], ops[i]
-        if i in known:
-            args: tuple[int, ...] = ()
-        else:
-            reads = input_pos[i]
-            args = tuple([alias.get(j, j) for j in reads]) if alias else reads
+        args = args_of.get(i, ())
         # values last read here (or never read): freed after this step (what a chunk reads is
         # made in it or loaded, so every one is its to free)
         dead = [j for j in args if last[j] == k and j not in kept]
@@ -443,8 +443,8 @@ def _lower(
             fields = (i, known[i], (), NO_BUFFER, False, tuple(dead), True, node.name, opname)
             steps.append(_new_step(Step, fields))
             continue
-        fn = op.lower(node.attrs, [types[j] for j in reads])
-        into = _dead_buffer(graph, i, k, mine, last, alias, scratch)
+        fn = op.lower(node.attrs, [types[j] for j in input_pos[i]])
+        into = _dead_buffer(graph, i, k, args, mine, last, scratch)
         check = since_check >= CHECK_EVERY or _costly(graph, i, costly)
         if check:
             since_check = 0
