@@ -27,6 +27,7 @@ from graphgrad.engine import (
     check_attr,
     grad_graph,
     lookup,
+    shape_problem,
 )
 
 _current: contextvars.ContextVar[Graph | None] = contextvars.ContextVar(
@@ -390,6 +391,9 @@ def shape_tuple(shape: Any, what: str) -> tuple[int, ...]:
     out = tuple(int(d) for d in dims)
     if builtins.any(d < 0 for d in out):
         raise ValueError(f"{what}: shape {out} has a negative size")
+    problem = shape_problem(out)  # too many elements or axes: said now, not at the first run
+    if problem is not None:
+        raise ValueError(f"{what}: shape {out!r:.80}: {problem}")
     return out
 
 

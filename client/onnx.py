@@ -175,6 +175,7 @@ class _Importer:
         self.stored: dict[str, Any] = {}  # initializers and Constant outputs not yet nodes
         self.consts: dict[str, np.ndarray] = {}  # constants that became nodes
         self.constant_outputs: set[str] = set()  # outputs of Constant nodes
+        self.initializers = {t.name for t in model.graph.initializer}  # values never reassigned
         self.node: Any = None  # the ONNX node being imported, for errors
 
     # errors
@@ -354,6 +355,9 @@ class _Importer:
                 )
         if len(node.output) != 1:
             raise self.error(f"{len(node.output)} outputs (graphgrad imports one)", "output")
+        out = node.output[0]
+        if out in self.initializers or out in self.stored or out in self.types:
+            raise self.error(f"a second value named '{out}'", "output")
         rule.fn(
             self, node, {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
         )

@@ -52,6 +52,7 @@ from graphgrad.engine.ops import (
     TensorType,
     check_attr,
     lookup,
+    shape_problem,
 )
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
@@ -69,6 +70,7 @@ from graphgrad.engine.training import (
 from graphgrad.engine.training_run import Placement, Progress
 
 __all__ = [
+    "shape_problem",
     "ERROR_DOMAIN",
     "Cluster",
     "Prediction",

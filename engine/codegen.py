@@ -47,6 +47,7 @@ FOLD_ELEMENTS = 4096  # nodes of constants with at most this many elements are f
 # run a few times (an explain, one of a sweep of distinct requests, a test) never compiles,
 # one in a loop reaches compiled speed early, and the benchmarks' 20 warm-up calls measure it.
 TIER_UP_CALLS = 16
+TOUCH_EVERY = 32  # a compiled program in use is marked recent in the plan cache every so often
 STEP_BYTES = 400  # a lowered step: its tuple, positions and kernel (tests/test_caches.py checks)
 PROGRAM_NODE_BYTES = 600  # code, names and bindings per node (tests/test_caches.py checks)
 _SERIAL = itertools.count()
@@ -65,6 +66,10 @@ class Step(NamedTuple):
     const: bool
     name: str  # the node's name and op, for comments and errors
     op: str
+
+
+# A Step from a tuple of its fields without NamedTuple's Python-level __new__ (a step per node)
+_new_step = tuple.__new__
 
 
 class Chunk(NamedTuple):
@@ -106,6 +111,7 @@ class Program:
 
     __slots__ = (
         "_calls",
+        "_compilable",
         "_compiled",
         "aliased",
         "chunks",
@@ -131,6 +137,7 @@ class Program:
         self.serial = next(_SERIAL)
         self._calls = 0
         self._compiled: weakref.ref[Compiled] | None = None
+        self._compilable = True  # False once its compiled tier proved larger than the cache
 
     def approx_bytes(self) -> int:
         """Estimated memory (what the plan cache counts): the steps and constants; the compiled
@@ -152,9 +159,15 @@ class Program:
         )
 
     def compiled(self) -> Compiled:
-        """The compiled tier, made now if it is not held."""
+        """The compiled tier, made now if it is not held. The plan cache holds it (an entry of
+        its own, counted in bytes); the program only refers to it, so when the cache drops it the
+        program is interpreted again until its next tier-up. One larger than the cache's whole
+        budget is used once and the program stays interpreted."""
         compiled = _COMPILED.get_or_make(self.serial, lambda: _compile(self))
-        self._compiled = weakref.ref(compiled)
+        if _COMPILED.get(self.serial) is compiled:
+            self._compiled = weakref.ref(compiled)
+        else:
+            self._compiled, self._compilable = None, False
         return compiled
 
     def _live(self) -> Compiled | None:
@@ -162,12 +175,14 @@ class Program:
         return ref() if ref is not None else None
 
     def __call__(self, values: Values, cancel: Cancellation) -> dict[int, np.ndarray]:
+        self._calls = calls = self._calls + 1
         ref = self._compiled
         compiled = ref() if ref is not None else None
         if compiled is None:
-            self._calls += 1
-            if self._calls >= TIER_UP_CALLS:
+            if calls >= TIER_UP_CALLS and self._compilable:
                 compiled = self.compiled()
+        elif calls % TOUCH_EVERY == 0:
+            _COMPILED.get(self.serial)  # in use: the cache's LRU drops it last
         check = cancel.check
         if compiled is None:
             with np.errstate(all="ignore"):  # NaN and infinity are values like any other
@@ -228,32 +243,37 @@ def compile_program(graph: Graph, nodes: Sequence[int], exports: Iterable[int]) 
     (its compiled tier is made when it is called again: `Program.compiled`)."""
     keep = tuple(dict.fromkeys(exports))
     known, alias = _simplify(graph, nodes)
+    input_pos, ops, types = graph.input_pos, graph.ops, graph.types
     computed = [i for i in nodes if i not in alias and i not in known]
-    read = {alias.get(j, j) for i in computed for j in graph.input_pos[i]}
+    # what each computed node reads, aliases resolved
+    args_of = {
+        i: tuple([alias.get(j, j) for j in input_pos[i]]) if alias else input_pos[i]
+        for i in computed
+    }
+    read = {j for i in computed for j in args_of[i]}
     kept = {alias.get(i, i) for i in keep}
     order = [i for i in nodes if i not in alias and (i not in known or i in read or i in kept)]
     last: dict[int, int] = {}
-    readers: dict[int, list[int]] = {}
+    viewed: set[int] = set()  # read by an op that is not in-place (its result may be a view)
     for k, i in enumerate(order):
         last.setdefault(i, k)
-        for j in () if i in known else graph.input_pos[i]:
-            last[alias.get(j, j)] = k
-            readers.setdefault(alias.get(j, j), []).append(i)
+        args = args_of.get(i, ())
+        for j in args:
+            last[j] = k
+        if args and not ops[i].inplace:
+            viewed.update(args)
     # A buffer an op may overwrite: made here by an in-place op, never a view (every reader
     # is an in-place ufunc, so no reshape or transpose of it lives on), not exported.
     scratch = {
         i
         for i in computed
-        if graph.ops[i].inplace
-        and graph.types[i].shape
-        and i not in kept
-        and all(graph.ops[r].inplace for r in readers.get(i, ()))
+        if ops[i].inplace and types[i].shape and i not in kept and i not in viewed
     }
     steps: list[Step] = []
     chunks = []
     for start in range(0, max(len(order), 1), CHUNK):
         part = order[start : start + CHUNK]
-        chunks.append(_lower(graph, part, start, last, alias, kept, known, scratch, steps))
+        chunks.append(_lower(graph, part, start, last, args_of, kept, known, scratch, steps))
     made = set(order) - set(known)
     aliased = tuple((i, alias[i], alias[i] not in made) for i in keep if i in alias)
     consts = sum(known[i].nbytes for i in order if i in known)
@@ -356,7 +376,7 @@ def _costly(graph: Graph, i: int, memo: dict[tuple[Any, ...], bool]) -> bool:
     which depend on the op and the types alone."""
     op, t, attrs = graph.ops[i], graph.types[i], graph.nodes[i].attrs
     ins = [graph.types[j] for j in graph.input_pos[i]]
-    key = (op.name, t, *ins)
+    key = (op.name, t.shape, t.dtype, *[(x.shape, x.dtype) for x in ins])  # hashed in C
     costly = None if attrs else memo.get(key)
     if costly is None:
         costly = op.flops(ins, t, attrs) >= CHECK_ELEMENTS
@@ -369,17 +389,17 @@ def _dead_buffer(
     graph: Graph,
     i: int,
     k: int,
+    args: tuple[int, ...],
     mine: set[int],
     last: dict[int, int],
-    alias: dict[int, int],
     scratch: set[int],
 ) -> int | None:
-    """An input of node `i` (the k-th evaluated) whose buffer its op may write its result into:
-    a scratch buffer of the output's type made in this chunk and read for the last time here."""
+    """An input of node `i` (the k-th evaluated, reading `args`) whose buffer its op may write
+    its result into: a scratch buffer of the output's type made in this chunk and read for the
+    last time here."""
     if not graph.ops[i].inplace or not graph.types[i].shape:
         return None
-    for j in graph.input_pos[i]:
-        j = alias.get(j, j)
+    for j in args:
         if j in scratch and j in mine and last[j] == k and graph.types[j] == graph.types[i]:
             return j
     return None
@@ -390,7 +410,7 @@ def _lower(
     part: list[int],
     start: int,
     last: dict[int, int],
-    alias: dict[int, int],
+    args_of: dict[int, tuple[int, ...]],
     kept: set[int],
     known: dict[int, np.ndarray],
     scratch: set[int],
@@ -402,8 +422,7 @@ def _lower(
     # Values made by earlier chunks or fed: popped when nothing after this chunk reads them.
     loads: dict[int, bool] = {}
     for i in part:
-        for j in () if i in known else graph.input_pos[i]:
-            j = alias.get(j, j)
+        for j in args_of.get(i, ()):
             if j not in mine and j not in loads:
                 loads[j] = last.get(j, -1) >= end or j in kept
     since_check = CHECK_EVERY  # a chunk checks before its first op
@@ -411,11 +430,7 @@ def _lower(
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
     for k, i in enumerate(part, start):
         node, op = nodes[i], ops[i]
-        if i in known:
-            args: tuple[int, ...] = ()
-        else:
-            reads = input_pos[i]
-            args = tuple([alias.get(j, j) for j in reads]) if alias else reads
+        args = args_of.get(i, ())
         # values last read here (or never read): freed after this step (what a chunk reads is
         # made in it or loaded, so every one is its to free)
         dead = [j for j in args if last[j] == k and j not in kept]
@@ -425,18 +440,18 @@ def _lower(
             dead = sorted(set(dead))
         if i in known:
             opname = CONSTANT.name if op is CONSTANT else op.name
-            steps.append(
-                Step(i, known[i], (), NO_BUFFER, False, tuple(dead), True, node.name, opname)
-            )
+            fields = (i, known[i], (), NO_BUFFER, False, tuple(dead), True, node.name, opname)
+            steps.append(_new_step(Step, fields))
             continue
-        fn = op.lower(node.attrs, [types[j] for j in reads])
-        into = _dead_buffer(graph, i, k, mine, last, alias, scratch)
+        fn = op.lower(node.attrs, [types[j] for j in input_pos[i]])
+        into = _dead_buffer(graph, i, k, args, mine, last, scratch)
         check = since_check >= CHECK_EVERY or _costly(graph, i, costly)
         if check:
             since_check = 0
         since_check += 1
         into = NO_BUFFER if into is None else into
-        steps.append(Step(i, fn, args, into, check, tuple(dead), False, node.name, op.name))
+        step = (i, fn, args, into, check, tuple(dead), False, node.name, op.name)
+        steps.append(_new_step(Step, step))
     stores = tuple(i for i in part if i in kept or last[i] >= end)
     return Chunk(start, end, tuple(loads.items()), stores)
 

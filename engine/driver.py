@@ -43,7 +43,7 @@ FORWARD, BACKWARD, CALLER = "forward", "backward", "caller"
 _PROCESS, _SCHEDULE_IDS = os.urandom(8).hex(), itertools.count()
 # A gradient graph's index, types and positions per node, and its own nodes (the request's
 # are shared): what the plan cache counts (tests/test_caches.py checks the estimate).
-GRAD_GRAPH_BYTES, GRAD_NODE_BYTES = 200, 400
+GRAD_GRAPH_BYTES, GRAD_NODE_BYTES = 200, 300
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ class _Emitter:
         self._types: dict[str, TensorType] = {}
         # op name and input types -> output type, for ops without attributes: most emitted
         # nodes repeat a few elementwise signatures, whose shape rule need not run again
-        self._inferred: dict[tuple[str, tuple[TensorType, ...]], TensorType] = {}
+        self._inferred: dict[tuple[Any, ...], TensorType] = {}
         self._count = 0
         self._consts: dict[tuple[float, str], str] = {}
         self.owner = ""  # the node whose VJP is being emitted: names and owns its nodes
@@ -89,9 +89,10 @@ class _Emitter:
         if attrs:
             t = o.infer(list(types), dict(attrs))
         else:
-            t = self._inferred.get((op, types))  # type: ignore[assignment]
+            key = (op, *[(x.shape, x.dtype) for x in types])  # hashed in C
+            t = self._inferred.get(key)  # type: ignore[assignment]
             if t is None:
-                t = self._inferred[op, types] = o.infer(list(types), {})
+                t = self._inferred[key] = o.infer(list(types), {})
         name = self.fresh(f"vjp({self.owner}).{len(self.nodes)}")
         return self.add(Node(name, op, tuple(inputs), attrs or {}), t, o)
 

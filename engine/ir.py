@@ -33,6 +33,7 @@ MAX_NAME_LENGTH = 256
 NODE_BYTES = 600  # a node, its type, index entry and positions (tests/test_caches.py checks)
 _SERIALS = itertools.count()  # never reused, unlike id(): plan cache keys name instances
 _MEMO: DerivedCache[tuple[int, Hashable], Any] = DerivedCache("memo")
+_NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -47,8 +48,11 @@ class Node:
     dtype: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+        if self.inputs.__class__ is not tuple:
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+        # most nodes have no attributes: they share one empty, read-only mapping
+        attrs = MappingProxyType(dict(self.attrs)) if self.attrs else _NO_ATTRS
+        object.__setattr__(self, "attrs", attrs)
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(self.shape))
 

@@ -98,6 +98,10 @@ class PlanCache:
     def get_or_make(self, key: PlanKey, make: Callable[[], Any]) -> Any:
         return self._lru.get_or_make(key, make)
 
+    def get(self, key: PlanKey) -> Any:
+        """The value held under `key` (now the most recently used), or None."""
+        return self._lru.get(key)
+
     def stats(self) -> CacheStats:
         return self._lru.stats()
 
@@ -113,4 +117,8 @@ class DerivedCache(Generic[K, V]):
 
     def get_or_make(self, key: K, make: Callable[[], V]) -> V:
         value: V = PLANS.get_or_make(PlanKey(self.name, key), make)
+        return value
+
+    def get(self, key: K) -> V | None:
+        value: V | None = PLANS.get(PlanKey(self.name, key))
         return value

@@ -13,11 +13,12 @@ small join partitions where branches meet).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from graphgrad.engine.autodiff import PassPlan
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.ops import CONSTANT, INPUT, TensorType
+from graphgrad.engine.ops import CONSTANT, INPUT
 from graphgrad.engine.plan_cache import DerivedCache
 
 TASK_OVERHEAD_S = 1e-3  # what one Ray task costs on this kind of machine
@@ -42,7 +43,7 @@ class NodeCost:
 def node_costs(graph: Graph) -> list[NodeCost]:
     # Costs of nodes without attributes depend on their op and types alone: large graphs
     # repeat a few such signatures, worked out once each (and their costs shared).
-    same: dict[tuple[str, tuple[TensorType, ...]], NodeCost] = {}
+    same: dict[tuple[Any, ...], NodeCost] = {}
     free = NodeCost(0.0, 0.0)
 
     def make(i: int) -> NodeCost:
@@ -50,7 +51,7 @@ def node_costs(graph: Graph) -> list[NodeCost]:
         if op is INPUT:
             return free
         ins = [graph.types[j] for j in graph.input_pos[i]]
-        key = (op.name, (t, *ins))
+        key = (op.name, t.shape, t.dtype, *[(x.shape, x.dtype) for x in ins])  # hashed in C
         cost = None if attrs else same.get(key)
         if cost is None:
             cost = NodeCost(op.flops(ins, t, attrs), float(t.nbytes + sum(x.nbytes for x in ins)))

@@ -140,3 +140,13 @@ def test_a_feed_of_the_other_byte_order_is_refused_saying_so():
         y = gg.sum(w * w)
     with pytest.raises(gg.FeedError, match=r"got \(3,\) >f8 \(big-endian: convert with"):
         gg.LocalClient().run(y, {"w": np.arange(3.0).astype(">f8")})
+
+
+def test_a_shape_no_tensor_may_have_is_refused_as_the_input_is_declared():
+    """Said at gg.input, naming it, not later at the first run or save (where 2**64 does not
+    even fit the wire's int64)."""
+    with gg.Graph():
+        with pytest.raises(ValueError, match=r"input 'h': shape .*multiply to more than"):
+            gg.input("h", shape=(2**64,))
+        with pytest.raises(ValueError, match=r"input 'r': shape .*rank 40 is over"):
+            gg.input("r", shape=(1,) * 40)

@@ -260,3 +260,18 @@ def test_an_empty_index_list_gathers_nothing_and_a_huge_one_names_itself():
         x = gg.input("x", X.shape)
         with pytest.raises(IndexError, match="index 9223372036854775808 .* out of range"):
             x[[2**63]]
+
+
+def test_clip_at_a_bound_splits_the_gradient_with_the_bound_as_documented():
+    """At x == bound the gradient is halved between x and the bound (minimum/maximum ties,
+    as in JAX); the halves add up to the derivative either side agrees on (1)."""
+    x0 = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    with gg.Graph():
+        x = gg.input("x", shape=5)
+        lo, hi = gg.input("lo", shape=5), gg.input("hi", shape=5)
+        loss = gg.sum(gg.clip(x, lo, hi))
+    feeds = {"x": x0, "lo": np.full(5, -0.5), "hi": np.full(5, 0.5)}
+    g = CLIENT.run(loss, feeds, wrt=["x", "lo", "hi"]).grads
+    np.testing.assert_array_equal(g["x"], [0.0, 0.5, 1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(g["lo"], [1.0, 0.5, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(g["hi"], [0.0, 0.0, 0.0, 0.5, 1.0])

@@ -110,3 +110,11 @@ def test_the_saved_classifier_draws_its_decision_regions(classifier):
     kinds = {k for o in outputs(classifier) for k in o.get("data", {})}
     assert "image/png" in kinds
     assert "server exit status: 0" in text
+
+
+def test_an_onnx_model_is_fine_tuned_with_remote_gradients(classifier):
+    text = text_of(classifier)
+    line = next(ln for ln in text.splitlines() if ln.startswith("fine-tuned on the server"))
+    first, last = (float(w) for w in line.split()[-3::2])  # ... loss A -> B
+    assert last < first / 3
+    assert "ONNX model from" in text and "initializers" in text

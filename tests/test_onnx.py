@@ -445,3 +445,25 @@ def test_a_file_that_is_not_a_model_is_a_validation_error_naming_it(tmp_path: An
     path.write_bytes(b"\xff\xff\xff")
     with pytest.raises(ValidationError, match=r"broken.onnx: not an ONNX ModelProto"):
         gg.from_onnx(path)
+
+
+@pytest.mark.parametrize("producer", ["Relu", "Constant"])
+def test_a_node_output_named_like_an_initializer_is_refused(producer: str) -> None:
+    """ONNX values are assigned once; an output shadowing an initializer was taken silently
+    (the initializer, a weight, vanished from the params)."""
+    made = (
+        node("Relu", ["x"], "w")
+        if producer == "Relu"
+        else helper.make_node("Constant", [], ["w"], value_float=1.0)
+    )
+    m = Case([made, node("Add", ["x", "w"])], X23, {"w": rand(3)}).model()
+    with pytest.raises(ValidationError, match=r"a second value named 'w'"):
+        from_onnx(m)
+
+
+def test_a_constant_named_like_a_graph_input_is_refused() -> None:
+    m = Case(
+        [helper.make_node("Constant", [], ["x"], value_float=1.0), node("Relu", ["x"])], X23
+    ).model()
+    with pytest.raises(ValidationError, match=r"a second value named 'x'"):
+        from_onnx(m)

@@ -9,11 +9,25 @@ import pytest
 from hypothesis import given, settings
 
 import graphgrad as gg
-from graphgrad.engine import CancelledError, ExecutionError, Graph, LocalExecutor, Node, RunRequest
+from graphgrad.engine import (
+    CancelledError,
+    ExecutionError,
+    Graph,
+    LocalExecutor,
+    Node,
+    RunRequest,
+    codegen,
+)
 from graphgrad.engine.autodiff import plan_pass
-from graphgrad.engine.codegen import CHECK_EVERY, TIER_UP_CALLS, compile_program
+from graphgrad.engine.codegen import (
+    CHECK_EVERY,
+    PROGRAM_NODE_BYTES,
+    TIER_UP_CALLS,
+    compile_program,
+)
 from graphgrad.engine.driver import InlineProgram, inline_program, run_inline
 from graphgrad.engine.executor import Cancellation
+from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 
 from .strategies import random_requests
 
@@ -122,3 +136,46 @@ def test_a_program_of_a_plain_list_of_nodes_runs_in_both_tiers():
     for i in first:
         assert first[i].tobytes() == second[i].tobytes()
     np.testing.assert_array_equal(second[graph.index["n3"]], np.sin(-np.sin(-x)))
+
+
+def test_a_compiled_tier_larger_than_the_plan_cache_is_made_once_then_the_program_interprets(
+    monkeypatch,
+):
+    graph, request = chain(200)
+    ip = fresh_program(graph, request)
+    expected = bits(run_inline(graph, ip, request, Cancellation())[1])
+    made = []
+    compile_ = codegen._compile
+    monkeypatch.setattr(codegen, "_compile", lambda p: made.append(p) or compile_(p))
+    PLANS.configure(DEFAULT_ENTRIES, 200 * PROGRAM_NODE_BYTES)  # below the compiled tier's size
+    try:
+        for _ in range(TIER_UP_CALLS + 4):
+            assert bits(run_inline(graph, ip, request, Cancellation())[1]) == expected
+        assert ip.program.tier == "interpreted" and len(made) == 1  # not again on every call
+        assert PLANS.stats().bytes <= PLANS.stats().max_bytes
+    finally:
+        PLANS.configure(DEFAULT_ENTRIES, DEFAULT_BYTES)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_either_tier_frees_a_long_chain_as_it_goes(compiled):
+    import tracemalloc
+
+    n, depth = 10_000, 3_000  # without freeing, the chain's values hold 240 MB
+    nodes = [Node("x", "input", shape=(n,), dtype="float64")]
+    nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(depth)]
+    nodes.append(Node("L", "sum", (f"n{depth - 1}",)))
+    graph = Graph(nodes)
+    request = RunRequest(("L",), {"x": np.linspace(0, 1, n)}, ("x",))
+    ip = fresh_program(graph, request)
+    if compiled:
+        ip.program.compiled()  # made before measuring: the run is what is measured
+    tracemalloc.start()
+    try:
+        _, grads = run_inline(graph, ip, request, Cancellation())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ip.program.tier == ("compiled" if compiled else "interpreted")
+    np.testing.assert_array_equal(grads["x"], np.ones(n))  # (-1)**3000
+    assert peak < 40 * n * 8  # a few live values, never the chain's 3,000
