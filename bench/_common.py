@@ -7,6 +7,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,8 +58,14 @@ def subprocess_server(cmd: list[str], pattern: str = r"serving on grpcs?://(\S+)
         proc.wait(30)
 
 
-def graphgrad_server(*args: str) -> subprocess_server:  # type: ignore[valid-type]
-    return subprocess_server([sys.executable, "-m", "graphgrad.server", "--port", "0", *args])
+@contextmanager
+def graphgrad_server(*args: str) -> Iterator[str]:
+    """A `graphgrad serve` on a free loopback port with a temporary data dir (a benchmark never
+    touches the user's job store); yields its address."""
+    with tempfile.TemporaryDirectory(prefix="graphgrad-bench-") as data_dir:
+        cmd = [sys.executable, "-m", "graphgrad.server", "--port", "0", "--data-dir", data_dir]
+        with subprocess_server([*cmd, *args]) as address:
+            yield address
 
 
 def us(seconds: float) -> str:

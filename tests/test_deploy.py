@@ -27,8 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_local_cluster_script_runs_graphgrad_on_two_ray_nodes():
+def test_local_cluster_script_runs_graphgrad_on_two_ray_nodes(tmp_path):
     gg_port, ray_port = free_port(), free_port()
+    data_dir = tmp_path / "data"  # the script's server must not touch the user's job store
     proc = subprocess.Popen(
         [
             "bash",
@@ -42,6 +43,7 @@ def test_local_cluster_script_runs_graphgrad_on_two_ray_nodes():
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
+        env={**os.environ, "GRAPHGRAD_DATA_DIR": str(data_dir)},
     )
     try:
         line: list[str] = []
@@ -64,6 +66,7 @@ def test_local_cluster_script_runs_graphgrad_on_two_ray_nodes():
         assert len({t.where.split()[1] for t in res.stats.tasks}) == 2  # both nodes worked
         local = gg.connect().run(loss, feeds, wrt=wrt, executor="local")
         np.testing.assert_allclose(res.grads["W0_0"], local.grads["W0_0"], rtol=2e-5, atol=1e-7)
+        assert (data_dir / "jobs.sqlite3").exists()  # the store it was given, not ~/.local
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(120)
