@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+from graphgrad._job_display import plot_history
 
 
 class AsyncClient:
-    """Mixed into both clients: `await client.run_async(...)` and friends."""
+    """Mixed into both clients: `await client.run_async(...)` and friends, and the docs of
+    what both clients do alike (methods without a docstring inherit these, in `help()`)."""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Values of `outputs` and, for each node of `wrt`, the gradient of the outputs with
+        respect to it: `res.value`/`res.values[name]`, `res.grads[name]`, `res.stats`.
+
+        outputs: a node (or its name) or a list of them. feeds: input node (or name) -> array.
+        wrt: the nodes to differentiate with respect to (inputs, constants or any node).
+        grad_outputs: output -> seed cotangent, needed for each non-scalar output that is
+        differentiated (a scalar output is seeded with 1). executor: "auto", "local" or "ray".
+        check_numerics: fail naming the first node that makes a NaN or infinity.
+        timeout: seconds before the run is cancelled (DEADLINE_EXCEEDED remotely).
+        Errors: FeedError (a feed's shape or dtype), RequestError (what is asked),
+        ValidationError (the graph), ExecutionError (an op failed, naming its node); from a
+        server each is also a RemoteError carrying the gRPC code. A remote client uploads
+        the graph once per fingerprint, then runs it by reference.
+        """
+        raise NotImplementedError
 
     def _before_thread(self, executor: str) -> None:
         """Work that must happen on the caller's thread (starting Ray) before going off it."""
 
     async def run_async(self, *args: Any, **kwargs: Any) -> Any:
         self._before_thread(kwargs.get("executor", "auto"))
-        return await asyncio.to_thread(self.run, *args, **kwargs)  # type: ignore[attr-defined]
+        return await asyncio.to_thread(self.run, *args, **kwargs)
 
     async def explain_async(self, *args: Any, **kwargs: Any) -> Any:
         self._before_thread(kwargs.get("executor", "auto"))
@@ -26,7 +49,27 @@ class AsyncClient:
 
 
 class AsyncJob:
-    """Mixed into both job handles: `await job.wait_async()`."""
+    """Mixed into both job handles: `await job.wait_async()`, and the results both read alike
+    from `_fetch()` (per-network params, the loss history)."""
+
+    def _fetch(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        """The trained parameters: a dict of arrays, or a list of them, one per network."""
+        params = self._fetch()[0]
+        return params[0] if len(params) == 1 else params
+
+    @property
+    def history(self) -> np.ndarray:
+        """The loss per network and step (networks x steps)."""
+        return self._fetch()[1]
+
+    def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
+        """Loss curves: the median and the 10-90% band across networks, or chosen networks.
+        Needs matplotlib (pip install graphgrad[plot])."""
+        return plot_history(self.history, networks, ax)
 
     async def wait_async(self, progress: bool = True, timeout: float | None = None) -> Any:
         return await asyncio.to_thread(self.wait, progress, timeout)  # type: ignore[attr-defined]

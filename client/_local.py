@@ -58,18 +58,6 @@ class LocalClient(AsyncClient):
         check_numerics: bool = False,
         timeout: float | None = None,
     ) -> Result:
-        """Values of `outputs` and, for each node of `wrt`, the gradient of the outputs with
-        respect to it: `res.value`/`res.values[name]`, `res.grads[name]`, `res.stats`.
-
-        outputs: a node (or its name) or a list of them. feeds: input node (or name) -> array.
-        wrt: the nodes to differentiate with respect to (inputs, constants or any node).
-        grad_outputs: output -> seed cotangent, needed for each non-scalar output that is
-        differentiated (a scalar output is seeded with 1). executor: "auto", "local" or "ray".
-        check_numerics: fail naming the first node that makes a NaN or infinity.
-        timeout: seconds before the run is cancelled (DEADLINE_EXCEEDED remotely).
-        Errors: FeedError (a feed's shape or dtype), RequestError (what is asked),
-        ValidationError (the graph), ExecutionError (an op failed, naming its node), all in process.
-        """
         _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
         options = RunOptions(ExecutorKind.parse(executor), check_numerics)
         res = self.session.run(graph, request, options, Cancellation.within(timeout))

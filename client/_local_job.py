@@ -4,13 +4,11 @@ watch, cancel and read (the job itself runs in the client's engine Session)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from graphgrad._aio import AsyncJob
-from graphgrad._job_display import ProgressBar, job_html, job_repr, plot_history
+from graphgrad._job_display import ProgressBar, job_html, job_repr
 from graphgrad.engine import (
     JobStatus,
     Progress,
@@ -86,20 +84,6 @@ class Job(AsyncJob):
                 return results
             self._results = results
         return self._results
-
-    @property
-    def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
-        params = self._fetch()[0]
-        return params[0] if len(params) == 1 else params
-
-    @property
-    def history(self) -> np.ndarray:
-        return self._fetch()[1]
-
-    def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
-        """Loss curves: the median and the 10-90% band across networks, or chosen networks.
-        Needs matplotlib (pip install graphgrad[plot])."""
-        return plot_history(self.history, networks, ax)
 
     def _repr_html_(self) -> str:
         view = self._session.job(self.id).view()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 
 from graphgrad import wire
 from graphgrad._aio import AsyncJob
-from graphgrad._job_display import ProgressBar, job_html, job_repr, plot_history
+from graphgrad._job_display import ProgressBar, job_html, job_repr
 from graphgrad.engine import GraphError, JobStatus, JobView, Progress, ResultPart, join_parts
 from graphgrad.v1 import jobs_pb2
 
@@ -83,18 +83,6 @@ class RemoteJob(AsyncJob):
         if self._results is None:
             self._results = join_parts(self._parts(), self._templates)
         return self._results
-
-    @property
-    def params(self) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
-        params = self._fetch()[0]
-        return params[0] if len(params) == 1 else params
-
-    @property
-    def history(self) -> np.ndarray:
-        return self._fetch()[1]
-
-    def plot(self, networks: Sequence[int] | None = None, ax: Any = None) -> Any:
-        return plot_history(self.history, networks, ax)
 
     def _repr_html_(self) -> str:
         info = self._info()
