@@ -22,18 +22,7 @@ from graphgrad.engine.ops._registry import (
     TensorType,
     register,
 )
-from graphgrad.engine.ops.elementwise import batch_broadcasting
-
-
-def _compare_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
-    a, b = ins
-    if a.dtype != b.dtype:
-        raise ShapeError(f"dtype mismatch: {a.dtype} and {b.dtype}")
-    try:
-        shape = np.broadcast_shapes(a.shape, b.shape)
-    except ValueError:
-        raise ShapeError(f"shapes {a.shape} and {b.shape} do not broadcast") from None
-    return TensorType(tuple(shape), a.dtype)
+from graphgrad.engine.ops.elementwise import batch_broadcasting, broadcast_type
 
 
 def _comparison(name: str, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], what: str) -> None:
@@ -44,7 +33,7 @@ def _comparison(name: str, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], w
         Op(
             name,
             2,
-            _compare_infer,
+            broadcast_type,
             lambda xs, at: forward(xs[0], xs[1]),
             lambda g, xs, y, at, w: (None, None),
             doc=(

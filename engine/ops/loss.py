@@ -28,6 +28,7 @@ from graphgrad.engine.ops.elementwise import (
     unbroadcast_node,
 )
 from graphgrad.engine.ops.indexing import _put_along_add, check_range
+from graphgrad.engine.ops.reduce import REDUCTION_ATTRS, reduction_type
 
 _AXIS = {"axis": AttrSpec(AttrKind.INT, default=-1)}
 
@@ -268,14 +269,6 @@ register(
 )
 
 
-def _lse_infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
-    (x,) = ins
-    axes = normalize_axes(attrs.get("axis"), len(x.shape))
-    keep = attrs.get("keepdims", False)
-    shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape) if keep or i not in axes)
-    return TensorType(shape, x.dtype)
-
-
 def _logsumexp(x: np.ndarray, at: Attrs) -> np.ndarray:
     axes = normalize_axes(at.get("axis"), x.ndim)
     m = np.max(x, axis=axes, keepdims=True) if x.size else np.zeros((1,) * x.ndim, x.dtype)
@@ -314,10 +307,10 @@ register(
     Op(
         "logsumexp",
         1,
-        _lse_infer,
+        reduction_type,
         lambda xs, at: _logsumexp(xs[0], at),
         _lse_vjp,
-        attrs={"axis": AttrSpec(AttrKind.AXES), "keepdims": AttrSpec(AttrKind.BOOL, default=False)},
+        attrs=REDUCTION_ATTRS,
         doc=(
             "log(sum(exp(x), axis)), computed without overflow (shifted by the max), like "
             "scipy.special.logsumexp; axis absent: over all elements. Its gradient is "

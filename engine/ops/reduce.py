@@ -22,10 +22,13 @@ from graphgrad.engine.ops._registry import (
     register,
 )
 
-_ATTRS = {"axis": AttrSpec(AttrKind.AXES), "keepdims": AttrSpec(AttrKind.BOOL, default=False)}
+REDUCTION_ATTRS = {
+    "axis": AttrSpec(AttrKind.AXES),
+    "keepdims": AttrSpec(AttrKind.BOOL, default=False),
+}
 
 
-def _infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
+def reduction_type(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     (x,) = ins
     axes = normalize_axes(attrs.get("axis"), len(x.shape))
     keep = attrs.get("keepdims", False)
@@ -122,12 +125,12 @@ def _reduction(name: str, fn: Callable[..., Any], vjp: VjpFn, grad: GradFn) -> N
         Op(
             name,
             1,
-            _infer,
+            reduction_type,
             lambda xs, at: np.asarray(
                 fn(xs[0], axis=_axes(xs[0], at), keepdims=at.get("keepdims", False))
             ),
             vjp,
-            attrs=_ATTRS,
+            attrs=REDUCTION_ATTRS,
             flops=_flops,
             batch=_batch(name),
             grad=grad,
