@@ -14,7 +14,7 @@ import numpy as np
 
 from graphgrad import onnx as onnx_convert
 from graphgrad._builder import Tensor
-from graphgrad._saving import Saved
+from graphgrad._saving import Saved, graph_and_params
 from graphgrad._transforms import builder_graph
 
 
@@ -43,16 +43,7 @@ def to_onnx(
     """The forward pass of the graph of `outputs` as an ONNX model (`onnx.ModelProto`, checked
     by `onnx.checker`): inputs given in `params` become initializers holding those values.
     Written to `path` too when given."""
-    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    if not outs or not all(isinstance(o, Tensor) for o in outs):
-        raise TypeError("gg.to_onnx: outputs must be a graph node or a list of them")
-    builder = outs[0].graph
-    if any(o.graph is not builder for o in outs):
-        raise ValueError("gg.to_onnx: the outputs belong to different graphs")
-    arrays = {
-        (k.name if isinstance(k, Tensor) else str(k)): np.asarray(v)
-        for k, v in (params or {}).items()
-    }
+    builder, outs, arrays = graph_and_params(outputs, params, "gg.to_onnx")
     model = onnx_convert.to_onnx(builder.freeze(), [o.name for o in outs], arrays, builder.name)
     if path is not None:
         Path(path).write_bytes(model.SerializeToString())

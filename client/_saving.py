@@ -96,6 +96,24 @@ def _check_params(graph: engine.Graph, params: Mapping[str, np.ndarray], where: 
             )
 
 
+def graph_and_params(
+    outputs: Tensor | Sequence[Tensor], params: Mapping[str | Tensor, Any] | None, caller: str
+) -> tuple[Graph, list[Tensor], dict[str, np.ndarray]]:
+    """The one builder graph `outputs` belong to, the outputs as a list, and `params` keyed by
+    input name: what `gg.save` and `gg.to_onnx` take (`caller` names which in errors)."""
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    if not outs or not all(isinstance(o, Tensor) for o in outs):
+        raise TypeError(f"{caller}: outputs must be a graph node or a list of them")
+    builder = outs[0].graph
+    if any(o.graph is not builder for o in outs):
+        raise ValueError(f"{caller}: the outputs belong to different graphs")
+    arrays = {
+        (k.name if isinstance(k, Tensor) else str(k)): np.asarray(v)
+        for k, v in (params or {}).items()
+    }
+    return builder, outs, arrays
+
+
 def save(
     path: str | os.PathLike[str],
     outputs: Tensor | Sequence[Tensor],
@@ -104,17 +122,8 @@ def save(
     """Write the graph of `outputs` (all its nodes), the output names and `params` (values of
     inputs, keyed by input node or name) to `path`, in the format this module describes.
     The file is written whole or not at all. Returns the path."""
-    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    if not outs or not all(isinstance(o, Tensor) for o in outs):
-        raise TypeError("gg.save: outputs must be a graph node or a list of them")
-    builder = outs[0].graph
-    if any(o.graph is not builder for o in outs):
-        raise ValueError("gg.save: the outputs belong to different graphs")
+    builder, outs, arrays = graph_and_params(outputs, params, "gg.save")
     graph = builder.freeze()
-    arrays = {
-        (k.name if isinstance(k, Tensor) else str(k)): np.asarray(v)
-        for k, v in (params or {}).items()
-    }
     _check_params(graph, arrays, "gg.save")
     manifest = {
         "format": FORMAT,
