@@ -12,16 +12,18 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def execute(path: Path, workdir: Path):
+    """The notebook at `path`, run top to bottom by a real kernel in `workdir`."""
+    nb = nbformat.read(path, as_version=4)
     NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path_factory.mktemp("nb"))}},
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
     ).execute()
     return nb
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    return execute(NOTEBOOK, tmp_path_factory.mktemp("nb"))
 
 
 def outputs(nb):
@@ -83,14 +85,7 @@ CLASSIFIER = NOTEBOOK.parent / "classifier.ipynb"
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    nb = nbformat.read(CLASSIFIER, as_version=4)
-    NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path_factory.mktemp("nb"))}},
-    ).execute()
-    return nb
+    return execute(CLASSIFIER, tmp_path_factory.mktemp("nb"))
 
 
 def test_the_classifier_learns_through_value_and_grad_on_the_server(classifier):
