@@ -27,7 +27,7 @@ from graphgrad.v1 import service_pb2 as graphgrad_dot_v1_dot_service__pb2
 from graphgrad.v1 import tensor_pb2 as graphgrad_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17graphgrad/v1/jobs.proto\x12\x0cgraphgrad.v1\x1a\x18graphgrad/v1/graph.proto\x1a\x1agraphgrad/v1/service.proto\x1a\x19graphgrad/v1/tensor.proto\"\xb7\x02\n\rTrainTemplate\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.Graph\x12\x0c\n\x04loss\x18\x02 \x01(\t\x12\x37\n\x06params\x18\x03 \x03(\x0b\x32\'.graphgrad.v1.TrainTemplate.ParamsEntry\x12\x33\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32%.graphgrad.v1.TrainTemplate.DataEntry\x1a\x43\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x1a\x41\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\"#\n\x03Sgd\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x10\n\x08momentum\x18\x02 \x01(\x01\"h\n\x04\x41\x64\x61m\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_eps\"Y\n\tOptimizer\x12 \n\x03sgd\x18\x01 \x01(\x0b\x32\x11.graphgrad.v1.SgdH\x00\x12\"\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x12.graphgrad.v1.AdamH\x00\x42\x06\n\x04kind\"\xc9\x01\n\x10SubmitJobRequest\x12.\n\ttemplates\x18\x01 \x03(\x0b\x32\x1b.graphgrad.v1.TrainTemplate\x12*\n\toptimizer\x18\x02 \x01(\x0b\x32\x17.graphgrad.v1.Optimizer\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12(\n\x08\x65xecutor\x18\x06 \x01(\x0e\x32\x16.graphgrad.v1.Executor\"\x1f\n\x11SubmitJobResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x02\n\x07JobInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.graphgrad.v1.JobStatus\x12\x12\n\nsteps_done\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x10\n\x08networks\x18\x05 \x01(\x03\x12\x15\n\rnetworks_done\x18\x06 \x01(\x03\x12\x13\n\x0bloss_median\x18\x07 \x01(\x01\x12\x11\n\tloss_best\x18\x08 \x01(\x01\x12\x12\n\nloss_worst\x18\t \x01(\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x0f\n\x07\x63reated\x18\x0b \x01(\x01\x12\x1a\n\x12networks_nonfinite\x18\x0c \x01(\x03\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x10WatchJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.graphgrad.v1.JobInfo\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x0eGetJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.graphgrad.v1.JobInfo\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.graphgrad.v1.JobInfo\"\x1e\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"\x11\n\x0fListJobsRequest\"7\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.graphgrad.v1.JobInfo\"\"\n\x14GetJobResultsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"y\n\x15GetJobResultsResponse\x12\x10\n\x08template\x18\x01 \x01(\x05\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x66irst\x18\x04 \x01(\x03\x12#\n\x05value\x18\x05 \x01(\x0b\x32\x14.graphgrad.v1.Tensor*\x9d\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x13\n\x0fJOB_STATUS_DONE\x10\x03\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x04\x12\x15\n\x11JOB_STATUS_FAILED\x10\x05\x32\xaf\x04\n\nJobService\x12L\n\tSubmitJob\x12\x1e.graphgrad.v1.SubmitJobRequest\x1a\x1f.graphgrad.v1.SubmitJobResponse\x12K\n\x08WatchJob\x12\x1d.graphgrad.v1.WatchJobRequest\x1a\x1e.graphgrad.v1.WatchJobResponse0\x01\x12\x43\n\x06GetJob\x12\x1b.graphgrad.v1.GetJobRequest\x1a\x1c.graphgrad.v1.GetJobResponse\x12Z\n\rGetJobResults\x12\".graphgrad.v1.GetJobResultsRequest\x1a#.graphgrad.v1.GetJobResultsResponse0\x01\x12L\n\tCancelJob\x12\x1e.graphgrad.v1.CancelJobRequest\x1a\x1f.graphgrad.v1.CancelJobResponse\x12I\n\x08ListJobs\x12\x1d.graphgrad.v1.ListJobsRequest\x1a\x1e.graphgrad.v1.ListJobsResponse\x12L\n\tDeleteJob\x12\x1e.graphgrad.v1.DeleteJobRequest\x1a\x1f.graphgrad.v1.DeleteJobResponseB.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17graphgrad/v1/jobs.proto\x12\x0cgraphgrad.v1\x1a\x18graphgrad/v1/graph.proto\x1a\x1agraphgrad/v1/service.proto\x1a\x19graphgrad/v1/tensor.proto\"\xb7\x02\n\rTrainTemplate\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.graphgrad.v1.Graph\x12\x0c\n\x04loss\x18\x02 \x01(\t\x12\x37\n\x06params\x18\x03 \x03(\x0b\x32\'.graphgrad.v1.TrainTemplate.ParamsEntry\x12\x33\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32%.graphgrad.v1.TrainTemplate.DataEntry\x1a\x43\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\x1a\x41\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.graphgrad.v1.Tensor:\x02\x38\x01\"#\n\x03Sgd\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x10\n\x08momentum\x18\x02 \x01(\x01\"h\n\x04\x41\x64\x61m\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_eps\"Y\n\tOptimizer\x12 \n\x03sgd\x18\x01 \x01(\x0b\x32\x11.graphgrad.v1.SgdH\x00\x12\"\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x12.graphgrad.v1.AdamH\x00\x42\x06\n\x04kind\"\xc9\x01\n\x10SubmitJobRequest\x12.\n\ttemplates\x18\x01 \x03(\x0b\x32\x1b.graphgrad.v1.TrainTemplate\x12*\n\toptimizer\x18\x02 \x01(\x0b\x32\x17.graphgrad.v1.Optimizer\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12(\n\x08\x65xecutor\x18\x06 \x01(\x0e\x32\x16.graphgrad.v1.Executor\"\x1f\n\x11SubmitJobResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x92\x02\n\x07JobInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.graphgrad.v1.JobStatus\x12\x12\n\nsteps_done\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x10\n\x08networks\x18\x05 \x01(\x03\x12\x15\n\rnetworks_done\x18\x06 \x01(\x03\x12\x13\n\x0bloss_median\x18\x07 \x01(\x01\x12\x11\n\tloss_best\x18\x08 \x01(\x01\x12\x12\n\nloss_worst\x18\t \x01(\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x0f\n\x07\x63reated\x18\x0b \x01(\x01\x12\x1a\n\x12networks_nonfinite\x18\x0c \x01(\x03\x12\x0e\n\x06worker\x18\r \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x10WatchJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.graphgrad.v1.JobInfo\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x0eGetJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.graphgrad.v1.JobInfo\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.graphgrad.v1.JobInfo\"\x1e\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"\x11\n\x0fListJobsRequest\"7\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.graphgrad.v1.JobInfo\"\"\n\x14GetJobResultsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"y\n\x15GetJobResultsResponse\x12\x10\n\x08template\x18\x01 \x01(\x05\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x66irst\x18\x04 \x01(\x03\x12#\n\x05value\x18\x05 \x01(\x0b\x32\x14.graphgrad.v1.Tensor*\x9d\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x13\n\x0fJOB_STATUS_DONE\x10\x03\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x04\x12\x15\n\x11JOB_STATUS_FAILED\x10\x05\x32\xaf\x04\n\nJobService\x12L\n\tSubmitJob\x12\x1e.graphgrad.v1.SubmitJobRequest\x1a\x1f.graphgrad.v1.SubmitJobResponse\x12K\n\x08WatchJob\x12\x1d.graphgrad.v1.WatchJobRequest\x1a\x1e.graphgrad.v1.WatchJobResponse0\x01\x12\x43\n\x06GetJob\x12\x1b.graphgrad.v1.GetJobRequest\x1a\x1c.graphgrad.v1.GetJobResponse\x12Z\n\rGetJobResults\x12\".graphgrad.v1.GetJobResultsRequest\x1a#.graphgrad.v1.GetJobResultsResponse0\x01\x12L\n\tCancelJob\x12\x1e.graphgrad.v1.CancelJobRequest\x1a\x1f.graphgrad.v1.CancelJobResponse\x12I\n\x08ListJobs\x12\x1d.graphgrad.v1.ListJobsRequest\x1a\x1e.graphgrad.v1.ListJobsResponse\x12L\n\tDeleteJob\x12\x1e.graphgrad.v1.DeleteJobRequest\x1a\x1f.graphgrad.v1.DeleteJobResponseB.\n\x10\x64\x65v.graphgrad.v1P\x01Z\x18graphgrad/v1;graphgradv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINTEMPLATE_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINTEMPLATE_DATAENTRY']._loaded_options = None
   _globals['_TRAINTEMPLATE_DATAENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATUS']._serialized_start=1716
-  _globals['_JOBSTATUS']._serialized_end=1873
+  _globals['_JOBSTATUS']._serialized_start=1732
+  _globals['_JOBSTATUS']._serialized_end=1889
   _globals['_TRAINTEMPLATE']._serialized_start=123
   _globals['_TRAINTEMPLATE']._serialized_end=434
   _globals['_TRAINTEMPLATE_PARAMSENTRY']._serialized_start=300
@@ -58,31 +58,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITJOBRESPONSE']._serialized_start=874
   _globals['_SUBMITJOBRESPONSE']._serialized_end=905
   _globals['_JOBINFO']._serialized_start=908
-  _globals['_JOBINFO']._serialized_end=1166
-  _globals['_WATCHJOBREQUEST']._serialized_start=1168
-  _globals['_WATCHJOBREQUEST']._serialized_end=1197
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1199
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1253
-  _globals['_GETJOBREQUEST']._serialized_start=1255
-  _globals['_GETJOBREQUEST']._serialized_end=1282
-  _globals['_GETJOBRESPONSE']._serialized_start=1284
-  _globals['_GETJOBRESPONSE']._serialized_end=1336
-  _globals['_CANCELJOBREQUEST']._serialized_start=1338
-  _globals['_CANCELJOBREQUEST']._serialized_end=1368
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1370
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1425
-  _globals['_DELETEJOBREQUEST']._serialized_start=1427
-  _globals['_DELETEJOBREQUEST']._serialized_end=1457
-  _globals['_DELETEJOBRESPONSE']._serialized_start=1459
-  _globals['_DELETEJOBRESPONSE']._serialized_end=1478
-  _globals['_LISTJOBSREQUEST']._serialized_start=1480
-  _globals['_LISTJOBSREQUEST']._serialized_end=1497
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1499
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1554
-  _globals['_GETJOBRESULTSREQUEST']._serialized_start=1556
-  _globals['_GETJOBRESULTSREQUEST']._serialized_end=1590
-  _globals['_GETJOBRESULTSRESPONSE']._serialized_start=1592
-  _globals['_GETJOBRESULTSRESPONSE']._serialized_end=1713
-  _globals['_JOBSERVICE']._serialized_start=1876
-  _globals['_JOBSERVICE']._serialized_end=2435
+  _globals['_JOBINFO']._serialized_end=1182
+  _globals['_WATCHJOBREQUEST']._serialized_start=1184
+  _globals['_WATCHJOBREQUEST']._serialized_end=1213
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1215
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1269
+  _globals['_GETJOBREQUEST']._serialized_start=1271
+  _globals['_GETJOBREQUEST']._serialized_end=1298
+  _globals['_GETJOBRESPONSE']._serialized_start=1300
+  _globals['_GETJOBRESPONSE']._serialized_end=1352
+  _globals['_CANCELJOBREQUEST']._serialized_start=1354
+  _globals['_CANCELJOBREQUEST']._serialized_end=1384
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1386
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1441
+  _globals['_DELETEJOBREQUEST']._serialized_start=1443
+  _globals['_DELETEJOBREQUEST']._serialized_end=1473
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1475
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1494
+  _globals['_LISTJOBSREQUEST']._serialized_start=1496
+  _globals['_LISTJOBSREQUEST']._serialized_end=1513
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1515
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1570
+  _globals['_GETJOBRESULTSREQUEST']._serialized_start=1572
+  _globals['_GETJOBRESULTSREQUEST']._serialized_end=1606
+  _globals['_GETJOBRESULTSRESPONSE']._serialized_start=1608
+  _globals['_GETJOBRESULTSRESPONSE']._serialized_end=1729
+  _globals['_JOBSERVICE']._serialized_start=1892
+  _globals['_JOBSERVICE']._serialized_end=2451
 # @@protoc_insertion_point(module_scope)

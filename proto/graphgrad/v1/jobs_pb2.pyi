@@ -329,6 +329,7 @@ class JobInfo(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     NETWORKS_NONFINITE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id."""
     status: Global___JobStatus.ValueType
@@ -355,6 +356,8 @@ class JobInfo(_message.Message):
     """Networks whose latest loss is NaN or infinite (not counted in the loss statistics):
     their training diverged.
     """
+    worker: _builtins.str
+    """The server worker process running the job ("HOST:PID"), while it runs."""
     def __init__(
         self,
         *,
@@ -370,10 +373,11 @@ class JobInfo(_message.Message):
         error: _builtins.str = ...,
         created: _builtins.float = ...,
         networks_nonfinite: _builtins.int = ...,
+        worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "id", b"id", "loss_best", b"loss_best", "loss_median", b"loss_median", "loss_worst", b"loss_worst", "networks", b"networks", "networks_done", b"networks_done", "networks_nonfinite", b"networks_nonfinite", "status", b"status", "steps", b"steps", "steps_done", b"steps_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "id", b"id", "loss_best", b"loss_best", "loss_median", b"loss_median", "loss_worst", b"loss_worst", "networks", b"networks", "networks_done", b"networks_done", "networks_nonfinite", b"networks_nonfinite", "status", b"status", "steps", b"steps", "steps_done", b"steps_done", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

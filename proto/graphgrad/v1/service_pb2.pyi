@@ -142,21 +142,27 @@ class RunOptions(_message.Message):
 
     EXECUTOR_FIELD_NUMBER: _builtins.int
     CHECK_NUMERICS_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     executor: Global___Executor.ValueType
     """Where to execute; the server decides when unset."""
     check_numerics: _builtins.bool
     """When true, non-finite values (NaN, infinity) in feeds, outputs or gradients are an
     INVALID_ARGUMENT error naming the tensor, instead of being returned.
     """
+    exact: _builtins.bool
+    """When true, the request runs alone: a server with dynamic batching on never stacks it
+    with other requests, so its results are exactly its single-request results.
+    """
     def __init__(
         self,
         *,
         executor: Global___Executor.ValueType = ...,
         check_numerics: _builtins.bool = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_numerics", b"check_numerics", "executor", b"executor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_numerics", b"check_numerics", "exact", b"exact", "executor", b"executor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,6 +361,8 @@ class RunStats(_message.Message):
     PARTITIONS_FIELD_NUMBER: _builtins.int
     BYTES_MOVED_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     executor: _builtins.str
     """Executor that ran the request: "local" or "ray"."""
     wall_time: _builtins.float
@@ -363,6 +371,10 @@ class RunStats(_message.Message):
     """Number of partitions in the plan."""
     bytes_moved: _builtins.int
     """Bytes of tensors moved between tasks."""
+    batch_size: _builtins.int
+    """Requests run together in the dynamic batch this one was part of (1: it ran alone)."""
+    worker: _builtins.str
+    """The server worker process that answered ("HOST:PID", one per `--workers` process)."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskStat]:
         """One entry per task."""
@@ -375,10 +387,12 @@ class RunStats(_message.Message):
         partitions: _builtins.int = ...,
         bytes_moved: _builtins.int = ...,
         tasks: _abc.Iterable[Global___TaskStat] | None = ...,
+        batch_size: _builtins.int = ...,
+        worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "executor", b"executor", "partitions", b"partitions", "tasks", b"tasks", "wall_time", b"wall_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "bytes_moved", b"bytes_moved", "executor", b"executor", "partitions", b"partitions", "tasks", b"tasks", "wall_time", b"wall_time", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1043,6 +1057,10 @@ class GetServerInfoResponse(_message.Message):
     CACHES_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIGURES_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    METRICS_PORT_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """graphgrad version of the server."""
     opset_version: _builtins.int
@@ -1053,6 +1071,12 @@ class GetServerInfoResponse(_message.Message):
     """The cost model's calibration in force (`graphgrad calibrate` writes it into the data
     directory): where its figures come from ("defaults", or "measured on HOST at TIME").
     """
+    workers: _builtins.int
+    """Server worker processes sharing the port (`--workers`)."""
+    worker: _builtins.str
+    """The worker process that answered this call ("HOST:PID")."""
+    metrics_port: _builtins.int
+    """Port of the Prometheus metrics endpoint (HTTP), or 0 when none is served."""
     @_builtins.property
     def ray_resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Ray resources (e.g. "CPU": 2), when Ray is running."""
@@ -1075,6 +1099,10 @@ class GetServerInfoResponse(_message.Message):
         task_latency_s, and flops_per_s/FAMILY/DTYPE).
         """
 
+    @_builtins.property
+    def batching(self) -> Global___BatchingInfo:
+        """Dynamic batching of Run requests; absent when off."""
+
     def __init__(
         self,
         *,
@@ -1086,14 +1114,46 @@ class GetServerInfoResponse(_message.Message):
         caches: _abc.Mapping[_builtins.str, Global___CacheInfo] | None = ...,
         calibration: _builtins.str = ...,
         calibration_figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        batching: Global___BatchingInfo | None = ...,
+        workers: _builtins.int = ...,
+        worker: _builtins.str = ...,
+        metrics_port: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caches", b"caches", "calibration", b"calibration", "calibration_figures", b"calibration_figures", "limits", b"limits", "opset_version", b"opset_version", "ray_address", b"ray_address", "ray_resources", b"ray_resources", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "caches", b"caches", "calibration", b"calibration", "calibration_figures", b"calibration_figures", "limits", b"limits", "metrics_port", b"metrics_port", "opset_version", b"opset_version", "ray_address", b"ray_address", "ray_resources", b"ray_resources", "version", b"version", "worker", b"worker", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class BatchingInfo(_message.Message):
+    """Dynamic batching: concurrent Run requests for the same graph, outputs, wrt and feed
+    shapes that arrive within a window are stacked, run once and split.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_US_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    window_us: _builtins.int
+    """How long the first request of a batch waits for others, in microseconds."""
+    max_batch: _builtins.int
+    """Most requests stacked into one run."""
+    def __init__(
+        self,
+        *,
+        window_us: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "window_us", b"window_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchingInfo: _TypeAlias = BatchingInfo  # noqa: Y015
 
 @_typing.final
 class CacheInfo(_message.Message):
