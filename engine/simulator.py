@@ -175,10 +175,12 @@ def simulate(
     cluster: Cluster,
     staged_bytes: int = 0,
     staged_objects: int = 0,
+    placement: Sequence[int] | None = None,
 ) -> Prediction:
     """Replay `tasks` (in submission order; deps point to earlier tasks) on `cluster`. The
     caller first puts `staged_objects` objects of `staged_bytes` in all into the store, then
-    submits the tasks one by one."""
+    submits the tasks one by one. `placement`: the node of each task, where it is known
+    (what Ray did), instead of the simulator's choice."""
     n = len(tasks)
     store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
     staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
@@ -203,7 +205,12 @@ def simulate(
     while ready:
         _, k = heapq.heappop(ready)  # earliest ready first, then submission order
         t = tasks[k]
-        nodes = [0] if t.on_caller else range(cluster.nodes)
+        if t.on_caller:
+            nodes: Sequence[int] = [0]
+        elif placement is not None:
+            nodes = [placement[k]]
+        else:
+            nodes = range(cluster.nodes)
         best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
         for node in nodes:
             arrive, local, waited = submitted[k], 0, -1
@@ -340,10 +347,8 @@ def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], in
     readers: dict[int, set[int]] = {}
     for spec in sched.tasks:
         caller = spec.phase == CALLER
-        deps = tuple(
-            (u, sum(nbytes[j] for j in set(spec.reads) & set(sched.tasks[u].exports)))
-            for u in spec.upstream
-        )
+        # Ray moves a task's exports as one object: a reader on another node fetches it all.
+        deps = tuple((u, sum(nbytes[j] for j in sched.tasks[u].exports)) for u in spec.upstream)
         name = "caller" if caller else f"P{spec.partition} {spec.phase}"
         if not caller:
             for j in spec.feeds:
@@ -363,11 +368,15 @@ def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], in
 
 
 def predict_schedule(
-    sched: Schedule, cluster: Cluster, cal: Calibration | None = None
+    sched: Schedule,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    placement: Sequence[int] | None = None,
 ) -> Prediction:
+    """The schedule's tasks replayed on `cluster` (`placement`: see `simulate`)."""
     cal = cal or in_force()
     tasks, staged, objects = schedule_tasks(sched, cal)
-    return simulate(tasks, cal, cluster, staged, objects)
+    return simulate(tasks, cal, cluster, staged, objects, placement)
 
 
 @dataclass(frozen=True, slots=True)

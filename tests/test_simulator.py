@@ -298,7 +298,6 @@ def test_the_dispatcher_plans_the_partition_count_chosen() -> None:
 # machine shared with other work the same run's time varies several-fold from one minute to
 # the next. bench/simulate.py prints how close predictions come.
 LOOSE = 6.0
-LOOSE_TRAINING = 12.0
 
 
 @pytest.fixture(scope="module")
@@ -326,12 +325,14 @@ def feeds_for(graph: Graph) -> dict[str, np.ndarray]:
 
 
 def median_run(fn: Callable[[], object], runs: int = 5) -> float:
+    """CPU seconds, as the calibration measures (the wall clock of a shared machine counts
+    whatever else runs)."""
     fn()
     samples = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        samples.append(time.perf_counter() - t0)
+        samples.append(time.process_time() - t0)
     return statistics.median(samples)
 
 
@@ -378,9 +379,7 @@ def test_training_prediction_is_near_its_measurement(here: Calibration) -> None:
     _, graph, _ = build_request(loss, None, (), None)
     p = predict_training(graph, "loss", list(params), n, steps, Cluster(1, 1), here)
     print(f"training: predicted {p.one_cpu * 1e3:.2f} ms, measured {measured * 1e3:.2f} ms")
-    # Known gap: a stacked step's numpy calls over [N, ...] arrays cost several times what
-    # the per-network flops and bytes say (bench/simulate.py prints the ratio), hence wider.
-    assert measured / LOOSE_TRAINING < p.one_cpu < measured * LOOSE
+    assert measured / LOOSE < p.one_cpu < measured * LOOSE
 
 
 def test_the_plan_picture_shows_the_predicted_timeline() -> None:
