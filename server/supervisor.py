@@ -40,6 +40,11 @@ SERVING = re.compile(r"serving on grpcs?://")
 # so one that cannot start does not spin the machine.
 YOUNG_S, FIRST_PAUSE_S, LAST_PAUSE_S = 5.0, 0.5, 30.0
 POLL_S = 0.1  # how often the supervisor looks at its workers and its signals
+# numpy's BLAS starts a thread per core in every process: N workers with as many each
+# oversubscribe the cores, and OpenBLAS's spinning threads then slow small matmuls twentyfold
+# (two processes of 1,500 200x200 matmuls on 2 cores: 77 s with 2 threads each, 3.5 s with
+# one). Each worker gets its share of the cores, unless the operator set these.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Beyond --grace a worker still gets this long to cancel what runs and exit before SIGKILL.
 EXIT_SLACK_S = 10.0
 
@@ -47,6 +52,12 @@ EXIT_SLACK_S = 10.0
 def worker_name(pid: int | None = None) -> str:
     """A worker's name in responses and logs: HOST:PID."""
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def worker_env(count: int) -> dict[str, str]:
+    """The environment of one of `count` workers: BLAS threads split between them."""
+    share = str(max(1, (os.cpu_count() or 1) // count))
+    return {**{name: share for name in BLAS_THREADS}, **os.environ}
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -118,6 +129,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 text=True,
                 pass_fds=(read,),
+                env=worker_env(self.count),
             )
         finally:
             os.close(read)
