@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import sqlite3
 import threading
 import time
@@ -60,8 +58,10 @@ from graphgrad.engine.training_run import (
     TrainingRun,
     group_specs,
 )
+from graphgrad.server import metrics
 from graphgrad.server.errors import NotFoundError
 from graphgrad.server.limits import one_per_cpu
+from graphgrad.server.logs import log_job_change, worker_id
 from graphgrad.server.store import JobStore, JobSummary, Renewal
 
 log = logging.getLogger("graphgrad.jobs")
@@ -72,11 +72,6 @@ TRANSIENT = (sqlite3.Error, OSError, MemoryError)
 # A holder that misses its heartbeats this long loses its jobs to other processes: long
 # enough for a busy machine's stalls, short enough that a dead worker's jobs resume soon.
 DEFAULT_LEASE_SECONDS = 10.0
-
-
-def process_name() -> str:
-    """This process as a lease holder and JobInfo.worker: "HOST:PID"."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class LeaseLostError(RuntimeError):
@@ -108,6 +103,12 @@ class ManagedJob:
         self.version = 0
         self.deleted = False
         self.listeners: set[Callable[[], None]] = set()  # called at every bump (watchers)
+
+    def set_status(self, status: JobStatus, error: str = "") -> None:
+        """A change of state, logged (the caller bumps)."""
+        if status != self.status or error != self.error:
+            log_job_change(self.id, self.status, status, error)
+        self.status, self.error = status, error
 
     def bump(self) -> None:
         with self.changed:
@@ -149,7 +150,7 @@ class JobManager:
         self.read = read or decode
         self.max_running = max_running or one_per_cpu()
         self.max_queued = max_queued
-        self.lease_seconds, self.owner, self.clock = lease_seconds, owner or process_name(), clock
+        self.lease_seconds, self.owner, self.clock = lease_seconds, owner or worker_id(), clock
         self._active: dict[str, ManagedJob] = {}  # running here (holding its lease)
         self._running = 0  # places taken here: jobs being built or run
         self._reserved = 0  # places taken by submits still being checked and stored
@@ -210,6 +211,7 @@ class JobManager:
         finally:
             with self._lock:
                 self._reserved -= 1
+        log_job_change(job_id, None, JobStatus.PENDING)
         self._schedule()
         return job_id
 
@@ -304,6 +306,7 @@ class JobManager:
             blob, history = run.checkpoint(), run.take_history()
             if not self.store.checkpoint(job.id, blob, progress, history, owner=self.owner):
                 raise LeaseLostError(f"job {job.id}: its lease is no longer {self.owner}'s")
+            metrics.add_training_steps(progress.steps_done - job.durable.steps_done)
             job.durable = progress
             job.bump()
 
@@ -320,7 +323,7 @@ class JobManager:
         if job.run is None and not error:
             status, error = JobStatus.CANCELLED, "deleted"
         if job.run is not None:
-            job.status = JobStatus.RUNNING
+            job.set_status(JobStatus.RUNNING)
             job.bump()
             try:
                 job.run.run(job.cancel, on_segment=checkpoint)
@@ -367,7 +370,8 @@ class JobManager:
         job.run = None  # its memory goes with it
         job.live = False
         if written:
-            job.durable, job.status, job.error = progress, status, error
+            job.durable = progress
+            job.set_status(status, error)
         job.bump()
 
     def _snapshot(self, summary: JobSummary) -> ManagedJob:
@@ -474,7 +478,7 @@ class JobManager:
             job.deleted = True
         job.cancel.cancel()  # its thread's last writes find no row: they change nothing
         self.store.delete(job_id)
-        job.status, job.error = JobStatus.CANCELLED, "deleted"
+        job.set_status(JobStatus.CANCELLED, "deleted")
         job.bump()
 
     def list(self) -> list[JobView]:
