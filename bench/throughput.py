@@ -147,6 +147,7 @@ class Load:
     seconds: float
     setup: tuple[tuple[str, bytes], ...] = ()
     warmup_calls: int = 5
+    batch_sizes: bool = False  # read RunStats.batch_size from every 8th response
 
 
 @dataclass
@@ -158,6 +159,7 @@ class ClientReport:
     sample: bytes  # one response (from the warm-up)
     cpu: float  # seconds of CPU this process took in the window (and a call)
     setup_replies: list[list[bytes]]  # per connection, the answers to the setup calls
+    batch_sizes: list[int]  # RunStats.batch_size of every 8th response (if asked)
 
 
 @dataclass
@@ -170,6 +172,7 @@ class Measurement:
     server_cpu: float  # seconds of CPU the server's processes took in the window
     client_cpu: float  # seconds of CPU the client processes took in the window (and a call)
     setup_replies: list[list[bytes]]  # per connection, the answers to Load.setup
+    batch_sizes: list[int]  # RunStats.batch_size of every 8th response (if asked)
 
     @property
     def rps(self) -> float:
@@ -194,19 +197,39 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+@dataclass
+class _ThreadLog:
+    latencies: list[float] = field(default_factory=list)  # of the calls ended in the window
+    batch_sizes: list[int] = field(default_factory=list)  # RunStats.batch_size, every 8th call
+
+
+def _batch_size_reader() -> Callable[[bytes], int]:
+    from graphgrad.v1 import service_pb2
+
+    return lambda raw: service_pb2.RunResponse.FromString(raw).stats.batch_size
+
+
 def _call_until(
-    call: Any, payload: bytes, start: float, stop: float, out: list[float], errors: dict[str, int]
+    call: Any,
+    load: Load,
+    start: float,
+    log: _ThreadLog,
+    errors: dict[str, int],
+    batch_size: Callable[[bytes], int] | None,
 ) -> None:
-    """Call back to back from `start`; keep the latency of each call that ends by `stop`."""
+    """Call back to back from `start`; log each call that ends within the window."""
+    stop = start + load.seconds
     while time.monotonic() < start:
         time.sleep(0.0005)
     while True:
         t0 = time.monotonic()
         try:
-            call(payload, timeout=60)
+            reply = call(load.payload, timeout=60)
             t1 = time.monotonic()
             if t1 <= stop:
-                out.append(t1 - t0)
+                log.latencies.append(t1 - t0)
+                if batch_size is not None and len(log.latencies) % 8 == 0:
+                    log.batch_sizes.append(batch_size(reply))
         except grpc.RpcError as e:
             code = e.code().name
             errors[code] = errors.get(code, 0) + 1
@@ -217,10 +240,11 @@ def _call_until(
 
 def _apply_load(conn: Connection, load: Load, threads: int) -> None:
     """`threads` threads, each with its own channel: set up and warm up, say "ready", start at
-    the time received, send back (latencies, errors, a response, CPU seconds in the window)."""
+    the time received, send back a ClientReport."""
     channels = [grpc.insecure_channel(load.address, channel_options()) for _ in range(threads)]
     try:
         calls = [c.unary_unary(load.method) for c in channels]
+        batch_size = _batch_size_reader() if load.batch_sizes else None
         sample = b""
         replies = []
         for ch, call in zip(channels, calls, strict=True):
@@ -229,14 +253,11 @@ def _apply_load(conn: Connection, load: Load, threads: int) -> None:
                 sample = call(load.payload, timeout=60)
         conn.send("ready")
         start = conn.recv()
-        latencies: list[list[float]] = [[] for _ in range(threads)]
+        logs = [_ThreadLog() for _ in range(threads)]
         errors: dict[str, int] = {}
         pool = [
-            threading.Thread(
-                target=_call_until,
-                args=(call, load.payload, start, start + load.seconds, out, errors),
-            )
-            for call, out in zip(calls, latencies, strict=True)
+            threading.Thread(target=_call_until, args=(call, load, start, log, errors, batch_size))
+            for call, log in zip(calls, logs, strict=True)
         ]
         for p in pool:
             p.start()
@@ -245,8 +266,9 @@ def _apply_load(conn: Connection, load: Load, threads: int) -> None:
         for p in pool:
             p.join()
         cpu = _cpu_seconds() - cpu
-        lat = np.array([x for out in latencies for x in out])
-        conn.send(ClientReport(lat, errors, sample, cpu, replies))
+        lat = np.array([x for log in logs for x in log.latencies])
+        sizes = [x for log in logs for x in log.batch_sizes]
+        conn.send(ClientReport(lat, errors, sample, cpu, replies, sizes))
     finally:
         for c in channels:
             c.close()
@@ -306,6 +328,7 @@ class ClientPool:
             cpu,
             sum(r.cpu for r in reports),
             [replies for r in reports for replies in r.setup_replies],
+            [size for r in reports for size in r.batch_sizes],
         )
 
     def close(self) -> None:
@@ -550,6 +573,9 @@ def fmt_row(row: Row, echo: Row) -> str:
     )
     if echo is not row and not echo.unavailable:
         line += f"  {row.rps / echo.rps:5.2f}"
+    sizes = [size for m in row.runs for size in m.batch_sizes]
+    if sizes:
+        line += f"   mean batch {statistics.mean(sizes):.1f}"
     if row.served_by and row.workers > 1:
         line += f"   {len(row.served_by)} of {row.workers} workers served"
     if row.errors:
@@ -608,7 +634,15 @@ def measure_group(
             setup = ()
             if server.method == RUN_METHOD:  # each worker process holds its own graphs
                 setup = ((REGISTER_METHOD, w.register), (INFO_METHOD, b""))
-            load = Load(server.address, server.method, w.run, c, args.seconds, setup)
+            load = Load(
+                server.address,
+                server.method,
+                w.run,
+                c,
+                args.seconds,
+                setup,
+                batch_sizes=row.server == "batching on",
+            )
             m = pool.measure(load, server.cpu_seconds)
             if server.method == ECHO_METHOD:
                 assert m.sample == w.run, "the echo changed the bytes"
