@@ -18,6 +18,7 @@ from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.calibration import FILE_NAME as CALIBRATION_FILE
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
+from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
@@ -140,11 +141,26 @@ def numbers() -> tuple[Number, ...]:
             "pending jobs beyond which SubmitJob is RESOURCE_EXHAUSTED",
         ),
         Number(
+            "--job-lease-s",
+            0.1,
+            config.job_lease_seconds,
+            "seconds a worker's lease on a running job lasts without a heartbeat; another "
+            "worker sharing the data dir takes over a job whose holder died after this",
+            float,
+        ),
+        Number(
             "--grace",
             0,
             config.grace_seconds,
             "seconds in-flight calls get at shutdown",
             float,
+        ),
+        Number(
+            "--metrics-port",
+            0,
+            None,
+            "serve Prometheus metrics over HTTP on this port of --host (0: pick a free one; "
+            "default: no metrics)",
         ),
     )
 
@@ -181,7 +197,19 @@ def parser() -> argparse.ArgumentParser:
     for n in numbers():
         shown = "" if "default" in n.help else " (default %(default)s)"
         s.add_argument(n.flag, type=n.kind, default=n.default, help=n.help + shown)
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="INFO: a line per job state change; DEBUG: a line per request too (default INFO)",
+    )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="log lines as `key=value` text or one JSON object each (default text)",
+    )
     s.add_argument(WORKER_FLAG, type=int, help=argparse.SUPPRESS)  # see server/supervisor.py
     c = sub.add_parser(
         "calibrate", help=f"measure this machine for the cost model; writes {CALIBRATION_FILE}"
@@ -224,6 +252,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_streams=args.max_streams,
         max_running_jobs=args.max_running_jobs,
         max_queued_jobs=args.max_queued_jobs,
+        job_lease_seconds=args.job_lease_s,
     )
 
 
@@ -272,6 +301,7 @@ def supervise(argv: list[str], args: argparse.Namespace, config: ServerConfig) -
             worker_args = ["--ray-address", dispatcher.ray.info()[0]]
         else:  # no worker starts a Ray of its own
             worker_args = ["--no-ray"]
+    endpoint = start_metrics(args)  # after Ray; the workers inherit where to write
     try:
         supervisor = Supervisor(
             argv[1:],  # after "serve": no option may come before the subcommand
@@ -280,17 +310,33 @@ def supervise(argv: list[str], args: argparse.Namespace, config: ServerConfig) -
             config.port,
             config.grace_seconds,
             worker_args,
+            on_exit=metrics.process_exited,
         )
-        supervisor.serve(functools.partial(print_serving, config))
+        supervisor.serve(functools.partial(print_serving, config, endpoint))
     except OSError as e:  # e.g. the port is taken, or a worker could not start
         raise SystemExit(f"graphgrad serve: {e}") from None
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     return 0
 
 
-def print_serving(config: ServerConfig, address: str) -> None:
+def start_metrics(args: argparse.Namespace) -> metrics.Endpoint | None:
+    """Metrics on (server/metrics.py); after Ray: its processes must not inherit their
+    environment."""
+    try:
+        return metrics.start(args.host, args.metrics_port)
+    except OSError as e:
+        raise SystemExit(
+            f"graphgrad serve: cannot serve metrics on port {args.metrics_port}: {e}"
+        ) from None
+
+
+def print_serving(config: ServerConfig, endpoint: metrics.Endpoint | None, address: str) -> None:
     # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
     scheme = "grpcs" if config.tls_cert else "grpc"
-    print(f"graphgrad serving on {scheme}://{address}", flush=True)
+    scrape = f" (metrics on http://{config.host}:{endpoint.port}/metrics)" if endpoint else ""
+    print(f"graphgrad serving on {scheme}://{address}{scrape}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,11 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         return calibrate(args)
     set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     config = config_from(args)
     calibration.use(calibration.load_or_defaults(args.data_dir))  # a bad file: a warning
     try:  # an unusable store is fatal before anything starts, in one line
@@ -325,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if dispatcher.ray_enabled:
         start_ray(dispatcher)
+    endpoint = start_metrics(args)
+    config.metrics_port = metrics.port()
     jobs = JobManager(
         store,
         dispatcher,
@@ -332,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         max_running=config.max_running_jobs,
         max_queued=config.max_queued_jobs,
         read=stored_spec_decoder,
+        lease_seconds=config.job_lease_seconds,
     )
-    jobs.resume_all()  # reads the rows' summaries only: each job is built when it starts
+    jobs.resume_all()  # takes what it can run, then heartbeats: each job is built as it starts
     worker = WorkerView()
     if args.worker_of is not None:  # one of a supervisor's workers
         config = dataclasses.replace(config, reuse_port=True)
@@ -342,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         worker = WorkerView(live=lambda: link.workers)
     server = Server(config, runtime, jobs, worker)
     try:
-        asyncio.run(server.serve(functools.partial(print_serving, config)))
+        asyncio.run(server.serve(functools.partial(print_serving, config, endpoint)))
     except OSError as e:  # e.g. the port is taken: one line, before "serving on"
         raise SystemExit(f"graphgrad serve: {e}") from None
+    finally:
+        jobs.close()  # its running jobs' leases go: another worker resumes them at once
+        if endpoint is not None:
+            endpoint.close()
     return 0

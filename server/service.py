@@ -9,8 +9,8 @@ from importlib import metadata
 from graphgrad import wire
 from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError, calibration
 from graphgrad.server.inflight import CallContext
+from graphgrad.server.logs import worker_id
 from graphgrad.server.runtime import Runtime
-from graphgrad.server.supervisor import worker_name
 from graphgrad.v1 import graph_pb2, service_pb2
 
 
@@ -49,7 +49,7 @@ def register_onnx(
 class WorkerView:
     """The process that answers ("HOST:PID") and how many live ones serve the port."""
 
-    name: str = field(default_factory=worker_name)
+    name: str = field(default_factory=worker_id)
     live: Callable[[], int] = lambda: 1
 
 
@@ -58,11 +58,13 @@ class GraphServicer:
         self,
         runtime: Runtime,
         limits: Mapping[str, int] | None = None,
+        metrics_port: int = 0,
         worker: WorkerView | None = None,
     ) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
-        runtime's request limits); `worker`: this process among the server's workers."""
-        self.runtime = runtime
+        runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere);
+        `worker`: this process among the server's workers."""
+        self.runtime, self.metrics_port = runtime, metrics_port
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
         self.worker = worker or WorkerView()
 
@@ -127,6 +129,7 @@ class GraphServicer:
             workers=self.worker.live(),
         )
         out.limits.update(self.limits)
+        out.metrics_port = self.metrics_port
         cal = calibration.in_force()
         out.calibration = cal.source
         out.calibration_figures.update(calibration.figures(cal))

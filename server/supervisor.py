@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from graphgrad.server.logs import worker_id
+
 log = logging.getLogger("graphgrad.supervisor")
 
 # One process by default: a worker's numpy already uses every core (BLAS threads) and the
@@ -47,11 +49,6 @@ POLL_S = 0.1  # how often the supervisor looks at its workers and its signals
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Beyond --grace a worker still gets this long to cancel what runs and exit before SIGKILL.
 EXIT_SLACK_S = 10.0
-
-
-def worker_name(pid: int | None = None) -> str:
-    """A worker's name in responses and logs: HOST:PID."""
-    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def worker_env(count: int) -> dict[str, str]:
@@ -87,7 +84,7 @@ class Worker:
 
     @property
     def name(self) -> str:
-        return worker_name(self.proc.pid)
+        return worker_id(self.proc.pid)
 
     def tell(self, live: int) -> None:
         with contextlib.suppress(OSError):  # it is exiting: the supervisor's loop sees that next
@@ -100,7 +97,7 @@ class Worker:
 class Supervisor:
     """Runs `count` copies of `graphgrad serve ARGV WORKER_ARGS` on one port (see the module
     docstring); `argv`: the supervisor's own options, `worker_args`: what workers add to
-    them (the address of the Ray they share)."""
+    them (the address of the Ray they share); `on_exit(pid)` after a worker has exited."""
 
     def __init__(
         self,
@@ -110,6 +107,7 @@ class Supervisor:
         port: int,
         grace: float,
         worker_args: Sequence[str] = (),
+        on_exit: Callable[[int], None] = lambda pid: None,
     ) -> None:
         self.sock = reserve_port(host, port)
         self.port = self.sock.getsockname()[1]
@@ -117,6 +115,7 @@ class Supervisor:
         # The last of a flag wins: these override what the user gave the supervisor.
         extra = [*worker_args, "--port", str(self.port), "--workers", "1"]
         self.argv, self.count, self.grace = [*argv, *extra], count, grace
+        self.on_exit = on_exit  # called with the pid of each worker that has exited
         self.workers: list[Worker | None] = [None] * count
         self.pauses = [0.0] * count  # per slot: the pause before its next restart
         self.due = [0.0] * count  # per empty slot: when its next worker may start
@@ -173,6 +172,7 @@ class Supervisor:
         for slot, w in enumerate(self.workers):
             if w is not None and w.proc.poll() is not None:
                 w.close()
+                self.on_exit(w.proc.pid)
                 young = now - w.started < YOUNG_S
                 self.pauses[slot] = min(LAST_PAUSE_S, self.pauses[slot] * 2 or FIRST_PAUSE_S)
                 if not young:
