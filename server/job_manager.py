@@ -301,6 +301,7 @@ class JobManager:
             if durable:  # read from the store from now on, its results included
                 self._active.pop(job.id, None)
         job.run = None  # its memory goes with it
+        metrics.add_training_steps(progress.steps_done - job.durable.steps_done)
         job.durable = progress
         job.set_status(status, error)
         job.bump()
