@@ -66,6 +66,9 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN cancel_asked INTEGER NOT NULL DEFAULT 0
     """,
 ]
+# How long a write waits for another process's transaction (the workers of a server share
+# the store) before it fails: a checkpoint that fails fails its job, so never a short wait.
+BUSY_SECONDS = 60.0
 # SQLite's default SQLITE_MAX_LENGTH: no blob (checkpoint, spec, segment) may be longer.
 MAX_BLOB_BYTES = 1_000_000_000
 PROGRESS = (
@@ -134,7 +137,9 @@ class JobStore:
         self.max_blob_bytes = max_blob_bytes
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                str(path), BUSY_SECONDS, check_same_thread=False, isolation_level=None
+            )
             self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_blob_bytes)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a reported checkpoint survives a crash

@@ -211,31 +211,44 @@ def test_a_job_run_by_one_server_is_watched_listed_and_cancelled_from_the_other(
         assert job.history.tobytes() == submitted.history.tobytes()
 
 
+LOSS, PARAMS, DATA, STEPS = mlp(8), init(8, 8, 3), own_data(8), 1500
+SGD = gg.optim.SGD(lr=0.05, momentum=0.9)
+
+
+def submit_and_follow(address: str) -> jobs_pb2.JobInfo:
+    """Submit the job and follow it until a checkpoint past step 100: its JobInfo then."""
+    with gg.connect(address) as c:
+        job_id = c.train(LOSS, PARAMS, DATA, SGD, steps=STEPS).id
+        for event in c.job_stream("WatchJob", jobs_pb2.WatchJobRequest(id=job_id), 120):
+            if event.job.steps_done >= 100:
+                return event.job
+    raise AssertionError(f"job {job_id} ended before step 100")
+
+
+def finish_as_uninterrupted(address: str, killed: jobs_pb2.JobInfo) -> set[str]:
+    """Follow the job whose holder was killed to its end and check its results against an
+    uninterrupted run's, bit for bit; the workers seen holding it."""
+    with gg.connect(address) as c:
+        request = jobs_pb2.WatchJobRequest(id=killed.id)
+        seen = [e.job for e in c.job_stream("WatchJob", request, 300)]
+        assert seen[-1].status == jobs_pb2.JOB_STATUS_DONE
+        assert min(info.steps_done for info in seen) >= killed.steps_done  # none taken back
+        resumed = gg.RemoteJob(c, killed.id, 1)
+        reference = gg.connect().train(LOSS, PARAMS, DATA, SGD, steps=STEPS, executor="local")
+        reference.wait(progress=False)
+        assert resumed.history.tobytes() == reference.history.tobytes()
+        for k in PARAMS:
+            assert resumed.params[k].tobytes() == reference.params[k].tobytes()
+    return {info.worker for info in seen} - {""}
+
+
 def test_a_job_whose_server_is_sigkilled_is_finished_by_the_other_with_the_same_results(
     tmp_path,
 ):
-    loss, params, data, steps = mlp(8), init(8, 8, 3), own_data(8), 1500
-    sgd = gg.optim.SGD(lr=0.05, momentum=0.9)
     with running_server(*sharing(tmp_path)) as a, running_server(*sharing(tmp_path)) as b:
-        with gg.connect(a.address) as c:
-            job_id = c.train(loss, params, data, sgd, steps=steps).id
-            for event in c.job_stream("WatchJob", jobs_pb2.WatchJobRequest(id=job_id), 120):
-                if event.job.steps_done >= 100:
-                    break
-        holder, survivor = (a, b) if event.job.worker == worker_of(a) else (b, a)
-        assert event.job.worker == worker_of(holder)
+        killed = submit_and_follow(a.address)
+        holder, survivor = (a, b) if killed.worker == worker_of(a) else (b, a)
+        assert killed.worker == worker_of(holder) and killed.steps_done < STEPS
         os.kill(holder.proc.pid, signal.SIGKILL)
         holder.proc.wait(30)
-        assert event.job.steps_done < steps
-        with gg.connect(survivor.address) as c:
-            request = jobs_pb2.WatchJobRequest(id=job_id)
-            seen = [e.job for e in c.job_stream("WatchJob", request, 300)]
-            assert seen[-1].status == jobs_pb2.JOB_STATUS_DONE
-            assert worker_of(survivor) in {info.worker for info in seen}  # it took the job
-            assert min(info.steps_done for info in seen) >= event.job.steps_done
-            resumed = gg.RemoteJob(c, job_id, 1)
-            reference = gg.connect().train(loss, params, data, sgd, steps=steps, executor="local")
-            reference.wait(progress=False)
-            assert resumed.history.tobytes() == reference.history.tobytes()
-            for k in params:
-                assert resumed.params[k].tobytes() == reference.params[k].tobytes()
+        assert worker_of(survivor) in finish_as_uninterrupted(survivor.address, killed)
