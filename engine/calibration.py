@@ -209,6 +209,22 @@ def save(cal: Calibration, path: Path) -> None:
     tmp.replace(path)
 
 
+def default_data_dir() -> Path:
+    """$GRAPHGRAD_DATA_DIR (an empty variable counts as unset), else
+    ~/.local/share/graphgrad: where `graphgrad serve` keeps jobs and `graphgrad calibrate`
+    writes its file."""
+    return Path(os.environ.get("GRAPHGRAD_DATA_DIR") or Path.home() / ".local/share/graphgrad")
+
+
+def load_for_client(path: str | Path | None = None) -> Calibration:
+    """What an in-process client uses: the file at `path` when one is given (unusable: a
+    CalibrationError naming it), else the default data directory's (absent: the defaults;
+    unusable: a warning and the defaults), as a server started there would."""
+    if path is not None:
+        return load(Path(path))
+    return load_or_defaults(default_data_dir())
+
+
 def load_or_defaults(data_dir: Path) -> Calibration:
     """The calibration in data_dir, or the defaults: absent silently, unusable with a warning."""
     path = data_dir / FILE_NAME

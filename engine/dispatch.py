@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphgrad.engine.autodiff import RunRequest, plan_pass
-from graphgrad.engine.calibration import in_force
+from graphgrad.engine.calibration import Calibration, in_force
 from graphgrad.engine.driver import Schedule
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.executor import Cancellation, Executor, LocalExecutor, RunResult
@@ -50,12 +50,19 @@ class Dispatcher:
         ray_address: str | None = None,
         ray_num_cpus: int | None = None,
         ray_enabled: bool = True,
+        calibration: Calibration | None = None,
     ) -> None:
         self.local = LocalExecutor()
         self.ray_enabled = ray_enabled
+        self._calibration = calibration
         self._ray_args = (ray_address, ray_num_cpus)
         self._ray: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def calibration(self) -> Calibration:
+        """Its own calibration if it was given one, else the process's (engine/calibration.py)."""
+        return self._calibration or in_force()
 
     @property
     def ray(self) -> Any:
@@ -137,7 +144,7 @@ class Dispatcher:
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
         if not may_prefer_ray(graph, pass_plan, cpus):
             return 0
-        cal = in_force()
+        cal = self.calibration
         key = ChoiceKey(
             RequestKey(graph.serial, request.outputs, request.wrt, seeded), cpus, cal.source
         )

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest
-from graphgrad.engine.calibration import in_force
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.driver import task_source
@@ -137,8 +136,9 @@ class Session:
         """The request's run on `cluster`, simulated with the calibration in force, in the
         partition count the auto policy picks there (the default plan's if none is Ray's)."""
         bare = RunRequest(request.outputs, {}, request.wrt)
-        choice = choose_partitions(graph, bare, cluster, in_force(), cancel)
-        p = choice.prediction or predict(graph, bare, cluster, in_force(), cancel)
+        cal = self.dispatcher.calibration
+        choice = choose_partitions(graph, bare, cluster, cal, cancel)
+        p = choice.prediction or predict(graph, bare, cluster, cal, cancel)
         return dataclasses.replace(p, choice=str(choice))
 
     def plan(
