@@ -482,14 +482,7 @@ def _ray_probes(ray: Any) -> RayFigures:
     ray.get(refs)
     small = np.ones(16)
     put = WALL(lambda: ray.put(small))
-    # A dependency: a chain of tasks, each waiting for the one before.
-    chain = 30
-    t0 = time.perf_counter()
-    ref = probe.remote(0.0, 8)[0]
-    for _ in range(chain - 1):
-        ref = probe.remote(0.0, 8, ref)[0]
-    ray.get(ref)
-    latency = max(0.0, (time.perf_counter() - t0) / chain - overhead)
+    latency = _executor_latency(put, submit, overhead)
 
     # A tensor from the task writing it to the task reading it, against a tiny one.
     def handed_over(nbytes: int) -> float:
@@ -498,6 +491,26 @@ def _ray_probes(ray: Any) -> RayFigures:
     big = 32 << 20
     store = big / max(handed_over(big) - handed_over(8), 1e-9)
     return RayFigures(store, put, submit, overhead, latency, slowdown)
+
+
+def _executor_latency(put_s: float, submit_s: float, overhead_s: float) -> float:
+    """A dependency's latency, from the Ray executor itself running a request of tiny nodes
+    in one partition: the feeds put, its forward and backward tasks submitted, each waiting
+    for what it reads, and the driver's get of the result; what that takes beyond the puts,
+    submits and task overheads, per wait (three: forward, backward, the driver's get)."""
+    from graphgrad.engine.autodiff import RunRequest
+    from graphgrad.engine.ir import Graph, Node
+    from graphgrad.engine.ray_executor import RayExecutor  # joins the Ray running here
+
+    nodes = [Node(n, "input", shape=(16,), dtype="float64") for n in ("x", "w")]
+    nodes += [Node("xw", "mul", ("x", "w")), Node("h", "tanh", ("xw",))]
+    graph = Graph([*nodes, Node("loss", "sum", ("h",))])
+    request = RunRequest(("loss",), {"x": np.full(16, 0.5), "w": np.full(16, 0.5)}, ("w",))
+    executor = RayExecutor()
+    _, sched = executor.plan(graph, request)
+    tasks = len(sched.tasks) - 1  # the last is the caller's, in the driver
+    run = Timer(7, 0.05, time.perf_counter)(lambda: executor.run(graph, request))
+    return max(0.0, (run - put_s - tasks * (submit_s + overhead_s)) / (tasks + 1))
 
 
 def measure(quick: bool = False, ray_cpus: int | None = None) -> Calibration:

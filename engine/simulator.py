@@ -218,7 +218,7 @@ def simulate(
                 arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
                 local += t.fed_bytes if node == 0 else 0
             for d, nbytes in t.deps:
-                at = end[d] + (0.0 if t.on_caller else cal.task_latency_s)
+                at = end[d] + cal.task_latency_s  # the driver's get waits as a task would
                 if where[d][0] != node:
                     at += nbytes / net
                 else:
@@ -300,7 +300,7 @@ def _critical_path(
     finish: list[float] = []
     via: list[int] = []
     for k, t in enumerate(tasks):
-        lat = 0.0 if t.on_caller else cal.task_latency_s
+        lat = cal.task_latency_s
         begin, came = submitted[k], -1
         for d, _ in t.deps:
             if finish[d] + lat > begin:

@@ -137,9 +137,10 @@ def test_the_caller_puts_feed_bundles_then_submits_one_task_at_a_time() -> None:
 
 
 def test_the_caller_task_runs_in_the_driver_without_task_costs() -> None:
+    """It waits for what it reads as a task would (the driver's get), then costs its work."""
     tasks = [SimTask("work", 0.003), SimTask("caller", 0.001, ((0, 8),), on_caller=True)]
     p = simulate(tasks, CAL, one_cpu())
-    assert p.makespan == pytest.approx(OH + 0.003 + 0.001)
+    assert p.makespan == pytest.approx(OH + 0.003 + LAT + 0.001)
     assert p.timeline[-1].cpu == -1
 
 
