@@ -215,6 +215,10 @@ def test_job_state_changes_are_logged_and_counted(server):
         ("pending", "running", worker),
         ("running", "done", worker),
     ]
+    submits = [
+        r for r in json_lines(server.log(), "graphgrad.requests") if r["method"] == "SubmitJob"
+    ]
+    assert submits[-1]["job"] == job.id and submits[-1]["status"] == "OK"
     after = scrape(server.metrics_port)
     assert delta(before, after, "graphgrad_training_steps_total") == {(): 25}
     wait_for(
