@@ -219,6 +219,7 @@ def test_streams_beyond_the_cap_are_resource_exhausted(capped):
         ("--max-concurrent-runs", 1),
         ("--max-streams", 1),
         ("--workers", 1),
+        ("--threads", 1),
         ("--max-nodes", 1),
         ("--port", 0),
     ],
