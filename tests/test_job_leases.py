@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 import graphgrad as gg
@@ -252,3 +253,17 @@ def test_a_job_whose_server_is_sigkilled_is_finished_by_the_other_with_the_same_
         os.kill(holder.proc.pid, signal.SIGKILL)
         holder.proc.wait(30)
         assert worker_of(survivor) in finish_as_uninterrupted(survivor.address, killed)
+
+
+def test_a_job_survives_sigkill_of_the_worker_running_it(tmp_path):
+    """`--workers 2`: the worker holding the job dies; another worker (the other one, or the
+    one the supervisor starts in its place) takes the job over."""
+    with running_server("--workers", "2", *sharing(tmp_path)) as server:
+        killed = submit_and_follow(server.address)
+        host, pid = killed.worker.rsplit(":", 1)
+        assert host == socket.gethostname()
+        holder = psutil.Process(int(pid))
+        assert holder in psutil.Process(server.proc.pid).children()  # one of its workers
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)  # gone: new connections reach the live workers only
+        assert finish_as_uninterrupted(server.address, killed) - {killed.worker}
