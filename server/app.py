@@ -31,6 +31,7 @@ from graphgrad.engine import JobStatus, LimitError, RequestError
 from graphgrad.server import logs, metrics
 from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
+from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.job_manager import DEFAULT_MAX_QUEUED, JobManager
@@ -64,6 +65,7 @@ class ServerConfig:
     max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
     metrics_port: int = 0  # where /metrics is served (server/metrics.py); 0: nowhere
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # of Runs; off by default
 
     @property
     def threads(self) -> int:
@@ -277,7 +279,9 @@ class Server:
             service_handler(
                 SERVICE,
                 service_pb2,
-                GraphServicer(self.runtime, self.limits(), self.config.metrics_port),
+                GraphServicer(
+                    self.runtime, self.limits(), self.config.metrics_port, self.config.batching
+                ),
                 self.guards,
                 self.pool,
             )
