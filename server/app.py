@@ -34,7 +34,7 @@ from graphgrad.server.auth import TokenAuth
 from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
-from graphgrad.server.job_manager import DEFAULT_MAX_QUEUED, JobManager
+from graphgrad.server.job_manager import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_QUEUED, JobManager
 from graphgrad.server.job_service import JobServicer
 from graphgrad.server.limits import Limits, one_per_cpu
 from graphgrad.server.runtime import Runtime
@@ -64,6 +64,7 @@ class ServerConfig:
     max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
     max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
+    job_lease_seconds: float = DEFAULT_LEASE_SECONDS  # a dead worker's jobs resume after this
     metrics_port: int = 0  # where /metrics is served (server/metrics.py); 0: nowhere
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # of Runs; off by default
 

@@ -138,6 +138,14 @@ def numbers() -> tuple[Number, ...]:
             "pending jobs beyond which SubmitJob is RESOURCE_EXHAUSTED",
         ),
         Number(
+            "--job-lease-s",
+            0.1,
+            config.job_lease_seconds,
+            "seconds a worker's lease on a running job lasts without a heartbeat; another "
+            "worker sharing the data dir takes over a job whose holder died after this",
+            float,
+        ),
+        Number(
             "--grace",
             0,
             config.grace_seconds,
@@ -240,6 +248,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_streams=args.max_streams,
         max_running_jobs=args.max_running_jobs,
         max_queued_jobs=args.max_queued_jobs,
+        job_lease_seconds=args.job_lease_s,
         batching=BatchingConfig(args.batch_window_us, args.max_batch),
     )
 
@@ -316,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         max_running=config.max_running_jobs,
         max_queued=config.max_queued_jobs,
         read=stored_spec_decoder,
+        lease_seconds=config.job_lease_seconds,
     )
-    jobs.resume_all()  # reads the rows' summaries only: each job is built when it starts
+    jobs.resume_all()  # takes what it can run, then heartbeats: each job is built as it starts
     server = Server(config, runtime, jobs)
     scheme = "grpcs" if config.tls_cert else "grpc"
 
@@ -332,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. the port is taken: one line, before "serving on"
         raise SystemExit(f"graphgrad serve: {e}") from None
     finally:
+        jobs.close()  # its running jobs' leases go: another worker resumes them at once
         if endpoint is not None:
             endpoint.close()
     return 0
