@@ -370,6 +370,7 @@ class JobManager:
         job.run = None  # its memory goes with it
         job.live = False
         if written:
+            metrics.add_training_steps(progress.steps_done - job.durable.steps_done)
             job.durable = progress
             job.set_status(status, error)
         job.bump()

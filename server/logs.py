@@ -22,9 +22,9 @@ FORMATS = ("text", "json")
 MAX_ERROR_CHARS = 300  # of a failed request's status message, in its line
 
 
-def worker_id() -> str:
-    """This server process, as the wire names it ("HOST:PID")."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(pid: int | None = None) -> str:
+    """This server process (or its worker `pid`), as the wire names it ("HOST:PID")."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
@@ -97,13 +97,16 @@ def log_request(
     response: Message | None,
     error: str = "",
 ) -> None:
-    """The request's line: its fingerprint and executor where the messages carry them."""
+    """The request's line: its fingerprint, job and executor where the messages carry them."""
     if not REQUESTS.isEnabledFor(logging.DEBUG):
         return
     fields: dict[str, Any] = {"method": method}
     fingerprint = _field(response, "fingerprint") or _field(request, "fingerprint")
     if fingerprint:
         fields["fingerprint"] = fingerprint
+    job = _field(request, "id") or _field(response, "id")  # the JobService's calls
+    if job:
+        fields["job"] = job
     executor = _field(response, "stats", "executor") or _field(response, "executor")
     if executor:
         fields["executor"] = executor

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from graphgrad import wire
@@ -11,6 +12,7 @@ from graphgrad.engine.stacking import stack_key
 from graphgrad.server import metrics
 from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.inflight import CallContext
+from graphgrad.server.logs import worker_id
 from graphgrad.server.runtime import Pending, Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
 
@@ -46,19 +48,30 @@ def register_onnx(
     return runtime.register(imported.graph.nodes)
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    """The process that answers ("HOST:PID") and how many live ones serve the port."""
+
+    name: str = field(default_factory=worker_id)
+    live: Callable[[], int] = lambda: 1
+
+
 class GraphServicer:
     def __init__(
         self,
         runtime: Runtime,
         limits: Mapping[str, int] | None = None,
         metrics_port: int = 0,
+        worker: WorkerView | None = None,
         batching: BatchingConfig | None = None,
     ) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
         runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere);
-        `batching`: dynamic batching of Runs (None or a window of 0: off)."""
+        `worker`: this process among the server's workers; `batching`: dynamic batching of
+        Runs (None or a window of 0: off)."""
         self.runtime, self.metrics_port = runtime, metrics_port
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
+        self.worker = worker or WorkerView()
         self.batcher: Batcher | None = None
         if batching is not None and batching.window_us > 0:
             self.batcher = Batcher(batching, runtime.run_stack, metrics.observe_batch)
@@ -100,7 +113,9 @@ class GraphServicer:
             pending = Pending(graph, run, options, cancel)
             alone = lambda: self.runtime.session.run(graph, run, options, cancel)  # noqa: E731
             result = self.batcher.run(stack_key(graph, run, options), pending, alone)
-        return wire.encode_result(result, graph.fingerprint)
+        out = wire.encode_result(result, graph.fingerprint)
+        out.stats.worker = self.worker.name
+        return out
 
     def Explain(
         self, request: service_pb2.ExplainRequest, context: CallContext
@@ -123,7 +138,10 @@ class GraphServicer:
         self, request: service_pb2.GetServerInfoRequest, context: CallContext
     ) -> service_pb2.GetServerInfoResponse:
         out = service_pb2.GetServerInfoResponse(
-            version=metadata.version("graphgrad"), opset_version=wire.OPSET_VERSION
+            version=metadata.version("graphgrad"),
+            opset_version=wire.OPSET_VERSION,
+            worker=self.worker.name,
+            workers=self.worker.live(),
         )
         out.limits.update(self.limits)
         out.metrics_port = self.metrics_port
