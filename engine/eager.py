@@ -42,6 +42,7 @@ from graphgrad.engine.autodiff import (
 )
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.codegen import CHECK_ELEMENTS, CHECK_EVERY, FOLD_ELEMENTS
+from graphgrad.engine.errors import GraphError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import CONSTANT, Op, TensorType, check_attr, lookup
@@ -460,6 +461,8 @@ def run_tape(
                 for d in dead:
                     del v[d]
             grads = _backward(graph, tp, v, seeds, check) if pp.wrt else {}
+    except GraphError:
+        raise  # cancelled, or a deadline passed: not an op's fault
     except (ValueError, ArithmeticError) as e:
         raise EagerOpError(str(e)) from e
     return {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
