@@ -263,7 +263,9 @@ def encode_run_request(
         outputs=request.outputs,
         wrt=request.wrt,
         options=service_pb2.RunOptions(
-            executor=encode_executor(options.executor), check_numerics=options.check_numerics
+            executor=encode_executor(options.executor),
+            check_numerics=options.check_numerics,
+            exact=options.exact,
         ),
     )
     if fingerprint:
@@ -281,7 +283,7 @@ def decode_run_request(
     seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes)
     request = RunRequest(tuple(msg.outputs), feeds, tuple(msg.wrt), seeds or None)
     executor = decode_executor(msg.options.executor, "options.executor")
-    return request, RunOptions(executor, msg.options.check_numerics)
+    return request, RunOptions(executor, msg.options.check_numerics, msg.options.exact)
 
 
 def encode_explain_request(
@@ -320,13 +322,15 @@ def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
     out.wall_time = s.wall_time
     out.partitions = s.partitions
     out.bytes_moved = s.bytes_moved
+    out.batch_size = s.batch_size
     for t in s.tasks:  # TaskStat's fields are the message's
         out.tasks.add(**dataclasses.asdict(t))
 
 
 def decode_stats(s: service_pb2.RunStats) -> RunStats:
     tasks = tuple(_from_fields(TaskStat, t) for t in s.tasks)
-    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks)
+    batch_size = s.batch_size or 1  # 0: a server without dynamic batching
+    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks, batch_size)
 
 
 def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:

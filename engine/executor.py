@@ -50,6 +50,7 @@ class RunStats:
     partitions: int = 1
     bytes_moved: int = 0
     tasks: tuple[TaskStat, ...] = ()
+    batch_size: int = 1  # requests run together in one stacked run (engine/stacking.py)
 
 
 @dataclass(frozen=True, slots=True)

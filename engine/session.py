@@ -40,6 +40,7 @@ PrepareHook = Callable[[Graph, RunRequest, ExecutorKind], None]
 class RunOptions:
     executor: ExecutorKind = ExecutorKind.AUTO
     check_numerics: bool = False
+    exact: bool = False  # never stacked with other requests (engine/stacking.py)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ from importlib import metadata
 
 from graphgrad import wire
 from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError, calibration
+from graphgrad.engine.stacking import stack_key
+from graphgrad.server import metrics
+from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.inflight import CallContext
 from graphgrad.server.logs import worker_id
-from graphgrad.server.runtime import Runtime
+from graphgrad.server.runtime import Pending, Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
 
 
@@ -60,13 +63,18 @@ class GraphServicer:
         limits: Mapping[str, int] | None = None,
         metrics_port: int = 0,
         worker: WorkerView | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
         runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere);
-        `worker`: this process among the server's workers."""
+        `worker`: this process among the server's workers; `batching`: dynamic batching of
+        Runs (None or a window of 0: off)."""
         self.runtime, self.metrics_port = runtime, metrics_port
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
         self.worker = worker or WorkerView()
+        self.batcher: Batcher | None = None
+        if batching is not None and batching.window_us > 0:
+            self.batcher = Batcher(batching, runtime.run_stack, metrics.observe_batch)
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -97,7 +105,14 @@ class GraphServicer:
     def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
         graph = self._graph(request)
         run, options = wire.decode_run_request(request, self.runtime.limits.max_tensor_bytes)
-        result = self.runtime.run(graph, run, options, cancellation(context))
+        cancel = cancellation(context)
+        if self.batcher is None:
+            result = self.runtime.run(graph, run, options, cancel)
+        else:  # admitted alone, then maybe stacked with others
+            self.runtime.admit(graph, run)
+            pending = Pending(graph, run, options, cancel)
+            alone = lambda: self.runtime.session.run(graph, run, options, cancel)  # noqa: E731
+            result = self.batcher.run(stack_key(graph, run, options), pending, alone)
         out = wire.encode_result(result, graph.fingerprint)
         out.stats.worker = self.worker.name
         return out
@@ -137,6 +152,9 @@ class GraphServicer:
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes
             info.max_entries, info.max_bytes = stats.max_entries, stats.max_bytes
+        if self.batcher is not None:
+            out.batching.window_us = self.batcher.config.window_us
+            out.batching.max_batch = self.batcher.config.max_batch
         ray = self.runtime.session.ray_info()
         if ray is not None:
             address, resources = ray

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -282,3 +284,19 @@ def test_two_workers_are_counted_at_one_endpoint():
             "the killed worker's graph gone from the gauge",
         )
         assert series(scrape(info.metrics_port), "graphgrad_requests_total") == dict(sent)
+
+
+def test_a_metrics_port_in_use_stops_the_start_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = [sys.executable, "-m", "graphgrad.server", "--no-ray", "--port", "0"]
+        done = subprocess.run(
+            [*serve, "--metrics-port", str(port), "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"graphgrad serve: cannot serve metrics on port {port}:" in done.stderr

@@ -4,7 +4,6 @@ worker, a killed worker replaced."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading
@@ -112,7 +111,9 @@ def test_workers_answer_in_their_own_names_share_one_ray_and_are_replaced():
             np.testing.assert_array_equal(wire.decode_tensor(resp.grads["x"]), 2 * x)
 
         killed, survivor = sorted(seen)
-        os.kill(pid_of(killed), signal.SIGKILL)
+        victim = psutil.Process(pid_of(killed))
+        victim.kill()
+        victim.wait(60)  # connections the kernel queued for it until then are reset
         answers: dict[str, service_pb2.GetServerInfoResponse] = {}
 
         def a_new_worker_answers() -> bool:
@@ -214,3 +215,19 @@ def test_workers_exit_with_their_supervisor():
         server.proc.kill()
         server.proc.wait()
         until(lambda: not [w for w in workers if w.is_running()], "every worker has exited")
+
+
+def test_a_job_survives_sigkill_of_the_worker_running_it(tmp_path):
+    """The worker holding a job's lease is SIGKILLed mid-run: another worker of the same
+    server takes the job over and ends it with an uninterrupted run's results."""
+    from .test_job_leases import finish_as_uninterrupted, sharing, submit_and_follow
+
+    with running_server("--workers", "2", *sharing(tmp_path)) as server:
+        killed = submit_and_follow(server.address)
+        holder = psutil.Process(pid_of(killed.worker))
+        assert holder.ppid() == server.proc.pid
+        holder.kill()
+        holder.wait(60)  # connections the kernel queued for it until then are reset
+        finishers = finish_as_uninterrupted(server.address, killed)
+        assert finishers - {killed.worker}, finishers
+        assert server.proc.poll() is None  # the server lived through it
