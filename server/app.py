@@ -6,7 +6,7 @@ generator holding no thread while idle.
 Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
 build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
 at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
-RESOURCE_EXHAUSTED.
+RESOURCE_EXHAUSTED. Each bound is this process's: with `--workers N` every worker has its own.
 """
 
 from __future__ import annotations

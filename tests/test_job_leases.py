@@ -268,3 +268,22 @@ def test_a_job_survives_sigkill_of_the_worker_running_it(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait(30)  # gone: new connections reach the live workers only
         assert finish_as_uninterrupted(server.address, killed) - {killed.worker}
+
+
+def test_a_server_stopping_gives_up_its_leases_and_the_next_resumes_at_once(tmp_path):
+    flags = sharing(tmp_path, lease=3600.0)  # were the lease kept, no one could take it
+    with running_server(*flags) as a, gg.connect(a.address) as c:
+        job = c.train(mlp(8), init(2, 8, 0), own_data(2), steps=200_000)
+        for event in c.job_stream("WatchJob", jobs_pb2.WatchJobRequest(id=job.id), 120):
+            if event.job.steps_done > 0:
+                break
+    left = JobStore(tmp_path / "jobs.sqlite3").summary(job.id)  # a stopped by SIGTERM
+    assert left is not None and left.progress is not None
+    assert (left.status, left.lease_owner) == ("running", "")
+    with running_server(*flags) as b, gg.connect(b.address) as c:
+        request = jobs_pb2.WatchJobRequest(id=job.id)
+        for event in c.job_stream("WatchJob", request, 120):
+            if event.job.worker == worker_of(b):
+                break
+        assert event.job.steps_done >= left.progress.steps_done  # resumed, not restarted
+        gg.RemoteJob(c, job.id, 1).delete()
