@@ -23,7 +23,7 @@ from graphgrad.engine.driver import (
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
-from graphgrad.engine.planner import Plan, partition, single_partition
+from graphgrad.engine.planner import MAX_PARTITIONS, Plan, partition, single_partition
 
 __all__ = ["Cancellation", "Executor", "LocalExecutor", "RunResult", "RunStats", "TaskStat"]
 
@@ -85,6 +85,7 @@ class Executor(Protocol):
 class PartitionedKey:
     request: RequestKey
     min_partition_seconds: float | None  # None: a single partition
+    max_partitions: int = MAX_PARTITIONS
 
 
 _SCHEDULES: DerivedCache[PartitionedKey, tuple[Plan, Schedule]] = DerivedCache("local schedules")
@@ -102,25 +103,29 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, min_partition_seconds: float | None = None) -> None:
+    def __init__(
+        self, min_partition_seconds: float | None = None, max_partitions: int = MAX_PARTITIONS
+    ) -> None:
         self.min_partition_seconds = min_partition_seconds
+        self.max_partitions = max_partitions
 
     def plan(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> tuple[Plan, Schedule]:
         seeded = tuple(request.grad_outputs or ())
-        bar = self.min_partition_seconds
+        bar, most = self.min_partition_seconds, self.max_partitions
 
         def partitioner(pp: PassPlan) -> Plan:
             if bar is None:
                 return single_partition(graph, pp)
-            return partition(graph, pp, min_seconds=bar, cancel=cancel)
+            return partition(graph, pp, min_seconds=bar, max_partitions=most, cancel=cancel)
 
         def make() -> tuple[Plan, Schedule]:
             sched = schedule(graph, request.outputs, request.wrt, seeded, partitioner)
             return sched.plan, sched
 
-        return _SCHEDULES.get_or_make(PartitionedKey(request_key(graph, request), bar), make)
+        key = PartitionedKey(request_key(graph, request), bar, most)
+        return _SCHEDULES.get_or_make(key, make)
 
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
