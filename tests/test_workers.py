@@ -217,6 +217,8 @@ def test_one_worker_is_the_server_process_itself():
         info = server_info(channel)
         assert (info.worker, info.workers) == (worker_id(server.proc.pid), 1)
         assert not psutil.Process(server.proc.pid).children()
+        with gg.connect(server.address) as client:  # the SDK's stats name the worker too
+            assert client.run(square_sum(), {"x": np.ones(3)}).stats.worker == info.worker
 
 
 def test_a_taken_port_stops_the_supervisor_in_one_line(tmp_path):
