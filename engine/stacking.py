@@ -107,6 +107,14 @@ def _stack(graph: Graph, key: StackKey, n: int) -> Stacked:
     return Stacked(stacked, {name: refs[name].name for name in (*r.outputs, *r.wrt)})
 
 
+def _stacked(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """np.stack of same-shaped arrays, without its generic checks (a request's cost)."""
+    out = np.empty((len(arrays), *arrays[0].shape), arrays[0].dtype)
+    for j, a in enumerate(arrays):
+        out[j] = a
+    return out
+
+
 # How the stacked request is run (the session's run, with the stack's executor).
 RunFn = Callable[[Graph, RunRequest], RunResult]
 
@@ -124,10 +132,10 @@ def run_stacked(
     n, r = len(requests), key.request
     stacked = _STACKED.get_or_make((key, n), lambda: _stack(graph, key, n))
     names = stacked.names
-    feeds = {name: np.stack([q.feeds[name] for q in requests]) for name in key.feeds}
+    feeds = {name: _stacked([q.feeds[name] for q in requests]) for name in key.feeds}
     seeds: dict[str, np.ndarray] | None = None
     if r.seeded:
-        seeds = {names[o]: np.stack([q.grad_outputs[o] for q in requests]) for o in r.seeded}  # type: ignore[index]
+        seeds = {names[o]: _stacked([q.grad_outputs[o] for q in requests]) for o in r.seeded}  # type: ignore[index]
     elif r.wrt:  # the first output, a scalar per request, seeded with 1 for each
         first = graph.types[graph.index[r.outputs[0]]]
         seeds = {names[r.outputs[0]]: np.ones((n,), first.dtype)}
