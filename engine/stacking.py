@@ -20,6 +20,7 @@ import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest, plan_pass
 from graphgrad.engine.batching import batch_graph
+from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.errors import GraphError
 from graphgrad.engine.executor import RunResult, check_finite
 from graphgrad.engine.ir import Graph
@@ -113,6 +114,25 @@ def _stacked(arrays: Sequence[np.ndarray]) -> np.ndarray:
     for j, a in enumerate(arrays):
         out[j] = a
     return out
+
+
+class StackCancellation(Cancellation):
+    """A stacked run's cancellation: it stops once every member is cancelled (a client gone,
+    the server stopping) or at the members' latest deadline; one member leaving does not stop
+    the others."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, members: Sequence[Cancellation]) -> None:
+        deadlines = [m.deadline for m in members]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        super().__init__(deadline=latest)
+        self.members = tuple(members)
+
+    def check(self) -> None:
+        if self.members and all(m.cancelled for m in self.members):
+            self.cancel(self.members[0].reason)
+        super().check()
 
 
 # How the stacked request is run (the session's run, with the stack's executor).

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from graphgrad import wire
-from graphgrad.engine import REGISTRY, Graph, Node, RunOptions, RunRequest, Session
-from graphgrad.engine.errors import GraphError, RequestError
-from graphgrad.engine.stacking import StackKey, run_stacked, stack_key
+from graphgrad.engine import REGISTRY, Cancellation, Graph, Node, RunOptions, RunRequest, Session
+from graphgrad.engine.errors import CancelledError, CancelReason, GraphError, RequestError
+from graphgrad.engine.stacking import StackCancellation, StackKey, run_stacked, stack_key
 from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -188,6 +188,18 @@ def test_requests_that_would_fail_or_could_mix_run_alone():
     feeds = {"x": np.ones(2)}
     assert stack_key(const, RunRequest(("s",), feeds, ("x",)), opts) is not None
     assert stack_key(const, RunRequest(("s",), feeds, ("e",)), opts) is None
+
+
+def test_a_stack_stops_only_when_every_member_is_cancelled():
+    a, b = Cancellation.within(5.0), Cancellation.within(50.0)
+    stack = StackCancellation([a, b])
+    assert stack.deadline == b.deadline
+    a.cancel()
+    stack.check()  # b still waits for its answer
+    b.cancel(CancelReason.SHUTDOWN)
+    with pytest.raises(CancelledError):
+        stack.check()
+    assert StackCancellation([a, Cancellation()]).deadline is None
 
 
 # --- the batcher ---------------------------------------------------------------------------
