@@ -5,7 +5,9 @@ alone, the batcher's window, max batch, exact and per-member errors, and a real
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -250,6 +252,24 @@ def test_keys_never_mix_and_a_missing_key_runs_alone():
     out = submit_all(batcher, items)
     assert out[4] == ("exact", "alone")
     assert sorted(sorted(b) for b in rec.batches) == [["a1", "a2"], ["b1", "b2"]]
+
+
+def test_a_call_on_an_event_loop_never_joins_a_batch():
+    rec = Recorder()
+    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=2), rec)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.run, "k", "m0", lambda: ("m0", "alone"))
+        while batcher.waiting() == 0:  # until m0's batch is open
+            time.sleep(0.001)
+
+        async def on_loop():
+            return batcher.run("k", "loop", lambda: ("loop", "alone"))
+
+        assert asyncio.run(on_loop()) == ("loop", "alone")
+        assert batcher.waiting() == 1
+        second = pool.submit(batcher.run, "k", "m2", lambda: ("m2", "alone"))
+        assert (first.result(), second.result()) == (("m0", 2), ("m2", 2))
+    assert rec.batches == [["m0", "m2"]]
 
 
 def test_a_failing_member_fails_alone_and_a_failed_stack_runs_each_alone():
