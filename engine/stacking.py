@@ -139,26 +139,39 @@ class StackCancellation(Cancellation):
 RunFn = Callable[[Graph, RunRequest], RunResult]
 
 
+def stack_size(n: int, most: int) -> int:
+    """The size n requests are stacked at: the next power of two, at most `most` (and at least
+    n). Stacked graphs are compiled per size, so a few sizes serve every batch."""
+    return max(n, min(1 << (n - 1).bit_length(), most))
+
+
 def run_stacked(
     run: RunFn,
     graph: Graph,
     key: StackKey,
     requests: Sequence[RunRequest],
     check_numerics: Sequence[bool],
+    size: int | None = None,
 ) -> list[RunResult | GraphError]:
     """Run `requests` (each of which gave `key`) as one stacked run, and split the result: one
     RunResult per request, or the error of its own check (check_numerics) in its place. An
-    error of the stacked run itself is raised (the caller then runs each request alone)."""
+    error of the stacked run itself is raised (the caller then runs each request alone).
+    `size`: the stack's size (default: one row per request); rows past the requests repeat
+    the first request's feeds, and their results are dropped."""
     n, r = len(requests), key.request
-    stacked = _STACKED.get_or_make((key, n), lambda: _stack(graph, key, n))
+    size = n if size is None else size
+    if size < n:
+        raise ValueError(f"a stack of size {size} cannot hold {n} requests")
+    rows = [*requests, *[requests[0]] * (size - n)]
+    stacked = _STACKED.get_or_make((key, size), lambda: _stack(graph, key, size))
     names = stacked.names
-    feeds = {name: _stacked([q.feeds[name] for q in requests]) for name in key.feeds}
+    feeds = {name: _stacked([q.feeds[name] for q in rows]) for name in key.feeds}
     seeds: dict[str, np.ndarray] | None = None
     if r.seeded:
-        seeds = {names[o]: _stacked([q.grad_outputs[o] for q in requests]) for o in r.seeded}  # type: ignore[index]
+        seeds = {names[o]: _stacked([q.grad_outputs[o] for q in rows]) for o in r.seeded}  # type: ignore[index]
     elif r.wrt:  # the first output, a scalar per request, seeded with 1 for each
         first = graph.types[graph.index[r.outputs[0]]]
-        seeds = {names[r.outputs[0]]: np.ones((n,), first.dtype)}
+        seeds = {names[r.outputs[0]]: np.ones((size,), first.dtype)}
     out = run(
         stacked.graph,
         RunRequest(

@@ -90,9 +90,11 @@ class Runtime:
         self.admit(graph, request)
         return self.session.run(graph, request, options, cancel)
 
-    def run_stack(self, key: StackKey, members: Sequence[Pending]) -> list[RunResult | GraphError]:
-        """Members (each admitted, all with `key`) as one stacked run, split: each member's
-        result or its own error. It stops when every member is cancelled."""
+    def run_stack(
+        self, key: StackKey, members: Sequence[Pending], size: int
+    ) -> list[RunResult | GraphError]:
+        """Members (each admitted, all with `key`) as one stacked run of `size` rows, split:
+        each member's result or its own error. It stops when every member is cancelled."""
         cancel = StackCancellation([m.cancel for m in members])
         options = RunOptions(key.executor)
         return run_stacked(
@@ -101,6 +103,7 @@ class Runtime:
             key,
             [m.request for m in members],
             [m.options.check_numerics for m in members],
+            size,
         )
 
     def explain(
