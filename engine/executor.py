@@ -51,6 +51,7 @@ class RunStats:
     bytes_moved: int = 0
     tasks: tuple[TaskStat, ...] = ()
     batch_size: int = 1  # requests run together in one stacked run (engine/stacking.py)
+    worker: str = ""  # the server process that answered ("HOST:PID"); "" in process
 
 
 @dataclass(frozen=True, slots=True)
