@@ -323,6 +323,7 @@ def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
     out.partitions = s.partitions
     out.bytes_moved = s.bytes_moved
     out.batch_size = s.batch_size
+    out.worker = s.worker
     for t in s.tasks:  # TaskStat's fields are the message's
         out.tasks.add(**dataclasses.asdict(t))
 
@@ -330,7 +331,9 @@ def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
 def decode_stats(s: service_pb2.RunStats) -> RunStats:
     tasks = tuple(_from_fields(TaskStat, t) for t in s.tasks)
     batch_size = s.batch_size or 1  # 0: a server without dynamic batching
-    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks, batch_size)
+    return RunStats(
+        s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks, batch_size, s.worker
+    )
 
 
 def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:

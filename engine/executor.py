@@ -11,6 +11,7 @@ import numpy as np
 
 from graphgrad.engine.autodiff import PassPlan, RunRequest, plan_pass
 from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.codegen import TIER_UP_CALLS
 from graphgrad.engine.driver import (
     InlineProgram,
     InlineRunner,
@@ -20,6 +21,7 @@ from graphgrad.engine.driver import (
     run_schedule,
     schedule,
 )
+from graphgrad.engine.eager import EagerOpError, run_tape, tape
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
@@ -49,6 +51,7 @@ class RunStats:
     bytes_moved: int = 0
     tasks: tuple[TaskStat, ...] = ()
     batch_size: int = 1  # requests run together in one stacked run (engine/stacking.py)
+    worker: str = ""  # the server process that answered ("HOST:PID"); "" in process
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +135,9 @@ class LocalExecutor:
     ) -> RunResult:
         t0 = time.time()
         if self.min_partition_seconds is None:  # one partition: one program, one call
-            key = request_key(graph, request)
-
-            def make() -> InlineProgram:
-                sched = self.plan(graph, request, cancel)[1]
-                return inline_program(
-                    graph, sched, plan_pass(graph, key.outputs, key.wrt, key.seeded)
-                )
-
-            ip = _INLINE.get_or_make(key, make)
-            values, grads = run_inline(graph, ip, request, cancel or Cancellation())
+            values, grads = self._run_inline(graph, request, cancel or Cancellation())
             t1 = time.time()
-            phase = "forward+backward" if ip.grads else "forward"
+            phase = "forward+backward" if request.wrt else "forward"
             stat = TaskStat(0, phase, t0, t1, "inline")
             return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
         _, sched = self.plan(graph, request, cancel)
@@ -153,3 +147,30 @@ class LocalExecutor:
         return RunResult(
             out.values, out.grads, RunStats(self.name, time.time() - t0, parts, tasks=tasks)
         )
+
+    def _run_inline(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Tiers, as JIT engines have them: a request's first calls run eagerly (engine/
+        eager.py: no gradient graph, no program); the TIER_UP_CALLS-th makes its program and
+        compiles it at once, and later calls run that."""
+        key = request_key(graph, request)
+        ip = _INLINE.get(key)
+        if ip is None:
+            tp = tape(graph, key)
+            tp.calls += 1
+            if tp.calls < TIER_UP_CALLS:
+                try:
+                    return run_tape(graph, tp, request, cancel)
+                except EagerOpError:
+                    pass  # the program runs it: its error names the node (gradient ones too)
+
+            def make() -> InlineProgram:
+                sched = self.plan(graph, request, cancel)[1]
+                pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
+                return inline_program(graph, sched, pp)
+
+            ip = _INLINE.get_or_make(key, make)
+            if tp.calls >= TIER_UP_CALLS:
+                ip.program.compiled()
+        return run_inline(graph, ip, request, cancel)
