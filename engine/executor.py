@@ -121,25 +121,30 @@ class LocalExecutor:
 
         return _SCHEDULES.get_or_make(PartitionedKey(request_key(graph, request), bar), make)
 
+    def run_keyed(
+        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation | None
+    ) -> RunResult:
+        """Run as one inline program, `key` being `request_key(graph, request)` (a prepared
+        run holds it: the warm path builds no key)."""
+        t0 = time.time()
+
+        def make() -> InlineProgram:
+            sched = self.plan(graph, request, cancel)[1]
+            return inline_program(graph, sched, plan_pass(graph, key.outputs, key.wrt, key.seeded))
+
+        ip = _INLINE.get_or_make(key, make)
+        values, grads = run_inline(graph, ip, request, cancel or Cancellation())
+        t1 = time.time()
+        phase = "forward+backward" if ip.grads else "forward"
+        stat = TaskStat(0, phase, t0, t1, "inline")
+        return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
+
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult:
-        t0 = time.time()
         if self.min_partition_seconds is None:  # one partition: one program, one call
-            key = request_key(graph, request)
-
-            def make() -> InlineProgram:
-                sched = self.plan(graph, request, cancel)[1]
-                return inline_program(
-                    graph, sched, plan_pass(graph, key.outputs, key.wrt, key.seeded)
-                )
-
-            ip = _INLINE.get_or_make(key, make)
-            values, grads = run_inline(graph, ip, request, cancel or Cancellation())
-            t1 = time.time()
-            phase = "forward+backward" if ip.grads else "forward"
-            stat = TaskStat(0, phase, t0, t1, "inline")
-            return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
+            return self.run_keyed(graph, request_key(graph, request), request, cancel)
+        t0 = time.time()
         _, sched = self.plan(graph, request, cancel)
         out = run_schedule(graph, sched, request, InlineRunner(), cancel or Cancellation())
         tasks = tuple(TaskStat(s.partition, s.phase, m.start, m.end, m.where) for s, m in out.tasks)

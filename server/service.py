@@ -77,9 +77,16 @@ class GraphServicer:
         )
 
     def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
+        """The lean path: the prepared run of (graph, outputs, wrt, seeded outputs, options)
+        is a cache lookup; the feeds are decoded as views against its signature and run."""
         graph = self._graph(request)
-        run, options = wire.decode_run_request(request, self.runtime.limits.max_tensor_bytes)
-        result = self.runtime.run(graph, run, options, cancellation(context))
+        limit = self.runtime.limits.max_tensor_bytes
+        run, options = wire.decode_run_request(request, limit, with_feeds=False)
+        prepared = self.runtime.prepare(graph, run, options)
+        feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
+        result = self.runtime.session.run_prepared(
+            prepared, feeds, run.grad_outputs, cancellation(context)
+        )
         return wire.encode_result(result, graph.fingerprint)
 
     def Explain(
