@@ -15,7 +15,8 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from graphgrad.engine import RequestError
+from graphgrad.engine import JobStatus, LimitError, RequestError
+from graphgrad.server import logs, metrics
 from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
 from graphgrad.server.errors import to_status
@@ -61,6 +63,7 @@ class ServerConfig:
     max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
     max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
+    metrics_port: int = 0  # where /metrics is served (server/metrics.py); 0: nowhere
 
     @property
     def threads(self) -> int:
@@ -94,7 +97,28 @@ def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
 _END = object()  # what `next` returns past a stream's last message
 
 
+def _record(
+    method: str,
+    status: grpc.Status | None,
+    started: float,
+    sizes: tuple[int, int],
+    messages: tuple[Any, Any],
+    error: BaseException | None = None,
+    code: str = "",
+) -> None:
+    """A request's metrics and log line: `status` None is OK (or `code`); `sizes` and
+    `messages` are the request's and the response's (None where there is none)."""
+    code = code or ("OK" if status is None else status.code.name)
+    seconds = time.perf_counter() - started
+    metrics.observe_request(method, code, seconds, *sizes)
+    if isinstance(error, LimitError):  # the RESOURCE_EXHAUSTED our own limits answer
+        metrics.observe_rejection(error.limit)
+    details = "" if status is None else status.details
+    logs.log_request(method, code, seconds, *sizes, *messages, error=details)
+
+
 def _handler(
+    method: str,
     impl: Callable[[Any, Any], Any],
     request_type: type[pb_message.Message],
     streaming: bool,
@@ -105,49 +129,65 @@ def _handler(
     """A coroutine handler that parses the request itself, so malformed bytes get
     INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
     status: the server keeps serving. A plain servicer runs in `pool` with a CallContext and
-    never waits on the event loop; an async generator servicer runs on the loop."""
+    never waits on the event loop; an async generator servicer runs on the loop. Responses
+    are serialized here (a unary one in `pool`), and every request is recorded (_record)."""
+    is_async = inspect.isasyncgenfunction(impl)
 
-    def work(raw: bytes, call: CallContext) -> Any:
-        with guard(call):  # a run may wait here for a slot, in its thread
-            return impl(_parse(raw, request_type), call)
-
-    async def abort(e: Exception, context: Any) -> None:
-        status = to_status(e, context)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+    def work(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status:
+        request = None
+        try:
+            with guard(call):  # a run may wait here for a slot, in its thread
+                request = _parse(raw, request_type)
+                response = impl(request, call)
+                out: bytes = response.SerializeToString()
+        except Exception as e:
+            status = to_status(e, call)
+            _record(method, status, started, (len(raw), 0), (request, None), e)
+            return status
+        _record(method, None, started, (len(raw), len(out)), (request, response))
+        return out
 
     async def unary(raw: bytes, context: Any) -> Any:
+        started = time.perf_counter()
         call = inflight.start(context)
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, work, raw, call)
-        except Exception as e:
-            await abort(e, context)
+            out = await asyncio.get_running_loop().run_in_executor(pool, work, raw, call, started)
+        except Exception as e:  # no thread to be had: the server is stopping
+            out = to_status(e, context)
+        if isinstance(out, grpc.Status):
+            await context.abort(out.code, out.details, out.trailing_metadata)
+        return out
 
-    async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
-        call = inflight.start(context)
+    async def pulled(messages: Iterator[Any]) -> AsyncIterator[Any]:
+        """A plain servicer's stream, each message taken in `pool`."""
         loop = asyncio.get_running_loop()
+        while (message := await loop.run_in_executor(pool, next, messages, _END)) is not _END:
+            yield message
+
+    async def stream(raw: bytes, context: Any) -> AsyncIterator[bytes]:
+        started, sent, request = time.perf_counter(), 0, None
+        status, error, done = None, None, False
         try:
+            call = context if is_async else inflight.start(context)
             with guard(call):  # a stream slot is taken or refused at once, never waited for
-                messages = iter(impl(_parse(raw, request_type), call))
-                while (
-                    message := await loop.run_in_executor(pool, next, messages, _END)
-                ) is not _END:
-                    yield message
+                request = _parse(raw, request_type)
+                messages = impl(request, call)
+                async for message in messages if is_async else pulled(iter(messages)):
+                    out = message.SerializeToString()
+                    sent += len(out)
+                    yield out
+            done = True
         except Exception as e:
-            await abort(e, context)
+            status, error = to_status(e, context), e
+        finally:  # a client that goes away mid-stream ends it here: CANCELLED
+            gone = "" if done or status is not None else "CANCELLED"
+            _record(method, status, started, (len(raw), sent), (request, None), error, gone)
+        if status is not None:
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
-    async def async_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
-        try:
-            with guard(context):
-                async for message in impl(_parse(raw, request_type), context):
-                    yield message
-        except Exception as e:
-            await abort(e, context)
-
-    serialize = lambda m: m.SerializeToString()  # noqa: E731
     if streaming:
-        behaviour = async_stream if inspect.isasyncgenfunction(impl) else stream
-        return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=serialize)
-    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+        return grpc.unary_stream_rpc_method_handler(stream)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 def service_handler(
@@ -162,6 +202,7 @@ def service_handler(
 
     methods = {
         m.name: _handler(
+            m.name,
             getattr(servicer, m.name),
             getattr(module, m.input_type.name),
             m.server_streaming,
@@ -236,7 +277,7 @@ class Server:
             service_handler(
                 SERVICE,
                 service_pb2,
-                GraphServicer(self.runtime, self.limits()),
+                GraphServicer(self.runtime, self.limits(), self.config.metrics_port),
                 self.guards,
                 self.pool,
             )
@@ -272,9 +313,18 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         return server
 
+    def sample(self) -> None:
+        """The gauges that are this server's state (metrics.Sampler calls it)."""
+        metrics.set_caches(self.runtime.caches())
+        for admission in (self.guards.runs, self.guards.streams):
+            metrics.set_admission(admission.limit, admission.active, admission.waiting)
+        if self.jobs is not None:
+            metrics.set_jobs(self.jobs.store.count_by_status(), [str(s) for s in JobStatus])
+
     async def start(self) -> None:
         self.grpc = self._build()
         await self.grpc.start()
+        self.sampler = metrics.Sampler(self.sample)
         for name in ("", SERVICE.full_name, JOB_SERVICE.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -282,6 +332,7 @@ class Server:
         """NOT_SERVING at once, then let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        self.sampler.stop()
         self.guards.inflight.close()  # past the grace period no work goes on
         self.pool.shutdown(wait=False, cancel_futures=True)
 

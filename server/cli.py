@@ -7,7 +7,6 @@ import asyncio
 import functools
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.calibration import FILE_NAME as CALIBRATION_FILE
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
+from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
@@ -135,6 +135,13 @@ def numbers() -> tuple[Number, ...]:
             "seconds in-flight calls get at shutdown",
             float,
         ),
+        Number(
+            "--metrics-port",
+            0,
+            None,
+            "serve Prometheus metrics over HTTP on this port of --host (0: pick a free one; "
+            "default: no metrics)",
+        ),
     )
 
 
@@ -170,7 +177,19 @@ def parser() -> argparse.ArgumentParser:
     for n in numbers():
         shown = "" if "default" in n.help else " (default %(default)s)"
         s.add_argument(n.flag, type=n.kind, default=n.default, help=n.help + shown)
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="INFO: a line per job state change; DEBUG: a line per request too (default INFO)",
+    )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="log lines as `key=value` text or one JSON object each (default text)",
+    )
     c = sub.add_parser(
         "calibrate", help=f"measure this machine for the cost model; writes {CALIBRATION_FILE}"
     )
@@ -242,11 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         return calibrate(args)
     set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     config = config_from(args)
     calibration.use(calibration.load_or_defaults(args.data_dir))  # a bad file: a warning
     try:  # an unusable store is fatal before anything starts, in one line
@@ -271,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             dispatcher.ray.start()
         except Exception:
             logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
+    try:  # after Ray: its processes must not inherit the metrics' environment
+        endpoint = metrics.start(args.host, args.metrics_port)
+    except OSError as e:
+        raise SystemExit(
+            f"graphgrad serve: cannot serve metrics on port {args.metrics_port}: {e}"
+        ) from None
+    config.metrics_port = metrics.port()
     jobs = JobManager(
         store,
         dispatcher,
@@ -283,12 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(config, runtime, jobs)
     scheme = "grpcs" if config.tls_cert else "grpc"
 
+    scrape = f" (metrics on http://{args.host}:{config.metrics_port}/metrics)" if endpoint else ""
+
     def serving(address: str) -> None:
         # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
-        print(f"graphgrad serving on {scheme}://{address}", flush=True)
+        print(f"graphgrad serving on {scheme}://{address}{scrape}", flush=True)
 
     try:
         asyncio.run(server.serve(serving))
     except OSError as e:  # e.g. the port is taken: one line, before "serving on"
         raise SystemExit(f"graphgrad serve: {e}") from None
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     return 0

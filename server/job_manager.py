@@ -47,8 +47,10 @@ from graphgrad.engine.training_run import (
     TrainingRun,
     group_specs,
 )
+from graphgrad.server import metrics
 from graphgrad.server.errors import NotFoundError
 from graphgrad.server.limits import one_per_cpu
+from graphgrad.server.logs import log_job_change
 from graphgrad.server.store import JobStore, JobSummary
 
 log = logging.getLogger("graphgrad.jobs")
@@ -82,6 +84,12 @@ class ManagedJob:
         self.version = 0
         self.deleted = False
         self.listeners: set[Callable[[], None]] = set()  # called at every bump (watchers)
+
+    def set_status(self, status: JobStatus, error: str = "") -> None:
+        """A change of state, logged (the caller bumps)."""
+        if status != self.status or error != self.error:
+            log_job_change(self.id, self.status, status, error)
+        self.status, self.error = status, error
 
     def bump(self) -> None:
         with self.changed:
@@ -177,6 +185,7 @@ class JobManager:
                 self._reserved -= 1
             raise
         job = ManagedJob(job_id, created, progress, live=True)
+        log_job_change(job_id, None, JobStatus.PENDING)
         with self._lock:
             self._reserved -= 1
             self._active[job_id] = job
@@ -188,11 +197,17 @@ class JobManager:
         """Jobs a previous server left unfinished are queued again in submission order. Only
         their rows' summaries are read here: each job is built from its row when it starts,
         in its own thread, and one that cannot be built fails alone."""
-        jobs = [
-            ManagedJob(s.id, s.created, s.progress or NO_PROGRESS, live=True)
+        summaries = [
+            s
             for s in self.store.summaries(oldest_first=True)
             if s.status in (JobStatus.PENDING, JobStatus.RUNNING)
         ]
+        jobs = [
+            ManagedJob(s.id, s.created, s.progress or NO_PROGRESS, live=True) for s in summaries
+        ]
+        for s in summaries:
+            if s.status != JobStatus.PENDING:  # it was running when the server stopped
+                log_job_change(s.id, s.status, JobStatus.PENDING)
         with self._lock:
             for job in jobs:
                 self._active[job.id] = job
@@ -231,6 +246,7 @@ class JobManager:
             # Written and committed before the progress it carries is reported.
             progress = run.progress()
             self.store.checkpoint(job.id, run.checkpoint(), progress, run.take_history())
+            metrics.add_training_steps(progress.steps_done - job.durable.steps_done)
             job.durable = progress
             job.bump()
 
@@ -247,7 +263,7 @@ class JobManager:
         if job.run is None and not error:
             status, error = JobStatus.CANCELLED, "deleted"
         if job.run is not None:
-            job.status = JobStatus.RUNNING
+            job.set_status(JobStatus.RUNNING)
             job.bump()
             try:
                 job.run.run(job.cancel, on_segment=checkpoint)
@@ -285,7 +301,8 @@ class JobManager:
             if durable:  # read from the store from now on, its results included
                 self._active.pop(job.id, None)
         job.run = None  # its memory goes with it
-        job.durable, job.status, job.error = progress, status, error
+        job.durable = progress
+        job.set_status(status, error)
         job.bump()
 
     def _snapshot(self, summary: JobSummary) -> ManagedJob:
@@ -392,7 +409,7 @@ class JobManager:
             job.deleted = True
         job.cancel.cancel()  # its thread's last writes find no row: they change nothing
         self.store.delete(job_id)
-        job.status, job.error = JobStatus.CANCELLED, "deleted"
+        job.set_status(JobStatus.CANCELLED, "deleted")
         job.bump()
 
     def list(self) -> list[JobView]:

@@ -44,10 +44,12 @@ def register_onnx(
 
 
 class GraphServicer:
-    def __init__(self, runtime: Runtime, limits: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, limits: Mapping[str, int] | None = None, metrics_port: int = 0
+    ) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
-        runtime's request limits)."""
-        self.runtime = runtime
+        runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere)."""
+        self.runtime, self.metrics_port = runtime, metrics_port
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
@@ -113,6 +115,7 @@ class GraphServicer:
             version=metadata.version("graphgrad"), opset_version=wire.OPSET_VERSION
         )
         out.limits.update(self.limits)
+        out.metrics_port = self.metrics_port
         cal = calibration.in_force()
         out.calibration = cal.source
         out.calibration_figures.update(calibration.figures(cal))

@@ -221,6 +221,12 @@ class JobStore:
             ).fetchall()
         return [_summary(r) for r in rows]
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {str(status): int(n) for status, n in rows}
+
     def read_history(
         self, job_id: str, chunk: int, networks: int, steps: int, lo: int, hi: int, out: np.ndarray
     ) -> None:
