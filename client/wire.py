@@ -321,13 +321,17 @@ def encode_run_request(
 
 
 def decode_run_request(
-    msg: service_pb2.RunRequest, max_tensor_bytes: int | None = None, *, with_feeds: bool = True
+    msg: service_pb2.RunRequest,
+    max_tensor_bytes: int | None = None,
+    *,
+    with_feeds: bool = True,
+    with_seeds: bool = True,
 ) -> tuple[RunRequest, RunOptions]:
     """The request and its options; the graph it names (graph_ref) is the caller's. Without
     feeds (`with_feeds=False`) the request names what to run: a prepared run's feeds are
-    decoded against its signature (decode_feeds)."""
+    decoded against its signature (decode_as); without seeds, it has none."""
     feeds = decode_tensors(msg.feeds, "feeds", max_tensor_bytes) if with_feeds else {}
-    seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes)
+    seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes) if with_seeds else {}
     request = RunRequest(tuple(msg.outputs), feeds, tuple(msg.wrt), seeds or None)
     executor = decode_executor(msg.options.executor, "options.executor")
     return request, RunOptions(executor, msg.options.check_numerics)

@@ -9,7 +9,7 @@ plain `run` repeats: building cache keys, choosing the executor, estimating memo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,7 @@ class PreparedRun:
     run and kept by the plan cache); `feeds` and `seeds` are its signature, in a fixed order.
     Run it with `Session.run_prepared`."""
 
-    __slots__ = ("_peak", "feeds", "graph", "key", "options", "seeds")
+    __slots__ = ("_peak", "feeds", "graph", "key", "last_seconds", "options", "seeds")
 
     def __init__(self, graph: Graph, key: RequestKey, options: RunOptions) -> None:
         pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)  # names are checked here
@@ -54,13 +54,23 @@ class PreparedRun:
         self.feeds = tuple(feed_spec(graph, i) for i in pp.needed_inputs)
         self.seeds = tuple(feed_spec(graph, graph.index[name]) for name in key.seeded)
         self._peak: int | None = None
+        self.last_seconds: float | None = None  # the wall time of its latest run
 
     @classmethod
-    def key_of(cls, graph: Graph, request: RunRequest, options: RunOptions) -> PreparedKey:
-        seeded = tuple(request.grad_outputs or ())
-        return PreparedKey(
-            RequestKey(graph.serial, tuple(request.outputs), tuple(request.wrt), seeded), options
-        )
+    def key_of(
+        cls,
+        graph: Graph,
+        outputs: Sequence[str],
+        wrt: Sequence[str],
+        seeded: Sequence[str],
+        options: RunOptions,
+    ) -> PreparedKey:
+        key = RequestKey(graph.serial, tuple(outputs), tuple(wrt), tuple(seeded))
+        return PreparedKey(key, options)
+
+    def ran(self, seconds: float) -> None:
+        """Note how long a run took (`last_seconds`: what a server uses to guess the next)."""
+        self.last_seconds = seconds
 
     @property
     def outputs(self) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,8 +119,20 @@ class Session:
         """The request's outputs, wrt and seeded outputs (the keys of its grad_outputs; its
         feeds are not looked at) checked and planned once, for runs that only bring feeds.
         Prepared runs are kept (in the plan cache), so preparing again is a lookup."""
-        key = PreparedRun.key_of(graph, request, options)
+        seeded = tuple(request.grad_outputs or ())
+        key = PreparedRun.key_of(graph, request.outputs, request.wrt, seeded, options)
         return _PREPARED.get_or_make(key, lambda: PreparedRun(graph, key.request, options))
+
+    def prepared(
+        self,
+        graph: Graph,
+        outputs: Sequence[str],
+        wrt: Sequence[str],
+        seeded: Sequence[str],
+        options: RunOptions,
+    ) -> PreparedRun | None:
+        """The prepared run of these names, if one is held (a look: nothing is planned)."""
+        return _PREPARED.get(PreparedRun.key_of(graph, outputs, wrt, seeded, options))
 
     def run_prepared(
         self,
@@ -139,6 +151,7 @@ class Session:
             result = d.run(prepared.graph, request, executor, cancel)
         if prepared.options.check_numerics:
             check_finite(result, request.feeds)
+        prepared.ran(result.stats.wall_time)
         return result
 
     def explain(
