@@ -46,6 +46,7 @@ import numpy as np
 ECHO_METHOD = "/bench.Echo/Echo"
 RUN_METHOD = "/graphgrad.v1.GraphService/Run"
 REGISTER_METHOD = "/graphgrad.v1.GraphService/RegisterGraph"
+INFO_METHOD = "/graphgrad.v1.GraphService/GetServerInfo"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # graphgrad serve's default --max-message-bytes
 WRT = ("W", "b", "V", "a")
 TARGETS = {"small": 0.75, "seednet": 0.6}  # graphgrad with batching / echo, 64 in flight
@@ -136,15 +137,29 @@ def check_response(w: Workload, raw: bytes, ulps: int = 0) -> None:
 @dataclass(frozen=True)
 class Load:
     """What the clients send: `concurrency` calls of `method` with `payload` in flight in
-    total, for `seconds`; `setup` (method, bytes) is called once on each connection first."""
+    total, for `seconds`; each call of `setup` (method, bytes) is made once on each connection
+    first (its answers come back in the Measurement)."""
 
     address: str
     method: str
     payload: bytes
     concurrency: int
     seconds: float
-    setup: tuple[str, bytes] | None = None
+    setup: tuple[tuple[str, bytes], ...] = ()
     warmup_calls: int = 5
+    batch_sizes: bool = False  # read RunStats.batch_size from every 8th response
+
+
+@dataclass
+class ClientReport:
+    """What one client process saw of a Load."""
+
+    latencies: np.ndarray  # seconds, of the calls completed within the window
+    errors: dict[str, int]  # status code name -> count
+    sample: bytes  # one response (from the warm-up)
+    cpu: float  # seconds of CPU this process took in the window (and a call)
+    setup_replies: list[list[bytes]]  # per connection, the answers to the setup calls
+    batch_sizes: list[int]  # RunStats.batch_size of every 8th response (if asked)
 
 
 @dataclass
@@ -156,6 +171,8 @@ class Measurement:
     sample: bytes  # one response (from the warm-up)
     server_cpu: float  # seconds of CPU the server's processes took in the window
     client_cpu: float  # seconds of CPU the client processes took in the window (and a call)
+    setup_replies: list[list[bytes]]  # per connection, the answers to Load.setup
+    batch_sizes: list[int]  # RunStats.batch_size of every 8th response (if asked)
 
     @property
     def rps(self) -> float:
@@ -180,19 +197,39 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+@dataclass
+class _ThreadLog:
+    latencies: list[float] = field(default_factory=list)  # of the calls ended in the window
+    batch_sizes: list[int] = field(default_factory=list)  # RunStats.batch_size, every 8th call
+
+
+def _batch_size_reader() -> Callable[[bytes], int]:
+    from graphgrad.v1 import service_pb2
+
+    return lambda raw: service_pb2.RunResponse.FromString(raw).stats.batch_size
+
+
 def _call_until(
-    call: Any, payload: bytes, start: float, stop: float, out: list[float], errors: dict[str, int]
+    call: Any,
+    load: Load,
+    start: float,
+    log: _ThreadLog,
+    errors: dict[str, int],
+    batch_size: Callable[[bytes], int] | None,
 ) -> None:
-    """Call back to back from `start`; keep the latency of each call that ends by `stop`."""
+    """Call back to back from `start`; log each call that ends within the window."""
+    stop = start + load.seconds
     while time.monotonic() < start:
         time.sleep(0.0005)
     while True:
         t0 = time.monotonic()
         try:
-            call(payload, timeout=60)
+            reply = call(load.payload, timeout=60)
             t1 = time.monotonic()
             if t1 <= stop:
-                out.append(t1 - t0)
+                log.latencies.append(t1 - t0)
+                if batch_size is not None and len(log.latencies) % 8 == 0:
+                    log.batch_sizes.append(batch_size(reply))
         except grpc.RpcError as e:
             code = e.code().name
             errors[code] = errors.get(code, 0) + 1
@@ -203,26 +240,24 @@ def _call_until(
 
 def _apply_load(conn: Connection, load: Load, threads: int) -> None:
     """`threads` threads, each with its own channel: set up and warm up, say "ready", start at
-    the time received, send back (latencies, errors, a response, CPU seconds in the window)."""
+    the time received, send back a ClientReport."""
     channels = [grpc.insecure_channel(load.address, channel_options()) for _ in range(threads)]
     try:
         calls = [c.unary_unary(load.method) for c in channels]
+        batch_size = _batch_size_reader() if load.batch_sizes else None
         sample = b""
+        replies = []
         for ch, call in zip(channels, calls, strict=True):
-            if load.setup is not None:
-                ch.unary_unary(load.setup[0])(load.setup[1], timeout=60)
+            replies.append([ch.unary_unary(m)(body, timeout=60) for m, body in load.setup])
             for _ in range(load.warmup_calls):
                 sample = call(load.payload, timeout=60)
         conn.send("ready")
         start = conn.recv()
-        latencies: list[list[float]] = [[] for _ in range(threads)]
+        logs = [_ThreadLog() for _ in range(threads)]
         errors: dict[str, int] = {}
         pool = [
-            threading.Thread(
-                target=_call_until,
-                args=(call, load.payload, start, start + load.seconds, out, errors),
-            )
-            for call, out in zip(calls, latencies, strict=True)
+            threading.Thread(target=_call_until, args=(call, load, start, log, errors, batch_size))
+            for call, log in zip(calls, logs, strict=True)
         ]
         for p in pool:
             p.start()
@@ -231,7 +266,9 @@ def _apply_load(conn: Connection, load: Load, threads: int) -> None:
         for p in pool:
             p.join()
         cpu = _cpu_seconds() - cpu
-        conn.send((np.array([x for out in latencies for x in out]), errors, sample, cpu))
+        lat = np.array([x for log in logs for x in log.latencies])
+        sizes = [x for log in logs for x in log.batch_sizes]
+        conn.send(ClientReport(lat, errors, sample, cpu, replies, sizes))
     finally:
         for c in channels:
             c.close()
@@ -276,15 +313,22 @@ class ClientPool:
         cpu = server_cpu()
         time.sleep(max(0.0, start + load.seconds - time.monotonic()))
         cpu = server_cpu() - cpu
-        results = [conn.recv() for conn in conns]
+        reports: list[ClientReport] = [conn.recv() for conn in conns]
         errors: dict[str, int] = {}
-        for _, errs, _, _ in results:
-            for code, count in errs.items():
+        for r in reports:
+            for code, count in r.errors.items():
                 errors[code] = errors.get(code, 0) + count
-        latencies = np.concatenate([r[0] for r in results])
-        client_cpu = sum(r[3] for r in results)
+        latencies = np.concatenate([r.latencies for r in reports])
         return Measurement(
-            len(latencies), load.seconds, latencies, errors, results[0][2], cpu, client_cpu
+            len(latencies),
+            load.seconds,
+            latencies,
+            errors,
+            reports[0].sample,
+            cpu,
+            sum(r.cpu for r in reports),
+            [replies for r in reports for replies in r.setup_replies],
+            [size for r in reports for size in r.batch_sizes],
         )
 
     def close(self) -> None:
@@ -490,6 +534,7 @@ class Row:
     server: str  # "echo", "batching off", "batching on"
     runs: list[Measurement] = field(default_factory=list)
     unavailable: str = ""
+    served_by: set[str] = field(default_factory=set)  # graphgrad worker processes ("HOST:PID")
 
     @property
     def rps(self) -> float:
@@ -528,6 +573,11 @@ def fmt_row(row: Row, echo: Row) -> str:
     )
     if echo is not row and not echo.unavailable:
         line += f"  {row.rps / echo.rps:5.2f}"
+    sizes = [size for m in row.runs for size in m.batch_sizes]
+    if sizes:
+        line += f"   mean batch {statistics.mean(sizes):.1f}"
+    if row.served_by and row.workers > 1:
+        line += f"   {len(row.served_by)} of {row.workers} workers served"
     if row.errors:
         line += f"   errors {row.errors}"
     return line
@@ -555,6 +605,13 @@ def graphgrad_servers(
     return out
 
 
+def answered_by(m: Measurement) -> set[str]:
+    """The worker processes that the connections of a graphgrad measurement landed on."""
+    from graphgrad.v1 import service_pb2
+
+    return {service_pb2.GetServerInfoResponse.FromString(r[1]).worker for r in m.setup_replies}
+
+
 def measure_group(
     pool: ClientPool,
     w: Workload,
@@ -574,13 +631,24 @@ def measure_group(
             server = servers[row.server]
             if isinstance(server, str):
                 continue
-            setup = (REGISTER_METHOD, w.register) if server.method == RUN_METHOD else None
-            load = Load(server.address, server.method, w.run, c, args.seconds, setup)
+            setup = ()
+            if server.method == RUN_METHOD:  # each worker process holds its own graphs
+                setup = ((REGISTER_METHOD, w.register), (INFO_METHOD, b""))
+            load = Load(
+                server.address,
+                server.method,
+                w.run,
+                c,
+                args.seconds,
+                setup,
+                batch_sizes=row.server == "batching on",
+            )
             m = pool.measure(load, server.cpu_seconds)
             if server.method == ECHO_METHOD:
                 assert m.sample == w.run, "the echo changed the bytes"
             else:
                 check_response(w, m.sample, args.ulps if row.server == "batching on" else 0)
+                row.served_by |= answered_by(m)
             row.runs.append(m)
     return group
 

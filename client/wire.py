@@ -582,13 +582,15 @@ def encode_job_info(v: JobView) -> jobs_pb2.JobInfo:
         status=encode_status(v.status),
         error=v.error,
         created=v.created,
+        worker=v.worker,
         **dataclasses.asdict(v.progress),
     )
 
 
 def decode_job_info(info: jobs_pb2.JobInfo) -> JobView:
     progress = _from_fields(Progress, info)
-    return JobView(info.id, decode_status(info.status), progress, info.error, info.created)
+    status = decode_status(info.status)
+    return JobView(info.id, status, progress, info.error, info.created, info.worker)
 
 
 def encode_result_part(part: ResultPart) -> jobs_pb2.GetJobResultsResponse:

@@ -33,11 +33,11 @@ from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
-from graphgrad.server.job_manager import DEFAULT_MAX_QUEUED, JobManager
+from graphgrad.server.job_manager import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_QUEUED, JobManager
 from graphgrad.server.job_service import JobServicer
 from graphgrad.server.limits import Limits, one_per_cpu
 from graphgrad.server.runtime import Runtime
-from graphgrad.server.service import GraphServicer
+from graphgrad.server.service import GraphServicer, WorkerView
 from graphgrad.v1 import jobs_pb2, service_pb2
 
 log = logging.getLogger("graphgrad.server")
@@ -56,24 +56,28 @@ class ServerConfig:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     token: str | None = None
-    workers: int = 16  # threads for ordinary calls; runs waiting for a slot get their own
+    threads: int = 16  # for ordinary calls; runs waiting for a slot get their own
     grace_seconds: float = 10.0  # what in-flight calls get at shutdown
     max_concurrent_runs: int = field(default_factory=one_per_cpu)  # heavy calls at once
     run_queue: int = 32  # heavy calls waiting for a slot; beyond: RESOURCE_EXHAUSTED
     max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
     max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
+    job_lease_seconds: float = DEFAULT_LEASE_SECONDS  # a dead worker's jobs resume after this
     metrics_port: int = 0  # where /metrics is served (server/metrics.py); 0: nowhere
 
+    # Listen with SO_REUSEPORT: a worker of `--workers N`, sharing the port with the others.
+    reuse_port: bool = False
+
     @property
-    def threads(self) -> int:
-        """A run waiting for a slot holds a thread, so those come on top of `workers`."""
-        return self.workers + self.max_concurrent_runs + self.run_queue
+    def pool_threads(self) -> int:
+        """A run waiting for a slot holds a thread, so those come on top of `threads`."""
+        return self.threads + self.max_concurrent_runs + self.run_queue
 
     @property
     def max_concurrent_rpcs(self) -> int:
         """gRPC's outer bound on calls in flight: every stream, and a queue of unary calls."""
-        return self.max_streams + 4 * self.threads
+        return self.max_streams + 4 * self.pool_threads
 
 
 @dataclass(frozen=True)
@@ -265,8 +269,11 @@ class Server:
         config: ServerConfig,
         runtime: Runtime,
         jobs: JobManager | None = None,
+        worker: WorkerView | None = None,
     ) -> None:
+        """`worker`: this process among the server's workers (default: the only one)."""
         self.config, self.runtime, self.jobs = config, runtime, jobs
+        self.worker = worker or WorkerView()
         self.guards = Guards(
             runs=Admission(
                 "max_concurrent_runs",
@@ -304,21 +311,23 @@ class Server:
         config = self.config
         mb = config.limits.max_message_bytes
         interceptors = [TokenAuth(config.token)] if config.token else []
-        self.pool = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc")
+        self.pool = futures.ThreadPoolExecutor(
+            max_workers=config.pool_threads, thread_name_prefix="rpc"
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", mb),
                 ("grpc.max_receive_message_length", mb),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
         handlers = [
             service_handler(
                 SERVICE,
                 service_pb2,
-                GraphServicer(self.runtime, self.limits(), self.config.metrics_port),
+                GraphServicer(self.runtime, self.limits(), self.config.metrics_port, self.worker),
                 self.guards,
                 self.pool,
             )

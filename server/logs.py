@@ -22,9 +22,9 @@ FORMATS = ("text", "json")
 MAX_ERROR_CHARS = 300  # of a failed request's status message, in its line
 
 
-def worker_id() -> str:
-    """This server process, as the wire names it ("HOST:PID")."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(pid: int | None = None) -> str:
+    """This server process (or its worker `pid`), as the wire names it ("HOST:PID")."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from graphgrad import wire
 from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError, calibration
 from graphgrad.server.inflight import CallContext
+from graphgrad.server.logs import worker_id
 from graphgrad.server.runtime import Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
 
@@ -46,15 +48,29 @@ def register_onnx(
     return runtime.register(imported.graph.nodes)
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    """The process that answers ("HOST:PID") and how many live ones serve the port."""
+
+    name: str = field(default_factory=worker_id)
+    live: Callable[[], int] = lambda: 1
+
+
 class GraphServicer:
     def __init__(
-        self, runtime: Runtime, limits: Mapping[str, int] | None = None, metrics_port: int = 0
+        self,
+        runtime: Runtime,
+        limits: Mapping[str, int] | None = None,
+        metrics_port: int = 0,
+        worker: WorkerView | None = None,
     ) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
-        runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere)."""
+        runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere);
+        `worker`: this process among the server's workers."""
         self.runtime, self.metrics_port = runtime, metrics_port
         self.quick = {"Run": self.run_is_quick}  # calls that may be answered on the event loop
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
+        self.worker = worker or WorkerView()
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -113,7 +129,9 @@ class GraphServicer:
         result = self.runtime.session.run_prepared(
             prepared, feeds, run.grad_outputs, cancellation(context)
         )
-        return wire.encode_result(result, graph.fingerprint)
+        out = wire.encode_result(result, graph.fingerprint)
+        out.stats.worker = self.worker.name
+        return out
 
     def Explain(
         self, request: service_pb2.ExplainRequest, context: CallContext
@@ -136,7 +154,10 @@ class GraphServicer:
         self, request: service_pb2.GetServerInfoRequest, context: CallContext
     ) -> service_pb2.GetServerInfoResponse:
         out = service_pb2.GetServerInfoResponse(
-            version=metadata.version("graphgrad"), opset_version=wire.OPSET_VERSION
+            version=metadata.version("graphgrad"),
+            opset_version=wire.OPSET_VERSION,
+            worker=self.worker.name,
+            workers=self.worker.live(),
         )
         out.limits.update(self.limits)
         out.metrics_port = self.metrics_port

@@ -23,7 +23,13 @@ from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 from graphgrad.wire import encode_tensor
 
-from .server_proc import running_server, wait_until_probe, wait_until_running
+from .scrape import delta, scrape, series, wait_for
+from .server_proc import (
+    assert_good_request_served,
+    running_server,
+    wait_until_probe,
+    wait_until_running,
+)
 
 DEADLINE = 10.0  # per call: generous, so a pass never depends on the machine's speed
 
@@ -125,7 +131,7 @@ def test_idle_watchers_do_not_lock_out_other_calls(long_job):
 @pytest.fixture(scope="module")
 def capped():
     caps = ("--max-concurrent-runs", "1", "--run-queue", "1", "--max-streams", "3")
-    with running_server(*caps) as s:
+    with running_server(*caps, "--metrics-port", "0") as s:
         yield s
 
 
@@ -136,6 +142,8 @@ def test_runs_beyond_the_cap_and_queue_are_resource_exhausted(capped):
     outcomes: list[object] = []
     with gg.connect(capped.address) as client:
         client.register(y.graph.freeze())
+        metrics_port = client.server_info().metrics_port
+        before = scrape(metrics_port)
 
         def call() -> None:
             try:
@@ -148,6 +156,16 @@ def test_runs_beyond_the_cap_and_queue_are_resource_exhausted(capped):
             t.start()
         for t in threads:
             t.join()
+        # The server recovers: the slot and the queue are free again, and a Run is served.
+        assert_good_request_served(client)
+        wait_for(
+            lambda: (
+                series(scrape(metrics_port), "graphgrad_queued_calls")
+                == {("max_concurrent_runs",): 0, ("max_streams",): 0}
+            ),
+            "an empty run queue",
+        )
+        after = scrape(metrics_port)
     refused = [o for o in outcomes if isinstance(o, gg.RemoteError)]
     served = [o for o in outcomes if not isinstance(o, gg.RemoteError)]
     assert len(served) >= 2, "one running and one queued Run must be served"
@@ -157,6 +175,17 @@ def test_runs_beyond_the_cap_and_queue_are_resource_exhausted(capped):
         assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e
         assert [s for s, _ in e.violations] == ["max_concurrent_runs"]
         assert "max_concurrent_runs=1" in e.message
+    # Every refusal is counted, under the limit it met.
+    assert delta(before, after, "graphgrad_rejections_total") == {
+        ("max_concurrent_runs",): len(refused)
+    }
+    runs = {
+        k: n for k, n in delta(before, after, "graphgrad_requests_total").items() if k[1] == "Run"
+    }
+    assert runs == {
+        ("OK", "Run"): len(served) + 1,  # and the Run after them
+        ("RESOURCE_EXHAUSTED", "Run"): len(refused),
+    }
 
 
 def test_streams_beyond_the_cap_are_resource_exhausted(capped):
@@ -190,6 +219,7 @@ def test_streams_beyond_the_cap_are_resource_exhausted(capped):
         ("--max-concurrent-runs", 1),
         ("--max-streams", 1),
         ("--workers", 1),
+        ("--threads", 1),
         ("--max-nodes", 1),
         ("--port", 0),
     ],

@@ -1,0 +1,216 @@
+"""`graphgrad serve --workers N` (issue 13, item 3), against real servers: N processes on one
+port, each answering in its own name, one embedded Ray for all, SIGTERM draining every
+worker, a killed worker replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import graphgrad as gg
+from graphgrad import wire
+from graphgrad.v1 import service_pb2, service_pb2_grpc
+
+from .server_proc import running_server
+
+DEADLINE = 30.0  # per call: generous, so a pass never depends on the machine's speed
+CONNECTIONS = 200  # fresh connections tried before giving up on seeing every worker
+
+
+def fresh_channel(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (gRPC shares connections between channels to
+    one target by default): the kernel picks its worker anew."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def server_info(channel: grpc.Channel) -> service_pb2.GetServerInfoResponse:
+    stub = service_pb2_grpc.GraphServiceStub(channel)
+    return stub.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=DEADLINE)
+
+
+def pid_of(worker: str) -> int:
+    host, pid = worker.rsplit(":", 1)
+    assert host == socket.gethostname()
+    return int(pid)
+
+
+def connections_by_worker(address: str, count: int) -> Iterator[tuple[str, grpc.Channel]]:
+    """Open fresh connections until `count` different workers have answered; yield each
+    worker's name with a channel connected to it (the caller closes those)."""
+    seen: set[str] = set()
+    for _ in range(CONNECTIONS):
+        channel = fresh_channel(address)
+        name = server_info(channel).worker
+        if name in seen:
+            channel.close()
+            continue
+        seen.add(name)
+        yield name, channel
+        if len(seen) == count:
+            return
+    raise AssertionError(f"{CONNECTIONS} connections reached only the workers {sorted(seen)}")
+
+
+def workers_answering(address: str, count: int) -> dict[str, service_pb2.GetServerInfoResponse]:
+    out = {}
+    for name, channel in connections_by_worker(address, count):
+        with channel:
+            out[name] = server_info(channel)
+    return out
+
+
+def square_sum():
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        y = gg.sum(x * x, name="y")
+    return y
+
+
+def run_request(y, x: np.ndarray) -> service_pb2.RunRequest:
+    return service_pb2.RunRequest(
+        graph=wire.encode_graph(y.graph.freeze()),
+        feeds={"x": wire.encode_tensor(x)},
+        outputs=[y.name],
+        wrt=["x"],
+    )
+
+
+def one_ray(server_pid: int) -> list[psutil.Process]:
+    """The GCS servers among the server's processes: one where Ray was started once."""
+    tree = psutil.Process(server_pid).children(recursive=True)
+    return [p for p in tree if "gcs_server" in p.name()]
+
+
+def test_workers_answer_in_their_own_names_share_one_ray_and_are_replaced():
+    """Two workers, each answering in its own name; one embedded Ray, which a replacement
+    of a SIGKILLed worker joins too; the server keeps serving throughout."""
+    y, x = square_sum(), np.array([1.0, -2.0, 3.0])
+    with running_server("--workers", "2", "--ray-num-cpus", "1", ray=True) as server:
+        seen = workers_answering(server.address, 2)
+        for name, info in seen.items():
+            assert info.workers == 2
+            assert psutil.Process(pid_of(name)).ppid() == server.proc.pid
+        # One Ray, started once by the supervisor: every worker joined it.
+        addresses = {info.ray_address for info in seen.values()}
+        assert len(addresses) == 1 and "" not in addresses, addresses
+        assert len(one_ray(server.proc.pid)) == 1
+        # A Run names the worker that answered, and each computes the same, right gradient.
+        for name, channel in connections_by_worker(server.address, 2):
+            with channel:
+                stub = service_pb2_grpc.GraphServiceStub(channel)
+                resp = stub.Run(run_request(y, x), timeout=DEADLINE)
+            assert resp.stats.worker == name
+            np.testing.assert_array_equal(wire.decode_tensor(resp.grads["x"]), 2 * x)
+
+        killed, survivor = sorted(seen)
+        os.kill(pid_of(killed), signal.SIGKILL)
+        answers: dict[str, service_pb2.GetServerInfoResponse] = {}
+
+        def a_new_worker_answers() -> bool:
+            with fresh_channel(server.address) as channel:
+                info = server_info(channel)  # the port is served all along
+            answers[info.worker] = info
+            return bool(answers.keys() - seen.keys())
+
+        until(a_new_worker_answers, "a new worker answers")
+        (replacement,) = answers.keys() - seen.keys()
+        assert killed not in answers
+        assert answers[replacement].workers == 2
+        assert answers[replacement].ray_address in addresses
+        assert psutil.Process(pid_of(replacement)).ppid() == server.proc.pid
+        assert len(one_ray(server.proc.pid)) == 1
+        with fresh_channel(server.address) as channel:
+            stub = service_pb2_grpc.GraphServiceStub(channel)
+            resp = stub.Run(run_request(y, x), timeout=DEADLINE)
+        assert resp.stats.worker in (survivor, replacement)
+        np.testing.assert_array_equal(wire.decode_tensor(resp.grads["x"]), 2 * x)
+
+
+def probe_refused(channel: grpc.Channel) -> bool:
+    """Whether a tiny Run on `channel` is refused for want of a run slot (see server_proc)."""
+    y = square_sum()
+    try:
+        service_pb2_grpc.GraphServiceStub(channel).Run(
+            run_request(y, np.zeros(3)), timeout=DEADLINE
+        )
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return True
+        raise
+    return False
+
+
+def until(condition, what: str, tries: int = 2000) -> None:
+    """Until `condition()` holds; `tries` (of about 50 ms each) bounds the wait only."""
+    for _ in range(tries):
+        if condition():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+def serving(channel: grpc.Channel) -> bool:
+    try:
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=DEADLINE
+        )
+    except grpc.RpcError:
+        return False  # it no longer takes calls at all
+    return check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sigterm_drains_every_worker():
+    """Each worker runs a long call when the server gets SIGTERM: the health of each turns
+    from SERVING, new connections are refused, both calls finish with their right answers
+    and every process exits."""
+    from .test_concurrency import slow_graph
+
+    y, x = slow_graph(300), np.ones((200, 200))
+    expected = gg.connect().run(y, {"x": x}).value
+    long_run = service_pb2.RunRequest(
+        graph=wire.encode_graph(y.graph.freeze()),
+        feeds={"x": wire.encode_tensor(x)},
+        outputs=[y.name],
+    )
+    # One run at a time and no queue per worker: a probe is refused while its long call runs.
+    flags = ("--workers", "2", "--grace", "60", "--max-concurrent-runs", "1", "--run-queue", "0")
+    with running_server(*flags) as server:
+        pinned = list(connections_by_worker(server.address, 2))
+        calls = [
+            service_pb2_grpc.GraphServiceStub(channel).Run.future(long_run, timeout=120)
+            for _, channel in pinned
+        ]
+        for name, channel in pinned:
+            until(lambda: probe_refused(channel), f"{name} runs the long call")  # noqa: B023
+        workers = [psutil.Process(pid_of(name)) for name, _ in pinned]
+        server.proc.send_signal(signal.SIGTERM)
+        for name, channel in pinned:
+            until(lambda: not serving(channel), f"{name} stops serving")  # noqa: B023
+        with fresh_channel(server.address) as channel, pytest.raises(grpc.RpcError) as refused:
+            server_info(channel)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        answers = [call.result() for call in calls]
+        assert server.proc.wait(120) == 0
+        assert not [w for w in workers if w.is_running()]
+        for channel in pinned:
+            channel[1].close()
+    assert [a.stats.worker for a in answers] == [name for name, _ in pinned]
+    assert [wire.decode_tensor(a.values[y.name]) for a in answers] == [expected, expected]
+
+
+def test_workers_exit_with_their_supervisor():
+    """A SIGKILLed supervisor leaves no worker behind: each sees its pipe close and drains."""
+    with running_server("--workers", "2") as server:
+        workers = [psutil.Process(pid_of(name)) for name in workers_answering(server.address, 2)]
+        server.proc.kill()
+        server.proc.wait()
+        until(lambda: not [w for w in workers if w.is_running()], "every worker has exited")
