@@ -12,7 +12,7 @@ import numpy as np
 from graphgrad import engine
 from graphgrad._request import NodeRef, as_list, find_graph, name_of, named_seeds, typed_feeds
 from graphgrad._result import Result
-from graphgrad.engine import ExecutorKind, RunOptions
+from graphgrad.engine import ExecutorKind, RunOptions, check_seeds
 
 Seeds = dict[str, np.ndarray] | None
 # What a client does with one call: typed feeds, seeds by name, timeout -> Result.
@@ -81,7 +81,10 @@ class Prepared:
         *,
         timeout: float | None = None,
     ) -> Result:
-        seeds = self._seeds if grad_outputs is None else named_seeds(grad_outputs)
+        seeds = self._seeds
+        if grad_outputs is not None:
+            seeds = named_seeds(grad_outputs)
+            check_seeds(self.spec.seeded, seeds)
         return self._runner(typed_feeds(self.spec.graph, feeds), seeds, timeout)
 
     def __repr__(self) -> str:

@@ -56,7 +56,7 @@ from graphgrad.engine.ops import (
 )
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
-from graphgrad.engine.prepared import FeedSpec, PreparedRun, feed_spec
+from graphgrad.engine.prepared import FeedSpec, PreparedRun, check_seeds, feed_spec
 from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
 from graphgrad.engine.simulator import Cluster, Prediction, cluster_from
 from graphgrad.engine.training import (
@@ -105,6 +105,7 @@ __all__ = [
     "Explanation",
     "FeedSpec",
     "feed_spec",
+    "check_seeds",
     "PreparedRun",
     "FeedError",
     "Graph",

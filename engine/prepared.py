@@ -91,19 +91,9 @@ class PreparedRun:
         self, feeds: Mapping[str, np.ndarray], grad_outputs: Mapping[str, np.ndarray] | None
     ) -> RunRequest:
         """The RunRequest of one call; its seeds must name the outputs this run seeds."""
+        check_seeds(self.key.seeded, grad_outputs)
         if grad_outputs is not None and tuple(grad_outputs) != self.key.seeded:
-            if set(grad_outputs) != set(self.key.seeded):
-                raise RequestError(
-                    f"this prepared run seeds {name_list(self.key.seeded) or 'no outputs'}, "
-                    f"got grad_outputs for {name_list(grad_outputs) or 'none'}",
-                    field="grad_outputs",
-                )
             grad_outputs = {k: grad_outputs[k] for k in self.key.seeded}
-        elif grad_outputs is None and self.key.seeded:
-            raise RequestError(
-                f"this prepared run seeds {name_list(self.key.seeded)}: pass grad_outputs",
-                field="grad_outputs",
-            )
         return RunRequest(self.key.outputs, feeds, self.key.wrt, grad_outputs or None)
 
     def approx_bytes(self) -> int:
@@ -115,3 +105,19 @@ def feed_spec(graph: Graph, i: int) -> FeedSpec:
     """The declared type of node `i` as a FeedSpec (feeds, seeds, values and gradients)."""
     t = graph.types[i]
     return FeedSpec(graph.nodes[i].name, t.shape, np.dtype(t.dtype), t.nbytes)
+
+
+def check_seeds(seeded: Sequence[str], grad_outputs: Mapping[str, object] | None) -> None:
+    """A prepared run's calls seed the outputs it was prepared with, no others."""
+    if grad_outputs is None:
+        if seeded:
+            raise RequestError(
+                f"this prepared run seeds {name_list(seeded)}: pass grad_outputs",
+                field="grad_outputs",
+            )
+    elif set(grad_outputs) != set(seeded):
+        raise RequestError(
+            f"this prepared run seeds {name_list(seeded) or 'no outputs'}, "
+            f"got grad_outputs for {name_list(grad_outputs) or 'none'}",
+            field="grad_outputs",
+        )
