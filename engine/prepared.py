@@ -46,7 +46,7 @@ class PreparedRun:
     run and kept by the plan cache); `feeds` and `seeds` are its signature, in a fixed order.
     Run it with `Session.run_prepared`."""
 
-    __slots__ = ("_peak", "feeds", "graph", "key", "last_seconds", "options", "seeds")
+    __slots__ = ("_peak", "auto", "feeds", "graph", "key", "last_seconds", "options", "seeds")
 
     def __init__(self, graph: Graph, key: RequestKey, options: RunOptions) -> None:
         pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)  # names are checked here
@@ -55,6 +55,9 @@ class PreparedRun:
         self.seeds = tuple(feed_spec(graph, graph.index[name]) for name in key.seeded)
         self._peak: int | None = None
         self.last_seconds: float | None = None  # the wall time of its latest run
+        # Where "auto" runs it while Ray is up, and for which (CPUs, calibration): the cost
+        # model's answer is the same until one of those changes (Session.run_prepared).
+        self.auto: tuple[tuple[int, str], str] | None = None
 
     @classmethod
     def key_of(

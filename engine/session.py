@@ -144,8 +144,10 @@ class Session:
         """Run a prepared request on `feeds` (checked against `prepared.feeds` by the program)
         and seeds (for the outputs it seeds)."""
         request = prepared.request(feeds, grad_outputs)
-        executor, d = prepared.options.executor, self.dispatcher
-        if executor == ExecutorKind.LOCAL or (executor == ExecutorKind.AUTO and not d.ray_ready()):
+        executor, d = str(prepared.options.executor), self.dispatcher
+        if executor == ExecutorKind.AUTO:
+            executor = self._auto(prepared, request, cancel) if d.ray_ready() else "local"
+        if executor == ExecutorKind.LOCAL:
             result = d.local.run_keyed(prepared.graph, prepared.key, request, cancel)
         else:
             result = d.run(prepared.graph, request, executor, cancel)
@@ -153,6 +155,16 @@ class Session:
             check_finite(result, request.feeds)
         prepared.ran(result.stats.wall_time)
         return result
+
+    def _auto(self, prepared: PreparedRun, request: RunRequest, cancel: Cancellation | None) -> str:
+        """Where "auto" runs a prepared run while Ray is up: the dispatcher's choice (a pass
+        over the graph at least), kept on the run for as long as the CPUs and the calibration
+        it was made with hold."""
+        d = self.dispatcher
+        key = (int(d.ray.cpus()), in_force().source)
+        if prepared.auto is None or prepared.auto[0] != key:
+            prepared.auto = (key, d.choose(prepared.graph, request, ExecutorKind.AUTO, cancel)[0])
+        return prepared.auto[1]
 
     def explain(
         self,

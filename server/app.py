@@ -2,7 +2,12 @@
 
 The server is grpc.aio: every handler is a coroutine; plain servicers run in a thread pool
 and never wait on the event loop, while a stream that mostly waits (WatchJob) is an async
-generator holding no thread while idle.
+generator holding no thread while idle. A Run known to be quick (its prepared run's latest
+run took under service.QUICK_SECONDS) is answered on the loop when a run slot is free: the
+hop to the pool and back costs more than such a run. Why aio and not a sync grpc.server
+(bench/server_kinds.py measures both): a sync server answers one client ~10% sooner on 2
+cores but holds a thread per open stream, and under 8 client threads neither is clearly
+faster.
 Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
 build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
 at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
