@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,14 +28,24 @@ from graphgrad.engine import (
     RunRequest,
     Session,
     cluster_from,
+    load_for_client,
 )
 
 
 class LocalClient(AsyncClient):
     """Runs graphs in this process: inline, or on Ray with `executor="ray"`."""
 
-    def __init__(self, *, ray_address: str | None = None, ray_num_cpus: int | None = None) -> None:
-        self.session = Session(Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus))
+    def __init__(
+        self,
+        *,
+        ray_address: str | None = None,
+        ray_num_cpus: int | None = None,
+        calibration: str | Path | None = None,
+    ) -> None:
+        cal = load_for_client(calibration)
+        self.session = Session(
+            Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus, calibration=cal)
+        )
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"

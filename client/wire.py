@@ -310,7 +310,9 @@ def encode_run_request(
         outputs=request.outputs,
         wrt=request.wrt,
         options=service_pb2.RunOptions(
-            executor=encode_executor(options.executor), check_numerics=options.check_numerics
+            executor=encode_executor(options.executor),
+            check_numerics=options.check_numerics,
+            exact=options.exact,
         ),
     )
     if fingerprint:
@@ -334,7 +336,7 @@ def decode_run_request(
     seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes) if with_seeds else {}
     request = RunRequest(tuple(msg.outputs), feeds, tuple(msg.wrt), seeds or None)
     executor = decode_executor(msg.options.executor, "options.executor")
-    return request, RunOptions(executor, msg.options.check_numerics)
+    return request, RunOptions(executor, msg.options.check_numerics, msg.options.exact)
 
 
 def encode_explain_request(
@@ -373,6 +375,8 @@ def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
     out.wall_time = s.wall_time
     out.partitions = s.partitions
     out.bytes_moved = s.bytes_moved
+    out.batch_size = s.batch_size
+    out.worker = s.worker
     for t in s.tasks:  # TaskStat's fields are the message's (not asdict: it deep-copies)
         out.tasks.add(**{name: getattr(t, name) for name in _TASK_FIELDS})
 
@@ -382,7 +386,10 @@ _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskStat))
 
 def decode_stats(s: service_pb2.RunStats) -> RunStats:
     tasks = tuple(TaskStat(*[getattr(t, name) for name in _TASK_FIELDS]) for t in s.tasks)
-    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks)
+    batch_size = s.batch_size or 1  # 0: a server without dynamic batching
+    return RunStats(
+        s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks, batch_size, s.worker
+    )
 
 
 def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:

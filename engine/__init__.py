@@ -5,6 +5,7 @@ What the SDK, the wire and the server use is exported here; the rest is the engi
 
 from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.batching import batch_graph
+from graphgrad.engine.calibration import CalibrationError, load_for_client
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.errors import (
     ERROR_DOMAIN,
@@ -73,9 +74,11 @@ from graphgrad.engine.training_run import Placement, Progress
 __all__ = [
     "shape_problem",
     "ERROR_DOMAIN",
+    "CalibrationError",
     "Cluster",
     "Prediction",
     "cluster_from",
+    "load_for_client",
     "rebuild_error",
     "DTYPE_NAMES",
     "FLOAT_DTYPES",

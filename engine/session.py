@@ -6,6 +6,7 @@ graphgrad.wire) and call it, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import threading
@@ -29,7 +30,7 @@ from graphgrad.engine.ops.docs import OpInfo, op_infos
 from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.planner import Explanation, describe
 from graphgrad.engine.prepared import PreparedKey, PreparedRun
-from graphgrad.engine.simulator import Cluster, Prediction, predict
+from graphgrad.engine.simulator import Cluster, Prediction, choose_partitions, predict
 from graphgrad.engine.training import TrainSpec
 from graphgrad.engine.training_run import Placement, TrainingRun, group_specs
 
@@ -41,6 +42,7 @@ _PREPARED: DerivedCache[PreparedKey, PreparedRun] = DerivedCache("prepared runs"
 class RunOptions:
     executor: ExecutorKind = ExecutorKind.AUTO
     check_numerics: bool = False
+    exact: bool = False  # never stacked with other requests (engine/stacking.py)
 
 
 @dataclass(frozen=True)
@@ -183,9 +185,13 @@ class Session:
         cluster: Cluster,
         cancel: Cancellation | None = None,
     ) -> Prediction:
-        """The request's run on `cluster`, simulated with the calibration in force."""
+        """The request's run on `cluster`, simulated with the calibration in force, in the
+        partition count the auto policy picks there (the default plan's if none is Ray's)."""
         bare = RunRequest(request.outputs, {}, request.wrt)
-        return predict(graph, bare, cluster, in_force(), cancel)
+        cal = self.dispatcher.calibration
+        choice = choose_partitions(graph, bare, cluster, cal, cancel)
+        p = choice.prediction or predict(graph, bare, cluster, cal, cancel)
+        return dataclasses.replace(p, choice=str(choice))
 
     def plan(
         self,
@@ -197,8 +203,7 @@ class Session:
         """The explanation with the source of each partition's tasks (compiled once), and
         the prediction on `cluster` if one is given."""
         bare = RunRequest(request.outputs, {}, request.wrt)
-        name, plan = self.dispatcher.choose(graph, bare, executor)
-        _, sched = self.dispatcher.executor(name).plan(graph, bare)
+        name, plan, sched = self.dispatcher.schedule(graph, bare, executor)
         prediction = None if cluster is None else self.predict(graph, bare, cluster)
         source = functools.partial(task_source, sched)
         return Explained(describe(graph, name, plan), source, prediction)

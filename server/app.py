@@ -11,7 +11,7 @@ faster.
 Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
 build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
 at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
-RESOURCE_EXHAUSTED.
+RESOURCE_EXHAUSTED. Each bound is this process's: with `--workers N` every worker has its own.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from graphgrad.engine import JobStatus, LimitError, RequestError
 from graphgrad.server import logs, metrics
 from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
+from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.job_manager import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_QUEUED, JobManager
@@ -70,6 +71,7 @@ class ServerConfig:
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
     job_lease_seconds: float = DEFAULT_LEASE_SECONDS  # a dead worker's jobs resume after this
     metrics_port: int = 0  # where /metrics is served (server/metrics.py); 0: nowhere
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # of Runs; off by default
 
     # Listen with SO_REUSEPORT: a worker of `--workers N`, sharing the port with the others.
     reuse_port: bool = False
@@ -332,7 +334,13 @@ class Server:
             service_handler(
                 SERVICE,
                 service_pb2,
-                GraphServicer(self.runtime, self.limits(), self.config.metrics_port, self.worker),
+                GraphServicer(
+                    self.runtime,
+                    self.limits(),
+                    self.config.metrics_port,
+                    self.worker,
+                    self.config.batching,
+                ),
                 self.guards,
                 self.pool,
             )

@@ -21,10 +21,11 @@ from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
+from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from graphgrad.server.job_manager import JobManager
 from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
-from graphgrad.server.limits import MIB, Limits
+from graphgrad.server.limits import MIB, Limits, one_per_cpu
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import WorkerView
 from graphgrad.server.store import JobStore, StoreError
@@ -112,9 +113,9 @@ def numbers() -> tuple[Number, ...]:
         Number(
             "--max-concurrent-runs",
             1,
-            config.max_concurrent_runs,
+            None,
             "heavy calls (Run, Explain, RegisterGraph, SubmitJob) executing at once, per worker "
-            "(default: CPU count)",
+            "(default: CPU count; with batching on, at least --max-batch)",
         ),
         Number(
             "--run-queue",
@@ -122,6 +123,14 @@ def numbers() -> tuple[Number, ...]:
             config.run_queue,
             "heavy calls waiting for a slot, per worker; beyond: RESOURCE_EXHAUSTED",
         ),
+        Number(
+            "--batch-window-us",
+            0,
+            config.batching.window_us,
+            "dynamic batching: how long a Run waits for others of the same graph, outputs, "
+            "wrt and feeds to run stacked with it, in microseconds (0: off; docs/batching.md)",
+        ),
+        Number("--max-batch", 2, config.batching.max_batch, "dynamic batching: most Runs stacked"),
         Number(
             "--max-streams",
             1,
@@ -188,10 +197,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data-dir",
         type=Path,
-        # An empty variable counts as unset (not as the current directory).
-        default=Path(
-            os.environ.get("GRAPHGRAD_DATA_DIR") or Path.home() / ".local/share/graphgrad"
-        ),
+        default=calibration.default_data_dir(),
         help="where jobs are stored (default: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad)",
     )
     for n in numbers():
@@ -247,13 +253,20 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         token=token,
         threads=args.threads,
         grace_seconds=args.grace,
-        max_concurrent_runs=args.max_concurrent_runs,
+        max_concurrent_runs=args.max_concurrent_runs or concurrent_runs(args),
         run_queue=args.run_queue,
         max_streams=args.max_streams,
         max_running_jobs=args.max_running_jobs,
         max_queued_jobs=args.max_queued_jobs,
         job_lease_seconds=args.job_lease_s,
+        batching=BatchingConfig(args.batch_window_us, args.max_batch),
     )
+
+
+def concurrent_runs(args: argparse.Namespace) -> int:
+    """The default run slots: one per CPU, and a batch's worth with batching on (a Run holds
+    its slot while it waits for its batch: its share of the stacked run's memory)."""
+    return max(one_per_cpu(), args.max_batch if args.batch_window_us > 0 else 1)
 
 
 def read_token(args: argparse.Namespace) -> str | None:

@@ -97,13 +97,16 @@ def log_request(
     response: Message | None,
     error: str = "",
 ) -> None:
-    """The request's line: its fingerprint and executor where the messages carry them."""
+    """The request's line: its fingerprint, job and executor where the messages carry them."""
     if not REQUESTS.isEnabledFor(logging.DEBUG):
         return
     fields: dict[str, Any] = {"method": method}
     fingerprint = _field(response, "fingerprint") or _field(request, "fingerprint")
     if fingerprint:
         fields["fingerprint"] = fingerprint
+    job = _field(request, "id") or _field(response, "id")  # the JobService's calls
+    if job:
+        fields["job"] = job
     executor = _field(response, "stats", "executor") or _field(response, "executor")
     if executor:
         fields["executor"] = executor

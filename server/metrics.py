@@ -208,15 +208,32 @@ def process_exited(pid: int) -> None:
 # Hooks: no-ops while metrics are off.
 
 
+# Each method's (and status's) series, looked up once: `labels()` takes a lock each time,
+# and this runs for every request. Two threads may both look one up: the same series.
+_by_method: dict[str, tuple[Any, Any, Any]] = {}
+_by_status: dict[tuple[str, str], Any] = {}
+
+
 def observe_request(
     method: str, code: str, seconds: float, request_bytes: int, response_bytes: int
 ) -> None:
     if _on is None:
         return
-    _on.requests.labels(method, code).inc()
-    _on.latency.labels(method).observe(seconds)
-    _on.request_bytes.labels(method).inc(request_bytes)
-    _on.response_bytes.labels(method).inc(response_bytes)
+    status = _by_status.get((method, code))
+    if status is None:
+        status = _by_status[method, code] = _on.requests.labels(method, code)
+    series = _by_method.get(method)
+    if series is None:
+        series = _by_method[method] = (
+            _on.latency.labels(method),
+            _on.request_bytes.labels(method),
+            _on.response_bytes.labels(method),
+        )
+    status.inc()
+    latency, received, sent = series
+    latency.observe(seconds)
+    received.inc(request_bytes)
+    sent.inc(response_bytes)
 
 
 def observe_rejection(limit: str) -> None:

@@ -3,7 +3,7 @@ before any work. What the servicers delegate to; no protobuf here."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from graphgrad.engine import (
@@ -17,15 +17,26 @@ from graphgrad.engine import (
     RunResult,
     Session,
 )
-from graphgrad.engine.errors import name_list
+from graphgrad.engine.errors import GraphError, name_list
 from graphgrad.engine.lru import CacheStats
 from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import PLANS
 from graphgrad.engine.planner import Explanation
 from graphgrad.engine.prepared import PreparedRun
+from graphgrad.engine.stacking import StackKey, run_stacked
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
 from graphgrad.server.errors import NotFoundError
 from graphgrad.server.limits import Limits
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A Run request, admitted, that may run stacked with others (server/batcher.py)."""
+
+    graph: Graph
+    request: RunRequest
+    options: RunOptions
+    cancel: Cancellation
 
 
 @dataclass
@@ -81,6 +92,20 @@ class Runtime:
     ) -> RunResult:
         prepared = self.prepare(graph, request, options)
         return self.session.run_prepared(prepared, request.feeds, request.grad_outputs, cancel)
+
+    def run_stack(self, key: StackKey, members: Sequence[Pending]) -> list[RunResult | GraphError]:
+        """Members (each admitted, all with `key`) as one stacked run, split: each member's
+        result or its own error. The stack runs until its members' latest deadline."""
+        deadlines = [m.cancel.deadline for m in members]
+        cancel = Cancellation(None if None in deadlines else max(d for d in deadlines if d))
+        options = RunOptions(key.executor)
+        return run_stacked(
+            lambda graph, request: self.session.run(graph, request, options, cancel),
+            members[0].graph,
+            key,
+            [m.request for m in members],
+            [m.options.check_numerics for m in members],
+        )
 
     def explain(
         self,

@@ -7,10 +7,21 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from graphgrad import wire
-from graphgrad.engine import Cancellation, CancelReason, Graph, RequestError, calibration
+from graphgrad.engine import (
+    Cancellation,
+    CancelReason,
+    Graph,
+    RequestError,
+    RunRequest,
+    RunResult,
+    calibration,
+)
+from graphgrad.engine.stacking import stack_key
+from graphgrad.server import metrics
+from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.inflight import CallContext
 from graphgrad.server.logs import worker_id
-from graphgrad.server.runtime import Runtime
+from graphgrad.server.runtime import Pending, Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
 
 # A run whose latest run took less is answered on the event loop (it holds the loop that long).
@@ -63,14 +74,19 @@ class GraphServicer:
         limits: Mapping[str, int] | None = None,
         metrics_port: int = 0,
         worker: WorkerView | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         """`limits`: every limit of the server by name, for GetServerInfo (default: the
         runtime's request limits); `metrics_port`: where /metrics is served (0: nowhere);
-        `worker`: this process among the server's workers."""
+        `worker`: this process among the server's workers; `batching`: dynamic batching of
+        Runs (None or a window of 0: off)."""
         self.runtime, self.metrics_port = runtime, metrics_port
         self.quick = {"Run": self.run_is_quick}  # calls that may be answered on the event loop
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
         self.worker = worker or WorkerView()
+        self.batcher: Batcher | None = None
+        if batching is not None and batching.window_us > 0:
+            self.batcher = Batcher(batching, runtime.run_stack, metrics.observe_batch)
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -103,8 +119,8 @@ class GraphServicer:
         (the hop there and back costs more than a small run: ~0.15 ms on 2 cores): its graph
         is registered, its prepared run is held, and its latest run took under QUICK_SECONDS.
         A look at caches only: nothing is planned, registered or decoded here."""
-        if request.WhichOneof("graph_ref") != "fingerprint":
-            return False
+        if self.batcher is not None or request.WhichOneof("graph_ref") != "fingerprint":
+            return False  # a batched run waits for its window: never on the loop
         graph = self.runtime.cache.get(request.fingerprint)
         if graph is None:
             return False
@@ -124,11 +140,19 @@ class GraphServicer:
         graph = self._graph(request)
         limit = self.runtime.limits.max_tensor_bytes
         run, options = wire.decode_run_request(request, limit, with_feeds=False)
-        prepared = self.runtime.prepare(graph, run, options)
+        prepared = self.runtime.prepare(graph, run, options)  # admitted here
         feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
-        result = self.runtime.session.run_prepared(
-            prepared, feeds, run.grad_outputs, cancellation(context)
-        )
+        cancel = cancellation(context)
+
+        def alone() -> RunResult:
+            return self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
+
+        if self.batcher is None:
+            result = alone()
+        else:  # maybe stacked with others
+            run = RunRequest(run.outputs, feeds, run.wrt, run.grad_outputs)
+            pending = Pending(graph, run, options, cancel)
+            result = self.batcher.run(stack_key(graph, run, options), pending, alone)
         out = wire.encode_result(result, graph.fingerprint)
         out.stats.worker = self.worker.name
         return out
@@ -168,6 +192,9 @@ class GraphServicer:
             info = out.caches[name]
             info.entries, info.bytes = stats.entries, stats.bytes
             info.max_entries, info.max_bytes = stats.max_entries, stats.max_bytes
+        if self.batcher is not None:
+            out.batching.window_us = self.batcher.config.window_us
+            out.batching.max_batch = self.batcher.config.max_batch
         ray = self.runtime.session.ray_info()
         if ray is not None:
             address, resources = ray

@@ -179,10 +179,10 @@ class Supervisor:
                     self.pauses[slot] = 0.0
                 self.due[slot] = now + self.pauses[slot]
                 log.warning(
-                    "worker %s exited with status %s; starting another in %.1fs",
+                    "worker %s exited with status %s; starting another%s",
                     w.name,
                     w.proc.returncode,
-                    self.pauses[slot],
+                    f" in {self.pauses[slot]:.1f}s" if self.pauses[slot] else "",
                 )
                 self.workers[slot], changed = None, True
             if self.workers[slot] is None and now >= self.due[slot]:

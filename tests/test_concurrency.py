@@ -222,6 +222,7 @@ def test_streams_beyond_the_cap_are_resource_exhausted(capped):
         ("--threads", 1),
         ("--max-nodes", 1),
         ("--port", 0),
+        ("--metrics-port", 0),
     ],
 )
 def test_a_numeric_flag_below_its_minimum_stops_the_start(flag, least):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 import graphgrad as gg
@@ -177,10 +178,10 @@ def test_a_holder_whose_lease_was_taken_over_stops_and_writes_nothing(tmp_path):
     assert a.job(job_id).view().progress == b.job(job_id).view().progress
 
 
-# Two servers on one data directory, as the workers of one server are; a short lease so a
-# dead holder's job is taken over soon.
-def sharing(tmp_path) -> tuple[str, ...]:
-    return ("--data-dir", str(tmp_path), "--job-lease-s", "1", "--max-running-jobs", "1")
+def sharing(tmp_path, lease: float = 1.0) -> tuple[str, ...]:
+    """Flags of servers on one data directory, as the workers of one server are; a short
+    lease so a dead holder's job is taken over soon."""
+    return ("--data-dir", str(tmp_path), "--job-lease-s", str(lease), "--max-running-jobs", "1")
 
 
 def worker_of(server) -> str:
@@ -189,8 +190,9 @@ def worker_of(server) -> str:
 
 def test_a_job_run_by_one_server_is_watched_listed_and_cancelled_from_the_other(tmp_path):
     with (
-        running_server(*sharing(tmp_path)) as a,
-        running_server(*sharing(tmp_path)) as b,
+        # No takeover here: a lease that a loaded machine's stalls do not outlast.
+        running_server(*sharing(tmp_path, lease=3.0)) as a,
+        running_server(*sharing(tmp_path, lease=3.0)) as b,
         gg.connect(a.address) as on_a,
         gg.connect(b.address) as on_b,
     ):
@@ -252,3 +254,36 @@ def test_a_job_whose_server_is_sigkilled_is_finished_by_the_other_with_the_same_
         os.kill(holder.proc.pid, signal.SIGKILL)
         holder.proc.wait(30)
         assert worker_of(survivor) in finish_as_uninterrupted(survivor.address, killed)
+
+
+def test_a_job_survives_sigkill_of_the_worker_running_it(tmp_path):
+    """`--workers 2`: the worker holding the job dies; another worker (the other one, or the
+    one the supervisor starts in its place) takes the job over."""
+    with running_server("--workers", "2", *sharing(tmp_path)) as server:
+        killed = submit_and_follow(server.address)
+        host, pid = killed.worker.rsplit(":", 1)
+        assert host == socket.gethostname()
+        holder = psutil.Process(int(pid))
+        assert holder in psutil.Process(server.proc.pid).children()  # one of its workers
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)  # gone: new connections reach the live workers only
+        assert finish_as_uninterrupted(server.address, killed) - {killed.worker}
+
+
+def test_a_server_stopping_gives_up_its_leases_and_the_next_resumes_at_once(tmp_path):
+    flags = sharing(tmp_path, lease=3600.0)  # were the lease kept, no one could take it
+    with running_server(*flags) as a, gg.connect(a.address) as c:
+        job = c.train(mlp(8), init(2, 8, 0), own_data(2), steps=200_000)
+        for event in c.job_stream("WatchJob", jobs_pb2.WatchJobRequest(id=job.id), 120):
+            if event.job.steps_done > 0:
+                break
+    left = JobStore(tmp_path / "jobs.sqlite3").summary(job.id)  # a stopped by SIGTERM
+    assert left is not None and left.progress is not None
+    assert (left.status, left.lease_owner) == ("running", "")
+    with running_server(*flags) as b, gg.connect(b.address) as c:
+        request = jobs_pb2.WatchJobRequest(id=job.id)
+        for event in c.job_stream("WatchJob", request, 120):
+            if event.job.worker == worker_of(b):
+                break
+        assert event.job.steps_done >= left.progress.steps_done  # resumed, not restarted
+        gg.RemoteJob(c, job.id, 1).delete()

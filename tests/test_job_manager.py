@@ -148,6 +148,7 @@ def test_resume_reads_summaries_only_and_builds_each_job_in_its_thread(tmp_path)
     wait_for(m, ids[0], ("running",))
     assert decode.threads == [f"job-{ids[0]}"]
     assert [m.job(i).status for i in ids[1:]] == ["pending", "pending"]
+    m.close()  # its heartbeat stops
     delete_all(m)
 
 

@@ -1,19 +1,21 @@
 """The server is observable (issue 13, item 5), against a real `graphgrad serve
 --metrics-port 0`: its Prometheus endpoint, scraped over HTTP, counts exactly the requests a
 test sent, by method and status; its gauges show the caches and the jobs; it writes one
-structured line per request and per job state change. And the metrics of several processes
-sharing a directory (the `--workers` arrangement) add up at the one endpoint."""
+structured line per request and per job state change. With `--workers 2`, the one endpoint
+serves what both workers did."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -25,7 +27,7 @@ from graphgrad.server import logs
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 from graphgrad.wire import encode_graph, encode_tensor
 
-from .scrape import delta, parse, scrape, series, wait_for
+from .scrape import delta, scrape, series, wait_for
 from .server_proc import ServerProcess, running_server
 
 DEADLINE = 30.0  # per call: a bound, never a measurement
@@ -72,6 +74,7 @@ class Observed:
 @pytest.fixture(scope="module")
 def server():
     flags = ("--metrics-port", "0", "--log-level", "debug", "--log-format", "json")
+    flags += ("--batch-window-us", "20000", "--max-batch", "4")  # concurrent Runs stack
     with running_server(*flags) as s, grpc.insecure_channel(s.address) as channel:
         info = service_pb2_grpc.GraphServiceStub(channel).GetServerInfo(
             service_pb2.GetServerInfoRequest(), timeout=DEADLINE
@@ -177,6 +180,27 @@ def test_cache_gauges_show_what_server_info_reports(server):
     assert queued == {("max_concurrent_runs",): 0, ("max_streams",): 0}
 
 
+def test_the_batch_sizes_are_those_the_responses_report(server):
+    stub = service_pb2_grpc.GraphServiceStub(server.channel)
+    y = square_graph()
+    request = service_pb2.RunRequest(outputs=["y"], wrt=["x"])
+    request.graph.CopyFrom(encode_graph(y.graph.freeze()))
+    encode_tensor(np.ones(3), request.feeds["x"])
+    before = scrape(server.metrics_port)
+    sizes: list[int] = []
+    for _ in range(20):  # until Runs sent together are stacked: a bound, not a measurement
+        calls = [stub.Run.future(request, timeout=DEADLINE) for _ in range(8)]
+        sizes += [call.result().stats.batch_size for call in calls]
+        if max(sizes) > 1:
+            break
+    stacked = [n for n in sizes if n > 1]  # a Run that ran alone is no batch
+    assert stacked, "no two Runs sent together were stacked"
+    after = scrape(server.metrics_port)
+    assert delta(before, after, "graphgrad_batch_size_sum") == {(): len(stacked)}
+    batches = sum(Fraction(1, n) for n in stacked)  # each of a batch's n members reports n
+    assert delta(before, after, "graphgrad_batch_size_count") == {(): batches}
+
+
 def test_a_line_per_request_with_its_fields(server):
     y = square_graph()
     with gg.connect(server.address) as client:
@@ -215,6 +239,10 @@ def test_job_state_changes_are_logged_and_counted(server):
         ("pending", "running", worker),
         ("running", "done", worker),
     ]
+    submits = [
+        r for r in json_lines(server.log(), "graphgrad.requests") if r["method"] == "SubmitJob"
+    ]
+    assert submits[-1]["job"] == job.id and submits[-1]["status"] == "OK"
     after = scrape(server.metrics_port)
     assert delta(before, after, "graphgrad_training_steps_total") == {(): 25}
     wait_for(
@@ -232,54 +260,66 @@ def test_the_text_format_is_key_value_pairs():
     )
 
 
-WORKER = """
-import os
-import socket
-from graphgrad.engine.lru import CacheStats
-from graphgrad.server import metrics
-assert metrics.start("127.0.0.1", None) is None  # the parent serves
-metrics.observe_request("Run", "OK", 0.002, 5, 7)
-metrics.set_caches({"graphs": CacheStats(3, 300, 10, 1000)})
-print(os.getpid(), metrics.port())
-"""
+def test_two_workers_are_counted_at_one_endpoint():
+    """`--workers 2`: the supervisor serves the sum of what both workers answered; a worker
+    that dies leaves its counts, and its gauges go."""
+    y = square_graph()
+    good, bad = service_pb2.RunRequest(outputs=["y"]), service_pb2.RunRequest(outputs=["y"])
+    for request, x in ((good, np.ones(3)), (bad, np.ones(2))):
+        request.graph.CopyFrom(encode_graph(y.graph.freeze()))  # registered by each worker
+        encode_tensor(x, request.feeds["x"])
+    sent: Counter[tuple[str, str]] = Counter()
+    seen: set[str] = set()
+    with running_server("--workers", "2", "--metrics-port", "0") as server:
+        for _ in range(200):  # fresh connections until both workers have answered
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+            with grpc.insecure_channel(server.address, options=options) as channel:
+                stub = service_pb2_grpc.GraphServiceStub(channel)
+                info = stub.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=DEADLINE)
+                sent["OK", "GetServerInfo"] += 1
+                if info.worker not in seen:
+                    seen.add(info.worker)
+                    stub.Run(good, timeout=DEADLINE)
+                    sent["OK", "Run"] += 1
+                    with pytest.raises(grpc.RpcError) as e:
+                        stub.Run(bad, timeout=DEADLINE)
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    sent["INVALID_ARGUMENT", "Run"] += 1
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, "one worker answered every connection"
+        assert f":{info.metrics_port}/metrics" in server.banner
+        samples = scrape(info.metrics_port)
+        assert series(samples, "graphgrad_requests_total") == dict(sent)
+        wait_for(  # each worker holds the graph in its own cache: the gauges add up
+            lambda: (
+                series(scrape(info.metrics_port), "graphgrad_cache_entries").get(("graphs",)) == 2
+            ),
+            "the two workers' registered graphs",
+        )
+        host, pid = sorted(seen)[0].rsplit(":", 1)
+        assert host == socket.gethostname()
+        os.kill(int(pid), signal.SIGKILL)
+        wait_for(  # its replacement has registered nothing
+            lambda: (
+                series(scrape(info.metrics_port), "graphgrad_cache_entries").get(("graphs",)) == 1
+            ),
+            "the killed worker's graph gone from the gauge",
+        )
+        assert series(scrape(info.metrics_port), "graphgrad_requests_total") == dict(sent)
 
-SUPERVISOR = """
-import json, subprocess, sys, urllib.request
-from graphgrad.engine.lru import CacheStats
-from graphgrad.server import metrics
-endpoint = metrics.start("127.0.0.1", 0)
-pid, port = subprocess.run(
-    [sys.executable, "-c", sys.argv[1]], check=True, capture_output=True, text=True
-).stdout.split()
-metrics.observe_request("Run", "OK", 0.001, 10, 20)
-metrics.set_caches({"graphs": CacheStats(4, 400, 10, 1000)})
-scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics").read()
-both = scrape().decode()
-metrics.process_exited(int(pid))
-left = scrape().decode()
-endpoint.close()
-print(json.dumps({"port": endpoint.port, "worker_port": int(port), "both": both, "left": left}))
-"""
 
-
-def test_processes_sharing_the_directory_add_up_at_one_endpoint():
-    """The `--workers` arrangement: a parent serves /metrics, a child it starts inherits the
-    directory; counters add up, and a child's live gauges go when it has exited."""
-    env = {k: v for k, v in os.environ.items() if "METRICS" not in k and "MULTIPROC" not in k}
-    out = subprocess.run(
-        [sys.executable, "-c", SUPERVISOR, WORKER],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    result = json.loads(out.stdout)
-    assert result["worker_port"] == result["port"]
-    both, left = parse(result["both"]), parse(result["left"])
-    for samples in (both, left):  # counters stay once a process has gone
-        assert series(samples, "graphgrad_requests_total") == {("OK", "Run"): 2}
-        assert series(samples, "graphgrad_request_bytes_total") == {("Run",): 15}
-        assert series(samples, "graphgrad_response_bytes_total") == {("Run",): 27}
-    assert series(both, "graphgrad_cache_entries") == {("graphs",): 7}
-    assert series(left, "graphgrad_cache_entries") == {("graphs",): 4}
+def test_a_metrics_port_in_use_stops_the_start_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = [sys.executable, "-m", "graphgrad.server", "--no-ray", "--port", "0"]
+        done = subprocess.run(
+            [*serve, "--metrics-port", str(port), "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"graphgrad serve: cannot serve metrics on port {port}:" in done.stderr

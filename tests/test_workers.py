@@ -4,9 +4,10 @@ worker, a killed worker replaced."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import graphgrad as gg
 from graphgrad import wire
+from graphgrad.server.logs import worker_id
 from graphgrad.v1 import service_pb2, service_pb2_grpc
 
 from .server_proc import running_server
@@ -112,7 +114,9 @@ def test_workers_answer_in_their_own_names_share_one_ray_and_are_replaced():
             np.testing.assert_array_equal(wire.decode_tensor(resp.grads["x"]), 2 * x)
 
         killed, survivor = sorted(seen)
-        os.kill(pid_of(killed), signal.SIGKILL)
+        victim = psutil.Process(pid_of(killed))
+        victim.kill()
+        victim.wait(60)  # connections the kernel queued for it until then are reset
         answers: dict[str, service_pb2.GetServerInfoResponse] = {}
 
         def a_new_worker_answers() -> bool:
@@ -207,9 +211,47 @@ def test_sigterm_drains_every_worker():
     assert [wire.decode_tensor(a.values[y.name]) for a in answers] == [expected, expected]
 
 
-def test_workers_exit_with_their_supervisor():
-    """A SIGKILLed supervisor leaves no worker behind: each sees its pipe close and drains."""
-    with running_server("--workers", "2") as server:
+def test_one_worker_is_the_server_process_itself():
+    """--workers 1 (the default) runs no supervisor: the process started answers."""
+    with running_server() as server, fresh_channel(server.address) as channel:
+        info = server_info(channel)
+        assert (info.worker, info.workers) == (worker_id(server.proc.pid), 1)
+        assert not psutil.Process(server.proc.pid).children()
+        with gg.connect(server.address) as client:  # the SDK's stats name the worker too
+            assert client.run(square_sum(), {"x": np.ones(3)}).stats.worker == info.worker
+
+
+def test_a_taken_port_stops_the_supervisor_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flags = ["--workers", "2", "--no-ray", "--port", str(port), "--data-dir", str(tmp_path)]
+        done = subprocess.run(
+            [sys.executable, "-m", "graphgrad.server", *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert (done.returncode, done.stdout) == (1, "")
+    assert f"graphgrad serve: cannot listen on 127.0.0.1:{port}: " in done.stderr
+
+
+def test_a_job_survives_sigkill_of_the_worker_running_it(tmp_path):
+    """The worker holding a job's lease is SIGKILLed mid-run: another worker of the same
+    server takes the job over and ends it with an uninterrupted run's results. Then the
+    supervisor is SIGKILLed: its workers exit too."""
+    from .test_job_leases import finish_as_uninterrupted, sharing, submit_and_follow
+
+    with running_server("--workers", "2", *sharing(tmp_path)) as server:
+        killed = submit_and_follow(server.address)
+        holder = psutil.Process(pid_of(killed.worker))
+        assert holder.ppid() == server.proc.pid
+        holder.kill()
+        holder.wait(60)  # connections the kernel queued for it until then are reset
+        finishers = finish_as_uninterrupted(server.address, killed)
+        assert finishers - {killed.worker}, finishers
+        # A SIGKILLed supervisor leaves no worker behind: each sees its pipe close, drains.
         workers = [psutil.Process(pid_of(name)) for name in workers_answering(server.address, 2)]
         server.proc.kill()
         server.proc.wait()
