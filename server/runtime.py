@@ -23,7 +23,7 @@ from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import PLANS
 from graphgrad.engine.planner import Explanation
 from graphgrad.engine.prepared import PreparedRun
-from graphgrad.engine.stacking import StackKey, run_stacked
+from graphgrad.engine.stacking import StackCancellation, StackKey, run_stacked
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
 from graphgrad.server.errors import NotFoundError
 from graphgrad.server.limits import Limits
@@ -93,11 +93,12 @@ class Runtime:
         prepared = self.prepare(graph, request, options)
         return self.session.run_prepared(prepared, request.feeds, request.grad_outputs, cancel)
 
-    def run_stack(self, key: StackKey, members: Sequence[Pending]) -> list[RunResult | GraphError]:
-        """Members (each admitted, all with `key`) as one stacked run, split: each member's
-        result or its own error. The stack runs until its members' latest deadline."""
-        deadlines = [m.cancel.deadline for m in members]
-        cancel = Cancellation(None if None in deadlines else max(d for d in deadlines if d))
+    def run_stack(
+        self, key: StackKey, members: Sequence[Pending], size: int
+    ) -> list[RunResult | GraphError]:
+        """Members (each admitted, all with `key`) as one stacked run of `size` rows, split:
+        each member's result or its own error. It stops when every member is cancelled."""
+        cancel = StackCancellation([m.cancel for m in members])
         options = RunOptions(key.executor)
         return run_stacked(
             lambda graph, request: self.session.run(graph, request, options, cancel),
@@ -105,6 +106,7 @@ class Runtime:
             key,
             [m.request for m in members],
             [m.options.check_numerics for m in members],
+            size,
         )
 
     def explain(

@@ -16,7 +16,7 @@ from graphgrad.engine import (
     RunResult,
     calibration,
 )
-from graphgrad.engine.stacking import stack_key
+from graphgrad.engine.stacking import stack_key, stack_size
 from graphgrad.server import metrics
 from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.inflight import CallContext
@@ -86,7 +86,9 @@ class GraphServicer:
         self.worker = worker or WorkerView()
         self.batcher: Batcher | None = None
         if batching is not None and batching.window_us > 0:
-            self.batcher = Batcher(batching, runtime.run_stack, metrics.observe_batch)
+            most = batching.max_batch  # stacks padded to a few sizes, each compiled once
+            stack = lambda key, ms: runtime.run_stack(key, ms, stack_size(len(ms), most))  # noqa: E731
+            self.batcher = Batcher(batching, stack, metrics.observe_batch)
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")

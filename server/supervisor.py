@@ -166,17 +166,17 @@ class Supervisor:
                     self.stop(0)
                     raise OSError(f"worker {w.name} exited with status {w.proc.returncode}")
 
-    def tend(self) -> None:
-        """Replace each worker that has exited: at once, or after a pause where it died young."""
-        now, changed = time.monotonic(), False
+    def tend(self, now: float | None = None) -> None:
+        """Replace each worker that has exited: at once, or after a pause where it died young.
+        `now`: time.monotonic()'s reading (a test's clock)."""
+        now, changed = time.monotonic() if now is None else now, False
         for slot, w in enumerate(self.workers):
             if w is not None and w.proc.poll() is not None:
                 w.close()
                 self.on_exit(w.proc.pid)
                 young = now - w.started < YOUNG_S
-                self.pauses[slot] = min(LAST_PAUSE_S, self.pauses[slot] * 2 or FIRST_PAUSE_S)
-                if not young:
-                    self.pauses[slot] = 0.0
+                pause = min(LAST_PAUSE_S, 2 * self.pauses[slot] or FIRST_PAUSE_S)
+                self.pauses[slot] = pause if young else 0.0
                 self.due[slot] = now + self.pauses[slot]
                 log.warning(
                     "worker %s exited with status %s; starting another%s",

@@ -4,6 +4,7 @@ worker, a killed worker replaced."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import graphgrad as gg
 from graphgrad import wire
+from graphgrad.server import supervisor
 from graphgrad.server.logs import worker_id
 from graphgrad.v1 import service_pb2, service_pb2_grpc
 
@@ -256,3 +258,58 @@ def test_a_job_survives_sigkill_of_the_worker_running_it(tmp_path):
         server.proc.kill()
         server.proc.wait()
         until(lambda: not [w for w in workers if w.is_running()], "every worker has exited")
+
+
+class ExitingProcess:
+    """A worker process's stand-in whose exit the test decides."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def test_a_worker_dying_young_is_restarted_after_a_pause_that_doubles(monkeypatch):
+    """A worker that cannot stay up does not spin the machine; one that served a while is
+    replaced at once. Unit test of the supervisor's bookkeeping (processes stood in for)."""
+    exited: list[int] = []
+    sup = supervisor.Supervisor([], 1, "127.0.0.1", 0, grace=1.0, on_exit=exited.append)
+    readers: list[int] = []
+    clock = [100.0]
+
+    def spawn() -> supervisor.Worker:
+        read, write = os.pipe()
+        readers.append(read)
+        return supervisor.Worker(ExitingProcess(1000 + len(readers)), write, started=clock[0])
+
+    def die_at(t: float) -> int:
+        clock[0] = t
+        worker = sup.workers[0]
+        assert worker is not None
+        worker.proc.returncode = 1
+        sup.tend(t)
+        return worker.proc.pid
+
+    monkeypatch.setattr(sup, "_spawn", spawn)
+    try:
+        sup.tend(clock[0])  # the empty slot is filled
+        first = die_at(101.0)  # young: replaced after the first pause
+        assert sup.workers[0] is None
+        sup.tend(101.0 + supervisor.FIRST_PAUSE_S)
+        assert sup.workers[0] is not None
+        second = die_at(102.0)  # young again: the pause doubles
+        sup.tend(102.0 + supervisor.FIRST_PAUSE_S)
+        assert sup.workers[0] is None
+        sup.tend(102.0 + 2 * supervisor.FIRST_PAUSE_S)
+        third = die_at(200.0)  # it served a while: replaced at once
+        assert sup.workers[0] is not None and sup.pauses == [0.0]
+        assert exited == [first, second, third]
+        assert [os.read(fd, 100) for fd in readers[:3]] == [b"1\n"] * 3  # live counts told
+    finally:
+        for w in sup.workers:
+            if w is not None:
+                w.close()
+        for fd in readers:
+            os.close(fd)
+        sup.sock.close()
