@@ -32,6 +32,19 @@ class AsyncClient:
         """
         raise NotImplementedError
 
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        """A run fixed once and called with feeds: `prepared = client.prepare(L, wrt=["W"])`,
+        then `prepared(feeds) -> Result` (what `run(L, feeds, wrt=["W"])` returns) as often as
+        needed, with less work per call: the graph's registration, the names' checks, the
+        plan and (remotely) the request's encoded form are done once, each call sends only
+        the feeds. `run` itself is prepare-then-call.
+
+        outputs, wrt, grad_outputs, executor, check_numerics: as for `run`. grad_outputs
+        given here are the seeds of every call; a call may pass others for the same outputs
+        (`prepared(feeds, grad_outputs={...})`). A call takes `timeout=` in seconds.
+        """
+        raise NotImplementedError
+
     def _before_thread(self, executor: str) -> None:
         """Work that must happen on the caller's thread (starting Ray) before going off it."""
 

@@ -306,7 +306,7 @@ def _steps(
     # by most nodes alike): no hashing of shapes per node.
     sigs: dict[tuple[Any, ...], Signature] = {}
     fwd: list[list[Any]] = []
-    last_fwd: dict[int, int] = {}  # value -> the forward step that reads it last
+    last_fwd = [-1] * len(nodes)  # value -> the forward step that reads it last
     since = CHECK_EVERY
     for k, i in enumerate(pp.forward):
         op, ins = ops[i], input_pos[i]
@@ -355,7 +355,7 @@ def _steps(
             parts[o] = [("", 0, not key.seeded, -1 - k)]
     stride = 1 + max([len(input_pos[i]) for i in pp.backward], default=0)
     bwd: list[list[Any]] = []
-    last_bwd: dict[int, int] = {}  # value -> the backward step that reads it last
+    last_bwd = [-1] * len(nodes)  # value -> the backward step that reads it last
     wrt = set(pp.wrt)
     since = CHECK_EVERY
     for i in pp.backward:
@@ -406,10 +406,10 @@ def _steps(
                 step[4] = tuple([s for s in step[4] if s != slot])
     # Each value dies after its last read: by a VJP (the last to run), else by a forward node.
     kept = set(pp.outputs)
-    for j, k in last_fwd.items():
+    for j in (*pp.needed_inputs, *pp.forward):
         if j not in kept:
-            late = last_bwd.get(j)
-            step = fwd[k] if late is None else bwd[late]
+            late = last_bwd[j]
+            step = fwd[last_fwd[j]] if late < 0 else bwd[late]
             if step[-1]:
                 step[-1].append(j)
             else:

@@ -15,9 +15,15 @@ import numpy as np
 import pytest
 
 from graphgrad import wire
-from graphgrad.engine import REGISTRY, Graph, Node, RunOptions, RunRequest, Session
-from graphgrad.engine.errors import GraphError, RequestError
-from graphgrad.engine.stacking import StackKey, run_stacked, stack_key
+from graphgrad.engine import REGISTRY, Cancellation, Graph, Node, RunOptions, RunRequest, Session
+from graphgrad.engine.errors import CancelledError, CancelReason, GraphError, RequestError
+from graphgrad.engine.stacking import (
+    StackCancellation,
+    StackKey,
+    run_stacked,
+    stack_key,
+    stack_size,
+)
 from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -50,7 +56,8 @@ def stacked(graph: Graph, requests: list[RunRequest], checks: list[bool] | None 
     assert len(keys) == 1 and None not in keys, keys
     (key,) = keys
     assert isinstance(key, StackKey)
-    return run_stacked(run_alone, graph, key, requests, checks or [False] * len(requests))
+    n = len(requests)  # padded as the server pads (3 requests: 4 rows)
+    return run_stacked(run_alone, graph, key, requests, checks or [False] * n, stack_size(n, 64))
 
 
 def op_cases():
@@ -146,6 +153,11 @@ def test_a_network_stacked_equals_each_request_alone_bit_for_bit():
             np.testing.assert_array_equal(res.grads[k], alone.grads[k])
 
 
+def test_stacks_take_a_few_sizes():
+    assert [stack_size(n, 64) for n in (1, 2, 3, 5, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
+    assert [stack_size(n, 10) for n in (3, 9, 10)] == [4, 10, 10]
+
+
 def test_a_member_failing_check_numerics_fails_alone():
     graph, rng = mlp(), np.random.default_rng(2)
     requests = [RunRequest(("L",), mlp_feeds(rng), ("W",)) for _ in range(3)]
@@ -188,6 +200,18 @@ def test_requests_that_would_fail_or_could_mix_run_alone():
     feeds = {"x": np.ones(2)}
     assert stack_key(const, RunRequest(("s",), feeds, ("x",)), opts) is not None
     assert stack_key(const, RunRequest(("s",), feeds, ("e",)), opts) is None
+
+
+def test_a_stack_stops_only_when_every_member_is_cancelled():
+    a, b = Cancellation.within(5.0), Cancellation.within(50.0)
+    stack = StackCancellation([a, b])
+    assert stack.deadline == b.deadline
+    a.cancel()
+    stack.check()  # b still waits for its answer
+    b.cancel(CancelReason.SHUTDOWN)
+    with pytest.raises(CancelledError):
+        stack.check()
+    assert StackCancellation([a, Cancellation()]).deadline is None
 
 
 # --- the batcher ---------------------------------------------------------------------------
