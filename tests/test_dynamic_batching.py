@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+import graphgrad as gg
 from graphgrad import wire
 from graphgrad.engine import REGISTRY, Cancellation, Graph, Node, RunOptions, RunRequest, Session
 from graphgrad.engine.errors import CancelledError, CancelReason, GraphError, RequestError
@@ -313,6 +314,16 @@ def test_server_info_reports_batching_only_when_on():
     on = GraphServicer(Runtime.create(), batching=BatchingConfig(500, 16))
     info = on.GetServerInfo(req, None)  # type: ignore[arg-type]
     assert (info.batching.window_us, info.batching.max_batch) == (500, 16)
+
+
+def test_exact_goes_from_the_sdk_over_the_wire():
+    with gg.Graph():
+        x = gg.input("x", shape=(2,))
+        loss = gg.sum(x * x)
+    assert gg.connect().prepare(loss, wrt=[x], exact=True).spec.options.exact
+    assert not gg.connect().prepare(loss, wrt=[x]).spec.options.exact
+    msg = wire.encode_run_request(RunRequest(("y",), {}, ()), RunOptions(exact=True))
+    assert msg.options.exact and wire.decode_run_request(msg)[1].exact
 
 
 # --- end to end ----------------------------------------------------------------------------
