@@ -16,7 +16,16 @@ import pytest
 
 import graphgrad as gg
 from graphgrad import wire
-from graphgrad.engine import REGISTRY, Cancellation, Graph, Node, RunOptions, RunRequest, Session
+from graphgrad.engine import (
+    REGISTRY,
+    Cancellation,
+    Graph,
+    Node,
+    RunOptions,
+    RunRequest,
+    Session,
+    stacking,
+)
 from graphgrad.engine.errors import CancelledError, CancelReason, GraphError, RequestError
 from graphgrad.engine.stacking import (
     StackCancellation,
@@ -201,6 +210,13 @@ def test_requests_that_would_fail_or_could_mix_run_alone():
     feeds = {"x": np.ones(2)}
     assert stack_key(const, RunRequest(("s",), feeds, ("x",)), opts) is not None
     assert stack_key(const, RunRequest(("s",), feeds, ("e",)), opts) is None
+
+
+def test_a_graph_with_an_op_over_the_bound_runs_alone(monkeypatch):
+    graph, rng = mlp(), np.random.default_rng(4)  # a fresh graph: nothing cached for it
+    request = RunRequest(("L",), mlp_feeds(rng), ("W",))
+    monkeypatch.setattr(stacking, "STACK_ULPS", -1)  # every op (0 ulps) is now over it
+    assert stack_key(graph, request, RunOptions()) is None
 
 
 def test_a_stack_stops_only_when_every_member_is_cancelled():
