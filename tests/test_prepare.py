@@ -11,6 +11,8 @@ import pytest
 import graphgrad as gg
 from graphgrad import wire
 from graphgrad.engine import RunRequest
+from graphgrad.server import service
+from graphgrad.server.admission import Admission
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -158,3 +160,49 @@ def test_feeds_decoded_as_views_of_the_request_are_never_written():
     prepared = servicer.runtime.session.prepare(graph, RunRequest((y.name,), {}, ("x",)))
     view = wire.decode_as(request.feeds, prepared.feeds)["x"]
     assert not view.flags.writeable and view.tobytes() == xv.tobytes()
+
+
+def registered(servicer: GraphServicer, y: gg.Tensor, feeds: dict[str, np.ndarray]):
+    graph = y.graph.freeze()
+    servicer.RegisterGraph(
+        service_pb2.RegisterGraphRequest(graph=wire.encode_graph(graph)),
+        CallContext(None, InFlight()),
+    )
+    msg = service_pb2.RunRequest(fingerprint=graph.fingerprint, outputs=[y.name])
+    wire.encode_tensors(feeds, msg.feeds)
+    return msg
+
+
+def test_only_runs_known_to_be_quick_are_answered_on_the_event_loop(monkeypatch):
+    servicer = GraphServicer(Runtime.create())
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        small = gg.sum(x * x)
+    msg = registered(servicer, small, {"x": np.ones(3)})
+    assert not servicer.run_is_quick(msg), "never run: how long it takes is unknown"
+    servicer.Run(msg, CallContext(None, InFlight()))
+    with monkeypatch.context() as m:  # a bound no machine misses: the decision, not the speed
+        m.setattr(service, "QUICK_SECONDS", 10.0)
+        assert servicer.run_is_quick(msg)
+    with gg.Graph():  # 40 products of 300 x 300 matrices: milliseconds on any machine
+        h = gg.input("h", shape=(300, 300))
+        eye = gg.constant(np.eye(300))
+        for _ in range(40):
+            h = h @ eye
+        heavy = gg.sum(h)
+    msg = registered(servicer, heavy, {"h": np.ones((300, 300))})
+    servicer.Run(msg, CallContext(None, InFlight()))
+    assert not servicer.run_is_quick(msg)
+    msg.fingerprint = "0" * 64  # not registered
+    assert not servicer.run_is_quick(msg)
+
+
+def test_slot_now_takes_a_free_slot_or_none_and_never_waits():
+    runs = Admission("max_concurrent_runs", "runs", slots=1, queue=4)
+    with runs.slot_now() as first:
+        assert first and runs.active == 1
+        with runs.slot_now() as second:
+            assert not second and runs.active == 1 and runs.waiting == 0
+    assert runs.active == 0
+    with runs.slot(), runs.slot_now() as third:
+        assert not third
