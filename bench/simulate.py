@@ -83,12 +83,11 @@ def median_of(fn: Callable[[], object], runs: int, clock: Callable[[], float]) -
     return statistics.median(samples)
 
 
-def measure(executor: str, runs: int, ray_cpus: int | None = None) -> dict[str, float]:
+def measure(executor: str, runs: int, client: gg.LocalClient) -> dict[str, float]:
     """Median seconds of each workload on `executor` (in this process): inline in CPU time
     (what one dedicated CPU takes, whatever else this shared machine runs), on Ray in wall
     time (several processes)."""
-    clock = time.perf_counter if ray_cpus else time.process_time
-    client = gg.connect(ray_num_cpus=ray_cpus) if ray_cpus else gg.connect()
+    clock = time.perf_counter if executor == "ray" else time.process_time
     # The engine's run (what a server runs once a request is decoded, and what the
     # simulator predicts): the SDK's own conversions cost tens of microseconds more.
     options = RunOptions(ExecutorKind.parse(executor))
@@ -149,13 +148,20 @@ def main() -> None:
     # measures: the load of a shared machine changes by the minute.
     if args.inline_child:
         cal = calibration.measure_compute_here(quick=False, cpu_clock=True)
-        print(json.dumps({"times": measure("local", args.runs), "cal": cal.to_json()}))
+        times = measure("local", args.runs, gg.connect())
+        print(json.dumps({"times": times, "cal": cal.to_json()}))
         return
     if args.ray_child:
         cal = calibration.measure_compute_here(quick=False, cpu_clock=True)
-        times = measure("ray", args.runs, args.ray_child)  # starts its Ray, then measures it
-        figures = calibration.measure_ray()
-        out = {"times": times, "ray": dataclasses.asdict(figures), "cal": cal.to_json()}
+        client = gg.connect(ray_num_cpus=args.ray_child)
+        client.session.start_for(ExecutorKind.RAY)
+        # Ray's figures before and after the workloads, averaged: the load of a shared
+        # machine drifts while they run.
+        before = dataclasses.asdict(calibration.measure_ray())
+        times = measure("ray", args.runs, client)
+        after = dataclasses.asdict(calibration.measure_ray())
+        figures = {k: (before[k] + after[k]) / 2 for k in before}
+        out = {"times": times, "ray": figures, "cal": cal.to_json()}
         print(json.dumps(out))
         return
 
@@ -176,7 +182,8 @@ def main() -> None:
                 f" + {figures.put_overhead_s * 1e3:.2f} ms a put, submit "
                 f"{figures.submit_s * 1e3:.2f} ms, task overhead "
                 f"{figures.task_overhead_s * 1e3:.2f} ms, latency "
-                f"{figures.task_latency_s * 1e3:.2f} ms"
+                f"{figures.task_latency_s * 1e3:.2f} ms, work {figures.task_slowdown:.2f}x "
+                "slower than one CPU of its own"
             )
             pred = predictions(ray_cal, Cluster(1, cpus))
             for name in WORKLOADS:

@@ -57,6 +57,7 @@ from graphgrad.engine.ops import (
 )
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
+from graphgrad.engine.prepared import FeedSpec, PreparedRun, check_seeds, feed_spec
 from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
 from graphgrad.engine.simulator import Cluster, Prediction, cluster_from
 from graphgrad.engine.training import (
@@ -105,6 +106,10 @@ __all__ = [
     "ExecutorKind",
     "Explained",
     "Explanation",
+    "FeedSpec",
+    "feed_spec",
+    "check_seeds",
+    "PreparedRun",
     "FeedError",
     "Graph",
     "GraphError",

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from graphgrad.engine.loops import family
+from graphgrad.engine.loops import VIEWS, family
 from graphgrad.engine.ops import Op
 from graphgrad.engine.planner import (
     BYTES_PER_S,
@@ -106,6 +106,8 @@ class Calibration:
         arithmetic at its op's rate, memory traffic: from cache for a node touching little,
         unless its program is `streaming` (its values outgrow the last-level cache, so
         they come from memory, fresh pages included)."""
+        if op.name in VIEWS:
+            return self.node_overhead_s
         kind = family(op)
         rate = self.flops_rate(kind, dtype, op.name)
         cached = nbytes <= CACHE_BYTES and not streaming
@@ -364,8 +366,9 @@ def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
         rates[f"reduce/{dtype}"] = n / max(t - a.nbytes / bw, t * 0.05)
         k = 64 if quick else 256  # quick: small enough for one BLAS thread
         m = np.random.default_rng(1).standard_normal((k, k)).astype(dtype)
-        t = med(lambda: m @ m)  # noqa: B023
-        rates[f"linalg/{dtype}"] = 2.0 * k**3 / t
+        # The layouts a gradient multiplies in (x @ W, g @ W.T, x.T @ g), equally weighted.
+        t = med(lambda: m @ m) + med(lambda: m @ m.T) + med(lambda: m.T @ m)  # noqa: B023
+        rates[f"linalg/{dtype}"] = 3 * 2.0 * k**3 / t
     loop, reduce_loop, matrix = measure_loops(rates["linalg/float64"], med)
     return Calibration(
         last_cache_bytes=last_cache_bytes(),

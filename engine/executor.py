@@ -130,16 +130,24 @@ class LocalExecutor:
         key = PartitionedKey(request_key(graph, request), bar, most)
         return _SCHEDULES.get_or_make(key, make)
 
+    def run_keyed(
+        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation | None
+    ) -> RunResult:
+        """Run as one inline program, `key` being `request_key(graph, request)` (a prepared
+        run holds it: the warm path builds no key)."""
+        t0 = time.time()
+        values, grads = self._run_inline(graph, key, request, cancel or Cancellation())
+        t1 = time.time()
+        phase = "forward+backward" if request.wrt else "forward"
+        stat = TaskStat(0, phase, t0, t1, "inline")
+        return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
+
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult:
-        t0 = time.time()
         if self.min_partition_seconds is None:  # one partition: one program, one call
-            values, grads = self._run_inline(graph, request, cancel or Cancellation())
-            t1 = time.time()
-            phase = "forward+backward" if request.wrt else "forward"
-            stat = TaskStat(0, phase, t0, t1, "inline")
-            return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
+            return self.run_keyed(graph, request_key(graph, request), request, cancel)
+        t0 = time.time()
         _, sched = self.plan(graph, request, cancel)
         out = run_schedule(graph, sched, request, InlineRunner(), cancel or Cancellation())
         tasks = tuple(TaskStat(s.partition, s.phase, m.start, m.end, m.where) for s, m in out.tasks)
@@ -149,12 +157,11 @@ class LocalExecutor:
         )
 
     def _run_inline(
-        self, graph: Graph, request: RunRequest, cancel: Cancellation
+        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Tiers, as JIT engines have them: a request's first calls run eagerly (engine/
         eager.py: no gradient graph, no program); the TIER_UP_CALLS-th makes its program and
         compiles it at once, and later calls run that."""
-        key = request_key(graph, request)
         ip = _INLINE.get(key)
         if ip is None:
             tp = tape(graph, key)

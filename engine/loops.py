@@ -17,6 +17,8 @@ from graphgrad.engine.ops import Op
 from graphgrad.engine.ops._registry import Attrs, TensorType
 
 LOOPED = ("elementwise", "compare", "select", "reduce", "linalg")
+# Ops whose kernel returns a view of its input: no element is read or written.
+VIEWS = frozenset({"reshape", "transpose", "broadcast_to", "slice"})
 
 
 def family(op: Op) -> str:

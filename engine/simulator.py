@@ -428,7 +428,8 @@ def choose_partitions(
         n = len(plan.partitions)
         if n >= 2 and n not in seen:
             seen[n] = predict_schedule(sched, cluster, cal)
-    inline = next(iter(seen.values())).one_cpu if seen else _inline_seconds(graph, request, cal)
+    inline = _inline_seconds(graph, request, cal)
+    seen = {k: dataclasses.replace(p, one_cpu=inline) for k, p in seen.items()}
     candidates = tuple(sorted((k, p.makespan) for k, p in seen.items()))
     best: tuple[int, float] | None = None
     for k, t in candidates:  # fewest first: a later count must be faster to win
@@ -443,6 +444,7 @@ TIE = 0.02  # makespans closer than this are a tie
 
 
 def _inline_seconds(graph: Graph, request: RunRequest, cal: Calibration) -> float:
+    """The request inline on one CPU: its single-partition program (the local executor's)."""
     from graphgrad.engine.executor import LocalExecutor
 
     _, sched = LocalExecutor().plan(graph, request)
@@ -456,11 +458,14 @@ def predict(
     cal: Calibration | None = None,
     cancel: Cancellation | None = None,
 ) -> Prediction:
-    """A request on `cluster`, partitioned as the Ray executor partitions it by default."""
+    """A request on `cluster`, partitioned as the Ray executor partitions it by default; its
+    one-CPU time is the local executor's (one program)."""
     from graphgrad.engine.executor import LocalExecutor  # the Ray executor's plan, made without Ray
 
+    cal = cal or in_force()
     _, sched = LocalExecutor(MIN_PARTITION_S).plan(graph, request, cancel)
-    return predict_schedule(sched, cluster, cal)
+    p = predict_schedule(sched, cluster, cal)
+    return dataclasses.replace(p, one_cpu=_inline_seconds(graph, request, cal))
 
 
 def training_step_seconds(

@@ -34,7 +34,8 @@ def _on_event_loop() -> bool:
 
 
 class _Alone:
-    """A member's outcome when the stacked run failed: it runs alone."""
+    """A member's outcome when it runs alone after all: nobody joined its batch, or the
+    stacked run failed."""
 
 
 ALONE = _Alone()
