@@ -69,8 +69,9 @@ class LocalClient(AsyncClient):
         *,
         executor: str = "auto",
         check_numerics: bool = False,
+        exact: bool = False,
     ) -> Prepared:
-        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics)
+        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
 
     def _prepare(
         self,
@@ -80,8 +81,9 @@ class LocalClient(AsyncClient):
         executor: str,
         check_numerics: bool,
         feeds: Mapping[NodeRef, Any] | None = None,
+        exact: bool = False,
     ) -> Prepared:
-        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds)
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
         request = RunRequest(spec.outputs, {}, spec.wrt, seeds)
         prepared = self.session.prepare(spec.graph, request, spec.options)
 
@@ -101,9 +103,10 @@ class LocalClient(AsyncClient):
         *,
         executor: str = "auto",
         check_numerics: bool = False,
+        exact: bool = False,
         timeout: float | None = None,
     ) -> Result:
-        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds)
+        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
         return prepared(feeds, timeout=timeout)
 
     def explain(

@@ -37,6 +37,7 @@ def run_spec(
     executor: str,
     check_numerics: bool,
     feeds: Mapping[NodeRef, Any] | None = None,
+    exact: bool = False,
 ) -> tuple[RunSpec, Seeds]:
     """The spec of a run and its seeds by name (None: the first output, seeded with 1);
     `feeds`' keys help find the graph when the outputs are names."""
@@ -48,7 +49,7 @@ def run_spec(
         tuple(name_of(o, "outputs") for o in outs),
         tuple(name_of(w, "wrt") for w in wrts),
         tuple(seeds or ()),
-        RunOptions(ExecutorKind.parse(executor), check_numerics),
+        RunOptions(ExecutorKind.parse(executor), check_numerics, exact),
     )
     return spec, seeds
 

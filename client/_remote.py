@@ -242,8 +242,9 @@ class RemoteClient(AsyncClient):
         *,
         executor: str = "auto",
         check_numerics: bool = False,
+        exact: bool = False,
     ) -> Prepared:
-        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics)
+        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
 
     def _prepare(
         self,
@@ -253,8 +254,9 @@ class RemoteClient(AsyncClient):
         executor: str,
         check_numerics: bool,
         feeds: Mapping[NodeRef, Any] | None = None,
+        exact: bool = False,
     ) -> Prepared:
-        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds)
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
         key = (spec.graph.fingerprint, spec.outputs, spec.wrt, spec.seeded, spec.options)
         call = self._prepared.get_or_make(key, lambda: _RunCall(self, spec))
         return Prepared(spec, seeds, call)
@@ -268,9 +270,10 @@ class RemoteClient(AsyncClient):
         *,
         executor: str = "auto",
         check_numerics: bool = False,
+        exact: bool = False,
         timeout: float | None = None,
     ) -> Result:
-        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds)
+        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
         return prepared(feeds, timeout=timeout)
 
     def explain(

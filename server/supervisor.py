@@ -155,17 +155,21 @@ class Supervisor:
         for w in live:
             w.tell(len(live))
 
-    def start(self) -> None:
-        """Spawn every worker and wait until each serves; OSError if one exits first."""
+    def start(self, signalled: Sequence[int] = ()) -> bool:
+        """Spawn every worker and wait until each serves (True), or until a signal is in
+        `signalled` (False: the caller stops them); OSError if one exits first."""
         for slot in range(self.count):
             self.workers[slot] = self._spawn()
             self._broadcast()
         for w in self.workers:
             assert w is not None
             while not w.serving.wait(POLL_S):
+                if signalled:  # e.g. ^C, which reaches the workers too
+                    return False
                 if w.proc.poll() is not None:
                     self.stop(0)
                     raise OSError(f"worker {w.name} exited with status {w.proc.returncode}")
+        return True
 
     def tend(self, now: float | None = None) -> None:
         """Replace each worker that has exited: at once, or after a pause where it died young.
@@ -221,8 +225,8 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            self.start()
-            on_serving(self.address)
+            if self.start(signalled):
+                on_serving(self.address)
             while not signalled:
                 time.sleep(POLL_S)
                 self.tend()

@@ -14,8 +14,18 @@ import grpc
 import numpy as np
 import pytest
 
+import graphgrad as gg
 from graphgrad import wire
-from graphgrad.engine import REGISTRY, Cancellation, Graph, Node, RunOptions, RunRequest, Session
+from graphgrad.engine import (
+    REGISTRY,
+    Cancellation,
+    Graph,
+    Node,
+    RunOptions,
+    RunRequest,
+    Session,
+    stacking,
+)
 from graphgrad.engine.errors import CancelledError, CancelReason, GraphError, RequestError
 from graphgrad.engine.stacking import (
     StackCancellation,
@@ -202,6 +212,13 @@ def test_requests_that_would_fail_or_could_mix_run_alone():
     assert stack_key(const, RunRequest(("s",), feeds, ("e",)), opts) is None
 
 
+def test_a_graph_with_an_op_over_the_bound_runs_alone(monkeypatch):
+    graph, rng = mlp(), np.random.default_rng(4)  # a fresh graph: nothing cached for it
+    request = RunRequest(("L",), mlp_feeds(rng), ("W",))
+    monkeypatch.setattr(stacking, "STACK_ULPS", -1)  # every op (0 ulps) is now over it
+    assert stack_key(graph, request, RunOptions()) is None
+
+
 def test_a_stack_stops_only_when_every_member_is_cancelled():
     a, b = Cancellation.within(5.0), Cancellation.within(50.0)
     stack = StackCancellation([a, b])
@@ -313,6 +330,16 @@ def test_server_info_reports_batching_only_when_on():
     on = GraphServicer(Runtime.create(), batching=BatchingConfig(500, 16))
     info = on.GetServerInfo(req, None)  # type: ignore[arg-type]
     assert (info.batching.window_us, info.batching.max_batch) == (500, 16)
+
+
+def test_exact_goes_from_the_sdk_over_the_wire():
+    with gg.Graph():
+        x = gg.input("x", shape=(2,))
+        loss = gg.sum(x * x)
+    assert gg.connect().prepare(loss, wrt=[x], exact=True).spec.options.exact
+    assert not gg.connect().prepare(loss, wrt=[x]).spec.options.exact
+    msg = wire.encode_run_request(RunRequest(("y",), {}, ()), RunOptions(exact=True))
+    assert msg.options.exact and wire.decode_run_request(msg)[1].exact
 
 
 # --- end to end ----------------------------------------------------------------------------
