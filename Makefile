@@ -54,6 +54,7 @@ buflint:
 
 bench: setup
 	$(BIN)/python bench/remote_latency.py
+	$(BIN)/python bench/server_kinds.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/blas_share.py
 	$(BIN)/python bench/observability.py
