@@ -43,9 +43,12 @@ def median_seconds(fn: Callable[[], object], calls: int, warmup: int = 20) -> fl
 
 
 @contextmanager
-def subprocess_server(cmd: list[str], pattern: str = r"serving on grpcs?://(\S+)") -> Iterator[str]:
-    """Start a server process that prints its address on its first line; yield the address."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def subprocess_server(
+    cmd: list[str], pattern: str = r"serving on grpcs?://(\S+)", stderr: int | None = None
+) -> Iterator[str]:
+    """Start a server process that prints its address on its first line; yield the address.
+    `stderr`: where its log goes (default: this process's stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert proc.stdout is not None
     match = re.search(pattern, proc.stdout.readline())
     if match is None:
@@ -59,12 +62,12 @@ def subprocess_server(cmd: list[str], pattern: str = r"serving on grpcs?://(\S+)
 
 
 @contextmanager
-def graphgrad_server(*args: str) -> Iterator[str]:
+def graphgrad_server(*args: str, stderr: int | None = None) -> Iterator[str]:
     """A `graphgrad serve` on a free loopback port with a temporary data dir (a benchmark never
     touches the user's job store); yields its address."""
     with tempfile.TemporaryDirectory(prefix="graphgrad-bench-") as data_dir:
         cmd = [sys.executable, "-m", "graphgrad.server", "--port", "0", "--data-dir", data_dir]
-        with subprocess_server([*cmd, *args]) as address:
+        with subprocess_server([*cmd, *args], stderr=stderr) as address:
             yield address
 
 

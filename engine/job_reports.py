@@ -22,6 +22,7 @@ class JobView:
     progress: Progress
     error: str
     created: float
+    worker: str = ""  # the server process running the job ("HOST:PID"), while it runs
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,16 @@
 
 The server is grpc.aio: every handler is a coroutine; plain servicers run in a thread pool
 and never wait on the event loop, while a stream that mostly waits (WatchJob) is an async
-generator holding no thread while idle.
+generator holding no thread while idle. A Run known to be quick (its prepared run's latest
+run took under service.QUICK_SECONDS) is answered on the loop when a run slot is free: the
+hop to the pool and back costs more than such a run. Why aio and not a sync grpc.server
+(bench/server_kinds.py measures both): a sync server answers one client ~10% sooner on 2
+cores but holds a thread per open stream, and under 8 client threads neither is clearly
+faster.
 Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
 build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
 at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
-RESOURCE_EXHAUSTED.
+RESOURCE_EXHAUSTED. Each bound is this process's: with `--workers N` every worker has its own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -26,16 +32,18 @@ from google.protobuf import message as pb_message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from graphgrad.engine import RequestError
+from graphgrad.engine import JobStatus, LimitError, RequestError
+from graphgrad.server import logs, metrics
 from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
+from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
-from graphgrad.server.job_manager import DEFAULT_MAX_QUEUED, JobManager
+from graphgrad.server.job_manager import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_QUEUED, JobManager
 from graphgrad.server.job_service import JobServicer
 from graphgrad.server.limits import Limits, one_per_cpu
 from graphgrad.server.runtime import Runtime
-from graphgrad.server.service import GraphServicer
+from graphgrad.server.service import GraphServicer, WorkerView
 from graphgrad.v1 import jobs_pb2, service_pb2
 
 log = logging.getLogger("graphgrad.server")
@@ -54,23 +62,29 @@ class ServerConfig:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     token: str | None = None
-    workers: int = 16  # threads for ordinary calls; runs waiting for a slot get their own
+    threads: int = 16  # for ordinary calls; runs waiting for a slot get their own
     grace_seconds: float = 10.0  # what in-flight calls get at shutdown
     max_concurrent_runs: int = field(default_factory=one_per_cpu)  # heavy calls at once
     run_queue: int = 32  # heavy calls waiting for a slot; beyond: RESOURCE_EXHAUSTED
     max_streams: int = 1000  # open server streams (WatchJob, GetJobResults)
     max_running_jobs: int = field(default_factory=one_per_cpu)  # the rest queue as pending
     max_queued_jobs: int = DEFAULT_MAX_QUEUED  # pending jobs; beyond: RESOURCE_EXHAUSTED
+    job_lease_seconds: float = DEFAULT_LEASE_SECONDS  # a dead worker's jobs resume after this
+    metrics_port: int = 0  # where /metrics is served (server/metrics.py); 0: nowhere
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # of Runs; off by default
+
+    # Listen with SO_REUSEPORT: a worker of `--workers N`, sharing the port with the others.
+    reuse_port: bool = False
 
     @property
-    def threads(self) -> int:
-        """A run waiting for a slot holds a thread, so those come on top of `workers`."""
-        return self.workers + self.max_concurrent_runs + self.run_queue
+    def pool_threads(self) -> int:
+        """A run waiting for a slot holds a thread, so those come on top of `threads`."""
+        return self.threads + self.max_concurrent_runs + self.run_queue
 
     @property
     def max_concurrent_rpcs(self) -> int:
         """gRPC's outer bound on calls in flight: every stream, and a queue of unary calls."""
-        return self.max_streams + 4 * self.threads
+        return self.max_streams + 4 * self.pool_threads
 
 
 @dataclass(frozen=True)
@@ -91,63 +105,140 @@ def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
         ) from e
 
 
+# The largest request parsed on the event loop to see whether it is quick (server.service's
+# QUICK_SECONDS is the other bound): ~0.1 ms of parsing.
+QUICK_REQUEST_BYTES = 1 << 20
+
 _END = object()  # what `next` returns past a stream's last message
 
 
+def _record(
+    method: str,
+    status: grpc.Status | None,
+    started: float,
+    sizes: tuple[int, int],
+    messages: tuple[Any, Any],
+    error: BaseException | None = None,
+    code: str = "",
+) -> None:
+    """A request's metrics and log line: `status` None is OK (or `code`); `sizes` and
+    `messages` are the request's and the response's (None where there is none)."""
+    code = code or ("OK" if status is None else status.code.name)
+    seconds = time.perf_counter() - started
+    metrics.observe_request(method, code, seconds, *sizes)
+    if isinstance(error, LimitError):  # the RESOURCE_EXHAUSTED our own limits answer
+        metrics.observe_rejection(error.limit)
+    details = "" if status is None else status.details
+    logs.log_request(method, code, seconds, *sizes, *messages, error=details)
+
+
+@dataclass(frozen=True)
+class Quick:
+    """What answers a call on the event loop: whether its request is quick (the servicer's
+    guess), and its admission slot taken only if free now."""
+
+    is_quick: Callable[[Any], bool]
+    slot_now: Callable[[], AbstractContextManager[bool]]
+
+
+def _held(call: Any) -> AbstractContextManager[None]:
+    return nullcontext()  # the slot is held already
+
+
 def _handler(
+    method: str,
     impl: Callable[[Any, Any], Any],
     request_type: type[pb_message.Message],
     streaming: bool,
     guard: Callable[[Any], AbstractContextManager[None]],
     inflight: InFlight,
     pool: futures.Executor,
+    quick: Quick | None = None,
 ) -> grpc.RpcMethodHandler:
     """A coroutine handler that parses the request itself, so malformed bytes get
     INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
     status: the server keeps serving. A plain servicer runs in `pool` with a CallContext and
-    never waits on the event loop; an async generator servicer runs on the loop."""
+    never waits on the event loop; an async generator servicer runs on the loop. Responses
+    are serialized here (a unary one in `pool`), and every request is recorded (_record).
+    A unary request that `quick` says is quick, with a run slot free at once, is answered on
+    the loop: for a small run the hop to the pool and back is most of the time it takes."""
+    is_async = inspect.isasyncgenfunction(impl)
 
-    def work(raw: bytes, call: CallContext) -> Any:
-        with guard(call):  # a run may wait here for a slot, in its thread
-            return impl(_parse(raw, request_type), call)
+    def work(
+        raw: bytes, call: CallContext, started: float, parsed: Any = None, hold: Any = guard
+    ) -> bytes | grpc.Status:
+        request = parsed
+        try:
+            with hold(call):  # a run may wait here for a slot, in its thread
+                request = _parse(raw, request_type) if request is None else request
+                response = impl(request, call)
+                out: bytes = response.SerializeToString()
+        except Exception as e:
+            status = to_status(e, call)
+            _record(method, status, started, (len(raw), 0), (request, None), e)
+            return status
+        _record(method, None, started, (len(raw), len(out)), (request, response))
+        return out
 
-    async def abort(e: Exception, context: Any) -> None:
-        status = to_status(e, context)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+    def on_loop(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
+        """The answer, worked out here on the loop when the request is quick and a run slot
+        is free now; None: take the pool (which also reports malformed bytes)."""
+        assert quick is not None
+        if len(raw) > QUICK_REQUEST_BYTES:  # parsing it alone would hold the loop too long
+            return None
+        try:
+            request = request_type.FromString(raw)
+            if not quick.is_quick(request):
+                return None
+        except Exception:  # malformed: the pool's way reports it
+            return None
+        with quick.slot_now() as taken:
+            return work(raw, call, started, request, _held) if taken else None
 
     async def unary(raw: bytes, context: Any) -> Any:
+        started = time.perf_counter()
         call = inflight.start(context)
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, work, raw, call)
-        except Exception as e:
-            await abort(e, context)
+            out = None if quick is None else on_loop(raw, call, started)
+            if out is None:
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(pool, work, raw, call, started)
+        except Exception as e:  # no thread to be had: the server is stopping
+            out = to_status(e, context)
+        if isinstance(out, grpc.Status):
+            await context.abort(out.code, out.details, out.trailing_metadata)
+        return out
 
-    async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
-        call = inflight.start(context)
+    async def pulled(messages: Iterator[Any]) -> AsyncIterator[Any]:
+        """A plain servicer's stream, each message taken in `pool`."""
         loop = asyncio.get_running_loop()
+        while (message := await loop.run_in_executor(pool, next, messages, _END)) is not _END:
+            yield message
+
+    async def stream(raw: bytes, context: Any) -> AsyncIterator[bytes]:
+        started, sent, request = time.perf_counter(), 0, None
+        status, error, done = None, None, False
         try:
+            call = context if is_async else inflight.start(context)
             with guard(call):  # a stream slot is taken or refused at once, never waited for
-                messages = iter(impl(_parse(raw, request_type), call))
-                while (
-                    message := await loop.run_in_executor(pool, next, messages, _END)
-                ) is not _END:
-                    yield message
+                request = _parse(raw, request_type)
+                messages = impl(request, call)
+                async for message in messages if is_async else pulled(iter(messages)):
+                    out = message.SerializeToString()
+                    sent += len(out)
+                    yield out
+            done = True
         except Exception as e:
-            await abort(e, context)
+            status, error = to_status(e, context), e
+        finally:  # a client that goes away mid-stream ends it here: CANCELLED
+            gone = "" if done or status is not None else "CANCELLED"
+            _record(method, status, started, (len(raw), sent), (request, None), error, gone)
+        if status is not None:
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
-    async def async_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
-        try:
-            with guard(context):
-                async for message in impl(_parse(raw, request_type), context):
-                    yield message
-        except Exception as e:
-            await abort(e, context)
-
-    serialize = lambda m: m.SerializeToString()  # noqa: E731
     if streaming:
-        behaviour = async_stream if inspect.isasyncgenfunction(impl) else stream
-        return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=serialize)
-    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+        return grpc.unary_stream_rpc_method_handler(stream)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 def service_handler(
@@ -160,14 +251,22 @@ def service_handler(
             return lambda call: guards.runs.slot(call.time_remaining(), call)
         return lambda context: nullcontext()
 
+    def quick(m: Any) -> Quick | None:
+        is_quick = getattr(servicer, "quick", {}).get(m.name)
+        if is_quick is None or m.server_streaming or m.name not in RUN_METHODS:
+            return None
+        return Quick(is_quick, guards.runs.slot_now)
+
     methods = {
         m.name: _handler(
+            m.name,
             getattr(servicer, m.name),
             getattr(module, m.input_type.name),
             m.server_streaming,
             guard(m),
             guards.inflight,
             pool,
+            quick(m),
         )
         for m in service.methods
     }
@@ -183,8 +282,11 @@ class Server:
         config: ServerConfig,
         runtime: Runtime,
         jobs: JobManager | None = None,
+        worker: WorkerView | None = None,
     ) -> None:
+        """`worker`: this process among the server's workers (default: the only one)."""
         self.config, self.runtime, self.jobs = config, runtime, jobs
+        self.worker = worker or WorkerView()
         self.guards = Guards(
             runs=Admission(
                 "max_concurrent_runs",
@@ -222,21 +324,29 @@ class Server:
         config = self.config
         mb = config.limits.max_message_bytes
         interceptors = [TokenAuth(config.token)] if config.token else []
-        self.pool = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc")
+        self.pool = futures.ThreadPoolExecutor(
+            max_workers=config.pool_threads, thread_name_prefix="rpc"
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", mb),
                 ("grpc.max_receive_message_length", mb),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
         handlers = [
             service_handler(
                 SERVICE,
                 service_pb2,
-                GraphServicer(self.runtime, self.limits()),
+                GraphServicer(
+                    self.runtime,
+                    self.limits(),
+                    self.config.metrics_port,
+                    self.worker,
+                    self.config.batching,
+                ),
                 self.guards,
                 self.pool,
             )
@@ -272,9 +382,18 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         return server
 
+    def sample(self) -> None:
+        """The gauges that are this server's state (metrics.Sampler calls it)."""
+        metrics.set_caches(self.runtime.caches())
+        for admission in (self.guards.runs, self.guards.streams):
+            metrics.set_admission(admission.limit, admission.active, admission.waiting)
+        if self.jobs is not None:
+            metrics.set_jobs(self.jobs.store.count_by_status(), [str(s) for s in JobStatus])
+
     async def start(self) -> None:
         self.grpc = self._build()
         await self.grpc.start()
+        self.sampler = metrics.Sampler(self.sample)
         for name in ("", SERVICE.full_name, JOB_SERVICE.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -282,6 +401,7 @@ class Server:
         """NOT_SERVING at once, then let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        self.sampler.stop()
         self.guards.inflight.close()  # past the grace period no work goes on
         self.pool.shutdown(wait=False, cancel_futures=True)
 

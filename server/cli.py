@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +18,18 @@ from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.calibration import FILE_NAME as CALIBRATION_FILE
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
+from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
+from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from graphgrad.server.job_manager import JobManager
 from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
-from graphgrad.server.limits import MIB, Limits
+from graphgrad.server.limits import MIB, Limits, one_per_cpu
 from graphgrad.server.runtime import Runtime
+from graphgrad.server.service import WorkerView
 from graphgrad.server.store import JobStore, StoreError
+from graphgrad.server.supervisor import DEFAULT_WORKERS, WORKER_FLAG, Supervisor, SupervisorLink
 
 TOKEN_ENV = "GRAPHGRAD_TOKEN"
 
@@ -96,20 +102,35 @@ def numbers() -> tuple[Number, ...]:
             DEFAULT_BYTES,
             f"estimated bytes of plans kept (default {mib(DEFAULT_BYTES)})",
         ),
-        Number("--workers", 1, config.workers, "threads serving requests"),
+        Number(
+            "--workers",
+            1,
+            DEFAULT_WORKERS,
+            "server processes sharing the port, each with its own engine and caches "
+            "(default %(default)s: see the README's Server section)",
+        ),
+        Number("--threads", 1, config.threads, "threads of each worker serving ordinary calls"),
         Number(
             "--max-concurrent-runs",
             1,
-            config.max_concurrent_runs,
-            "heavy calls (Run, Explain, RegisterGraph, SubmitJob) executing at once "
-            "(default: CPU count)",
+            None,
+            "heavy calls (Run, Explain, RegisterGraph, SubmitJob) executing at once, per worker "
+            "(default: CPU count; with batching on, at least --max-batch)",
         ),
         Number(
             "--run-queue",
             0,
             config.run_queue,
-            "heavy calls waiting for a slot; beyond: RESOURCE_EXHAUSTED",
+            "heavy calls waiting for a slot, per worker; beyond: RESOURCE_EXHAUSTED",
         ),
+        Number(
+            "--batch-window-us",
+            0,
+            config.batching.window_us,
+            "dynamic batching: how long a Run waits for others of the same graph, outputs, "
+            "wrt and feeds to run stacked with it, in microseconds (0: off; docs/batching.md)",
+        ),
+        Number("--max-batch", 2, config.batching.max_batch, "dynamic batching: most Runs stacked"),
         Number(
             "--max-streams",
             1,
@@ -129,11 +150,26 @@ def numbers() -> tuple[Number, ...]:
             "pending jobs beyond which SubmitJob is RESOURCE_EXHAUSTED",
         ),
         Number(
+            "--job-lease-s",
+            0.1,
+            config.job_lease_seconds,
+            "seconds a worker's lease on a running job lasts without a heartbeat; another "
+            "worker sharing the data dir takes over a job whose holder died after this",
+            float,
+        ),
+        Number(
             "--grace",
             0,
             config.grace_seconds,
             "seconds in-flight calls get at shutdown",
             float,
+        ),
+        Number(
+            "--metrics-port",
+            0,
+            None,
+            "serve Prometheus metrics over HTTP on this port of --host (0: pick a free one; "
+            "default: no metrics)",
         ),
     )
 
@@ -161,16 +197,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data-dir",
         type=Path,
-        # An empty variable counts as unset (not as the current directory).
-        default=Path(
-            os.environ.get("GRAPHGRAD_DATA_DIR") or Path.home() / ".local/share/graphgrad"
-        ),
+        default=calibration.default_data_dir(),
         help="where jobs are stored (default: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad)",
     )
     for n in numbers():
         shown = "" if "default" in n.help else " (default %(default)s)"
         s.add_argument(n.flag, type=n.kind, default=n.default, help=n.help + shown)
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="INFO: a line per job state change; DEBUG: a line per request too (default INFO)",
+    )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="log lines as `key=value` text or one JSON object each (default text)",
+    )
+    s.add_argument(WORKER_FLAG, type=int, help=argparse.SUPPRESS)  # see server/supervisor.py
     c = sub.add_parser(
         "calibrate", help=f"measure this machine for the cost model; writes {CALIBRATION_FILE}"
     )
@@ -205,14 +251,22 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         token=token,
-        workers=args.workers,
+        threads=args.threads,
         grace_seconds=args.grace,
-        max_concurrent_runs=args.max_concurrent_runs,
+        max_concurrent_runs=args.max_concurrent_runs or concurrent_runs(args),
         run_queue=args.run_queue,
         max_streams=args.max_streams,
         max_running_jobs=args.max_running_jobs,
         max_queued_jobs=args.max_queued_jobs,
+        job_lease_seconds=args.job_lease_s,
+        batching=BatchingConfig(args.batch_window_us, args.max_batch),
     )
+
+
+def concurrent_runs(args: argparse.Namespace) -> int:
+    """The default run slots: one per CPU, and a batch's worth with batching on (a Run holds
+    its slot while it waits for its batch: its share of the stacked run's memory)."""
+    return max(one_per_cpu(), args.max_batch if args.batch_window_us > 0 else 1)
 
 
 def read_token(args: argparse.Namespace) -> str | None:
@@ -237,22 +291,83 @@ def read_token(args: argparse.Namespace) -> str | None:
 SERVER_MMAP_THRESHOLD = 1 << 20
 
 
+def start_ray(dispatcher: Dispatcher) -> bool:
+    """Start (or join) Ray now; False, with the error logged, where it does not start.
+    Ray first: it forks its daemons with Python callbacks in the child, which can deadlock
+    once gRPC threads exist (seen here as a raylet that never starts). And on the main
+    thread: from any other thread its driver never reaches the GCS."""
+    try:
+        dispatcher.ray.start()
+    except Exception:
+        logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
+        return False
+    return True
+
+
+def supervise(argv: list[str], args: argparse.Namespace, config: ServerConfig) -> int:
+    """`--workers N` (N > 1): N worker processes under a supervisor (server/supervisor.py),
+    sharing one Ray: the embedded one, started here once, or the cluster joined."""
+    worker_args: list[str] = []
+    if not args.no_ray and not args.ray_address:
+        dispatcher = Dispatcher(ray_num_cpus=args.ray_num_cpus)
+        if start_ray(dispatcher):
+            worker_args = ["--ray-address", dispatcher.ray.info()[0]]
+        else:  # no worker starts a Ray of its own
+            worker_args = ["--no-ray"]
+    endpoint = start_metrics(args)  # after Ray; the workers inherit where to write
+    try:
+        supervisor = Supervisor(
+            argv[1:],  # after "serve": no option may come before the subcommand
+            args.workers,
+            config.host,
+            config.port,
+            config.grace_seconds,
+            worker_args,
+            on_exit=metrics.process_exited,
+        )
+        supervisor.serve(functools.partial(print_serving, config, endpoint))
+    except OSError as e:  # e.g. the port is taken, or a worker could not start
+        raise SystemExit(f"graphgrad serve: {e}") from None
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    return 0
+
+
+def start_metrics(args: argparse.Namespace) -> metrics.Endpoint | None:
+    """Metrics on (server/metrics.py); after Ray: its processes must not inherit their
+    environment."""
+    try:
+        return metrics.start(args.host, args.metrics_port)
+    except OSError as e:
+        raise SystemExit(
+            f"graphgrad serve: cannot serve metrics on port {args.metrics_port}: {e}"
+        ) from None
+
+
+def print_serving(config: ServerConfig, endpoint: metrics.Endpoint | None, address: str) -> None:
+    # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
+    scheme = "grpcs" if config.tls_cert else "grpc"
+    scrape = f" (metrics on http://{config.host}:{endpoint.port}/metrics)" if endpoint else ""
+    print(f"graphgrad serving on {scheme}://{address}{scrape}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.command == "calibrate":
         return calibrate(args)
     set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     config = config_from(args)
     calibration.use(calibration.load_or_defaults(args.data_dir))  # a bad file: a warning
     try:  # an unusable store is fatal before anything starts, in one line
         store = JobStore(args.data_dir / "jobs.sqlite3")
     except StoreError as e:
         raise SystemExit(f"graphgrad serve: {e}") from None
+    if args.workers > 1:
+        store.close()  # opened once here: the schema is made before workers share it
+        return supervise(argv, args, config)
     dispatcher = Dispatcher(
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
@@ -264,13 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_bytes=args.graph_cache_bytes,
     )
     if dispatcher.ray_enabled:
-        # Ray first: it forks its daemons with Python callbacks in the child, which can
-        # deadlock once gRPC threads exist (seen here as a raylet that never starts). And on
-        # the main thread: from any other thread its driver never reaches the GCS.
-        try:
-            dispatcher.ray.start()
-        except Exception:
-            logging.getLogger("graphgrad.server").exception("Ray did not start; runs stay inline")
+        start_ray(dispatcher)
+    endpoint = start_metrics(args)
+    config.metrics_port = metrics.port()
     jobs = JobManager(
         store,
         dispatcher,
@@ -278,17 +389,22 @@ def main(argv: list[str] | None = None) -> int:
         max_running=config.max_running_jobs,
         max_queued=config.max_queued_jobs,
         read=stored_spec_decoder,
+        lease_seconds=config.job_lease_seconds,
     )
-    jobs.resume_all()  # reads the rows' summaries only: each job is built when it starts
-    server = Server(config, runtime, jobs)
-    scheme = "grpcs" if config.tls_cert else "grpc"
-
-    def serving(address: str) -> None:
-        # The address on stdout is the CLI's output (scripts and tests read it), not a diagnostic.
-        print(f"graphgrad serving on {scheme}://{address}", flush=True)
-
+    jobs.resume_all()  # takes what it can run, then heartbeats: each job is built as it starts
+    worker = WorkerView()
+    if args.worker_of is not None:  # one of a supervisor's workers
+        config = dataclasses.replace(config, reuse_port=True)
+        # The supervisor gone (however): drain and exit as on SIGTERM.
+        link = SupervisorLink(args.worker_of, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        worker = WorkerView(live=lambda: link.workers)
+    server = Server(config, runtime, jobs, worker)
     try:
-        asyncio.run(server.serve(serving))
+        asyncio.run(server.serve(functools.partial(print_serving, config, endpoint)))
     except OSError as e:  # e.g. the port is taken: one line, before "serving on"
         raise SystemExit(f"graphgrad serve: {e}") from None
+    finally:
+        jobs.close()  # its running jobs' leases go: another worker resumes them at once
+        if endpoint is not None:
+            endpoint.close()
     return 0

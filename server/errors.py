@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -93,7 +94,13 @@ def _bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
     )
 
 
-def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> grpc.Status:
+class Deadline(Protocol):
+    """What a status needs of a call: a servicer context, or the pool's CallContext."""
+
+    def time_remaining(self) -> float | None: ...
+
+
+def to_status(e: BaseException, context: Deadline | None = None) -> grpc.Status:
     """The status a client gets for an exception raised while serving."""
     msg = str(e)
     info = _error_info(e) if isinstance(e, GraphError) else None
@@ -128,11 +135,8 @@ def to_status(e: BaseException, context: grpc.ServicerContext | None = None) -> 
     if isinstance(e, CancelledError):
         # From why it stopped (and, should a lower layer not know, whether the call's
         # deadline has passed), never from the message.
-        expired = (
-            context is not None
-            and context.time_remaining() is not None
-            and context.time_remaining() <= 0
-        )
+        remaining = None if context is None else context.time_remaining()
+        expired = remaining is not None and remaining <= 0
         deadline = e.reason == CancelReason.DEADLINE or expired
         return _status(code_pb2.DEADLINE_EXCEEDED if deadline else code_pb2.CANCELLED, msg, info)
     if isinstance(e, OnnxUnavailableError):

@@ -1,5 +1,15 @@
 """The job manager: checks jobs before storing them, runs a bounded number at a time (the
-rest queue as pending, in submission order), checkpoints them, resumes them at start.
+rest queue as pending in the store, in submission order), checkpoints them, resumes them.
+
+Several processes may share one store (the workers of one server, or servers sharing a data
+directory): each job is run by the one process holding its lease in the store. A process
+takes the oldest pending job whenever it has a free place (max_running each), renews the
+leases of its jobs from a heartbeat thread (every third of a lease), and takes over a job
+whose holder died once its lease expires, resuming it from its last checkpoint (training is
+deterministic from a checkpoint: the results are those of an uninterrupted run). Every write
+of a running job is fenced by its lease, so a holder that lost it changes nothing. Any
+process answers for any job: a job run elsewhere is read from the store, and cancelling it
+asks its holder through the store (its heartbeat sees it).
 
 Protobuf stops at the servicer: the manager takes spec bytes, decodes them into engine specs
 and reports plain dataclasses. Memory is bounded by the running jobs: a place is reserved
@@ -17,8 +27,8 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,6 +39,7 @@ from graphgrad.engine import (
     TERMINAL,
     Cancellation,
     CancelledError,
+    CancelReason,
     ExecutorKind,
     JobStatus,
     JobView,
@@ -47,21 +58,30 @@ from graphgrad.engine.training_run import (
     TrainingRun,
     group_specs,
 )
+from graphgrad.server import metrics
 from graphgrad.server.errors import NotFoundError
 from graphgrad.server.limits import one_per_cpu
-from graphgrad.server.store import JobStore, JobSummary
+from graphgrad.server.logs import log_job_change, worker_id
+from graphgrad.server.store import JobStore, JobSummary, Renewal
 
 log = logging.getLogger("graphgrad.jobs")
 STATUSES = frozenset(JobStatus)
 DEFAULT_MAX_QUEUED = 256
 # Failures that may pass (a busy or unreadable store, memory): never kept as a job's failure.
 TRANSIENT = (sqlite3.Error, OSError, MemoryError)
+# A holder that misses its heartbeats this long loses its jobs to other processes: long
+# enough for a busy machine's stalls, short enough that a dead worker's jobs resume soon.
+DEFAULT_LEASE_SECONDS = 10.0
+
+
+class LeaseLostError(RuntimeError):
+    """The job's lease is no longer this process's (it was deleted, or taken over after this
+    process missed its heartbeats): the run stops and writes nothing more."""
 
 
 class ManagedJob:
-    """A job this process queues or runs (`live`; `run` is set only while it runs: a queued
-    job holds its id, and is built from its stored row when it starts), or a snapshot of a
-    stored one."""
+    """A job this process runs (`live`, holding its lease; `run` is set once it is built
+    from its stored row), or a snapshot of a stored one (pending, run elsewhere, or ended)."""
 
     def __init__(
         self,
@@ -71,8 +91,9 @@ class ManagedJob:
         status: JobStatus = JobStatus.PENDING,
         error: str = "",
         live: bool = False,
+        worker: str = "",
     ) -> None:
-        self.id, self.created, self.live = job_id, created, live
+        self.id, self.created, self.live, self.worker = job_id, created, live, worker
         self.run: TrainingRun | None = None
         self.status, self.error = status, error
         # What the store holds: a view never reports progress a crash could take back.
@@ -83,6 +104,12 @@ class ManagedJob:
         self.deleted = False
         self.listeners: set[Callable[[], None]] = set()  # called at every bump (watchers)
 
+    def set_status(self, status: JobStatus, error: str = "") -> None:
+        """A change of state, logged (the caller bumps)."""
+        if status != self.status or error != self.error:
+            log_job_change(self.id, self.status, status, error)
+        self.status, self.error = status, error
+
     def bump(self) -> None:
         with self.changed:
             self.version += 1
@@ -91,7 +118,8 @@ class ManagedJob:
             listener()
 
     def view(self) -> JobView:
-        return JobView(self.id, self.status, self.durable, self.error, self.created)
+        worker = self.worker if self.status in (JobStatus.PENDING, JobStatus.RUNNING) else ""
+        return JobView(self.id, self.status, self.durable, self.error, self.created, worker)
 
 
 @dataclass(frozen=True)
@@ -110,21 +138,28 @@ class JobManager:
         max_running: int | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
         read: Callable[[bytes], tuple[list[TrainSpec], ExecutorKind]] | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`decode` checks a spec with every live check (limits, graph registration); `read`
-        (default: `decode`) reads a stored one back with structure checks only."""
+        (default: `decode`) reads a stored one back with structure checks only. `owner`
+        names this process's leases (default "HOST:PID"); `clock` is the wall clock leases
+        expire by, shared by every process of the store."""
         self.store, self.dispatcher, self.decode = store, dispatcher, decode
         self.read = read or decode
         self.max_running = max_running or one_per_cpu()
         self.max_queued = max_queued
-        self._active: dict[str, ManagedJob] = {}  # queued or running here
-        self._queue: deque[ManagedJob] = deque()
-        self._running = 0
+        self.lease_seconds, self.owner, self.clock = lease_seconds, owner or worker_id(), clock
+        self._active: dict[str, ManagedJob] = {}  # running here (holding its lease)
+        self._running = 0  # places taken here: jobs being built or run
         self._reserved = 0  # places taken by submits still being checked and stored
         # Rows read once: (error, progress) of rows that do not read or predate stored
         # progress. Only failures that cannot pass are kept.
         self._stored: dict[str, tuple[str, Progress | None]] = {}
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     def _build(self, spec: bytes, checkpoint: bytes | None, to_run: bool) -> Built:
         """The job's run with every check it will make (to run it), or with structure checks
@@ -152,12 +187,13 @@ class JobManager:
                 )
 
     def _reserve(self) -> None:
-        """Take a place among the running and queued jobs, or refuse: before any work."""
+        """Take a place among the pending jobs (of every process of the store; a free
+        running place here counts as one), or refuse: before any work."""
         with self._lock:
-            waiting = len(self._queue) + self._reserved
+            waiting = self.store.pending(self.clock()) + self._reserved
             if self._running + waiting >= self.max_running + self.max_queued:
                 raise LimitError(
-                    f"{self._running} jobs are running and {waiting} are queued or being "
+                    f"{self._running} jobs are running here and {waiting} are queued or being "
                     f"submitted, the limit max_queued_jobs={self.max_queued}: submit again later",
                     limit="max_queued_jobs",
                 )
@@ -171,42 +207,76 @@ class JobManager:
             progress = built.run.progress()
             del built  # queued, the job holds its id only: it is built again when it starts
             job_id = uuid.uuid4().hex[:12]
-            created = self.store.insert(job_id, spec, progress)
-        except BaseException:
+            self.store.insert(job_id, spec, progress)  # pending: queued in the store
+        finally:
             with self._lock:
                 self._reserved -= 1
-            raise
-        job = ManagedJob(job_id, created, progress, live=True)
-        with self._lock:
-            self._reserved -= 1
-            self._active[job_id] = job
-            self._queue.append(job)
+        log_job_change(job_id, None, JobStatus.PENDING)
         self._schedule()
         return job_id
 
     def resume_all(self) -> None:
-        """Jobs a previous server left unfinished are queued again in submission order. Only
-        their rows' summaries are read here: each job is built from its row when it starts,
-        in its own thread, and one that cannot be built fails alone."""
-        jobs = [
-            ManagedJob(s.id, s.created, s.progress or NO_PROGRESS, live=True)
-            for s in self.store.summaries(oldest_first=True)
-            if s.status in (JobStatus.PENDING, JobStatus.RUNNING)
-        ]
+        """Take what this process can run now (jobs a previous server left unfinished
+        included, oldest first), then keep taking and heartbeating from a thread of its own.
+        Only a claimed row's summary is read here: each job is built from its row when it
+        starts, in its own thread, and one that cannot be built fails alone."""
+        self._schedule()
+        if self._keeper is None:
+            self._keeper = threading.Thread(target=self._keep, name="lease-keeper", daemon=True)
+            self._keeper.start()
+
+    def close(self) -> None:
+        """Take no more jobs and give up the leases of those running here (a process
+        stopping): another process, or this server restarted, resumes them at once from
+        their last checkpoints. Their runs here can write nothing more."""
+        self._stopping.set()
+        if self._keeper is not None:
+            self._keeper.join()
         with self._lock:
-            for job in jobs:
-                self._active[job.id] = job
-                self._queue.append(job)
+            mine = list(self._active.values())
+        for job in mine:
+            self.store.release(job.id, self.owner)
+            job.cancel.cancel(CancelReason.SHUTDOWN)
+
+    def _keep(self) -> None:
+        while not self._stopping.wait(self.lease_seconds / 3):
+            try:
+                self.heartbeat()
+            except Exception:  # a busy or unreadable store: tried again at the next beat
+                log.exception("job leases: the heartbeat failed")
+
+    def heartbeat(self) -> None:
+        """Renew the leases of the jobs running here (stopping those cancelled from another
+        process, or whose lease is gone), then take pending jobs into free places."""
+        until = self.clock() + self.lease_seconds
+        with self._lock:
+            mine = list(self._active.values())
+        for job in mine:
+            if self.store.renew(job.id, self.owner, until) is not Renewal.HELD:
+                job.cancel.cancel()  # LOST: its fenced writes would change nothing anyway
         self._schedule()
 
     def _schedule(self) -> None:
-        """Start queued jobs, oldest first, while fewer than max_running run."""
+        """Take jobs from the store, oldest first, while fewer than max_running run here."""
         while True:
             with self._lock:
-                if self._running >= self.max_running or not self._queue:
+                if self._running >= self.max_running or self._stopping.is_set():
                     return
-                job = self._queue.popleft()
                 self._running += 1
+            try:
+                now = self.clock()
+                taken = self.store.claim(self.owner, now, now + self.lease_seconds)
+            except Exception:  # the next heartbeat tries again
+                log.exception("job leases: no job could be taken from the store")
+                taken = None
+            if taken is None:
+                with self._lock:
+                    self._running -= 1
+                return
+            progress = taken.progress or NO_PROGRESS
+            job = ManagedJob(taken.id, taken.created, progress, live=True, worker=self.owner)
+            with self._lock:
+                self._active[job.id] = job
             try:
                 threading.Thread(
                     target=self._work, args=(job,), name=f"job-{job.id}", daemon=True
@@ -217,11 +287,14 @@ class JobManager:
                 self._finish(job, JobStatus.FAILED, f"the job could not start: {e}")
 
     def _start(self, job: ManagedJob) -> TrainingRun | None:
-        """The job's run, built from its stored row; None for a job deleted meanwhile."""
+        """The job's run, built from its stored row and marked running; None for a job
+        deleted (or whose lease was lost) meanwhile."""
         row = self.store.get(job.id)
         if row is None:
             return None
         run = self._build(row.spec, row.checkpoint, to_run=True).run
+        if not self.store.set_status(job.id, JobStatus.RUNNING, owner=self.owner):
+            return None
         if row.checkpoint is not None:
             log.info("resuming job %s from step %d", job.id, run.progress().steps_done)
         return run
@@ -230,7 +303,10 @@ class JobManager:
         def checkpoint(run: TrainingRun) -> None:
             # Written and committed before the progress it carries is reported.
             progress = run.progress()
-            self.store.checkpoint(job.id, run.checkpoint(), progress, run.take_history())
+            blob, history = run.checkpoint(), run.take_history()
+            if not self.store.checkpoint(job.id, blob, progress, history, owner=self.owner):
+                raise LeaseLostError(f"job {job.id}: its lease is no longer {self.owner}'s")
+            metrics.add_training_steps(progress.steps_done - job.durable.steps_done)
             job.durable = progress
             job.bump()
 
@@ -243,15 +319,18 @@ class JobManager:
                 f"the stored job cannot be started: {type(e).__name__}: {e}",
             )
             log.error("job %s: %s", job.id, error)
-            durable = not isinstance(e, TRANSIENT)  # tried again at the next start
+            durable = not isinstance(e, TRANSIENT)  # tried again once its lease lapses
         if job.run is None and not error:
             status, error = JobStatus.CANCELLED, "deleted"
         if job.run is not None:
-            job.status = JobStatus.RUNNING
+            job.set_status(JobStatus.RUNNING)
             job.bump()
             try:
                 job.run.run(job.cancel, on_segment=checkpoint)
             except CancelledError:
+                status = JobStatus.CANCELLED
+            except LeaseLostError as e:  # its last writes are fenced off too
+                log.warning("%s: it stops here", e)
                 status = JobStatus.CANCELLED
             except Exception as e:  # the job fails, the server keeps serving
                 log.exception("job %s failed", job.id)
@@ -262,30 +341,38 @@ class JobManager:
         self._schedule()
 
     def _finish(self, job: ManagedJob, status: JobStatus, error: str, durable: bool = True) -> None:
-        """The job's last checkpoint and status, durable before they are reported. A job
-        that was never built writes its status alone (`durable` False: not even that)."""
-        run, progress = job.run, job.durable
+        """The job's last checkpoint and status, durable before they are reported, and its
+        lease released. A job that was never built writes its status alone (`durable` False:
+        not even that, and its lease lapses, so any process tries it again after a lease).
+        A job whose lease was lost or that was deleted writes nothing and reports nothing."""
+        run, progress, owner = job.run, job.durable, self.owner
+        written = durable
         try:
             if run is not None:
                 progress = run.progress()
-                self.store.checkpoint(
-                    job.id, run.checkpoint(), progress, run.take_history(), status, error
+                blob, history = run.checkpoint(), run.take_history()
+                written = self.store.checkpoint(
+                    job.id, blob, progress, history, status, error, owner
                 )
             elif durable:
-                self.store.set_status(job.id, status, error)
+                written = self.store.set_status(job.id, status, error, owner)
         except Exception as e:
             log.exception("job %s: its last checkpoint could not be stored", job.id)
             status, error = JobStatus.FAILED, f"its last checkpoint could not be stored: {e}"
             progress = job.durable
             try:
-                self.store.set_status(job.id, status, error)
+                written = self.store.set_status(job.id, status, error, owner)
             except Exception:
                 log.exception("job %s: its failure could not be stored", job.id)
-        with self._lock:
-            if durable:  # read from the store from now on, its results included
-                self._active.pop(job.id, None)
+        with self._lock:  # read from the store from now on, its results included
+            if self._active.get(job.id) is job:
+                del self._active[job.id]
         job.run = None  # its memory goes with it
-        job.durable, job.status, job.error = progress, status, error
+        job.live = False
+        if written:
+            metrics.add_training_steps(progress.steps_done - job.durable.steps_done)
+            job.durable = progress
+            job.set_status(status, error)
         job.bump()
 
     def _snapshot(self, summary: JobSummary) -> ManagedJob:
@@ -297,6 +384,7 @@ class JobManager:
             progress or summary.progress or NO_PROGRESS,
             JobStatus.FAILED if error else JobStatus(summary.status),
             error or summary.error,
+            worker=summary.holder(self.clock()),
         )
 
     def _checked(self, summary: JobSummary) -> tuple[str, Progress | None]:
@@ -346,7 +434,7 @@ class JobManager:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(changed.set)
 
-        last: tuple[str, int, str] | None = None  # of the last view sent
+        last: tuple[str, int, str, str] | None = None  # of the last view sent
         while True:
             job = await asyncio.to_thread(self.job, job_id)
             job.listeners.add(wake)
@@ -359,7 +447,7 @@ class JobManager:
                         continue
                     seen = job.version
                     view = job.view()
-                    key = (view.status, view.progress.steps_done, view.error)
+                    key = (view.status, view.progress.steps_done, view.error, view.worker)
                     if key != last or job.live:  # a stored job read again: news only
                         last = key
                         yield view
@@ -370,29 +458,28 @@ class JobManager:
             await asyncio.sleep(0.5)
 
     def cancel(self, job_id: str) -> JobView:
-        job = self.job(job_id)
+        """A job running here stops at once; a pending one, or one whose holder died, is
+        cancelled in the store; one running elsewhere is asked to stop through the store
+        (its holder's heartbeat sees it)."""
         with self._lock:
-            queued = job in self._queue
-            if queued:
-                self._queue.remove(job)
-        if queued:
-            self._finish(job, JobStatus.CANCELLED, "")
-        elif job.status not in TERMINAL:
+            job = self._active.get(job_id)
+        if job is not None:
             job.cancel.cancel()
-        return job.view()
+            return job.view()
+        self.store.cancel(job_id, self.clock())
+        return self.job(job_id).view()
 
     def delete(self, job_id: str) -> None:
-        """Cancel the job if it runs, then remove it and its history from the store."""
+        """Cancel the job if it runs, then remove it and its history from the store (a
+        holder elsewhere finds its lease gone at its next heartbeat and stops)."""
         job = self.job(job_id)
         with self._lock:  # deleted with its entries: a _finish meanwhile keeps nothing
-            if job in self._queue:
-                self._queue.remove(job)
             self._active.pop(job_id, None)
             self._stored.pop(job_id, None)
             job.deleted = True
         job.cancel.cancel()  # its thread's last writes find no row: they change nothing
         self.store.delete(job_id)
-        job.status, job.error = JobStatus.CANCELLED, "deleted"
+        job.set_status(JobStatus.CANCELLED, "deleted")
         job.bump()
 
     def list(self) -> list[JobView]:

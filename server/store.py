@@ -11,6 +11,7 @@ ever unpickled.
 
 from __future__ import annotations
 
+import enum
 import math
 import sqlite3
 import threading
@@ -57,13 +58,26 @@ MIGRATIONS = [
     """,
     # Version 2: networks whose latest loss is NaN or infinite.
     "ALTER TABLE jobs ADD COLUMN networks_nonfinite INTEGER",
+    # Version 3: the lease of the process running the job ("HOST:PID", until when, in
+    # time.time() seconds; '' and 0: free) and a cancel asked of it by another process.
+    """
+    ALTER TABLE jobs ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN lease_expires REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN cancel_asked INTEGER NOT NULL DEFAULT 0
+    """,
 ]
+# How long a write waits for another process's transaction (the workers of a server share
+# the store) before it fails: a checkpoint that fails fails its job, so never a short wait.
+BUSY_SECONDS = 60.0
 # SQLite's default SQLITE_MAX_LENGTH: no blob (checkpoint, spec, segment) may be longer.
 MAX_BLOB_BYTES = 1_000_000_000
 PROGRESS = (
     "steps_done, steps, networks, networks_done, loss_median, loss_best, loss_worst, "
     "networks_nonfinite"
 )
+SUMMARY = f"id, status, error, created, {PROGRESS}, lease_owner, lease_expires"
+# A job a process may take: not ended, and its lease free or expired (its holder died).
+CLAIMABLE = "status IN ('pending', 'running') AND lease_expires < ?"
 
 
 class StoreError(RuntimeError):
@@ -77,6 +91,12 @@ class JobSummary:
     error: str
     created: float
     progress: Progress | None  # None: a row from before progress was stored
+    lease_owner: str = ""  # the process that holds (or last held) the job's lease
+    lease_expires: float = 0.0
+
+    def holder(self, now: float) -> str:
+        """The process running the job now ("HOST:PID"), or "" when none holds it."""
+        return self.lease_owner if self.lease_expires >= now else ""
 
 
 @dataclass(frozen=True)
@@ -99,12 +119,27 @@ def _progress(row: Sequence[Any]) -> Progress | None:
     return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]), nonfinite)
 
 
+class Renewal(enum.Enum):
+    """What a holder's heartbeat finds: its lease renewed, a cancel asked of it by another
+    process (lease renewed too), or the lease gone (the job deleted or taken over)."""
+
+    HELD = "held"
+    CANCEL = "cancel"
+    LOST = "lost"
+
+
 class JobStore:
+    """Shared by every process of a server (and by servers sharing a data directory): each
+    job is run by the one process holding its lease, taken in one transaction and renewed by
+    the holder's heartbeat; every write of a running job's state is fenced by that lease."""
+
     def __init__(self, path: Path, max_blob_bytes: int = MAX_BLOB_BYTES) -> None:
         self.max_blob_bytes = max_blob_bytes
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                str(path), BUSY_SECONDS, check_same_thread=False, isolation_level=None
+            )
             self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_blob_bytes)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a reported checkpoint survives a crash
@@ -162,14 +197,18 @@ class JobStore:
         history: Sequence[HistorySegment] = (),
         status: str = "running",
         error: str = "",
-    ) -> None:
+        owner: str | None = None,
+    ) -> bool:
         """The job's state, the history of the steps it covers and its status in one
-        transaction: none is ever seen without the others."""
+        transaction: none is ever seen without the others. With an `owner`, written only
+        while it holds the job's lease (released with an ending status). False: nothing was
+        written (the job was deleted, or its lease is another's)."""
+        fence, lease = _fence(owner, status)
         with self._transaction() as db:
             found = db.execute(
-                f"UPDATE jobs SET checkpoint = ?, status = ?, error = ?, "
-                f"({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?",
-                (blob, status, error, *_values(progress), job_id),
+                f"UPDATE jobs SET checkpoint = ?, status = ?, error = ?, {lease}"
+                f"({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?{fence}",
+                (blob, status, error, *_values(progress), job_id, *_owner(owner)),
             ).rowcount
             if found:  # a deleted job's last writes change nothing
                 db.executemany(
@@ -180,13 +219,91 @@ class JobStore:
                         for s in history
                     ],
                 )
+        return bool(found)
 
-    def set_status(self, job_id: str, status: str, error: str = "") -> None:
-        """A status without a checkpoint: for a job that failed before or while writing one."""
+    def set_status(
+        self, job_id: str, status: str, error: str = "", owner: str | None = None
+    ) -> bool:
+        """A status without a checkpoint: for a job that starts, or that failed before or
+        while writing one. `owner` and the result as for `checkpoint`."""
+        fence, lease = _fence(owner, status)
+        with self._transaction() as db:
+            return bool(
+                db.execute(
+                    f"UPDATE jobs SET {lease}status = ?, error = ? WHERE id = ?{fence}",
+                    (status, error, job_id, *_owner(owner)),
+                ).rowcount
+            )
+
+    # --- leases ----------------------------------------------------------------------------
+
+    def claim(self, owner: str, now: float, until: float) -> JobSummary | None:
+        """Take the lease of the oldest job that is not ended and whose lease is free or
+        expired, for `owner` until `until`: the job taken, or None. One transaction (BEGIN
+        IMMEDIATE: one writer at a time across processes), so each lease has one holder."""
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE {CLAIMABLE} ORDER BY rowid LIMIT 1", (now,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET lease_owner = ?, lease_expires = ? WHERE id = ?",
+                (owner, until, row[0]),
+            )
+            taken = db.execute(f"SELECT {SUMMARY} FROM jobs WHERE id = ?", row).fetchone()
+        return _summary(taken)
+
+    def renew(self, job_id: str, owner: str, until: float) -> Renewal:
+        """The holder's heartbeat: its lease extended to `until`, and whether another process
+        asked for the job to be cancelled."""
+        with self._transaction() as db:
+            found = db.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_owner = ?",
+                (until, job_id, owner),
+            ).rowcount
+            if not found:
+                return Renewal.LOST
+            asked = db.execute("SELECT cancel_asked FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Renewal.CANCEL if asked and asked[0] else Renewal.HELD
+
+    def release(self, job_id: str, owner: str) -> None:
+        """Give up a job's lease without ending it (a process stopping): any process may
+        take it at once, resuming it from its last checkpoint."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE jobs SET status = ?, error = ? WHERE id = ?", (status, error, job_id)
+                "UPDATE jobs SET lease_owner = '', lease_expires = 0 "
+                "WHERE id = ? AND lease_owner = ?",
+                (job_id, owner),
             )
+
+    def cancel(self, job_id: str, now: float) -> bool:
+        """Cancel a job that no live process holds (pending, or its holder died) at once;
+        for one that is held, ask its holder (its heartbeat sees it). False: it has ended or
+        is not there."""
+        with self._transaction() as db:
+            ended = db.execute(
+                "UPDATE jobs SET status = 'cancelled', error = '', lease_owner = '', "
+                f"lease_expires = 0 WHERE id = ? AND {CLAIMABLE}",
+                (job_id, now),
+            ).rowcount
+            if ended:
+                return True
+            return bool(
+                db.execute(
+                    "UPDATE jobs SET cancel_asked = 1 "
+                    "WHERE id = ? AND status IN ('pending', 'running')",
+                    (job_id,),
+                ).rowcount
+            )
+
+    def pending(self, now: float) -> int:
+        """Jobs waiting for a process to take them (pending, and no live process holds them)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT count(*) FROM jobs WHERE status = 'pending' AND lease_expires < ?", (now,)
+            ).fetchone()
+        return int(row[0])
 
     def delete(self, job_id: str) -> None:
         with self._transaction() as db:
@@ -196,18 +313,17 @@ class JobStore:
     def get(self, job_id: str) -> JobRow | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT id, status, error, created, {PROGRESS}, spec, checkpoint "
-                "FROM jobs WHERE id = ?",
+                f"SELECT {SUMMARY}, spec, checkpoint FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
         if row is None:
             return None
-        return JobRow(_summary(row), bytes(row[12]), None if row[13] is None else bytes(row[13]))
+        return JobRow(_summary(row), bytes(row[14]), None if row[15] is None else bytes(row[15]))
 
     def summary(self, job_id: str) -> JobSummary | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT id, status, error, created, {PROGRESS} FROM jobs WHERE id = ?",
+                f"SELECT {SUMMARY} FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
         return None if row is None else _summary(row)
@@ -216,10 +332,14 @@ class JobStore:
         """Every job, newest first (or in submission order)."""
         order = "ASC" if oldest_first else "DESC"
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT id, status, error, created, {PROGRESS} FROM jobs ORDER BY rowid {order}"
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {SUMMARY} FROM jobs ORDER BY rowid {order}").fetchall()
         return [_summary(r) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {str(status): int(n) for status, n in rows}
 
     def read_history(
         self, job_id: str, chunk: int, networks: int, steps: int, lo: int, hi: int, out: np.ndarray
@@ -260,7 +380,22 @@ def _summary(row: Sequence[Any]) -> JobSummary:
         str(row[2]),
         float(row[3]),
         _progress(row[4:12]),
+        str(row[12]),
+        float(row[13]),
     )
+
+
+def _fence(owner: str | None, status: str) -> tuple[str, str]:
+    """(the WHERE clause that fences a holder's write by its lease, the SET clause that
+    releases the lease with an ending status)."""
+    if owner is None:
+        return "", ""
+    ended = status not in ("pending", "running")
+    return " AND lease_owner = ?", "lease_owner = '', lease_expires = 0, " if ended else ""
+
+
+def _owner(owner: str | None) -> tuple[str, ...]:
+    return () if owner is None else (owner,)
 
 
 def _values(p: Progress) -> tuple[object, ...]:

@@ -26,6 +26,7 @@ class ServerProcess:
     proc: subprocess.Popen[str]
     address: str  # host:port
     log_path: str
+    banner: str = ""  # the line the server printed once serving
 
     def log(self) -> str:
         return Path(self.log_path).read_text()
@@ -64,7 +65,7 @@ def running_server(
     if match is None:
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r}\n{Path(log_path).read_text()}")
-    server = ServerProcess(proc, match.group(1), log_path)
+    server = ServerProcess(proc, match.group(1), log_path, line[0].strip())
     try:
         yield server
     finally:

@@ -66,10 +66,14 @@ def manager(tmp_path, decode: Decoder | None = None, **kw) -> JobManager:
 
 
 def wait_for(m: JobManager, job_id: str, statuses: tuple[str, ...]) -> None:
-    """Until the job is in one of `statuses` (failing at once if it ends otherwise)."""
-    job = m.job(job_id)
+    """Until the job is in one of `statuses` (failing at once if it ends otherwise): woken by
+    a job running here, polling the store for one that is not (pending, or run elsewhere)."""
+    while not (job := m.job(job_id)).live and job.status not in (*statuses, *TERMINAL):
+        time.sleep(0.01)
     with job.changed:
-        job.changed.wait_for(lambda: job.status in (*statuses, *TERMINAL))
+        job.changed.wait_for(lambda: job.status in (*statuses, *TERMINAL) or not job.live)
+    if job.status not in (*statuses, *TERMINAL):
+        return wait_for(m, job_id, statuses)  # it stopped running here: read the store again
     assert job.status in statuses, (job.status, job.error)
 
 
@@ -144,6 +148,7 @@ def test_resume_reads_summaries_only_and_builds_each_job_in_its_thread(tmp_path)
     wait_for(m, ids[0], ("running",))
     assert decode.threads == [f"job-{ids[0]}"]
     assert [m.job(i).status for i in ids[1:]] == ["pending", "pending"]
+    m.close()  # its heartbeat stops
     delete_all(m)
 
 

@@ -92,7 +92,8 @@ def test_cancel_and_unknown_and_bad_jobs(server, client):
 def test_sigkilled_server_resumes_the_job_with_the_same_results(tmp_path):
     loss, params, data = mlp(16), init(64, 16, 3), own_data(64)
     steps = 3000
-    with running_server("--data-dir", str(tmp_path)) as first, gg.connect(first.address) as c:
+    args = ("--data-dir", str(tmp_path), "--job-lease-s", "1")  # the dead server's lease lapses
+    with running_server(*args) as first, gg.connect(first.address) as c:
         done_job = c.train(loss, params, data, steps=30)
         done_job.wait(progress=False)
         job = c.train(loss, params, data, gg.optim.SGD(lr=0.05, momentum=0.9), steps=steps)
@@ -104,7 +105,7 @@ def test_sigkilled_server_resumes_the_job_with_the_same_results(tmp_path):
         first.proc.wait(30)
         killed_at = event.job.steps_done
     assert killed_at < steps
-    with running_server("--data-dir", str(tmp_path)) as second, gg.connect(second.address) as c:
+    with running_server(*args) as second, gg.connect(second.address) as c:
         resumed = gg.RemoteJob(c, job.id, 1)
         # Progress is read from what is durable: a restart never takes back a reported step.
         assert resumed.progress.steps_done >= killed_at

@@ -165,6 +165,7 @@ def test_a_write_that_fails_mid_job_fails_the_job_durably(tmp_path):
     again = JobManager(store, dispatcher, decode)  # type: ignore[arg-type]
     again.resume_all()  # a failed job is not run again
     assert again.job(job_id).view().status == "failed"
+    again.close()
 
 
 def npz(arrays: dict[str, np.ndarray]) -> bytes:

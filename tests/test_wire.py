@@ -281,9 +281,9 @@ progress = st.builds(
 
 
 @EXAMPLES
-@given(names, st.sampled_from(JobStatus), progress, st.text(max_size=20), floats)
-def test_job_info_round_trips(job_id, status, p, error, created):
-    view = JobView(job_id, status, p, error, created)
+@given(names, st.sampled_from(JobStatus), progress, st.text(max_size=20), floats, names)
+def test_job_info_round_trips(job_id, status, p, error, created, worker):
+    view = JobView(job_id, status, p, error, created, worker)
     back = wire.decode_job_info(wire.encode_job_info(view))
     assert back == view and type(back.status) is JobStatus
 

@@ -114,6 +114,9 @@ class Op:
     flops: FlopsFn = elementwise_flops
     doc: str = ""
     batch: BatchFn | None = None  # None: the op cannot be batched (inputs, constants)
+    # Most ulps a result moves when the op runs stacked rather than alone (dynamic batching
+    # of requests; measured per op by tests/test_dynamic_batching.py, in docs/batching.md).
+    batch_ulps: int = 0
     grad: GradFn | None = None  # None: no gradient flows through (inputs, constants)
     kernel: KernelFn | None = None
     # Argument names, in input order (for a variadic op, one name for them all): what
