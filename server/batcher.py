@@ -1,52 +1,31 @@
 """Dynamic batching of Run requests (Triton's dynamic batcher, for gradients): concurrent
 requests with the same stack key that arrive within a window run as one stacked run.
 
-The first request of a batch leads it: it waits up to the window (or until the batch is full),
-closes the batch, runs it on its own thread and hands each member its result or its own error.
-Only requests that are already running (each holds one of the server's run slots) ever wait
-here, so nothing queues beyond the server's max_concurrent_runs and run_queue. If the stacked
-run itself fails, every member runs alone, so each error stays with the request that caused it.
+Batches are gathered on the event loop: a member (parsed, checked and admitted on the loop)
+awaits a future in the open batch of its key. When the window ends or the batch is full, ONE
+hop to the thread pool runs the batch (stacked, or its only member alone) and works out every
+member's answer there; back on the loop each member's future is set. So a batch of k costs
+one hop, not k hops and k waits on a thread condition.
+Only members holding one of the server's run slots ever wait here, and each keeps its slot
+until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
+max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
+stays with the request that caused it. A member cancelled while its batch is open leaves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("graphgrad.server.batcher")
 
 K = TypeVar("K")  # the stack key
-Q = TypeVar("Q")  # a member's request
+Q = TypeVar("Q")  # what run_batch stacks of a member
 R = TypeVar("R")  # a member's result
-
-
-def _on_event_loop() -> bool:
-    """Whether this thread runs an event loop, which must never wait for a batch to fill."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-class _Alone:
-    """A member's outcome when it runs alone after all: nobody joined its batch, or the
-    stacked run failed."""
-
-
-ALONE = _Alone()
-
-
-@dataclass(eq=False)
-class _Batch(Generic[Q]):
-    members: list[Q]
-    full: threading.Event = field(default_factory=threading.Event)  # no more may join
-    done: threading.Event = field(default_factory=threading.Event)  # outcomes are set
-    outcomes: list[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,9 +34,30 @@ class BatchingConfig:
     max_batch: int = 8
 
 
+@dataclass(eq=False)
+class Member(Generic[Q, R]):
+    """One request in a batch: `item` is what run_batch stacks, `alone()` its run by itself,
+    `answer(result or error)` what its caller gets (worked out in the pool, so encoding costs
+    no loop time), `release()` gives back its run slot once its batch has run."""
+
+    item: Q
+    alone: Callable[[], R]
+    answer: Callable[[R | BaseException], Any]
+    release: Callable[[], None] = lambda: None
+    future: asyncio.Future[Any] | None = None
+    left: bool = False  # cancelled while its batch was open: it never ran
+
+
+@dataclass(eq=False)
+class _Batch(Generic[Q, R]):
+    members: list[Member[Q, R]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
 class Batcher(Generic[K, Q, R]):
-    """`run_batch(key, members)` runs members (two or more) stacked and returns one outcome per
-    member, in order: its result or its own error; it raises if the stacked run failed."""
+    """`run_batch(key, items)` runs items (two or more) stacked and returns one outcome per
+    item, in order: its result or its own error; it raises if the stacked run failed.
+    Call `run` on the event loop only; the batcher itself takes no locks."""
 
     def __init__(
         self,
@@ -70,55 +70,102 @@ class Batcher(Generic[K, Q, R]):
         self.config = config
         self._window = config.window_us / 1e6
         self._run_batch, self._on_batch = run_batch, on_batch
-        self._open: dict[K, _Batch[Q]] = {}  # at most one open batch per key
-        self._lock = threading.Lock()
+        self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
 
-    def run(self, key: K | None, member: Q, alone: Callable[[], R]) -> R:
-        """The member's result: from a stacked run when others with the same key come within
-        the window, else from `alone()`: also when `key` is None (it may not be stacked) and
-        on an event loop's thread (a quick call answered there)."""
-        if key is None or _on_event_loop():
-            return alone()
-        with self._lock:
-            batch = self._open.get(key)
-            lead = batch is None
-            if batch is None:
-                batch = self._open[key] = _Batch([member])
-            else:
-                batch.members.append(member)
-            index = len(batch.members) - 1
-            if len(batch.members) >= self.config.max_batch:
-                del self._open[key]
-                batch.full.set()
-        if lead:
-            self._lead(key, batch)
-        else:
-            batch.done.wait()  # the leader always sets it, whatever happens
-        outcome = batch.outcomes[index]
-        if outcome is ALONE:
-            return alone()
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome  # type: ignore[return-value]
+    async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
+        """The member's answer, once its batch (closed by the window or by max_batch) has run
+        in `pool`. Cancelled while its batch is open, the member leaves it."""
+        loop = asyncio.get_running_loop()
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = _Batch()
+            batch.timer = loop.call_later(self._window, self._close, key, batch, pool)
+        member.future = loop.create_future()
+        batch.members.append(member)
+        if len(batch.members) >= self.config.max_batch:
+            self._close(key, batch, pool)
+        try:
+            return await member.future
+        except asyncio.CancelledError:
+            self._leave(key, batch, member)
+            raise
 
     def waiting(self) -> int:
         """Requests in batches still open (waiting for others to join)."""
-        with self._lock:
-            return sum(len(b.members) for b in self._open.values())
+        return sum(len(b.members) for b in self._open.values())
 
-    def _lead(self, key: K, batch: _Batch[Q]) -> None:
-        batch.full.wait(self._window)  # flush when full or when the window ends
-        with self._lock:
-            if self._open.get(key) is batch:
+    def _leave(self, key: K, batch: _Batch[Q, R], member: Member[Q, R]) -> None:
+        if self._open.get(key) is batch and member in batch.members:
+            batch.members.remove(member)  # it never runs, so its slot goes back now
+            member.left = True
+            member.release()
+            if not batch.members and batch.timer is not None:
+                batch.timer.cancel()
                 del self._open[key]
-        members = batch.members  # closed: nobody joins any more
+
+    def _close(self, key: K, batch: _Batch[Q, R], pool: futures.Executor) -> None:
+        """No more join; the batch runs in one hop to the pool, and every member's future is
+        set from there."""
+        if self._open.get(key) is not batch:
+            return  # closed already (full before its window ended)
+        del self._open[key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        members = batch.members
+        if not members:
+            return
         try:
-            if len(members) > 1:
-                self._on_batch(len(members))
-                batch.outcomes = list(self._run_batch(key, members))
-        except Exception as e:  # each member runs alone, so errors stay per request
-            log.warning("a stacked run of %d requests failed, each runs alone: %s", len(members), e)
+            hop = asyncio.get_running_loop().run_in_executor(pool, self._answers, key, members)
+        except Exception as e:  # no thread to be had: the server is stopping
+            for m in members:
+                m.release()
+            self._settle(members, None, e)
+            return
+        hop.add_done_callback(lambda done: self._settle(members, done, None))
+
+    def _settle(
+        self,
+        members: list[Member[Q, R]],
+        done: asyncio.Future[Any] | None,
+        error: BaseException | None,
+    ) -> None:
+        if done is not None and not done.cancelled():
+            error = done.exception()
+        answers = done.result() if done is not None and error is None else None
+        for j, m in enumerate(members):
+            if m.future is None or m.future.done():  # its caller has gone
+                continue
+            if answers is not None:
+                m.future.set_result(answers[j])
+            else:
+                m.future.set_exception(error or RuntimeError("the batch was not run"))
+
+    def _answers(self, key: K, members: list[Member[Q, R]]) -> list[Any]:
+        """In the pool: run the batch, each member's answer in order; slots are given back."""
+        try:
+            outcomes = self._outcomes(key, members)
+            return [m.answer(o) for m, o in zip(members, outcomes, strict=True)]
         finally:
-            if len(batch.outcomes) != len(members):
-                batch.outcomes = [ALONE] * len(members)
-            batch.done.set()
+            for m in members:
+                m.release()
+
+    def _outcomes(self, key: K, members: list[Member[Q, R]]) -> list[R | BaseException]:
+        if len(members) > 1:
+            try:
+                self._on_batch(len(members))
+                outcomes = list(self._run_batch(key, [m.item for m in members]))
+                if len(outcomes) == len(members):
+                    return outcomes
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(members)} members")
+            except Exception as e:  # each member runs alone, so errors stay per request
+                log.warning(
+                    "a stacked run of %d requests failed, each runs alone: %s", len(members), e
+                )
+        return [_alone(m.alone) for m in members]
+
+
+def _alone(alone: Callable[[], R]) -> R | BaseException:
+    try:
+        return alone()
+    except Exception as e:
+        return e
