@@ -5,7 +5,9 @@ Batches are gathered on the event loop: a member (parsed, checked and admitted o
 awaits a future in the open batch of its key. When the window ends or the batch is full, ONE
 hop to the thread pool runs the batch (stacked, or its only member alone) and works out every
 member's answer there; back on the loop each member's future is set. So a batch of k costs
-one hop, not k hops and k waits on a thread condition.
+one hop, not k hops and k waits on a thread condition. A batch whose latest run (at the same
+size, answers included) took under `quick_seconds` runs on the loop itself: for a small
+network the hop there and back costs more than the stacked run.
 Only members holding one of the server's run slots ever wait here, and each keeps its slot
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
 max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -64,13 +67,17 @@ class Batcher(Generic[K, Q, R]):
         config: BatchingConfig,
         run_batch: Callable[[K, Sequence[Q]], Sequence[R | BaseException]],
         on_batch: Callable[[int], None] = lambda size: None,
+        quick_seconds: float = 0.0,
     ) -> None:
+        """`quick_seconds`: a batch whose latest run at its size took less runs on the loop."""
         if config.window_us <= 0 or config.max_batch < 2:
             raise ValueError(f"batching needs a window > 0 and max_batch >= 2, got {config}")
         self.config = config
         self._window = config.window_us / 1e6
         self._run_batch, self._on_batch = run_batch, on_batch
+        self._quick_seconds = quick_seconds
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
+        self._seconds: dict[tuple[K, int], float] = {}  # the latest run by key and size
 
     async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
         """The member's answer, once its batch (closed by the window or by max_batch) has run
@@ -114,6 +121,9 @@ class Batcher(Generic[K, Q, R]):
         members = batch.members
         if not members:
             return
+        if self._seconds.get((key, len(members)), self._quick_seconds) < self._quick_seconds:
+            self._settle(members, self._answers(key, members), None)
+            return
         try:
             hop = asyncio.get_running_loop().run_in_executor(pool, self._answers, key, members)
         except Exception as e:  # no thread to be had: the server is stopping
@@ -121,17 +131,11 @@ class Batcher(Generic[K, Q, R]):
                 m.release()
             self._settle(members, None, e)
             return
-        hop.add_done_callback(lambda done: self._settle(members, done, None))
+        hop.add_done_callback(lambda done: self._settle(members, *_outcome(done)))
 
     def _settle(
-        self,
-        members: list[Member[Q, R]],
-        done: asyncio.Future[Any] | None,
-        error: BaseException | None,
+        self, members: list[Member[Q, R]], answers: list[Any] | None, error: BaseException | None
     ) -> None:
-        if done is not None and not done.cancelled():
-            error = done.exception()
-        answers = done.result() if done is not None and error is None else None
         for j, m in enumerate(members):
             if m.future is None or m.future.done():  # its caller has gone
                 continue
@@ -141,13 +145,18 @@ class Batcher(Generic[K, Q, R]):
                 m.future.set_exception(error or RuntimeError("the batch was not run"))
 
     def _answers(self, key: K, members: list[Member[Q, R]]) -> list[Any]:
-        """In the pool: run the batch, each member's answer in order; slots are given back."""
+        """Run the batch (in the pool, or on the loop when quick): each member's answer, in
+        order; slots are given back."""
+        started = time.perf_counter()
         try:
             outcomes = self._outcomes(key, members)
             return [m.answer(o) for m, o in zip(members, outcomes, strict=True)]
         finally:
             for m in members:
                 m.release()
+            if len(self._seconds) >= _MOST_TIMINGS:  # a bound: forget, then learn again
+                self._seconds.clear()
+            self._seconds[key, len(members)] = time.perf_counter() - started
 
     def _outcomes(self, key: K, members: list[Member[Q, R]]) -> list[R | BaseException]:
         if len(members) > 1:
@@ -162,6 +171,17 @@ class Batcher(Generic[K, Q, R]):
                     "a stacked run of %d requests failed, each runs alone: %s", len(members), e
                 )
         return [_alone(m.alone) for m in members]
+
+
+_MOST_TIMINGS = 4096  # (key, size) pairs whose latest run time is kept
+
+
+def _outcome(done: asyncio.Future[Any]) -> tuple[list[Any] | None, BaseException | None]:
+    """A hop's answers, or why there are none."""
+    if done.cancelled():
+        return None, RuntimeError("the batch was not run: the server is stopping")
+    error = done.exception()
+    return (None, error) if error is not None else (done.result(), None)
 
 
 def _alone(alone: Callable[[], R]) -> R | BaseException:

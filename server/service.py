@@ -91,7 +91,7 @@ class GraphServicer:
         if batching is not None and batching.window_us > 0:
             most = batching.max_batch  # stacks padded to a few sizes, each compiled once
             stack = lambda key, ms: runtime.run_stack(key, ms, stack_size(len(ms), most))  # noqa: E731
-            self.batcher = Batcher(batching, stack, metrics.observe_batch)
+            self.batcher = Batcher(batching, stack, metrics.observe_batch, QUICK_SECONDS)
             self.batched = {"Run": self.run_member}  # calls that may join a batch on the loop
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
