@@ -6,7 +6,7 @@ awaits a future in the open batch of its key. When the window ends or the batch 
 hop to the thread pool runs the batch (stacked, or its only member alone) and works out every
 member's answer there; back on the loop each member's future is set. So a batch of k costs
 one hop, not k hops and k waits on a thread condition. A batch whose latest run (at the same
-size, answers included) took under `quick_seconds` runs on the loop itself: for a small
+size, answers included) took under `quick_seconds` of CPU runs on the loop itself: for a small
 network the hop there and back costs more than the stacked run.
 Only members holding one of the server's run slots ever wait here, and each keeps its slot
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
@@ -147,7 +147,7 @@ class Batcher(Generic[K, Q, R]):
     def _answers(self, key: K, members: list[Member[Q, R]]) -> list[Any]:
         """Run the batch (in the pool, or on the loop when quick): each member's answer, in
         order; slots are given back."""
-        started = time.perf_counter()
+        started = time.thread_time()  # CPU time: in the pool, waits for the GIL do not count
         try:
             outcomes = self._outcomes(key, members)
             return [m.answer(o) for m, o in zip(members, outcomes, strict=True)]
@@ -156,7 +156,7 @@ class Batcher(Generic[K, Q, R]):
                 m.release()
             if len(self._seconds) >= _MOST_TIMINGS:  # a bound: forget, then learn again
                 self._seconds.clear()
-            self._seconds[key, len(members)] = time.perf_counter() - started
+            self._seconds[key, len(members)] = time.thread_time() - started
 
     def _outcomes(self, key: K, members: list[Member[Q, R]]) -> list[R | BaseException]:
         if len(members) > 1:
