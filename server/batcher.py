@@ -68,8 +68,10 @@ class Batcher(Generic[K, Q, R]):
         run_batch: Callable[[K, Sequence[Q]], Sequence[R | BaseException]],
         on_batch: Callable[[int], None] = lambda size: None,
         quick_seconds: float = 0.0,
+        costs: Costs[K] | None = None,
     ) -> None:
-        """`quick_seconds`: a batch whose latest run at its size took less runs on the loop."""
+        """`quick_seconds`: a batch whose latest run at its size took less CPU runs on the
+        loop; `costs`: what decides, from CPU time measured, whether a batch runs stacked."""
         if config.window_us <= 0 or config.max_batch < 2:
             raise ValueError(f"batching needs a window > 0 and max_batch >= 2, got {config}")
         self.config = config
@@ -77,7 +79,7 @@ class Batcher(Generic[K, Q, R]):
         self._run_batch, self._on_batch = run_batch, on_batch
         self._quick_seconds = quick_seconds
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
-        self._seconds: dict[tuple[K, int], float] = {}  # the latest run by key and size
+        self._costs: Costs[K] = costs or Costs()
 
     async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
         """The member's answer, once its batch (closed by the window or by max_batch) has run
@@ -121,7 +123,7 @@ class Batcher(Generic[K, Q, R]):
         members = batch.members
         if not members:
             return
-        if self._seconds.get((key, len(members)), self._quick_seconds) < self._quick_seconds:
+        if self._costs.batch.get((key, len(members)), self._quick_seconds) < self._quick_seconds:
             self._settle(members, self._answers(key, members), None)
             return
         try:
@@ -154,26 +156,66 @@ class Batcher(Generic[K, Q, R]):
         finally:
             for m in members:
                 m.release()
-            if len(self._seconds) >= _MOST_TIMINGS:  # a bound: forget, then learn again
-                self._seconds.clear()
-            self._seconds[key, len(members)] = time.thread_time() - started
+            _note(self._costs.batch, (key, len(members)), time.thread_time() - started)
 
     def _outcomes(self, key: K, members: list[Member[Q, R]]) -> list[R | BaseException]:
-        if len(members) > 1:
+        """Stacked, where stacking was measured to cost less per request than running alone
+        at this batch size (or is not measured yet); else each member alone."""
+        n = len(members)
+        if n > 1 and self._costs.stack(key, n):
+            started = time.thread_time()
             try:
-                self._on_batch(len(members))
+                self._on_batch(n)
                 outcomes = list(self._run_batch(key, [m.item for m in members]))
-                if len(outcomes) == len(members):
-                    return outcomes
-                raise RuntimeError(f"{len(outcomes)} outcomes for {len(members)} members")
+                if len(outcomes) != n:
+                    raise RuntimeError(f"{len(outcomes)} outcomes for {n} members")
+                _note(self._costs.stacked, (key, n), (time.thread_time() - started) / n)
+                return outcomes
             except Exception as e:  # each member runs alone, so errors stay per request
-                log.warning(
-                    "a stacked run of %d requests failed, each runs alone: %s", len(members), e
-                )
-        return [_alone(m.alone) for m in members]
+                log.warning("a stacked run of %d requests failed, each runs alone: %s", n, e)
+        started = time.thread_time()
+        outcomes = [_alone(m.alone) for m in members]
+        _note(self._costs.alone, key, (time.thread_time() - started) / n)
+        return outcomes
 
 
-_MOST_TIMINGS = 4096  # (key, size) pairs whose latest run time is kept
+_MOST_TIMINGS = 4096  # entries of each table of Costs
+_RETRY = 16  # a choice measured to lose is tried again every this many batches: costs drift
+
+
+def _note(table: dict[Any, float], key: Any, seconds: float) -> None:
+    """A moving average of CPU seconds; past _MOST_TIMINGS entries the table forgets them all
+    and learns again (a bound on memory)."""
+    if len(table) >= _MOST_TIMINGS:
+        table.clear()
+    old = table.get(key)
+    table[key] = seconds if old is None else 0.75 * old + 0.25 * seconds
+
+
+@dataclass
+class Costs(Generic[K]):
+    """CPU seconds measured: a whole batch's run (answers included) by key and size, and per
+    request, stacked by key and size, and alone by key. Written from pool threads too: each
+    dict operation is atomic, and a lost update only delays what is learnt."""
+
+    batch: dict[tuple[K, int], float] = field(default_factory=dict)
+    stacked: dict[tuple[K, int], float] = field(default_factory=dict)
+    alone: dict[K, float] = field(default_factory=dict)
+    counts: dict[tuple[K, int], int] = field(default_factory=dict)  # batches since a retry
+
+    def stack(self, key: K, n: int) -> bool:
+        """Whether n members of `key` should run stacked: what is not measured yet is tried
+        (stacked first), then the cheaper way per request wins, the other tried again now
+        and then."""
+        stacked, alone = self.stacked.get((key, n)), self.alone.get(key)
+        if stacked is None or alone is None:
+            return stacked is None
+        pays = stacked < alone
+        count = (self.counts.get((key, n), 0) + 1) % _RETRY
+        if len(self.counts) >= _MOST_TIMINGS:
+            self.counts.clear()
+        self.counts[key, n] = count
+        return pays if count else not pays
 
 
 def _outcome(done: asyncio.Future[Any]) -> tuple[list[Any] | None, BaseException | None]:

@@ -33,7 +33,7 @@ from graphgrad.engine.stacking import (
     stack_key,
     stack_size,
 )
-from graphgrad.server.batcher import Batcher, BatchingConfig, Member
+from graphgrad.server.batcher import Batcher, BatchingConfig, Costs, Member
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -240,6 +240,7 @@ class Recorder:
 
     def __init__(self, fail_whole: bool = False) -> None:
         self.batches: list[list[object]] = []
+        self.threads: list[str] = []  # where each batch ran
         self.held_while_running: list[int] = []
         self.fail_whole = fail_whole
         self.lock = threading.Lock()
@@ -248,6 +249,7 @@ class Recorder:
     def __call__(self, key, items):
         with self.lock:
             self.batches.append(list(items))
+            self.threads.append(threading.current_thread().name)
             self.held_while_running.append(self.slots)
         if self.fail_whole:
             raise RuntimeError("the stacked run failed")
@@ -291,9 +293,20 @@ def run_all(batcher: Batcher, rec: Recorder, items, cancel_after_join: set[int] 
 FOREVER = 600_000_000  # a window far longer than any test: batches leave because they are full
 
 
+class AlwaysStack(Costs):
+    """Every batch runs stacked, whatever its costs measure (the tests of the window)."""
+
+    def stack(self, key, n):
+        return True
+
+
+def batcher_of(rec: Recorder, window_us: int, max_batch: int, **kw) -> Batcher:
+    return Batcher(BatchingConfig(window_us, max_batch), rec, costs=AlwaysStack(), **kw)
+
+
 def test_a_full_batch_runs_at_once_and_no_batch_exceeds_max_batch():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=FOREVER, max_batch=4), rec)
+    batcher = batcher_of(rec, FOREVER, 4)
     out = run_all(batcher, rec, [("k", f"m{i}") for i in range(8)])
     assert out == [(f"m{i}", 4) for i in range(8)]
     assert rec.batches == [["m0", "m1", "m2", "m3"], ["m4", "m5", "m6", "m7"]]
@@ -304,7 +317,7 @@ def test_a_full_batch_runs_at_once_and_no_batch_exceeds_max_batch():
 
 def test_a_batch_leaves_when_its_window_ends_and_one_member_runs_alone():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=1000, max_batch=64), rec)
+    batcher = batcher_of(rec, 1000, 64)
     assert run_all(batcher, rec, [("k", "m")]) == [("m", "alone")]  # nobody came
     assert run_all(batcher, rec, [("k", f"m{i}") for i in range(5)]) == [
         (f"m{i}", 5) for i in range(5)
@@ -315,7 +328,7 @@ def test_a_batch_leaves_when_its_window_ends_and_one_member_runs_alone():
 
 def test_keys_never_mix():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=FOREVER, max_batch=2), rec)
+    batcher = batcher_of(rec, FOREVER, 2)
     out = run_all(batcher, rec, [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2")])
     assert out == [("a1", 2), ("b1", 2), ("a2", 2), ("b2", 2)]
     assert rec.batches == [["a1", "a2"], ["b1", "b2"]]
@@ -323,18 +336,18 @@ def test_keys_never_mix():
 
 def test_a_failing_member_fails_alone_and_a_failed_stack_runs_each_alone():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=FOREVER, max_batch=3), rec)
+    batcher = batcher_of(rec, FOREVER, 3)
     out = run_all(batcher, rec, [("k", "m0"), ("k", "bad1"), ("k", "m2")])
     assert out == [("m0", 3), ("error", "bad1"), ("m2", 3)]
     failing = Recorder(fail_whole=True)
-    batcher = Batcher(BatchingConfig(window_us=FOREVER, max_batch=3), failing)
+    batcher = batcher_of(failing, FOREVER, 3)
     out = run_all(batcher, failing, [("k", f"m{i}") for i in range(3)])
     assert out == [(f"m{i}", "alone") for i in range(3)] and failing.slots == 0
 
 
 def test_a_member_cancelled_while_its_batch_is_open_leaves_it_and_the_others_are_answered():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=1000, max_batch=64), rec)
+    batcher = batcher_of(rec, 1000, 64)
     out = run_all(batcher, rec, [("k", f"m{i}") for i in range(4)], cancel_after_join={1})
     assert out == [("m0", 3), "cancelled", ("m2", 3), ("m3", 3)]
     assert rec.batches == [["m0", "m2", "m3"]] and rec.slots == 0  # its slot went back at once
@@ -342,9 +355,42 @@ def test_a_member_cancelled_while_its_batch_is_open_leaves_it_and_the_others_are
 
 def test_a_batch_whose_members_all_left_never_runs():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=1000, max_batch=64), rec)
+    batcher = batcher_of(rec, 1000, 64)
     assert run_all(batcher, rec, [("k", "m0"), ("k", "m1")], {0, 1}) == ["cancelled"] * 2
     assert rec.batches == [] and rec.slots == 0 and batcher.waiting() == 0
+
+
+def test_a_batch_runs_on_the_loop_once_its_run_was_measured_quick():
+    rec = Recorder()
+    batcher = batcher_of(rec, FOREVER, 2, quick_seconds=600.0)
+    for _ in range(2):
+        assert run_all(batcher, rec, [("k", "m0"), ("k", "m1")]) == [("m0", 2), ("m1", 2)]
+    assert rec.threads[0] != "MainThread" and rec.threads[1] == "MainThread"
+    assert rec.slots == 0
+
+
+def test_a_batch_runs_stacked_only_where_stacking_was_measured_to_cost_less():
+    costs: Costs = Costs()
+    assert costs.stack("k", 4)  # nothing measured: try stacked
+    costs.stacked["k", 4] = 2.0
+    assert not costs.stack("k", 4)  # then alone
+    costs.alone["k"] = 1.0  # alone costs less per request than a stack of 4
+    choices = [costs.stack("k", 4) for _ in range(32)]
+    assert choices.count(True) == 2 and not choices[0]  # tried stacked again now and then
+    costs.alone["k"] = 3.0
+    assert costs.stack("k", 4) and costs.stack("k", 2)  # 2: not measured yet
+
+
+def test_a_batch_learns_its_costs_and_runs_each_member_alone_when_stacking_costs_more():
+    rec = Recorder()
+    costs: Costs = Costs()
+    batcher = Batcher(BatchingConfig(FOREVER, 2), rec, costs=costs)
+    items = [("k", "m0"), ("k", "m1")]
+    assert run_all(batcher, rec, items) == [("m0", 2), ("m1", 2)]  # stacked: not measured yet
+    assert run_all(batcher, rec, items) == [("m0", "alone"), ("m1", "alone")]  # now alone
+    assert set(costs.stacked) == {("k", 2)} and set(costs.alone) == {"k"}
+    costs.stacked["k", 2], costs.alone["k"] = 1.0, 2.0  # stacking measured cheaper
+    assert run_all(batcher, rec, items) == [("m0", 2), ("m1", 2)]
 
 
 def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():
