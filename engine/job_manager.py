@@ -139,6 +139,24 @@ class ManagedJob:
         return JobView(self.id, self.status, self.durable, self.error, self.created, worker)
 
 
+class News:
+    """What a watcher sends of a job: every view of a job running here; of a stored job
+    read again, only those that differ from the last sent. It ends with a terminal one."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, int, str, str] | None = None  # of the last view sent
+        self.ended = False
+
+    def of(self, job: ManagedJob) -> JobView | None:
+        view = job.view()
+        key = (view.status, view.progress.steps_done, view.error, view.worker)
+        self.ended = view.status in TERMINAL
+        if key == self.last and not job.live:
+            return None
+        self.last = key
+        return view
+
+
 @dataclass(frozen=True)
 class Built:
     specs: list[TrainSpec]
@@ -463,7 +481,7 @@ class JobManager(Generic[S]):
         """The job's view now and after every change until it ends (and every `interval`
         seconds, for a caller with a deadline), blocking the caller's thread between them.
         A stored job not run here is read again, twice a second, until it runs here or ends."""
-        last: tuple[str, int, str, str] | None = None  # of the last view sent
+        news = News()
         while True:
             job = self.job(job_id)
             seen = -1
@@ -473,12 +491,9 @@ class JobManager(Generic[S]):
                         yield job.view()
                     continue
                 seen = job.version
-                view = job.view()
-                key = (view.status, view.progress.steps_done, view.error, view.worker)
-                if key != last or job.live:  # a stored job read again: news only
-                    last = key
+                if (view := news.of(job)) is not None:
                     yield view
-                if view.status in TERMINAL:
+                if news.ended:
                     return
             time.sleep(0.5)
 
@@ -493,7 +508,7 @@ class JobManager(Generic[S]):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(changed.set)
 
-        last: tuple[str, int, str, str] | None = None  # of the last view sent
+        news = News()
         while True:
             job = await asyncio.to_thread(self.job, job_id)
             job.listeners.add(wake)
@@ -505,12 +520,9 @@ class JobManager(Generic[S]):
                         await changed.wait()
                         continue
                     seen = job.version
-                    view = job.view()
-                    key = (view.status, view.progress.steps_done, view.error, view.worker)
-                    if key != last or job.live:  # a stored job read again: news only
-                        last = key
+                    if (view := news.of(job)) is not None:
                         yield view
-                    if view.status in TERMINAL:
+                    if news.ended:
                         return
             finally:
                 job.listeners.discard(wake)
