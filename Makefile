@@ -55,6 +55,7 @@ buflint:
 bench: setup
 	$(BIN)/python bench/remote_latency.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/blas_share.py
 	$(BIN)/python bench/observability.py
 	$(BIN)/python bench/bigdag.py
 	$(BIN)/python bench/wide.py

@@ -7,7 +7,7 @@ hand-vectorised numpy reference doing the same updates on all N networks at once
 ratio (target >= 2.0); also the job with 1 Ray CPU, inline (target >= 1.5: every step is
 one compiled program of the stacked gradient graph), and N = 10,000.
 
-    python bench/ensemble.py
+    python bench/ensemble.py [--cpus 2]    # the Ray rows: 1 CPU and --cpus CPUs
     python bench/ensemble.py --inline    # the inline job at N = 1,000 only, three times
 """
 
@@ -104,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", nargs=3, metavar=("N", "EXECUTOR", "CPUS"), help=argparse.SUPPRESS)
     parser.add_argument("--inline", action="store_true", help="the inline job at N = 1,000 only")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (num_cpus)")
     args = parser.parse_args()
     if args.inline:
         inline_only()
@@ -129,7 +130,8 @@ def main() -> None:
         t_numpy = time.perf_counter() - t
         rate_numpy = n * STEPS / t_numpy
         print(f"N = {n}: numpy by hand         {rate_numpy:12,.0f} network-steps/s")
-        runs = [("inline", "local", 1), ("ray, 1 CPU", "ray", 1), ("ray, 2 CPUs", "ray", 2)]
+        runs = [("inline", "local", 1), ("ray, 1 CPU", "ray", 1)]
+        runs += [(f"ray, {args.cpus} CPUs", "ray", args.cpus)] if args.cpus > 1 else []
         for label, executor, cpus in runs:
             r = job(n, executor, cpus)
             rate = n * STEPS / r["seconds"]

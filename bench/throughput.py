@@ -694,6 +694,8 @@ def target_lines(rows: list[Row]) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
+    from graphgrad.engine.stacking import STACK_ULPS
+
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=1.5, help="timed window of each run")
     p.add_argument("--rounds", type=int, default=3, help="runs per row (median req/s)")
@@ -703,7 +705,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-us", type=int, default=500)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument(
-        "--ulps", type=int, default=64, help="how far a batched answer may be from the unbatched"
+        "--ulps",
+        type=int,
+        default=STACK_ULPS,
+        help="how far a batched answer may be from the unbatched (default: the bound the "
+        "engine promises, STACK_ULPS; docs/batching.md)",
     )
     p.add_argument("--echo", choices=("aio", "sync"), default="aio", help="echo server kind")
     p.add_argument("--quick", action="store_true", help="a smoke run: 0.3 s, one round")

@@ -1,12 +1,12 @@
 """Eight independent branches on Ray versus the local executor and hand-written numpy.
 
 Branch b: x_b (256x512, float32), 4 layers h <- tanh(h @ W) with W 512x512; loss = sum over
-branches of mean(h^2); gradients for every W. Printed in one run: Ray with 2 CPUs, the local
-executor with BLAS pinned to one thread (a subprocess, so the pin holds), the local executor
-with all threads, and a hand-written numpy forward+backward.
+branches of mean(h^2); gradients for every W. Printed in one run: Ray with 2 CPUs (--cpus),
+the local executor with BLAS pinned to one thread (a subprocess, so the pin holds), the local
+executor with all threads, and a hand-written numpy forward+backward.
 Targets: Ray >= 1.7 x faster than one-thread local; Ray no slower than local, all threads.
 
-    python bench/wide.py [--runs 7]
+    python bench/wide.py [--runs 7] [--cpus 2]
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def local_time(runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (num_cpus)")
     parser.add_argument("--local-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_only:
@@ -97,7 +98,7 @@ def main() -> None:
     all_threads = local_time(args.runs)
 
     loss, feeds, wrt = build()
-    client = gg.connect(ray_num_cpus=2)
+    client = gg.connect(ray_num_cpus=args.cpus)
     res = client.run(loss, feeds, wrt=wrt, executor="ray")
     ray_time = median_seconds(
         lambda: client.run(loss, feeds, wrt=wrt, executor="ray"), args.runs, warmup=1
@@ -112,7 +113,7 @@ def main() -> None:
         f"plan: {len(plan.partitions)} partitions, {res.stats.bytes_moved / 1e6:.1f} MB moved "
         f"between tasks, {plan.cut_bytes} bytes across partition cuts"
     )
-    print(f"ray, 2 CPUs                 {ray_time * 1e3:8.1f} ms")
+    print(f"{f'ray, {args.cpus} CPUs':28s}{ray_time * 1e3:8.1f} ms")
     print(f"local, BLAS on 1 thread     {one_thread * 1e3:8.1f} ms")
     print(f"local, all threads          {all_threads * 1e3:8.1f} ms")
     print(f"numpy by hand (all threads) {t_numpy * 1e3:8.1f} ms")

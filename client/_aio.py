@@ -24,11 +24,26 @@ class AsyncClient:
         grad_outputs: output -> seed cotangent, needed for each non-scalar output that is
         differentiated (a scalar output is seeded with 1). executor: "auto", "local" or "ray".
         check_numerics: fail naming the first node that makes a NaN or infinity.
+        exact: never stacked with other requests by a server that batches them
+        (docs/batching.md), so the results are exactly this request's alone.
         timeout: seconds before the run is cancelled (DEADLINE_EXCEEDED remotely).
         Errors: FeedError (a feed's shape or dtype), RequestError (what is asked),
         ValidationError (the graph), ExecutionError (an op failed, naming its node); from a
         server each is also a RemoteError carrying the gRPC code. A remote client uploads
         the graph once per fingerprint, then runs it by reference.
+        """
+        raise NotImplementedError
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        """A run fixed once and called with feeds: `prepared = client.prepare(L, wrt=["W"])`,
+        then `prepared(feeds) -> Result` (what `run(L, feeds, wrt=["W"])` returns) as often as
+        needed, with less work per call: the graph's registration, the names' checks, the
+        plan and (remotely) the request's encoded form are done once, each call sends only
+        the feeds. `run` itself is prepare-then-call.
+
+        outputs, wrt, grad_outputs, executor, check_numerics, exact: as for `run`. grad_outputs
+        given here are the seeds of every call; a call may pass others for the same outputs
+        (`prepared(feeds, grad_outputs={...})`). A call takes `timeout=` in seconds.
         """
         raise NotImplementedError
 

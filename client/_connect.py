@@ -13,7 +13,11 @@ if TYPE_CHECKING:
 
 @overload
 def connect(
-    address: None = None, *, ray_address: str | None = None, ray_num_cpus: int | None = None
+    address: None = None,
+    *,
+    ray_address: str | None = None,
+    ray_num_cpus: int | None = None,
+    calibration: str | Path | None = None,
 ) -> LocalClient: ...
 @overload
 def connect(
@@ -33,6 +37,7 @@ def connect(
     timeout: float | None = None,
     ray_address: str | None = None,
     ray_num_cpus: int | None = None,
+    calibration: str | Path | None = None,
 ) -> LocalClient | RemoteClient:
     """Without an address: run in this process. With "host:port", or the
     "grpc://host:port" (plaintext) / "grpcs://host:port" (TLS) a server prints when it
@@ -43,14 +48,24 @@ def connect(
     seconds. The connection is made on the first call; if nothing answers there, the error
     names the address and says whether any server is listening on it.
     In process, ray_address / ray_num_cpus say which Ray `executor="ray"` uses (default: a
-    local Ray started on first use).
+    local Ray started on first use); calibration: the calibration file its cost model uses
+    (`graphgrad calibrate` writes one; default: the data directory's, as a server there
+    would use: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad, else the defaults).
     """
     # Each kind is imported when first asked for: the remote one brings gRPC.
     if address is None:
         from graphgrad._local import LocalClient
 
-        return LocalClient(ray_address=ray_address, ray_num_cpus=ray_num_cpus)
+        return LocalClient(
+            ray_address=ray_address, ray_num_cpus=ray_num_cpus, calibration=calibration
+        )
     from graphgrad._remote import RemoteClient
+
+    if calibration is not None:
+        raise ValueError(
+            "gg.connect: calibration is for the in-process client; a server uses the one in "
+            "its data directory (`graphgrad calibrate --data-dir ...`)"
+        )
 
     target, secure = split_address(address)
     if secure and tls is False:

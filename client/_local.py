@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
 from graphgrad._local_job import Job
 from graphgrad._plan_view import PlanView
+from graphgrad._prepared import Prepared, Seeds, run_spec
 from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
 from graphgrad._train_specs import ArrayMap, build_specs
@@ -21,17 +25,27 @@ from graphgrad.engine import (
     JobView,
     OpInfo,
     Optimizer,
-    RunOptions,
+    RunRequest,
     Session,
     cluster_from,
+    load_for_client,
 )
 
 
 class LocalClient(AsyncClient):
     """Runs graphs in this process: inline, or on Ray with `executor="ray"`."""
 
-    def __init__(self, *, ray_address: str | None = None, ray_num_cpus: int | None = None) -> None:
-        self.session = Session(Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus))
+    def __init__(
+        self,
+        *,
+        ray_address: str | None = None,
+        ray_num_cpus: int | None = None,
+        calibration: str | Path | None = None,
+    ) -> None:
+        cal = load_for_client(calibration)
+        self.session = Session(
+            Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus, calibration=cal)
+        )
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"
@@ -47,6 +61,39 @@ class LocalClient(AsyncClient):
     def _before_thread(self, executor: str) -> None:
         self.session.start_for(ExecutorKind.parse(executor))
 
+    def prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        exact: bool = False,
+    ) -> Prepared:
+        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
+
+    def _prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None,
+        grad_outputs: Mapping[NodeRef, Any] | None,
+        executor: str,
+        check_numerics: bool,
+        feeds: Mapping[NodeRef, Any] | None = None,
+        exact: bool = False,
+    ) -> Prepared:
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+        request = RunRequest(spec.outputs, {}, spec.wrt, seeds)
+        prepared = self.session.prepare(spec.graph, request, spec.options)
+
+        def runner(feeds: dict[str, np.ndarray], seeds: Seeds, timeout: float | None) -> Result:
+            cancel = Cancellation.within(timeout)
+            res = self.session.run_prepared(prepared, feeds, seeds, cancel)
+            return Result(res.values, res.grads, res.stats)
+
+        return Prepared(spec, seeds, runner)
+
     def run(
         self,
         outputs: NodeRef | Sequence[NodeRef],
@@ -56,12 +103,11 @@ class LocalClient(AsyncClient):
         *,
         executor: str = "auto",
         check_numerics: bool = False,
+        exact: bool = False,
         timeout: float | None = None,
     ) -> Result:
-        _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
-        options = RunOptions(ExecutorKind.parse(executor), check_numerics)
-        res = self.session.run(graph, request, options, Cancellation.within(timeout))
-        return Result(res.values, res.grads, res.stats)
+        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+        return prepared(feeds, timeout=timeout)
 
     def explain(
         self,

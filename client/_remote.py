@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -15,12 +16,14 @@ from graphgrad import wire
 from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
 from graphgrad._plan_view import PlanView
+from graphgrad._prepared import Prepared, RunSpec, Seeds, run_spec
 from graphgrad._remote_job import RemoteJob
 from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
 from graphgrad._train_specs import ArrayMap, build_specs
 from graphgrad.engine import (
     ERROR_DOMAIN,
+    LRU,
     SGD,
     ExecutorKind,
     Graph,
@@ -28,13 +31,16 @@ from graphgrad.engine import (
     JobView,
     OpInfo,
     Optimizer,
-    RunOptions,
+    RunRequest,
     cluster_from,
+    feed_spec,
     rebuild_error,
 )
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 
 MAX_MESSAGE_BYTES = 512 << 20
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
+PREPARED_RUNS = 256  # request skeletons kept per connection (a few hundred bytes each)
 
 
 class RemoteError(GraphError):
@@ -112,6 +118,15 @@ class RemoteClient(AsyncClient):
         self._jobs_stub = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._registered: set[str] = set()
+        # Calls whose request goes serialized: a prepared run's skeleton and feeds.
+        self._raw = {
+            "Run": self._channel.unary_unary(
+                f"/{SERVICE_NAME}/Run",
+                request_serializer=None,  # the request's bytes as they are
+                response_deserializer=service_pb2.RunResponse.FromString,
+            )
+        }
+        self._prepared: LRU[Hashable, _RunCall] = LRU(PREPARED_RUNS)
 
     def __repr__(self) -> str:
         return f"<graphgrad.RemoteClient {self.address}>"
@@ -188,20 +203,63 @@ class RemoteClient(AsyncClient):
         self._registered.add(resp.fingerprint)
         return str(resp.fingerprint)
 
-    def _call_on_graph(self, method: str, msg: Any, graph: Graph, timeout: float | None) -> Any:
+    def _call_on_graph(
+        self, method: str, msg: Any, graph: Graph, timeout: float | None, raw: bool = False
+    ) -> Any:
         """Call with the graph named by fingerprint, registering it first on this connection,
-        and again if the server forgot it (restart, cache eviction)."""
+        and again if the server forgot it (restart, cache eviction). `raw`: `msg` is the
+        request's bytes, naming the fingerprint already (a prepared run's)."""
         if graph.fingerprint not in self._registered:
             self.register(graph, timeout)
-        msg.fingerprint = graph.fingerprint
+        if not raw:
+            msg.fingerprint = graph.fingerprint
+        call = self._call_raw if raw else self._call
         try:
-            return self._call(method, msg, timeout)
+            return call(method, msg, timeout)
         except RemoteError as e:
             if e.code != grpc.StatusCode.NOT_FOUND:
                 raise
             self._registered.discard(graph.fingerprint)
             self.register(graph, timeout)
-            return self._call(method, msg, timeout)
+            return call(method, msg, timeout)
+
+    def _call_raw(self, method: str, payload: bytes, timeout: float | None) -> Any:
+        """A GraphService call whose request is already serialized."""
+        try:
+            return self._raw[method](
+                payload,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as e:
+            raise _remote_error(e, self.address) from None
+
+    def prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        exact: bool = False,
+    ) -> Prepared:
+        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
+
+    def _prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None,
+        grad_outputs: Mapping[NodeRef, Any] | None,
+        executor: str,
+        check_numerics: bool,
+        feeds: Mapping[NodeRef, Any] | None = None,
+        exact: bool = False,
+    ) -> Prepared:
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+        key = (spec.graph.fingerprint, spec.outputs, spec.wrt, spec.seeded, spec.options)
+        call = self._prepared.get_or_make(key, lambda: _RunCall(self, spec))
+        return Prepared(spec, seeds, call)
 
     def run(
         self,
@@ -212,13 +270,11 @@ class RemoteClient(AsyncClient):
         *,
         executor: str = "auto",
         check_numerics: bool = False,
+        exact: bool = False,
         timeout: float | None = None,
     ) -> Result:
-        _, graph, request = build_request(outputs, feeds, wrt, grad_outputs)
-        options = RunOptions(ExecutorKind.parse(executor), check_numerics)
-        msg = wire.encode_run_request(request, options)
-        res = wire.decode_result(self._call_on_graph("Run", msg, graph, timeout))
-        return Result(res.values, res.grads, res.stats)
+        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+        return prepared(feeds, timeout=timeout)
 
     def explain(
         self,
@@ -258,3 +314,31 @@ class RemoteClient(AsyncClient):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _RunCall:
+    """A prepared run's wire form. The request's skeleton (fingerprint, outputs, wrt, options)
+    is serialized once; a call serializes only its feeds (and seeds) and appends them, since
+    protobuf reads concatenated messages as one. The answer's values and gradients are
+    decoded against the outputs' and wrt's declared types (views on the response's bytes)."""
+
+    def __init__(self, client: RemoteClient, spec: RunSpec) -> None:
+        graph = spec.graph
+        self.client, self.graph = client, graph
+        skeleton = wire.encode_run_request(
+            RunRequest(spec.outputs, {}, spec.wrt), spec.options, graph.fingerprint
+        )
+        self.head = skeleton.SerializeToString()
+        index = graph.index
+        self.values = tuple(feed_spec(graph, index[n]) for n in spec.outputs if n in index)
+        self.grads = tuple(feed_spec(graph, index[n]) for n in spec.wrt if n in index)
+
+    def __call__(self, feeds: dict[str, np.ndarray], seeds: Seeds, timeout: float | None) -> Result:
+        body = service_pb2.RunRequest()
+        wire.encode_tensors(feeds, body.feeds)
+        if seeds is not None:
+            wire.encode_tensors(seeds, body.grad_outputs)
+        payload = self.head + body.SerializeToString()
+        resp = self.client._call_on_graph("Run", payload, self.graph, timeout, raw=True)
+        res = wire.decode_result(resp, self.values, self.grads)
+        return Result(res.values, res.grads, res.stats)

@@ -22,7 +22,7 @@ def as_list(refs: NodeRef | Sequence[NodeRef] | None) -> list[NodeRef]:
     return list(refs)
 
 
-def _name(ref: NodeRef, what: str) -> str:
+def name_of(ref: NodeRef, what: str) -> str:
     if isinstance(ref, Tensor):
         return ref.name
     if isinstance(ref, str):
@@ -51,23 +51,31 @@ def build_request(
 ) -> tuple[Graph, engine.Graph, RunRequest]:
     outs, wrts = as_list(outputs), as_list(wrt)
     feeds = dict(feeds or {})
-    builder = find_graph(outs, wrts, list(feeds))
+    builder = find_graph(outs, wrts, list(feeds), list(grad_outputs or {}))
     graph = builder.freeze()
-    typed_feeds = {}
-    for key, value in feeds.items():
-        name = _name(key, "feed keys")
-        if not isinstance(value, np.ndarray):
-            # Lists and Python numbers take the declared dtype; arrays are checked, never cast.
-            i = graph.index.get(name)
-            value = np.asarray(value, dtype=graph.types[i].dtype if i is not None else None)
-        typed_feeds[name] = value
-    seeds = None
-    if grad_outputs is not None:
-        seeds = {_name(k, "grad_outputs keys"): np.asarray(v) for k, v in grad_outputs.items()}
     request = RunRequest(
-        outputs=tuple(_name(o, "outputs") for o in outs),
-        feeds=typed_feeds,
-        wrt=tuple(_name(w, "wrt") for w in wrts),
-        grad_outputs=seeds,
+        outputs=tuple(name_of(o, "outputs") for o in outs),
+        feeds=typed_feeds(graph, feeds),
+        wrt=tuple(name_of(w, "wrt") for w in wrts),
+        grad_outputs=named_seeds(grad_outputs),
     )
     return builder, graph, request
+
+
+def typed_feeds(graph: engine.Graph, feeds: Mapping[NodeRef, Any] | None) -> dict[str, np.ndarray]:
+    """Feeds by input name; lists and Python numbers take the declared dtype, arrays are
+    checked (by the engine or the server), never cast."""
+    typed = {}
+    for key, value in (feeds or {}).items():
+        name = name_of(key, "feed keys")
+        if not isinstance(value, np.ndarray):
+            i = graph.index.get(name)
+            value = np.asarray(value, dtype=graph.types[i].dtype if i is not None else None)
+        typed[name] = value
+    return typed
+
+
+def named_seeds(grad_outputs: Mapping[NodeRef, Any] | None) -> dict[str, np.ndarray] | None:
+    if grad_outputs is None:
+        return None
+    return {name_of(k, "grad_outputs keys"): np.asarray(v) for k, v in grad_outputs.items()}

@@ -9,6 +9,7 @@ reads: a bad field raises FieldError (or the engine's ValidationError/RequestErr
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import TypeVar
 
@@ -31,6 +32,7 @@ from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import OPSET_VERSION, REGISTRY, AttrKind, opset_of
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
+from graphgrad.engine.prepared import FeedSpec
 from graphgrad.engine.simulator import BOUND_NAMES, Cluster, Prediction, TaskTiming, cluster_from
 from graphgrad.engine.training import SGD, Adam, Optimizer, TrainSpec, check_settings, within
 from graphgrad.engine.training_run import Progress
@@ -133,8 +135,22 @@ def _from_fields(cls: type[D], msg: object) -> D:
 # --- tensors -------------------------------------------------------------------------------
 
 
+# Native dtypes that are the wire's own (little-endian machines): arrays of them go as they are.
+_NATIVE_WIRE: dict[np.dtype, int] = (
+    {np.dtype(str(name)): int(v) for name, v in DTYPES.to_wire.items()}
+    if sys.byteorder == "little"
+    else {}
+)
+
+
 def encode_tensor(arr: np.ndarray, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
     out = tensor_pb2.Tensor() if out is None else out
+    wire_dtype = _NATIVE_WIRE.get(arr.dtype)
+    if wire_dtype is not None and arr.flags.c_contiguous:  # the common case: one copy
+        out.dtype = wire_dtype  # type: ignore[assignment]
+        out.shape[:] = arr.shape
+        out.data = arr.tobytes()
+        return out
     dtype, shape, data = tensors.encode(arr)
     out.dtype = DTYPES.encode(dtype)  # type: ignore[assignment]
     out.shape[:] = shape
@@ -164,6 +180,37 @@ def decode_tensors(
     msgs: Mapping[str, tensor_pb2.Tensor], field: str, max_bytes: int | None = None
 ) -> dict[str, np.ndarray]:
     return {k: decode_tensor(v, f"{field}['{k}']", max_bytes) for k, v in msgs.items()}
+
+
+def decode_as(
+    msgs: Mapping[str, tensor_pb2.Tensor],
+    specs: Sequence[FeedSpec],
+    field: str = "feeds",
+    max_bytes: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Tensors checked against a prepared run's signature (`specs`, in its order): when each
+    spec has its tensor, of its dtype, shape and byte count, and nothing else was sent, each is
+    a read-only view on the message's bytes, with no other check to repeat. Anything else
+    (a wrong shape or dtype, a missing, extra or oversized tensor) takes decode_tensors, whose
+    errors, or the engine's feed check after it, name what is wrong."""
+    if len(msgs) == len(specs) and _NATIVE_WIRE:
+        out = {}
+        for spec in specs:
+            t = msgs.get(spec.name)
+            if (
+                t is None
+                or t.dtype != _NATIVE_WIRE.get(spec.dtype)
+                or t.shape != list(spec.shape)
+                or (max_bytes is not None and spec.nbytes > max_bytes)
+            ):
+                break
+            data = t.data
+            if len(data) != spec.nbytes:
+                break
+            out[spec.name] = np.ndarray(spec.shape, spec.dtype, data)  # a view: read-only
+        else:
+            return out
+    return decode_tensors(msgs, field, max_bytes)
 
 
 # --- graphs --------------------------------------------------------------------------------
@@ -276,11 +323,17 @@ def encode_run_request(
 
 
 def decode_run_request(
-    msg: service_pb2.RunRequest, max_tensor_bytes: int | None = None
+    msg: service_pb2.RunRequest,
+    max_tensor_bytes: int | None = None,
+    *,
+    with_feeds: bool = True,
+    with_seeds: bool = True,
 ) -> tuple[RunRequest, RunOptions]:
-    """The request and its options; the graph it names (graph_ref) is the caller's."""
-    feeds = decode_tensors(msg.feeds, "feeds", max_tensor_bytes)
-    seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes)
+    """The request and its options; the graph it names (graph_ref) is the caller's. Without
+    feeds (`with_feeds=False`) the request names what to run: a prepared run's feeds are
+    decoded against its signature (decode_as); without seeds, it has none."""
+    feeds = decode_tensors(msg.feeds, "feeds", max_tensor_bytes) if with_feeds else {}
+    seeds = decode_tensors(msg.grad_outputs, "grad_outputs", max_tensor_bytes) if with_seeds else {}
     request = RunRequest(tuple(msg.outputs), feeds, tuple(msg.wrt), seeds or None)
     executor = decode_executor(msg.options.executor, "options.executor")
     return request, RunOptions(executor, msg.options.check_numerics, msg.options.exact)
@@ -323,14 +376,20 @@ def encode_stats(s: RunStats, out: service_pb2.RunStats) -> None:
     out.partitions = s.partitions
     out.bytes_moved = s.bytes_moved
     out.batch_size = s.batch_size
-    for t in s.tasks:  # TaskStat's fields are the message's
-        out.tasks.add(**dataclasses.asdict(t))
+    out.worker = s.worker
+    for t in s.tasks:  # TaskStat's fields are the message's (not asdict: it deep-copies)
+        out.tasks.add(**{name: getattr(t, name) for name in _TASK_FIELDS})
+
+
+_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskStat))
 
 
 def decode_stats(s: service_pb2.RunStats) -> RunStats:
-    tasks = tuple(_from_fields(TaskStat, t) for t in s.tasks)
+    tasks = tuple(TaskStat(*[getattr(t, name) for name in _TASK_FIELDS]) for t in s.tasks)
     batch_size = s.batch_size or 1  # 0: a server without dynamic batching
-    return RunStats(s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks, batch_size)
+    return RunStats(
+        s.executor, s.wall_time, s.partitions, s.bytes_moved, tasks, batch_size, s.worker
+    )
 
 
 def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
@@ -341,10 +400,18 @@ def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
     return out
 
 
-def decode_result(msg: service_pb2.RunResponse) -> RunResult:
-    values = decode_tensors(msg.values, "values")
-    grads = decode_tensors(msg.grads, "grads")
-    return RunResult(values, grads, decode_stats(msg.stats))
+def decode_result(
+    msg: service_pb2.RunResponse,
+    values: Sequence[FeedSpec] = (),
+    grads: Sequence[FeedSpec] = (),
+) -> RunResult:
+    """The result; given what each value and gradient should be (a prepared run's outputs and
+    wrt), those are decoded as views without further checks (decode_as)."""
+    return RunResult(
+        decode_as(msg.values, values, "values"),
+        decode_as(msg.grads, grads, "grads"),
+        decode_stats(msg.stats),
+    )
 
 
 def encode_explanation(e: Explanation) -> service_pb2.ExplainResponse:

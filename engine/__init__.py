@@ -5,6 +5,7 @@ What the SDK, the wire and the server use is exported here; the rest is the engi
 
 from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.batching import batch_graph
+from graphgrad.engine.calibration import CalibrationError, load_for_client
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.errors import (
     ERROR_DOMAIN,
@@ -59,6 +60,7 @@ from graphgrad.engine.ops import (
 )
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
+from graphgrad.engine.prepared import FeedSpec, PreparedRun, check_seeds, feed_spec
 from graphgrad.engine.session import Explained, LocalSpec, RunOptions, Session
 from graphgrad.engine.simulator import Cluster, Prediction, cluster_from
 from graphgrad.engine.training import (
@@ -75,9 +77,11 @@ from graphgrad.engine.training_run import Placement, Progress
 __all__ = [
     "shape_problem",
     "ERROR_DOMAIN",
+    "CalibrationError",
     "Cluster",
     "Prediction",
     "cluster_from",
+    "load_for_client",
     "rebuild_error",
     "DTYPE_NAMES",
     "FLOAT_DTYPES",
@@ -105,6 +109,10 @@ __all__ = [
     "ExecutorKind",
     "Explained",
     "Explanation",
+    "FeedSpec",
+    "feed_spec",
+    "check_seeds",
+    "PreparedRun",
     "FeedError",
     "Graph",
     "GraphError",

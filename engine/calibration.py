@@ -10,6 +10,7 @@ is a warning and the defaults, never a failed start).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from graphgrad.engine.loops import VIEWS, family
 from graphgrad.engine.ops import Op
 from graphgrad.engine.planner import (
     BYTES_PER_S,
@@ -44,7 +46,9 @@ TASK_LATENCY_S = 5e-4
 REQUEST_OVERHEAD_S = 2e-5
 PUT_OVERHEAD_S = 1e-3  # "each ray.put costs about a millisecond" (engine/ray_executor.py)
 SUBMIT_S = 2e-4
+LOOP_S, REDUCE_LOOP_S, MATRIX_S = 7e-9, 3e-8, 1.5e-7  # engine/loops.py's counts cost these
 CACHE_BYTES = 1 << 21  # a node touching no more than this runs from cache
+LAST_CACHE_BYTES = 32 << 20  # a program whose values outgrow this streams them from memory
 FAMILIES = ("elementwise", "linalg", "reduce")  # measured; other families use the default
 # Ops whose arithmetic costs far more than their family's (keyed "op/dtype" in flops_per_s).
 TRANSCENDENTAL = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sin": np.sin, "cos": np.cos}
@@ -69,11 +73,18 @@ class Calibration:
     default_flops_per_s: float = FLOPS_PER_S  # families and dtypes not measured
     # "family/dtype" -> flops/s (e.g. "linalg/float64"); missing keys use the default.
     flops_per_s: Mapping[str, float] = field(default_factory=dict)
+    loop_s: float = LOOP_S  # one more inner loop of an elementwise op (a broadcast)
+    reduce_loop_s: float = REDUCE_LOOP_S  # one more inner loop of a reduction
+    matrix_s: float = MATRIX_S  # one more matrix of a stacked matmul
+    last_cache_bytes: float = LAST_CACHE_BYTES  # the last-level cache
     store_bytes_per_s: float = STAGE_BYTES_PER_S  # ray.put / ray.get through the object store
     put_overhead_s: float = PUT_OVERHEAD_S  # one ray.put of a small object, at the caller
     submit_s: float = SUBMIT_S  # the caller's cost of submitting one task
     task_overhead_s: float = TASK_OVERHEAD_S  # CPU time one Ray task costs beyond its work
     task_latency_s: float = TASK_LATENCY_S  # a dependency's end to its consumer's start
+    # A task's work on a busy Ray takes this many times one dedicated CPU's (its CPUs
+    # shared with Ray's own processes and whatever else the machine runs).
+    task_slowdown: float = 1.0
     ray_measured: bool = False  # False: the Ray figures are the defaults
 
     def flops_rate(self, family: str, dtype: str, op: str = "") -> float:
@@ -82,11 +93,33 @@ class Calibration:
         rate = rates.get(f"{op}/{dtype}") if op else None
         return rate or rates.get(f"{family}/{dtype}", self.default_flops_per_s)
 
-    def node_seconds(self, op: Op, dtype: str, flops: float, nbytes: float) -> float:
-        """A node's estimated time: dispatch, arithmetic at its op's rate, memory traffic."""
-        rate = self.flops_rate(family(op), dtype, op.name)
-        bw = self.cache_bytes_per_s if nbytes <= CACHE_BYTES else self.bytes_per_s
-        return self.node_overhead_s + flops / rate + nbytes / bw
+    def node_seconds(
+        self,
+        op: Op,
+        dtype: str,
+        flops: float,
+        nbytes: float,
+        loops: int = 0,
+        streaming: bool = False,
+    ) -> float:
+        """A node's estimated time: dispatch, numpy's inner loops (engine/loops.py),
+        arithmetic at its op's rate, memory traffic: from cache for a node touching little,
+        unless its program is `streaming` (its values outgrow the last-level cache, so
+        they come from memory, fresh pages included)."""
+        if op.name in VIEWS:
+            return self.node_overhead_s
+        kind = family(op)
+        rate = self.flops_rate(kind, dtype, op.name)
+        cached = nbytes <= CACHE_BYTES and not streaming
+        bw = self.cache_bytes_per_s if cached else self.bytes_per_s
+        per_loop = (
+            self.matrix_s
+            if kind == "linalg"
+            else self.reduce_loop_s
+            if kind == "reduce"
+            else self.loop_s
+        )
+        return self.node_overhead_s + loops * per_loop + flops / rate + nbytes / bw
 
     def to_json(self) -> str:
         body = {"version": VERSION, **dataclasses.asdict(self)}
@@ -137,11 +170,6 @@ def _positive(where: str, name: str, value: object, allow_zero: bool = False) ->
     return float(value)  # type: ignore[arg-type]
 
 
-def family(op: Op) -> str:
-    """An op's family: the module of engine/ops/ that defines it (elementwise, linalg, ...)."""
-    return op.forward.__module__.rsplit(".", 1)[-1]
-
-
 DEFAULT = Calibration()
 _in_force = DEFAULT  # one per process: the server sets it at start (server/cli.py)
 
@@ -183,6 +211,22 @@ def save(cal: Calibration, path: Path) -> None:
     tmp.replace(path)
 
 
+def default_data_dir() -> Path:
+    """$GRAPHGRAD_DATA_DIR (an empty variable counts as unset), else
+    ~/.local/share/graphgrad: where `graphgrad serve` keeps jobs and `graphgrad calibrate`
+    writes its file."""
+    return Path(os.environ.get("GRAPHGRAD_DATA_DIR") or Path.home() / ".local/share/graphgrad")
+
+
+def load_for_client(path: str | Path | None = None) -> Calibration:
+    """What an in-process client uses: the file at `path` when one is given (unusable: a
+    CalibrationError naming it), else the default data directory's (absent: the defaults;
+    unusable: a warning and the defaults), as a server started there would."""
+    if path is not None:
+        return load(Path(path))
+    return load_or_defaults(default_data_dir())
+
+
 def load_or_defaults(data_dir: Path) -> Calibration:
     """The calibration in data_dir, or the defaults: absent silently, unusable with a warning."""
     path = data_dir / FILE_NAME
@@ -198,24 +242,36 @@ def load_or_defaults(data_dir: Path) -> Calibration:
 # --- measuring -------------------------------------------------------------------------
 
 
-def _median_of(fn: Callable[[], object], repeats: int, sample_s: float = 0.02) -> float:
-    """Seconds per call: the median of `repeats` samples, each as many calls as fill
-    `sample_s`. Samples that long see what a run of the workloads sees on a shared machine
-    (its share of the CPU, preemption included), not a lucky microsecond."""
-    fn()  # warm: allocations, BLAS threads
-    t0 = time.perf_counter()
-    fn()
-    calls = max(1, int(sample_s / max(time.perf_counter() - t0, 1e-7)))
-    samples = []
-    for _ in range(repeats):
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """Seconds per call of a probe: the median of `repeats` samples, each as many calls as
+    fill `sample_s`. `clock`: the process's CPU time (what a dedicated CPU would take, the
+    same on a shared machine whatever else runs) or the wall clock (what a run beside the
+    machine's other work sees, its share of the CPU included)."""
+
+    repeats: int = 9
+    sample_s: float = 0.02
+    clock: Callable[[], float] = time.process_time
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        clock = self.clock
+        fn()  # warm: allocations, BLAS threads
         t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls)
-    return statistics.median(samples)
+        fn()
+        calls = max(1, int(self.sample_s / max(time.perf_counter() - t0, 1e-7)))
+        samples = []
+        for _ in range(self.repeats):
+            t0 = clock()
+            for _ in range(calls):
+                fn()
+            samples.append((clock() - t0) / calls)
+        return statistics.median(samples)
 
 
-def measure_node_overhead(nodes: int = 2000, repeats: int = 5, sample_s: float = 0.02) -> float:
+WALL = Timer(5, 0.02, time.perf_counter)
+
+
+def measure_node_overhead(nodes: int = 2000, timer: Timer = WALL) -> float:
     """Seconds per node of a compiled program of small-vector ops (tanh, add, mul: all
     dispatch and allocation, next to no arithmetic), as most nodes of small graphs are."""
     from graphgrad.engine.autodiff import RunRequest
@@ -230,18 +286,40 @@ def measure_node_overhead(nodes: int = 2000, repeats: int = 5, sample_s: float =
     graph = Graph(chain)
     request = RunRequest((chain[-1].name,), {"x": np.full(16, 0.5)}, ())
     executor = LocalExecutor()
-    return _median_of(lambda: executor.run(graph, request), repeats, sample_s) / nodes
+    return timer(lambda: executor.run(graph, request)) / nodes
+
+
+def measure_request_overhead(node_overhead_s: float, timer: Timer = WALL) -> float:
+    """Seconds one request costs beyond its nodes: an engine Session's run (what the
+    in-process client and the servicers wrap) of four fed vectors, their gradients asked
+    for, less its nodes at `node_overhead_s` each."""
+    from graphgrad.engine.autodiff import RunRequest
+    from graphgrad.engine.ir import Graph, Node
+    from graphgrad.engine.session import Session
+
+    names = ("a", "b", "c", "d")
+    nodes = [Node(n, "input", shape=(16,), dtype="float64") for n in names]
+    nodes += [Node("ab", "mul", ("a", "b")), Node("cd", "mul", ("c", "d"))]
+    nodes += [Node("s", "add", ("ab", "cd")), Node("loss", "sum", ("s",))]
+    graph = Graph(nodes)
+    request = RunRequest(("loss",), {n: np.full(16, 0.5) for n in names}, names)
+    session = Session()
+    # Its program: the 4 forward nodes and about as many gradient nodes.
+    run = timer(lambda: session.run(graph, request))
+    programs = session.dispatcher.local.plan(graph, request)[1].tasks
+    return max(run - sum(len(t.nodes) for t in programs) * node_overhead_s, 0.0)
 
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def measure_compute(quick: bool = False) -> Calibration:
+def measure_compute(quick: bool = False, cpu_clock: bool = True) -> Calibration:
     """The compute figures of one CPU of this machine (Ray's stay the defaults), measured in
     a subprocess whose BLAS has one thread: a task has one CPU (Ray gives its workers
-    OMP_NUM_THREADS=1), and the inline time it predicts is one CPU's."""
+    OMP_NUM_THREADS=1), and the inline time it predicts is one CPU's. `cpu_clock`: see Timer."""
+    call = f"from {__name__} import _print_compute; _print_compute({quick}, {cpu_clock})"
     done = subprocess.run(
-        [sys.executable, "-c", f"from {__name__} import _print_compute; _print_compute({quick})"],
+        [sys.executable, "-c", call],
         env={**os.environ, **ONE_THREAD},
         capture_output=True,
         text=True,
@@ -253,18 +331,20 @@ def measure_compute(quick: bool = False) -> Calibration:
     return Calibration.from_json(done.stdout.strip().splitlines()[-1], "measure_compute")
 
 
-def _print_compute(quick: bool) -> None:
-    print(measure_compute_here(quick).to_json().replace("\n", " "))  # read by measure_compute
+def _print_compute(quick: bool, cpu_clock: bool) -> None:
+    cal = measure_compute_here(quick, cpu_clock)
+    print(cal.to_json().replace("\n", " "))  # read by measure_compute
 
 
-def measure_compute_here(quick: bool) -> Calibration:
+def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
     """measure_compute's figures, in this process (with whatever BLAS threads it has)."""
-    repeats, sample_s = (3, 0.01) if quick else (9, 0.02)
-    overhead = measure_node_overhead(500 if quick else 2000, repeats, sample_s)
-    request = max(measure_node_overhead(1, repeats, sample_s) - overhead, 0.0)
+    clock = time.process_time if cpu_clock else time.perf_counter
+    med = Timer(3, 0.01, clock) if quick else Timer(9, 0.02, clock)
+    overhead = measure_node_overhead(500 if quick else 2000, med)
+    request = measure_request_overhead(overhead, med)
     big = np.ones(1 << 22)  # 32 MiB: out of cache
     # Results are fresh arrays, as a node's are: their allocation and first touch count.
-    memory = 3 * big.nbytes / _median_of(lambda: np.add(big, big), repeats, sample_s)
+    memory = 3 * big.nbytes / med(lambda: np.add(big, big))
     n = 1 << 15  # 256 KiB of float64: the size of a typical tensor, in cache as they are
     rates: dict[str, float] = {}
     bytes_per_s = BYTES_PER_S
@@ -272,23 +352,26 @@ def measure_compute_here(quick: bool) -> Calibration:
         a = np.abs(np.random.default_rng(0).standard_normal(n)).astype(dtype) + 0.5
         b = a[::-1].copy()
         moved = 3 * a.nbytes  # add: two reads and a write, no arithmetic to speak of
-        bw = moved / _median_of(lambda: np.add(a, b), repeats, sample_s)  # noqa: B023
+        bw = moved / med(lambda: np.add(a, b))  # noqa: B023
         if dtype == "float64":
             bytes_per_s = bw
         # What is left after the memory traffic is arithmetic (flops counted as ops do:
         # one per element for elementwise and reductions, 2 m n k for matmul).
-        t = _median_of(lambda: np.multiply(a, b), repeats, sample_s)  # noqa: B023
+        t = med(lambda: np.multiply(a, b))  # noqa: B023
         rates[f"elementwise/{dtype}"] = n / max(t - moved / bw, t * 0.05)
         for name, fn in TRANSCENDENTAL.items():  # each far slower than a multiply
-            t = _median_of(lambda: fn(a), repeats, sample_s)  # noqa: B023
+            t = med(lambda: fn(a))  # noqa: B023
             rates[f"{name}/{dtype}"] = n / max(t - 2 * a.nbytes / bw, t * 0.05)
-        t = _median_of(lambda: a.sum(), repeats, sample_s)  # noqa: B023
+        t = med(lambda: a.sum())  # noqa: B023
         rates[f"reduce/{dtype}"] = n / max(t - a.nbytes / bw, t * 0.05)
         k = 64 if quick else 256  # quick: small enough for one BLAS thread
         m = np.random.default_rng(1).standard_normal((k, k)).astype(dtype)
-        t = _median_of(lambda: m @ m, repeats, sample_s)  # noqa: B023
-        rates[f"linalg/{dtype}"] = 2.0 * k**3 / t
+        # The layouts a gradient multiplies in (x @ W, g @ W.T, x.T @ g), equally weighted.
+        t = med(lambda: m @ m) + med(lambda: m @ m.T) + med(lambda: m.T @ m)  # noqa: B023
+        rates[f"linalg/{dtype}"] = 3 * 2.0 * k**3 / t
+    loop, reduce_loop, matrix = measure_loops(rates["linalg/float64"], med)
     return Calibration(
+        last_cache_bytes=last_cache_bytes(),
         source=f"measured on {socket.gethostname()} at "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (" (quick)" if quick else ""),
         node_overhead_s=overhead,
@@ -296,7 +379,38 @@ def measure_compute_here(quick: bool) -> Calibration:
         bytes_per_s=memory,
         cache_bytes_per_s=bytes_per_s,
         flops_per_s=rates,
+        loop_s=loop,
+        reduce_loop_s=reduce_loop,
+        matrix_s=matrix,
     )
+
+
+def last_cache_bytes() -> float:
+    """The largest CPU cache of this machine, as Linux reports it (the default elsewhere)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        with contextlib.suppress(OSError, ValueError):
+            text = path.read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    return float(max(sizes, default=LAST_CACHE_BYTES))
+
+
+def measure_loops(matmul_flops_per_s: float, med: Timer) -> tuple[float, ...]:
+    """Seconds of one more inner loop (engine/loops.py) of a broadcast, of a reduction over a
+    middle axis and of a stacked matmul: each probe against the same elements in one loop.
+    Stacked float64 [256, 64, 16], as a batch of small networks in training is."""
+    x = np.full((256, 64, 16), 0.5)
+    row, flat = np.full((256, 1, 16), 0.5), np.full(x.shape, 0.25)
+    loops = 256 * 64  # both probes run one loop per run of 16
+    one = med(lambda: np.add(x, flat))
+    loop = (med(lambda: np.add(x, row)) - one) / loops
+    whole = med(lambda: x.sum())
+    reduce_loop = (med(lambda: x.sum(axis=1)) - whole) / loops
+    m = np.full((1024, 8, 8), 0.5)
+    t = med(lambda: np.matmul(m, m))
+    matrix = (t - 2 * m.size * 8 / matmul_flops_per_s) / len(m)
+    return max(loop, 1e-10), max(reduce_loop, 1e-10), max(matrix, 1e-10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +420,7 @@ class RayFigures:
     submit_s: float
     task_overhead_s: float
     task_latency_s: float
+    task_slowdown: float
 
 
 def measure_ray(cpus: int | None = None) -> RayFigures:
@@ -324,36 +439,81 @@ def measure_ray(cpus: int | None = None) -> RayFigures:
             _node_ip_address="127.0.0.1",
         )
     try:
-
-        @ray.remote
-        def nothing(*_: Any) -> int:
-            return 0
-
-        ray.get([nothing.remote() for _ in range(20)])  # workers up
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        tasks = 200
-        t0 = time.perf_counter()
-        ray.get([nothing.remote() for _ in range(tasks)])
-        overhead = (time.perf_counter() - t0) * workers / tasks
-        t0 = time.perf_counter()
-        refs = [nothing.remote() for _ in range(tasks)]
-        submit = (time.perf_counter() - t0) / tasks
-        ray.get(refs)
-        small = np.ones(16)
-        put = _median_of(lambda: ray.put(small), 5)
-        chain = 50
-        t0 = time.perf_counter()
-        ref = nothing.remote()
-        for _ in range(chain - 1):
-            ref = nothing.remote(ref)
-        ray.get(ref)
-        latency = max(0.0, (time.perf_counter() - t0) / chain - overhead)
-        big = np.ones(4 << 20)  # 32 MiB
-        store = big.nbytes / max(_median_of(lambda: ray.put(big), 5) - put, 1e-9)
-        return RayFigures(store, put, submit, overhead, latency)
+        return _ray_probes(ray)
     finally:
         if started:
             ray.shutdown()
+
+
+def _busy(seconds: float) -> None:
+    """Hold one CPU for `seconds` of this process's CPU time (a task's work)."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def _ray_probes(ray: Any) -> RayFigures:
+    """Probe tasks shaped like the executor's (two returns, arrays out, ObjectRefs in):
+    what each costs beyond its work with every CPU busy, what a tensor costs from the task
+    making it to the task reading it, a dependency's latency, a put and a submit."""
+
+    @ray.remote(num_returns=2)
+    def probe(work_s: float, nbytes: int, *upstream: Any) -> tuple[np.ndarray, int]:
+        _busy(work_s)
+        read = sum(float(u[:: 1 << 12].sum()) for u in upstream)  # touch every page
+        return np.full(max(nbytes // 8, 1), read), 0
+
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ray.get([probe.remote(0.0, 8)[1] for _ in range(4 * workers)])  # workers up
+
+    # Every CPU busy: the wall time of many tasks per task, without work (the overhead)
+    # and with known work (how much slower than one dedicated CPU a task's work runs).
+    def per_task(work: float, tasks: int = 16 * workers) -> float:
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            ray.get([probe.remote(work, 8)[1] for _ in range(tasks)])
+            samples.append((time.perf_counter() - t0) * workers / tasks)
+        return statistics.median(samples)
+
+    overhead = max(per_task(0.0), 1e-5)
+    work = 4e-3
+    slowdown = max(1.0, (per_task(work) - overhead) / work)
+    t0 = time.perf_counter()
+    refs = [probe.remote(0.0, 8)[1] for _ in range(100)]
+    submit = (time.perf_counter() - t0) / 100
+    ray.get(refs)
+    small = np.ones(16)
+    put = WALL(lambda: ray.put(small))
+    latency = _executor_latency(put, submit, overhead)
+
+    # A tensor from the task writing it to the task reading it, against a tiny one.
+    def handed_over(nbytes: int) -> float:
+        return WALL(lambda: ray.get(probe.remote(0.0, 8, probe.remote(0.0, nbytes)[0])[1]))
+
+    big = 32 << 20
+    store = big / max(handed_over(big) - handed_over(8), 1e-9)
+    return RayFigures(store, put, submit, overhead, latency, slowdown)
+
+
+def _executor_latency(put_s: float, submit_s: float, overhead_s: float) -> float:
+    """A dependency's latency, from the Ray executor itself running a request of tiny nodes
+    in one partition: the feeds put, its forward and backward tasks submitted, each waiting
+    for what it reads, and the driver's get of the result; what that takes beyond the puts,
+    submits and task overheads, per wait (three: forward, backward, the driver's get)."""
+    from graphgrad.engine.autodiff import RunRequest
+    from graphgrad.engine.ir import Graph, Node
+    from graphgrad.engine.ray_executor import RayExecutor  # joins the Ray running here
+
+    nodes = [Node(n, "input", shape=(16,), dtype="float64") for n in ("x", "w")]
+    nodes += [Node("xw", "mul", ("x", "w")), Node("h", "tanh", ("xw",))]
+    graph = Graph([*nodes, Node("loss", "sum", ("h",))])
+    request = RunRequest(("loss",), {"x": np.full(16, 0.5), "w": np.full(16, 0.5)}, ("w",))
+    executor = RayExecutor()
+    _, sched = executor.plan(graph, request)
+    tasks = len(sched.tasks) - 1  # the last is the caller's, in the driver
+    run = Timer(7, 0.05, time.perf_counter)(lambda: executor.run(graph, request))
+    return max(0.0, (run - put_s - tasks * (submit_s + overhead_s)) / (tasks + 1))
 
 
 def measure(quick: bool = False, ray_cpus: int | None = None) -> Calibration:

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphgrad.engine.autodiff import RunRequest, plan_pass
-from graphgrad.engine.calibration import in_force
+from graphgrad.engine.calibration import Calibration, in_force
+from graphgrad.engine.driver import Schedule
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.executor import Cancellation, Executor, LocalExecutor, RunResult
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
-from graphgrad.engine.planner import Plan, may_prefer_ray, single_partition
-from graphgrad.engine.simulator import ray_is_faster
+from graphgrad.engine.planner import MAX_PARTITIONS, Plan, may_prefer_ray, single_partition
+from graphgrad.engine.simulator import Cluster, choose_partitions
 from graphgrad.engine.training_run import SegmentRunner
 
 log = logging.getLogger("graphgrad.dispatch")
@@ -29,7 +30,9 @@ class ChoiceKey:
     calibration: str  # its source
 
 
-_RAY_WINS: DerivedCache[ChoiceKey, bool] = DerivedCache("auto choices")  # simulated
+# The auto policy's partition count (0: inline), simulated once per request, CPUs and
+# calibration.
+_AUTO: DerivedCache[ChoiceKey, int] = DerivedCache("auto choices")
 EXECUTOR_NAMES = ("auto", "local", "ray")
 
 
@@ -47,12 +50,19 @@ class Dispatcher:
         ray_address: str | None = None,
         ray_num_cpus: int | None = None,
         ray_enabled: bool = True,
+        calibration: Calibration | None = None,
     ) -> None:
         self.local = LocalExecutor()
         self.ray_enabled = ray_enabled
+        self._calibration = calibration
         self._ray_args = (ray_address, ray_num_cpus)
         self._ray: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def calibration(self) -> Calibration:
+        """Its own calibration if it was given one, else the process's (engine/calibration.py)."""
+        return self._calibration or in_force()
 
     @property
     def ray(self) -> Any:
@@ -77,6 +87,10 @@ class Dispatcher:
     def ray_ready(self) -> bool:
         return self._ray is not None and self._ray.started()
 
+    def ray_cpus(self) -> int:
+        """The CPUs of the Ray that is up (1 while none is)."""
+        return int(self.ray.cpus()) if self.ray_ready() else 1
+
     def choose(
         self,
         graph: Graph,
@@ -86,26 +100,60 @@ class Dispatcher:
     ) -> tuple[str, Plan]:
         """The executor a request runs on and its plan; `cancel` stops planning too."""
         check_executor(executor)
+        partitions = self._partitions(graph, request, executor, cancel)
+        if partitions:
+            return "ray", self.ray.plan(graph, request, cancel, partitions)[0]
+        seeded = tuple(request.grad_outputs or ())
+        key = RequestKey(graph.serial, request.outputs, request.wrt, seeded)
+        pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
+        return "local", _SINGLE.get_or_make(key, lambda: single_partition(graph, pass_plan))
+
+    def schedule(
+        self,
+        graph: Graph,
+        request: RunRequest,
+        executor: str,
+        cancel: Cancellation | None = None,
+    ) -> tuple[str, Plan, Schedule]:
+        """`choose`, with the schedule of the plan chosen."""
+        check_executor(executor)
+        partitions = self._partitions(graph, request, executor, cancel)
+        if partitions:
+            return "ray", *self.ray.plan(graph, request, cancel, partitions)
+        return "local", *self.local.plan(graph, request, cancel)
+
+    def _partitions(
+        self, graph: Graph, request: RunRequest, executor: str, cancel: Cancellation | None
+    ) -> int:
+        """At most how many partitions the request runs in on Ray; 0: it runs inline."""
+        if executor == "ray":
+            return MAX_PARTITIONS
+        return self.auto_partitions(graph, request, cancel) if executor == "auto" else 0
+
+    def auto_partitions(
+        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+    ) -> int:
+        """The auto policy: how many partitions to run on Ray, or 0 to run inline. Ray only
+        when it is already up (a request never waits for Ray to start unless it asked for
+        Ray) and the plan simulator, with the calibration in force, predicts it wins; a
+        linear bound rules out most graphs before any partitioning."""
+        cpus = self.ray_cpus()
+        if cpus < 2:
+            return 0
         seeded = tuple(request.grad_outputs or ())
         pass_plan = plan_pass(graph, request.outputs, request.wrt, seeded)
-        if executor == "local":
-            key = RequestKey(graph.serial, request.outputs, request.wrt, seeded)
-            return "local", _SINGLE.get_or_make(key, lambda: single_partition(graph, pass_plan))
-        if executor == "ray":
-            return "ray", self.ray.plan(graph, request, cancel)[0]
-        # auto: Ray only when the plan simulator, with the calibration in force, predicts it
-        # wins and Ray is already up (a request never waits for Ray to start unless it asked
-        # for Ray); a linear bound rules out most graphs before any partitioning.
-        cpus = self.ray.cpus() if self.ray_ready() else 1
-        if cpus > 1 and may_prefer_ray(graph, pass_plan, cpus):
-            plan, sched = self.ray.plan(graph, request, cancel)
-            cal = in_force()
-            choice = ChoiceKey(
-                RequestKey(graph.serial, request.outputs, request.wrt, seeded), cpus, cal.source
-            )
-            if _RAY_WINS.get_or_make(choice, lambda: ray_is_faster(sched, cpus, cal)):
-                return "ray", plan
-        return self.choose(graph, request, "local")
+        if not may_prefer_ray(graph, pass_plan, cpus):
+            return 0
+        cal = self.calibration
+        key = ChoiceKey(
+            RequestKey(graph.serial, request.outputs, request.wrt, seeded), cpus, cal.source
+        )
+        bare = RunRequest(request.outputs, {}, request.wrt, request.grad_outputs)
+
+        def choose() -> int:
+            return choose_partitions(graph, bare, Cluster(1, cpus), cal, cancel).partitions
+
+        return _AUTO.get_or_make(key, choose)
 
     def training_runner(self, executor: str) -> tuple[SegmentRunner, int]:
         """The runner of training segments and the CPUs it has. Starts Ray (on the caller's
@@ -129,7 +177,12 @@ class Dispatcher:
         executor: str = "auto",
         cancel: Cancellation | None = None,
     ) -> RunResult:
+        check_executor(executor)
         if executor == "local" or (executor == "auto" and not self.ray_ready()):
             return self.local.run(graph, request, cancel)  # what `choose` would pick
-        name, _ = self.choose(graph, request, executor, cancel)
-        return self.executor(name).run(graph, request, cancel)
+        if executor == "ray":
+            return self.ray.run(graph, request, cancel)
+        partitions = self.auto_partitions(graph, request, cancel)
+        if partitions:
+            return self.ray.run(graph, request, cancel, partitions)
+        return self.local.run(graph, request, cancel)

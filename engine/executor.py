@@ -11,6 +11,7 @@ import numpy as np
 
 from graphgrad.engine.autodiff import PassPlan, RunRequest, plan_pass
 from graphgrad.engine.cancel import Cancellation
+from graphgrad.engine.codegen import TIER_UP_CALLS
 from graphgrad.engine.driver import (
     InlineProgram,
     InlineRunner,
@@ -20,10 +21,11 @@ from graphgrad.engine.driver import (
     run_schedule,
     schedule,
 )
+from graphgrad.engine.eager import EagerOpError, run_tape, tape
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
-from graphgrad.engine.planner import Plan, partition, single_partition
+from graphgrad.engine.planner import MAX_PARTITIONS, Plan, partition, single_partition
 
 __all__ = ["Cancellation", "Executor", "LocalExecutor", "RunResult", "RunStats", "TaskStat"]
 
@@ -49,6 +51,7 @@ class RunStats:
     bytes_moved: int = 0
     tasks: tuple[TaskStat, ...] = ()
     batch_size: int = 1  # requests run together in one stacked run (engine/stacking.py)
+    worker: str = ""  # the server process that answered ("HOST:PID"); "" in process
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ class Executor(Protocol):
 class PartitionedKey:
     request: RequestKey
     min_partition_seconds: float | None  # None: a single partition
+    max_partitions: int = MAX_PARTITIONS
 
 
 _SCHEDULES: DerivedCache[PartitionedKey, tuple[Plan, Schedule]] = DerivedCache("local schedules")
@@ -102,45 +106,48 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, min_partition_seconds: float | None = None) -> None:
+    def __init__(
+        self, min_partition_seconds: float | None = None, max_partitions: int = MAX_PARTITIONS
+    ) -> None:
         self.min_partition_seconds = min_partition_seconds
+        self.max_partitions = max_partitions
 
     def plan(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> tuple[Plan, Schedule]:
         seeded = tuple(request.grad_outputs or ())
-        bar = self.min_partition_seconds
+        bar, most = self.min_partition_seconds, self.max_partitions
 
         def partitioner(pp: PassPlan) -> Plan:
             if bar is None:
                 return single_partition(graph, pp)
-            return partition(graph, pp, min_seconds=bar, cancel=cancel)
+            return partition(graph, pp, min_seconds=bar, max_partitions=most, cancel=cancel)
 
         def make() -> tuple[Plan, Schedule]:
             sched = schedule(graph, request.outputs, request.wrt, seeded, partitioner)
             return sched.plan, sched
 
-        return _SCHEDULES.get_or_make(PartitionedKey(request_key(graph, request), bar), make)
+        key = PartitionedKey(request_key(graph, request), bar, most)
+        return _SCHEDULES.get_or_make(key, make)
+
+    def run_keyed(
+        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation | None
+    ) -> RunResult:
+        """Run as one inline program, `key` being `request_key(graph, request)` (a prepared
+        run holds it: the warm path builds no key)."""
+        t0 = time.time()
+        values, grads = self._run_inline(graph, key, request, cancel or Cancellation())
+        t1 = time.time()
+        phase = "forward+backward" if request.wrt else "forward"
+        stat = TaskStat(0, phase, t0, t1, "inline")
+        return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
 
     def run(
         self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
     ) -> RunResult:
-        t0 = time.time()
         if self.min_partition_seconds is None:  # one partition: one program, one call
-            key = request_key(graph, request)
-
-            def make() -> InlineProgram:
-                sched = self.plan(graph, request, cancel)[1]
-                return inline_program(
-                    graph, sched, plan_pass(graph, key.outputs, key.wrt, key.seeded)
-                )
-
-            ip = _INLINE.get_or_make(key, make)
-            values, grads = run_inline(graph, ip, request, cancel or Cancellation())
-            t1 = time.time()
-            phase = "forward+backward" if ip.grads else "forward"
-            stat = TaskStat(0, phase, t0, t1, "inline")
-            return RunResult(values, grads, RunStats(self.name, t1 - t0, 1, tasks=(stat,)))
+            return self.run_keyed(graph, request_key(graph, request), request, cancel)
+        t0 = time.time()
         _, sched = self.plan(graph, request, cancel)
         out = run_schedule(graph, sched, request, InlineRunner(), cancel or Cancellation())
         tasks = tuple(TaskStat(s.partition, s.phase, m.start, m.end, m.where) for s, m in out.tasks)
@@ -148,3 +155,29 @@ class LocalExecutor:
         return RunResult(
             out.values, out.grads, RunStats(self.name, time.time() - t0, parts, tasks=tasks)
         )
+
+    def _run_inline(
+        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Tiers, as JIT engines have them: a request's first calls run eagerly (engine/
+        eager.py: no gradient graph, no program); the TIER_UP_CALLS-th makes its program and
+        compiles it at once, and later calls run that."""
+        ip = _INLINE.get(key)
+        if ip is None:
+            tp = tape(graph, key)
+            tp.calls += 1
+            if tp.calls < TIER_UP_CALLS:
+                try:
+                    return run_tape(graph, tp, request, cancel)
+                except EagerOpError:
+                    pass  # the program runs it: its error names the node (gradient ones too)
+
+            def make() -> InlineProgram:
+                sched = self.plan(graph, request, cancel)[1]
+                pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
+                return inline_program(graph, sched, pp)
+
+            ip = _INLINE.get_or_make(key, make)
+            if tp.calls >= TIER_UP_CALLS:
+                ip.program.compiled()
+        return run_inline(graph, ip, request, cancel)

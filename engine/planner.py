@@ -18,6 +18,7 @@ from typing import Any
 from graphgrad.engine.autodiff import PassPlan
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.ir import Graph
+from graphgrad.engine.loops import inner_loops
 from graphgrad.engine.ops import CONSTANT, INPUT
 from graphgrad.engine.plan_cache import DerivedCache
 
@@ -34,6 +35,7 @@ MAX_PARTITIONS = 512  # more tasks than this cost more to schedule than they can
 class NodeCost:
     flops: float
     bytes: float
+    loops: int = 0  # numpy inner loops beyond the first (engine/loops.py)
 
     @property
     def seconds(self) -> float:
@@ -44,7 +46,7 @@ def node_costs(graph: Graph) -> list[NodeCost]:
     # Costs of nodes without attributes depend on their op and types alone: large graphs
     # repeat a few such signatures, worked out once each (and their costs shared).
     same: dict[tuple[Any, ...], NodeCost] = {}
-    free = NodeCost(0.0, 0.0)
+    free = NodeCost(0.0, 0.0, 0)
 
     def make(i: int) -> NodeCost:
         op, t, attrs = graph.ops[i], graph.types[i], graph.nodes[i].attrs
@@ -54,7 +56,11 @@ def node_costs(graph: Graph) -> list[NodeCost]:
         key = (op.name, t.shape, t.dtype, *[(x.shape, x.dtype) for x in ins])  # hashed in C
         cost = None if attrs else same.get(key)
         if cost is None:
-            cost = NodeCost(op.flops(ins, t, attrs), float(t.nbytes + sum(x.nbytes for x in ins)))
+            cost = NodeCost(
+                op.flops(ins, t, attrs),
+                float(t.nbytes + sum(x.nbytes for x in ins)),
+                inner_loops(op, ins, t, attrs),
+            )
             if not attrs:
                 same[key] = cost
         return cost
@@ -164,10 +170,8 @@ def partition(
         into += [q for q in succs[p] if len(succs[p]) == 1 or (relaxed and len(preds[q]) == 1)]
         return into
 
-    # 2. Merge small partitions into a neighbour. Should too many remain, the bar is raised
-    #    (and the no-waiting rule relaxed) until they fit.
-    threshold, relaxed = min_seconds, False
-    while True:
+    # 2. Merge small partitions into a neighbour.
+    def merge_small(threshold: float, relaxed: bool) -> None:
         changed = True
         while changed:
             changed = False
@@ -179,11 +183,49 @@ def partition(
                 if safe:
                     merge(p, min(safe, key=lambda k: seconds[k]))
                     changed = True
-        if len(members) <= max_partitions or threshold > sum(seconds.values()):
-            break
-        threshold, relaxed = max(threshold * 2, TASK_OVERHEAD_S), True
+
+    merge_small(min_seconds, False)
+    # 3. Too many (independent branches merge with no neighbour): pack partitions of one
+    #    level (their longest path from a source; no path joins two of a level), the two
+    #    smallest of the fullest level first.
+    if len(members) > max_partitions:
+        level: dict[int, int] = {}
+        for p in _topological(members, preds):
+            level[p] = 1 + max((level[q] for q in preds[p]), default=-1)
+        by_level: dict[int, list[int]] = {}
+        for p, d in level.items():
+            by_level.setdefault(d, []).append(p)
+        while len(members) > max_partitions:
+            check()
+            row = max(by_level.values(), key=len)
+            if len(row) < 2:
+                break
+            row.sort(key=lambda k: seconds[k])
+            a, b = row.pop(0), row.pop(0)
+            row.append(merge(a, b))
+    # 4. Still too many (long paths of small partitions): raise the bar, relaxing the
+    #    no-waiting rule, until they fit.
+    threshold = min_seconds
+    while len(members) > max_partitions and threshold <= sum(seconds.values()):
+        threshold = max(threshold * 2, TASK_OVERHEAD_S)
+        merge_small(threshold, True)
 
     return _build_plan(graph, plan, members, costs)
+
+
+def _topological(members: dict[int, list[int]], preds: dict[int, set[int]]) -> list[int]:
+    waiting = {p: len(preds[p]) for p in members}
+    succs: dict[int, list[int]] = {p: [] for p in members}
+    for p in members:
+        for q in preds[p]:
+            succs[q].append(p)
+    order = [p for p, n in waiting.items() if n == 0]
+    for p in order:  # grows as it goes
+        for s in succs[p]:
+            waiting[s] -= 1
+            if waiting[s] == 0:
+                order.append(s)
+    return order
 
 
 def _build_plan(

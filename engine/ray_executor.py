@@ -27,7 +27,7 @@ from graphgrad.engine.errors import CancelledError, GraphError
 from graphgrad.engine.executor import Cancellation, LocalExecutor, RunResult, RunStats, TaskStat
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.lru import LRU
-from graphgrad.engine.planner import MIN_PARTITION_S, Plan
+from graphgrad.engine.planner import MAX_PARTITIONS, MIN_PARTITION_S, Plan
 
 log = logging.getLogger("graphgrad.ray")
 
@@ -183,19 +183,29 @@ class RayExecutor:
         return [ref]  # nested, so tasks receive the ref and fetch it only on a cache miss
 
     def plan(
-        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+        self,
+        graph: Graph,
+        request: RunRequest,
+        cancel: Cancellation | None = None,
+        max_partitions: int = MAX_PARTITIONS,
     ) -> tuple[Plan, Schedule]:
         """The schedule the local executor makes over the same partitions (one cache holds
-        both: a local run partitioned like a Ray run is the same schedule)."""
-        return LocalExecutor(self.min_partition_seconds).plan(graph, request, cancel)
+        both: a local run partitioned like a Ray run is the same schedule); at most
+        `max_partitions` of them (the auto policy's choice, engine/simulator.py)."""
+        executor = LocalExecutor(self.min_partition_seconds, max_partitions)
+        return executor.plan(graph, request, cancel)
 
     def run(
-        self, graph: Graph, request: RunRequest, cancel: Cancellation | None = None
+        self,
+        graph: Graph,
+        request: RunRequest,
+        cancel: Cancellation | None = None,
+        max_partitions: int = MAX_PARTITIONS,
     ) -> RunResult:
         cancel = cancel or Cancellation()
         self.start()
         t0 = time.time()
-        _, sched = self.plan(graph, request, cancel)
+        _, sched = self.plan(graph, request, cancel, max_partitions)
         try:
             out = run_schedule(graph, sched, request, _RayRunner(self), cancel)
         except RayTaskError as e:

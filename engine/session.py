@@ -6,14 +6,17 @@ graphgrad.wire) and call it, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.calibration import in_force
@@ -28,13 +31,14 @@ from graphgrad.engine.job_reports import JobView, ResultPart
 from graphgrad.engine.job_store import MemoryJobStore
 from graphgrad.engine.kinds import ExecutorKind
 from graphgrad.engine.ops.docs import OpInfo, op_infos
+from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.planner import Explanation, describe
-from graphgrad.engine.simulator import Cluster, Prediction, predict
+from graphgrad.engine.prepared import PreparedKey, PreparedRun
+from graphgrad.engine.simulator import Cluster, Prediction, choose_partitions, predict
 from graphgrad.engine.training import TrainSpec
 
-# What `prepare` is told: the graph and request about to be run (a serving layer may plan
-# and compile ahead); None does nothing more than planning.
-PrepareHook = Callable[[Graph, RunRequest, ExecutorKind], None]
+# Prepared runs by graph instance, names and options: small, within the plan cache's bounds.
+_PREPARED: DerivedCache[PreparedKey, PreparedRun] = DerivedCache("prepared runs")
 # A job as the in-process client submits it: its templates' specs and the executor.
 LocalSpec = tuple[list[TrainSpec], ExecutorKind]
 
@@ -65,13 +69,9 @@ class Session:
     shared by its workers, its specs the wire's bytes)."""
 
     def __init__(
-        self,
-        dispatcher: Dispatcher | None = None,
-        prepare_hook: PrepareHook | None = None,
-        jobs: JobManager[Any] | None = None,
+        self, dispatcher: Dispatcher | None = None, jobs: JobManager[Any] | None = None
     ) -> None:
         self.dispatcher = dispatcher or Dispatcher()
-        self.prepare_hook = prepare_hook
         self._manager = jobs
         self._handles: dict[str, ManagedJob] = {}  # the in-memory manager's jobs, kept
         self._lock = threading.Lock()
@@ -85,10 +85,62 @@ class Session:
         options: RunOptions = RunOptions(),
         cancel: Cancellation | None = None,
     ) -> RunResult:
-        result = self.dispatcher.run(graph, request, options.executor, cancel)
-        if options.check_numerics:
+        """`prepare` then `run_prepared`: one path for every run."""
+        prepared = self.prepare(graph, request, options)
+        return self.run_prepared(prepared, request.feeds, request.grad_outputs, cancel)
+
+    def prepare(
+        self, graph: Graph, request: RunRequest, options: RunOptions = RunOptions()
+    ) -> PreparedRun:
+        """The request's outputs, wrt and seeded outputs (the keys of its grad_outputs; its
+        feeds are not looked at) checked and planned once, for runs that only bring feeds.
+        Prepared runs are kept (in the plan cache), so preparing again is a lookup."""
+        seeded = tuple(request.grad_outputs or ())
+        key = PreparedRun.key_of(graph, request.outputs, request.wrt, seeded, options)
+        return _PREPARED.get_or_make(key, lambda: PreparedRun(graph, key.request, options))
+
+    def prepared(
+        self,
+        graph: Graph,
+        outputs: Sequence[str],
+        wrt: Sequence[str],
+        seeded: Sequence[str],
+        options: RunOptions,
+    ) -> PreparedRun | None:
+        """The prepared run of these names, if one is held (a look: nothing is planned)."""
+        return _PREPARED.get(PreparedRun.key_of(graph, outputs, wrt, seeded, options))
+
+    def run_prepared(
+        self,
+        prepared: PreparedRun,
+        feeds: Mapping[str, np.ndarray],
+        grad_outputs: Mapping[str, np.ndarray] | None = None,
+        cancel: Cancellation | None = None,
+    ) -> RunResult:
+        """Run a prepared request on `feeds` (checked against `prepared.feeds` by the program)
+        and seeds (for the outputs it seeds)."""
+        request = prepared.request(feeds, grad_outputs)
+        executor, d = str(prepared.options.executor), self.dispatcher
+        if executor == ExecutorKind.AUTO:
+            executor = self._auto(prepared, request, cancel) if d.ray_ready() else "local"
+        if executor == ExecutorKind.LOCAL:
+            result = d.local.run_keyed(prepared.graph, prepared.key, request, cancel)
+        else:
+            result = d.run(prepared.graph, request, executor, cancel)
+        if prepared.options.check_numerics:
             check_finite(result, request.feeds)
+        prepared.ran(result.stats.wall_time)
         return result
+
+    def _auto(self, prepared: PreparedRun, request: RunRequest, cancel: Cancellation | None) -> str:
+        """Where "auto" runs a prepared run while Ray is up: the dispatcher's choice (a pass
+        over the graph at least), kept on the run for as long as the CPUs and the calibration
+        it was made with hold."""
+        d = self.dispatcher
+        key = (int(d.ray.cpus()), in_force().source)
+        if prepared.auto is None or prepared.auto[0] != key:
+            prepared.auto = (key, d.choose(prepared.graph, request, ExecutorKind.AUTO, cancel)[0])
+        return prepared.auto[1]
 
     def explain(
         self,
@@ -107,9 +159,13 @@ class Session:
         cluster: Cluster,
         cancel: Cancellation | None = None,
     ) -> Prediction:
-        """The request's run on `cluster`, simulated with the calibration in force."""
+        """The request's run on `cluster`, simulated with the calibration in force, in the
+        partition count the auto policy picks there (the default plan's if none is Ray's)."""
         bare = RunRequest(request.outputs, {}, request.wrt)
-        return predict(graph, bare, cluster, in_force(), cancel)
+        cal = self.dispatcher.calibration
+        choice = choose_partitions(graph, bare, cluster, cal, cancel)
+        p = choice.prediction or predict(graph, bare, cluster, cal, cancel)
+        return dataclasses.replace(p, choice=str(choice))
 
     def plan(
         self,
@@ -121,19 +177,10 @@ class Session:
         """The explanation with the source of each partition's tasks (compiled once), and
         the prediction on `cluster` if one is given."""
         bare = RunRequest(request.outputs, {}, request.wrt)
-        name, plan = self.dispatcher.choose(graph, bare, executor)
-        _, sched = self.dispatcher.executor(name).plan(graph, bare)
+        name, plan, sched = self.dispatcher.schedule(graph, bare, executor)
         prediction = None if cluster is None else self.predict(graph, bare, cluster)
         source = functools.partial(task_source, sched)
         return Explained(describe(graph, name, plan), source, prediction)
-
-    def prepare(
-        self, graph: Graph, request: RunRequest, executor: ExecutorKind = ExecutorKind.AUTO
-    ) -> None:
-        """Plan (and, with a hook, compile) ahead of the first run: the plan cache keeps it."""
-        self.dispatcher.choose(graph, RunRequest(request.outputs, {}, request.wrt), executor)
-        if self.prepare_hook is not None:
-            self.prepare_hook(graph, request, executor)
 
     def ops(self) -> list[OpInfo]:
         """The ops this engine runs: name, signature, doc, attributes (ListOps' answer)."""

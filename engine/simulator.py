@@ -23,26 +23,33 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from graphgrad.engine.autodiff import RunRequest
-from graphgrad.engine.calibration import Calibration, in_force
+from graphgrad.engine.calibration import CACHE_BYTES, Calibration, in_force
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.driver import CALLER, Schedule
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.ops import INPUT
 from graphgrad.engine.planner import MIN_PARTITION_S, node_costs
+from graphgrad.engine.training import SGD, Adam, activation_bytes
+from graphgrad.engine.training_run import CACHE_BYTES as TRAINING_CACHE_BYTES
+from graphgrad.engine.training_run import next_segment
+
+SEGMENT_STEPS = 25  # engine/training_run.py's TrainingRun.segment_steps
 
 NETWORK_BYTES_PER_S = 1.25e9  # 10 Gb/s between nodes, when not given
 # A replay costs O(tasks x nodes): these bound what one explain() may ask for.
 MAX_NODES, MAX_CPUS_PER_NODE = 256, 4096
 BOUND_NAMES = ("critical path", "cpu", "task overhead", "object store", "network")
-MAX_TIMELINE = 10_000
+MAX_TIMELINE = 10_000  # tasks kept in a prediction's timeline (the makespan counts them all)
 # Ray must be predicted to win by more than the simulator's error (bench/simulate.py's
 # target: within 25 %) before the auto policy sends a request to it.
-RAY_MARGIN = 0.8  # tasks kept in a prediction's timeline (the makespan counts them all)
+RAY_MARGIN = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,7 @@ class Prediction:
     cluster: Cluster
     calibration: str
     bytes_across_nodes: int = 0
+    choice: str = ""  # the auto policy's choice on this cluster (Choice), when asked
 
     @property
     def speedup(self) -> float:
@@ -149,7 +157,7 @@ class Prediction:
             f"inline, {_s(self.one_cpu)}), {self.tasks} tasks, bound by {self.bound}\n"
             f"  critical path {_s(self.critical_seconds)}: {shown}\n"
             f"  lower bounds: {bounds}\n"
-            f"  calibration: {self.calibration}"
+            f"  calibration: {self.calibration}" + (f"\n  {self.choice}" if self.choice else "")
         )
 
 
@@ -167,10 +175,12 @@ def simulate(
     cluster: Cluster,
     staged_bytes: int = 0,
     staged_objects: int = 0,
+    placement: Sequence[int] | None = None,
 ) -> Prediction:
     """Replay `tasks` (in submission order; deps point to earlier tasks) on `cluster`. The
     caller first puts `staged_objects` objects of `staged_bytes` in all into the store, then
-    submits the tasks one by one."""
+    submits the tasks one by one. `placement`: the node of each task, where it is known
+    (what Ray did), instead of the simulator's choice."""
     n = len(tasks)
     store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
     staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
@@ -195,7 +205,12 @@ def simulate(
     while ready:
         _, k = heapq.heappop(ready)  # earliest ready first, then submission order
         t = tasks[k]
-        nodes = [0] if t.on_caller else range(cluster.nodes)
+        if t.on_caller:
+            nodes: Sequence[int] = [0]
+        elif placement is not None:
+            nodes = [placement[k]]
+        else:
+            nodes = range(cluster.nodes)
         best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
         for node in nodes:
             arrive, local, waited = submitted[k], 0, -1
@@ -203,7 +218,7 @@ def simulate(
                 arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
                 local += t.fed_bytes if node == 0 else 0
             for d, nbytes in t.deps:
-                at = end[d] + (0.0 if t.on_caller else cal.task_latency_s)
+                at = end[d] + cal.task_latency_s  # the driver's get waits as a task would
                 if where[d][0] != node:
                     at += nbytes / net
                 else:
@@ -224,7 +239,7 @@ def simulate(
                 waits[k] = waited
         assert best is not None
         at, _, node, cpu = best
-        cost = t.seconds if t.on_caller else (cal.task_overhead_s + t.seconds + t.out_bytes / store)
+        cost = task_cost(t, cal)
         start[k], end[k], where[k] = at, at + cost, (node, cpu)
         if cpu >= 0:
             if cpu == cluster.cpus_per_node - unused[node]:
@@ -248,7 +263,7 @@ def simulate(
     cpus = cluster.cpus
     figures = (
         critical,
-        sum(t.seconds for t in workers) / cpus,
+        sum(t.seconds for t in workers) * cal.task_slowdown / cpus,
         len(workers) * cal.task_overhead_s / cpus,
         staged_at + sum(t.out_bytes for t in workers) / store / cpus,
         across / net / max(1, cluster.nodes - 1),
@@ -270,6 +285,14 @@ def simulate(
     )
 
 
+def task_cost(t: SimTask, cal: Calibration) -> float:
+    """Seconds a task holds its CPU: in the driver, its work; on a worker, the task overhead,
+    its work at the busy cluster's pace, and writing its exports into the object store."""
+    if t.on_caller:
+        return t.seconds
+    return cal.task_overhead_s + t.seconds * cal.task_slowdown + t.out_bytes / cal.store_bytes_per_s
+
+
 def _critical_path(
     tasks: Sequence[SimTask], cal: Calibration, submitted: Sequence[float]
 ) -> tuple[tuple[str, ...], float]:
@@ -277,17 +300,12 @@ def _critical_path(
     finish: list[float] = []
     via: list[int] = []
     for k, t in enumerate(tasks):
-        lat = 0.0 if t.on_caller else cal.task_latency_s
+        lat = cal.task_latency_s
         begin, came = submitted[k], -1
         for d, _ in t.deps:
             if finish[d] + lat > begin:
                 begin, came = finish[d] + lat, d
-        cost = (
-            t.seconds
-            if t.on_caller
-            else (cal.task_overhead_s + t.seconds + t.out_bytes / cal.store_bytes_per_s)
-        )
-        finish.append(begin + cost)
+        finish.append(begin + task_cost(t, cal))
         via.append(came)
     if not tasks:
         return (), 0.0
@@ -305,14 +323,18 @@ def _critical_path(
 
 
 def node_seconds(graph: Graph, nodes: Sequence[int], cal: Calibration) -> float:
-    """The calibrated cost model's time for these nodes of `graph` (inputs are free)."""
+    """The calibrated cost model's time for these nodes of `graph` run as one program
+    (inputs are free); a program whose values outgrow the last-level cache streams them."""
     costs = node_costs(graph)
+    ops, types = graph.ops, graph.types
+    made = sum(types[i].nbytes for i in nodes if ops[i] is not INPUT)
+    streaming = made > cal.last_cache_bytes
     total = 0.0
     for i in nodes:
-        if graph.ops[i] is INPUT:
+        if ops[i] is INPUT:
             continue
         c = costs[i]
-        total += cal.node_seconds(graph.ops[i], graph.types[i].dtype, c.flops, c.bytes)
+        total += cal.node_seconds(ops[i], types[i].dtype, c.flops, c.bytes, c.loops, streaming)
     return total
 
 
@@ -325,10 +347,8 @@ def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], in
     readers: dict[int, set[int]] = {}
     for spec in sched.tasks:
         caller = spec.phase == CALLER
-        deps = tuple(
-            (u, sum(nbytes[j] for j in set(spec.reads) & set(sched.tasks[u].exports)))
-            for u in spec.upstream
-        )
+        # Ray moves a task's exports as one object: a reader on another node fetches it all.
+        deps = tuple((u, sum(nbytes[j] for j in sched.tasks[u].exports)) for u in spec.upstream)
         name = "caller" if caller else f"P{spec.partition} {spec.phase}"
         if not caller:
             for j in spec.feeds:
@@ -348,20 +368,87 @@ def schedule_tasks(sched: Schedule, cal: Calibration) -> tuple[list[SimTask], in
 
 
 def predict_schedule(
-    sched: Schedule, cluster: Cluster, cal: Calibration | None = None
+    sched: Schedule,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    placement: Sequence[int] | None = None,
 ) -> Prediction:
+    """The schedule's tasks replayed on `cluster` (`placement`: see `simulate`)."""
     cal = cal or in_force()
     tasks, staged, objects = schedule_tasks(sched, cal)
-    return simulate(tasks, cal, cluster, staged, objects)
+    return simulate(tasks, cal, cluster, staged, objects, placement)
 
 
-def ray_is_faster(sched: Schedule, cpus: int, cal: Calibration | None = None) -> bool:
-    """Whether the schedule's simulated makespan on `cpus` CPUs beats running it inline on
-    one, by more than the simulator's error: the auto policy's choice."""
-    if len(sched.plan.partitions) < 2 or cpus < 2:
-        return False
-    p = predict_schedule(sched, Cluster(1, cpus), cal)
-    return p.makespan < RAY_MARGIN * p.one_cpu
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The auto policy's decision for a request on a cluster: Ray with `partitions`
+    partitions, or inline (`partitions` 0), from the simulated makespans of the candidate
+    partition counts (`candidates`: partitions and makespan, fewest first)."""
+
+    partitions: int
+    inline_s: float
+    candidates: tuple[tuple[int, float], ...]
+    prediction: Prediction | None  # of the Ray plan chosen (the fastest) when there is one
+
+    @property
+    def ray(self) -> bool:
+        return self.partitions > 0
+
+    def __str__(self) -> str:
+        tried = ", ".join(f"{k}: {_s(t)}" for k, t in self.candidates) or "none"
+        picked = f"ray with {self.partitions} partitions" if self.ray else "inline"
+        return f"auto picks {picked} (simulated inline {_s(self.inline_s)}; ray {tried})"
+
+
+CANDIDATE_FACTORS = (1, 2, 4)  # partition counts tried: these times the CPUs, 2, and all
+
+
+def choose_partitions(
+    graph: Graph,
+    request: RunRequest,
+    cluster: Cluster,
+    cal: Calibration | None = None,
+    cancel: Cancellation | None = None,
+) -> Choice:
+    """Simulate the Ray plan at each candidate partition count (at most 2, the CPUs, twice
+    and four times them, and as many as the planner makes) and pick the fastest, a tie
+    going to fewer; Ray only if that beats one CPU inline by more than the simulator's
+    error (RAY_MARGIN)."""
+    from graphgrad.engine.executor import LocalExecutor  # the Ray executor's plans, without Ray
+
+    cal = cal or in_force()
+    widest, _ = LocalExecutor(MIN_PARTITION_S).plan(graph, request, cancel)
+    most = len(widest.partitions)
+    counts = sorted(
+        {most, *(c for c in (2, *(f * cluster.cpus for f in CANDIDATE_FACTORS)) if c < most)}
+    )
+    seen: dict[int, Prediction] = {}
+    for k in counts:
+        plan, sched = LocalExecutor(MIN_PARTITION_S, k).plan(graph, request, cancel)
+        n = len(plan.partitions)
+        if n >= 2 and n not in seen:
+            seen[n] = predict_schedule(sched, cluster, cal)
+    inline = _inline_seconds(graph, request, cal)
+    seen = {k: dataclasses.replace(p, one_cpu=inline) for k, p in seen.items()}
+    candidates = tuple(sorted((k, p.makespan) for k, p in seen.items()))
+    best: tuple[int, float] | None = None
+    for k, t in candidates:  # fewest first: a later count must be faster to win
+        if best is None or t < best[1] * (1 - TIE):
+            best = (k, t)
+    if best is None or cluster.cpus < 2 or best[1] >= RAY_MARGIN * inline:
+        return Choice(0, inline, candidates, seen[best[0]] if best else None)
+    return Choice(best[0], inline, candidates, seen[best[0]])
+
+
+TIE = 0.02  # makespans closer than this are a tie
+
+
+def _inline_seconds(graph: Graph, request: RunRequest, cal: Calibration) -> float:
+    """The request inline on one CPU: its single-partition program (the local executor's)."""
+    from graphgrad.engine.executor import LocalExecutor
+
+    _, sched = LocalExecutor().plan(graph, request)
+    return predict_schedule(sched, Cluster(1, 1), cal).one_cpu
 
 
 def predict(
@@ -371,42 +458,78 @@ def predict(
     cal: Calibration | None = None,
     cancel: Cancellation | None = None,
 ) -> Prediction:
-    """A request on `cluster`, partitioned as the Ray executor partitions it."""
+    """A request on `cluster`, partitioned as the Ray executor partitions it by default; its
+    one-CPU time is the local executor's (one program)."""
     from graphgrad.engine.executor import LocalExecutor  # the Ray executor's plan, made without Ray
 
+    cal = cal or in_force()
     _, sched = LocalExecutor(MIN_PARTITION_S).plan(graph, request, cancel)
-    return predict_schedule(sched, cluster, cal)
+    p = predict_schedule(sched, cluster, cal)
+    return dataclasses.replace(p, one_cpu=_inline_seconds(graph, request, cal))
+
+
+def training_step_seconds(
+    template: Graph,
+    loss: str,
+    params: Sequence[str],
+    per_network: Sequence[str],
+    networks: int,
+    cal: Calibration,
+    update_ops: int = 2,
+) -> float:
+    """One step of a chunk of `networks` networks, as engine/training.py's ChunkTrainer runs
+    it: the stacked gradient graph (the batching transform of `template`, then the gradient
+    transform) costed node by node at its stacked shapes, the optimizer's `update_ops`
+    elementwise ops per parameter, and the step's own bookkeeping (one request's)."""
+    from graphgrad.engine.batching import batch_graph
+    from graphgrad.engine.grad import grad_graph
+
+    stacked, refs = batch_graph(template, {*params, *per_network}, networks)
+    losses = refs[loss].name
+    grads = grad_graph(stacked, [losses], list(params), [losses])
+    full, pos = grads.graph, grads.graph.index
+    needed = full.ancestors([pos[losses], *(pos[g] for g in grads.grads)])
+    seconds = node_seconds(full, [i for i in needed if full.ops[i] is not INPUT], cal)
+    for p in params:
+        nbytes = 3 * full.types[pos[refs[p].name]].nbytes  # reads two arrays, writes one
+        bw = cal.cache_bytes_per_s if nbytes <= CACHE_BYTES else cal.bytes_per_s
+        seconds += update_ops * (cal.node_overhead_s + nbytes / bw)
+    return seconds + cal.request_overhead_s
+
+
+def update_ops(optimizer: object) -> int:
+    """Elementwise ops the optimizer's update runs per parameter (engine/training.py)."""
+    if isinstance(optimizer, Adam):
+        return 12
+    return 4 if isinstance(optimizer, SGD) and optimizer.momentum else 2
 
 
 def training_tasks(
-    step_fixed_s: float,
-    step_per_network_s: float,
+    step_seconds: Callable[[int], float],
     state_bytes_per_network: int,
     networks: int,
     steps: int,
     chunks: int,
-    segment_s: float,
+    first_segment: int = SEGMENT_STEPS,
 ) -> tuple[list[SimTask], int]:
-    """A batched training job as Ray runs it (engine/ray_executor.py's RaySegmentRunner):
-    `chunks` independent chains of segments, each segment a task of about `segment_s` that
-    reads its chunk's state (parameters and optimizer state) and writes it back. Also the
-    bytes staged: every chunk's first state."""
+    """A batched training job as Ray runs it (engine/ray_training.py's RaySegmentRunner):
+    `chunks` independent chains of segments, each segment a task that reads its chunk's
+    state (parameters and optimizer state) and writes it back; the first `first_segment`
+    steps long, the next sized by engine/training_run.py's `next_segment`. Also the bytes
+    staged: every chunk's first state. `step_seconds(m)`: one step of m networks."""
     tasks: list[SimTask] = []
-    base, extra = divmod(networks, chunks)
-    for c in range(chunks):
-        m = base + (c < extra)
-        if m == 0:
-            continue
-        step = step_fixed_s + m * step_per_network_s
-        per_segment = max(1, min(steps, int(segment_s / step) if step > 0 else steps))
+    sizes = [len(c) for c in np.array_split(np.arange(networks), chunks) if len(c)]
+    for c, m in enumerate(sizes):
+        step = step_seconds(m)
         state = m * state_bytes_per_network
-        done, prev = 0, -1
+        done, prev, length = 0, -1, first_segment
         while done < steps:
-            run = min(per_segment, steps - done)
+            run = min(length, steps - done)
             deps = ((prev, state),) if prev >= 0 else ()
             name = f"chunk {c} steps {done}-{done + run}"
             tasks.append(SimTask(name, run * step, deps, 0 if deps else state, state))
             prev, done = len(tasks) - 1, done + run
+            length = next_segment(run, run * step, length)
     return tasks, networks * state_bytes_per_network
 
 
@@ -418,24 +541,34 @@ def predict_training(
     steps: int,
     cluster: Cluster,
     cal: Calibration | None = None,
-    segment_s: float = 0.5,
+    per_network: Sequence[str] = (),
+    optimizer: object = None,
 ) -> Prediction:
-    """A job training `networks` copies of `template` for `steps` steps on `cluster`: one
-    network's gradient graph, stacked (the per-node dispatch paid once per chunk and step,
-    the arithmetic once per network), plus the optimizer's update of every parameter; split
-    into chunks as engine/jobs.py's chunk_count splits it for that many CPUs."""
-    from graphgrad.engine.executor import LocalExecutor
-
+    """A job training `networks` copies of `template` for `steps` steps on `cluster`, its
+    data in `per_network` with a network axis (the rest shared): cut into chunks as
+    engine/training_run.py's chunk_count cuts it (by cache size, and three per CPU on
+    more than one), every chunk's step costed at its stacked shapes. One CPU: the chunks
+    in turn, in this process; more: the chunks' segments as Ray tasks."""
     cal = cal or in_force()
-    _, sched = LocalExecutor().plan(template, RunRequest((loss,), {}, tuple(params)))
-    graph = sched.graph
-    nodes = sorted({i for t in sched.tasks for i in t.nodes if graph.ops[i] is not INPUT})
-    fixed = (len(nodes) + 2 * len(params)) * cal.node_overhead_s
-    per_network = node_seconds(graph, nodes, cal) - len(nodes) * cal.node_overhead_s
+    ops = update_ops(optimizer)
+    memo: dict[int, float] = {}
+
+    def step_seconds(m: int) -> float:
+        if m not in memo:
+            memo[m] = training_step_seconds(template, loss, params, per_network, m, cal, ops)
+        return memo[m]
+
     state = sum(template.types[template.index[p]].nbytes for p in params)
-    per_network += 3 * state / cal.bytes_per_s  # the update reads parameter and gradient
-    chunks = max(1, min(networks, 3 * cluster.cpus)) if cluster.cpus > 1 else 1
-    tasks, staged = training_tasks(fixed, per_network, state, networks, steps, chunks, segment_s)
-    p = simulate(tasks, cal, cluster, staged, chunks)
-    inline = steps * (fixed + networks * per_network) + cal.request_overhead_s
+    state *= 1 + (optimizer.slots if isinstance(optimizer, SGD | Adam) else 0)
+    by_cache = math.ceil(networks * activation_bytes(template) / TRAINING_CACHE_BYTES)
+
+    def chunk_sizes(cpus: int) -> list[int]:
+        by_cpu = 3 * cpus if cpus > 1 else 1
+        count = max(1, min(networks, max(by_cache, by_cpu)))
+        return [len(c) for c in np.array_split(np.arange(networks), count) if len(c)]
+
+    inline = steps * sum(step_seconds(m) for m in chunk_sizes(1)) + cal.request_overhead_s
+    sizes = chunk_sizes(cluster.cpus)
+    tasks, staged = training_tasks(step_seconds, state, networks, steps, len(sizes))
+    p = simulate(tasks, cal, cluster, staged, len(sizes))
     return dataclasses.replace(p, one_cpu=inline)

@@ -20,6 +20,7 @@ import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest, plan_pass
 from graphgrad.engine.batching import batch_graph
+from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.errors import GraphError
 from graphgrad.engine.executor import RunResult, check_finite
 from graphgrad.engine.ir import Graph
@@ -107,8 +108,41 @@ def _stack(graph: Graph, key: StackKey, n: int) -> Stacked:
     return Stacked(stacked, {name: refs[name].name for name in (*r.outputs, *r.wrt)})
 
 
+def _stacked(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """np.stack of same-shaped arrays, without its generic checks (a request's cost)."""
+    out = np.empty((len(arrays), *arrays[0].shape), arrays[0].dtype)
+    for j, a in enumerate(arrays):
+        out[j] = a
+    return out
+
+
+class StackCancellation(Cancellation):
+    """A stacked run's cancellation: it stops once every member is cancelled (a client gone,
+    the server stopping) or at the members' latest deadline; one member leaving does not stop
+    the others."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, members: Sequence[Cancellation]) -> None:
+        deadlines = [m.deadline for m in members]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        super().__init__(deadline=latest)
+        self.members = tuple(members)
+
+    def check(self) -> None:
+        if self.members and all(m.cancelled for m in self.members):
+            self.cancel(self.members[0].reason)
+        super().check()
+
+
 # How the stacked request is run (the session's run, with the stack's executor).
 RunFn = Callable[[Graph, RunRequest], RunResult]
+
+
+def stack_size(n: int, most: int) -> int:
+    """The size n requests are stacked at: the next power of two, at most `most` (and at least
+    n). Stacked graphs are compiled per size, so a few sizes serve every batch."""
+    return max(n, min(1 << (n - 1).bit_length(), most))
 
 
 def run_stacked(
@@ -117,20 +151,27 @@ def run_stacked(
     key: StackKey,
     requests: Sequence[RunRequest],
     check_numerics: Sequence[bool],
+    size: int | None = None,
 ) -> list[RunResult | GraphError]:
     """Run `requests` (each of which gave `key`) as one stacked run, and split the result: one
     RunResult per request, or the error of its own check (check_numerics) in its place. An
-    error of the stacked run itself is raised (the caller then runs each request alone)."""
+    error of the stacked run itself is raised (the caller then runs each request alone).
+    `size`: the stack's size (default: one row per request); rows past the requests repeat
+    the first request's feeds, and their results are dropped."""
     n, r = len(requests), key.request
-    stacked = _STACKED.get_or_make((key, n), lambda: _stack(graph, key, n))
+    size = n if size is None else size
+    if size < n:
+        raise ValueError(f"a stack of size {size} cannot hold {n} requests")
+    rows = [*requests, *[requests[0]] * (size - n)]
+    stacked = _STACKED.get_or_make((key, size), lambda: _stack(graph, key, size))
     names = stacked.names
-    feeds = {name: np.stack([q.feeds[name] for q in requests]) for name in key.feeds}
+    feeds = {name: _stacked([q.feeds[name] for q in rows]) for name in key.feeds}
     seeds: dict[str, np.ndarray] | None = None
     if r.seeded:
-        seeds = {names[o]: np.stack([q.grad_outputs[o] for q in requests]) for o in r.seeded}  # type: ignore[index]
+        seeds = {names[o]: _stacked([q.grad_outputs[o] for q in rows]) for o in r.seeded}  # type: ignore[index]
     elif r.wrt:  # the first output, a scalar per request, seeded with 1 for each
         first = graph.types[graph.index[r.outputs[0]]]
-        seeds = {names[r.outputs[0]]: np.ones((n,), first.dtype)}
+        seeds = {names[r.outputs[0]]: np.ones((size,), first.dtype)}
     out = run(
         stacked.graph,
         RunRequest(

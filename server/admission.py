@@ -36,6 +36,22 @@ class Admission:
         )
 
     @contextmanager
+    def slot_now(self) -> Iterator[bool]:
+        """A slot if one is free now (True while held), else False at once: never waits, never
+        refuses (the caller then takes the ordinary way, `slot`)."""
+        with self._cond:
+            taken = self.active < self.slots
+            if taken:
+                self.active += 1
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self._cond:
+                    self.active -= 1
+                    self._cond.notify()
+
+    @contextmanager
     def slot(self, timeout: float | None = None, call: CallContext | None = None) -> Iterator[None]:
         """Hold a slot for the body; wait at most `timeout` seconds (the caller's deadline),
         and only while `call` goes on: a call that ends (its client cancelled, the server

@@ -2,11 +2,16 @@
 
 The server is grpc.aio: every handler is a coroutine; plain servicers run in a thread pool
 and never wait on the event loop, while a stream that mostly waits (WatchJob) is an async
-generator holding no thread while idle.
+generator holding no thread while idle. A Run known to be quick (its prepared run's latest
+run took under service.QUICK_SECONDS) is answered on the loop when a run slot is free: the
+hop to the pool and back costs more than such a run. Why aio and not a sync grpc.server
+(bench/server_kinds.py measures both): a sync server answers one client ~10% sooner on 2
+cores but holds a thread per open stream, and under 8 client threads neither is clearly
+faster.
 Concurrency is bounded: the heavy calls (Run, Explain, RegisterGraph, SubmitJob: they decode,
 build or run graphs) by `max_concurrent_runs` with a short queue that a cancelled call leaves
 at once, streams by `max_streams`, everything by gRPC's `maximum_concurrent_rpcs`; beyond:
-RESOURCE_EXHAUSTED.
+RESOURCE_EXHAUSTED. Each bound is this process's: with `--workers N` every worker has its own.
 """
 
 from __future__ import annotations
@@ -100,6 +105,10 @@ def _parse(raw: bytes, request_type: type[pb_message.Message]) -> Any:
         ) from e
 
 
+# The largest request parsed on the event loop to see whether it is quick (server.service's
+# QUICK_SECONDS is the other bound): ~0.1 ms of parsing.
+QUICK_REQUEST_BYTES = 1 << 20
+
 _END = object()  # what `next` returns past a stream's last message
 
 
@@ -123,6 +132,19 @@ def _record(
     logs.log_request(method, code, seconds, *sizes, *messages, error=details)
 
 
+@dataclass(frozen=True)
+class Quick:
+    """What answers a call on the event loop: whether its request is quick (the servicer's
+    guess), and its admission slot taken only if free now."""
+
+    is_quick: Callable[[Any], bool]
+    slot_now: Callable[[], AbstractContextManager[bool]]
+
+
+def _held(call: Any) -> AbstractContextManager[None]:
+    return nullcontext()  # the slot is held already
+
+
 def _handler(
     method: str,
     impl: Callable[[Any, Any], Any],
@@ -131,19 +153,24 @@ def _handler(
     guard: Callable[[Any], AbstractContextManager[None]],
     inflight: InFlight,
     pool: futures.Executor,
+    quick: Quick | None = None,
 ) -> grpc.RpcMethodHandler:
     """A coroutine handler that parses the request itself, so malformed bytes get
     INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
     status: the server keeps serving. A plain servicer runs in `pool` with a CallContext and
     never waits on the event loop; an async generator servicer runs on the loop. Responses
-    are serialized here (a unary one in `pool`), and every request is recorded (_record)."""
+    are serialized here (a unary one in `pool`), and every request is recorded (_record).
+    A unary request that `quick` says is quick, with a run slot free at once, is answered on
+    the loop: for a small run the hop to the pool and back is most of the time it takes."""
     is_async = inspect.isasyncgenfunction(impl)
 
-    def work(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status:
-        request = None
+    def work(
+        raw: bytes, call: CallContext, started: float, parsed: Any = None, hold: Any = guard
+    ) -> bytes | grpc.Status:
+        request = parsed
         try:
-            with guard(call):  # a run may wait here for a slot, in its thread
-                request = _parse(raw, request_type)
+            with hold(call):  # a run may wait here for a slot, in its thread
+                request = _parse(raw, request_type) if request is None else request
                 response = impl(request, call)
                 out: bytes = response.SerializeToString()
         except Exception as e:
@@ -153,11 +180,29 @@ def _handler(
         _record(method, None, started, (len(raw), len(out)), (request, response))
         return out
 
+    def on_loop(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
+        """The answer, worked out here on the loop when the request is quick and a run slot
+        is free now; None: take the pool (which also reports malformed bytes)."""
+        assert quick is not None
+        if len(raw) > QUICK_REQUEST_BYTES:  # parsing it alone would hold the loop too long
+            return None
+        try:
+            request = request_type.FromString(raw)
+            if not quick.is_quick(request):
+                return None
+        except Exception:  # malformed: the pool's way reports it
+            return None
+        with quick.slot_now() as taken:
+            return work(raw, call, started, request, _held) if taken else None
+
     async def unary(raw: bytes, context: Any) -> Any:
         started = time.perf_counter()
         call = inflight.start(context)
         try:
-            out = await asyncio.get_running_loop().run_in_executor(pool, work, raw, call, started)
+            out = None if quick is None else on_loop(raw, call, started)
+            if out is None:
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(pool, work, raw, call, started)
         except Exception as e:  # no thread to be had: the server is stopping
             out = to_status(e, context)
         if isinstance(out, grpc.Status):
@@ -206,6 +251,12 @@ def service_handler(
             return lambda call: guards.runs.slot(call.time_remaining(), call)
         return lambda context: nullcontext()
 
+    def quick(m: Any) -> Quick | None:
+        is_quick = getattr(servicer, "quick", {}).get(m.name)
+        if is_quick is None or m.server_streaming or m.name not in RUN_METHODS:
+            return None
+        return Quick(is_quick, guards.runs.slot_now)
+
     methods = {
         m.name: _handler(
             m.name,
@@ -215,6 +266,7 @@ def service_handler(
             guard(m),
             guards.inflight,
             pool,
+            quick(m),
         )
         for m in service.methods
     }

@@ -10,6 +10,7 @@ run itself fails, every member runs alone, so each error stays with the request 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -23,8 +24,18 @@ Q = TypeVar("Q")  # a member's request
 R = TypeVar("R")  # a member's result
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread runs an event loop, which must never wait for a batch to fill."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class _Alone:
-    """A member's outcome when the stacked run failed: it runs alone."""
+    """A member's outcome when it runs alone after all: nobody joined its batch, or the
+    stacked run failed."""
 
 
 ALONE = _Alone()
@@ -64,8 +75,9 @@ class Batcher(Generic[K, Q, R]):
 
     def run(self, key: K | None, member: Q, alone: Callable[[], R]) -> R:
         """The member's result: from a stacked run when others with the same key come within
-        the window, else from `alone()` (also when `key` is None: it may not be stacked)."""
-        if key is None:
+        the window, else from `alone()`: also when `key` is None (it may not be stacked) and
+        on an event loop's thread (a quick call answered there)."""
+        if key is None or _on_event_loop():
             return alone()
         with self._lock:
             batch = self._open.get(key)
@@ -88,6 +100,11 @@ class Batcher(Generic[K, Q, R]):
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome  # type: ignore[return-value]
+
+    def waiting(self) -> int:
+        """Requests in batches still open (waiting for others to join)."""
+        with self._lock:
+            return sum(len(b.members) for b in self._open.values())
 
     def _lead(self, key: K, batch: _Batch[Q]) -> None:
         batch.full.wait(self._window)  # flush when full or when the window ends

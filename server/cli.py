@@ -197,10 +197,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data-dir",
         type=Path,
-        # An empty variable counts as unset (not as the current directory).
-        default=Path(
-            os.environ.get("GRAPHGRAD_DATA_DIR") or Path.home() / ".local/share/graphgrad"
-        ),
+        default=calibration.default_data_dir(),
         help="where jobs are stored (default: $GRAPHGRAD_DATA_DIR or ~/.local/share/graphgrad)",
     )
     for n in numbers():

@@ -97,7 +97,7 @@ class _Metrics:
             ),
             batch_size=Histogram(
                 "graphgrad_batch_size",
-                "Run requests executed together in one dynamic batch",
+                "Run requests executed together in one stacked batch (2 or more)",
                 buckets=BATCH_BUCKETS,
                 registry=None,
             ),

@@ -22,7 +22,8 @@ from graphgrad.engine.lru import CacheStats
 from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import PLANS
 from graphgrad.engine.planner import Explanation
-from graphgrad.engine.stacking import StackKey, run_stacked
+from graphgrad.engine.prepared import PreparedRun
+from graphgrad.engine.stacking import StackCancellation, StackKey, run_stacked
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
 from graphgrad.server.limits import Limits
 
@@ -73,27 +74,30 @@ class Runtime:
             raise NotFoundError(fingerprint)
         return graph
 
-    def admit(self, graph: Graph, request: RunRequest) -> None:
-        """Refuse a run whose peak memory, from declared shapes, is over max_request_bytes."""
-        seeded = tuple(request.grad_outputs or ())
-        mem = request_memory(graph, request.outputs, request.wrt, seeded)
-        if mem.peak > self.limits.max_request_bytes:
+    def prepare(self, graph: Graph, request: RunRequest, options: RunOptions) -> PreparedRun:
+        """The session's prepared run, refused if its peak memory, from declared shapes, is
+        over max_request_bytes (worked out once per prepared run, compared on every call)."""
+        prepared = self.session.prepare(graph, request, options)
+        if prepared.peak_bytes() > self.limits.max_request_bytes:
+            mem = request_memory(graph, request.outputs, request.wrt, prepared.key.seeded)
             what = f"the run of {name_list(request.outputs)}" + (
                 f" with wrt {name_list(request.wrt)}" if request.wrt else ""
             )
             self.limits.check_request_bytes(mem.peak, f"{what} ({mem})")
+        return prepared
 
     def run(
         self, graph: Graph, request: RunRequest, options: RunOptions, cancel: Cancellation
     ) -> RunResult:
-        self.admit(graph, request)
-        return self.session.run(graph, request, options, cancel)
+        prepared = self.prepare(graph, request, options)
+        return self.session.run_prepared(prepared, request.feeds, request.grad_outputs, cancel)
 
-    def run_stack(self, key: StackKey, members: Sequence[Pending]) -> list[RunResult | GraphError]:
-        """Members (each admitted, all with `key`) as one stacked run, split: each member's
-        result or its own error. The stack runs until its members' latest deadline."""
-        deadlines = [m.cancel.deadline for m in members]
-        cancel = Cancellation(None if None in deadlines else max(d for d in deadlines if d))
+    def run_stack(
+        self, key: StackKey, members: Sequence[Pending], size: int
+    ) -> list[RunResult | GraphError]:
+        """Members (each admitted, all with `key`) as one stacked run of `size` rows, split:
+        each member's result or its own error. It stops when every member is cancelled."""
+        cancel = StackCancellation([m.cancel for m in members])
         options = RunOptions(key.executor)
         return run_stacked(
             lambda graph, request: self.session.run(graph, request, options, cancel),
@@ -101,6 +105,7 @@ class Runtime:
             key,
             [m.request for m in members],
             [m.options.check_numerics for m in members],
+            size,
         )
 
     def explain(

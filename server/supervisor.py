@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from graphgrad.server.logs import worker_id
@@ -43,18 +43,19 @@ SERVING = re.compile(r"serving on grpcs?://")
 YOUNG_S, FIRST_PAUSE_S, LAST_PAUSE_S = 5.0, 0.5, 30.0
 POLL_S = 0.1  # how often the supervisor looks at its workers and its signals
 # numpy's BLAS starts a thread per core in every process: N workers with as many each
-# oversubscribe the cores, and OpenBLAS's spinning threads then slow small matmuls twentyfold
-# (two processes of 1,500 200x200 matmuls on 2 cores: 77 s with 2 threads each, 3.5 s with
-# one). Each worker gets its share of the cores, unless the operator set these.
+# oversubscribe the cores, and OpenBLAS's spinning threads then slow chains of small matmuls
+# manyfold (bench/blas_share.py). Each worker gets its share of the cores, unless the
+# operator set these.
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Beyond --grace a worker still gets this long to cancel what runs and exit before SIGKILL.
 EXIT_SLACK_S = 10.0
 
 
-def worker_env(count: int) -> dict[str, str]:
-    """The environment of one of `count` workers: BLAS threads split between them."""
+def worker_env(count: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of one of `count` workers: `environ` with BLAS threads split between
+    them where it does not set them."""
     share = str(max(1, (os.cpu_count() or 1) // count))
-    return {**{name: share for name in BLAS_THREADS}, **os.environ}
+    return {**{name: share for name in BLAS_THREADS}, **environ}
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -154,35 +155,39 @@ class Supervisor:
         for w in live:
             w.tell(len(live))
 
-    def start(self) -> None:
-        """Spawn every worker and wait until each serves; OSError if one exits first."""
+    def start(self, signalled: Sequence[int] = ()) -> bool:
+        """Spawn every worker and wait until each serves (True), or until a signal is in
+        `signalled` (False: the caller stops them); OSError if one exits first."""
         for slot in range(self.count):
             self.workers[slot] = self._spawn()
             self._broadcast()
         for w in self.workers:
             assert w is not None
             while not w.serving.wait(POLL_S):
+                if signalled:  # e.g. ^C, which reaches the workers too
+                    return False
                 if w.proc.poll() is not None:
                     self.stop(0)
                     raise OSError(f"worker {w.name} exited with status {w.proc.returncode}")
+        return True
 
-    def tend(self) -> None:
-        """Replace each worker that has exited: at once, or after a pause where it died young."""
-        now, changed = time.monotonic(), False
+    def tend(self, now: float | None = None) -> None:
+        """Replace each worker that has exited: at once, or after a pause where it died young.
+        `now`: time.monotonic()'s reading (a test's clock)."""
+        now, changed = time.monotonic() if now is None else now, False
         for slot, w in enumerate(self.workers):
             if w is not None and w.proc.poll() is not None:
                 w.close()
                 self.on_exit(w.proc.pid)
                 young = now - w.started < YOUNG_S
-                self.pauses[slot] = min(LAST_PAUSE_S, self.pauses[slot] * 2 or FIRST_PAUSE_S)
-                if not young:
-                    self.pauses[slot] = 0.0
+                pause = min(LAST_PAUSE_S, 2 * self.pauses[slot] or FIRST_PAUSE_S)
+                self.pauses[slot] = pause if young else 0.0
                 self.due[slot] = now + self.pauses[slot]
                 log.warning(
-                    "worker %s exited with status %s; starting another in %.1fs",
+                    "worker %s exited with status %s; starting another%s",
                     w.name,
                     w.proc.returncode,
-                    self.pauses[slot],
+                    f" in {self.pauses[slot]:.1f}s" if self.pauses[slot] else "",
                 )
                 self.workers[slot], changed = None, True
             if self.workers[slot] is None and now >= self.due[slot]:
@@ -220,8 +225,8 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            self.start()
-            on_serving(self.address)
+            if self.start(signalled):
+                on_serving(self.address)
             while not signalled:
                 time.sleep(POLL_S)
                 self.tend()

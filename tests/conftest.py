@@ -1,8 +1,12 @@
 import os
+import tempfile
 
 # Every Ray in the tests lives on this one machine: make Ray resolve node addresses to
 # loopback (read when ray is imported, so set before any test module imports it).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# gg.connect() reads the calibration in the data directory: in tests, never the user's.
+os.environ["GRAPHGRAD_DATA_DIR"] = tempfile.mkdtemp(prefix="graphgrad-tests-")
 
 from hypothesis import HealthCheck, settings
 

@@ -3,9 +3,11 @@ at server start), `graphgrad calibrate --quick`, and GetServerInfo naming what i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import grpc
@@ -16,7 +18,7 @@ from graphgrad._request import build_request
 from graphgrad.engine import calibration
 from graphgrad.engine.calibration import DEFAULT, Calibration, CalibrationError
 from graphgrad.engine.planner import FLOPS_PER_S, NODE_OVERHEAD_S, TASK_OVERHEAD_S
-from graphgrad.engine.simulator import Cluster, predict
+from graphgrad.engine.simulator import Cluster, choose_partitions, predict
 from graphgrad.server import cli
 from graphgrad.v1 import service_pb2, service_pb2_grpc
 from graphgrad.wire import encode_graph
@@ -120,10 +122,50 @@ def test_server_uses_the_calibration_in_force(tmp_path: Path) -> None:
     assert dict(info.calibration_figures) == calibration.figures(MEASURED)
     assert info.calibration_figures["flops_per_s/linalg/float64"] == 3e10
     # Explain predicts with it: as this process does given the same calibration.
-    here = predict(graph, request, Cluster(2, 3), MEASURED)
+    choice = choose_partitions(graph, request, Cluster(2, 3), MEASURED)
+    here = choice.prediction or predict(graph, request, Cluster(2, 3), MEASURED)
     assert remote is not None and remote.calibration == MEASURED.source
     assert remote.makespan == pytest.approx(here.makespan)
     assert remote.critical_path == here.critical_path and remote.bound == here.bound
     assert remote.timeline == here.timeline and remote.cluster == here.cluster
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "nodes and cpus_per_node go together" in (refused.value.details() or "")
+
+
+def four_branches() -> tuple[gg.Tensor, list[str]]:
+    with gg.Graph():
+        x = gg.input("x", shape=(64, 64))
+        branches = [gg.sum(gg.tanh(x @ gg.input(f"W{k}", shape=(64, 64)))) for k in range(4)]
+        loss = branches[0] + branches[1] + branches[2] + branches[3]
+    return loss, [f"W{k}" for k in range(4)]
+
+
+def test_in_process_client_uses_the_data_dirs_or_a_given_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loss, wrt = four_branches()
+    given = tmp_path / "given.json"
+    calibration.save(MEASURED, given)
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("GRAPHGRAD_DATA_DIR", str(data_dir))
+
+    def used(client: gg.LocalClient) -> str:
+        p = client.explain(loss, wrt=wrt, cpus=4).prediction
+        assert p is not None
+        return p.calibration
+
+    assert used(gg.connect()) == DEFAULT.source  # no file in the data dir
+    assert used(gg.connect(calibration=given)) == MEASURED.source
+    calibration.save(
+        dataclasses.replace(MEASURED, source="in the data dir"), data_dir / "calibration.json"
+    )
+    assert used(gg.connect()) == "in the data dir"
+    assert calibration.in_force() is DEFAULT  # the process's stays as it was
+
+
+def test_a_given_calibration_must_be_usable(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    with pytest.raises(CalibrationError, match=re.escape(str(missing))):
+        gg.connect(calibration=missing)
+    with pytest.raises(ValueError, match="calibration is for the in-process client"):
+        gg.connect("localhost:1", calibration=missing)

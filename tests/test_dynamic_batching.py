@@ -5,17 +5,35 @@ alone, the batcher's window, max batch, exact and per-member errors, and a real
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 
+import graphgrad as gg
 from graphgrad import wire
-from graphgrad.engine import REGISTRY, Graph, Node, RunOptions, RunRequest, Session
-from graphgrad.engine.errors import GraphError, RequestError
-from graphgrad.engine.stacking import StackKey, run_stacked, stack_key
+from graphgrad.engine import (
+    REGISTRY,
+    Cancellation,
+    Graph,
+    Node,
+    RunOptions,
+    RunRequest,
+    Session,
+    stacking,
+)
+from graphgrad.engine.errors import CancelledError, CancelReason, GraphError, RequestError
+from graphgrad.engine.stacking import (
+    StackCancellation,
+    StackKey,
+    run_stacked,
+    stack_key,
+    stack_size,
+)
 from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -48,7 +66,8 @@ def stacked(graph: Graph, requests: list[RunRequest], checks: list[bool] | None 
     assert len(keys) == 1 and None not in keys, keys
     (key,) = keys
     assert isinstance(key, StackKey)
-    return run_stacked(run_alone, graph, key, requests, checks or [False] * len(requests))
+    n = len(requests)  # padded as the server pads (3 requests: 4 rows)
+    return run_stacked(run_alone, graph, key, requests, checks or [False] * n, stack_size(n, 64))
 
 
 def op_cases():
@@ -144,6 +163,11 @@ def test_a_network_stacked_equals_each_request_alone_bit_for_bit():
             np.testing.assert_array_equal(res.grads[k], alone.grads[k])
 
 
+def test_stacks_take_a_few_sizes():
+    assert [stack_size(n, 64) for n in (1, 2, 3, 5, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
+    assert [stack_size(n, 10) for n in (3, 9, 10)] == [4, 10, 10]
+
+
 def test_a_member_failing_check_numerics_fails_alone():
     graph, rng = mlp(), np.random.default_rng(2)
     requests = [RunRequest(("L",), mlp_feeds(rng), ("W",)) for _ in range(3)]
@@ -186,6 +210,25 @@ def test_requests_that_would_fail_or_could_mix_run_alone():
     feeds = {"x": np.ones(2)}
     assert stack_key(const, RunRequest(("s",), feeds, ("x",)), opts) is not None
     assert stack_key(const, RunRequest(("s",), feeds, ("e",)), opts) is None
+
+
+def test_a_graph_with_an_op_over_the_bound_runs_alone(monkeypatch):
+    graph, rng = mlp(), np.random.default_rng(4)  # a fresh graph: nothing cached for it
+    request = RunRequest(("L",), mlp_feeds(rng), ("W",))
+    monkeypatch.setattr(stacking, "STACK_ULPS", -1)  # every op (0 ulps) is now over it
+    assert stack_key(graph, request, RunOptions()) is None
+
+
+def test_a_stack_stops_only_when_every_member_is_cancelled():
+    a, b = Cancellation.within(5.0), Cancellation.within(50.0)
+    stack = StackCancellation([a, b])
+    assert stack.deadline == b.deadline
+    a.cancel()
+    stack.check()  # b still waits for its answer
+    b.cancel(CancelReason.SHUTDOWN)
+    with pytest.raises(CancelledError):
+        stack.check()
+    assert StackCancellation([a, Cancellation()]).deadline is None
 
 
 # --- the batcher ---------------------------------------------------------------------------
@@ -252,6 +295,24 @@ def test_keys_never_mix_and_a_missing_key_runs_alone():
     assert sorted(sorted(b) for b in rec.batches) == [["a1", "a2"], ["b1", "b2"]]
 
 
+def test_a_call_on_an_event_loop_never_joins_a_batch():
+    rec = Recorder()
+    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=2), rec)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.run, "k", "m0", lambda: ("m0", "alone"))
+        while batcher.waiting() == 0:  # until m0's batch is open
+            time.sleep(0.001)
+
+        async def on_loop():
+            return batcher.run("k", "loop", lambda: ("loop", "alone"))
+
+        assert asyncio.run(on_loop()) == ("loop", "alone")
+        assert batcher.waiting() == 1
+        second = pool.submit(batcher.run, "k", "m2", lambda: ("m2", "alone"))
+        assert (first.result(), second.result()) == (("m0", 2), ("m2", 2))
+    assert rec.batches == [["m0", "m2"]]
+
+
 def test_a_failing_member_fails_alone_and_a_failed_stack_runs_each_alone():
     batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=3), Recorder())
     out = submit_all(batcher, [("k", "m0"), ("k", "bad1"), ("k", "m2")])
@@ -269,6 +330,16 @@ def test_server_info_reports_batching_only_when_on():
     on = GraphServicer(Runtime.create(), batching=BatchingConfig(500, 16))
     info = on.GetServerInfo(req, None)  # type: ignore[arg-type]
     assert (info.batching.window_us, info.batching.max_batch) == (500, 16)
+
+
+def test_exact_goes_from_the_sdk_over_the_wire():
+    with gg.Graph():
+        x = gg.input("x", shape=(2,))
+        loss = gg.sum(x * x)
+    assert gg.connect().prepare(loss, wrt=[x], exact=True).spec.options.exact
+    assert not gg.connect().prepare(loss, wrt=[x]).spec.options.exact
+    msg = wire.encode_run_request(RunRequest(("y",), {}, ()), RunOptions(exact=True))
+    assert msg.options.exact and wire.decode_run_request(msg)[1].exact
 
 
 # --- end to end ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -73,6 +74,7 @@ class Observed:
 @pytest.fixture(scope="module")
 def server():
     flags = ("--metrics-port", "0", "--log-level", "debug", "--log-format", "json")
+    flags += ("--batch-window-us", "20000", "--max-batch", "4")  # concurrent Runs stack
     with running_server(*flags) as s, grpc.insecure_channel(s.address) as channel:
         info = service_pb2_grpc.GraphServiceStub(channel).GetServerInfo(
             service_pb2.GetServerInfoRequest(), timeout=DEADLINE
@@ -176,6 +178,27 @@ def test_cache_gauges_show_what_server_info_reports(server):
     wait_for(shown, f"the caches of GetServerInfo, {expected}, in the gauges")
     queued = series(scrape(server.metrics_port), "graphgrad_queued_calls")
     assert queued == {("max_concurrent_runs",): 0, ("max_streams",): 0}
+
+
+def test_the_batch_sizes_are_those_the_responses_report(server):
+    stub = service_pb2_grpc.GraphServiceStub(server.channel)
+    y = square_graph()
+    request = service_pb2.RunRequest(outputs=["y"], wrt=["x"])
+    request.graph.CopyFrom(encode_graph(y.graph.freeze()))
+    encode_tensor(np.ones(3), request.feeds["x"])
+    before = scrape(server.metrics_port)
+    sizes: list[int] = []
+    for _ in range(20):  # until Runs sent together are stacked: a bound, not a measurement
+        calls = [stub.Run.future(request, timeout=DEADLINE) for _ in range(8)]
+        sizes += [call.result().stats.batch_size for call in calls]
+        if max(sizes) > 1:
+            break
+    stacked = [n for n in sizes if n > 1]  # a Run that ran alone is no batch
+    assert stacked, "no two Runs sent together were stacked"
+    after = scrape(server.metrics_port)
+    assert delta(before, after, "graphgrad_batch_size_sum") == {(): len(stacked)}
+    batches = sum(Fraction(1, n) for n in stacked)  # each of a batch's n members reports n
+    assert delta(before, after, "graphgrad_batch_size_count") == {(): batches}
 
 
 def test_a_line_per_request_with_its_fields(server):

@@ -51,6 +51,8 @@ def broadcast_type(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     a, b = ins
     if a.dtype != b.dtype:
         raise ShapeError(f"dtype mismatch: {a.dtype} and {b.dtype}")
+    if a.shape == b.shape:
+        return a  # the common case; nodes alike share their type (engine/eager.py keys on it)
     try:
         shape = np.broadcast_shapes(a.shape, b.shape)
     except ValueError:

@@ -1,0 +1,126 @@
+"""A request planned once and run many times: what `Session.prepare` returns.
+
+A prepared run fixes a graph, its outputs, its wrt and the outputs it seeds, and the run
+options; what varies from call to call is only the feeds (and seed values). Its signature
+(each feed's name, shape and dtype) lets a decoder on the wire check a tensor against what
+the compiled program expects before building an array, and lets each call skip the work a
+plain `run` repeats: building cache keys, choosing the executor, estimating memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from graphgrad.engine.autodiff import RunRequest, plan_pass
+from graphgrad.engine.errors import RequestError, name_list
+from graphgrad.engine.ir import Graph
+from graphgrad.engine.memory import request_memory
+from graphgrad.engine.plan_cache import RequestKey
+
+if TYPE_CHECKING:
+    from graphgrad.engine.session import RunOptions
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSpec:
+    """What one fed tensor must be: the graph input's (or seeded output's) declared type."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedKey:
+    request: RequestKey
+    options: RunOptions
+
+
+class PreparedRun:
+    """A request's names checked and its pass planned (programs are compiled on the first
+    run and kept by the plan cache); `feeds` and `seeds` are its signature, in a fixed order.
+    Run it with `Session.run_prepared`."""
+
+    __slots__ = ("_peak", "auto", "feeds", "graph", "key", "last_seconds", "options", "seeds")
+
+    def __init__(self, graph: Graph, key: RequestKey, options: RunOptions) -> None:
+        pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)  # names are checked here
+        self.graph, self.key, self.options = graph, key, options
+        self.feeds = tuple(feed_spec(graph, i) for i in pp.needed_inputs)
+        self.seeds = tuple(feed_spec(graph, graph.index[name]) for name in key.seeded)
+        self._peak: int | None = None
+        self.last_seconds: float | None = None  # the wall time of its latest run
+        # Where "auto" runs it while Ray is up, and for which (CPUs, calibration): the cost
+        # model's answer is the same until one of those changes (Session.run_prepared).
+        self.auto: tuple[tuple[int, str], str] | None = None
+
+    @classmethod
+    def key_of(
+        cls,
+        graph: Graph,
+        outputs: Sequence[str],
+        wrt: Sequence[str],
+        seeded: Sequence[str],
+        options: RunOptions,
+    ) -> PreparedKey:
+        key = RequestKey(graph.serial, tuple(outputs), tuple(wrt), tuple(seeded))
+        return PreparedKey(key, options)
+
+    def ran(self, seconds: float) -> None:
+        """Note how long a run took (`last_seconds`: what a server uses to guess the next)."""
+        self.last_seconds = seconds
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.key.outputs
+
+    @property
+    def wrt(self) -> tuple[str, ...]:
+        return self.key.wrt
+
+    def peak_bytes(self) -> int:
+        """The run's peak memory from declared shapes (worked out on first use, then kept)."""
+        if self._peak is None:
+            k = self.key
+            self._peak = request_memory(self.graph, k.outputs, k.wrt, k.seeded).peak
+        return self._peak
+
+    def request(
+        self, feeds: Mapping[str, np.ndarray], grad_outputs: Mapping[str, np.ndarray] | None
+    ) -> RunRequest:
+        """The RunRequest of one call; its seeds must name the outputs this run seeds."""
+        check_seeds(self.key.seeded, grad_outputs)
+        if grad_outputs is not None and tuple(grad_outputs) != self.key.seeded:
+            grad_outputs = {k: grad_outputs[k] for k in self.key.seeded}
+        return RunRequest(self.key.outputs, feeds, self.key.wrt, grad_outputs or None)
+
+    def approx_bytes(self) -> int:
+        """What the plan cache counts: the signature (the graph is the graph cache's)."""
+        return 200 + 150 * (len(self.feeds) + len(self.seeds))
+
+
+def feed_spec(graph: Graph, i: int) -> FeedSpec:
+    """The declared type of node `i` as a FeedSpec (feeds, seeds, values and gradients)."""
+    t = graph.types[i]
+    return FeedSpec(graph.nodes[i].name, t.shape, np.dtype(t.dtype), t.nbytes)
+
+
+def check_seeds(seeded: Sequence[str], grad_outputs: Mapping[str, object] | None) -> None:
+    """A prepared run's calls seed the outputs it was prepared with, no others."""
+    if grad_outputs is None:
+        if seeded:
+            raise RequestError(
+                f"this prepared run seeds {name_list(seeded)}: pass grad_outputs",
+                field="grad_outputs",
+            )
+    elif set(grad_outputs) != set(seeded):
+        raise RequestError(
+            f"this prepared run seeds {name_list(seeded) or 'no outputs'}, "
+            f"got grad_outputs for {name_list(grad_outputs) or 'none'}",
+            field="grad_outputs",
+        )

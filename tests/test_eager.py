@@ -1,0 +1,129 @@
+"""The eager first tier (engine/eager.py): a request's first calls run as a tape over its own
+graph and give the compiled program's bits, check cancellation between nodes, free values as
+they go, and the request tiers up to its compiled program on its TIER_UP_CALLS-th call."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import graphgrad as gg
+from graphgrad.engine import CancelledError, Graph, LocalExecutor, Node, RunRequest
+from graphgrad.engine.codegen import CHECK_EVERY, TIER_UP_CALLS
+from graphgrad.engine.driver import run_inline
+from graphgrad.engine.eager import Tape, run_tape
+from graphgrad.engine.executor import _INLINE, Cancellation, request_key
+
+from .gradcheck import numerical_vjp
+from .strategies import random_requests
+from .test_tiers import CountingCancellation, bits, chain, fresh_program
+
+
+def eager(graph: Graph, request: RunRequest, cancel: Cancellation | None = None):
+    """The request's first call: a fresh tape, run once."""
+    return run_tape(
+        graph, Tape(graph, request_key(graph, request)), request, cancel or Cancellation()
+    )
+
+
+def compiled(graph: Graph, request: RunRequest):
+    ip = fresh_program(graph, request)
+    ip.program.compiled()
+    return run_inline(graph, ip, request, Cancellation())
+
+
+def same_bits(graph: Graph, request: RunRequest) -> None:
+    (values, grads), (values2, grads2) = eager(graph, request), compiled(graph, request)
+    assert bits(values) == bits(values2) and bits(grads) == bits(grads2)
+
+
+@settings(max_examples=60)
+@given(random_requests())
+def test_the_eager_tier_gives_the_compiled_programs_bits(case):
+    nodes, request = case
+    same_bits(Graph(nodes), request)
+
+
+def matmul_layers() -> tuple[Graph, RunRequest]:
+    """Matmuls, broadcasting, reductions over axes and the loss ops: where the layout of a
+    folded constant (the seed's broadcast, a transposed constant) steers a kernel's bits."""
+    rng = np.random.default_rng(0)
+    with gg.Graph() as g:
+        x, W = gg.input("x", shape=(8, 5)), gg.input("W", shape=(5, 7))
+        b, labels = gg.input("b", shape=(7,)), gg.input("y", shape=(8, 7))
+        D = gg.constant(rng.standard_normal((5, 7)))
+        h = gg.tanh(x @ W + b)
+        z = gg.log_softmax(h @ gg.transpose(D) @ W, axis=1)
+        m = gg.max(h * 2.0, axis=0, keepdims=True) - gg.mean(h, axis=1, keepdims=True)
+        s = gg.sum(gg.softmax_cross_entropy(z, labels)) + gg.sum(W * gg.sum(m))
+        gg.sum(s * gg.sum(x @ W), name="L")
+    feeds = {
+        "x": rng.standard_normal((8, 5)),
+        "W": rng.standard_normal((5, 7)),
+        "b": rng.standard_normal(7),
+        "y": np.eye(7)[rng.integers(0, 7, 8)],
+    }
+    return g.freeze(), RunRequest(("L",), feeds, ("W", "b", "x", "W"))
+
+
+def test_matmuls_reductions_and_losses_give_the_compiled_programs_bits():
+    graph, request = matmul_layers()
+    same_bits(graph, request)
+    seeded = RunRequest(request.outputs, request.feeds, request.wrt, {"L": np.array(0.5)})
+    same_bits(graph, seeded)
+
+
+def test_cancellation_stops_the_eager_tier_between_nodes():
+    graph, request = chain(400)  # some 400 forward and 400 backward nodes
+    cancel = CountingCancellation(at=3)
+    with pytest.raises(CancelledError):
+        eager(graph, request, cancel)
+    assert cancel.checks == 3  # every CHECK_EVERY nodes: stopped some 2 * CHECK_EVERY in
+    cancel = CountingCancellation(at=10**9)
+    eager(graph, request, cancel)
+    assert cancel.checks >= 800 // CHECK_EVERY
+
+
+@pytest.mark.slow
+def test_the_eager_tier_runs_a_200000_deep_chain_in_bounded_memory():
+    n, depth = 1_000, 200_000
+    nodes = [Node("x", "input", shape=(n,), dtype="float64")]
+    nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(depth)]
+    nodes.append(Node("L", "sum", (f"n{depth - 1}",)))
+    graph = Graph(nodes)
+    request = RunRequest(("L",), {"x": np.linspace(0, 1, n)}, ("x",))
+    tape = Tape(graph, request_key(graph, request))  # its plan: made before the measurement
+    tracemalloc.start()
+    try:
+        _, grads = run_tape(graph, tape, request, Cancellation())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(grads["x"], np.ones(n))  # (-1)**200000
+    assert peak < 40 * n * 8  # a few live values, never the chain's 200,000 (1.6 GB)
+
+
+def test_a_request_runs_eagerly_until_its_tier_up_call_then_compiled():
+    graph, request = chain(50)
+    executor, key = LocalExecutor(), request_key(graph, request)
+    first = executor.run(graph, request)
+    assert _INLINE.get(key) is None  # no gradient graph, no program
+    for _ in range(TIER_UP_CALLS - 2):
+        executor.run(graph, request)
+    assert _INLINE.get(key) is None
+    tier_up = executor.run(graph, request)  # the TIER_UP_CALLS-th call
+    ip = _INLINE.get(key)
+    assert ip is not None and ip.program.tier == "compiled"
+    assert bits(first.grads) == bits(tier_up.grads) and bits(first.values) == bits(tier_up.values)
+
+    def loss(xs: list[np.ndarray]) -> np.ndarray:
+        h = xs[0]
+        for i in range(50):
+            h = np.sin(h) if i % 2 else -h
+        return np.sum(h)
+
+    (expected,) = numerical_vjp(loss, [request.feeds["x"]], np.ones(()))
+    np.testing.assert_allclose(first.grads["x"], expected, rtol=1e-6, atol=1e-9)
