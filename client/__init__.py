@@ -77,6 +77,7 @@ from graphgrad.engine import FeedError, GraphError, RequestError, ValidationErro
 _LAZY = {
     "Job": "graphgrad._local_job",
     "LocalClient": "graphgrad._local",
+    "Prepared": "graphgrad._prepared",
     "RemoteClient": "graphgrad._remote",
     "RemoteError": "graphgrad._remote",
     "RemoteJob": "graphgrad._remote_job",
@@ -93,6 +94,7 @@ if TYPE_CHECKING:
     from graphgrad._local import LocalClient
     from graphgrad._local_job import Job
     from graphgrad._onnx_sdk import from_onnx, to_onnx
+    from graphgrad._prepared import Prepared
     from graphgrad._remote import RemoteClient, RemoteError
     from graphgrad._remote_job import RemoteJob
     from graphgrad._result import Result
@@ -120,6 +122,7 @@ __all__ = [
     "GraphError",
     "Job",
     "LocalClient",
+    "Prepared",
     "RemoteClient",
     "RemoteError",
     "RemoteJob",

@@ -438,7 +438,7 @@ def encode_prediction(p: Prediction, out: service_pb2.Prediction) -> None:
     out.makespan, out.one_cpu, out.bound = p.makespan, p.one_cpu, p.bound
     out.critical_path.extend(p.critical_path)
     out.critical_seconds, out.tasks, out.calibration = p.critical_seconds, p.tasks, p.calibration
-    out.bytes_across_nodes = p.bytes_across_nodes
+    out.bytes_across_nodes, out.choice = p.bytes_across_nodes, p.choice
     out.bounds.update(dict(p.bounds))
     c = p.cluster
     out.cluster.nodes, out.cluster.cpus_per_node = c.nodes, c.cpus_per_node
@@ -461,6 +461,7 @@ def decode_prediction(p: service_pb2.Prediction) -> Prediction:
         Cluster(c.nodes, c.cpus_per_node, c.network_bytes_per_s),
         p.calibration,
         p.bytes_across_nodes,
+        p.choice,
     )
 
 

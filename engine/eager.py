@@ -231,34 +231,37 @@ def _signature(graph: Graph, i: int) -> Signature:
     return sig
 
 
-Sum = tuple[tuple[int, ...], int]  # a cotangent's parts (their keys, in order), how many fold
-CALL, FOLD, CONST = 0, 1, 2  # how a forward step makes its value
-# A forward step: [position, CALL | FOLD | CONST, kernel or constant value, inputs,
-# check first, values freed after]. A backward step: [position, VJP function, the values it
-# reads, inputs, which gradients are known, node name, keep the cotangent (a wrt node),
-# check first, values freed after].
+# how a forward step makes its value: its kernel on one, two or any number of inputs, folded
+# (a node of constants), or a constant
+CALL1, CALL2, CALL, FOLD, CONST = 0, 1, 2, 3, 4
+# A forward step: [position, how (above), kernel or constant value, inputs, check first,
+# values freed after]. A backward step: [position, its Vjp, the values it reads, how many,
+# inputs, node name, keep the cotangent (a wrt node), which of its arguments are known
+# (bits as `Vjp.variant` reads them, the cotangent's aside), values freed after].
 
 
 class Tape:
-    """A request lowered for the eager tier, per primal node: its kernel or VJP function,
-    where to check cancellation, and which values die after it. Made in one pass over the
-    request's nodes (no gradient graph); kept in the plan cache, with how many times the
-    request ran eagerly."""
+    """A request lowered for the eager tier, per primal node: its kernel and VJP, where to
+    check cancellation, and which values die after it. Made in one pass over the request's
+    nodes (no gradient graph); kept in the plan cache, with how many times the request ran
+    eagerly."""
 
-    __slots__ = ("backward", "calls", "default_seed", "forward", "pass_plan", "seed", "sums")
+    __slots__ = ("backward", "calls", "default_seed", "forward", "pass_plan", "seeds")
 
     def __init__(self, graph: Graph, key: RequestKey) -> None:
         self.pass_plan = pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
         with _gc_paused():
-            self.forward, self.backward, self.sums, self.seed = _steps(graph, pp, key)
-        self.default_seed = not key.seeded  # the first output seeded with 1, a constant
+            self.forward, self.backward = _steps(graph, pp)
+        # outputs seeded: with grad_outputs, else the first output with 1 (a constant)
+        self.seeds = ([graph.index[s] for s in key.seeded] or [pp.outputs[0]]) if pp.wrt else []
+        self.default_seed = not key.seeded
         self.calls = 0
 
     def approx_bytes(self) -> int:
         return TAPE_STEP_BYTES * (len(self.forward) + len(self.backward))
 
 
-TAPE_STEP_BYTES = 300  # a step's tuple, its positions and its entry in the tape
+TAPE_STEP_BYTES = 300  # a step's list, its positions and its entry in the tape
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
 
 
@@ -276,9 +279,8 @@ def _gc_paused() -> Iterator[None]:
     with _PAUSE_LOCK:
         _PAUSED += 1
         if _PAUSED == 1:
-            was = gc.isenabled()
+            _WAS_ENABLED.append(gc.isenabled())
             gc.disable()
-            _WAS_ENABLED.append(was)
     try:
         yield
     finally:
@@ -293,20 +295,21 @@ _PAUSED = 0
 _WAS_ENABLED: list[bool] = []
 
 
-def _steps(
-    graph: Graph, pp: PassPlan, key: RequestKey
-) -> tuple[list[list[Any]], list[list[Any]], dict[int, Sum], tuple[int, ...]]:
-    """The tape's forward and backward steps (lists: fields are filled in as later nodes are
-    seen), the sums of wrt nodes whose cotangent no step takes, and where the seed goes."""
+def _steps(graph: Graph, pp: PassPlan) -> tuple[list[list[Any]], list[list[Any]]]:
+    """The tape's forward and backward steps, in one pass over the forward nodes (the values
+    each step frees are filled in at the end)."""
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
-    relevant, runs_vjp = pp.relevant, set(pp.backward)
+    relevant, runs_vjp, wrt = pp.relevant, set(pp.backward), set(pp.wrt)
     known: set[int] = set()  # constants and folded nodes: what codegen's `_simplify` folds
-    vjps: dict[int, Vjp] = {}
     # Signatures by op and the identity of the input types (alive with the graph, and shared
     # by most nodes alike): no hashing of shapes per node.
     sigs: dict[tuple[Any, ...], Signature] = {}
     fwd: list[list[Any]] = []
+    bwd: list[list[Any]] = []  # in forward order: run reversed
     last_fwd = [-1] * len(nodes)  # value -> the forward step that reads it last
+    # value -> the backward step that reads it last: that of its earliest reader (VJPs run in
+    # reverse topological order; a node's own VJP, reading its value, runs after its users')
+    last_bwd = [-1] * len(nodes)
     since = CHECK_EVERY
     for k, i in enumerate(pp.forward):
         op, ins = ops[i], input_pos[i]
@@ -328,82 +331,36 @@ def _steps(
                 skey = (op.name, *[id(types[j]) for j in ins])
             got_sig = sigs.get(skey)
             sig = got_sig if got_sig is not None else sigs.setdefault(skey, _signature(graph, i))
-        kind = CALL
+        kind = CALL2 if len(ins) == 2 else CALL1 if len(ins) == 1 else CALL
         if known and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
             kind = FOLD
             known.add(i)
         check = since >= CHECK_EVERY or sig.costly
         since = 1 if check else since + 1
         fwd.append([i, kind, sig.kernel, ins, check, ()])
-        if i in runs_vjp:
-            if len(ins) == 2:
-                wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
-            else:
-                wants = tuple([j in relevant for j in ins])
-            vjp = sig.vjps.get(wants)
-            vjps[i] = vjp if vjp is not None else sig.vjp(wants)
-    # The backward steps: VJPs of nodes a cotangent reaches. Each gradient a step gives is
-    # stored under a key of its own (step * stride + slot; -1 - k for the k-th seed); the step
-    # of the node it belongs to takes its parts in the fixed order (seed, consumer name, slot)
-    # and adds them. Where all parts are known (constant) the sum folds, and a VJP's function
-    # is chosen by which of its arguments are known.
-    parts: dict[int, list[tuple[str, int, bool, int]]] = {}
-    seeds: list[int] = []
-    if pp.wrt:
-        seeds = [graph.index[s] for s in key.seeded] or [pp.outputs[0]]
-        for k, o in enumerate(seeds):
-            parts[o] = [("", 0, not key.seeded, -1 - k)]
-    stride = 1 + max([len(input_pos[i]) for i in pp.backward], default=0)
-    bwd: list[list[Any]] = []
-    last_bwd = [-1] * len(nodes)  # value -> the backward step that reads it last
-    wrt = set(pp.wrt)
-    since = CHECK_EVERY
-    for i in pp.backward:
-        pk = parts.pop(i, None)
-        if pk is None:
-            continue  # no cotangent reaches it: nothing to do
-        if len(pk) == 1:
-            srcs: tuple[int, ...] = (pk[0][3],)
-            folds = 1 if pk[0][2] else 0
+        if i not in runs_vjp:
+            continue
+        if len(ins) == 2:
+            wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
         else:
-            srcs, folds = _order(pk, types[i])
-        vjp, ins = vjps[i], input_pos[i]
-        mask = 1 if folds == len(srcs) else 0
-        if known:
-            for b, j in enumerate(ins, 1):
-                if j in known:
-                    mask |= 1 << b
-            if i in known:
-                mask |= 1 << (len(ins) + 1)
-        got = vjp.variants.get(mask)
-        fn, kout = got if got is not None else vjp.variant(mask)
-        name = nodes[i].name
-        b = len(bwd)
-        base = b * stride
-        for slot in vjp.slots:
-            entry = (name, slot, kout[slot], base + slot)
-            pj = parts.get(ins[slot])
-            if pj is None:
-                parts[ins[slot]] = [entry]
-            else:
-                pj.append(entry)
+            wants = tuple([j in relevant for j in ins])
+        vjp = sig.vjps.get(wants)
+        if vjp is None:
+            vjp = sig.vjp(wants)
         if vjp.reads_y:
             reads = (*[ins[r] for r in vjp.reads], i)
         else:
             reads = tuple([ins[r] for r in vjp.reads])
+        b = len(bwd)
         for j in reads:
-            last_bwd[j] = b
-        check = since >= CHECK_EVERY or vjp.costly
-        since = 1 if check else since + 1
-        bwd.append([i, fn, reads, base, vjp.slots, srcs, folds, i in wrt, check, ()])
-    # wrt nodes no step takes a cotangent from: summed after the steps
-    sums = {w: _order(parts.pop(w), types[w]) for w in wrt if w in parts}
-    # gradients nothing takes (of nodes off the differentiated paths) are not stored
-    for pk in parts.values():
-        for _, slot, _, k in pk:
-            if k >= 0:
-                step = bwd[k // stride]
-                step[4] = tuple([s for s in step[4] if s != slot])
+            if last_bwd[j] < 0:
+                last_bwd[j] = b
+        kmask = 0
+        if known:
+            for bit, j in enumerate((*ins, i), 1):
+                if j in known:
+                    kmask |= 1 << bit
+        bwd.append([i, vjp, reads, len(reads), ins, nodes[i].name, i in wrt, kmask, ()])
     # Each value dies after its last read: by a VJP (the last to run), else by a forward node.
     kept = set(pp.outputs)
     for j in (*pp.needed_inputs, *pp.forward):
@@ -414,23 +371,8 @@ def _steps(
                 step[-1].append(j)
             else:
                 step[-1] = [j]
-    return fwd, bwd, sums, tuple(seeds)
-
-
-def _order(pk: list[tuple[str, int, bool, int]], t: TensorType) -> Sum:
-    """A cotangent's parts in the fixed order (their keys), and how many lead the sum known
-    (constants: their sums fold; all of them: the cotangent is known)."""
-    pk.sort(key=_BY_CONSUMER)
-    folds = 0
-    if len(pk) == 1 or t.size <= FOLD_ELEMENTS:
-        for _, _, k, _ in pk:
-            if not k:
-                break
-            folds += 1
-    return tuple([k for _, _, _, k in pk]), folds
-
-
-_BY_CONSUMER = itemgetter(0, 1)  # consumer name, slot
+    bwd.reverse()
+    return fwd, bwd
 
 
 def run_tape(
@@ -447,13 +389,12 @@ def run_tape(
             for i, kind, fn, ins, chk, dead in tp.forward:
                 if chk:
                     check()
-                if kind == CALL:
-                    if len(ins) == 2:
-                        v[i] = fn(v[ins[0]], v[ins[1]])
-                    elif len(ins) == 1:
-                        v[i] = fn(v[ins[0]])
-                    else:
-                        v[i] = fn(*[v[j] for j in ins])
+                if kind == CALL2:
+                    v[i] = fn(v[ins[0]], v[ins[1]])
+                elif kind == CALL1:
+                    v[i] = fn(v[ins[0]])
+                elif kind == CALL:
+                    v[i] = fn(*[v[j] for j in ins])
                 elif kind == FOLD:
                     v[i] = _fold(fn(*[v[j] for j in ins]))
                 else:
@@ -477,33 +418,45 @@ def _backward(
 ) -> dict[str, np.ndarray]:
     """Each VJP applied in reverse topological order; gradients by wrt name."""
     pp, types = tp.pass_plan, graph.types
-    cot: dict[int, Any] = {}  # gradients given, by key, until the step summing them
-    for k, o in enumerate(tp.seed):
+    # node -> its cotangent's parts: (consumer name, slot, value, known), summed in that order
+    cot: dict[int, list[tuple[str, int, Any, bool]]] = {}
+    for o in tp.seeds:
         seed = seeds[o]
         if tp.default_seed:  # the first output, a scalar, seeded with 1: a constant node there
             seed = check_attr(CONSTANT, "value", np.asarray(1, dtype=types[o].dtype), node=None)
-        cot[-1 - k] = seed
+        cot[o] = [("", 0, seed, tp.default_seed)]
     totals: dict[int, Any] = {}
-    for i, fn, reads, base, slots, srcs, folds, keep, chk, dead in tp.backward:
-        if len(srcs) == 1:
-            g = cot.pop(srcs[0])
-        else:
-            g = _sum([cot.pop(k) for k in srcs], folds, types[i])
-        if keep:
-            totals[i] = g
-        if chk:
-            check()
-        if len(reads) == 1:
-            out = fn(g, v[reads[0]])
-        elif not reads:
-            out = fn(g)
-        elif len(reads) == 2:
-            out = fn(g, v[reads[0]], v[reads[1]])
-        else:
-            out = fn(g, *[v[j] for j in reads])
-        for slot in slots:
-            cot[base + slot] = out[slot]
-        out = g = None  # nothing held past its last use
+    since = CHECK_EVERY
+    for i, vjp, reads, nreads, ins, name, keep, kmask, dead in tp.backward:
+        p = cot.pop(i, None)
+        if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
+            if len(p) == 1:
+                _, _, g, gk = p[0]
+            else:
+                g, gk = _total(p, types[i])
+            if keep:
+                totals[i] = g
+            if since >= CHECK_EVERY or vjp.costly:
+                check()
+                since = 0
+            since += 1
+            got = vjp.variants.get(kmask | gk)
+            fn, kout = got if got is not None else vjp.variant(kmask | gk)
+            if nreads == 1:
+                out = fn(g, v[reads[0]])
+            elif nreads == 0:
+                out = fn(g)
+            elif nreads == 2:
+                out = fn(g, v[reads[0]], v[reads[1]])
+            else:
+                out = fn(g, *[v[j] for j in reads])
+            for slot in vjp.slots:
+                pj = cot.get(ins[slot])
+                if pj is None:
+                    cot[ins[slot]] = [(name, slot, out[slot], kout[slot])]
+                else:
+                    pj.append((name, slot, out[slot], kout[slot]))
+            out = g = None  # nothing held past its last use
         for d in dead:
             del v[d]
     grads: dict[str, np.ndarray] = {}
@@ -513,22 +466,33 @@ def _backward(
             continue
         if w in totals:
             g = totals[w]
-        elif w in tp.sums:
-            srcs, folds = tp.sums[w]
-            g = _sum([cot[k] for k in srcs], folds, types[w])
+        elif w in cot:
+            g = _total(cot[w], types[w])[0]
         else:  # no path from w to a differentiated output: zeros of its type
             g = np.zeros(types[w].shape, dtype=types[w].dtype)
         grads[name] = owned(g)
     return grads
 
 
-def _sum(parts: list[Any], folds: int, t: TensorType) -> Any:
-    """A cotangent: its parts (in the fixed order) added one by one, as the gradient graph's
-    sum nodes add them; the first `folds` are constants, whose sums fold."""
-    add = ADD.lower({}, (t, t))  # the kernel of the gradient graph's sum nodes
-    acc = parts[0]
-    if len(parts) == 1:
-        return acc
-    for r in range(1, len(parts)):
-        acc = _fold(add(acc, parts[r])) if r < folds else add(acc, parts[r])
-    return acc
+def _total(parts: list[tuple[str, int, Any, bool]], t: TensorType) -> tuple[Any, bool]:
+    """A cotangent: its parts added one by one in the fixed order (seed, consumer name,
+    slot), as the gradient graph's sum nodes add them; sums of constants fold. Returns it and
+    whether it is known (constant)."""
+    parts.sort(key=_BY_CONSUMER)
+    _, _, acc, known = parts[0]
+    add = _ADDS.get((t.shape, t.dtype))  # the kernel of the gradient graph's sum nodes
+    if add is None:
+        if len(_ADDS) >= MAX_SIGNATURES:
+            _ADDS.clear()
+        add = _ADDS[t.shape, t.dtype] = ADD.lower({}, (t, t))
+    small = t.size <= FOLD_ELEMENTS
+    for _, _, d, k in parts[1:]:
+        if known and k and small:
+            acc = _fold(add(acc, d))
+        else:
+            acc, known = add(acc, d), False
+    return acc, known
+
+
+_BY_CONSUMER = itemgetter(0, 1)  # consumer name, slot
+_ADDS: dict[tuple[tuple[int, ...], str], Callable[..., Any]] = {}  # by type (bounded)

@@ -127,3 +127,34 @@ def test_a_request_runs_eagerly_until_its_tier_up_call_then_compiled():
 
     (expected,) = numerical_vjp(loss, [request.feeds["x"]], np.ones(()))
     np.testing.assert_allclose(first.grads["x"], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_ops_no_gradient_flows_through_give_the_compiled_programs_bits():
+    """sign and step give no gradient: cotangents cut off there (a VJP that gives none, nodes
+    above it that none reaches, a wrt node that gets zeros)."""
+    nodes = [
+        Node("x", "input", shape=(6,), dtype="float64"),
+        Node("z", "input", shape=(6,), dtype="float64"),
+        Node("t", "tanh", ("z",)),
+        Node("tx", "mul", ("t", "x")),
+        Node("s", "sign", ("tx",)),
+        Node("sx", "mul", ("s", "x")),
+        Node("st", "step", ("x",)),
+        Node("a", "abs", ("x",)),
+        Node("r", "relu", ("x",)),
+        Node("u", "add", ("sx", "a")),
+        Node("w", "add", ("u", "r")),
+        Node("v", "add", ("w", "st")),
+        Node("L", "sum", ("v",)),
+    ]
+    graph = Graph(nodes)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal(6), "z": rng.standard_normal(6)}
+    request = RunRequest(("L", "s"), feeds, ("x", "z", "t"))
+    same_bits(graph, request)
+    _, grads = eager(graph, request)
+    np.testing.assert_array_equal(grads["z"], np.zeros(6))
+    x = feeds["x"]
+    np.testing.assert_array_equal(
+        grads["x"], np.sign(np.tanh(feeds["z"]) * x) + np.sign(x) + (x > 0)
+    )

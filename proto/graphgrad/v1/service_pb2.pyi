@@ -603,6 +603,7 @@ class Prediction(_message.Message):
     BOUNDS_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     BYTES_ACROSS_NODES_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
     makespan: _builtins.float
     """Predicted wall time, seconds."""
     one_cpu: _builtins.float
@@ -619,6 +620,10 @@ class Prediction(_message.Message):
     """Tasks replayed (the timeline holds at most the first 10,000 to start)."""
     bytes_across_nodes: _builtins.int
     """Bytes moved between nodes."""
+    choice: _builtins.str
+    """The auto policy's choice on this cluster and why ("auto picks ray with 8 partitions
+    (simulated ...)"), when the request left the executor to the server.
+    """
     @_builtins.property
     def critical_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tasks on the critical path, first to last ("P0 forward", ...)."""
@@ -649,10 +654,11 @@ class Prediction(_message.Message):
         bounds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         tasks: _builtins.int = ...,
         bytes_across_nodes: _builtins.int = ...,
+        choice: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "bounds", b"bounds", "bytes_across_nodes", b"bytes_across_nodes", "calibration", b"calibration", "cluster", b"cluster", "critical_path", b"critical_path", "critical_seconds", b"critical_seconds", "makespan", b"makespan", "one_cpu", b"one_cpu", "tasks", b"tasks", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "bounds", b"bounds", "bytes_across_nodes", b"bytes_across_nodes", "calibration", b"calibration", "choice", b"choice", "cluster", b"cluster", "critical_path", b"critical_path", "critical_seconds", b"critical_seconds", "makespan", b"makespan", "one_cpu", b"one_cpu", "tasks", b"tasks", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
