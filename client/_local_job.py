@@ -21,9 +21,11 @@ class Job(AsyncJob):
     """A training job: many networks trained together, in the background (a handle on a
     job of the client's Session).
 
-    `status` is "running", "done", "cancelled" or "failed"; `params` and `history` are the
-    results ([N, ...] per parameter, and the loss [N, steps]); with several templates,
-    `params` is a list with one mapping per template, in the order given.
+    `status` is "pending" (until its thread has built it: a moment), "running", "done",
+    "cancelled" or "failed"; `params` and `history` are the results ([N, ...] per parameter,
+    and the loss [N, steps]; while it runs, the parameters now and the history as of its
+    last segment); with several templates, `params` is a list with one mapping per
+    template, in the order given. A job that failed raises its own exception from `wait`.
     """
 
     def __init__(self, session: Session, job_id: str, templates: int) -> None:
