@@ -145,7 +145,7 @@ class LocalClient(AsyncClient):
         (each network its own samples) or [S, ...] (shared). Returns a running Job."""
         kind = ExecutorKind.parse(executor, field="executor")
         specs = build_specs(loss, params, data, optimizer or SGD(lr=0.1), steps, batch_size, seed)
-        return Job(self.session, self.session.submit(specs, kind))
+        return Job(self.session, self.session.submit((specs, kind)), len(specs))
 
     def jobs(self) -> list[JobView]:
         """Every job of this client that was not deleted."""
