@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from graphgrad._job_display import plot_history
+from graphgrad._prepared import Prepared, RunShapes
+from graphgrad._request import NodeRef
+from graphgrad._result import Result
 
 
 class AsyncClient:
     """Mixed into both clients: `await client.run_async(...)` and friends, and the docs of
     what both clients do alike (methods without a docstring inherit these, in `help()`)."""
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
+    _run_shapes: RunShapes  # each client makes its own in __init__
+
+    def run(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        feeds: Mapping[NodeRef, Any] | None = None,
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        exact: bool = False,
+        timeout: float | None = None,
+    ) -> Result:
         """Values of `outputs` and, for each node of `wrt`, the gradient of the outputs with
         respect to it: `res.value`/`res.values[name]`, `res.grads[name]`, `res.stats`.
 
@@ -32,6 +48,29 @@ class AsyncClient:
         server each is also a RemoteError carrying the gRPC code. A remote client uploads
         the graph once per fingerprint, then runs it by reference.
         """
+        # A call shape seen before (same nodes, options) reuses its Prepared.
+        key = None
+        if grad_outputs is None:
+            key = RunShapes.key(outputs, wrt, feeds, (executor, check_numerics, exact))
+        prepared = None if key is None else self._run_shapes.get(key, outputs, wrt)
+        if prepared is None:
+            prepared = self._prepare(
+                outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact
+            )
+            if key is not None:
+                self._run_shapes.put(key, prepared)
+        return prepared(feeds, timeout=timeout)
+
+    def _prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None,
+        grad_outputs: Mapping[NodeRef, Any] | None,
+        executor: str,
+        check_numerics: bool,
+        feeds: Mapping[NodeRef, Any] | None = None,
+        exact: bool = False,
+    ) -> Prepared:
         raise NotImplementedError
 
     def prepare(self, *args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
 from graphgrad._local_job import Job
 from graphgrad._plan_view import PlanView
-from graphgrad._prepared import Prepared, Seeds, run_spec
+from graphgrad._prepared import Prepared, RunShapes, Seeds, run_spec
 from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
 from graphgrad._train_specs import ArrayMap, build_specs
@@ -46,6 +46,7 @@ class LocalClient(AsyncClient):
         self.session = Session(
             Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus, calibration=cal)
         )
+        self._run_shapes = RunShapes()
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"
@@ -93,21 +94,6 @@ class LocalClient(AsyncClient):
             return Result(res.values, res.grads, res.stats)
 
         return Prepared(spec, seeds, runner)
-
-    def run(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        feeds: Mapping[NodeRef, Any] | None = None,
-        wrt: NodeRef | Sequence[NodeRef] | None = (),
-        grad_outputs: Mapping[NodeRef, Any] | None = None,
-        *,
-        executor: str = "auto",
-        check_numerics: bool = False,
-        exact: bool = False,
-        timeout: float | None = None,
-    ) -> Result:
-        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
-        return prepared(feeds, timeout=timeout)
 
     def explain(
         self,
