@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
+from graphgrad.engine import NO_PROGRESS
 from graphgrad.server import cli, logs
 from graphgrad.server.batcher import Batcher, BatchingConfig
+from graphgrad.server.store import JobStore
 
 from .test_dynamic_batching import Recorder
+from .test_job_manager import manager, one_weight_job, wait_for
 
 MOST = {
     "--port": 65535,  # 70000 served on 70000 % 65536 = 4464
@@ -112,3 +117,31 @@ def test_a_log_field_never_carries_a_control_character(evil):
     line = logs.TextFormatter().format(record)
     assert line.isprintable(), repr(line)
     assert f"job={json.dumps(evil)}" in line  # quoted and escaped: still readable
+
+
+# --- a corrupt job row with a lease --------------------------------------------------------
+
+
+def test_a_job_row_with_a_corrupt_lease_or_progress_fails_nothing_else(tmp_path):
+    # A lease_expires that is not a number made ListJobs and GetJob INTERNAL for every job,
+    # and a corrupt progress column made each heartbeat's claim raise after taking the lease.
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    spec = one_weight_job(2, 5)
+    for job_id in ("lease", "progress", "fine"):
+        store.insert(job_id, spec, NO_PROGRESS)
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease_owner = 'ghost:1', "
+            "lease_expires = 'garbage' WHERE id = 'lease'"
+        )
+        db.execute("UPDATE jobs SET steps_done = 'x', created = 'y' WHERE id = 'progress'")
+    m = manager(tmp_path, lease_seconds=30.0)
+    assert sorted(v.id for v in m.list()) == ["fine", "lease", "progress"]
+    m.resume_all()  # each one is taken and run from its spec, none is lost
+    for job_id in ("fine", "lease", "progress"):
+        wait_for(m, job_id, ("done",))
+    np.testing.assert_allclose(
+        m.job("lease").view().progress.loss_median,
+        m.job("fine").view().progress.loss_median,
+    )
+    m.close()
