@@ -3,13 +3,15 @@ the new flags, and what they did before they were bounded."""
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from concurrent.futures import Future
 
 import pytest
 
-from graphgrad.server import cli
+from graphgrad.server import cli, logs
 from graphgrad.server.batcher import Batcher, BatchingConfig
 
 from .test_dynamic_batching import Recorder
@@ -96,3 +98,17 @@ def test_a_window_past_the_platforms_longest_wait_still_answers_every_member():
         outs = sorted([first.result(timeout=60), second.result(timeout=60)])
         assert outs in ([("a", 2), ("b", 2)], [("a", "alone"), ("b", "alone")])
     assert batcher.waiting() == 0
+
+
+# --- log injection through names -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("evil", ["a\rb", "a\x1b[2Jb", "a\u2028b", "a\x85b", "a\tb", "a\x00b"])
+def test_a_log_field_never_carries_a_control_character(evil):
+    # A job id comes from the client as it is (GetJob logs the id asked for): a carriage
+    # return or a line separator forged a line, an escape sequence wrote to the terminal.
+    record = logging.LogRecord("graphgrad.requests", logging.DEBUG, "", 0, "request", (), None)
+    record.fields = {"method": "GetJob", "job": evil}
+    line = logs.TextFormatter().format(record)
+    assert line.isprintable(), repr(line)
+    assert f"job={json.dumps(evil)}" in line  # quoted and escaped: still readable
