@@ -1,4 +1,5 @@
-"""Awaitable twins of the blocking SDK calls, usable from a notebook's running event loop."""
+"""What both clients share: `run` and `prepare` over each client's own `_prepared_run`, and the
+awaitable twins of the blocking SDK calls, usable from a notebook's running event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from graphgrad._job_display import plot_history
-from graphgrad._prepared import Prepared, RunShapes
+from graphgrad._prepared import Prepared, RunShapes, RunSpec, Seeds, run_spec
 from graphgrad._request import NodeRef
 from graphgrad._result import Result
 
@@ -71,9 +72,23 @@ class AsyncClient:
         feeds: Mapping[NodeRef, Any] | None = None,
         exact: bool = False,
     ) -> Prepared:
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+        return self._prepared_run(spec, seeds)
+
+    def _prepared_run(self, spec: RunSpec, seeds: Seeds) -> Prepared:
+        """The client's Prepared for a spec: how it runs (in process or over the wire)."""
         raise NotImplementedError
 
-    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+    def prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        exact: bool = False,
+    ) -> Prepared:
         """A run fixed once and called with feeds: `prepared = client.prepare(L, wrt=["W"])`,
         then `prepared(feeds) -> Result` (what `run(L, feeds, wrt=["W"])` returns) as often as
         needed, with less work per call: the graph's registration, the names' checks, the
@@ -84,7 +99,7 @@ class AsyncClient:
         given here are the seeds of every call; a call may pass others for the same outputs
         (`prepared(feeds, grad_outputs={...})`). A call takes `timeout=` in seconds.
         """
-        raise NotImplementedError
+        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, None, exact)
 
     def _before_thread(self, executor: str) -> None:
         """Work that must happen on the caller's thread (starting Ray) before going off it."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -13,7 +12,7 @@ from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
 from graphgrad._local_job import Job
 from graphgrad._plan_view import PlanView
-from graphgrad._prepared import Prepared, RunShapes, Seeds, run_spec
+from graphgrad._prepared import Prepared, RunShapes, RunSpec, Seeds
 from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
 from graphgrad._train_specs import ArrayMap, build_specs
@@ -62,29 +61,7 @@ class LocalClient(AsyncClient):
     def _before_thread(self, executor: str) -> None:
         self.session.start_for(ExecutorKind.parse(executor))
 
-    def prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None = (),
-        grad_outputs: Mapping[NodeRef, Any] | None = None,
-        *,
-        executor: str = "auto",
-        check_numerics: bool = False,
-        exact: bool = False,
-    ) -> Prepared:
-        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
-
-    def _prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None,
-        grad_outputs: Mapping[NodeRef, Any] | None,
-        executor: str,
-        check_numerics: bool,
-        feeds: Mapping[NodeRef, Any] | None = None,
-        exact: bool = False,
-    ) -> Prepared:
-        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+    def _prepared_run(self, spec: RunSpec, seeds: Seeds) -> Prepared:
         request = RunRequest(spec.outputs, {}, spec.wrt, seeds)
         prepared = self.session.prepare(spec.graph, request, spec.options)
 
