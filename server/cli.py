@@ -175,7 +175,7 @@ def numbers() -> tuple[Number, ...]:
         ),
         Number(
             "--job-lease-s",
-            0.1,
+            1.0,  # shorter: a heartbeat delayed by load (every third of it) loses a live lease
             config.job_lease_seconds,
             "seconds a worker's lease on a running job lasts without a heartbeat; another "
             "worker sharing the data dir takes over a job whose holder died after this",

@@ -145,3 +145,14 @@ def test_a_job_row_with_a_corrupt_lease_or_progress_fails_nothing_else(tmp_path)
         m.job("fine").view().progress.loss_median,
     )
     m.close()
+
+
+def test_a_job_lease_too_short_to_outlive_a_heartbeats_delay_stops_the_start():
+    # --job-lease-s 0.1 (the old least): with --workers 2 on 2 busy cores, live workers lost
+    # their leases to each other (two takeovers of running jobs in 1.5 s, work done twice).
+    args = cli.parser().parse_args(["serve", "--job-lease-s", "0.5"])
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(args)
+    assert str(e.value) == "graphgrad serve: --job-lease-s must be at least 1.0, got 0.5"
+    one = cli.config_from(cli.parser().parse_args(["serve", "--job-lease-s", "1"]))
+    assert one.job_lease_seconds == 1.0
