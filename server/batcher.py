@@ -12,6 +12,8 @@ Only members holding one of the server's run slots ever wait here, and each keep
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
 max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
 stays with the request that caused it. A member cancelled while its batch is open leaves it.
+A member with a deadline shortens the wait: the batch leaves by the time half of any member's
+time left has gone, so a window longer than a request's deadline never makes it miss it.
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ class Member(Generic[Q, R]):
     alone: Callable[[], R]
     answer: Callable[[R | BaseException], Any]
     release: Callable[[], None] = lambda: None
+    deadline: float | None = None  # a time.monotonic() value (None: none)
     future: asyncio.Future[Any] | None = None
     left: bool = False  # cancelled while its batch was open: it never ran
 
 
 @dataclass(eq=False)
 class _Batch(Generic[Q, R]):
+    leave_at: float  # the loop's time when it stops waiting for more
     members: list[Member[Q, R]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
@@ -85,10 +89,18 @@ class Batcher(Generic[K, Q, R]):
         """The member's answer, once its batch (closed by the window or by max_batch) has run
         in `pool`. Cancelled while its batch is open, the member leaves it."""
         loop = asyncio.get_running_loop()
+        wait = self._window
+        if member.deadline is not None:
+            wait = min(wait, (member.deadline - time.monotonic()) / 2)
+        leave_at = loop.time() + max(0.0, wait)
         batch = self._open.get(key)
         if batch is None:
-            batch = self._open[key] = _Batch()
-            batch.timer = loop.call_later(self._window, self._close, key, batch, pool)
+            batch = self._open[key] = _Batch(leave_at)
+        if batch.timer is None or leave_at < batch.leave_at:  # the first, or one in a hurry
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.leave_at = leave_at
+            batch.timer = loop.call_at(leave_at, self._close, key, batch, pool)
         member.future = loop.create_future()
         batch.members.append(member)
         if len(batch.members) >= self.config.max_batch:

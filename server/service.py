@@ -177,7 +177,8 @@ class GraphServicer:
             return self._response(outcome, graph)
 
         pending = Pending(graph, run, options, cancel)
-        return key, Member(pending, alone, lambda outcome: finish(lambda: respond(outcome)))
+        answer = lambda outcome: finish(lambda: respond(outcome))  # noqa: E731
+        return key, Member(pending, alone, answer, deadline=cancel.deadline)
 
     def _response(self, result: RunResult, graph: Graph) -> service_pb2.RunResponse:
         out = wire.encode_result(result, graph.fingerprint)

@@ -255,7 +255,7 @@ class Recorder:
             raise RuntimeError("the stacked run failed")
         return [ValueError(m) if str(m).startswith("bad") else (m, len(items)) for m in items]
 
-    def member(self, item: str) -> Member:
+    def member(self, item: str, deadline: float | None = None) -> Member:
         """A member as the server makes one: it holds a slot until its batch has run."""
         with self.lock:
             self.slots += 1
@@ -267,19 +267,26 @@ class Recorder:
         def answer(outcome):
             return ("error", str(outcome)) if isinstance(outcome, Exception) else outcome
 
-        return Member(item, lambda: (item, "alone"), answer, release)
+        return Member(item, lambda: (item, "alone"), answer, release, deadline)
 
 
-def run_all(batcher: Batcher, rec: Recorder, items, cancel_after_join: set[int] = frozenset()):
-    """Each (key, member) joins on one event loop, all in one turn of it; the members named in
-    `cancel_after_join` are cancelled once every member has joined. Each one's answer (or
-    "cancelled"), and the slots still held at the end."""
+def run_all(
+    batcher: Batcher,
+    rec: Recorder,
+    items,
+    cancel_after_join: set[int] = frozenset(),
+    deadlines: dict[int, float] | None = None,
+):
+    """Each (key, member) joins on one event loop, all in one turn of it, with its deadline
+    in `deadlines` (a time.monotonic() value); the members named in `cancel_after_join` are
+    cancelled once every member has joined. Each one's answer (or "cancelled")."""
+    deadlines = deadlines or {}
 
     async def main():
         with ThreadPoolExecutor(1) as pool:  # batches run one after another
             tasks = [
-                asyncio.ensure_future(batcher.run(key, rec.member(item), pool))
-                for key, item in items
+                asyncio.ensure_future(batcher.run(key, rec.member(item, deadlines.get(j)), pool))
+                for j, (key, item) in enumerate(items)
             ]
             await asyncio.sleep(0)  # every task has joined its batch
             for j in cancel_after_join:

@@ -1,0 +1,135 @@
+"""Hostile and absurd inputs found by a review of the serving round: the largest values of
+the new flags, and what they did before they were bounded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from graphgrad.engine import NO_PROGRESS
+from graphgrad.server import cli, logs
+from graphgrad.server.store import JobStore
+
+from .test_dynamic_batching import Recorder, batcher_of, run_all
+from .test_job_manager import manager, one_weight_job, wait_for
+
+MOST = {
+    "--port": 65535,  # 70000 served on 70000 % 65536 = 4464
+    "--metrics-port": 65535,  # an OverflowError traceback from bind()
+    "--max-message-bytes": 2**31 - 1,  # gRPC's channel options are C ints: a traceback
+    "--max-streams": 1_000_000,  # these four add up into gRPC's maximum_concurrent_rpcs,
+    "--threads": 10_000,  # a C int: beyond it a traceback at the start
+    "--max-concurrent-runs": 10_000,
+    "--run-queue": 10_000,
+    "--max-batch": 10_000,  # with batching on, --max-concurrent-runs defaults to it
+    "--batch-window-us": 1_000_000,  # 10**17: an OverflowError in the batch's wait
+    "--job-lease-s": 86_400,  # inf: the lease keeper's wait raised, no job was ever taken
+    "--grace": 86_400,
+    "--workers": 256,  # a typo must not start ten thousand processes
+}
+BATCHING = ["--batch-window-us", "500"]  # so that --max-batch sets the run slots
+
+
+@pytest.mark.parametrize(("flag", "most"), MOST.items())
+def test_a_numeric_flag_above_its_maximum_stops_the_start(flag, most):
+    args = cli.parser().parse_args(["serve", *BATCHING, flag, str(most + 1)])
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(args)
+    above = f"graphgrad serve: {flag} must be at most {most}, got {most + 1}"
+    assert str(e.value) in (above, f"{above}.0")  # a float flag prints its value so
+    cli.config_from(cli.parser().parse_args(["serve", *BATCHING, flag, str(most)]))
+
+
+def test_every_flag_at_its_maximum_still_fits_grpcs_bounds():
+    argv = ["serve", *[a for flag, most in MOST.items() for a in (flag, str(most))]]
+    config = cli.config_from(cli.parser().parse_args(argv))
+    assert config.max_concurrent_rpcs < 2**31  # grpc.aio.server takes it as a C int
+    assert config.max_concurrent_runs == MOST["--max-batch"]
+
+
+# --- a batch window longer than a request's deadline ------------------------------------------
+
+
+def test_a_lone_request_leaves_its_window_before_its_deadline():
+    # A 10-minute window and a request with a second to live: it used to wait the window.
+    rec = Recorder()
+    batcher = batcher_of(rec, 600_000_000, 4)
+    out = run_all(batcher, rec, [("k", "m0")], deadlines={0: time.monotonic() + 1.0})
+    assert out == [("m0", "alone")]
+
+
+def test_a_member_with_a_deadline_makes_its_batch_leave_early():
+    rec = Recorder()
+    batcher = batcher_of(rec, 600_000_000, 4)
+    items = [("k", "m0"), ("k", "m1")]  # m0 opens the batch, m1 has a second to live
+    out = run_all(batcher, rec, items, deadlines={1: time.monotonic() + 1.0})
+    assert out == [("m0", 2), ("m1", 2)]
+    assert rec.batches == [["m0", "m1"]]
+
+
+def test_a_window_past_the_platforms_longest_wait_still_answers_every_member():
+    # 10**17 us: Event.wait raised OverflowError in the leader of the threaded batcher, its
+    # batch stayed open and every later request with its key waited for it forever.
+    rec = Recorder()
+    batcher = batcher_of(rec, 10**17, 2)
+    for _ in range(2):
+        assert run_all(batcher, rec, [("k", "a"), ("k", "b")]) == [("a", 2), ("b", 2)]
+    assert batcher.waiting() == 0
+
+
+# --- log injection through names -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("evil", ["a\rb", "a\x1b[2Jb", "a\u2028b", "a\x85b", "a\tb", "a\x00b"])
+def test_a_log_field_never_carries_a_control_character(evil):
+    # A job id comes from the client as it is (GetJob logs the id asked for): a carriage
+    # return or a line separator forged a line, an escape sequence wrote to the terminal.
+    record = logging.LogRecord("graphgrad.requests", logging.DEBUG, "", 0, "request", (), None)
+    record.fields = {"method": "GetJob", "job": evil}
+    line = logs.TextFormatter().format(record)
+    assert line.isprintable(), repr(line)
+    assert f"job={json.dumps(evil)}" in line  # quoted and escaped: still readable
+
+
+# --- a corrupt job row with a lease --------------------------------------------------------
+
+
+def test_a_job_row_with_a_corrupt_lease_or_progress_fails_nothing_else(tmp_path):
+    # A lease_expires that is not a number made ListJobs and GetJob INTERNAL for every job,
+    # and a corrupt progress column made each heartbeat's claim raise after taking the lease.
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    spec = one_weight_job(2, 5)
+    for job_id in ("lease", "progress", "fine"):
+        store.insert(job_id, spec, NO_PROGRESS)
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease_owner = 'ghost:1', "
+            "lease_expires = 'garbage' WHERE id = 'lease'"
+        )
+        db.execute("UPDATE jobs SET steps_done = 'x', created = 'y' WHERE id = 'progress'")
+    m = manager(tmp_path, lease_seconds=30.0)
+    assert sorted(v.id for v in m.list()) == ["fine", "lease", "progress"]
+    m.resume_all()  # each one is taken and run from its spec, none is lost
+    for job_id in ("fine", "lease", "progress"):
+        wait_for(m, job_id, ("done",))
+    np.testing.assert_allclose(
+        m.job("lease").view().progress.loss_median,
+        m.job("fine").view().progress.loss_median,
+    )
+    m.close()
+
+
+def test_a_job_lease_too_short_to_outlive_a_heartbeats_delay_stops_the_start():
+    # --job-lease-s 0.1 (the old least): with --workers 2 on 2 busy cores, live workers lost
+    # their leases to each other (two takeovers of running jobs in 1.5 s, work done twice).
+    args = cli.parser().parse_args(["serve", "--job-lease-s", "0.5"])
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(args)
+    assert str(e.value) == "graphgrad serve: --job-lease-s must be at least 1.0, got 0.5"
+    one = cli.config_from(cli.parser().parse_args(["serve", "--job-lease-s", "1"]))
+    assert one.job_lease_seconds == 1.0
