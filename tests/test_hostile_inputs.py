@@ -133,3 +133,19 @@ def test_a_job_lease_too_short_to_outlive_a_heartbeats_delay_stops_the_start():
     assert str(e.value) == "graphgrad serve: --job-lease-s must be at least 1.0, got 0.5"
     one = cli.config_from(cli.parser().parse_args(["serve", "--job-lease-s", "1"]))
     assert one.job_lease_seconds == 1.0
+
+
+def test_batching_with_fewer_run_slots_than_its_largest_batch_stops_the_start():
+    # A Run waits for its batch holding a run slot: with --max-concurrent-runs 1, four
+    # concurrent Runs each waited the whole window alone, one after another (0.2, 0.4, 0.6,
+    # 0.8 s with a 0.2 s window), and no batch ever formed.
+    argv = ["serve", "--batch-window-us", "200000", "--max-batch", "4"]
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(cli.parser().parse_args([*argv, "--max-concurrent-runs", "1"]))
+    assert str(e.value).startswith(
+        "graphgrad serve: --max-batch 4 is more than --max-concurrent-runs 1:"
+    )
+    enough = cli.config_from(cli.parser().parse_args([*argv, "--max-concurrent-runs", "4"]))
+    assert enough.max_concurrent_runs == 4
+    off = cli.config_from(cli.parser().parse_args(["serve", "--max-concurrent-runs", "1"]))
+    assert off.max_concurrent_runs == 1  # batching off: no batch to hold
