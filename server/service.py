@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -61,6 +61,14 @@ def register_onnx(
     return runtime.register(imported.graph.nodes)
 
 
+def padded(runtime: Runtime, members: Sequence[Pending], most: int) -> int:
+    """The rows members are stacked at: padded to a few sizes where one row's peak memory
+    (a member's, as its run slot admitted it) keeps the padding small."""
+    m = members[0]
+    row = runtime.prepare(m.graph, m.request, m.options).peak_bytes()  # a cache lookup
+    return stack_size(len(members), most, row)
+
+
 @dataclass(frozen=True)
 class WorkerView:
     """The process that answers ("HOST:PID") and how many live ones serve the port."""
@@ -89,7 +97,7 @@ class GraphServicer:
         self.batcher: Batcher | None = None
         if batching is not None and batching.window_us > 0:
             most = batching.max_batch  # stacks padded to a few sizes, each compiled once
-            stack = lambda key, ms: runtime.run_stack(key, ms, stack_size(len(ms), most))  # noqa: E731
+            stack = lambda key, ms: runtime.run_stack(key, ms, padded(runtime, ms, most))  # noqa: E731
             self.batcher = Batcher(batching, stack, metrics.observe_batch)
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
