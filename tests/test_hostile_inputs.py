@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 import time
-from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -16,10 +14,9 @@ import pytest
 from graphgrad.engine import NO_PROGRESS
 from graphgrad.engine.stacking import PAD_BYTES, stack_size
 from graphgrad.server import cli, logs
-from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.store import JobStore
 
-from .test_dynamic_batching import Recorder
+from .test_dynamic_batching import Recorder, batcher_of, run_all
 from .test_job_manager import manager, one_weight_job, wait_for
 
 MOST = {
@@ -59,50 +56,30 @@ def test_every_flag_at_its_maximum_still_fits_grpcs_bounds():
 # --- a batch window longer than a request's deadline ------------------------------------------
 
 
-def run_in_thread(batcher: Batcher, key: str, member: str, deadline: float | None) -> Future:
-    """batcher.run from a daemon thread (a batch that never leaves must not hold pytest)."""
-    out: Future = Future()
-
-    def one() -> None:
-        try:
-            alone = lambda: (member, "alone")  # noqa: E731
-            args = () if deadline is None else (deadline,)
-            out.set_result(batcher.run(key, member, alone, *args))
-        except Exception as e:
-            out.set_exception(e)
-
-    threading.Thread(target=one, daemon=True).start()
-    return out
-
-
 def test_a_lone_request_leaves_its_window_before_its_deadline():
     # A 10-minute window and a request with a second to live: it used to wait the window.
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=4), Recorder())
-    lone = run_in_thread(batcher, "k", "m0", time.monotonic() + 1.0)
-    assert lone.result(timeout=60) == ("m0", "alone")
+    rec = Recorder()
+    batcher = batcher_of(rec, 600_000_000, 4)
+    out = run_all(batcher, rec, [("k", "m0")], deadlines={0: time.monotonic() + 1.0})
+    assert out == [("m0", "alone")]
 
 
 def test_a_member_with_a_deadline_makes_its_batch_leave_early():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=4), rec)
-    leader = run_in_thread(batcher, "k", "m0", None)
-    while batcher.waiting() == 0:  # until m0's batch is open
-        time.sleep(0.001)
-    follower = run_in_thread(batcher, "k", "m1", time.monotonic() + 1.0)
-    assert follower.result(timeout=60) == ("m1", 2)
-    assert leader.result(timeout=60) == ("m0", 2)
+    batcher = batcher_of(rec, 600_000_000, 4)
+    items = [("k", "m0"), ("k", "m1")]  # m0 opens the batch, m1 has a second to live
+    out = run_all(batcher, rec, items, deadlines={1: time.monotonic() + 1.0})
+    assert out == [("m0", 2), ("m1", 2)]
     assert rec.batches == [["m0", "m1"]]
 
 
 def test_a_window_past_the_platforms_longest_wait_still_answers_every_member():
-    # 10**17 us: Event.wait raised OverflowError in the leader, its batch stayed open and
-    # every later request with its key waited for it forever.
-    batcher = Batcher(BatchingConfig(window_us=10**17, max_batch=2), Recorder())
+    # 10**17 us: Event.wait raised OverflowError in the leader of the threaded batcher, its
+    # batch stayed open and every later request with its key waited for it forever.
+    rec = Recorder()
+    batcher = batcher_of(rec, 10**17, 2)
     for _ in range(2):
-        first = run_in_thread(batcher, "k", "a", None)
-        second = run_in_thread(batcher, "k", "b", None)
-        outs = sorted([first.result(timeout=60), second.result(timeout=60)])
-        assert outs in ([("a", 2), ("b", 2)], [("a", "alone"), ("b", "alone")])
+        assert run_all(batcher, rec, [("k", "a"), ("k", "b")]) == [("a", 2), ("b", 2)]
     assert batcher.waiting() == 0
 
 
