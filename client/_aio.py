@@ -1,21 +1,38 @@
-"""Awaitable twins of the blocking SDK calls, usable from a notebook's running event loop."""
+"""What both clients share: `run` and `prepare` over each client's own `_prepared_run`, and the
+awaitable twins of the blocking SDK calls, usable from a notebook's running event loop."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from graphgrad._job_display import plot_history
+from graphgrad._prepared import Prepared, RunShapes, RunSpec, Seeds, run_spec
+from graphgrad._request import NodeRef
+from graphgrad._result import Result
 
 
 class AsyncClient:
     """Mixed into both clients: `await client.run_async(...)` and friends, and the docs of
     what both clients do alike (methods without a docstring inherit these, in `help()`)."""
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
+    _run_shapes: RunShapes  # each client makes its own in __init__
+
+    def run(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        feeds: Mapping[NodeRef, Any] | None = None,
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        exact: bool = False,
+        timeout: float | None = None,
+    ) -> Result:
         """Values of `outputs` and, for each node of `wrt`, the gradient of the outputs with
         respect to it: `res.value`/`res.values[name]`, `res.grads[name]`, `res.stats`.
 
@@ -32,9 +49,46 @@ class AsyncClient:
         server each is also a RemoteError carrying the gRPC code. A remote client uploads
         the graph once per fingerprint, then runs it by reference.
         """
+        # A call shape seen before (same nodes, options) reuses its Prepared.
+        key = None
+        if grad_outputs is None:
+            key = RunShapes.key(outputs, wrt, feeds, (executor, check_numerics, exact))
+        prepared = None if key is None else self._run_shapes.get(key, outputs, wrt)
+        if prepared is None:
+            prepared = self._prepare(
+                outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact
+            )
+            if key is not None:
+                self._run_shapes.put(key, prepared)
+        return prepared(feeds, timeout=timeout)
+
+    def _prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None,
+        grad_outputs: Mapping[NodeRef, Any] | None,
+        executor: str,
+        check_numerics: bool,
+        feeds: Mapping[NodeRef, Any] | None = None,
+        exact: bool = False,
+    ) -> Prepared:
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+        return self._prepared_run(spec, seeds)
+
+    def _prepared_run(self, spec: RunSpec, seeds: Seeds) -> Prepared:
+        """The client's Prepared for a spec: how it runs (in process or over the wire)."""
         raise NotImplementedError
 
-    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+    def prepare(
+        self,
+        outputs: NodeRef | Sequence[NodeRef],
+        wrt: NodeRef | Sequence[NodeRef] | None = (),
+        grad_outputs: Mapping[NodeRef, Any] | None = None,
+        *,
+        executor: str = "auto",
+        check_numerics: bool = False,
+        exact: bool = False,
+    ) -> Prepared:
         """A run fixed once and called with feeds: `prepared = client.prepare(L, wrt=["W"])`,
         then `prepared(feeds) -> Result` (what `run(L, feeds, wrt=["W"])` returns) as often as
         needed, with less work per call: the graph's registration, the names' checks, the
@@ -45,7 +99,7 @@ class AsyncClient:
         given here are the seeds of every call; a call may pass others for the same outputs
         (`prepared(feeds, grad_outputs={...})`). A call takes `timeout=` in seconds.
         """
-        raise NotImplementedError
+        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, None, exact)
 
     def _before_thread(self, executor: str) -> None:
         """Work that must happen on the caller's thread (starting Ray) before going off it."""

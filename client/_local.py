@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -13,7 +12,7 @@ from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
 from graphgrad._local_job import Job
 from graphgrad._plan_view import PlanView
-from graphgrad._prepared import Prepared, Seeds, run_spec
+from graphgrad._prepared import Prepared, RunShapes, RunSpec, Seeds
 from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
 from graphgrad._train_specs import ArrayMap, build_specs
@@ -46,6 +45,7 @@ class LocalClient(AsyncClient):
         self.session = Session(
             Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus, calibration=cal)
         )
+        self._run_shapes = RunShapes()
 
     def __repr__(self) -> str:
         return "<graphgrad.LocalClient in-process>"
@@ -61,29 +61,7 @@ class LocalClient(AsyncClient):
     def _before_thread(self, executor: str) -> None:
         self.session.start_for(ExecutorKind.parse(executor))
 
-    def prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None = (),
-        grad_outputs: Mapping[NodeRef, Any] | None = None,
-        *,
-        executor: str = "auto",
-        check_numerics: bool = False,
-        exact: bool = False,
-    ) -> Prepared:
-        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
-
-    def _prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None,
-        grad_outputs: Mapping[NodeRef, Any] | None,
-        executor: str,
-        check_numerics: bool,
-        feeds: Mapping[NodeRef, Any] | None = None,
-        exact: bool = False,
-    ) -> Prepared:
-        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+    def _prepared_run(self, spec: RunSpec, seeds: Seeds) -> Prepared:
         request = RunRequest(spec.outputs, {}, spec.wrt, seeds)
         prepared = self.session.prepare(spec.graph, request, spec.options)
 
@@ -93,21 +71,6 @@ class LocalClient(AsyncClient):
             return Result(res.values, res.grads, res.stats)
 
         return Prepared(spec, seeds, runner)
-
-    def run(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        feeds: Mapping[NodeRef, Any] | None = None,
-        wrt: NodeRef | Sequence[NodeRef] | None = (),
-        grad_outputs: Mapping[NodeRef, Any] | None = None,
-        *,
-        executor: str = "auto",
-        check_numerics: bool = False,
-        exact: bool = False,
-        timeout: float | None = None,
-    ) -> Result:
-        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
-        return prepared(feeds, timeout=timeout)
 
     def explain(
         self,
@@ -145,7 +108,7 @@ class LocalClient(AsyncClient):
         (each network its own samples) or [S, ...] (shared). Returns a running Job."""
         kind = ExecutorKind.parse(executor, field="executor")
         specs = build_specs(loss, params, data, optimizer or SGD(lr=0.1), steps, batch_size, seed)
-        return Job(self.session, self.session.submit(specs, kind))
+        return Job(self.session, self.session.submit((specs, kind)), len(specs))
 
     def jobs(self) -> list[JobView]:
         """Every job of this client that was not deleted."""

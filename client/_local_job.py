@@ -21,14 +21,17 @@ class Job(AsyncJob):
     """A training job: many networks trained together, in the background (a handle on a
     job of the client's Session).
 
-    `status` is "running", "done", "cancelled" or "failed"; `params` and `history` are the
-    results ([N, ...] per parameter, and the loss [N, steps]); with several templates,
-    `params` is a list with one mapping per template, in the order given.
+    `status` is "pending" (until its thread has built it: a moment), "running", "done",
+    "cancelled" or "failed"; `params` and `history` are the results ([N, ...] per parameter,
+    and the loss [N, steps]; while it runs, the parameters now and the history as of its
+    last segment); with several templates, `params` is a list with one mapping per
+    template, in the order given. A job that failed raises its own exception from `wait`.
     """
 
-    def __init__(self, session: Session, job_id: str) -> None:
+    def __init__(self, session: Session, job_id: str, templates: int) -> None:
         self.id = job_id
         self._session = session
+        self._templates = templates
         self._results: tuple[list[dict[str, np.ndarray]], np.ndarray] | None = None
 
     @property
@@ -47,7 +50,7 @@ class Job(AsyncJob):
     def chunks(self) -> list[int]:
         """How many chunks each stacked group of networks was cut into (networks of
         templates that differ only in their arrays are stacked in one group)."""
-        return self._session.job(self.id).chunks
+        return list(self._session.job(self.id).layout)
 
     def cancel(self) -> None:
         """Stop the job (its tasks are cancelled); `wait` then returns with status cancelled."""
@@ -62,9 +65,9 @@ class Job(AsyncJob):
         """Block until the job ends, with a progress bar (tqdm.auto) unless progress=False."""
         deadline = None if timeout is None else time.monotonic() + timeout
         job = self._session.job(self.id)
-        bar = ProgressBar(job.run.steps, self.id) if progress else None
+        bar = ProgressBar(job.view().progress.steps, self.id) if progress else None
         try:
-            for view in self._session.watch(self.id):
+            for view in self._session.watch(self.id, interval=0.1):
                 if bar is not None:
                     bar.show(view.progress)
                 if deadline is not None and time.monotonic() > deadline and not job.ended.is_set():
@@ -72,14 +75,14 @@ class Job(AsyncJob):
         finally:
             if bar is not None:
                 bar.close(job.status, job.view().progress)
-        if job.error is not None:
-            raise job.error
+        if job.exception is not None:
+            raise job.exception
         return self
 
     def _fetch(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
         if self._results is None:
             job = self._session.job(self.id)
-            results = join_parts(self._session.results(self.id), job.templates)
+            results = join_parts(self._session.results(self.id), self._templates)
             if not job.ended.is_set():  # still training: read again next time
                 return results
             self._results = results

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from graphgrad import wire
 from graphgrad._aio import AsyncClient
 from graphgrad._builder import Tensor
 from graphgrad._plan_view import PlanView
-from graphgrad._prepared import Prepared, RunSpec, Seeds, run_spec
+from graphgrad._prepared import Prepared, RunShapes, RunSpec, Seeds
 from graphgrad._remote_job import RemoteJob
 from graphgrad._request import NodeRef, build_request
 from graphgrad._result import Result
@@ -127,6 +127,7 @@ class RemoteClient(AsyncClient):
             )
         }
         self._prepared: LRU[Hashable, _RunCall] = LRU(PREPARED_RUNS)
+        self._run_shapes = RunShapes()
 
     def __repr__(self) -> str:
         return f"<graphgrad.RemoteClient {self.address}>"
@@ -234,47 +235,10 @@ class RemoteClient(AsyncClient):
         except grpc.RpcError as e:
             raise _remote_error(e, self.address) from None
 
-    def prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None = (),
-        grad_outputs: Mapping[NodeRef, Any] | None = None,
-        *,
-        executor: str = "auto",
-        check_numerics: bool = False,
-        exact: bool = False,
-    ) -> Prepared:
-        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, exact=exact)
-
-    def _prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None,
-        grad_outputs: Mapping[NodeRef, Any] | None,
-        executor: str,
-        check_numerics: bool,
-        feeds: Mapping[NodeRef, Any] | None = None,
-        exact: bool = False,
-    ) -> Prepared:
-        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
+    def _prepared_run(self, spec: RunSpec, seeds: Seeds) -> Prepared:
         key = (spec.graph.fingerprint, spec.outputs, spec.wrt, spec.seeded, spec.options)
         call = self._prepared.get_or_make(key, lambda: _RunCall(self, spec))
         return Prepared(spec, seeds, call)
-
-    def run(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        feeds: Mapping[NodeRef, Any] | None = None,
-        wrt: NodeRef | Sequence[NodeRef] | None = (),
-        grad_outputs: Mapping[NodeRef, Any] | None = None,
-        *,
-        executor: str = "auto",
-        check_numerics: bool = False,
-        exact: bool = False,
-        timeout: float | None = None,
-    ) -> Result:
-        prepared = self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
-        return prepared(feeds, timeout=timeout)
 
     def explain(
         self,

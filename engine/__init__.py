@@ -15,6 +15,7 @@ from graphgrad.engine.errors import (
     FeedError,
     GraphError,
     LimitError,
+    NotFoundError,
     RequestError,
     UnknownOpError,
     ValidationError,
@@ -30,6 +31,7 @@ from graphgrad.engine.executor import (
 )
 from graphgrad.engine.grad import grad_graph
 from graphgrad.engine.ir import Graph, Node
+from graphgrad.engine.job_manager import JobManager, ManagedJob
 from graphgrad.engine.job_reports import (
     NO_PROGRESS,
     JobView,
@@ -37,6 +39,7 @@ from graphgrad.engine.job_reports import (
     join_parts,
     result_parts,
 )
+from graphgrad.engine.job_store import JobStore, MemoryJobStore
 from graphgrad.engine.kinds import TERMINAL, ExecutorKind, JobStatus
 from graphgrad.engine.lru import LRU
 from graphgrad.engine.ops import (
@@ -58,7 +61,7 @@ from graphgrad.engine.ops import (
 from graphgrad.engine.ops.docs import AttrInfo, OpInfo, op_infos
 from graphgrad.engine.planner import Explanation
 from graphgrad.engine.prepared import FeedSpec, PreparedRun, check_seeds, feed_spec
-from graphgrad.engine.session import Explained, LocalJob, RunOptions, Session
+from graphgrad.engine.session import Explained, LocalSpec, RunOptions, Session
 from graphgrad.engine.simulator import Cluster, Prediction, cluster_from
 from graphgrad.engine.training import (
     SGD,
@@ -117,7 +120,12 @@ __all__ = [
     "JobView",
     "LimitError",
     "LocalExecutor",
-    "LocalJob",
+    "LocalSpec",
+    "JobManager",
+    "JobStore",
+    "ManagedJob",
+    "MemoryJobStore",
+    "NotFoundError",
     "Node",
     "Op",
     "Optimizer",

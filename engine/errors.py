@@ -87,6 +87,18 @@ class ExecutionError(GraphError):
         super().__init__(f"node '{node}': {message}")
 
 
+class NotFoundError(LookupError):
+    """Something not held (here or in the job store): NotFoundError(name, kind="graph" |
+    "job")."""
+
+    def __init__(self, name: str, kind: str = "graph") -> None:
+        super().__init__(name, kind)
+        self.name, self.kind = name, kind
+
+    def __str__(self) -> str:
+        return f"no {self.kind} '{self.name}'"
+
+
 class CancelReason(StrEnum):
     """Why work stopped before it finished: the caller picks its status from this (gRPC:
     DEADLINE_EXCEEDED for DEADLINE, CANCELLED otherwise), never from the message."""

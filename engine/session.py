@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
+import sys
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,21 +23,24 @@ from graphgrad.engine.calibration import in_force
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.driver import task_source
-from graphgrad.engine.errors import CancelledError, RequestError
+from graphgrad.engine.errors import RequestError
 from graphgrad.engine.executor import RunResult, check_finite
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.job_reports import JobView, ResultPart, result_parts
-from graphgrad.engine.kinds import ExecutorKind, JobStatus
+from graphgrad.engine.job_manager import JobManager, ManagedJob
+from graphgrad.engine.job_reports import JobView, ResultPart
+from graphgrad.engine.job_store import MemoryJobStore
+from graphgrad.engine.kinds import ExecutorKind
 from graphgrad.engine.ops.docs import OpInfo, op_infos
 from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.planner import Explanation, describe
 from graphgrad.engine.prepared import PreparedKey, PreparedRun
 from graphgrad.engine.simulator import Cluster, Prediction, choose_partitions, predict
 from graphgrad.engine.training import TrainSpec
-from graphgrad.engine.training_run import Placement, TrainingRun, group_specs
 
 # Prepared runs by graph instance, names and options: small, within the plan cache's bounds.
 _PREPARED: DerivedCache[PreparedKey, PreparedRun] = DerivedCache("prepared runs")
+# A job as the in-process client submits it: its templates' specs and the executor.
+LocalSpec = tuple[list[TrainSpec], ExecutorKind]
 
 
 @dataclass(frozen=True)
@@ -55,51 +60,20 @@ class Explained:
     prediction: Prediction | None = None
 
 
-class LocalJob:
-    """A training job run in this process, in its own thread."""
+class Session:
+    """Run, explain and prepare requests, and train jobs, on one Dispatcher (inline or Ray).
+
+    Jobs go through one JobManager: by default one of this process, in memory (its specs
+    are LocalSpec; every job starts at once; its results may be read while it runs; a job
+    that failed keeps its exception on its handle), or the one a server attaches (durable,
+    shared by its workers, its specs the wire's bytes)."""
 
     def __init__(
-        self, job_id: str, run: TrainingRun, placement: list[Placement], specs: int
+        self, dispatcher: Dispatcher | None = None, jobs: JobManager[Any] | None = None
     ) -> None:
-        self.id, self.run, self.placement, self.templates = job_id, run, placement, specs
-        self.created = time.time()
-        self.cancel = Cancellation()
-        self.status = JobStatus.RUNNING
-        self.error: BaseException | None = None
-        self.ended = threading.Event()
-        self.deleted = False
-        self.thread = threading.Thread(target=self._work, name=f"job-{job_id}", daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        try:
-            self.run.run(self.cancel)
-            self.status = JobStatus.DONE
-        except CancelledError:
-            self.status = JobStatus.CANCELLED
-        except BaseException as e:  # reported through the view and the handle's wait()
-            self.error = e
-            self.status = JobStatus.FAILED
-        finally:
-            self.ended.set()
-
-    def view(self) -> JobView:
-        error = "" if self.error is None else f"{type(self.error).__name__}: {self.error}"
-        return JobView(self.id, self.status, self.run.progress(), error, self.created)
-
-    @property
-    def chunks(self) -> list[int]:
-        """How many chunks each stacked group of networks was cut into."""
-        return list(self.run.layout or [])
-
-
-class Session:
-    """Run, explain and prepare requests, and train jobs, on one Dispatcher (inline or Ray)."""
-
-    def __init__(self, dispatcher: Dispatcher | None = None) -> None:
         self.dispatcher = dispatcher or Dispatcher()
-        self._jobs: dict[str, LocalJob] = {}
-        self._ids = itertools.count(1)
+        self._manager = jobs
+        self._handles: dict[str, ManagedJob] = {}  # the in-memory manager's jobs, kept
         self._lock = threading.Lock()
 
     # --- requests --------------------------------------------------------------------------
@@ -227,57 +201,77 @@ class Session:
 
     # --- jobs ------------------------------------------------------------------------------
 
-    def submit(self, specs: list[TrainSpec], executor: ExecutorKind) -> str:
-        """Start training `specs` in a thread of this process; returns the job's id."""
-        groups, placement = group_specs(specs)
-        runner, cpus = self.dispatcher.training_runner(executor)
-        job_id = f"local-{next(self._ids)}"
-        job = LocalJob(job_id, TrainingRun(groups, cpus=cpus, runner=runner), placement, len(specs))
-        with self._lock:
-            self._jobs[job_id] = job
-        return job_id
+    def attach_jobs(self, manager: JobManager[Any]) -> None:
+        """Send this session's jobs to `manager` (a server's durable one)."""
+        self._manager = manager
 
-    def job(self, job_id: str) -> LocalJob:
+    @property
+    def job_manager(self) -> JobManager[Any]:
         with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            raise RequestError(f"no job '{job_id}' in this session", field="id")
-        return job
+            if self._manager is None:
+                self._manager = self._local_manager()
+            return self._manager
+
+    def _local_manager(self) -> JobManager[LocalSpec]:
+        ids = itertools.count(1)
+
+        def keep(job: ManagedJob) -> None:
+            with self._lock:
+                self._handles[job.id] = job
+
+        return JobManager(
+            MemoryJobStore(),
+            self.dispatcher,
+            lambda spec: spec,
+            max_running=sys.maxsize,  # each job in its own thread, at once
+            max_queued=0,
+            lease_seconds=math.inf,  # this process's: never taken over
+            owner="local",
+            new_id=lambda: f"local-{next(ids)}",
+            on_start=keep,
+            partial_results=True,
+        )
+
+    def submit(self, spec: Any) -> str:
+        """Check and queue a job (the manager's spec: LocalSpec in memory); returns its id.
+        The in-memory manager starts it at once, in a thread of this process."""
+        return self.job_manager.submit(spec)
+
+    def job(self, job_id: str) -> ManagedJob:
+        with self._lock:
+            kept = self._handles.get(job_id)
+        return kept if kept is not None else self.job_manager.job(job_id)
 
     def jobs(self) -> list[JobView]:
-        with self._lock:
-            live = [j for j in self._jobs.values() if not j.deleted]
-        return [j.view() for j in live]
+        """Every job that was not deleted, newest first."""
+        return self.job_manager.list()
 
     def cancel(self, job_id: str) -> JobView:
-        job = self.job(job_id)
-        job.cancel.cancel()
-        return job.view()
+        return self.job_manager.cancel(job_id)
 
     def delete(self, job_id: str) -> None:
-        """Cancel the job if it runs, wait for it to stop, and drop it with its results."""
-        job = self.job(job_id)
-        job.cancel.cancel()
-        job.thread.join()
-        job.deleted = True
+        """Cancel the job if it runs and drop it with its results; a job of this process's
+        memory is waited for until it stops."""
+        self.job_manager.delete(job_id)
+        with self._lock:
+            kept = self._handles.get(job_id)
+        if kept is not None:
+            kept.deleted = True
+            kept.ended.wait()
 
-    def watch(self, job_id: str, interval: float = 0.1) -> Iterator[JobView]:
-        """The job's view now, every `interval` seconds while it runs, and once it ends."""
-        job = self.job(job_id)
-        while not job.ended.wait(interval):
-            yield job.view()
-        yield job.view()
+    def watch(self, job_id: str, interval: float | None = None) -> Iterator[JobView]:
+        """The job's view now and at every change until it ends (and every `interval`
+        seconds), blocking between them."""
+        return self.job_manager.watch(job_id, interval)
+
+    def watch_async(self, job_id: str) -> AsyncIterator[JobView]:
+        """As `watch`, waiting on the event loop: an idle watcher holds no thread."""
+        return self.job_manager.watch_async(job_id)
 
     def results(self, job_id: str, max_bytes: int = 4 << 20) -> Iterator[ResultPart]:
         """The job's parameters and loss history per submitted template (its placement)."""
-        job = self.job(job_id)
-        if job.deleted:
+        with self._lock:
+            kept = self._handles.get(job_id)
+        if kept is not None and kept.deleted:
             raise RequestError(f"job {job_id} was deleted: it has no results", field="id")
-        run = job.run
-        history = run.history()
-
-        def rows(lo: int, hi: int) -> np.ndarray:
-            return history[lo:hi]
-
-        groups = [g.n for g in run.groups]
-        return result_parts(run.params(), job.placement, groups, run.steps, rows, max_bytes)
+        return self.job_manager.results(job_id, max_bytes)

@@ -286,6 +286,8 @@ class Server:
     ) -> None:
         """`worker`: this process among the server's workers (default: the only one)."""
         self.config, self.runtime, self.jobs = config, runtime, jobs
+        if jobs is not None:  # the servicer's Session sends its jobs there
+            runtime.session.attach_jobs(jobs)
         self.worker = worker or WorkerView()
         self.guards = Guards(
             runs=Admission(
@@ -354,7 +356,7 @@ class Server:
         if self.jobs is not None:
             handlers.append(
                 service_handler(
-                    JOB_SERVICE, jobs_pb2, JobServicer(self.jobs), self.guards, self.pool
+                    JOB_SERVICE, jobs_pb2, JobServicer(self.runtime.session), self.guards, self.pool
                 )
             )
         server.add_generic_rpc_handlers(handlers)

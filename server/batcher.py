@@ -3,6 +3,8 @@ requests with the same stack key that arrive within a window run as one stacked 
 
 The first request of a batch leads it: it waits up to the window (or until the batch is full),
 closes the batch, runs it on its own thread and hands each member its result or its own error.
+A member with a deadline shortens the wait: the batch leaves by the time half of any member's
+time left has gone, so a window longer than a request's deadline never makes it miss it.
 Only requests that are already running (each holds one of the server's run slots) ever wait
 here, so nothing queues beyond the server's max_concurrent_runs and run_queue. If the stacked
 run itself fails, every member runs alone, so each error stays with the request that caused it.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -44,7 +47,9 @@ ALONE = _Alone()
 @dataclass(eq=False)
 class _Batch(Generic[Q]):
     members: list[Q]
+    leave_at: float  # time.monotonic() when the leader stops waiting for more
     full: threading.Event = field(default_factory=threading.Event)  # no more may join
+    wake: threading.Event = field(default_factory=threading.Event)  # full, or leave_at moved
     done: threading.Event = field(default_factory=threading.Event)  # outcomes are set
     outcomes: list[object] = field(default_factory=list)
 
@@ -73,23 +78,33 @@ class Batcher(Generic[K, Q, R]):
         self._open: dict[K, _Batch[Q]] = {}  # at most one open batch per key
         self._lock = threading.Lock()
 
-    def run(self, key: K | None, member: Q, alone: Callable[[], R]) -> R:
+    def run(
+        self, key: K | None, member: Q, alone: Callable[[], R], deadline: float | None = None
+    ) -> R:
         """The member's result: from a stacked run when others with the same key come within
         the window, else from `alone()`: also when `key` is None (it may not be stacked) and
-        on an event loop's thread (a quick call answered there)."""
+        on an event loop's thread (a quick call answered there). `deadline`: the member's
+        (a time.monotonic() value; None: none)."""
         if key is None or _on_event_loop():
             return alone()
+        now = time.monotonic()
+        wait = self._window if deadline is None else min(self._window, (deadline - now) / 2)
+        leave_at = now + max(0.0, wait)
         with self._lock:
             batch = self._open.get(key)
             lead = batch is None
             if batch is None:
-                batch = self._open[key] = _Batch([member])
+                batch = self._open[key] = _Batch([member], leave_at)
             else:
                 batch.members.append(member)
+                if leave_at < batch.leave_at:
+                    batch.leave_at = leave_at
+                    batch.wake.set()
             index = len(batch.members) - 1
             if len(batch.members) >= self.config.max_batch:
                 del self._open[key]
                 batch.full.set()
+                batch.wake.set()
         if lead:
             self._lead(key, batch)
         else:
@@ -107,18 +122,29 @@ class Batcher(Generic[K, Q, R]):
             return sum(len(b.members) for b in self._open.values())
 
     def _lead(self, key: K, batch: _Batch[Q]) -> None:
-        batch.full.wait(self._window)  # flush when full or when the window ends
-        with self._lock:
-            if self._open.get(key) is batch:
-                del self._open[key]
-        members = batch.members  # closed: nobody joins any more
+        members: list[Q] = []
         try:
+            while not batch.full.is_set():  # flush when full or at the batch's leave_at
+                left = batch.leave_at - time.monotonic()
+                if left <= 0:
+                    break
+                batch.wake.wait(min(left, threading.TIMEOUT_MAX))  # past it: OverflowError
+                batch.wake.clear()  # leave_at is moved before wake is set: read again
+            members = self._close(key, batch)
             if len(members) > 1:
                 self._on_batch(len(members))
                 batch.outcomes = list(self._run_batch(key, members))
         except Exception as e:  # each member runs alone, so errors stay per request
             log.warning("a stacked run of %d requests failed, each runs alone: %s", len(members), e)
-        finally:
+        finally:  # whatever happened, the members are answered and the batch is closed
+            members = self._close(key, batch)
             if len(batch.outcomes) != len(members):
                 batch.outcomes = [ALONE] * len(members)
             batch.done.set()
+
+    def _close(self, key: K, batch: _Batch[Q]) -> list[Q]:
+        """The batch's members, once nobody can join it any more."""
+        with self._lock:
+            if self._open.get(key) is batch:
+                del self._open[key]
+        return batch.members

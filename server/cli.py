@@ -32,17 +32,23 @@ from graphgrad.server.store import JobStore, StoreError
 from graphgrad.server.supervisor import DEFAULT_WORKERS, WORKER_FLAG, Supervisor, SupervisorLink
 
 TOKEN_ENV = "GRAPHGRAD_TOKEN"
+# The most the numeric flags take (Number.most). Threads: each run slot and each queued run
+# holds a thread of the pool; with --max-streams their sum, times four, must stay a C int.
+PORT_MOST, C_INT_MOST, THREADS_MOST, DAY_S, WORKERS_MOST = 65535, 2**31 - 1, 10_000, 86_400, 256
 
 
 @dataclass(frozen=True)
 class Number:
-    """A numeric flag: its least allowed value and its default, each stated here once."""
+    """A numeric flag: its least and most allowed values and its default, each stated here
+    once. The most keeps absurd values (a typo, a fuzzer) from reaching what cannot take them:
+    gRPC's C ints, the platform's longest timeout, a port number, thousands of processes."""
 
     flag: str
     least: float
     default: float | None
     help: str
     kind: type = int
+    most: float | None = None
 
     @property
     def dest(self) -> str:
@@ -55,7 +61,7 @@ def numbers() -> tuple[Number, ...]:
     config, limits = ServerConfig(), Limits()
     mib = lambda n: f"{n // MIB} MiB"  # noqa: E731
     return (
-        Number("--port", 0, config.port, "port (0: pick a free one)"),
+        Number("--port", 0, config.port, "port (0: pick a free one)", most=PORT_MOST),
         Number("--max-nodes", 1, limits.max_nodes, "nodes a graph may have"),
         Number(
             "--max-tensor-bytes",
@@ -68,6 +74,7 @@ def numbers() -> tuple[Number, ...]:
             1,
             limits.max_message_bytes,
             f"gRPC message limit both ways (default {mib(limits.max_message_bytes)})",
+            most=C_INT_MOST,
         ),
         Number(
             "--max-request-bytes",
@@ -108,20 +115,29 @@ def numbers() -> tuple[Number, ...]:
             DEFAULT_WORKERS,
             "server processes sharing the port, each with its own engine and caches "
             "(default %(default)s: see the README's Server section)",
+            most=WORKERS_MOST,
         ),
-        Number("--threads", 1, config.threads, "threads of each worker serving ordinary calls"),
+        Number(
+            "--threads",
+            1,
+            config.threads,
+            "threads of each worker serving ordinary calls",
+            most=THREADS_MOST,
+        ),
         Number(
             "--max-concurrent-runs",
             1,
             None,
             "heavy calls (Run, Explain, RegisterGraph, SubmitJob) executing at once, per worker "
             "(default: CPU count; with batching on, at least --max-batch)",
+            most=THREADS_MOST,
         ),
         Number(
             "--run-queue",
             0,
             config.run_queue,
             "heavy calls waiting for a slot, per worker; beyond: RESOURCE_EXHAUSTED",
+            most=THREADS_MOST,
         ),
         Number(
             "--batch-window-us",
@@ -129,13 +145,21 @@ def numbers() -> tuple[Number, ...]:
             config.batching.window_us,
             "dynamic batching: how long a Run waits for others of the same graph, outputs, "
             "wrt and feeds to run stacked with it, in microseconds (0: off; docs/batching.md)",
+            most=1_000_000,
         ),
-        Number("--max-batch", 2, config.batching.max_batch, "dynamic batching: most Runs stacked"),
+        Number(
+            "--max-batch",
+            2,
+            config.batching.max_batch,
+            "dynamic batching: most Runs stacked",
+            most=THREADS_MOST,
+        ),
         Number(
             "--max-streams",
             1,
             config.max_streams,
             "open server streams (WatchJob, GetJobResults); beyond: RESOURCE_EXHAUSTED",
+            most=1_000_000,
         ),
         Number(
             "--max-running-jobs",
@@ -156,6 +180,7 @@ def numbers() -> tuple[Number, ...]:
             "seconds a worker's lease on a running job lasts without a heartbeat; another "
             "worker sharing the data dir takes over a job whose holder died after this",
             float,
+            most=DAY_S,
         ),
         Number(
             "--grace",
@@ -163,6 +188,7 @@ def numbers() -> tuple[Number, ...]:
             config.grace_seconds,
             "seconds in-flight calls get at shutdown",
             float,
+            most=DAY_S,
         ),
         Number(
             "--metrics-port",
@@ -170,6 +196,7 @@ def numbers() -> tuple[Number, ...]:
             None,
             "serve Prometheus metrics over HTTP on this port of --host (0: pick a free one; "
             "default: no metrics)",
+            most=PORT_MOST,
         ),
     )
 
@@ -202,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     )
     for n in numbers():
         shown = "" if "default" in n.help else " (default %(default)s)"
+        shown += "" if n.most is None else f"; at most {n.most}"
         s.add_argument(n.flag, type=n.kind, default=n.default, help=n.help + shown)
     s.add_argument(
         "--log-level",
@@ -239,6 +267,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, n.dest)
         if value is not None and not value >= n.least:  # NaN is refused too
             raise SystemExit(f"graphgrad serve: {n.flag} must be at least {n.least}, got {value}")
+        if value is not None and n.most is not None and value > n.most:
+            raise SystemExit(f"graphgrad serve: {n.flag} must be at most {n.most}, got {value}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
     token = read_token(args)

@@ -21,19 +21,11 @@ from graphgrad.engine import (
     RequestError,
     ValidationError,
 )
-from graphgrad.engine.errors import ERROR_DOMAIN, error_kind
+from graphgrad.engine.errors import ERROR_DOMAIN, NotFoundError, error_kind
 from graphgrad.onnx import OnnxUnavailableError
 from graphgrad.wire import FieldError
 
 log = logging.getLogger("graphgrad.server")
-
-
-class NotFoundError(LookupError):
-    """Something the server does not hold: NotFoundError(name, kind="graph" | "job")."""
-
-    def __init__(self, name: str, kind: str = "graph") -> None:
-        super().__init__(name, kind)
-        self.name, self.kind = name, kind
 
 
 # A status travels in gRPC metadata (8 KiB by default; the message percent-encoded, up to

@@ -1,4 +1,5 @@
-"""The JobService servicer: proto in -> job manager -> proto out, a few lines per RPC."""
+"""The JobService servicer: proto in -> engine Session (its jobs) -> proto out, a few lines
+per RPC."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from typing import Any
 import grpc
 
 from graphgrad import wire
-from graphgrad.engine import ExecutorKind, RequestError, TrainSpec, job_bytes
+from graphgrad.engine import ExecutorKind, RequestError, Session, TrainSpec, job_bytes
 from graphgrad.server.inflight import CallContext
-from graphgrad.server.job_manager import JobManager
 from graphgrad.server.runtime import Runtime
 from graphgrad.v1 import jobs_pb2
 
@@ -67,49 +67,49 @@ def check_steps_fit_a_message(steps: int, max_message_bytes: int) -> None:
 
 
 class JobServicer:
-    def __init__(self, manager: JobManager) -> None:
-        self.manager = manager
+    def __init__(self, session: Session) -> None:
+        self.session = session  # its jobs: the server's manager, attached
 
     def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: CallContext
     ) -> jobs_pb2.SubmitJobResponse:
-        return jobs_pb2.SubmitJobResponse(id=self.manager.submit(request.SerializeToString()))
+        return jobs_pb2.SubmitJobResponse(id=self.session.submit(request.SerializeToString()))
 
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         # On the event loop: an idle watcher holds no thread; a client that goes away
         # cancels it.
-        async for view in self.manager.watch(request.id):
+        async for view in self.session.watch_async(request.id):
             yield jobs_pb2.WatchJobResponse(job=wire.encode_job_info(view))
 
     def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: CallContext
     ) -> jobs_pb2.GetJobResponse:
         return jobs_pb2.GetJobResponse(
-            job=wire.encode_job_info(self.manager.job(request.id).view())
+            job=wire.encode_job_info(self.session.job(request.id).view())
         )
 
     def GetJobResults(
         self, request: jobs_pb2.GetJobResultsRequest, context: CallContext
     ) -> Iterator[jobs_pb2.GetJobResultsResponse]:
-        for part in self.manager.results(request.id):
+        for part in self.session.results(request.id):
             yield wire.encode_result_part(part)
 
     def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: CallContext
     ) -> jobs_pb2.CancelJobResponse:
-        return jobs_pb2.CancelJobResponse(job=wire.encode_job_info(self.manager.cancel(request.id)))
+        return jobs_pb2.CancelJobResponse(job=wire.encode_job_info(self.session.cancel(request.id)))
 
     def DeleteJob(
         self, request: jobs_pb2.DeleteJobRequest, context: CallContext
     ) -> jobs_pb2.DeleteJobResponse:
-        self.manager.delete(request.id)
+        self.session.delete(request.id)
         return jobs_pb2.DeleteJobResponse()
 
     def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: CallContext
     ) -> jobs_pb2.ListJobsResponse:
         return jobs_pb2.ListJobsResponse(
-            jobs=[wire.encode_job_info(v) for v in self.manager.list()]
+            jobs=[wire.encode_job_info(v) for v in self.session.jobs()]
         )

@@ -33,9 +33,11 @@ def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> No
 
 
 def _text(value: Any) -> str:
-    """A value of a key=value pair: quoted (JSON) when it is empty or has spaces or quotes."""
+    """A value of a key=value pair: quoted (JSON, ASCII) when it is empty or has spaces,
+    quotes or anything unprintable: names and job ids come from clients, and a carriage
+    return, a line separator or a terminal escape in them must not forge or hide a line."""
     text = str(value)
-    if not text or any(c in text for c in ' "=\n'):
+    if not text or not text.isprintable() or any(c in text for c in ' "='):
         return json.dumps(text)
     return text
 

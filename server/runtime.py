@@ -17,7 +17,7 @@ from graphgrad.engine import (
     RunResult,
     Session,
 )
-from graphgrad.engine.errors import GraphError, name_list
+from graphgrad.engine.errors import GraphError, NotFoundError, name_list
 from graphgrad.engine.lru import CacheStats
 from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import PLANS
@@ -25,7 +25,6 @@ from graphgrad.engine.planner import Explanation
 from graphgrad.engine.prepared import PreparedRun
 from graphgrad.engine.stacking import StackCancellation, StackKey, run_stacked
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS, GraphCache
-from graphgrad.server.errors import NotFoundError
 from graphgrad.server.limits import Limits
 
 

@@ -191,7 +191,8 @@ class GraphServicer:
         else:  # maybe stacked with others
             run = RunRequest(run.outputs, feeds, run.wrt, run.grad_outputs)
             pending = Pending(graph, run, options, cancel)
-            result = self.batcher.run(stack_key(graph, run, options), pending, alone)
+            key = stack_key(graph, run, options)
+            result = self.batcher.run(key, pending, alone, cancel.deadline)
         out = wire.encode_result(result, graph.fingerprint)
         out.stats.worker = self.worker.name
         prepared.ran(time.perf_counter() - started)  # what answering it on the loop would take

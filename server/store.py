@@ -1,4 +1,5 @@
-"""The durable job store: an embedded SQLite database in the server's data directory.
+"""The durable job store: an embedded SQLite database in the server's data directory, the
+server's implementation of the engine's JobStore (engine/job_store.py).
 
 A job's row is written only once the job is built and checked, and its progress only with
 the checkpoint that carries it, in one transaction with the history rows of the steps it
@@ -11,20 +12,22 @@ ever unpickled.
 
 from __future__ import annotations
 
-import enum
 import math
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from graphgrad.engine.training_run import HistorySegment, Progress
+from graphgrad.engine.errors import LimitError
+from graphgrad.engine.job_store import JobRow, JobSummary, Renewal
+from graphgrad.engine.training_run import HistorySegment, Progress, TrainingRun
+
+__all__ = ["JobRow", "JobStore", "JobSummary", "Renewal", "StoreError"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -84,32 +87,6 @@ class StoreError(RuntimeError):
     """The job store cannot be used (not a SQLite database, unreadable, a newer schema)."""
 
 
-@dataclass(frozen=True)
-class JobSummary:
-    id: str
-    status: str
-    error: str
-    created: float
-    progress: Progress | None  # None: a row from before progress was stored
-    lease_owner: str = ""  # the process that holds (or last held) the job's lease
-    lease_expires: float = 0.0
-
-    def holder(self, now: float) -> str:
-        """The process running the job now ("HOST:PID"), or "" when none holds it."""
-        return self.lease_owner if self.lease_expires >= now else ""
-
-
-@dataclass(frozen=True)
-class JobRow:
-    summary: JobSummary
-    spec: bytes
-    checkpoint: bytes | None
-
-    @property
-    def id(self) -> str:
-        return self.summary.id
-
-
 def _progress(row: Sequence[Any]) -> Progress | None:
     if any(v is None for v in row[:4]):
         return None
@@ -119,19 +96,13 @@ def _progress(row: Sequence[Any]) -> Progress | None:
     return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]), nonfinite)
 
 
-class Renewal(enum.Enum):
-    """What a holder's heartbeat finds: its lease renewed, a cancel asked of it by another
-    process (lease renewed too), or the lease gone (the job deleted or taken over)."""
-
-    HELD = "held"
-    CANCEL = "cancel"
-    LOST = "lost"
-
-
 class JobStore:
     """Shared by every process of a server (and by servers sharing a data directory): each
     job is run by the one process holding its lease, taken in one transaction and renewed by
     the holder's heartbeat; every write of a running job's state is fenced by that lease."""
+
+    resumable = True  # any process (or this server restarted) resumes a job from here
+    transient: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, MemoryError)
 
     def __init__(self, path: Path, max_blob_bytes: int = MAX_BLOB_BYTES) -> None:
         self.max_blob_bytes = max_blob_bytes
@@ -179,6 +150,18 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def check_fits(self, spec: bytes, run: TrainingRun) -> None:
+        """The spec and every checkpoint must fit a blob (the job's whole size from N x steps
+        is checked against max_request_bytes by the spec decoder)."""
+        # A checkpoint's size never changes: parameters and optimizer state.
+        for what, size in (("spec", len(spec)), ("checkpoint", len(run.checkpoint()))):
+            if size > self.max_blob_bytes:
+                raise LimitError(
+                    f"the job's {what} takes {size} bytes, over the store's blob limit "
+                    f"max_blob_bytes={self.max_blob_bytes}",
+                    limit="max_blob_bytes",
+                )
+
     def insert(self, job_id: str, spec: bytes, progress: Progress) -> float:
         created = time.time()
         with self._transaction() as db:
@@ -192,7 +175,7 @@ class JobStore:
     def checkpoint(
         self,
         job_id: str,
-        blob: bytes,
+        blob: bytes | None,
         progress: Progress,
         history: Sequence[HistorySegment] = (),
         status: str = "running",
@@ -200,14 +183,15 @@ class JobStore:
         owner: str | None = None,
     ) -> bool:
         """The job's state, the history of the steps it covers and its status in one
-        transaction: none is ever seen without the others. With an `owner`, written only
+        transaction: none is ever seen without the others (`blob` None: the stored
+        checkpoint is kept). With an `owner`, written only
         while it holds the job's lease (released with an ending status). False: nothing was
         written (the job was deleted, or its lease is another's)."""
         fence, lease = _fence(owner, status)
         with self._transaction() as db:
             found = db.execute(
-                f"UPDATE jobs SET checkpoint = ?, status = ?, error = ?, {lease}"
-                f"({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?{fence}",
+                "UPDATE jobs SET checkpoint = COALESCE(?, checkpoint), status = ?, error = ?, "
+                f"{lease}({PROGRESS}) = (?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?{fence}",
                 (blob, status, error, *_values(progress), job_id, *_owner(owner)),
             ).rowcount
             if found:  # a deleted job's last writes change nothing

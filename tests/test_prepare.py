@@ -240,3 +240,41 @@ def test_a_run_like_an_earlier_one_reuses_its_prepared_run_while_its_graph_is_he
     res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
     np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
     assert len(prepares) == 3
+
+
+def test_repeated_runs_follow_the_graph_as_it_grows(client):
+    """A run() call shape seen before reuses its prepared form only while the graph is the
+    one it was made for: nodes added since, other wrt or options, give their own answers."""
+    g = gg.Graph()
+    with g:
+        x = gg.input("x", (3,))
+        y = gg.sum(x * x)
+    xv = np.array([1.0, -2.0, 3.0])
+    for _ in range(3):
+        res = client.run(y, {x: xv}, wrt=[x])
+        np.testing.assert_array_equal(res.grads["x"], 2 * xv)
+        assert res.value == pytest.approx(14.0)
+    with g:
+        z = gg.sum(gg.exp(x)) + y  # the graph grows: y's run must see the new graph
+    res = client.run(y, {x: xv}, wrt=[x])
+    np.testing.assert_array_equal(res.grads["x"], 2 * xv)
+    np.testing.assert_allclose(client.run(z, {x: xv}, wrt=[x]).grads["x"], np.exp(xv) + 2 * xv)
+    assert client.run(y, {x: xv}).grads == {}  # another wrt: another shape
+    bad = np.array([np.nan, 1.0, 2.0])
+    assert np.isnan(client.run(y, {x: bad}, wrt=[x]).value)
+    with pytest.raises(gg.GraphError, match="x"):  # the feed named, in both places
+        client.run(y, {x: bad}, wrt=[x], check_numerics=True)
+
+
+def test_repeated_runs_never_mix_graphs_that_share_names(client):
+    """Graphs built one after another reuse node names (and, once freed, memory addresses):
+    each run answers for its own graph."""
+    xv = np.array([1.0, 2.0])
+    for k in range(1, 13):
+        g = gg.Graph()
+        with g:
+            x = gg.input("x", (2,))
+            y = gg.sum(x * float(k))
+        wrt = [x] if k % 2 else ["x"]  # by node or by name
+        np.testing.assert_array_equal(client.run(y, {x: xv}, wrt=wrt).grads["x"], [k, k])
+        del g, x, y
