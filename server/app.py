@@ -23,7 +23,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from graphgrad.engine import JobStatus, LimitError, RequestError
 from graphgrad.server import logs, metrics
 from graphgrad.server.admission import Admission
 from graphgrad.server.auth import TokenAuth
-from graphgrad.server.batcher import BatchingConfig
+from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.errors import to_status
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.job_manager import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_QUEUED, JobManager
@@ -141,6 +141,17 @@ class Quick:
     slot_now: Callable[[], AbstractContextManager[bool]]
 
 
+@dataclass(frozen=True)
+class Batched:
+    """What gathers a call into a dynamic batch on the event loop (server/batcher.py): the
+    servicer's `member(request, call, finish)` (None: the call runs alone the ordinary way),
+    the batcher, and the admission slot taken only if free now."""
+
+    member: Callable[[Any, CallContext, Callable[[Callable[[], Any]], Any]], Any]
+    batcher: Batcher[Any, Any, Any]
+    slot_now: Callable[[], AbstractContextManager[bool]]
+
+
 def _held(call: Any) -> AbstractContextManager[None]:
     return nullcontext()  # the slot is held already
 
@@ -154,6 +165,7 @@ def _handler(
     inflight: InFlight,
     pool: futures.Executor,
     quick: Quick | None = None,
+    batched: Batched | None = None,
 ) -> grpc.RpcMethodHandler:
     """A coroutine handler that parses the request itself, so malformed bytes get
     INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
@@ -161,8 +173,53 @@ def _handler(
     never waits on the event loop; an async generator servicer runs on the loop. Responses
     are serialized here (a unary one in `pool`), and every request is recorded (_record).
     A unary request that `quick` says is quick, with a run slot free at once, is answered on
-    the loop: for a small run the hop to the pool and back is most of the time it takes."""
+    the loop: for a small run the hop to the pool and back is most of the time it takes.
+    A unary request that may join a dynamic batch (`batched`) waits for it on the loop."""
     is_async = inspect.isasyncgenfunction(impl)
+
+    def answer(
+        raw: bytes, call: CallContext, started: float, request: Any, respond: Callable[[], Any]
+    ) -> bytes | grpc.Status:
+        """`respond()`'s response serialized, or its error as a status; recorded either way."""
+        try:
+            response = respond()
+            out: bytes = response.SerializeToString()
+        except Exception as e:
+            status = to_status(e, call)
+            _record(method, status, started, (len(raw), 0), (request, None), e)
+            return status
+        _record(method, None, started, (len(raw), len(out)), (request, response))
+        return out
+
+    async def in_batch(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
+        """The answer from a dynamic batch, gathered here on the loop, when the request may
+        join one and a run slot is free now (held until its batch has run); None: take the
+        ordinary way (which also reports what is wrong with a request)."""
+        assert batched is not None
+        if len(raw) > QUICK_REQUEST_BYTES:  # parsing it alone would hold the loop too long
+            return None
+        slot = ExitStack()
+        try:
+            request = request_type.FromString(raw)
+            joined = None
+            if slot.enter_context(batched.slot_now()):
+                joined = batched.member(
+                    request, call, lambda respond: answer(raw, call, started, request, respond)
+                )
+        except Exception:  # malformed or failing a check: the ordinary way reports it
+            joined = None
+        if joined is None:
+            slot.close()
+            return None
+        key, member = joined
+        member.release = slot.close
+        try:
+            out: bytes | grpc.Status = await batched.batcher.run(key, member, pool)
+        except asyncio.CancelledError:
+            if member.left:  # it never ran: nothing else records it
+                _record(method, None, started, (len(raw), 0), (request, None), code="CANCELLED")
+            raise
+        return out
 
     def work(
         raw: bytes, call: CallContext, started: float, parsed: Any = None, hold: Any = guard
@@ -199,7 +256,9 @@ def _handler(
         started = time.perf_counter()
         call = inflight.start(context)
         try:
-            out = None if quick is None else on_loop(raw, call, started)
+            out = None if batched is None else await in_batch(raw, call, started)
+            if out is None and quick is not None:
+                out = on_loop(raw, call, started)
             if out is None:
                 loop = asyncio.get_running_loop()
                 out = await loop.run_in_executor(pool, work, raw, call, started)
@@ -257,6 +316,12 @@ def service_handler(
             return None
         return Quick(is_quick, guards.runs.slot_now)
 
+    def batched(m: Any) -> Batched | None:
+        member = getattr(servicer, "batched", {}).get(m.name)
+        if member is None or m.server_streaming or m.name not in RUN_METHODS:
+            return None
+        return Batched(member, servicer.batcher, guards.runs.slot_now)  # type: ignore[attr-defined]
+
     methods = {
         m.name: _handler(
             m.name,
@@ -267,6 +332,7 @@ def service_handler(
             guards.inflight,
             pool,
             quick(m),
+            batched(m),
         )
         for m in service.methods
     }

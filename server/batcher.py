@@ -1,57 +1,36 @@
 """Dynamic batching of Run requests (Triton's dynamic batcher, for gradients): concurrent
 requests with the same stack key that arrive within a window run as one stacked run.
 
-The first request of a batch leads it: it waits up to the window (or until the batch is full),
-closes the batch, runs it on its own thread and hands each member its result or its own error.
+Batches are gathered on the event loop: a member (parsed, checked and admitted on the loop)
+awaits a future in the open batch of its key. When the window ends or the batch is full, ONE
+hop to the thread pool runs the batch (stacked, or its only member alone) and works out every
+member's answer there; back on the loop each member's future is set. So a batch of k costs
+one hop, not k hops and k waits on a thread condition. A batch whose latest run (at the same
+size, answers included) took under `quick_seconds` of CPU runs on the loop itself: for a small
+network the hop there and back costs more than the stacked run.
+Only members holding one of the server's run slots ever wait here, and each keeps its slot
+until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
+max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
+stays with the request that caused it. A member cancelled while its batch is open leaves it.
 A member with a deadline shortens the wait: the batch leaves by the time half of any member's
 time left has gone, so a window longer than a request's deadline never makes it miss it.
-Only requests that are already running (each holds one of the server's run slots) ever wait
-here, so nothing queues beyond the server's max_concurrent_runs and run_queue. If the stacked
-run itself fails, every member runs alone, so each error stays with the request that caused it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("graphgrad.server.batcher")
 
 K = TypeVar("K")  # the stack key
-Q = TypeVar("Q")  # a member's request
+Q = TypeVar("Q")  # what run_batch stacks of a member
 R = TypeVar("R")  # a member's result
-
-
-def _on_event_loop() -> bool:
-    """Whether this thread runs an event loop, which must never wait for a batch to fill."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-class _Alone:
-    """A member's outcome when it runs alone after all: nobody joined its batch, or the
-    stacked run failed."""
-
-
-ALONE = _Alone()
-
-
-@dataclass(eq=False)
-class _Batch(Generic[Q]):
-    members: list[Q]
-    leave_at: float  # time.monotonic() when the leader stops waiting for more
-    full: threading.Event = field(default_factory=threading.Event)  # no more may join
-    wake: threading.Event = field(default_factory=threading.Event)  # full, or leave_at moved
-    done: threading.Event = field(default_factory=threading.Event)  # outcomes are set
-    outcomes: list[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -60,91 +39,207 @@ class BatchingConfig:
     max_batch: int = 8
 
 
+@dataclass(eq=False)
+class Member(Generic[Q, R]):
+    """One request in a batch: `item` is what run_batch stacks, `alone()` its run by itself,
+    `answer(result or error)` what its caller gets (worked out in the pool, so encoding costs
+    no loop time), `release()` gives back its run slot once its batch has run."""
+
+    item: Q
+    alone: Callable[[], R]
+    answer: Callable[[R | BaseException], Any]
+    release: Callable[[], None] = lambda: None
+    deadline: float | None = None  # a time.monotonic() value (None: none)
+    future: asyncio.Future[Any] | None = None
+    left: bool = False  # cancelled while its batch was open: it never ran
+
+
+@dataclass(eq=False)
+class _Batch(Generic[Q, R]):
+    leave_at: float  # the loop's time when it stops waiting for more
+    members: list[Member[Q, R]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
 class Batcher(Generic[K, Q, R]):
-    """`run_batch(key, members)` runs members (two or more) stacked and returns one outcome per
-    member, in order: its result or its own error; it raises if the stacked run failed."""
+    """`run_batch(key, items)` runs items (two or more) stacked and returns one outcome per
+    item, in order: its result or its own error; it raises if the stacked run failed.
+    Call `run` on the event loop only; the batcher itself takes no locks."""
 
     def __init__(
         self,
         config: BatchingConfig,
         run_batch: Callable[[K, Sequence[Q]], Sequence[R | BaseException]],
         on_batch: Callable[[int], None] = lambda size: None,
+        quick_seconds: float = 0.0,
+        costs: Costs[K] | None = None,
     ) -> None:
+        """`quick_seconds`: a batch whose latest run at its size took less CPU runs on the
+        loop; `costs`: what decides, from CPU time measured, whether a batch runs stacked."""
         if config.window_us <= 0 or config.max_batch < 2:
             raise ValueError(f"batching needs a window > 0 and max_batch >= 2, got {config}")
         self.config = config
         self._window = config.window_us / 1e6
         self._run_batch, self._on_batch = run_batch, on_batch
-        self._open: dict[K, _Batch[Q]] = {}  # at most one open batch per key
-        self._lock = threading.Lock()
+        self._quick_seconds = quick_seconds
+        self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
+        self._costs: Costs[K] = costs or Costs()
 
-    def run(
-        self, key: K | None, member: Q, alone: Callable[[], R], deadline: float | None = None
-    ) -> R:
-        """The member's result: from a stacked run when others with the same key come within
-        the window, else from `alone()`: also when `key` is None (it may not be stacked) and
-        on an event loop's thread (a quick call answered there). `deadline`: the member's
-        (a time.monotonic() value; None: none)."""
-        if key is None or _on_event_loop():
-            return alone()
-        now = time.monotonic()
-        wait = self._window if deadline is None else min(self._window, (deadline - now) / 2)
-        leave_at = now + max(0.0, wait)
-        with self._lock:
-            batch = self._open.get(key)
-            lead = batch is None
-            if batch is None:
-                batch = self._open[key] = _Batch([member], leave_at)
-            else:
-                batch.members.append(member)
-                if leave_at < batch.leave_at:
-                    batch.leave_at = leave_at
-                    batch.wake.set()
-            index = len(batch.members) - 1
-            if len(batch.members) >= self.config.max_batch:
-                del self._open[key]
-                batch.full.set()
-                batch.wake.set()
-        if lead:
-            self._lead(key, batch)
-        else:
-            batch.done.wait()  # the leader always sets it, whatever happens
-        outcome = batch.outcomes[index]
-        if outcome is ALONE:
-            return alone()
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome  # type: ignore[return-value]
+    async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
+        """The member's answer, once its batch (closed by the window or by max_batch) has run
+        in `pool`. Cancelled while its batch is open, the member leaves it."""
+        loop = asyncio.get_running_loop()
+        wait = self._window
+        if member.deadline is not None:
+            wait = min(wait, (member.deadline - time.monotonic()) / 2)
+        leave_at = loop.time() + max(0.0, wait)
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = _Batch(leave_at)
+        if batch.timer is None or leave_at < batch.leave_at:  # the first, or one in a hurry
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.leave_at = leave_at
+            batch.timer = loop.call_at(leave_at, self._close, key, batch, pool)
+        member.future = loop.create_future()
+        batch.members.append(member)
+        if len(batch.members) >= self.config.max_batch:
+            self._close(key, batch, pool)
+        try:
+            return await member.future
+        except asyncio.CancelledError:
+            self._leave(key, batch, member)
+            raise
 
     def waiting(self) -> int:
         """Requests in batches still open (waiting for others to join)."""
-        with self._lock:
-            return sum(len(b.members) for b in self._open.values())
+        return sum(len(b.members) for b in self._open.values())
 
-    def _lead(self, key: K, batch: _Batch[Q]) -> None:
-        members: list[Q] = []
-        try:
-            while not batch.full.is_set():  # flush when full or at the batch's leave_at
-                left = batch.leave_at - time.monotonic()
-                if left <= 0:
-                    break
-                batch.wake.wait(min(left, threading.TIMEOUT_MAX))  # past it: OverflowError
-                batch.wake.clear()  # leave_at is moved before wake is set: read again
-            members = self._close(key, batch)
-            if len(members) > 1:
-                self._on_batch(len(members))
-                batch.outcomes = list(self._run_batch(key, members))
-        except Exception as e:  # each member runs alone, so errors stay per request
-            log.warning("a stacked run of %d requests failed, each runs alone: %s", len(members), e)
-        finally:  # whatever happened, the members are answered and the batch is closed
-            members = self._close(key, batch)
-            if len(batch.outcomes) != len(members):
-                batch.outcomes = [ALONE] * len(members)
-            batch.done.set()
-
-    def _close(self, key: K, batch: _Batch[Q]) -> list[Q]:
-        """The batch's members, once nobody can join it any more."""
-        with self._lock:
-            if self._open.get(key) is batch:
+    def _leave(self, key: K, batch: _Batch[Q, R], member: Member[Q, R]) -> None:
+        if self._open.get(key) is batch and member in batch.members:
+            batch.members.remove(member)  # it never runs, so its slot goes back now
+            member.left = True
+            member.release()
+            if not batch.members and batch.timer is not None:
+                batch.timer.cancel()
                 del self._open[key]
-        return batch.members
+
+    def _close(self, key: K, batch: _Batch[Q, R], pool: futures.Executor) -> None:
+        """No more join; the batch runs in one hop to the pool, and every member's future is
+        set from there."""
+        if self._open.get(key) is not batch:
+            return  # closed already (full before its window ended)
+        del self._open[key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        members = batch.members
+        if not members:
+            return
+        if self._costs.batch.get((key, len(members)), self._quick_seconds) < self._quick_seconds:
+            self._settle(members, self._answers(key, members), None)
+            return
+        try:
+            hop = asyncio.get_running_loop().run_in_executor(pool, self._answers, key, members)
+        except Exception as e:  # no thread to be had: the server is stopping
+            for m in members:
+                m.release()
+            self._settle(members, None, e)
+            return
+        hop.add_done_callback(lambda done: self._settle(members, *_outcome(done)))
+
+    def _settle(
+        self, members: list[Member[Q, R]], answers: list[Any] | None, error: BaseException | None
+    ) -> None:
+        for j, m in enumerate(members):
+            if m.future is None or m.future.done():  # its caller has gone
+                continue
+            if answers is not None:
+                m.future.set_result(answers[j])
+            else:
+                m.future.set_exception(error or RuntimeError("the batch was not run"))
+
+    def _answers(self, key: K, members: list[Member[Q, R]]) -> list[Any]:
+        """Run the batch (in the pool, or on the loop when quick): each member's answer, in
+        order; slots are given back."""
+        started = time.thread_time()  # CPU time: in the pool, waits for the GIL do not count
+        try:
+            outcomes = self._outcomes(key, members)
+            return [m.answer(o) for m, o in zip(members, outcomes, strict=True)]
+        finally:
+            for m in members:
+                m.release()
+            _note(self._costs.batch, (key, len(members)), time.thread_time() - started)
+
+    def _outcomes(self, key: K, members: list[Member[Q, R]]) -> list[R | BaseException]:
+        """Stacked, where stacking was measured to cost less per request than running alone
+        at this batch size (or is not measured yet); else each member alone."""
+        n = len(members)
+        if n > 1 and self._costs.stack(key, n):
+            started = time.thread_time()
+            try:
+                self._on_batch(n)
+                outcomes = list(self._run_batch(key, [m.item for m in members]))
+                if len(outcomes) != n:
+                    raise RuntimeError(f"{len(outcomes)} outcomes for {n} members")
+                _note(self._costs.stacked, (key, n), (time.thread_time() - started) / n)
+                return outcomes
+            except Exception as e:  # each member runs alone, so errors stay per request
+                log.warning("a stacked run of %d requests failed, each runs alone: %s", n, e)
+        started = time.thread_time()
+        outcomes = [_alone(m.alone) for m in members]
+        _note(self._costs.alone, key, (time.thread_time() - started) / n)
+        return outcomes
+
+
+_MOST_TIMINGS = 4096  # entries of each table of Costs
+_RETRY = 16  # a choice measured to lose is tried again every this many batches: costs drift
+
+
+def _note(table: dict[Any, float], key: Any, seconds: float) -> None:
+    """A moving average of CPU seconds; past _MOST_TIMINGS entries the table forgets them all
+    and learns again (a bound on memory)."""
+    if len(table) >= _MOST_TIMINGS:
+        table.clear()
+    old = table.get(key)
+    table[key] = seconds if old is None else 0.75 * old + 0.25 * seconds
+
+
+@dataclass
+class Costs(Generic[K]):
+    """CPU seconds measured: a whole batch's run (answers included) by key and size, and per
+    request, stacked by key and size, and alone by key. Written from pool threads too: each
+    dict operation is atomic, and a lost update only delays what is learnt."""
+
+    batch: dict[tuple[K, int], float] = field(default_factory=dict)
+    stacked: dict[tuple[K, int], float] = field(default_factory=dict)
+    alone: dict[K, float] = field(default_factory=dict)
+    counts: dict[tuple[K, int], int] = field(default_factory=dict)  # batches since a retry
+
+    def stack(self, key: K, n: int) -> bool:
+        """Whether n members of `key` should run stacked: what is not measured yet is tried
+        (stacked first), then the cheaper way per request wins, the other tried again now
+        and then."""
+        stacked, alone = self.stacked.get((key, n)), self.alone.get(key)
+        if stacked is None or alone is None:
+            return stacked is None
+        pays = stacked < alone
+        count = (self.counts.get((key, n), 0) + 1) % _RETRY
+        if len(self.counts) >= _MOST_TIMINGS:
+            self.counts.clear()
+        self.counts[key, n] = count
+        return pays if count else not pays
+
+
+def _outcome(done: asyncio.Future[Any]) -> tuple[list[Any] | None, BaseException | None]:
+    """A hop's answers, or why there are none."""
+    if done.cancelled():
+        return None, RuntimeError("the batch was not run: the server is stopping")
+    error = done.exception()
+    return (None, error) if error is not None else (done.result(), None)
+
+
+def _alone(alone: Callable[[], R]) -> R | BaseException:
+    try:
+        return alone()
+    except Exception as e:
+        return e

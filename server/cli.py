@@ -175,7 +175,7 @@ def numbers() -> tuple[Number, ...]:
         ),
         Number(
             "--job-lease-s",
-            0.1,
+            1.0,  # shorter: a heartbeat delayed by load (every third of it) loses a live lease
             config.job_lease_seconds,
             "seconds a worker's lease on a running job lasts without a heartbeat; another "
             "worker sharing the data dir takes over a job whose holder died after this",
@@ -269,6 +269,13 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit(f"graphgrad serve: {n.flag} must be at least {n.least}, got {value}")
         if value is not None and n.most is not None and value > n.most:
             raise SystemExit(f"graphgrad serve: {n.flag} must be at most {n.most}, got {value}")
+    slots = args.max_concurrent_runs
+    if args.batch_window_us > 0 and slots is not None and slots < args.max_batch:
+        raise SystemExit(
+            f"graphgrad serve: --max-batch {args.max_batch} is more than --max-concurrent-runs "
+            f"{slots}: a Run waits for its batch holding a run slot, so no batch could be that "
+            "large (with 1, every Run waits the whole window alone)"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
     token = read_token(args)

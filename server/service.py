@@ -19,9 +19,9 @@ from graphgrad.engine import (
     calibration,
 )
 from graphgrad.engine.prepared import PreparedRun
-from graphgrad.engine.stacking import stack_key, stack_size
+from graphgrad.engine.stacking import StackKey, stack_key, stack_size
 from graphgrad.server import metrics
-from graphgrad.server.batcher import Batcher, BatchingConfig
+from graphgrad.server.batcher import Batcher, BatchingConfig, Member
 from graphgrad.server.inflight import CallContext
 from graphgrad.server.logs import worker_id
 from graphgrad.server.runtime import Pending, Runtime
@@ -111,11 +111,13 @@ class GraphServicer:
             weakref.WeakValueDictionary()
         )
         self.worker = worker or WorkerView()
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher[StackKey, Pending, RunResult] | None = None
+        self.batched: dict[str, Callable[..., tuple[StackKey, Member] | None]] = {}
         if batching is not None and batching.window_us > 0:
             most = batching.max_batch  # stacks padded to a few sizes, each compiled once
             stack = lambda key, ms: runtime.run_stack(key, ms, stack_size(len(ms), most))  # noqa: E731
-            self.batcher = Batcher(batching, stack, metrics.observe_batch)
+            self.batcher = Batcher(batching, stack, metrics.observe_batch, QUICK_SECONDS)
+            self.batched = {"Run": self.run_member}  # calls that may join a batch on the loop
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -164,9 +166,55 @@ class GraphServicer:
             return None
         return prepared
 
+    def run_member(
+        self,
+        request: service_pb2.RunRequest,
+        context: CallContext,
+        finish: Callable[[Callable[[], service_pb2.RunResponse]], object],
+    ) -> tuple[StackKey, Member[Pending, RunResult]] | None:
+        """This Run as a member of a batch, worked out on the event loop (cache lookups, the
+        feeds decoded as views against the prepared signature), or None: it runs alone the
+        ordinary way, which also reports whatever is wrong with it (an unknown graph, a bad
+        feed: nothing that fails a check ever joins a batch). `finish(respond)` turns the
+        member's response (or the error `respond()` raises) into its caller's answer."""
+        if request.WhichOneof("graph_ref") != "fingerprint":
+            return None  # registering a graph is no work for the loop
+        graph = self.runtime.cache.get(request.fingerprint)
+        if graph is None:
+            return None
+        limit = self.runtime.limits.max_tensor_bytes
+        run, options = wire.decode_run_request(request, limit, with_feeds=False)
+        if options.exact:
+            return None
+        prepared = self.runtime.prepare(graph, run, options)  # admitted here
+        feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
+        run = RunRequest(run.outputs, feeds, run.wrt, run.grad_outputs)
+        key = stack_key(graph, run, options)
+        if key is None:
+            return None
+        cancel = cancellation(context)
+
+        def alone() -> RunResult:
+            return self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
+
+        def respond(outcome: RunResult | BaseException) -> service_pb2.RunResponse:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return self._response(outcome, graph)
+
+        pending = Pending(graph, run, options, cancel)
+        answer = lambda outcome: finish(lambda: respond(outcome))  # noqa: E731
+        return key, Member(pending, alone, answer, deadline=cancel.deadline)
+
+    def _response(self, result: RunResult, graph: Graph) -> service_pb2.RunResponse:
+        out = wire.encode_result(result, graph.fingerprint)
+        out.stats.worker = self.worker.name
+        return out
+
     def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
         """The lean path: the prepared run of (graph, outputs, wrt, seeded outputs, options)
-        is a cache lookup; the feeds are decoded as views against its signature and run."""
+        is a cache lookup; the feeds are decoded as views against its signature and run.
+        (A Run that may join a batch does not come here: run_member, on the event loop.)"""
         started = time.perf_counter()
         limit = self.runtime.limits.max_tensor_bytes
         prepared = self._prepared_before(request)
@@ -177,24 +225,13 @@ class GraphServicer:
             if request.WhichOneof("graph_ref") == "fingerprint":
                 self._heads[head_key(request)] = prepared
         else:  # its names, options and peak memory were checked when it was prepared
-            graph, options = prepared.graph, prepared.options
+            graph = prepared.graph
             seeds = wire.decode_tensors(request.grad_outputs, "grad_outputs", limit)
             run = RunRequest(prepared.outputs, {}, prepared.wrt, seeds or None)
         feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
         cancel = cancellation(context)
-
-        def alone() -> RunResult:
-            return self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
-
-        if self.batcher is None:
-            result = alone()
-        else:  # maybe stacked with others
-            run = RunRequest(run.outputs, feeds, run.wrt, run.grad_outputs)
-            pending = Pending(graph, run, options, cancel)
-            key = stack_key(graph, run, options)
-            result = self.batcher.run(key, pending, alone, cancel.deadline)
-        out = wire.encode_result(result, graph.fingerprint)
-        out.stats.worker = self.worker.name
+        result = self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
+        out = self._response(result, graph)
         prepared.ran(time.perf_counter() - started)  # what answering it on the loop would take
         return out
 

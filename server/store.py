@@ -79,8 +79,10 @@ PROGRESS = (
     "networks_nonfinite"
 )
 SUMMARY = f"id, status, error, created, {PROGRESS}, lease_owner, lease_expires"
-# A job a process may take: not ended, and its lease free or expired (its holder died).
-CLAIMABLE = "status IN ('pending', 'running') AND lease_expires < ?"
+# A job a process may take: not ended, and its lease free or expired (its holder died). A
+# lease_expires that is not a number reads as 0, free, here as in _summary (SQLite would
+# order text after every number: a corrupt lease would hold its job forever).
+CLAIMABLE = "status IN ('pending', 'running') AND CAST(lease_expires AS REAL) < ?"
 
 
 class StoreError(RuntimeError):
@@ -88,12 +90,25 @@ class StoreError(RuntimeError):
 
 
 def _progress(row: Sequence[Any]) -> Progress | None:
+    """None: a row from before progress was stored, or whose progress is not numbers (a
+    corrupt row reads as a job without progress; its spec and checkpoint are what it runs)."""
     if any(v is None for v in row[:4]):
         return None
     nan = lambda v: math.nan if v is None else float(v)  # noqa: E731  SQLite stores NaN as NULL
-    i = [int(v) for v in row[:4]]
-    nonfinite = int(row[7] or 0)  # NULL in a row from before version 2
-    return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]), nonfinite)
+    try:
+        i = [int(v) for v in row[:4]]
+        nonfinite = int(row[7] or 0)  # NULL in a row from before version 2
+        return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]), nonfinite)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _seconds(value: Any) -> float:
+    """A stored time; one that is not a number reads as 0 (a lease: free), as CLAIMABLE."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 class JobStore:
@@ -285,7 +300,9 @@ class JobStore:
         """Jobs waiting for a process to take them (pending, and no live process holds them)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT count(*) FROM jobs WHERE status = 'pending' AND lease_expires < ?", (now,)
+                "SELECT count(*) FROM jobs "
+                "WHERE status = 'pending' AND CAST(lease_expires AS REAL) < ?",
+                (now,),
             ).fetchone()
         return int(row[0])
 
@@ -362,10 +379,10 @@ def _summary(row: Sequence[Any]) -> JobSummary:
         str(row[0]),
         str(row[1]),
         str(row[2]),
-        float(row[3]),
+        _seconds(row[3]),
         _progress(row[4:12]),
         str(row[12]),
-        float(row[13]),
+        _seconds(row[13]),
     )
 
 

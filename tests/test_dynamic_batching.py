@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -34,7 +33,8 @@ from graphgrad.engine.stacking import (
     stack_key,
     stack_size,
 )
-from graphgrad.server.batcher import Batcher, BatchingConfig
+from graphgrad.server.batcher import Batcher, BatchingConfig, Costs, Member
+from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
 from graphgrad.v1 import service_pb2, service_pb2_grpc
@@ -235,92 +235,193 @@ def test_a_stack_stops_only_when_every_member_is_cancelled():
 
 
 class Recorder:
-    """A run_batch that records the batches it ran and answers each member with (member,
-    batch size), or with the error a member asks for."""
+    """A run_batch that records the batches it ran (and the slots still held then), and
+    answers each member with (member, batch size), or with the error a member asks for."""
 
     def __init__(self, fail_whole: bool = False) -> None:
         self.batches: list[list[object]] = []
+        self.threads: list[str] = []  # where each batch ran
+        self.held_while_running: list[int] = []
         self.fail_whole = fail_whole
         self.lock = threading.Lock()
+        self.slots = 0  # members holding a slot (taken when they join)
 
-    def __call__(self, key, members):
+    def __call__(self, key, items):
         with self.lock:
-            self.batches.append(list(members))
+            self.batches.append(list(items))
+            self.threads.append(threading.current_thread().name)
+            self.held_while_running.append(self.slots)
         if self.fail_whole:
             raise RuntimeError("the stacked run failed")
-        return [ValueError(m) if str(m).startswith("bad") else (m, len(members)) for m in members]
+        return [ValueError(m) if str(m).startswith("bad") else (m, len(items)) for m in items]
+
+    def member(self, item: str, deadline: float | None = None) -> Member:
+        """A member as the server makes one: it holds a slot until its batch has run."""
+        with self.lock:
+            self.slots += 1
+
+        def release():
+            with self.lock:
+                self.slots -= 1
+
+        def answer(outcome):
+            return ("error", str(outcome)) if isinstance(outcome, Exception) else outcome
+
+        return Member(item, lambda: (item, "alone"), answer, release, deadline)
 
 
-def submit_all(batcher: Batcher, items: list[tuple[object, str]]) -> list[object]:
-    """Each (key, member) from its own thread, all at once; each one's result or error."""
-    start = threading.Barrier(len(items))
+def run_all(
+    batcher: Batcher,
+    rec: Recorder,
+    items,
+    cancel_after_join: set[int] = frozenset(),
+    deadlines: dict[int, float] | None = None,
+):
+    """Each (key, member) joins on one event loop, all in one turn of it, with its deadline
+    in `deadlines` (a time.monotonic() value); the members named in `cancel_after_join` are
+    cancelled once every member has joined. Each one's answer (or "cancelled")."""
+    deadlines = deadlines or {}
 
-    def one(item):
-        key, member = item
-        start.wait()
-        try:
-            return batcher.run(key, member, lambda: (member, "alone"))
-        except Exception as e:
-            return e
+    async def main():
+        with ThreadPoolExecutor(1) as pool:  # batches run one after another
+            tasks = [
+                asyncio.ensure_future(batcher.run(key, rec.member(item, deadlines.get(j)), pool))
+                for j, (key, item) in enumerate(items)
+            ]
+            await asyncio.sleep(0)  # every task has joined its batch
+            for j in cancel_after_join:
+                tasks[j].cancel()
+            out = await asyncio.gather(*tasks, return_exceptions=True)
+            return ["cancelled" if isinstance(a, asyncio.CancelledError) else a for a in out]
 
-    with ThreadPoolExecutor(len(items)) as pool:
-        return list(pool.map(one, items))
+    return asyncio.run(main())
+
+
+FOREVER = 600_000_000  # a window far longer than any test: batches leave because they are full
+
+
+class AlwaysStack(Costs):
+    """Every batch runs stacked, whatever its costs measure (the tests of the window)."""
+
+    def stack(self, key, n):
+        return True
+
+
+def batcher_of(rec: Recorder, window_us: int, max_batch: int, **kw) -> Batcher:
+    return Batcher(BatchingConfig(window_us, max_batch), rec, costs=AlwaysStack(), **kw)
 
 
 def test_a_full_batch_runs_at_once_and_no_batch_exceeds_max_batch():
     rec = Recorder()
-    # a window far longer than any test: batches leave because they are full
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=4), rec)
-    out = submit_all(batcher, [("k", f"m{i}") for i in range(8)])
-    assert sorted(out) == sorted((f"m{i}", 4) for i in range(8))
-    assert sorted(len(b) for b in rec.batches) == [4, 4]
+    batcher = batcher_of(rec, FOREVER, 4)
+    out = run_all(batcher, rec, [("k", f"m{i}") for i in range(8)])
+    assert out == [(f"m{i}", 4) for i in range(8)]
+    assert rec.batches == [["m0", "m1", "m2", "m3"], ["m4", "m5", "m6", "m7"]]
+    # every member keeps its run slot until its batch has run, and gives it back then
+    first, second = rec.held_while_running
+    assert first >= 4 and second == 4 and rec.slots == 0
 
 
-def test_a_batch_leaves_when_its_window_ends():
+def test_a_batch_leaves_when_its_window_ends_and_one_member_runs_alone():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=1000, max_batch=64), rec)
-    assert batcher.run("k", "m", lambda: ("m", "alone")) == ("m", "alone")  # nobody came
-    out = submit_all(batcher, [("k", f"m{i}") for i in range(5)])
-    assert sorted(m for m, _ in out) == [f"m{i}" for i in range(5)]
-    assert sum(len(b) for b in rec.batches) == sum(1 for _, n in out if n != "alone")
-    assert all(len(b) <= 5 for b in rec.batches)
+    batcher = batcher_of(rec, 1000, 64)
+    assert run_all(batcher, rec, [("k", "m")]) == [("m", "alone")]  # nobody came
+    assert run_all(batcher, rec, [("k", f"m{i}") for i in range(5)]) == [
+        (f"m{i}", 5) for i in range(5)
+    ]
+    assert rec.batches == [[f"m{i}" for i in range(5)]] and rec.slots == 0
+    assert batcher.waiting() == 0
 
 
-def test_keys_never_mix_and_a_missing_key_runs_alone():
+def test_keys_never_mix():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=2), rec)
-    items = [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2"), (None, "exact")]
-    out = submit_all(batcher, items)
-    assert out[4] == ("exact", "alone")
-    assert sorted(sorted(b) for b in rec.batches) == [["a1", "a2"], ["b1", "b2"]]
-
-
-def test_a_call_on_an_event_loop_never_joins_a_batch():
-    rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=2), rec)
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(batcher.run, "k", "m0", lambda: ("m0", "alone"))
-        while batcher.waiting() == 0:  # until m0's batch is open
-            time.sleep(0.001)
-
-        async def on_loop():
-            return batcher.run("k", "loop", lambda: ("loop", "alone"))
-
-        assert asyncio.run(on_loop()) == ("loop", "alone")
-        assert batcher.waiting() == 1
-        second = pool.submit(batcher.run, "k", "m2", lambda: ("m2", "alone"))
-        assert (first.result(), second.result()) == (("m0", 2), ("m2", 2))
-    assert rec.batches == [["m0", "m2"]]
+    batcher = batcher_of(rec, FOREVER, 2)
+    out = run_all(batcher, rec, [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2")])
+    assert out == [("a1", 2), ("b1", 2), ("a2", 2), ("b2", 2)]
+    assert rec.batches == [["a1", "a2"], ["b1", "b2"]]
 
 
 def test_a_failing_member_fails_alone_and_a_failed_stack_runs_each_alone():
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=3), Recorder())
-    out = submit_all(batcher, [("k", "m0"), ("k", "bad1"), ("k", "m2")])
-    assert isinstance(out[1], ValueError) and str(out[1]) == "bad1"
-    assert out[0] == ("m0", 3) and out[2] == ("m2", 3)
-    failing = Batcher(BatchingConfig(window_us=600_000_000, max_batch=3), Recorder(True))
-    out = submit_all(failing, [("k", f"m{i}") for i in range(3)])
-    assert out == [(f"m{i}", "alone") for i in range(3)]
+    rec = Recorder()
+    batcher = batcher_of(rec, FOREVER, 3)
+    out = run_all(batcher, rec, [("k", "m0"), ("k", "bad1"), ("k", "m2")])
+    assert out == [("m0", 3), ("error", "bad1"), ("m2", 3)]
+    failing = Recorder(fail_whole=True)
+    batcher = batcher_of(failing, FOREVER, 3)
+    out = run_all(batcher, failing, [("k", f"m{i}") for i in range(3)])
+    assert out == [(f"m{i}", "alone") for i in range(3)] and failing.slots == 0
+
+
+def test_a_member_cancelled_while_its_batch_is_open_leaves_it_and_the_others_are_answered():
+    rec = Recorder()
+    batcher = batcher_of(rec, 1000, 64)
+    out = run_all(batcher, rec, [("k", f"m{i}") for i in range(4)], cancel_after_join={1})
+    assert out == [("m0", 3), "cancelled", ("m2", 3), ("m3", 3)]
+    assert rec.batches == [["m0", "m2", "m3"]] and rec.slots == 0  # its slot went back at once
+
+
+def test_a_batch_whose_members_all_left_never_runs():
+    rec = Recorder()
+    batcher = batcher_of(rec, 1000, 64)
+    assert run_all(batcher, rec, [("k", "m0"), ("k", "m1")], {0, 1}) == ["cancelled"] * 2
+    assert rec.batches == [] and rec.slots == 0 and batcher.waiting() == 0
+
+
+def test_a_batch_runs_on_the_loop_once_its_run_was_measured_quick():
+    rec = Recorder()
+    batcher = batcher_of(rec, FOREVER, 2, quick_seconds=600.0)
+    for _ in range(2):
+        assert run_all(batcher, rec, [("k", "m0"), ("k", "m1")]) == [("m0", 2), ("m1", 2)]
+    assert rec.threads[0] != "MainThread" and rec.threads[1] == "MainThread"
+    assert rec.slots == 0
+
+
+def test_a_batch_runs_stacked_only_where_stacking_was_measured_to_cost_less():
+    costs: Costs = Costs()
+    assert costs.stack("k", 4)  # nothing measured: try stacked
+    costs.stacked["k", 4] = 2.0
+    assert not costs.stack("k", 4)  # then alone
+    costs.alone["k"] = 1.0  # alone costs less per request than a stack of 4
+    choices = [costs.stack("k", 4) for _ in range(32)]
+    assert choices.count(True) == 2 and not choices[0]  # tried stacked again now and then
+    costs.alone["k"] = 3.0
+    assert costs.stack("k", 4) and costs.stack("k", 2)  # 2: not measured yet
+
+
+def test_a_batch_learns_its_costs_and_runs_each_member_alone_when_stacking_costs_more():
+    rec = Recorder()
+    costs: Costs = Costs()
+    batcher = Batcher(BatchingConfig(FOREVER, 2), rec, costs=costs)
+    items = [("k", "m0"), ("k", "m1")]
+    assert run_all(batcher, rec, items) == [("m0", 2), ("m1", 2)]  # stacked: not measured yet
+    assert run_all(batcher, rec, items) == [("m0", "alone"), ("m1", "alone")]  # now alone
+    assert set(costs.stacked) == {("k", 2)} and set(costs.alone) == {"k"}
+    costs.stacked["k", 2], costs.alone["k"] = 1.0, 2.0  # stacking measured cheaper
+    assert run_all(batcher, rec, items) == [("m0", 2), ("m1", 2)]
+
+
+def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():
+    servicer = GraphServicer(Runtime.create(), batching=BatchingConfig(FOREVER, 4))
+    graph = servicer.runtime.register(mlp().nodes)
+    feeds = mlp_feeds(np.random.default_rng(0))
+
+    def member(feeds=feeds, exact=False, fingerprint=graph.fingerprint):
+        msg = run_msg(fingerprint, feeds, ["L"], list(MLP_WRT), exact=exact)
+        call = CallContext(None, InFlight())
+        return servicer.run_member(msg, call, lambda respond: respond())
+
+    joined = member()
+    assert joined is not None
+    key, m = joined
+    assert key == stack_key(graph, m.item.request, RunOptions())
+    alone = m.answer(m.alone())  # the member's own response, as the pool works it out
+    assert alone.stats.batch_size == 1 and set(alone.grads) == set(MLP_WRT)
+    assert member(exact=True) is None
+    assert member(feeds={**feeds, "x": np.zeros(9)}) is None  # the ordinary way reports it
+    assert member(fingerprint="unknown") is None
+    # in a batch, the pool hands each member its response, or raises its own error
+    with pytest.raises(GraphError, match="bad"):
+        m.answer(GraphError("bad"))
 
 
 def test_server_info_reports_batching_only_when_on():

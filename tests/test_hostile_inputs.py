@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+import sqlite3
 import time
-from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
+from graphgrad.engine import NO_PROGRESS
 from graphgrad.server import cli, logs
-from graphgrad.server.batcher import Batcher, BatchingConfig
+from graphgrad.server.store import JobStore
 
-from .test_dynamic_batching import Recorder
+from .test_dynamic_batching import Recorder, batcher_of, run_all
+from .test_job_manager import manager, one_weight_job, wait_for
 
 MOST = {
     "--port": 65535,  # 70000 served on 70000 % 65536 = 4464
@@ -53,50 +55,30 @@ def test_every_flag_at_its_maximum_still_fits_grpcs_bounds():
 # --- a batch window longer than a request's deadline ------------------------------------------
 
 
-def run_in_thread(batcher: Batcher, key: str, member: str, deadline: float | None) -> Future:
-    """batcher.run from a daemon thread (a batch that never leaves must not hold pytest)."""
-    out: Future = Future()
-
-    def one() -> None:
-        try:
-            alone = lambda: (member, "alone")  # noqa: E731
-            args = () if deadline is None else (deadline,)
-            out.set_result(batcher.run(key, member, alone, *args))
-        except Exception as e:
-            out.set_exception(e)
-
-    threading.Thread(target=one, daemon=True).start()
-    return out
-
-
 def test_a_lone_request_leaves_its_window_before_its_deadline():
     # A 10-minute window and a request with a second to live: it used to wait the window.
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=4), Recorder())
-    lone = run_in_thread(batcher, "k", "m0", time.monotonic() + 1.0)
-    assert lone.result(timeout=60) == ("m0", "alone")
+    rec = Recorder()
+    batcher = batcher_of(rec, 600_000_000, 4)
+    out = run_all(batcher, rec, [("k", "m0")], deadlines={0: time.monotonic() + 1.0})
+    assert out == [("m0", "alone")]
 
 
 def test_a_member_with_a_deadline_makes_its_batch_leave_early():
     rec = Recorder()
-    batcher = Batcher(BatchingConfig(window_us=600_000_000, max_batch=4), rec)
-    leader = run_in_thread(batcher, "k", "m0", None)
-    while batcher.waiting() == 0:  # until m0's batch is open
-        time.sleep(0.001)
-    follower = run_in_thread(batcher, "k", "m1", time.monotonic() + 1.0)
-    assert follower.result(timeout=60) == ("m1", 2)
-    assert leader.result(timeout=60) == ("m0", 2)
+    batcher = batcher_of(rec, 600_000_000, 4)
+    items = [("k", "m0"), ("k", "m1")]  # m0 opens the batch, m1 has a second to live
+    out = run_all(batcher, rec, items, deadlines={1: time.monotonic() + 1.0})
+    assert out == [("m0", 2), ("m1", 2)]
     assert rec.batches == [["m0", "m1"]]
 
 
 def test_a_window_past_the_platforms_longest_wait_still_answers_every_member():
-    # 10**17 us: Event.wait raised OverflowError in the leader, its batch stayed open and
-    # every later request with its key waited for it forever.
-    batcher = Batcher(BatchingConfig(window_us=10**17, max_batch=2), Recorder())
+    # 10**17 us: Event.wait raised OverflowError in the leader of the threaded batcher, its
+    # batch stayed open and every later request with its key waited for it forever.
+    rec = Recorder()
+    batcher = batcher_of(rec, 10**17, 2)
     for _ in range(2):
-        first = run_in_thread(batcher, "k", "a", None)
-        second = run_in_thread(batcher, "k", "b", None)
-        outs = sorted([first.result(timeout=60), second.result(timeout=60)])
-        assert outs in ([("a", 2), ("b", 2)], [("a", "alone"), ("b", "alone")])
+        assert run_all(batcher, rec, [("k", "a"), ("k", "b")]) == [("a", 2), ("b", 2)]
     assert batcher.waiting() == 0
 
 
@@ -112,3 +94,58 @@ def test_a_log_field_never_carries_a_control_character(evil):
     line = logs.TextFormatter().format(record)
     assert line.isprintable(), repr(line)
     assert f"job={json.dumps(evil)}" in line  # quoted and escaped: still readable
+
+
+# --- a corrupt job row with a lease --------------------------------------------------------
+
+
+def test_a_job_row_with_a_corrupt_lease_or_progress_fails_nothing_else(tmp_path):
+    # A lease_expires that is not a number made ListJobs and GetJob INTERNAL for every job,
+    # and a corrupt progress column made each heartbeat's claim raise after taking the lease.
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    spec = one_weight_job(2, 5)
+    for job_id in ("lease", "progress", "fine"):
+        store.insert(job_id, spec, NO_PROGRESS)
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease_owner = 'ghost:1', "
+            "lease_expires = 'garbage' WHERE id = 'lease'"
+        )
+        db.execute("UPDATE jobs SET steps_done = 'x', created = 'y' WHERE id = 'progress'")
+    m = manager(tmp_path, lease_seconds=30.0)
+    assert sorted(v.id for v in m.list()) == ["fine", "lease", "progress"]
+    m.resume_all()  # each one is taken and run from its spec, none is lost
+    for job_id in ("fine", "lease", "progress"):
+        wait_for(m, job_id, ("done",))
+    np.testing.assert_allclose(
+        m.job("lease").view().progress.loss_median,
+        m.job("fine").view().progress.loss_median,
+    )
+    m.close()
+
+
+def test_a_job_lease_too_short_to_outlive_a_heartbeats_delay_stops_the_start():
+    # --job-lease-s 0.1 (the old least): with --workers 2 on 2 busy cores, live workers lost
+    # their leases to each other (two takeovers of running jobs in 1.5 s, work done twice).
+    args = cli.parser().parse_args(["serve", "--job-lease-s", "0.5"])
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(args)
+    assert str(e.value) == "graphgrad serve: --job-lease-s must be at least 1.0, got 0.5"
+    one = cli.config_from(cli.parser().parse_args(["serve", "--job-lease-s", "1"]))
+    assert one.job_lease_seconds == 1.0
+
+
+def test_batching_with_fewer_run_slots_than_its_largest_batch_stops_the_start():
+    # A Run waits for its batch holding a run slot: with --max-concurrent-runs 1, four
+    # concurrent Runs each waited the whole window alone, one after another (0.2, 0.4, 0.6,
+    # 0.8 s with a 0.2 s window), and no batch ever formed.
+    argv = ["serve", "--batch-window-us", "200000", "--max-batch", "4"]
+    with pytest.raises(SystemExit) as e:
+        cli.config_from(cli.parser().parse_args([*argv, "--max-concurrent-runs", "1"]))
+    assert str(e.value).startswith(
+        "graphgrad serve: --max-batch 4 is more than --max-concurrent-runs 1:"
+    )
+    enough = cli.config_from(cli.parser().parse_args([*argv, "--max-concurrent-runs", "4"]))
+    assert enough.max_concurrent_runs == 4
+    off = cli.config_from(cli.parser().parse_args(["serve", "--max-concurrent-runs", "1"]))
+    assert off.max_concurrent_runs == 1  # batching off: no batch to hold

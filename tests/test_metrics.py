@@ -183,8 +183,10 @@ def test_cache_gauges_show_what_server_info_reports(server):
 def test_the_batch_sizes_are_those_the_responses_report(server):
     stub = service_pb2_grpc.GraphServiceStub(server.channel)
     y = square_graph()
-    request = service_pb2.RunRequest(outputs=["y"], wrt=["x"])
-    request.graph.CopyFrom(encode_graph(y.graph.freeze()))
+    register = service_pb2.RegisterGraphRequest(graph=encode_graph(y.graph.freeze()))
+    fingerprint = stub.RegisterGraph(register, timeout=DEADLINE).fingerprint
+    # by fingerprint: a Run carrying its graph inline never joins a batch (docs/batching.md)
+    request = service_pb2.RunRequest(fingerprint=fingerprint, outputs=["y"], wrt=["x"])
     encode_tensor(np.ones(3), request.feeds["x"])
     before = scrape(server.metrics_port)
     sizes: list[int] = []
