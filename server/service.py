@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -80,6 +80,14 @@ def register_onnx(
     return runtime.register(imported.graph.nodes)
 
 
+def padded(runtime: Runtime, members: Sequence[Pending], most: int) -> int:
+    """The rows members are stacked at: padded to a few sizes where one row's peak memory
+    (a member's, as its run slot admitted it) keeps the padding small."""
+    m = members[0]
+    row = runtime.prepare(m.graph, m.request, m.options).peak_bytes()  # a cache lookup
+    return stack_size(len(members), most, row)
+
+
 @dataclass(frozen=True)
 class WorkerView:
     """The process that answers ("HOST:PID") and how many live ones serve the port."""
@@ -115,7 +123,7 @@ class GraphServicer:
         self.batched: dict[str, Callable[..., tuple[StackKey, Member] | None]] = {}
         if batching is not None and batching.window_us > 0:
             most = batching.max_batch  # stacks padded to a few sizes, each compiled once
-            stack = lambda key, ms: runtime.run_stack(key, ms, stack_size(len(ms), most))  # noqa: E731
+            stack = lambda key, ms: runtime.run_stack(key, ms, padded(runtime, ms, most))  # noqa: E731
             self.batcher = Batcher(batching, stack, metrics.observe_batch, QUICK_SECONDS)
             self.batched = {"Run": self.run_member}  # calls that may join a batch on the loop
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from graphgrad.engine import NO_PROGRESS
+from graphgrad.engine.stacking import PAD_BYTES, stack_size
 from graphgrad.server import cli, logs
 from graphgrad.server.store import JobStore
 
@@ -149,3 +150,15 @@ def test_batching_with_fewer_run_slots_than_its_largest_batch_stops_the_start():
     assert enough.max_concurrent_runs == 4
     off = cli.config_from(cli.parser().parse_args(["serve", "--max-concurrent-runs", "1"]))
     assert off.max_concurrent_runs == 1  # batching off: no batch to hold
+
+
+# --- padded stacks and the memory bound ----------------------------------------------------
+
+
+def test_a_stack_is_padded_only_where_the_padding_is_small_beside_the_memory_bound():
+    # Stacks were padded to the next power of two whatever a row costs: 33 requests of
+    # --max-request-bytes each ran as 64 rows, 1.94x the memory their run slots admitted.
+    assert stack_size(33, 64, row_bytes=1000) == 64  # small rows: few compiled sizes
+    assert stack_size(33, 64, row_bytes=2**20) == 33  # 31 MiB of padding: none
+    assert stack_size(5, 8, row_bytes=PAD_BYTES // 3) == 8
+    assert stack_size(5, 8, row_bytes=PAD_BYTES // 3 + 1) == 5
