@@ -3,6 +3,7 @@ the new flags, and what they did before they were bounded."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from graphgrad.engine import NO_PROGRESS
 from graphgrad.engine.stacking import PAD_BYTES, stack_size
 from graphgrad.server import cli, logs, metrics
 from graphgrad.server.store import JobStore
+from graphgrad.v1 import jobs_pb2
 
 from .server_proc import running_server
 from .test_dynamic_batching import Recorder, batcher_of, run_all
@@ -183,3 +185,22 @@ def test_a_server_asked_for_metrics_serves_them_whatever_its_environment_holds(t
             gg.connect(server.address).server_info()
             text = urllib.request.urlopen(f"http://127.0.0.1:{match[1]}/metrics").read()
             assert b'graphgrad_requests_total{code="OK",method="GetServerInfo"} 1.0' in text
+
+
+def test_a_log_line_stays_short_whatever_the_ids_a_client_sends():
+    # A GetJob with a 5 MB id, or a Run with a 5 MB fingerprint, wrote a 5 MB line each.
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.TextFormatter())
+    level = logs.REQUESTS.level
+    logs.REQUESTS.addHandler(handler)
+    logs.REQUESTS.setLevel(logging.DEBUG)
+    try:
+        request = jobs_pb2.GetJobRequest(id="a" * 5_000_000)
+        logs.log_request("GetJob", "NOT_FOUND", 0.001, 5_000_010, 0, request, None, "x" * 10**6)
+    finally:
+        logs.REQUESTS.removeHandler(handler)
+        logs.REQUESTS.setLevel(level)
+    line = out.getvalue().strip()
+    assert len(line) < 2000, len(line)
+    assert "method=GetJob" in line and 'job="aaaa' in line and "5000000 chars" in line
