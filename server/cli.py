@@ -375,7 +375,7 @@ def start_metrics(args: argparse.Namespace) -> metrics.Endpoint | None:
     """Metrics on (server/metrics.py); after Ray: its processes must not inherit their
     environment."""
     try:
-        return metrics.start(args.host, args.metrics_port)
+        return metrics.start(args.host, args.metrics_port, worker=args.worker_of is not None)
     except OSError as e:
         raise SystemExit(
             f"graphgrad serve: cannot serve metrics on port {args.metrics_port}: {e}"

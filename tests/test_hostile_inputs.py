@@ -3,19 +3,25 @@ the new flags, and what they did before they were bounded."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 import sqlite3
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
+import graphgrad as gg
 from graphgrad.engine import NO_PROGRESS
 from graphgrad.engine.stacking import PAD_BYTES, stack_size
-from graphgrad.server import cli, logs
+from graphgrad.server import cli, logs, metrics
 from graphgrad.server.store import JobStore
+from graphgrad.v1 import jobs_pb2
 
+from .server_proc import running_server
 from .test_dynamic_batching import Recorder, batcher_of, run_all
 from .test_job_manager import manager, one_weight_job, wait_for
 
@@ -162,3 +168,39 @@ def test_a_stack_is_padded_only_where_the_padding_is_small_beside_the_memory_bou
     assert stack_size(33, 64, row_bytes=2**20) == 33  # 31 MiB of padding: none
     assert stack_size(5, 8, row_bytes=PAD_BYTES // 3) == 8
     assert stack_size(5, 8, row_bytes=PAD_BYTES // 3 + 1) == 5
+
+
+# --- metrics: the environment is no way to turn /metrics off -------------------------------
+
+
+def test_a_server_asked_for_metrics_serves_them_whatever_its_environment_holds(tmp_path):
+    # The variable workers inherit from their supervisor, set in a server's environment (a
+    # shell or a harness started from a server with metrics): --metrics-port was ignored in
+    # silence, or a directory that is not there failed the start with a misleading error.
+    for stray in (tmp_path, tmp_path / "not-there"):
+        env = {metrics.METRICS_DIR_ENV: str(stray), metrics.METRICS_PORT_ENV: "1"}
+        with running_server("--metrics-port", "0", env=env) as server:
+            match = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.banner)
+            assert match is not None, server.banner
+            gg.connect(server.address).server_info()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{match[1]}/metrics").read()
+            assert b'graphgrad_requests_total{code="OK",method="GetServerInfo"} 1.0' in text
+
+
+def test_a_log_line_stays_short_whatever_the_ids_a_client_sends():
+    # A GetJob with a 5 MB id, or a Run with a 5 MB fingerprint, wrote a 5 MB line each.
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.TextFormatter())
+    level = logs.REQUESTS.level
+    logs.REQUESTS.addHandler(handler)
+    logs.REQUESTS.setLevel(logging.DEBUG)
+    try:
+        request = jobs_pb2.GetJobRequest(id="a" * 5_000_000)
+        logs.log_request("GetJob", "NOT_FOUND", 0.001, 5_000_010, 0, request, None, "x" * 10**6)
+    finally:
+        logs.REQUESTS.removeHandler(handler)
+        logs.REQUESTS.setLevel(level)
+    line = out.getvalue().strip()
+    assert len(line) < 2000, len(line)
+    assert "method=GetJob" in line and 'job="aaaa' in line and "5000000 chars" in line
