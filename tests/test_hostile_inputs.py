@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine import NO_PROGRESS
+from graphgrad.engine import NO_PROGRESS, calibration
 from graphgrad.engine.stacking import PAD_BYTES, stack_size
 from graphgrad.server import cli, logs, metrics
 from graphgrad.server.store import JobStore
@@ -223,3 +223,21 @@ def test_a_lease_that_ends_further_away_than_any_lease_lasts_is_taken_over(tmp_p
     m.resume_all()
     wait_for(m, "ahead", ("done",))
     m.close()
+
+
+# --- calibration in process ----------------------------------------------------------------
+
+
+def test_a_calibration_path_that_is_no_small_file_is_refused_without_reading_it_all(tmp_path):
+    # gg.connect(calibration="/dev/zero") read forever, holding every byte; a file is a few
+    # hundred bytes, so anything past MAX_FILE_BYTES is refused after reading that much.
+    big = tmp_path / "big.json"
+    good = json.loads(calibration.DEFAULT.to_json())
+    big.write_text(json.dumps(good) + " " * calibration.MAX_FILE_BYTES)
+    with pytest.raises(calibration.CalibrationError, match=r"big.json: larger than 1048576 bytes"):
+        gg.connect(calibration=big)
+    with pytest.raises(calibration.CalibrationError, match=r"/dev/zero: larger than"):
+        gg.connect(calibration="/dev/zero")
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(good))
+    assert gg.connect(calibration=small).session.dispatcher is not None
