@@ -2,7 +2,9 @@
 
 x in R^64, h in R^128, y in R^10, float32; gradient of L = 1/2 |y - t|^2 w.r.t. W, b, V, a.
 References, in the same run: a raw gRPC unary echo on loopback (its own process, request of
-the same number of bytes, echoed back) and a hand-written numpy forward+backward.
+the same number of bytes, echoed back) and a hand-written numpy forward+backward. The floor's
+client makes the same kind of call as graphgrad's: it encodes the feeds into a RunRequest on
+every call, sends it, and decodes the gradients of the answer.
 Target: remote median <= 1.25 x (echo + numpy), and <= 1.15 x the floor: the numpy behind a
 bare gRPC server, sync or aio, whichever is faster.
 
@@ -161,9 +163,8 @@ def main() -> None:
         assert all(prepared(feeds).grads[k].tobytes() == local.grads[k].tobytes() for k in wrt)
 
         # The echo carries a request of exactly the size of the graphgrad request.
-        msg = service_pb2.RunRequest(
-            fingerprint=L.graph.freeze().fingerprint, outputs=[L.name], wrt=wrt
-        )
+        fingerprint = L.graph.freeze().fingerprint
+        msg = service_pb2.RunRequest(fingerprint=fingerprint, outputs=[L.name], wrt=wrt)
         wire.encode_tensors(feeds, msg.feeds)
         payload = msg.SerializeToString()
         channels = {
@@ -179,8 +180,10 @@ def main() -> None:
             np.testing.assert_allclose(wire.decode_tensor(floor.grads["W"]), ref[1], rtol=1e-6)
 
         def numpy_remote(kind: str) -> Callable[[], object]:
-            def call() -> object:
-                r = floors[kind](payload)
+            def call() -> object:  # what any client of it must do: encode, call, decode
+                msg = service_pb2.RunRequest(fingerprint=fingerprint, outputs=[L.name], wrt=wrt)
+                wire.encode_tensors(feeds, msg.feeds)
+                r = floors[kind](msg.SerializeToString())
                 return {k: wire.decode_tensor(v) for k, v in r.grads.items()}
 
             return call

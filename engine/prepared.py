@@ -46,7 +46,18 @@ class PreparedRun:
     run and kept by the plan cache); `feeds` and `seeds` are its signature, in a fixed order.
     Run it with `Session.run_prepared`."""
 
-    __slots__ = ("_peak", "auto", "feeds", "graph", "key", "last_seconds", "options", "seeds")
+    # __weakref__: a server keeps its prepared runs by request head weakly (server/service.py)
+    __slots__ = (
+        "__weakref__",
+        "_peak",
+        "auto",
+        "feeds",
+        "graph",
+        "key",
+        "last_seconds",
+        "options",
+        "seeds",
+    )
 
     def __init__(self, graph: Graph, key: RequestKey, options: RunOptions) -> None:
         pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)  # names are checked here

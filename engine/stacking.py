@@ -139,10 +139,17 @@ class StackCancellation(Cancellation):
 RunFn = Callable[[Graph, RunRequest], RunResult]
 
 
-def stack_size(n: int, most: int) -> int:
+# The most memory a stack's padding rows may add: each member's run slot admitted its own
+# row's peak, not the padding's, so padding is kept to what is small beside any memory bound.
+PAD_BYTES = 16 << 20
+
+
+def stack_size(n: int, most: int, row_bytes: int = 0) -> int:
     """The size n requests are stacked at: the next power of two, at most `most` (and at least
-    n). Stacked graphs are compiled per size, so a few sizes serve every batch."""
-    return max(n, min(1 << (n - 1).bit_length(), most))
+    n). Stacked graphs are compiled per size, so a few sizes serve every batch. `row_bytes`:
+    one row's peak memory; where the padding rows would add more than PAD_BYTES, none."""
+    padded = max(n, min(1 << (n - 1).bit_length(), most))
+    return padded if (padded - n) * row_bytes <= PAD_BYTES else n
 
 
 def run_stacked(

@@ -20,6 +20,7 @@ REQUESTS = logging.getLogger("graphgrad.requests")
 JOBS = logging.getLogger("graphgrad.jobs")
 FORMATS = ("text", "json")
 MAX_ERROR_CHARS = 300  # of a failed request's status message, in its line
+MAX_FIELD_CHARS = 300  # of any other text field: ids and fingerprints come from clients
 
 
 def worker_id(pid: int | None = None) -> str:
@@ -29,7 +30,13 @@ def worker_id(pid: int | None = None) -> str:
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
     if logger.isEnabledFor(level):
+        fields = {k: _short(v) if isinstance(v, str) else v for k, v in fields.items()}
         logger.log(level, message, extra={"fields": fields})
+
+
+def _short(text: str, most: int = MAX_FIELD_CHARS) -> str:
+    """`text`, or its first `most` characters and how long it was: a line stays a line."""
+    return text if len(text) <= most else f"{text[:most]}...({len(text)} chars)"
 
 
 def _text(value: Any) -> str:

@@ -164,15 +164,18 @@ class Endpoint:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start(host: str, port: int | None) -> Endpoint | None:
-    """Turn metrics on for this process. In a process started by one that serves them
-    (METRICS_DIR_ENV set): write where it reads, serve nothing. Otherwise, with a `port`
-    (0: a free one), serve /metrics on `host` from a fresh directory. Raises OSError when the
-    port cannot be had."""
+def start(host: str, port: int | None, worker: bool = False) -> Endpoint | None:
+    """Turn metrics on for this process. In a `worker` started by a process that serves them
+    (METRICS_DIR_ENV set by it): write where it reads, serve nothing. Otherwise, with a
+    `port` (0: a free one), serve /metrics on `host` from a fresh directory, whatever the
+    environment says (only a supervisor's workers inherit). Raises OSError when the port
+    cannot be had."""
     inherited = os.environ.get(METRICS_DIR_ENV)
-    if inherited:
+    if worker and inherited:
         _enable(inherited)
         return None
+    for name in (METRICS_DIR_ENV, METRICS_PORT_ENV):  # not ours: no child may inherit them
+        os.environ.pop(name, None)
     if port is None:
         return None
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -17,6 +18,7 @@ from graphgrad.engine import (
     RunResult,
     calibration,
 )
+from graphgrad.engine.prepared import PreparedRun
 from graphgrad.engine.stacking import StackKey, stack_key, stack_size
 from graphgrad.server import metrics
 from graphgrad.server.batcher import Batcher, BatchingConfig, Member
@@ -28,6 +30,23 @@ from graphgrad.v1 import graph_pb2, service_pb2
 # A Run whose latest call took less (decoding, running, encoding) is answered on the event
 # loop: it holds the loop that long.
 QUICK_SECONDS = 0.5e-3
+
+# What a Run request names besides its feeds and seed values: (fingerprint, outputs, wrt,
+# seeded outputs, executor, check_numerics, exact).
+HeadKey = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], int, bool, bool]
+
+
+def head_key(request: service_pb2.RunRequest) -> HeadKey:
+    o = request.options
+    return (
+        request.fingerprint,
+        tuple(request.outputs),
+        tuple(request.wrt),
+        tuple(request.grad_outputs),
+        o.executor,
+        o.check_numerics,
+        o.exact,
+    )
 
 
 def cancellation(context: CallContext) -> Cancellation:
@@ -61,6 +80,14 @@ def register_onnx(
     return runtime.register(imported.graph.nodes)
 
 
+def padded(runtime: Runtime, members: Sequence[Pending], most: int) -> int:
+    """The rows members are stacked at: padded to a few sizes where one row's peak memory
+    (a member's, as its run slot admitted it) keeps the padding small."""
+    m = members[0]
+    row = runtime.prepare(m.graph, m.request, m.options).peak_bytes()  # a cache lookup
+    return stack_size(len(members), most, row)
+
+
 @dataclass(frozen=True)
 class WorkerView:
     """The process that answers ("HOST:PID") and how many live ones serve the port."""
@@ -85,12 +112,18 @@ class GraphServicer:
         self.runtime, self.metrics_port = runtime, metrics_port
         self.quick = {"Run": self.run_is_quick}  # calls that may be answered on the event loop
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
+        # Prepared runs by the head of the requests that named them (by fingerprint): a
+        # request like an earlier one skips decoding its names and options and the plan
+        # cache's lookup. Weak: an entry lives only while the plan cache keeps its run.
+        self._heads: weakref.WeakValueDictionary[HeadKey, PreparedRun] = (
+            weakref.WeakValueDictionary()
+        )
         self.worker = worker or WorkerView()
         self.batcher: Batcher[StackKey, Pending, RunResult] | None = None
         self.batched: dict[str, Callable[..., tuple[StackKey, Member] | None]] = {}
         if batching is not None and batching.window_us > 0:
             most = batching.max_batch  # stacks padded to a few sizes, each compiled once
-            stack = lambda key, ms: runtime.run_stack(key, ms, stack_size(len(ms), most))  # noqa: E731
+            stack = lambda key, ms: runtime.run_stack(key, ms, padded(runtime, ms, most))  # noqa: E731
             self.batcher = Batcher(batching, stack, metrics.observe_batch, QUICK_SECONDS)
             self.batched = {"Run": self.run_member}  # calls that may join a batch on the loop
 
@@ -125,20 +158,21 @@ class GraphServicer:
         (the hop there and back costs more than a small run: ~0.15 ms on 2 cores): its graph
         is registered, its prepared run is held, and its latest run took under QUICK_SECONDS.
         A look at caches only: nothing is planned, registered or decoded here."""
-        if self.batcher is not None or request.WhichOneof("graph_ref") != "fingerprint":
+        if self.batcher is not None:
             return False  # a batched run waits for its window: never on the loop
-        graph = self.runtime.cache.get(request.fingerprint)
-        if graph is None:
-            return False
-        try:
-            _, options = wire.decode_run_request(request, with_feeds=False, with_seeds=False)
-        except Exception:  # the run itself, in the pool, reports what is wrong
-            return False
-        prepared = self.runtime.session.prepared(
-            graph, request.outputs, request.wrt, list(request.grad_outputs), options
-        )
+        prepared = self._prepared_before(request)
         seconds = None if prepared is None else prepared.last_seconds
         return seconds is not None and seconds < QUICK_SECONDS
+
+    def _prepared_before(self, request: service_pb2.RunRequest) -> PreparedRun | None:
+        """The prepared run of an earlier request with the same head, if its graph is still
+        registered (the same graph: one evicted and registered again is planned anew)."""
+        if request.WhichOneof("graph_ref") != "fingerprint":
+            return None
+        prepared = self._heads.get(head_key(request))
+        if prepared is None or self.runtime.cache.get(request.fingerprint) is not prepared.graph:
+            return None
+        return prepared
 
     def run_member(
         self,
@@ -190,10 +224,18 @@ class GraphServicer:
         is a cache lookup; the feeds are decoded as views against its signature and run.
         (A Run that may join a batch does not come here: run_member, on the event loop.)"""
         started = time.perf_counter()
-        graph = self._graph(request)
         limit = self.runtime.limits.max_tensor_bytes
-        run, options = wire.decode_run_request(request, limit, with_feeds=False)
-        prepared = self.runtime.prepare(graph, run, options)  # admitted here
+        prepared = self._prepared_before(request)
+        if prepared is None:
+            graph = self._graph(request)
+            run, options = wire.decode_run_request(request, limit, with_feeds=False)
+            prepared = self.runtime.prepare(graph, run, options)  # admitted here
+            if request.WhichOneof("graph_ref") == "fingerprint":
+                self._heads[head_key(request)] = prepared
+        else:  # its names, options and peak memory were checked when it was prepared
+            graph = prepared.graph
+            seeds = wire.decode_tensors(request.grad_outputs, "grad_outputs", limit)
+            run = RunRequest(prepared.outputs, {}, prepared.wrt, seeds or None)
         feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
         cancel = cancellation(context)
         result = self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)

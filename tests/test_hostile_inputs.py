@@ -3,18 +3,25 @@ the new flags, and what they did before they were bounded."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 import sqlite3
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
-from graphgrad.engine import NO_PROGRESS
-from graphgrad.server import cli, logs
+import graphgrad as gg
+from graphgrad.engine import NO_PROGRESS, calibration
+from graphgrad.engine.stacking import PAD_BYTES, stack_size
+from graphgrad.server import cli, logs, metrics
 from graphgrad.server.store import JobStore
+from graphgrad.v1 import jobs_pb2
 
+from .server_proc import running_server
 from .test_dynamic_batching import Recorder, batcher_of, run_all
 from .test_job_manager import manager, one_weight_job, wait_for
 
@@ -149,3 +156,88 @@ def test_batching_with_fewer_run_slots_than_its_largest_batch_stops_the_start():
     assert enough.max_concurrent_runs == 4
     off = cli.config_from(cli.parser().parse_args(["serve", "--max-concurrent-runs", "1"]))
     assert off.max_concurrent_runs == 1  # batching off: no batch to hold
+
+
+# --- padded stacks and the memory bound ----------------------------------------------------
+
+
+def test_a_stack_is_padded_only_where_the_padding_is_small_beside_the_memory_bound():
+    # Stacks were padded to the next power of two whatever a row costs: 33 requests of
+    # --max-request-bytes each ran as 64 rows, 1.94x the memory their run slots admitted.
+    assert stack_size(33, 64, row_bytes=1000) == 64  # small rows: few compiled sizes
+    assert stack_size(33, 64, row_bytes=2**20) == 33  # 31 MiB of padding: none
+    assert stack_size(5, 8, row_bytes=PAD_BYTES // 3) == 8
+    assert stack_size(5, 8, row_bytes=PAD_BYTES // 3 + 1) == 5
+
+
+# --- metrics: the environment is no way to turn /metrics off -------------------------------
+
+
+def test_a_server_asked_for_metrics_serves_them_whatever_its_environment_holds(tmp_path):
+    # The variable workers inherit from their supervisor, set in a server's environment (a
+    # shell or a harness started from a server with metrics): --metrics-port was ignored in
+    # silence, or a directory that is not there failed the start with a misleading error.
+    for stray in (tmp_path, tmp_path / "not-there"):
+        env = {metrics.METRICS_DIR_ENV: str(stray), metrics.METRICS_PORT_ENV: "1"}
+        with running_server("--metrics-port", "0", env=env) as server:
+            match = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.banner)
+            assert match is not None, server.banner
+            gg.connect(server.address).server_info()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{match[1]}/metrics").read()
+            assert b'graphgrad_requests_total{code="OK",method="GetServerInfo"} 1.0' in text
+
+
+def test_a_log_line_stays_short_whatever_the_ids_a_client_sends():
+    # A GetJob with a 5 MB id, or a Run with a 5 MB fingerprint, wrote a 5 MB line each.
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.TextFormatter())
+    level = logs.REQUESTS.level
+    logs.REQUESTS.addHandler(handler)
+    logs.REQUESTS.setLevel(logging.DEBUG)
+    try:
+        request = jobs_pb2.GetJobRequest(id="a" * 5_000_000)
+        logs.log_request("GetJob", "NOT_FOUND", 0.001, 5_000_010, 0, request, None, "x" * 10**6)
+    finally:
+        logs.REQUESTS.removeHandler(handler)
+        logs.REQUESTS.setLevel(level)
+    line = out.getvalue().strip()
+    assert len(line) < 2000, len(line)
+    assert "method=GetJob" in line and 'job="aaaa' in line and "5000000 chars" in line
+
+
+def test_a_lease_that_ends_further_away_than_any_lease_lasts_is_taken_over(tmp_path):
+    # A lease written while the clock was years ahead (then stepped back), or a corrupt one:
+    # no process renews a lease further than the longest --job-lease-s, yet the job was
+    # held by its ghost forever, shown as running there, and a cancel only asked the ghost.
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.insert("ahead", one_weight_job(2, 5), NO_PROGRESS)
+    decade = time.time() + 10 * 365 * 86_400
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease_owner = 'ghost:1', lease_expires = ?",
+            (decade,),
+        )
+    m = manager(tmp_path, lease_seconds=30.0)
+    assert m.job("ahead").view().worker == ""  # nobody holds it
+    m.resume_all()
+    wait_for(m, "ahead", ("done",))
+    m.close()
+
+
+# --- calibration in process ----------------------------------------------------------------
+
+
+def test_a_calibration_path_that_is_no_small_file_is_refused_without_reading_it_all(tmp_path):
+    # gg.connect(calibration="/dev/zero") read forever, holding every byte; a file is a few
+    # hundred bytes, so anything past MAX_FILE_BYTES is refused after reading that much.
+    big = tmp_path / "big.json"
+    good = json.loads(calibration.DEFAULT.to_json())
+    big.write_text(json.dumps(good) + " " * calibration.MAX_FILE_BYTES)
+    with pytest.raises(calibration.CalibrationError, match=r"big.json: larger than 1048576 bytes"):
+        gg.connect(calibration=big)
+    with pytest.raises(calibration.CalibrationError, match=r"/dev/zero: larger than"):
+        gg.connect(calibration="/dev/zero")
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(good))
+    assert gg.connect(calibration=small).session.dispatcher is not None

@@ -13,6 +13,8 @@ from graphgrad import wire
 from graphgrad.engine import RunRequest
 from graphgrad.server import service
 from graphgrad.server.admission import Admission
+from graphgrad.server.cache import GraphCache
+from graphgrad.server.errors import NotFoundError
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -206,6 +208,38 @@ def test_slot_now_takes_a_free_slot_or_none_and_never_waits():
     assert runs.active == 0
     with runs.slot(), runs.slot_now() as third:
         assert not third
+
+
+def test_a_run_like_an_earlier_one_reuses_its_prepared_run_while_its_graph_is_held(monkeypatch):
+    servicer = GraphServicer(Runtime.create())
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        y = gg.sum(gg.tanh(x) * x)
+    xv = np.array([0.5, -1.0, 2.0])
+    msg = registered(servicer, y, {"x": xv})
+    msg.wrt.append("x")
+    prepares = []
+    prepare = servicer.runtime.prepare
+    monkeypatch.setattr(servicer.runtime, "prepare", lambda *a: prepares.append(a) or prepare(*a))
+    grad = np.tanh(xv) + xv * (1 - np.tanh(xv) ** 2)
+    for _ in range(3):
+        res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
+        np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
+    assert len(prepares) == 1, "names and options were decoded and checked once"
+    seeded = service_pb2.RunRequest()
+    seeded.CopyFrom(msg)
+    wire.encode_tensors({y.name: np.array(2.0)}, seeded.grad_outputs)
+    for _ in range(2):  # another head: prepared once; its seed values are decoded each call
+        res = wire.decode_result(servicer.Run(seeded, CallContext(None, InFlight())))
+        np.testing.assert_allclose(res.grads["x"], 2 * grad, rtol=1e-12)
+    assert len(prepares) == 2
+    servicer.runtime.cache = GraphCache()  # the graph forgotten: NOT_FOUND, as for any other
+    with pytest.raises(NotFoundError):
+        servicer.Run(msg, CallContext(None, InFlight()))
+    registered(servicer, y, {"x": xv})  # registered again: a new graph, prepared anew
+    res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
+    np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
+    assert len(prepares) == 3
 
 
 def test_repeated_runs_follow_the_graph_as_it_grows(client):
