@@ -195,11 +195,23 @@ def figures(cal: Calibration) -> dict[str, float]:
     return out
 
 
+# A calibration file is a few hundred bytes: past this it is no calibration (a device such as
+# /dev/zero would otherwise be read until memory runs out).
+MAX_FILE_BYTES = 1 << 20
+
+
 def load(path: Path) -> Calibration:
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise CalibrationError(f"{path}: cannot read ({e.strerror or e})") from e
+    if len(data) > MAX_FILE_BYTES:
+        raise CalibrationError(f"{path}: larger than {MAX_FILE_BYTES} bytes, no calibration")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path}: not UTF-8 text ({e})") from e
     return Calibration.from_json(text, str(path))
 
 

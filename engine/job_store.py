@@ -21,6 +21,10 @@ import numpy as np
 from graphgrad.engine.training_run import HistorySegment, Progress, TrainingRun
 
 S = TypeVar("S")
+# No process takes or renews a lease for longer (`graphgrad serve --job-lease-s` is at most
+# this): one that ends further from now was written by a clock since stepped back, or is
+# corrupt, and holds nothing.
+LONGEST_LEASE_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class JobSummary:
 
     def holder(self, now: float) -> str:
         """The process running the job now ("HOST:PID"), or "" when none holds it."""
-        return self.lease_owner if self.lease_expires >= now else ""
+        return self.lease_owner if now <= self.lease_expires <= now + LONGEST_LEASE_S else ""
 
 
 @dataclass(frozen=True)

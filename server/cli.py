@@ -17,6 +17,7 @@ from graphgrad.engine import calibration
 from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.calibration import FILE_NAME as CALIBRATION_FILE
 from graphgrad.engine.dispatch import Dispatcher
+from graphgrad.engine.job_store import LONGEST_LEASE_S
 from graphgrad.engine.plan_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, PLANS
 from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
@@ -35,6 +36,7 @@ TOKEN_ENV = "GRAPHGRAD_TOKEN"
 # The most the numeric flags take (Number.most). Threads: each run slot and each queued run
 # holds a thread of the pool; with --max-streams their sum, times four, must stay a C int.
 PORT_MOST, C_INT_MOST, THREADS_MOST, DAY_S, WORKERS_MOST = 65535, 2**31 - 1, 10_000, 86_400, 256
+LEASE_MOST_S = int(LONGEST_LEASE_S)  # a longer lease would read as free (engine/job_store.py)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def numbers() -> tuple[Number, ...]:
             "seconds a worker's lease on a running job lasts without a heartbeat; another "
             "worker sharing the data dir takes over a job whose holder died after this",
             float,
-            most=DAY_S,
+            most=LEASE_MOST_S,
         ),
         Number(
             "--grace",

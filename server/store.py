@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from graphgrad.engine.errors import LimitError
-from graphgrad.engine.job_store import JobRow, JobSummary, Renewal
+from graphgrad.engine.job_store import LONGEST_LEASE_S, JobRow, JobSummary, Renewal
 from graphgrad.engine.training_run import HistorySegment, Progress, TrainingRun
 
 __all__ = ["JobRow", "JobStore", "JobSummary", "Renewal", "StoreError"]
@@ -79,10 +79,12 @@ PROGRESS = (
     "networks_nonfinite"
 )
 SUMMARY = f"id, status, error, created, {PROGRESS}, lease_owner, lease_expires"
-# A job a process may take: not ended, and its lease free or expired (its holder died). A
-# lease_expires that is not a number reads as 0, free, here as in _summary (SQLite would
-# order text after every number: a corrupt lease would hold its job forever).
-CLAIMABLE = "status IN ('pending', 'running') AND CAST(lease_expires AS REAL) < ?"
+# A job a process may take: not ended, and its lease free or expired (its holder died), or
+# ending further away than any lease lasts (LONGEST_LEASE_S); parameters: now and
+# _far(now). A lease_expires that is not a number reads as 0, free, here as in _summary
+# (SQLite would order text after every number: a corrupt lease would hold its job forever).
+FREE_LEASE = "NOT CAST(lease_expires AS REAL) BETWEEN ? AND ?"
+CLAIMABLE = f"status IN ('pending', 'running') AND {FREE_LEASE}"
 
 
 class StoreError(RuntimeError):
@@ -101,6 +103,11 @@ def _progress(row: Sequence[Any]) -> Progress | None:
         return Progress(i[0], i[1], i[2], i[3], nan(row[4]), nan(row[5]), nan(row[6]), nonfinite)
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _far(now: float) -> float:
+    """Where a lease ends that no process could have taken at `now`."""
+    return now + LONGEST_LEASE_S
 
 
 def _seconds(value: Any) -> float:
@@ -242,7 +249,8 @@ class JobStore:
         IMMEDIATE: one writer at a time across processes), so each lease has one holder."""
         with self._transaction() as db:
             row = db.execute(
-                f"SELECT id FROM jobs WHERE {CLAIMABLE} ORDER BY rowid LIMIT 1", (now,)
+                f"SELECT id FROM jobs WHERE {CLAIMABLE} ORDER BY rowid LIMIT 1",
+                (now, _far(now)),
             ).fetchone()
             if row is None:
                 return None
@@ -284,7 +292,7 @@ class JobStore:
             ended = db.execute(
                 "UPDATE jobs SET status = 'cancelled', error = '', lease_owner = '', "
                 f"lease_expires = 0 WHERE id = ? AND {CLAIMABLE}",
-                (job_id, now),
+                (job_id, now, _far(now)),
             ).rowcount
             if ended:
                 return True
@@ -300,9 +308,8 @@ class JobStore:
         """Jobs waiting for a process to take them (pending, and no live process holds them)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT count(*) FROM jobs "
-                "WHERE status = 'pending' AND CAST(lease_expires AS REAL) < ?",
-                (now,),
+                f"SELECT count(*) FROM jobs WHERE status = 'pending' AND {FREE_LEASE}",
+                (now, _far(now)),
             ).fetchone()
         return int(row[0])
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine import NO_PROGRESS
+from graphgrad.engine import NO_PROGRESS, calibration
 from graphgrad.engine.stacking import PAD_BYTES, stack_size
 from graphgrad.server import cli, logs, metrics
 from graphgrad.server.store import JobStore
@@ -204,3 +204,40 @@ def test_a_log_line_stays_short_whatever_the_ids_a_client_sends():
     line = out.getvalue().strip()
     assert len(line) < 2000, len(line)
     assert "method=GetJob" in line and 'job="aaaa' in line and "5000000 chars" in line
+
+
+def test_a_lease_that_ends_further_away_than_any_lease_lasts_is_taken_over(tmp_path):
+    # A lease written while the clock was years ahead (then stepped back), or a corrupt one:
+    # no process renews a lease further than the longest --job-lease-s, yet the job was
+    # held by its ghost forever, shown as running there, and a cancel only asked the ghost.
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.insert("ahead", one_weight_job(2, 5), NO_PROGRESS)
+    decade = time.time() + 10 * 365 * 86_400
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease_owner = 'ghost:1', lease_expires = ?",
+            (decade,),
+        )
+    m = manager(tmp_path, lease_seconds=30.0)
+    assert m.job("ahead").view().worker == ""  # nobody holds it
+    m.resume_all()
+    wait_for(m, "ahead", ("done",))
+    m.close()
+
+
+# --- calibration in process ----------------------------------------------------------------
+
+
+def test_a_calibration_path_that_is_no_small_file_is_refused_without_reading_it_all(tmp_path):
+    # gg.connect(calibration="/dev/zero") read forever, holding every byte; a file is a few
+    # hundred bytes, so anything past MAX_FILE_BYTES is refused after reading that much.
+    big = tmp_path / "big.json"
+    good = json.loads(calibration.DEFAULT.to_json())
+    big.write_text(json.dumps(good) + " " * calibration.MAX_FILE_BYTES)
+    with pytest.raises(calibration.CalibrationError, match=r"big.json: larger than 1048576 bytes"):
+        gg.connect(calibration=big)
+    with pytest.raises(calibration.CalibrationError, match=r"/dev/zero: larger than"):
+        gg.connect(calibration="/dev/zero")
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(good))
+    assert gg.connect(calibration=small).session.dispatcher is not None
