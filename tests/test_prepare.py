@@ -241,6 +241,11 @@ def test_a_run_like_an_earlier_one_reuses_its_prepared_run_while_its_graph_is_he
         res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
         np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
     assert len(prepares) == 1, "names and options were decoded and checked once"
+    monkeypatch.setattr(service, "QUICK_SECONDS", 10.0)
+    assert servicer.run_is_quick(msg)  # what it found is what Run, next on the loop, runs
+    res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
+    np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
+    assert len(prepares) == 1
     seeded = service_pb2.RunRequest()
     seeded.CopyFrom(msg)
     wire.encode_tensors({y.name: np.array(2.0)}, seeded.grad_outputs)
