@@ -182,6 +182,23 @@ class GraphServicer:
             return None
         return prepared
 
+    def _prepared(self, request: service_pb2.RunRequest) -> tuple[PreparedRun, RunRequest]:
+        """The request's prepared run (admitted: its peak memory is within the limit) and the
+        request without its feeds: a lookup by head when an earlier request had the same."""
+        limit = self.runtime.limits.max_tensor_bytes
+        prepared = self._prepared_before(request)
+        if prepared is None:
+            graph = self._graph(request)
+            run, options = wire.decode_run_request(request, limit, with_feeds=False)
+            prepared = self.runtime.prepare(graph, run, options)  # admitted here
+            if request.WhichOneof("graph_ref") == "fingerprint":
+                self._heads[head_key(request)] = prepared
+            return prepared, run
+        # its names, options and peak memory were checked when it was prepared
+        sent = request.grad_outputs
+        seeds = wire.decode_tensors(sent, "grad_outputs", limit) if sent else None
+        return prepared, RunRequest(prepared.outputs, {}, prepared.wrt, seeds)
+
     def run_member(
         self,
         request: service_pb2.RunRequest,
@@ -193,16 +210,13 @@ class GraphServicer:
         ordinary way, which also reports whatever is wrong with it (an unknown graph, a bad
         feed: nothing that fails a check ever joins a batch). `finish(respond)` turns the
         member's response (or the error `respond()` raises) into its caller's answer."""
-        if request.WhichOneof("graph_ref") != "fingerprint":
-            return None  # registering a graph is no work for the loop
-        graph = self.runtime.cache.get(request.fingerprint)
-        if graph is None:
+        if request.WhichOneof("graph_ref") != "fingerprint" or request.options.exact:
+            return None  # registering a graph is no work for the loop; exact runs alone
+        if self.runtime.cache.get(request.fingerprint) is None:
             return None
+        prepared, run = self._prepared(request)
+        graph, options = prepared.graph, prepared.options
         limit = self.runtime.limits.max_tensor_bytes
-        run, options = wire.decode_run_request(request, limit, with_feeds=False)
-        if options.exact:
-            return None
-        prepared = self.runtime.prepare(graph, run, options)  # admitted here
         feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
         run = RunRequest(run.outputs, feeds, run.wrt, run.grad_outputs)
         key = stack_key(graph, run, options)
@@ -233,22 +247,11 @@ class GraphServicer:
         (A Run that may join a batch does not come here: run_member, on the event loop.)"""
         started = time.perf_counter()
         limit = self.runtime.limits.max_tensor_bytes
-        prepared = self._prepared_before(request)
-        if prepared is None:
-            graph = self._graph(request)
-            run, options = wire.decode_run_request(request, limit, with_feeds=False)
-            prepared = self.runtime.prepare(graph, run, options)  # admitted here
-            if request.WhichOneof("graph_ref") == "fingerprint":
-                self._heads[head_key(request)] = prepared
-        else:  # its names, options and peak memory were checked when it was prepared
-            graph = prepared.graph
-            sent = request.grad_outputs
-            seeds = wire.decode_tensors(sent, "grad_outputs", limit) if sent else None
-            run = RunRequest(prepared.outputs, {}, prepared.wrt, seeds)
+        prepared, run = self._prepared(request)
         feeds = wire.decode_as(request.feeds, prepared.feeds, "feeds", limit)
         cancel = cancellation(context)
         result = self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
-        out = self._response(result, graph)
+        out = self._response(result, prepared.graph)
         prepared.ran(time.perf_counter() - started)  # what answering it on the loop would take
         return out
 
