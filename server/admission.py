@@ -35,21 +35,10 @@ class Admission:
             limit=self.limit,
         )
 
-    @contextmanager
-    def slot_now(self) -> Iterator[bool]:
+    def slot_now(self) -> SlotNow:
         """A slot if one is free now (True while held), else False at once: never waits, never
         refuses (the caller then takes the ordinary way, `slot`)."""
-        with self._cond:
-            taken = self.active < self.slots
-            if taken:
-                self.active += 1
-        try:
-            yield taken
-        finally:
-            if taken:
-                with self._cond:
-                    self.active -= 1
-                    self._cond.notify()
+        return SlotNow(self)
 
     @contextmanager
     def slot(self, timeout: float | None = None, call: CallContext | None = None) -> Iterator[None]:
@@ -86,3 +75,28 @@ class Admission:
             with self._cond:
                 self.active -= 1
                 self._cond.notify()
+
+
+class SlotNow:
+    """`Admission.slot_now()`'s context (a class, not a generator: it is on every quick call's
+    path): enters as whether a slot was free and taken; leaving gives it back."""
+
+    __slots__ = ("_admission", "_taken")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission, self._taken = admission, False
+
+    def __enter__(self) -> bool:
+        a = self._admission
+        with a._cond:
+            self._taken = a.active < a.slots
+            if self._taken:
+                a.active += 1
+        return self._taken
+
+    def __exit__(self, *exc: object) -> None:
+        if self._taken:
+            a = self._admission
+            with a._cond:
+                a.active -= 1
+                a._cond.notify()

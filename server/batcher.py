@@ -3,11 +3,13 @@ requests with the same stack key that arrive within a window run as one stacked 
 
 Batches are gathered on the event loop: a member (parsed, checked and admitted on the loop)
 awaits a future in the open batch of its key. When the window ends or the batch is full, ONE
-hop to the thread pool runs the batch (stacked, or its only member alone) and works out every
-member's answer there; back on the loop each member's future is set. So a batch of k costs
-one hop, not k hops and k waits on a thread condition. A batch whose latest run (at the same
-size, answers included) took under `quick_seconds` of CPU runs on the loop itself: for a small
-network the hop there and back costs more than the stacked run.
+hop to the thread pool runs the batch and works out every member's answer there; back on the
+loop each member's future is set. So a batch of k costs one hop, not k hops and k waits on a
+thread condition. A batch whose latest run (at the same size, answers included) took under
+`quick_seconds` of CPU runs on the loop itself: for a small network the hop there and back
+costs more than the stacked run. A batch runs stacked only where stacking was measured to
+cost less CPU per request than running alone at its size, or is not measured yet (Costs);
+else its members run one after another, still in one hop.
 Only members holding one of the server's run slots ever wait here, and each keeps its slot
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
 max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
