@@ -277,7 +277,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(
             f"graphgrad serve: --max-batch {args.max_batch} is more than --max-concurrent-runs "
             f"{slots}: a Run waits for its batch holding a run slot, so no batch could be that "
-            "large (with 1, every Run waits the whole window alone)"
+            "large (with 1, no batch forms and every Run waits out a window)"
         )
     if args.worker_of is not None:
         check_worker_pipe(args.worker_of)

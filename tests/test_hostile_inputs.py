@@ -146,8 +146,9 @@ def test_a_job_lease_too_short_to_outlive_a_heartbeats_delay_stops_the_start():
 
 def test_batching_with_fewer_run_slots_than_its_largest_batch_stops_the_start():
     # A Run waits for its batch holding a run slot: with --max-concurrent-runs 1, four
-    # concurrent Runs each waited the whole window alone, one after another (0.2, 0.4, 0.6,
-    # 0.8 s with a 0.2 s window), and no batch ever formed.
+    # concurrent Runs never formed a batch and each took a whole window (0.2, 0.4, 0.6, 0.8 s
+    # with a 0.2 s window in the thread batcher; 0.22 s each in the loop batcher, the others
+    # waiting for the slot the first held through its window).
     argv = ["serve", "--batch-window-us", "200000", "--max-batch", "4"]
     with pytest.raises(SystemExit) as e:
         cli.config_from(cli.parser().parse_args([*argv, "--max-concurrent-runs", "1"]))
