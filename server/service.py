@@ -159,9 +159,8 @@ class GraphServicer:
         """Whether this Run may be answered on the event loop instead of in the thread pool
         (the hop there and back costs more than a small run: ~0.15 ms on 2 cores): its graph
         is registered, its prepared run is held, and its latest run took under QUICK_SECONDS.
-        A look at caches only: nothing is planned, registered or decoded here."""
-        if self.batcher is not None:
-            return False  # a batched run waits for its window: never on the loop
+        A look at caches only: nothing is planned, registered or decoded here. (With batching
+        on, a Run that may join a batch is gathered on the loop before this is asked.)"""
         prepared = self._prepared_before(request)
         seconds = None if prepared is None else prepared.last_seconds
         if prepared is None or seconds is None or seconds >= QUICK_SECONDS:

@@ -13,6 +13,7 @@ from graphgrad import wire
 from graphgrad.engine import RunRequest
 from graphgrad.server import service
 from graphgrad.server.admission import Admission
+from graphgrad.server.batcher import BatchingConfig
 from graphgrad.server.cache import GraphCache
 from graphgrad.server.errors import NotFoundError
 from graphgrad.server.inflight import CallContext, InFlight
@@ -197,6 +198,20 @@ def test_only_runs_known_to_be_quick_are_answered_on_the_event_loop(monkeypatch)
     assert not servicer.run_is_quick(msg)
     msg.fingerprint = "0" * 64  # not registered
     assert not servicer.run_is_quick(msg)
+
+
+def test_with_batching_on_a_run_that_cannot_join_a_batch_may_still_be_quick(monkeypatch):
+    servicer = GraphServicer(Runtime.create(), batching=BatchingConfig(500, 4))
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        small = gg.sum(x * x)
+    msg = registered(servicer, small, {"x": np.ones(3)})
+    msg.options.exact = True  # never batched
+    call = CallContext(None, InFlight())
+    assert servicer.run_member(msg, call, lambda respond: respond()) is None
+    servicer.Run(msg, call)
+    monkeypatch.setattr(service, "QUICK_SECONDS", 10.0)
+    assert servicer.run_is_quick(msg)
 
 
 def test_slot_now_takes_a_free_slot_or_none_and_never_waits():
