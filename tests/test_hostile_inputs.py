@@ -8,6 +8,8 @@ import json
 import logging
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -241,3 +243,19 @@ def test_a_calibration_path_that_is_no_small_file_is_refused_without_reading_it_
     small = tmp_path / "small.json"
     small.write_text(json.dumps(good))
     assert gg.connect(calibration=small).session.dispatcher is not None
+
+
+def test_a_worker_flag_naming_no_pipe_stops_the_start_in_one_line(tmp_path):
+    # The hidden --worker-of (a supervisor's pipe to its worker) given by hand with a file
+    # descriptor that is not open: a traceback from os.set_inheritable.
+    argv = ["--port", "0", "--no-ray", "--data-dir", str(tmp_path), "--worker-of", "99"]
+    done = subprocess.run(
+        [sys.executable, "-m", "graphgrad.server", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == (
+        "graphgrad serve: --worker-of 99: not a pipe from a supervisor (Bad file descriptor)"
+    )
