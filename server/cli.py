@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,8 +277,10 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(
             f"graphgrad serve: --max-batch {args.max_batch} is more than --max-concurrent-runs "
             f"{slots}: a Run waits for its batch holding a run slot, so no batch could be that "
-            "large (with 1, every Run waits the whole window alone)"
+            "large (with 1, no batch forms and every Run waits out a window)"
         )
+    if args.worker_of is not None:
+        check_worker_pipe(args.worker_of)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("graphgrad serve: --tls-cert and --tls-key go together")
     token = read_token(args)
@@ -300,6 +303,18 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         job_lease_seconds=args.job_lease_s,
         batching=BatchingConfig(args.batch_window_us, args.max_batch),
     )
+
+
+def check_worker_pipe(fd: int) -> None:
+    """The hidden --worker-of names the read end of a supervisor's pipe; anything else (the
+    flag given by hand) stops the start in one line, before anything starts."""
+    try:
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        why = "" if is_pipe else " (not a pipe)"
+    except OSError as e:
+        is_pipe, why = False, f" ({e.strerror or e})"
+    if not is_pipe:
+        raise SystemExit(f"graphgrad serve: {WORKER_FLAG} {fd}: not a pipe from a supervisor{why}")
 
 
 def concurrent_runs(args: argparse.Namespace) -> int:

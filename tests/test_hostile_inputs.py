@@ -8,6 +8,8 @@ import json
 import logging
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -144,8 +146,9 @@ def test_a_job_lease_too_short_to_outlive_a_heartbeats_delay_stops_the_start():
 
 def test_batching_with_fewer_run_slots_than_its_largest_batch_stops_the_start():
     # A Run waits for its batch holding a run slot: with --max-concurrent-runs 1, four
-    # concurrent Runs each waited the whole window alone, one after another (0.2, 0.4, 0.6,
-    # 0.8 s with a 0.2 s window), and no batch ever formed.
+    # concurrent Runs never formed a batch and each took a whole window (0.2, 0.4, 0.6, 0.8 s
+    # with a 0.2 s window in the thread batcher; 0.22 s each in the loop batcher, the others
+    # waiting for the slot the first held through its window).
     argv = ["serve", "--batch-window-us", "200000", "--max-batch", "4"]
     with pytest.raises(SystemExit) as e:
         cli.config_from(cli.parser().parse_args([*argv, "--max-concurrent-runs", "1"]))
@@ -241,3 +244,19 @@ def test_a_calibration_path_that_is_no_small_file_is_refused_without_reading_it_
     small = tmp_path / "small.json"
     small.write_text(json.dumps(good))
     assert gg.connect(calibration=small).session.dispatcher is not None
+
+
+def test_a_worker_flag_naming_no_pipe_stops_the_start_in_one_line(tmp_path):
+    # The hidden --worker-of (a supervisor's pipe to its worker) given by hand with a file
+    # descriptor that is not open: a traceback from os.set_inheritable.
+    argv = ["--port", "0", "--no-ray", "--data-dir", str(tmp_path), "--worker-of", "99"]
+    done = subprocess.run(
+        [sys.executable, "-m", "graphgrad.server", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == (
+        "graphgrad serve: --worker-of 99: not a pipe from a supervisor (Bad file descriptor)"
+    )
