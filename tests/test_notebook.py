@@ -31,8 +31,14 @@ def outputs(nb):
 
 
 def text_of(nb) -> str:
-    return "\n".join(
-        o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs(nb)
+    """What the cells printed and showed. A kernel may flush one print() in two stream
+    outputs (its flush timer fired between the writes), so streams join as they came;
+    other outputs stand on lines of their own."""
+    return "".join(
+        o.get("text", "")
+        if o.get("output_type") == "stream"
+        else "\n" + o.get("data", {}).get("text/plain", "") + "\n"
+        for o in outputs(nb)
     )
 
 
