@@ -55,25 +55,13 @@ class AsyncClient:
             key = RunShapes.key(outputs, wrt, feeds, (executor, check_numerics, exact))
         prepared = None if key is None else self._run_shapes.get(key, outputs, wrt)
         if prepared is None:
-            prepared = self._prepare(
+            spec, seeds = run_spec(
                 outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact
             )
+            prepared = self._prepared_run(spec, seeds)
             if key is not None:
                 self._run_shapes.put(key, prepared)
         return prepared(feeds, timeout=timeout)
-
-    def _prepare(
-        self,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None,
-        grad_outputs: Mapping[NodeRef, Any] | None,
-        executor: str,
-        check_numerics: bool,
-        feeds: Mapping[NodeRef, Any] | None = None,
-        exact: bool = False,
-    ) -> Prepared:
-        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact)
-        return self._prepared_run(spec, seeds)
 
     def _prepared_run(self, spec: RunSpec, seeds: Seeds) -> Prepared:
         """The client's Prepared for a spec: how it runs (in process or over the wire)."""
@@ -99,7 +87,8 @@ class AsyncClient:
         given here are the seeds of every call; a call may pass others for the same outputs
         (`prepared(feeds, grad_outputs={...})`). A call takes `timeout=` in seconds.
         """
-        return self._prepare(outputs, wrt, grad_outputs, executor, check_numerics, None, exact)
+        spec, seeds = run_spec(outputs, wrt, grad_outputs, executor, check_numerics, None, exact)
+        return self._prepared_run(spec, seeds)
 
     def _before_thread(self, executor: str) -> None:
         """Work that must happen on the caller's thread (starting Ray) before going off it."""
