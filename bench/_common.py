@@ -57,8 +57,18 @@ def subprocess_server(
     try:
         yield match.group(1)
     finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str], grace: float = 30.0) -> None:
+    """SIGTERM a server process, and SIGKILL it if it has not exited within `grace` s."""
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager

@@ -18,7 +18,6 @@ import argparse
 import multiprocessing as mp
 import queue
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _fuzz
+from _common import stop
 
 from graphgrad.v1 import service_pb2
 
@@ -141,13 +141,7 @@ def main() -> int:
         try:
             return soak(args, proc, address, log)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)
 
 
 def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, log: Path) -> int:

@@ -43,6 +43,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import stop
+
 ECHO_METHOD = "/bench.Echo/Echo"
 RUN_METHOD = "/graphgrad.v1.GraphService/Run"
 REGISTER_METHOD = "/graphgrad.v1.GraphService/RegisterGraph"
@@ -394,13 +397,7 @@ def started(cmd: Sequence[str], what: str) -> Iterator[tuple[str, int]]:
                 raise RuntimeError(f"{what} did not start: {line!r}\n{log.read()[-3000:]}")
             yield match.group(1), proc.pid
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)
 
 
 def serve_help() -> str:
