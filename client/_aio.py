@@ -50,10 +50,10 @@ class AsyncClient:
         the graph once per fingerprint, then runs it by reference.
         """
         # A call shape seen before (same nodes, options) reuses its Prepared.
-        key = None
+        key, prepared = None, None
         if grad_outputs is None:
-            key = RunShapes.key(outputs, wrt, feeds, (executor, check_numerics, exact))
-        prepared = None if key is None else self._run_shapes.get(key, outputs, wrt)
+            options = (executor, check_numerics, exact)
+            key, prepared = self._run_shapes.find(outputs, wrt, feeds, options)
         if prepared is None:
             spec, seeds = run_spec(
                 outputs, wrt, grad_outputs, executor, check_numerics, feeds, exact

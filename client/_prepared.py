@@ -105,42 +105,32 @@ RUN_SHAPES = 64  # run() call shapes a client remembers
 class RunShapes:
     """The Prepared of each `run(...)` call shape a client has seen, so that calling `run`
     again with the same nodes costs what calling a Prepared costs (the spec, its checks and
-    the plan lookups are not made again). Only calls naming their outputs and wrt by node,
-    without grad_outputs, are kept: their graph is known without a search. An entry holds
-    the frozen graph it was made for and is used only while the builder still freezes to it
-    (nodes added since make a new one)."""
+    the plan lookups are not made again). Only calls without grad_outputs whose outputs or
+    wrt hold a node are kept: their graph is that node's, known without a search. An entry
+    holds the frozen graph it was made for and is used only while the builder still freezes
+    to it (nodes added since make a new one)."""
 
     def __init__(self) -> None:
         self._runs: LRU[RunShape, tuple[engine.Graph, Prepared]] = LRU(RUN_SHAPES)
 
-    @staticmethod
-    def key(
+    def find(
+        self,
         outputs: NodeRef | Sequence[NodeRef],
         wrt: NodeRef | Sequence[NodeRef] | None,
         feeds: Mapping[NodeRef, Any] | None,
         options: tuple[str, bool, bool],
-    ) -> RunShape | None:
+    ) -> tuple[RunShape | None, Prepared | None]:
+        """The call's shape (None: not one to keep) and its Prepared, if one is held."""
         outs, wrts = as_list(outputs), as_list(wrt)
         nodes = [r for r in outs + wrts if isinstance(r, Tensor)]
         if not nodes or not all(isinstance(r, Tensor | str) for r in outs + wrts):
-            return None  # the graph is found by a search, or a ref is wrong: the full path
+            return None, None  # the graph is found by a search, or a ref is wrong: the full path
         graph = nodes[0].graph
         if any(isinstance(r, Tensor) and r.graph is not graph for r in [*nodes, *(feeds or ())]):
-            return None  # the full path names the mix of graphs
-        names = tuple(map(_name, outs)), tuple(map(_name, wrts))
-        return (id(graph), *names, *options)
-
-    def get(
-        self,
-        key: RunShape,
-        outputs: NodeRef | Sequence[NodeRef],
-        wrt: NodeRef | Sequence[NodeRef] | None,
-    ) -> Prepared | None:
+            return None, None  # the full path names the mix of graphs
+        key = (id(graph), tuple(map(_name, outs)), tuple(map(_name, wrts)), *options)
         held = self._runs.get(key)
-        if held is None:
-            return None
-        node = next(r for r in as_list(outputs) + as_list(wrt) if isinstance(r, Tensor))
-        return held[1] if node.graph.freeze() is held[0] else None
+        return key, (held[1] if held is not None and graph.freeze() is held[0] else None)
 
     def put(self, key: RunShape, prepared: Prepared) -> Prepared:
         self._runs.put(key, (prepared.spec.graph, prepared))
