@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from graphgrad.engine.allocator import tune_for_speed
 from graphgrad.engine.loops import VIEWS, family
 from graphgrad.engine.ops import Op
 from graphgrad.engine.planner import (
@@ -349,7 +350,9 @@ def _print_compute(quick: bool, cpu_clock: bool) -> None:
 
 
 def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
-    """measure_compute's figures, in this process (with whatever BLAS threads it has)."""
+    """measure_compute's figures, in this process (with whatever BLAS threads it has), its
+    malloc tuned as Ray workers and the in-process client run (engine/allocator.py)."""
+    tune_for_speed()
     clock = time.process_time if cpu_clock else time.perf_counter
     med = Timer(3, 0.01, clock) if quick else Timer(9, 0.02, clock)
     overhead = measure_node_overhead(500 if quick else 2000, med)
