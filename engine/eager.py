@@ -23,6 +23,7 @@ program, whose error names its node (a gradient node's name exists only in the g
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
@@ -246,7 +247,9 @@ class Tape:
     positions, which of its arguments are known (bits as `Vjp.variant` reads them). Values
     die after the step that reads them last: `die_at` (steps counted forward then backward,
     ascending, NEVER last) beside `dying`. Made in one pass over the request's nodes (no
-    gradient graph); kept in the plan cache, with how many times the request ran eagerly."""
+    gradient graph), which also runs the forward pass when given the values to run it on
+    (`record`: a request's first call); kept in the plan cache, with how many times the
+    request ran eagerly."""
 
     __slots__ = (
         "b_ins",
@@ -266,14 +269,22 @@ class Tape:
         "seeds",
     )
 
-    def __init__(self, graph: Graph, key: RequestKey) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        key: RequestKey,
+        values: dict[int, Any] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """`values`: the feeds by position, to run the forward pass on as it is lowered (the
+        values it makes are left there, those dead by then freed); `check`: cancellation."""
         self.pass_plan = pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
-        _lower(self, graph, pp)
         # outputs seeded: with grad_outputs, else the first output with 1 (a constant)
         self.seeds = ([graph.index[s] for s in key.seeded] or [pp.outputs[0]]) if pp.wrt else []
         self.default_seed = not key.seeded
         self.keep = frozenset(pp.wrt)  # nodes whose cotangent is a gradient asked for
         self.calls = 0
+        _lower(self, graph, pp, values, check)
 
     def approx_bytes(self) -> int:
         return TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
@@ -283,13 +294,46 @@ TAPE_STEP_BYTES = 120  # a step's entries in the tape's lists, its positions and
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
 
 
-def tape(graph: Graph, key: RequestKey) -> Tape:
-    """The request's tape, made once (in the plan cache)."""
-    return _TAPES.get_or_make(key, lambda: Tape(graph, key))
+def held_tape(key: RequestKey) -> Tape | None:
+    """The request's tape, if the plan cache holds it."""
+    return _TAPES.get(key)
 
 
-def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
-    """Fill the tape's steps, in one pass over the forward nodes, and its deaths."""
+def record(
+    graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation
+) -> tuple[Tape, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A request's first call: its tape made while the forward pass runs (one pass over the
+    nodes, not two), then the backward pass; the tape is kept in the plan cache, its call
+    counted. Values by output name and gradients by wrt name; raises EagerOpError where an
+    op fails (no tape is kept then)."""
+    pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
+    v: dict[int, Any] = check_feeds(graph, pp, request.feeds)  # live values by position
+    seeds = seed_cotangents(graph, pp, request.grad_outputs)
+    try:
+        with np.errstate(all="ignore"):  # NaN and infinity are values like any other
+            tp = Tape(graph, key, v, cancel.check)
+            first_backward_death = bisect.bisect_left(tp.die_at, len(tp.f_node))
+            grads = (
+                _backward(graph, tp, v, seeds, cancel.check, first_backward_death) if pp.wrt else {}
+            )
+    except GraphError:
+        raise  # cancelled, or a deadline passed: not an op's fault
+    except (ValueError, ArithmeticError) as e:
+        raise EagerOpError(str(e)) from e
+    tp = _TAPES.get_or_make(key, lambda: tp)
+    tp.calls += 1
+    return tp, {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
+
+
+def _lower(
+    tp: Tape,
+    graph: Graph,
+    pp: PassPlan,
+    v: dict[int, Any] | None,
+    check: Callable[[], None] | None,
+) -> None:
+    """Fill the tape's steps, in one pass over the forward nodes, and its deaths; given the
+    values `v`, run each forward step as it is lowered and free what dies there."""
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
     relevant, runs_vjp = pp.relevant, set(pp.backward)
     known: set[int] = set()  # constants and folded nodes: what codegen's `_simplify` folds
@@ -305,73 +349,102 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     b_ins: list[tuple[int, ...]] = []
     b_known: list[int] = []
     n = len(nodes)
-    last_fwd = [-1] * n  # value -> the forward step that reads it last
+    last_fwd = _last_forward_reads(forward, f_ins, n)
     # value -> the backward step (counted in forward order) of its earliest reader: VJPs run
     # in reverse topological order, so that one reads it last (a node's own VJP, reading its
     # value, runs after its users')
     last_bwd = [-1] * n
+    kept = set(pp.outputs)
     since = CHECK_EVERY
     for k, (i, ins) in enumerate(zip(forward, f_ins, strict=True)):
         op = ops[i]
-        last_fwd[i] = k  # read by nothing: it dies where it is made
-        for j in ins:
-            last_fwd[j] = k
         if op is CONSTANT:
-            f_kind.append(CONST)
-            f_fn.append(nodes[i].attrs["value"])
+            kind, fn = CONST, nodes[i].attrs["value"]
             known.add(i)
-            continue
-        if nodes[i].attrs:
-            sig = _signature(graph, i)
+            sig = None
         else:
-            if len(ins) == 2:
-                skey: tuple[Any, ...] = (op.name, id(types[ins[0]]), id(types[ins[1]]))
-            elif len(ins) == 1:
-                skey = (op.name, id(types[ins[0]]))
+            if nodes[i].attrs:
+                sig = _signature(graph, i)
             else:
-                skey = (op.name, *[id(types[j]) for j in ins])
-            got_sig = sigs.get(skey)
-            sig = got_sig if got_sig is not None else sigs.setdefault(skey, _signature(graph, i))
-        kind = CALL2 if len(ins) == 2 else CALL1 if len(ins) == 1 else CALL
-        if known and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
-            kind = FOLD
-            known.add(i)
-        if since >= CHECK_EVERY or sig.costly:
-            kind += CHECKED
-            since = 1
-        else:
-            since += 1
+                if len(ins) == 2:
+                    skey: tuple[Any, ...] = (op.name, id(types[ins[0]]), id(types[ins[1]]))
+                elif len(ins) == 1:
+                    skey = (op.name, id(types[ins[0]]))
+                else:
+                    skey = (op.name, *[id(types[j]) for j in ins])
+                got_sig = sigs.get(skey)
+                sig = (
+                    got_sig if got_sig is not None else sigs.setdefault(skey, _signature(graph, i))
+                )
+            kind, fn = CALL2 if len(ins) == 2 else CALL1 if len(ins) == 1 else CALL, sig.kernel
+            if known and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
+                kind = FOLD
+                known.add(i)
+            if since >= CHECK_EVERY or sig.costly:
+                kind += CHECKED
+                since = 1
+            else:
+                since += 1
         f_kind.append(kind)
-        f_fn.append(sig.kernel)
-        if i not in runs_vjp:
-            continue
-        if len(ins) == 2:
-            wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
-        else:
-            wants = tuple([j in relevant for j in ins])
-        vjp = sig.vjps.get(wants)
-        if vjp is None:
-            vjp = sig.vjp(wants)
-        b = len(b_node)
-        for r in vjp.reads:
-            if last_bwd[ins[r]] < 0:
-                last_bwd[ins[r]] = b
-        if vjp.reads_y and last_bwd[i] < 0:
-            last_bwd[i] = b
-        kmask = 0
-        if known:
-            for bit, j in enumerate((*ins, i), 1):
-                if j in known:
-                    kmask |= 1 << bit
-        b_node.append(i)
-        b_vjp.append(vjp)
-        b_ins.append(ins)
-        b_known.append(kmask)
+        f_fn.append(fn)
+        if v is not None:  # run it
+            if kind == CALL1:
+                v[i] = fn(v[ins[0]])
+            elif kind == CALL2:
+                v[i] = fn(v[ins[0]], v[ins[1]])
+            else:
+                v[i] = _odd_step(kind, fn, ins, v, check)
+        if sig is not None and i in runs_vjp:
+            if len(ins) == 2:
+                wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
+            else:
+                wants = tuple([j in relevant for j in ins])
+            vjp = sig.vjps.get(wants)
+            if vjp is None:
+                vjp = sig.vjp(wants)
+            b = len(b_node)
+            for r in vjp.reads:
+                if last_bwd[ins[r]] < 0:
+                    last_bwd[ins[r]] = b
+            if vjp.reads_y and last_bwd[i] < 0:
+                last_bwd[i] = b
+            kmask = 0
+            if known:
+                for bit, j in enumerate((*ins, i), 1):
+                    if j in known:
+                        kmask |= 1 << bit
+            b_node.append(i)
+            b_vjp.append(vjp)
+            b_ins.append(ins)
+            b_known.append(kmask)
+        if v is not None:
+            # What no later node reads, nor a VJP, dies here: every reader of it is lowered
+            # by now, so `last_bwd` holds its earliest VJP reader if any.
+            for j in ins:
+                if last_fwd[j] == k and last_bwd[j] < 0 and j not in kept:
+                    v.pop(j, None)  # (read twice by this node: freed once)
+            if last_fwd[i] == k and last_bwd[i] < 0 and i not in kept:
+                del v[i]
     for lst in (b_node, b_vjp, b_ins, b_known):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
     tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known = b_node, b_vjp, b_ins, b_known
     tp.die_at, tp.dying = _deaths(pp, last_fwd, last_bwd, len(forward), len(b_node))
+
+
+def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n: int) -> list[int]:
+    """Value -> the forward step that reads it last (its own where nothing reads it; -1 for
+    what no step reads or makes), by array operations over the steps' inputs."""
+    steps = np.arange(len(forward))
+    counts = np.fromiter(map(len, f_ins), dtype=np.intp, count=len(f_ins))
+    inputs = np.fromiter(
+        itertools.chain.from_iterable(f_ins), dtype=np.intp, count=int(counts.sum())
+    )
+    last = np.full(n, -1, dtype=np.intp)
+    last[np.asarray(forward, dtype=np.intp)] = steps
+    np.maximum.at(last, inputs, np.repeat(steps, counts))
+    result: list[int] = last.tolist()
+    return result
 
 
 def _deaths(
