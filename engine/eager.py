@@ -268,6 +268,16 @@ class Tape:
         "pass_plan",
         "seeds",
     )
+    f_node: list[int]
+    f_kind: list[int]
+    f_fn: list[Any]
+    f_ins: list[tuple[int, ...]]
+    b_node: list[int]
+    b_vjp: list[Vjp]
+    b_ins: list[tuple[int, ...]]
+    b_known: list[int]
+    die_at: list[int]
+    dying: list[int]
 
     def __init__(
         self,
@@ -284,7 +294,7 @@ class Tape:
         self.default_seed = not key.seeded
         self.keep = frozenset(pp.wrt)  # nodes whose cotangent is a gradient asked for
         self.calls = 0
-        _lower(self, graph, pp, values, check)
+        _lower(self, graph, pp, values, check or _unchecked)
 
     def approx_bytes(self) -> int:
         return TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
@@ -292,6 +302,10 @@ class Tape:
 
 TAPE_STEP_BYTES = 120  # a step's entries in the tape's lists, its positions and its death
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
+
+
+def _unchecked() -> None:
+    """No cancellation to check (a tape made without running)."""
 
 
 def held_tape(key: RequestKey) -> Tape | None:
@@ -330,7 +344,7 @@ def _lower(
     graph: Graph,
     pp: PassPlan,
     v: dict[int, Any] | None,
-    check: Callable[[], None] | None,
+    check: Callable[[], None],
 ) -> None:
     """Fill the tape's steps, in one pass over the forward nodes, and its deaths; given the
     values `v`, run each forward step as it is lowered and free what dies there."""
@@ -543,7 +557,7 @@ def _backward(
     for k, i, vjp, ins, kmask in zip(
         itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known
     ):
-        p = cot.pop(i, None)
+        p: Any = cot.pop(i, None)
         if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
             if p.__class__ is tuple:
                 _, _, g, gk = p
@@ -557,7 +571,7 @@ def _backward(
             since += 1
             got = vjp.variants.get(kmask | gk)
             fn, kout = got if got is not None else vjp.variant(kmask | gk)
-            out = fn(g, v, ins, i)
+            out: Any = fn(g, v, ins, i)
             name = nodes[i].name
             for slot in vjp.slots:
                 j = ins[slot]
