@@ -95,12 +95,14 @@ class _Recorder:
         return name
 
 
-VjpFn = Callable[..., tuple[Any, ...]]
+VjpFn = Callable[..., None]
 
 
 class Vjp:
     """One signature's VJP: its recorded steps, the inputs it reads, and a generated function
-    per pattern of known (constant) arguments, which decides which steps fold."""
+    per pattern of known (constant) arguments, which decides which steps fold. The function
+    also hands each gradient to its input's cotangent (straight-line code: no tuple of
+    gradients, no loop over them)."""
 
     __slots__ = ("_outs", "_rec", "costly", "reads", "reads_y", "slots", "variants")
 
@@ -144,19 +146,19 @@ class Vjp:
         self.slots = tuple(k for k, d in enumerate(outs) if d is not None)  # gradients given
         self.reads = tuple(k for k in range(len(ins)) if f"x{k}" in live)  # inputs it reads
         self.reads_y = "y" in live  # whether it reads the node's value
-        self.variants: dict[int, tuple[VjpFn, tuple[bool, ...]]] = {}
+        self.variants: dict[int, VjpFn] = {}
 
-    def variant(self, known: int) -> tuple[VjpFn, tuple[bool, ...]]:
-        """The function (g, the run's values, the node's input positions, its position) -> one
-        gradient per input
-        (None where not wanted), and which gradients are known, given `known`: bit 0 for g,
-        bit k + 1 for input k, the last for y."""
+    def variant(self, known: int) -> VjpFn:
+        """The function (g, the run's values, the node's input positions, its position, the
+        cotangents, its name) that adds a part (name, slot, gradient, whether it is known) to
+        the cotangent of each input it gives a gradient, given `known`: bit 0 for g, bit
+        k + 1 for input k, the last for y. A cotangent is its one part, or a list of them."""
         got = self.variants.get(known)
         if got is None:
             got = self.variants[known] = self._generate(known)
         return got
 
-    def _generate(self, known: int) -> tuple[VjpFn, tuple[bool, ...]]:
+    def _generate(self, known: int) -> VjpFn:
         steps, consts, types = self._rec
         arity = len(self._outs)
         refs = ["g", *[f"x{k}" for k in range(arity)], "y"]
@@ -178,10 +180,21 @@ class Vjp:
             dead = sorted({a for a in args if a.startswith("t") and last[a] == k} - outputs)
             if dead:
                 body.append(f"    del {', '.join(dead)}\n")
-        outs = ", ".join("None" if d is None else d for d in self._outs)
-        source = f"def vjp(g, v, ins, i):\n{''.join(body)}    return ({outs},)\n"
+        for k, d in enumerate(self._outs):
+            if d is not None:
+                body += [
+                    f"    p = (name, {k}, {d}, {is_known[d]})\n",
+                    f"    c = cot.setdefault(ins[{k}], p)\n",
+                    "    if c is not p:\n",
+                    "        if c.__class__ is tuple:\n",
+                    f"            cot[ins[{k}]] = [c, p]\n",
+                    "        else:\n",
+                    "            c.append(p)\n",
+                ]
+        source = f"def vjp(g, v, ins, i, cot, name):\n{''.join(body) or '    pass'}"
         exec(compile(source, "<graphgrad eager vjp>", "exec"), namespace)
-        return namespace["vjp"], tuple(d is not None and is_known[d] for d in self._outs)
+        fn: VjpFn = namespace["vjp"]
+        return fn
 
 
 class Signature:
@@ -244,7 +257,7 @@ class Tape:
     per node (making a tape is most of a first call, and per-node objects would also cost the
     collector a scan each). Forward steps, in topological order: node, kind (above), kernel
     or value, input positions. Backward steps, in the order they run: node, its Vjp, input
-    positions, which of its arguments are known (bits as `Vjp.variant` reads them). Values
+    positions, which of its arguments are known (bits as `Vjp.variant` reads them), name. Values
     die after the step that reads them last: `die_at` (steps counted forward then backward,
     ascending, NEVER last) beside `dying`. Made in one pass over the request's nodes (no
     gradient graph), which also runs the forward pass when given the values to run it on
@@ -254,6 +267,7 @@ class Tape:
     __slots__ = (
         "b_ins",
         "b_known",
+        "b_name",
         "b_node",
         "b_vjp",
         "calls",
@@ -276,6 +290,7 @@ class Tape:
     b_vjp: list[Vjp]
     b_ins: list[tuple[int, ...]]
     b_known: list[int]
+    b_name: list[str]
     die_at: list[int]
     dying: list[int]
 
@@ -362,8 +377,10 @@ def _lower(
     b_vjp: list[Vjp] = []
     b_ins: list[tuple[int, ...]] = []
     b_known: list[int] = []
+    b_name: list[str] = []
     n = len(nodes)
-    last_fwd = _last_forward_reads(forward, f_ins, n)
+    last_fwd_array = _last_forward_reads(forward, f_ins, n)
+    last_fwd: list[int] = last_fwd_array.tolist()
     # value -> the backward step (counted in forward order) of its earliest reader: VJPs run
     # in reverse topological order, so that one reads it last (a node's own VJP, reading its
     # value, runs after its users')
@@ -411,6 +428,8 @@ def _lower(
         if sig is not None and i in runs_vjp:
             if len(ins) == 2:
                 wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
+            elif len(ins) == 1:
+                wants = (ins[0] in relevant,)
             else:
                 wants = tuple([j in relevant for j in ins])
             vjp = sig.vjps.get(wants)
@@ -431,6 +450,7 @@ def _lower(
             b_vjp.append(vjp)
             b_ins.append(ins)
             b_known.append(kmask)
+            b_name.append(nodes[i].name)
         if v is not None:
             # What no later node reads, nor a VJP, dies here: every reader of it is lowered
             # by now, so `last_bwd` holds its earliest VJP reader if any.
@@ -439,14 +459,14 @@ def _lower(
                     v.pop(j, None)  # (read twice by this node: freed once)
             if last_fwd[i] == k and last_bwd[i] < 0 and i not in kept:
                 del v[i]
-    for lst in (b_node, b_vjp, b_ins, b_known):
+    for lst in (b_node, b_vjp, b_ins, b_known, b_name):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
-    tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known = b_node, b_vjp, b_ins, b_known
-    tp.die_at, tp.dying = _deaths(pp, last_fwd, last_bwd, len(forward), len(b_node))
+    tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name = b_node, b_vjp, b_ins, b_known, b_name
+    tp.die_at, tp.dying = _deaths(pp, last_fwd_array, last_bwd, len(forward), len(b_node))
 
 
-def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n: int) -> list[int]:
+def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n: int) -> np.ndarray:
     """Value -> the forward step that reads it last (its own where nothing reads it; -1 for
     what no step reads or makes), by array operations over the steps' inputs."""
     steps = np.arange(len(forward))
@@ -457,21 +477,21 @@ def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n:
     last = np.full(n, -1, dtype=np.intp)
     last[np.asarray(forward, dtype=np.intp)] = steps
     np.maximum.at(last, inputs, np.repeat(steps, counts))
-    result: list[int] = last.tolist()
-    return result
+    return last
 
 
 def _deaths(
-    pp: PassPlan, last_fwd: list[int], last_bwd: list[int], nf: int, nb: int
+    pp: PassPlan, last_fwd: np.ndarray, last_bwd: list[int], nf: int, nb: int
 ) -> tuple[list[int], list[int]]:
     """Each value's death: after its last read, by a VJP (the last to run) or else by a
     forward node. Steps ascending (forward steps 0..nf-1, then backward steps in the order
     they run), NEVER last; and the values, in the same order."""
-    values = np.array([*pp.needed_inputs, *pp.forward], dtype=np.int64)
-    values = values[~np.isin(values, np.array(pp.outputs, dtype=np.int64))]
-    late = np.array(last_bwd, dtype=np.int64)[values]
-    early = np.array(last_fwd, dtype=np.int64)[values]
-    step = np.where(late < 0, early, nf + nb - 1 - late)
+    values = np.concatenate(
+        [np.asarray(pp.needed_inputs, dtype=np.intp), np.asarray(pp.forward, dtype=np.intp)]
+    )
+    values = values[~np.isin(values, np.asarray(pp.outputs, dtype=np.intp))]
+    late = np.asarray(last_bwd, dtype=np.intp)[values]
+    step = np.where(late < 0, last_fwd[values], nf + nb - 1 - late)
     order = np.argsort(step, kind="stable")
     return [*step[order].tolist(), NEVER], values[order].tolist()
 
@@ -554,8 +574,8 @@ def _backward(
     keep, die_at, dying = tp.keep, tp.die_at, tp.dying
     nxt = die_at[d]
     since = CHECK_EVERY
-    for k, i, vjp, ins, kmask in zip(
-        itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known
+    for k, i, vjp, ins, kmask, name in zip(
+        itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
     ):
         p: Any = cot.pop(i, None)
         if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
@@ -569,20 +589,11 @@ def _backward(
                 check()
                 since = 0
             since += 1
-            got = vjp.variants.get(kmask | gk)
-            fn, kout = got if got is not None else vjp.variant(kmask | gk)
-            out: Any = fn(g, v, ins, i)
-            name = nodes[i].name
-            for slot in vjp.slots:
-                j = ins[slot]
-                c = cot.get(j)
-                if c is None:
-                    cot[j] = (name, slot, out[slot], kout[slot])
-                elif c.__class__ is tuple:
-                    cot[j] = [c, (name, slot, out[slot], kout[slot])]
-                else:
-                    c.append((name, slot, out[slot], kout[slot]))
-            out = g = p = c = None  # nothing held past its last use
+            fn = vjp.variants.get(kmask | gk)
+            if fn is None:
+                fn = vjp.variant(kmask | gk)
+            fn(g, v, ins, i, cot, name)
+            g = p = None  # nothing held past its last use
         while nxt == k:
             del v[dying[d]]
             d += 1
