@@ -379,13 +379,15 @@ def _lower(
     b_known: list[int] = []
     b_name: list[str] = []
     n = len(nodes)
-    last_fwd_array = _last_forward_reads(forward, f_ins, n)
-    last_fwd: list[int] = last_fwd_array.tolist()
+    last_fwd = _last_forward_reads(forward, f_ins, n)
+    mortal = _mortal(pp)  # values that may die: all but the outputs
+    if v is not None:  # values by their last forward read: those no VJP reads die there
+        fwd_die_at, fwd_dying = _by_step(mortal, last_fwd[mortal])
+        fd, fnxt = 0, fwd_die_at[0]
     # value -> the backward step (counted in forward order) of its earliest reader: VJPs run
     # in reverse topological order, so that one reads it last (a node's own VJP, reading its
     # value, runs after its users')
     last_bwd = [-1] * n
-    kept = set(pp.outputs)
     since = CHECK_EVERY
     for k, (i, ins) in enumerate(zip(forward, f_ins, strict=True)):
         op = ops[i]
@@ -454,16 +456,17 @@ def _lower(
         if v is not None:
             # What no later node reads, nor a VJP, dies here: every reader of it is lowered
             # by now, so `last_bwd` holds its earliest VJP reader if any.
-            for j in ins:
-                if last_fwd[j] == k and last_bwd[j] < 0 and j not in kept:
-                    v.pop(j, None)  # (read twice by this node: freed once)
-            if last_fwd[i] == k and last_bwd[i] < 0 and i not in kept:
-                del v[i]
+            while fnxt == k:
+                j = fwd_dying[fd]
+                if last_bwd[j] < 0:
+                    del v[j]
+                fd += 1
+                fnxt = fwd_die_at[fd]
     for lst in (b_node, b_vjp, b_ins, b_known, b_name):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
     tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name = b_node, b_vjp, b_ins, b_known, b_name
-    tp.die_at, tp.dying = _deaths(pp, last_fwd_array, last_bwd, len(forward), len(b_node))
+    tp.die_at, tp.dying = _deaths(mortal, last_fwd, last_bwd, len(forward), len(b_node))
 
 
 def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n: int) -> np.ndarray:
@@ -480,20 +483,27 @@ def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n:
     return last
 
 
-def _deaths(
-    pp: PassPlan, last_fwd: np.ndarray, last_bwd: list[int], nf: int, nb: int
-) -> tuple[list[int], list[int]]:
-    """Each value's death: after its last read, by a VJP (the last to run) or else by a
-    forward node. Steps ascending (forward steps 0..nf-1, then backward steps in the order
-    they run), NEVER last; and the values, in the same order."""
+def _mortal(pp: PassPlan) -> np.ndarray:
+    """The values a run may free: feeds and the values it makes, but not the outputs."""
     values = np.concatenate(
         [np.asarray(pp.needed_inputs, dtype=np.intp), np.asarray(pp.forward, dtype=np.intp)]
     )
-    values = values[~np.isin(values, np.asarray(pp.outputs, dtype=np.intp))]
-    late = np.asarray(last_bwd, dtype=np.intp)[values]
-    step = np.where(late < 0, last_fwd[values], nf + nb - 1 - late)
+    return values[~np.isin(values, np.asarray(pp.outputs, dtype=np.intp))]
+
+
+def _by_step(values: np.ndarray, step: np.ndarray) -> tuple[list[int], list[int]]:
+    """The steps ascending, NEVER last, and the values in the same order."""
     order = np.argsort(step, kind="stable")
     return [*step[order].tolist(), NEVER], values[order].tolist()
+
+
+def _deaths(
+    mortal: np.ndarray, last_fwd: np.ndarray, last_bwd: list[int], nf: int, nb: int
+) -> tuple[list[int], list[int]]:
+    """Each value's death: after its last read, by a VJP (the last to run) or else by a
+    forward node; steps counted forward (0..nf-1), then backward in the order they run."""
+    late = np.asarray(last_bwd, dtype=np.intp)[mortal]
+    return _by_step(mortal, np.where(late < 0, last_fwd[mortal], nf + nb - 1 - late))
 
 
 def run_tape(
@@ -627,9 +637,8 @@ def _total(parts: list[tuple[str, int, Any, bool]], t: TensorType) -> tuple[Any,
         if len(_ADDS) >= MAX_SIGNATURES:
             _ADDS.clear()
         add = _ADDS[t.shape, t.dtype] = ADD.lower({}, (t, t))
-    small = t.size <= FOLD_ELEMENTS
     for _, _, d, k in parts[1:]:
-        if known and k and small:
+        if known and k and t.size <= FOLD_ELEMENTS:
             acc = _fold(add(acc, d))
         else:
             acc, known = add(acc, d), False
