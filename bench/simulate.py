@@ -73,32 +73,47 @@ def graphs() -> dict[str, tuple[gg.Tensor, dict[str, np.ndarray], list[str]]]:
     return {"wide": wide.build(), "chain": chain(), "seed": seed()}
 
 
-def median_of(fn: Callable[[], object], runs: int, clock: Callable[[], float]) -> float:
-    fn()  # warm: compiled programs, Ray's workers
-    samples = []
-    for _ in range(runs):
-        t0 = clock()
+SAMPLE_S = 0.02  # a sample repeats a fast workload until it lasts about this long
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    clock: Callable[[], float],
+    each_round: Callable[[], object] = lambda: None,
+) -> dict[str, float]:
+    """Median seconds per call of each workload, sampled in rounds (each workload once a
+    round, so a shared machine's load drifting over minutes falls on all of them alike).
+    A sample repeats a workload faster than SAMPLE_S until it lasts that long: what is
+    predicted is a warm run, and one call of the seed's network right after the wide
+    graph's (its caches cold) takes twice its steady time. `each_round` runs before each
+    round (the calibration's probes, sampled among the workloads)."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm: compiled programs, Ray's workers
+        t0 = time.perf_counter()
         fn()
-        samples.append(clock() - t0)
-    return statistics.median(samples)
+        calls[name] = max(1, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        each_round()
+        for name, fn in fns.items():
+            t0 = clock()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((clock() - t0) / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def measure(executor: str, runs: int, client: gg.LocalClient) -> dict[str, float]:
-    """Median seconds of each workload on `executor` (in this process): inline in CPU time
-    (what one dedicated CPU takes, whatever else this shared machine runs), on Ray in wall
-    time (several processes)."""
-    clock = time.perf_counter if executor == "ray" else time.process_time
-    # The engine's run (what a server runs once a request is decoded, and what the
-    # simulator predicts): the SDK's own conversions cost tens of microseconds more.
+def workloads(executor: str, client: gg.LocalClient) -> dict[str, Callable[[], object]]:
+    """Each workload as one call: the engine's run (what a server runs once a request is
+    decoded, and what the simulator predicts: the SDK's own conversions cost tens of
+    microseconds more), and the training job from submission to its end."""
     options = RunOptions(ExecutorKind.parse(executor))
-    out = {}
+    out: dict[str, Callable[[], object]] = {}
     for name, (loss, feeds, wrt) in graphs().items():
         _, graph, request = build_request(loss, feeds, wrt, None)
-        out[name] = median_of(
-            lambda: client.session.run(graph, request, options),  # noqa: B023
-            runs,
-            clock,
-        )
+        out[name] = lambda g=graph, r=request: client.session.run(g, r, options)
     params, data = ensemble.problem(TRAIN_N)
     loss = ensemble.template()
 
@@ -107,8 +122,22 @@ def measure(executor: str, runs: int, client: gg.LocalClient) -> dict[str, float
             progress=False
         )
 
-    out["training"] = median_of(train, max(1, runs // 2), clock)
+    out["training"] = train
     return out
+
+
+def measure(
+    executor: str,
+    runs: int,
+    client: gg.LocalClient,
+    each_round: Callable[[], object] = lambda: None,
+) -> dict[str, float]:
+    """Median seconds of each workload on `executor` (in this process): inline in CPU time
+    (what one dedicated CPU takes, whatever else this shared machine runs), on Ray in wall
+    time (several processes: the machine's load counts, so the calibration's Ray figures
+    are sampled between the same rounds, `each_round`)."""
+    clock = time.perf_counter if executor == "ray" else time.process_time
+    return interleaved_medians(workloads(executor, client), runs, clock, each_round)
 
 
 def predictions(cal: Calibration, cluster: Cluster) -> dict[str, Prediction]:
@@ -155,12 +184,15 @@ def main() -> None:
         cal = calibration.measure_compute_here(quick=False, cpu_clock=True)
         client = gg.connect(ray_num_cpus=args.ray_child)
         client.session.start_for(ExecutorKind.RAY)
-        # Ray's figures before and after the workloads, averaged: the load of a shared
-        # machine drifts while they run.
-        before = dataclasses.asdict(calibration.measure_ray())
-        times = measure("ray", args.runs, client)
-        after = dataclasses.asdict(calibration.measure_ray())
-        figures = {k: (before[k] + after[k]) / 2 for k in before}
+        # Ray's figures once a round, among the workloads' samples, and their medians: the
+        # load of a shared machine drifts while they run.
+        probes: list[dict[str, float]] = []
+
+        def probe() -> None:
+            probes.append(dataclasses.asdict(calibration.measure_ray()))
+
+        times = measure("ray", args.runs, client, probe)
+        figures = {k: statistics.median(p[k] for p in probes) for k in probes[0]}
         out = {"times": times, "ray": figures, "cal": cal.to_json()}
         print(json.dumps(out))
         return
@@ -183,7 +215,10 @@ def main() -> None:
                 f"{figures.submit_s * 1e3:.2f} ms, task overhead "
                 f"{figures.task_overhead_s * 1e3:.2f} ms, latency "
                 f"{figures.task_latency_s * 1e3:.2f} ms, work {figures.task_slowdown:.2f}x "
-                "slower than one CPU of its own"
+                f"slower than one CPU of its own; CPU a task costs the driver "
+                f"{figures.driver_task_s * 1e3:.2f} ms and Ray's daemons "
+                f"{figures.daemon_task_s * 1e3:.2f} ms"
+                + (" (charged: no core of their own)" if cpus >= figures.cores > 0 else "")
             )
             pred = predictions(ray_cal, Cluster(1, cpus))
             for name in WORKLOADS:

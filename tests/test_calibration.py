@@ -33,6 +33,9 @@ MEASURED = Calibration(
     store_bytes_per_s=2e9,
     task_overhead_s=8e-4,
     task_latency_s=0.0,
+    driver_task_s=2.5e-3,
+    daemon_task_s=0.0,
+    cores=2.0,
     ray_measured=True,
 )
 
@@ -42,6 +45,8 @@ def test_defaults_are_the_planners_constants() -> None:
     assert DEFAULT.task_overhead_s == TASK_OVERHEAD_S
     assert DEFAULT.flops_rate("linalg", "float64") == FLOPS_PER_S
     assert not DEFAULT.ray_measured
+    # Ray's own processes are charged nothing unless measured, on a machine of known cores.
+    assert DEFAULT.driver_task_s == DEFAULT.daemon_task_s == DEFAULT.cores == 0.0
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -65,6 +70,8 @@ def test_round_trip(tmp_path: Path) -> None:
         ('{"version": 1, "flops_per_s": {"linalg/float64": 0}}', "flops_per_s['linalg/float64']"),
         ('{"version": 1, "speed": 1}', "unknown field(s) ['speed']"),
         ('{"version": 1, "ray_measured": 1}', "ray_measured must be true or false"),
+        ('{"version": 1, "driver_task_s": -1e-3}', "driver_task_s must be a finite number >= 0"),
+        ('{"version": 1, "cores": "two"}', "cores must be a finite number >= 0"),
     ],
 )
 def test_unusable_file_is_named(tmp_path: Path, text: str, says: str) -> None:
