@@ -55,6 +55,10 @@ FAMILIES = ("elementwise", "linalg", "reduce")  # measured; other families use t
 # Ops whose arithmetic costs far more than their family's (keyed "op/dtype" in flops_per_s).
 TRANSCENDENTAL = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sin": np.sin, "cos": np.cos}
 DTYPES = ("float64", "float32")
+# Ray returns a task's results up to this size in its reply (max_direct_call_object_size);
+# larger ones go through the object store. The probe's export is well past it.
+INLINE_BYTES = 100 << 10
+STORE_OBJECT_PROBE_BYTES = 256 << 10
 
 log = logging.getLogger("graphgrad.calibration")
 
@@ -94,6 +98,9 @@ class Calibration:
     driver_task_s: float = 0.0
     daemon_task_s: float = 0.0
     cores: float = 0.0
+    # A task's exports too large for its reply (over INLINE_BYTES) go through the object
+    # store as an object: what that costs beyond the bytes (created, sealed, pinned, located).
+    store_object_s: float = 0.0
     ray_measured: bool = False  # False: the Ray figures are the defaults
 
     def flops_rate(self, family: str, dtype: str, op: str = "") -> float:
@@ -171,7 +178,9 @@ class Calibration:
         return cls(**values)
 
 
-MAY_BE_ZERO = frozenset({"task_latency_s", "driver_task_s", "daemon_task_s", "cores"})
+MAY_BE_ZERO = frozenset(
+    {"task_latency_s", "driver_task_s", "daemon_task_s", "cores", "store_object_s"}
+)
 
 
 def _positive(where: str, name: str, value: object, allow_zero: bool = False) -> float:
@@ -450,6 +459,7 @@ class RayFigures:
     driver_task_s: float
     daemon_task_s: float
     cores: float
+    store_object_s: float
 
 
 def measure_ray(cpus: int | None = None) -> RayFigures:
@@ -497,15 +507,20 @@ def _ray_probes(ray: Any) -> RayFigures:
 
     # Every CPU busy: the wall time of many tasks per task, without work (the overhead)
     # and with known work (how much slower than one dedicated CPU a task's work runs).
-    def per_task(work: float, tasks: int = 16 * workers) -> float:
+    def per_task(work: float, nbytes: int = 8, tasks: int = 16 * workers) -> float:
         samples = []
         for _ in range(3):
             t0 = time.perf_counter()
-            ray.get([probe.remote(work, 8)[1] for _ in range(tasks)])
+            made = [probe.remote(work, nbytes) for _ in range(tasks)]
+            ray.get([meta for _, meta in made])
             samples.append((time.perf_counter() - t0) * workers / tasks)
+            del made
         return statistics.median(samples)
 
     overhead = max(per_task(0.0), 1e-5)
+    # An export too large to travel in the task's reply goes through the object store: what
+    # that costs beyond its bytes (whose cost `store` measures below) is taken from it after.
+    through_store = per_task(0.0, STORE_OBJECT_PROBE_BYTES)
     work = 4e-3
     slowdown = max(1.0, (per_task(work) - overhead) / work)
     t0 = time.perf_counter()
@@ -522,8 +537,11 @@ def _ray_probes(ray: Any) -> RayFigures:
 
     big = 32 << 20
     store = big / max(handed_over(big) - handed_over(8), 1e-9)
+    store_object = max(0.0, through_store - overhead - STORE_OBJECT_PROBE_BYTES / store)
     cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
-    return RayFigures(store, put, submit, overhead, latency, slowdown, driver, daemon, cores)
+    return RayFigures(
+        store, put, submit, overhead, latency, slowdown, driver, daemon, cores, store_object
+    )
 
 
 def _executor_probe(put_s: float, submit_s: float, overhead_s: float) -> tuple[float, ...]:

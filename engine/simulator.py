@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest
-from graphgrad.engine.calibration import CACHE_BYTES, Calibration, in_force
+from graphgrad.engine.calibration import CACHE_BYTES, INLINE_BYTES, Calibration, in_force
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.driver import CALLER, Schedule
 from graphgrad.engine.errors import RequestError
@@ -312,10 +312,14 @@ def _another_idle(busy: list[tuple[float, int]], unused: int, fresh: bool, at: f
 
 def task_cost(t: SimTask, cal: Calibration) -> float:
     """Seconds a task holds its CPU: in the driver, its work; on a worker, the task overhead,
-    its work at the busy cluster's pace, and writing its exports into the object store."""
+    its work at the busy cluster's pace, and writing its exports into the object store (an
+    object there when too large for the task's reply)."""
     if t.on_caller:
         return t.seconds
-    return cal.task_overhead_s + t.seconds * cal.task_slowdown + t.out_bytes / cal.store_bytes_per_s
+    store = t.out_bytes / cal.store_bytes_per_s
+    if t.out_bytes > INLINE_BYTES:
+        store += cal.store_object_s
+    return cal.task_overhead_s + t.seconds * cal.task_slowdown + store
 
 
 def _critical_path(

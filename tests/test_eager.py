@@ -84,15 +84,28 @@ def test_matmuls_reductions_and_losses_give_the_compiled_programs_bits():
     same_bits(graph, seeded)
 
 
-def test_cancellation_stops_the_eager_tier_between_nodes():
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("gradients", [True, False])
+def test_cancellation_stops_the_eager_tier_between_nodes(first, gradients):
+    """On a tape (later calls) and while the tape is made (the first call); in the forward
+    pass alone too (no gradients asked for)."""
     graph, request = chain(400)  # some 400 forward and 400 backward nodes
+    if not gradients:
+        request = RunRequest(request.outputs, request.feeds)
+
+    def run(cancel):
+        if first:
+            graph2 = Graph(list(graph.nodes))  # a fresh instance: no tape held for it
+            return record(graph2, request_key(graph2, request), request, cancel)
+        return eager(graph, request, cancel)
+
     cancel = CountingCancellation(at=3)
     with pytest.raises(CancelledError):
-        eager(graph, request, cancel)
+        run(cancel)
     assert cancel.checks == 3  # every CHECK_EVERY nodes: stopped some 2 * CHECK_EVERY in
     cancel = CountingCancellation(at=10**9)
-    eager(graph, request, cancel)
-    assert cancel.checks >= 800 // CHECK_EVERY
+    run(cancel)
+    assert cancel.checks >= (800 if gradients else 400) // CHECK_EVERY
 
 
 @pytest.mark.slow

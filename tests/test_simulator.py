@@ -16,7 +16,7 @@ import pytest
 import graphgrad as gg
 from graphgrad._request import build_request
 from graphgrad.engine import Graph, calibration
-from graphgrad.engine.calibration import Calibration
+from graphgrad.engine.calibration import INLINE_BYTES, Calibration
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.executor import LocalExecutor
 from graphgrad.engine.planner import MIN_PARTITION_S
@@ -125,6 +125,13 @@ def test_fed_inputs_are_staged_first_and_exports_written() -> None:
     tasks = [SimTask("reads feeds", 0.002, (), fed_bytes=4_000_000, out_bytes=1_000_000)]
     p = simulate(tasks, CAL, one_cpu(), staged_bytes=4_000_000)
     assert p.makespan == pytest.approx(4e6 / 1e9 + OH + 0.002 + 1e6 / 1e9)
+
+
+def test_exports_too_large_for_the_reply_cost_an_object_in_the_store() -> None:
+    cal = dataclasses.replace(CAL, store_object_s=1.5e-3)
+    for nbytes, object_s in ((INLINE_BYTES, 0.0), (INLINE_BYTES + 1, 1.5e-3)):
+        p = simulate([SimTask("t", 0.002, (), out_bytes=nbytes)], cal, one_cpu())
+        assert p.makespan == pytest.approx(OH + 0.002 + nbytes / 1e9 + object_s)
 
 
 def test_the_caller_puts_feed_bundles_then_submits_one_task_at_a_time() -> None:
