@@ -24,6 +24,7 @@ from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
 from graphgrad.server.batcher import BatchingConfig
+from graphgrad.server.blas import limit_blas_threads
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from graphgrad.server.job_manager import JobManager
 from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
     PLANS.configure(args.plan_cache_size, args.plan_cache_bytes)
+    limit_blas_threads(config.max_concurrent_runs)
     runtime = Runtime.create(
         config.limits,
         dispatcher,
