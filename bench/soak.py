@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -38,6 +39,7 @@ from graphgrad.v1 import service_pb2
 BAD = ("INTERNAL", "UNKNOWN")
 WARMUP = 0.25  # RSS after warm-up is read here: by then the bounded caches have filled
 TIMELINE = (0.1, 0.25, 0.5, 0.75, 0.95)
+READY_TIMEOUT = 120.0  # seconds for every client to spawn, import and connect
 # The caches are bounded small (the defaults allow 1 GiB of graphs and 256 MiB of plans) so
 # that they fill during warm-up: RSS growth after it is then what no cache bounds.
 SERVER_LIMITS = (
@@ -57,8 +59,12 @@ class ClientResult:
     refused: Counter[str] = field(default_factory=Counter)  # valid requests not OK, by RPC
 
 
-def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: mp.Queue) -> None:
-    """One client process: a channel, a generator, traffic until the time or count runs out."""
+def client(
+    k: int, address: str, seed: int, seconds: float, requests: int, ready: Any, out: mp.Queue
+) -> None:
+    """One client process: a channel, a generator, traffic until the time or count runs out.
+    The clock starts when every client is ready: spawning and importing take seconds on a
+    loaded machine, and a short soak would otherwise end before any client sent a request."""
     result = ClientResult()
     options = [("grpc.max_receive_message_length", 1 << 30)]
     with grpc.insecure_channel(address, options=options) as channel:
@@ -68,6 +74,8 @@ def client(k: int, address: str, seed: int, stop_at: float, requests: int, out: 
         run = gen.valid("Run")
         kinds, weights = list(MIX), list(MIX.values())
         sent = 0
+        ready.wait(READY_TIMEOUT)
+        stop_at = time.monotonic() + seconds
 
         def call(c: _fuzz.Call, hostile: bool) -> _fuzz.Outcome:
             nonlocal sent
@@ -147,15 +155,18 @@ def main() -> int:
 def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, log: Path) -> int:
     ctx = mp.get_context("spawn")  # no fork under gRPC's threads
     out: mp.Queue = ctx.Queue()
-    start = time.monotonic()
-    stop_at = start + args.seconds
+    ready = ctx.Barrier(args.clients + 1)
     per_client = args.requests // args.clients
     procs = [
-        ctx.Process(target=client, args=(k, address, args.seed, stop_at, per_client, out))
+        ctx.Process(
+            target=client, args=(k, address, args.seed, args.seconds, per_client, ready, out)
+        )
         for k in range(args.clients)
     ]
     for c in procs:
         c.start()
+    ready.wait(READY_TIMEOUT)
+    start = time.monotonic()
     samples: list[tuple[float, int]] = []  # (seconds since start, RSS)
     results: list[ClientResult] = []
     while len(results) < len(procs):
@@ -166,6 +177,8 @@ def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, lo
             break
         time.sleep(0.5)
     elapsed = time.monotonic() - start
+    # A last sample at `elapsed`, so every fraction of the run has one at or after it.
+    samples.append((elapsed, _fuzz.rss_bytes(proc.pid)))
     while len(results) < len(procs):
         try:
             results.append(out.get(timeout=5))
@@ -183,7 +196,7 @@ def soak(args: argparse.Namespace, proc: subprocess.Popen[str], address: str, lo
     served = sum(codes.values())
     bad = sum(n for key, n in codes.items() if key.split()[1] in BAD)
     lost = sum(r.lost for r in results)
-    warm = next((rss for t, rss in samples if t >= WARMUP * elapsed), samples[-1][1])
+    warm = next(rss for t, rss in samples if t >= WARMUP * elapsed)
     peak = max(rss for _, rss in samples)
     print(f"soak: {args.clients} clients, {elapsed:.1f} s, {'Ray' if args.ray else 'no Ray'}")
     print(f"requests served: {served} ({served / elapsed:.0f}/s)")

@@ -28,11 +28,16 @@ from graphgrad.engine import (
     Session,
     cluster_from,
     load_for_client,
+    tune_unless_opted_out,
 )
 
 
 class LocalClient(AsyncClient):
-    """Runs graphs in this process: inline, or on Ray with `executor="ray"`."""
+    """Runs graphs in this process: inline, or on Ray with `executor="ray"`.
+
+    It tunes this process's malloc as graphgrad's Ray workers are tuned (large numpy
+    temporaries reuse the heap instead of being page-faulted in anew by every run;
+    engine/allocator.py), unless $GRAPHGRAD_TUNE_MALLOC is 0."""
 
     def __init__(
         self,
@@ -41,6 +46,7 @@ class LocalClient(AsyncClient):
         ray_num_cpus: int | None = None,
         calibration: str | Path | None = None,
     ) -> None:
+        tune_unless_opted_out()
         cal = load_for_client(calibration)
         self.session = Session(
             Dispatcher(ray_address=ray_address, ray_num_cpus=ray_num_cpus, calibration=cal)

@@ -188,29 +188,36 @@ def decode_as(
     field: str = "feeds",
     max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Tensors checked against a prepared run's signature (`specs`, in its order): when each
-    spec has its tensor, of its dtype, shape and byte count, and nothing else was sent, each is
-    a read-only view on the message's bytes, with no other check to repeat. Anything else
-    (a wrong shape or dtype, a missing, extra or oversized tensor) takes decode_tensors, whose
-    errors, or the engine's feed check after it, name what is wrong."""
-    if len(msgs) == len(specs) and _NATIVE_WIRE:
-        out = {}
-        for spec in specs:
-            t = msgs.get(spec.name)
-            if (
-                t is None
-                or t.dtype != _NATIVE_WIRE.get(spec.dtype)
-                or t.shape != list(spec.shape)
-                or (max_bytes is not None and spec.nbytes > max_bytes)
-            ):
-                break
-            data = t.data
-            if len(data) != spec.nbytes:
-                break
-            out[spec.name] = np.ndarray(spec.shape, spec.dtype, data)  # a view: read-only
-        else:
-            return out
-    return decode_tensors(msgs, field, max_bytes)
+    """Tensors checked against a prepared run's signature (`specs`, in its order): read-only
+    views on the message's bytes when they match it exactly (decode_exact), else
+    decode_tensors, whose errors, or the engine's feed check after it, name what is wrong."""
+    out = decode_exact(msgs, specs, max_bytes)
+    return decode_tensors(msgs, field, max_bytes) if out is None else out
+
+
+def decode_exact(
+    msgs: Mapping[str, tensor_pb2.Tensor], specs: Sequence[FeedSpec], max_bytes: int | None = None
+) -> dict[str, np.ndarray] | None:
+    """When each spec has its tensor, of its dtype, shape and byte count, and nothing else was
+    sent: each a read-only view on the message's bytes, with no other check to repeat. None
+    otherwise (a wrong shape or dtype, a missing, extra or oversized tensor)."""
+    if len(msgs) != len(specs) or not _NATIVE_WIRE:
+        return None
+    out = {}
+    for spec in specs:
+        t = msgs.get(spec.name)
+        if (
+            t is None
+            or t.dtype != _NATIVE_WIRE.get(spec.dtype)
+            or t.shape != list(spec.shape)
+            or (max_bytes is not None and spec.nbytes > max_bytes)
+        ):
+            return None
+        data = t.data
+        if len(data) != spec.nbytes:
+            return None
+        out[spec.name] = np.ndarray(spec.shape, spec.dtype, data)  # a view: read-only
+    return out
 
 
 # --- graphs --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 What the SDK, the wire and the server use is exported here; the rest is the engine's own.
 """
 
+from graphgrad.engine.allocator import tune_unless_opted_out
 from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.batching import batch_graph
 from graphgrad.engine.calibration import CalibrationError, load_for_client
@@ -82,6 +83,7 @@ __all__ = [
     "Prediction",
     "cluster_from",
     "load_for_client",
+    "tune_unless_opted_out",
     "rebuild_error",
     "DTYPE_NAMES",
     "FLOAT_DTYPES",

@@ -79,17 +79,27 @@ def _plan_pass(
             raise RequestError(f"{field} names no requested output", field=field)
     # Flags by position, and sweeps in topological order: linear, and cheap enough for the
     # first call of a request on a graph of 100,000 nodes (engine/eager.py).
-    input_pos, n = graph.input_pos, len(graph)
+    input_pos, n, ops = graph.input_pos, len(graph), graph.ops
     need = bytearray(n)
     stack = list(outs)
+    leaves = []  # needed nodes without inputs: graph inputs and constants
     for o in outs:
         need[o] = 1
     while stack:  # only the nodes needed are visited
-        for j in input_pos[stack.pop()]:
+        i = stack.pop()
+        ins = input_pos[i]
+        if not ins:
+            leaves.append(i)
+        for j in ins:
             if not need[j]:
                 need[j] = 1
                 stack.append(j)
-    needed: list[int] = np.flatnonzero(np.frombuffer(need, dtype=np.uint8)).tolist()
+    flags = np.frombuffer(need, dtype=np.uint8)
+    needed: list[int] = np.flatnonzero(flags).tolist()
+    inputs = sorted(i for i in leaves if ops[i] is INPUT)
+    if inputs:
+        flags = flags.copy()
+        flags[inputs] = 0
     rel = bytearray(n)
     backward: list[int] = []  # relevant nodes with a relevant input: their VJPs run
     if wrts:
@@ -114,14 +124,13 @@ def _plan_pass(
                         vjp = True
                 if vjp:
                     backward.append(i)
-    ops = graph.ops
     return PassPlan(
         outputs=outs,
         wrt=wrts,
-        forward=tuple([i for i in needed if ops[i] is not INPUT]),
+        forward=tuple(np.flatnonzero(flags).tolist()),
         backward=tuple(backward),
-        relevant=frozenset([i for i in needed if rel[i]]),
-        needed_inputs=tuple([i for i in needed if ops[i] is INPUT]),
+        relevant=frozenset(np.flatnonzero(np.frombuffer(rel, dtype=np.uint8)).tolist()),
+        needed_inputs=tuple(inputs),
     )
 
 

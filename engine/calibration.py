@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from graphgrad.engine import proc_cpu
+from graphgrad.engine.allocator import tune_for_speed
 from graphgrad.engine.loops import VIEWS, family
 from graphgrad.engine.ops import Op
 from graphgrad.engine.planner import (
@@ -53,6 +55,10 @@ FAMILIES = ("elementwise", "linalg", "reduce")  # measured; other families use t
 # Ops whose arithmetic costs far more than their family's (keyed "op/dtype" in flops_per_s).
 TRANSCENDENTAL = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sin": np.sin, "cos": np.cos}
 DTYPES = ("float64", "float32")
+# Ray returns a task's results up to this size in its reply (max_direct_call_object_size);
+# larger ones go through the object store. The probe's export is well past it.
+INLINE_BYTES = 100 << 10
+STORE_OBJECT_PROBE_BYTES = 256 << 10
 
 log = logging.getLogger("graphgrad.calibration")
 
@@ -85,6 +91,16 @@ class Calibration:
     # A task's work on a busy Ray takes this many times one dedicated CPU's (its CPUs
     # shared with Ray's own processes and whatever else the machine runs).
     task_slowdown: float = 1.0
+    # What Ray's own processes spend per task: the driver (submitting, waiting, getting) and
+    # Ray's daemons (raylet, GCS). On a node whose Ray CPUs are all its cores (`cores`: the
+    # calibrated machine's; 0, unknown: the driver and daemons are taken to have cores of
+    # their own) it comes out of the workers' CPUs, and the simulator charges it per task.
+    driver_task_s: float = 0.0
+    daemon_task_s: float = 0.0
+    cores: float = 0.0
+    # A task's exports too large for its reply (over INLINE_BYTES) go through the object
+    # store as an object: what that costs beyond the bytes (created, sealed, pinned, located).
+    store_object_s: float = 0.0
     ray_measured: bool = False  # False: the Ray figures are the defaults
 
     def flops_rate(self, family: str, dtype: str, op: str = "") -> float:
@@ -157,9 +173,14 @@ class Calibration:
                     raise CalibrationError(f"{where}: flops_per_s must be an object")
                 value = {k: _positive(where, f"flops_per_s[{k!r}]", v) for k, v in value.items()}
             else:
-                value = _positive(where, name, value, allow_zero=name == "task_latency_s")
+                value = _positive(where, name, value, allow_zero=name in MAY_BE_ZERO)
             values[name] = value
         return cls(**values)
+
+
+MAY_BE_ZERO = frozenset(
+    {"task_latency_s", "driver_task_s", "daemon_task_s", "cores", "store_object_s"}
+)
 
 
 def _positive(where: str, name: str, value: object, allow_zero: bool = False) -> float:
@@ -349,7 +370,9 @@ def _print_compute(quick: bool, cpu_clock: bool) -> None:
 
 
 def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
-    """measure_compute's figures, in this process (with whatever BLAS threads it has)."""
+    """measure_compute's figures, in this process (with whatever BLAS threads it has), its
+    malloc tuned as Ray workers and the in-process client run (engine/allocator.py)."""
+    tune_for_speed()
     clock = time.process_time if cpu_clock else time.perf_counter
     med = Timer(3, 0.01, clock) if quick else Timer(9, 0.02, clock)
     overhead = measure_node_overhead(500 if quick else 2000, med)
@@ -433,6 +456,10 @@ class RayFigures:
     task_overhead_s: float
     task_latency_s: float
     task_slowdown: float
+    driver_task_s: float
+    daemon_task_s: float
+    cores: float
+    store_object_s: float
 
 
 def measure_ray(cpus: int | None = None) -> RayFigures:
@@ -480,15 +507,20 @@ def _ray_probes(ray: Any) -> RayFigures:
 
     # Every CPU busy: the wall time of many tasks per task, without work (the overhead)
     # and with known work (how much slower than one dedicated CPU a task's work runs).
-    def per_task(work: float, tasks: int = 16 * workers) -> float:
+    def per_task(work: float, nbytes: int = 8, tasks: int = 16 * workers) -> float:
         samples = []
         for _ in range(3):
             t0 = time.perf_counter()
-            ray.get([probe.remote(work, 8)[1] for _ in range(tasks)])
+            made = [probe.remote(work, nbytes) for _ in range(tasks)]
+            ray.get([meta for _, meta in made])
             samples.append((time.perf_counter() - t0) * workers / tasks)
+            del made
         return statistics.median(samples)
 
     overhead = max(per_task(0.0), 1e-5)
+    # An export too large to travel in the task's reply goes through the object store: what
+    # that costs beyond its bytes (whose cost `store` measures below) is taken from it after.
+    through_store = per_task(0.0, STORE_OBJECT_PROBE_BYTES)
     work = 4e-3
     slowdown = max(1.0, (per_task(work) - overhead) / work)
     t0 = time.perf_counter()
@@ -497,7 +529,7 @@ def _ray_probes(ray: Any) -> RayFigures:
     ray.get(refs)
     small = np.ones(16)
     put = WALL(lambda: ray.put(small))
-    latency = _executor_latency(put, submit, overhead)
+    latency, driver, daemon = _executor_probe(put, submit, overhead)
 
     # A tensor from the task writing it to the task reading it, against a tiny one.
     def handed_over(nbytes: int) -> float:
@@ -505,14 +537,20 @@ def _ray_probes(ray: Any) -> RayFigures:
 
     big = 32 << 20
     store = big / max(handed_over(big) - handed_over(8), 1e-9)
-    return RayFigures(store, put, submit, overhead, latency, slowdown)
+    store_object = max(0.0, through_store - overhead - STORE_OBJECT_PROBE_BYTES / store)
+    cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
+    return RayFigures(
+        store, put, submit, overhead, latency, slowdown, driver, daemon, cores, store_object
+    )
 
 
-def _executor_latency(put_s: float, submit_s: float, overhead_s: float) -> float:
-    """A dependency's latency, from the Ray executor itself running a request of tiny nodes
-    in one partition: the feeds put, its forward and backward tasks submitted, each waiting
-    for what it reads, and the driver's get of the result; what that takes beyond the puts,
-    submits and task overheads, per wait (three: forward, backward, the driver's get)."""
+def _executor_probe(put_s: float, submit_s: float, overhead_s: float) -> tuple[float, ...]:
+    """From the Ray executor itself running a request of tiny nodes in one partition (the
+    feeds put, its forward and backward tasks submitted, each waiting for what it reads,
+    the driver's get of the result): a dependency's latency, what the run takes beyond the
+    puts, submits and task overheads, per wait (three: forward, backward, the driver's
+    get); and the CPU the driver (this process, every thread) and the Ray daemons it
+    started (none when it joined a running Ray: engine/proc_cpu.py) spend per task."""
     from graphgrad.engine.autodiff import RunRequest
     from graphgrad.engine.ir import Graph, Node
     from graphgrad.engine.ray_executor import RayExecutor  # joins the Ray running here
@@ -525,7 +563,15 @@ def _executor_latency(put_s: float, submit_s: float, overhead_s: float) -> float
     _, sched = executor.plan(graph, request)
     tasks = len(sched.tasks) - 1  # the last is the caller's, in the driver
     run = Timer(7, 0.05, time.perf_counter)(lambda: executor.run(graph, request))
-    return max(0.0, (run - put_s - tasks * (submit_s + overhead_s)) / (tasks + 1))
+    latency = max(0.0, (run - put_s - tasks * (submit_s + overhead_s)) / (tasks + 1))
+    daemons = proc_cpu.daemons()
+    runs = max(20, int(0.5 / max(run, 1e-4)))  # long enough for /proc's clock ticks
+    driver, spent = time.process_time(), proc_cpu.cpu_seconds(daemons)
+    for _ in range(runs):
+        executor.run(graph, request)
+    driver, spent = time.process_time() - driver, proc_cpu.cpu_seconds(daemons) - spent
+    driver = max(driver / runs - put_s, 0.0)  # its put is the staging the simulator charges
+    return latency, driver / tasks, max(spent, 0.0) / (runs * tasks)
 
 
 def measure(quick: bool = False, ray_cpus: int | None = None) -> Calibration:

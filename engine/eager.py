@@ -6,6 +6,8 @@ node, against about half a microsecond per node for a compiled call. Like a JIT'
 this module runs the request directly: the forward nodes in topological order, each through
 its op's kernel, then, in reverse topological order, each node's VJP applied to values. The
 local executor uses it until a request has been seen TIER_UP_CALLS times (engine/executor.py).
+The first call lowers the request to a tape as its forward pass runs (`record`: one sweep over
+the nodes); later calls run that tape (`run_tape`).
 
 Its results are bit-identical to the compiled program's, by construction:
 - the region, the order of the nodes and which VJPs run come from `plan_pass`;
@@ -23,10 +25,9 @@ program, whose error names its node (a gradient node's name exists only in the g
 
 from __future__ import annotations
 
-import gc
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import bisect
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -96,12 +97,14 @@ class _Recorder:
         return name
 
 
-VjpFn = Callable[..., tuple[Any, ...]]
+VjpFn = Callable[..., None]
 
 
 class Vjp:
     """One signature's VJP: its recorded steps, the inputs it reads, and a generated function
-    per pattern of known (constant) arguments, which decides which steps fold."""
+    per pattern of known (constant) arguments, which decides which steps fold. The function
+    also hands each gradient to its input's cotangent (straight-line code: no tuple of
+    gradients, no loop over them)."""
 
     __slots__ = ("_outs", "_rec", "costly", "reads", "reads_y", "slots", "variants")
 
@@ -145,28 +148,31 @@ class Vjp:
         self.slots = tuple(k for k, d in enumerate(outs) if d is not None)  # gradients given
         self.reads = tuple(k for k in range(len(ins)) if f"x{k}" in live)  # inputs it reads
         self.reads_y = "y" in live  # whether it reads the node's value
-        self.variants: dict[int, tuple[VjpFn, tuple[bool, ...]]] = {}
+        self.variants: dict[int, VjpFn] = {}
 
-    def variant(self, known: int) -> tuple[VjpFn, tuple[bool, ...]]:
-        """The function (g, the inputs it reads, y if it reads it) -> one gradient per input
-        (None where not wanted), and which gradients are known, given `known`: bit 0 for g,
-        bit k + 1 for input k, the last for y."""
+    def variant(self, known: int) -> VjpFn:
+        """The function (g, the run's values, the node's input positions, its position, the
+        cotangents, its name) that adds a part (name, slot, gradient, whether it is known) to
+        the cotangent of each input it gives a gradient, given `known`: bit 0 for g, bit
+        k + 1 for input k, the last for y. A cotangent is its one part, or a list of them."""
         got = self.variants.get(known)
         if got is None:
             got = self.variants[known] = self._generate(known)
         return got
 
-    def _generate(self, known: int) -> tuple[VjpFn, tuple[bool, ...]]:
+    def _generate(self, known: int) -> VjpFn:
         steps, consts, types = self._rec
         arity = len(self._outs)
         refs = ["g", *[f"x{k}" for k in range(arity)], "y"]
         is_known = {r: bool(known >> b & 1) for b, r in enumerate(refs)}
         is_known.update(dict.fromkeys(consts, True))
-        params = ["g", *[f"x{k}" for k in self.reads], *(["y"] if self.reads_y else [])]
         namespace: dict[str, Any] = {"fold": _fold, **consts}
         last = {a: k for k, (_, _, args) in enumerate(steps) for a in args}
         outputs = set(self._outs)
-        body = []
+        # it reads its inputs (and value) from the run's values, by position
+        body = [f"    x{k} = v[ins[{k}]]\n" for k in self.reads]
+        if self.reads_y:
+            body.append("    y = v[i]\n")
         for k, (name, kernel, args) in enumerate(steps):
             namespace[f"k_{name}"] = kernel
             call = f"k_{name}({', '.join(args)})"
@@ -176,10 +182,21 @@ class Vjp:
             dead = sorted({a for a in args if a.startswith("t") and last[a] == k} - outputs)
             if dead:
                 body.append(f"    del {', '.join(dead)}\n")
-        outs = ", ".join("None" if d is None else d for d in self._outs)
-        source = f"def vjp({', '.join(params)}):\n{''.join(body)}    return ({outs},)\n"
+        for k, d in enumerate(self._outs):
+            if d is not None:
+                body += [
+                    f"    p = (name, {k}, {d}, {is_known[d]})\n",
+                    f"    c = cot.setdefault(ins[{k}], p)\n",
+                    "    if c is not p:\n",
+                    "        if c.__class__ is tuple:\n",
+                    f"            cot[ins[{k}]] = [c, p]\n",
+                    "        else:\n",
+                    "            c.append(p)\n",
+                ]
+        source = f"def vjp(g, v, ins, i, cot, name):\n{''.join(body) or '    pass'}"
         exec(compile(source, "<graphgrad eager vjp>", "exec"), namespace)
-        return namespace["vjp"], tuple(d is not None and is_known[d] for d in self._outs)
+        fn: VjpFn = namespace["vjp"]
+        return fn
 
 
 class Signature:
@@ -231,148 +248,264 @@ def _signature(graph: Graph, i: int) -> Signature:
     return sig
 
 
-# how a forward step makes its value: its kernel on one, two or any number of inputs, folded
-# (a node of constants), or a constant
-CALL1, CALL2, CALL, FOLD, CONST = 0, 1, 2, 3, 4
-# A forward step: [position, how (above), kernel or constant value, inputs, check first,
-# values freed after]. A backward step: [position, its Vjp, the values it reads, how many,
-# inputs, node name, keep the cotangent (a wrt node), which of its arguments are known
-# (bits as `Vjp.variant` reads them, the cotangent's aside), values freed after].
+# How a forward step makes its value: its kernel on one, two or any number of inputs, folded
+# (a node of constants), or a constant; CHECKED added where cancellation is checked first.
+CALL1, CALL2, CALL, FOLD, CONST, CHECKED = 0, 1, 2, 3, 4, 8
+NEVER = 1 << 62  # the step after the last: ends the list of deaths
 
 
 class Tape:
-    """A request lowered for the eager tier, per primal node: its kernel and VJP, where to
-    check cancellation, and which values die after it. Made in one pass over the request's
-    nodes (no gradient graph); kept in the plan cache, with how many times the request ran
-    eagerly."""
+    """A request lowered for the eager tier: flat lists, one entry per step and no object
+    per node (making a tape is most of a first call, and per-node objects would also cost the
+    collector a scan each). Forward steps, in topological order: node, kind (above), kernel
+    or value, input positions. Backward steps, in the order they run: node, its Vjp, input
+    positions, which of its arguments are known (bits as `Vjp.variant` reads them), name. Values
+    die after the step that reads them last: `die_at` (steps counted forward then backward,
+    ascending, NEVER last) beside `dying`. Made in one pass over the request's nodes (no
+    gradient graph), which also runs the forward pass when given the values to run it on
+    (`record`: a request's first call); kept in the plan cache, with how many times the
+    request ran eagerly."""
 
-    __slots__ = ("backward", "calls", "default_seed", "forward", "pass_plan", "seeds")
+    __slots__ = (
+        "b_ins",
+        "b_known",
+        "b_name",
+        "b_node",
+        "b_vjp",
+        "calls",
+        "default_seed",
+        "die_at",
+        "dying",
+        "f_fn",
+        "f_ins",
+        "f_kind",
+        "f_node",
+        "keep",
+        "pass_plan",
+        "seeds",
+    )
+    f_node: list[int]
+    f_kind: list[int]
+    f_fn: list[Any]
+    f_ins: list[tuple[int, ...]]
+    b_node: list[int]
+    b_vjp: list[Vjp]
+    b_ins: list[tuple[int, ...]]
+    b_known: list[int]
+    b_name: list[str]
+    die_at: list[int]
+    dying: list[int]
 
-    def __init__(self, graph: Graph, key: RequestKey) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        key: RequestKey,
+        values: dict[int, Any] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """`values`: the feeds by position, to run the forward pass on as it is lowered (the
+        values it makes are left there, those dead by then freed); `check`: cancellation."""
         self.pass_plan = pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
-        with _gc_paused():
-            self.forward, self.backward = _steps(graph, pp)
         # outputs seeded: with grad_outputs, else the first output with 1 (a constant)
         self.seeds = ([graph.index[s] for s in key.seeded] or [pp.outputs[0]]) if pp.wrt else []
         self.default_seed = not key.seeded
+        self.keep = frozenset(pp.wrt)  # nodes whose cotangent is a gradient asked for
         self.calls = 0
+        _lower(self, graph, pp, values, check or _unchecked)
 
     def approx_bytes(self) -> int:
-        return TAPE_STEP_BYTES * (len(self.forward) + len(self.backward))
+        return TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
 
 
-TAPE_STEP_BYTES = 300  # a step's list, its positions and its entry in the tape
+TAPE_STEP_BYTES = 120  # a step's entries in the tape's lists, its positions and its death
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
 
 
-def tape(graph: Graph, key: RequestKey) -> Tape:
-    """The request's tape, made once (in the plan cache)."""
-    return _TAPES.get_or_make(key, lambda: Tape(graph, key))
+def _unchecked() -> None:
+    """No cancellation to check (a tape made without running)."""
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic collector paused while a tape is made: it allocates a few acyclic objects
-    per node, and on a large heap the collections they set off would cost more than making
-    the tape (a third more at K = 20,000 in bench/bigdag.py)."""
-    global _PAUSED
-    with _PAUSE_LOCK:
-        _PAUSED += 1
-        if _PAUSED == 1:
-            _WAS_ENABLED.append(gc.isenabled())
-            gc.disable()
+def held_tape(key: RequestKey) -> Tape | None:
+    """The request's tape, if the plan cache holds it."""
+    return _TAPES.get(key)
+
+
+def record(
+    graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation
+) -> tuple[Tape, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A request's first call: its tape made while the forward pass runs (one pass over the
+    nodes, not two), then the backward pass; the tape is kept in the plan cache, its call
+    counted. Values by output name and gradients by wrt name; raises EagerOpError where an
+    op fails (no tape is kept then)."""
+    pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
+    v: dict[int, Any] = check_feeds(graph, pp, request.feeds)  # live values by position
+    seeds = seed_cotangents(graph, pp, request.grad_outputs)
     try:
-        yield
-    finally:
-        with _PAUSE_LOCK:
-            _PAUSED -= 1
-            if _PAUSED == 0 and _WAS_ENABLED.pop():
-                gc.enable()
+        with np.errstate(all="ignore"):  # NaN and infinity are values like any other
+            tp = Tape(graph, key, v, cancel.check)
+            first_backward_death = bisect.bisect_left(tp.die_at, len(tp.f_node))
+            grads = (
+                _backward(graph, tp, v, seeds, cancel.check, first_backward_death) if pp.wrt else {}
+            )
+    except GraphError:
+        raise  # cancelled, or a deadline passed: not an op's fault
+    except (ValueError, ArithmeticError) as e:
+        raise EagerOpError(str(e)) from e
+    tp = _TAPES.get_or_make(key, lambda: tp)
+    tp.calls += 1
+    return tp, {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
 
 
-_PAUSE_LOCK = threading.Lock()
-_PAUSED = 0
-_WAS_ENABLED: list[bool] = []
-
-
-def _steps(graph: Graph, pp: PassPlan) -> tuple[list[list[Any]], list[list[Any]]]:
-    """The tape's forward and backward steps, in one pass over the forward nodes (the values
-    each step frees are filled in at the end)."""
+def _lower(
+    tp: Tape,
+    graph: Graph,
+    pp: PassPlan,
+    v: dict[int, Any] | None,
+    check: Callable[[], None],
+) -> None:
+    """Fill the tape's steps, in one pass over the forward nodes, and its deaths; given the
+    values `v`, run each forward step as it is lowered and free what dies there."""
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
-    relevant, runs_vjp, wrt = pp.relevant, set(pp.backward), set(pp.wrt)
+    relevant, runs_vjp = pp.relevant, set(pp.backward)
     known: set[int] = set()  # constants and folded nodes: what codegen's `_simplify` folds
     # Signatures by op and the identity of the input types (alive with the graph, and shared
     # by most nodes alike): no hashing of shapes per node.
     sigs: dict[tuple[Any, ...], Signature] = {}
-    fwd: list[list[Any]] = []
-    bwd: list[list[Any]] = []  # in forward order: run reversed
-    last_fwd = [-1] * len(nodes)  # value -> the forward step that reads it last
-    # value -> the backward step that reads it last: that of its earliest reader (VJPs run in
-    # reverse topological order; a node's own VJP, reading its value, runs after its users')
-    last_bwd = [-1] * len(nodes)
+    forward = pp.forward
+    f_ins = [input_pos[i] for i in forward]
+    f_kind: list[int] = []
+    f_fn: list[Any] = []
+    b_node: list[int] = []  # in forward order: reversed at the end
+    b_vjp: list[Vjp] = []
+    b_ins: list[tuple[int, ...]] = []
+    b_known: list[int] = []
+    b_name: list[str] = []
+    n = len(nodes)
+    last_fwd = _last_forward_reads(forward, f_ins, n)
+    mortal = _mortal(pp)  # values that may die: all but the outputs
+    if v is not None:  # values by their last forward read: those no VJP reads die there
+        fwd_die_at, fwd_dying = _by_step(mortal, last_fwd[mortal])
+        fd, fnxt = 0, fwd_die_at[0]
+    # value -> the backward step (counted in forward order) of its earliest reader: VJPs run
+    # in reverse topological order, so that one reads it last (a node's own VJP, reading its
+    # value, runs after its users')
+    last_bwd = [-1] * n
     since = CHECK_EVERY
-    for k, i in enumerate(pp.forward):
-        op, ins = ops[i], input_pos[i]
-        last_fwd[i] = k  # read by nothing: it dies where it is made
-        for j in ins:
-            last_fwd[j] = k
+    for k, (i, ins) in enumerate(zip(forward, f_ins, strict=True)):
+        op = ops[i]
         if op is CONSTANT:
-            fwd.append([i, CONST, nodes[i].attrs["value"], ins, False, ()])
+            kind, fn = CONST, nodes[i].attrs["value"]
             known.add(i)
-            continue
-        if nodes[i].attrs:
-            sig = _signature(graph, i)
+            sig = None
         else:
+            if nodes[i].attrs:
+                sig = _signature(graph, i)
+            else:
+                if len(ins) == 2:
+                    skey: tuple[Any, ...] = (op.name, id(types[ins[0]]), id(types[ins[1]]))
+                elif len(ins) == 1:
+                    skey = (op.name, id(types[ins[0]]))
+                else:
+                    skey = (op.name, *[id(types[j]) for j in ins])
+                got_sig = sigs.get(skey)
+                sig = (
+                    got_sig if got_sig is not None else sigs.setdefault(skey, _signature(graph, i))
+                )
+            kind, fn = CALL2 if len(ins) == 2 else CALL1 if len(ins) == 1 else CALL, sig.kernel
+            if known and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
+                kind = FOLD
+                known.add(i)
+            if since >= CHECK_EVERY or sig.costly:
+                kind += CHECKED
+                since = 1
+            else:
+                since += 1
+        f_kind.append(kind)
+        f_fn.append(fn)
+        if v is not None:  # run it
+            if kind == CALL1:
+                v[i] = fn(v[ins[0]])
+            elif kind == CALL2:
+                v[i] = fn(v[ins[0]], v[ins[1]])
+            else:
+                v[i] = _odd_step(kind, fn, ins, v, check)
+        if sig is not None and i in runs_vjp:
             if len(ins) == 2:
-                skey: tuple[Any, ...] = (op.name, id(types[ins[0]]), id(types[ins[1]]))
+                wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
             elif len(ins) == 1:
-                skey = (op.name, id(types[ins[0]]))
+                wants = (ins[0] in relevant,)
             else:
-                skey = (op.name, *[id(types[j]) for j in ins])
-            got_sig = sigs.get(skey)
-            sig = got_sig if got_sig is not None else sigs.setdefault(skey, _signature(graph, i))
-        kind = CALL2 if len(ins) == 2 else CALL1 if len(ins) == 1 else CALL
-        if known and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
-            kind = FOLD
-            known.add(i)
-        check = since >= CHECK_EVERY or sig.costly
-        since = 1 if check else since + 1
-        fwd.append([i, kind, sig.kernel, ins, check, ()])
-        if i not in runs_vjp:
-            continue
-        if len(ins) == 2:
-            wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
-        else:
-            wants = tuple([j in relevant for j in ins])
-        vjp = sig.vjps.get(wants)
-        if vjp is None:
-            vjp = sig.vjp(wants)
-        if vjp.reads_y:
-            reads = (*[ins[r] for r in vjp.reads], i)
-        else:
-            reads = tuple([ins[r] for r in vjp.reads])
-        b = len(bwd)
-        for j in reads:
-            if last_bwd[j] < 0:
-                last_bwd[j] = b
-        kmask = 0
-        if known:
-            for bit, j in enumerate((*ins, i), 1):
-                if j in known:
-                    kmask |= 1 << bit
-        bwd.append([i, vjp, reads, len(reads), ins, nodes[i].name, i in wrt, kmask, ()])
-    # Each value dies after its last read: by a VJP (the last to run), else by a forward node.
-    kept = set(pp.outputs)
-    for j in (*pp.needed_inputs, *pp.forward):
-        if j not in kept:
-            late = last_bwd[j]
-            step = fwd[last_fwd[j]] if late < 0 else bwd[late]
-            if step[-1]:
-                step[-1].append(j)
-            else:
-                step[-1] = [j]
-    bwd.reverse()
-    return fwd, bwd
+                wants = tuple([j in relevant for j in ins])
+            vjp = sig.vjps.get(wants)
+            if vjp is None:
+                vjp = sig.vjp(wants)
+            b = len(b_node)
+            for r in vjp.reads:
+                if last_bwd[ins[r]] < 0:
+                    last_bwd[ins[r]] = b
+            if vjp.reads_y and last_bwd[i] < 0:
+                last_bwd[i] = b
+            kmask = 0
+            if known:
+                for bit, j in enumerate((*ins, i), 1):
+                    if j in known:
+                        kmask |= 1 << bit
+            b_node.append(i)
+            b_vjp.append(vjp)
+            b_ins.append(ins)
+            b_known.append(kmask)
+            b_name.append(nodes[i].name)
+        if v is not None:
+            # What no later node reads, nor a VJP, dies here: every reader of it is lowered
+            # by now, so `last_bwd` holds its earliest VJP reader if any.
+            while fnxt == k:
+                j = fwd_dying[fd]
+                if last_bwd[j] < 0:
+                    del v[j]
+                fd += 1
+                fnxt = fwd_die_at[fd]
+    for lst in (b_node, b_vjp, b_ins, b_known, b_name):
+        lst.reverse()
+    tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
+    tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name = b_node, b_vjp, b_ins, b_known, b_name
+    tp.die_at, tp.dying = _deaths(mortal, last_fwd, last_bwd, len(forward), len(b_node))
+
+
+def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n: int) -> np.ndarray:
+    """Value -> the forward step that reads it last (its own where nothing reads it; -1 for
+    what no step reads or makes), by array operations over the steps' inputs."""
+    steps = np.arange(len(forward))
+    counts = np.fromiter(map(len, f_ins), dtype=np.intp, count=len(f_ins))
+    inputs = np.fromiter(
+        itertools.chain.from_iterable(f_ins), dtype=np.intp, count=int(counts.sum())
+    )
+    last = np.full(n, -1, dtype=np.intp)
+    last[np.asarray(forward, dtype=np.intp)] = steps
+    np.maximum.at(last, inputs, np.repeat(steps, counts))
+    return last
+
+
+def _mortal(pp: PassPlan) -> np.ndarray:
+    """The values a run may free: feeds and the values it makes, but not the outputs."""
+    values = np.concatenate(
+        [np.asarray(pp.needed_inputs, dtype=np.intp), np.asarray(pp.forward, dtype=np.intp)]
+    )
+    return values[~np.isin(values, np.asarray(pp.outputs, dtype=np.intp))]
+
+
+def _by_step(values: np.ndarray, step: np.ndarray) -> tuple[list[int], list[int]]:
+    """The steps ascending, NEVER last, and the values in the same order."""
+    order = np.argsort(step, kind="stable")
+    return [*step[order].tolist(), NEVER], values[order].tolist()
+
+
+def _deaths(
+    mortal: np.ndarray, last_fwd: np.ndarray, last_bwd: list[int], nf: int, nb: int
+) -> tuple[list[int], list[int]]:
+    """Each value's death: after its last read, by a VJP (the last to run) or else by a
+    forward node; steps counted forward (0..nf-1), then backward in the order they run."""
+    late = np.asarray(last_bwd, dtype=np.intp)[mortal]
+    return _by_step(mortal, np.where(late < 0, last_fwd[mortal], nf + nb - 1 - late))
 
 
 def run_tape(
@@ -384,29 +517,49 @@ def run_tape(
     v: dict[int, Any] = check_feeds(graph, pp, request.feeds)  # live values by position
     seeds = seed_cotangents(graph, pp, request.grad_outputs)
     check = cancel.check
+    die_at, dying = tp.die_at, tp.dying
+    d = 0  # the next death
+    nxt = die_at[0]
     try:
         with np.errstate(all="ignore"):  # NaN and infinity are values like any other
-            for i, kind, fn, ins, chk, dead in tp.forward:
-                if chk:
-                    check()
+            for k, i, kind, fn, ins in zip(
+                itertools.count(), tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins
+            ):
                 if kind == CALL2:
                     v[i] = fn(v[ins[0]], v[ins[1]])
                 elif kind == CALL1:
                     v[i] = fn(v[ins[0]])
-                elif kind == CALL:
-                    v[i] = fn(*[v[j] for j in ins])
-                elif kind == FOLD:
-                    v[i] = _fold(fn(*[v[j] for j in ins]))
                 else:
-                    v[i] = fn
-                for d in dead:
-                    del v[d]
-            grads = _backward(graph, tp, v, seeds, check) if pp.wrt else {}
+                    v[i] = _odd_step(kind, fn, ins, v, check)
+                while nxt == k:
+                    del v[dying[d]]
+                    d += 1
+                    nxt = die_at[d]
+            grads = _backward(graph, tp, v, seeds, check, d) if pp.wrt else {}
     except GraphError:
         raise  # cancelled, or a deadline passed: not an op's fault
     except (ValueError, ArithmeticError) as e:
         raise EagerOpError(str(e)) from e
     return {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
+
+
+def _odd_step(
+    kind: int, fn: Any, ins: tuple[int, ...], v: dict[int, Any], check: Callable[[], None]
+) -> Any:
+    """A forward step that checks cancellation first, has more than two inputs, folds or is
+    a constant."""
+    if kind >= CHECKED:
+        check()
+        kind -= CHECKED
+    if kind == CALL2:
+        return fn(v[ins[0]], v[ins[1]])
+    if kind == CALL1:
+        return fn(v[ins[0]])
+    if kind == CALL:
+        return fn(*[v[j] for j in ins])
+    if kind == FOLD:
+        return _fold(fn(*[v[j] for j in ins]))
+    return fn  # a constant
 
 
 def _backward(
@@ -415,59 +568,60 @@ def _backward(
     v: dict[int, Any],
     seeds: dict[int, np.ndarray],
     check: Callable[[], None],
+    d: int,
 ) -> dict[str, np.ndarray]:
-    """Each VJP applied in reverse topological order; gradients by wrt name."""
-    pp, types = tp.pass_plan, graph.types
-    # node -> its cotangent's parts: (consumer name, slot, value, known), summed in that order
-    cot: dict[int, list[tuple[str, int, Any, bool]]] = {}
+    """Each VJP applied in reverse topological order; gradients by wrt name. `d`: the next
+    death (the forward steps' are done)."""
+    pp, types, nodes = tp.pass_plan, graph.types, graph.nodes
+    # node -> its cotangent's contribution (consumer name, "" for a seed; slot; value;
+    # whether it is known, a constant), or while several come, a list of them, summed in that
+    # order by `_total`
+    cot: dict[int, Any] = {}
     for o in tp.seeds:
         seed = seeds[o]
         if tp.default_seed:  # the first output, a scalar, seeded with 1: a constant node there
             seed = check_attr(CONSTANT, "value", np.asarray(1, dtype=types[o].dtype), node=None)
-        cot[o] = [("", 0, seed, tp.default_seed)]
+        cot[o] = ("", 0, seed, tp.default_seed)
     totals: dict[int, Any] = {}
+    keep, die_at, dying = tp.keep, tp.die_at, tp.dying
+    nxt = die_at[d]
     since = CHECK_EVERY
-    for i, vjp, reads, nreads, ins, name, keep, kmask, dead in tp.backward:
-        p = cot.pop(i, None)
+    for k, i, vjp, ins, kmask, name in zip(
+        itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
+    ):
+        p: Any = cot.pop(i, None)
         if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
-            if len(p) == 1:
-                _, _, g, gk = p[0]
+            if p.__class__ is tuple:
+                _, _, g, gk = p
             else:
                 g, gk = _total(p, types[i])
-            if keep:
+            if i in keep:
                 totals[i] = g
             if since >= CHECK_EVERY or vjp.costly:
                 check()
                 since = 0
             since += 1
-            got = vjp.variants.get(kmask | gk)
-            fn, kout = got if got is not None else vjp.variant(kmask | gk)
-            if nreads == 1:
-                out = fn(g, v[reads[0]])
-            elif nreads == 0:
-                out = fn(g)
-            elif nreads == 2:
-                out = fn(g, v[reads[0]], v[reads[1]])
-            else:
-                out = fn(g, *[v[j] for j in reads])
-            for slot in vjp.slots:
-                pj = cot.get(ins[slot])
-                if pj is None:
-                    cot[ins[slot]] = [(name, slot, out[slot], kout[slot])]
-                else:
-                    pj.append((name, slot, out[slot], kout[slot]))
-            out = g = None  # nothing held past its last use
-        for d in dead:
-            del v[d]
+            fn = vjp.variants.get(kmask | gk)
+            if fn is None:
+                fn = vjp.variant(kmask | gk)
+            fn(g, v, ins, i, cot, name)
+            g = p = None  # nothing held past its last use
+        while nxt == k:
+            del v[dying[d]]
+            d += 1
+            nxt = die_at[d]
     grads: dict[str, np.ndarray] = {}
     for w in pp.wrt:
-        name = graph.nodes[w].name
+        name = nodes[w].name
         if name in grads:
             continue
+        p = cot.get(w)
         if w in totals:
             g = totals[w]
-        elif w in cot:
-            g = _total(cot[w], types[w])[0]
+        elif p.__class__ is list:
+            g = _total(p, types[w])[0]
+        elif p is not None:
+            g = p[2]
         else:  # no path from w to a differentiated output: zeros of its type
             g = np.zeros(types[w].shape, dtype=types[w].dtype)
         grads[name] = owned(g)
@@ -485,9 +639,8 @@ def _total(parts: list[tuple[str, int, Any, bool]], t: TensorType) -> tuple[Any,
         if len(_ADDS) >= MAX_SIGNATURES:
             _ADDS.clear()
         add = _ADDS[t.shape, t.dtype] = ADD.lower({}, (t, t))
-    small = t.size <= FOLD_ELEMENTS
     for _, _, d, k in parts[1:]:
-        if known and k and small:
+        if known and k and t.size <= FOLD_ELEMENTS:
             acc = _fold(add(acc, d))
         else:
             acc, known = add(acc, d), False

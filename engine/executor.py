@@ -21,7 +21,7 @@ from graphgrad.engine.driver import (
     run_schedule,
     schedule,
 )
-from graphgrad.engine.eager import EagerOpError, run_tape, tape
+from graphgrad.engine.eager import EagerOpError, held_tape, record, run_tape
 from graphgrad.engine.errors import RequestError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
@@ -164,13 +164,16 @@ class LocalExecutor:
         compiles it at once, and later calls run that."""
         ip = _INLINE.get(key)
         if ip is None:
-            tp = tape(graph, key)
-            tp.calls += 1
-            if tp.calls < TIER_UP_CALLS:
-                try:
+            tp = held_tape(key)
+            try:
+                if tp is None:  # the first call: its tape is made as its forward pass runs
+                    tp, values, grads = record(graph, key, request, cancel)
+                    return values, grads
+                tp.calls += 1
+                if tp.calls < TIER_UP_CALLS:
                     return run_tape(graph, tp, request, cancel)
-                except EagerOpError:
-                    pass  # the program runs it: its error names the node (gradient ones too)
+            except EagerOpError:
+                pass  # the program runs it: its error names the node (gradient ones too)
 
             def make() -> InlineProgram:
                 sched = self.plan(graph, request, cancel)[1]
@@ -178,6 +181,6 @@ class LocalExecutor:
                 return inline_program(graph, sched, pp)
 
             ip = _INLINE.get_or_make(key, make)
-            if tp.calls >= TIER_UP_CALLS:
+            if tp is not None and tp.calls >= TIER_UP_CALLS:
                 ip.program.compiled()
         return run_inline(graph, ip, request, cancel)

@@ -65,7 +65,7 @@ class PreparedRun:
         self.feeds = tuple(feed_spec(graph, i) for i in pp.needed_inputs)
         self.seeds = tuple(feed_spec(graph, graph.index[name]) for name in key.seeded)
         self._peak: int | None = None
-        self.last_seconds: float | None = None  # the wall time of its latest run
+        self.last_seconds: float | None = None  # how long its latest run took (ran())
         # Where "auto" runs it while Ray is up, and for which (CPUs, calibration): the cost
         # model's answer is the same until one of those changes (Session.run_prepared).
         self.auto: tuple[tuple[int, str], str] | None = None

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
 from graphgrad.engine import _ray_reaper
-from graphgrad.engine.allocator import set_malloc_thresholds
+from graphgrad.engine.allocator import tune_for_speed
 from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.driver import FORWARD, Schedule, TaskSpec, run_schedule, run_task
 from graphgrad.engine.errors import CancelledError, GraphError
@@ -46,15 +46,15 @@ def tune_allocator() -> None:
     """Once per worker process: keep numpy's large temporaries on the heap.
 
     In Ray workers glibc hands every large array a fresh mmap (and page faults it in), which
-    made the same numpy code twice as slow as in the driver; raising the mmap and trim
-    thresholds restores driver speed. Workers only: the server returns memory instead
-    (server/cli.py).
+    made the same numpy code twice as slow; raising the mmap and trim thresholds
+    (engine/allocator.py) restores the speed. The in-process client tunes its process the
+    same way unless opted out; the server returns memory instead (server/cli.py).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return
     _ALLOCATOR_TUNED = True
-    set_malloc_thresholds(32 << 20, 128 << 20)  # glibc's maximum mmap threshold
+    tune_for_speed()
 
 
 def _where() -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest
-from graphgrad.engine.calibration import CACHE_BYTES, Calibration, in_force
+from graphgrad.engine.calibration import CACHE_BYTES, INLINE_BYTES, Calibration, in_force
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.driver import CALLER, Schedule
 from graphgrad.engine.errors import RequestError
@@ -183,6 +183,7 @@ def simulate(
     (what Ray did), instead of the simulator's choice."""
     n = len(tasks)
     store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
+    shared = shares_cpus(cal, cluster)
     staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
     submitted = [staged_at + (k + 1) * cal.submit_s for k in range(n)]
     # Per node: a heap of (free at, cpu) over the CPUs used so far, and how many are unused
@@ -205,6 +206,7 @@ def simulate(
     while ready:
         _, k = heapq.heappop(ready)  # earliest ready first, then submission order
         t = tasks[k]
+        on_cpu = not t.on_caller or shared  # the driver's work takes a CPU when shared
         if t.on_caller:
             nodes: Sequence[int] = [0]
         elif placement is not None:
@@ -225,7 +227,7 @@ def simulate(
                     local += nbytes
                 if at >= arrive:
                     arrive, waited = at, d
-            if t.on_caller:
+            if not on_cpu:
                 cpu, at = -1, arrive
             else:
                 if unused[node]:
@@ -240,9 +242,12 @@ def simulate(
         assert best is not None
         at, _, node, cpu = best
         cost = task_cost(t, cal)
+        fresh = cpu == cluster.cpus_per_node - unused[node]
+        if shared and not t.on_caller and not _another_idle(busy[node], unused[node], fresh, at):
+            cost += cal.driver_task_s + cal.daemon_task_s
         start[k], end[k], where[k] = at, at + cost, (node, cpu)
         if cpu >= 0:
-            if cpu == cluster.cpus_per_node - unused[node]:
+            if fresh:
                 unused[node] -= 1
                 heapq.heappush(busy[node], (end[k], cpu))
             else:
@@ -261,9 +266,10 @@ def simulate(
     path, critical = _critical_path(tasks, cal, submitted)
     workers = [t for t in tasks if not t.on_caller]
     cpus = cluster.cpus
+    ray_own = len(workers) * (cal.driver_task_s + cal.daemon_task_s) if shared else 0.0
     figures = (
         critical,
-        sum(t.seconds for t in workers) * cal.task_slowdown / cpus,
+        (sum(t.seconds for t in workers) * cal.task_slowdown + ray_own) / cpus,
         len(workers) * cal.task_overhead_s / cpus,
         staged_at + sum(t.out_bytes for t in workers) / store / cpus,
         across / net / max(1, cluster.nodes - 1),
@@ -285,12 +291,35 @@ def simulate(
     )
 
 
+def shares_cpus(cal: Calibration, cluster: Cluster) -> bool:
+    """Whether the driver and Ray's daemons share the workers' CPUs: a node whose Ray CPUs
+    are as many as the calibrated machine's cores (none known: they have cores of their
+    own, as the default calibration has them). Then the driver's own task takes a CPU,
+    and a task starting while every other CPU of its node is busy also pays the driver's
+    and the daemons' CPU for it (with a CPU idle, they run there: a chain of tasks only
+    waits for them, which the calibrated latency counts)."""
+    return 0 < cal.cores <= cluster.cpus_per_node
+
+
+def _another_idle(busy: list[tuple[float, int]], unused: int, fresh: bool, at: float) -> bool:
+    """Whether a CPU of the node is idle at `at` besides the one a task takes there: a `fresh`
+    one (never used: `unused` counts those) or the earliest free of `busy` (a heap of (free
+    at, cpu)), whose next earliest is then one of its two children."""
+    if fresh:
+        return unused > 1 or (bool(busy) and busy[0][0] <= at)
+    return unused > 0 or any(free <= at for free, _ in busy[1:3])
+
+
 def task_cost(t: SimTask, cal: Calibration) -> float:
     """Seconds a task holds its CPU: in the driver, its work; on a worker, the task overhead,
-    its work at the busy cluster's pace, and writing its exports into the object store."""
+    its work at the busy cluster's pace, and writing its exports into the object store (an
+    object there when too large for the task's reply)."""
     if t.on_caller:
         return t.seconds
-    return cal.task_overhead_s + t.seconds * cal.task_slowdown + t.out_bytes / cal.store_bytes_per_s
+    store = t.out_bytes / cal.store_bytes_per_s
+    if t.out_bytes > INLINE_BYTES:
+        store += cal.store_object_s
+    return cal.task_overhead_s + t.seconds * cal.task_slowdown + store
 
 
 def _critical_path(

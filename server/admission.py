@@ -87,6 +87,10 @@ class SlotNow:
         self._admission, self._taken = admission, False
 
     def __enter__(self) -> bool:
+        return self.take()
+
+    def take(self) -> bool:
+        """Whether a slot was free, and is now taken."""
         a = self._admission
         with a._cond:
             self._taken = a.active < a.slots
@@ -95,7 +99,12 @@ class SlotNow:
         return self._taken
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give the slot back, if taken and not given back already."""
         if self._taken:
+            self._taken = False
             a = self._admission
             with a._cond:
                 a.active -= 1

@@ -23,7 +23,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from graphgrad.engine import JobStatus, LimitError, RequestError
 from graphgrad.server import logs, metrics
-from graphgrad.server.admission import Admission
+from graphgrad.server.admission import Admission, SlotNow
 from graphgrad.server.auth import TokenAuth
 from graphgrad.server.batcher import Batcher, BatchingConfig
 from graphgrad.server.errors import to_status
@@ -149,7 +149,7 @@ class Batched:
 
     member: Callable[[Any, CallContext, Callable[[Callable[[], Any]], Any]], Any]
     batcher: Batcher[Any, Any, Any]
-    slot_now: Callable[[], AbstractContextManager[bool]]
+    slot_now: Callable[[], SlotNow]
 
 
 def _held(call: Any) -> AbstractContextManager[None]:
@@ -177,13 +177,22 @@ def _handler(
     A unary request that may join a dynamic batch (`batched`) waits for it on the loop."""
     is_async = inspect.isasyncgenfunction(impl)
 
-    def answer(
-        raw: bytes, call: CallContext, started: float, request: Any, respond: Callable[[], Any]
+    def answered(
+        raw: bytes,
+        call: CallContext,
+        started: float,
+        request: Any,
+        respond: Callable[[Any], Any],
+        hold: Callable[[Any], AbstractContextManager[None]] = _held,
     ) -> bytes | grpc.Status:
-        """`respond()`'s response serialized, or its error as a status; recorded either way."""
+        """`respond(request)`'s response serialized, or its error as a status; recorded either
+        way. Under `hold(call)` (a run may wait there for a slot, in its thread), `request` None
+        is parsed first."""
         try:
-            response = respond()
-            out: bytes = response.SerializeToString()
+            with hold(call):
+                request = _parse(raw, request_type) if request is None else request
+                response = respond(request)
+                out: bytes = response.SerializeToString()
         except Exception as e:
             status = to_status(e, call)
             _record(method, status, started, (len(raw), 0), (request, None), e)
@@ -198,21 +207,23 @@ def _handler(
         assert batched is not None
         if len(raw) > QUICK_REQUEST_BYTES:  # parsing it alone would hold the loop too long
             return None
-        slot = ExitStack()
+        slot = batched.slot_now()
+        joined = None
         try:
             request = request_type.FromString(raw)
-            joined = None
-            if slot.enter_context(batched.slot_now()):
+            if slot.take():
                 joined = batched.member(
-                    request, call, lambda respond: answer(raw, call, started, request, respond)
+                    request,
+                    call,
+                    lambda respond: answered(raw, call, started, request, lambda _: respond()),
                 )
         except Exception:  # malformed or failing a check: the ordinary way reports it
             joined = None
         if joined is None:
-            slot.close()
+            slot.release()
             return None
         key, member = joined
-        member.release = slot.close
+        member.release = slot.release
         try:
             out: bytes | grpc.Status = await batched.batcher.run(key, member, pool)
         except asyncio.CancelledError:
@@ -224,18 +235,7 @@ def _handler(
     def work(
         raw: bytes, call: CallContext, started: float, parsed: Any = None, hold: Any = guard
     ) -> bytes | grpc.Status:
-        request = parsed
-        try:
-            with hold(call):  # a run may wait here for a slot, in its thread
-                request = _parse(raw, request_type) if request is None else request
-                response = impl(request, call)
-                out: bytes = response.SerializeToString()
-        except Exception as e:
-            status = to_status(e, call)
-            _record(method, status, started, (len(raw), 0), (request, None), e)
-            return status
-        _record(method, None, started, (len(raw), len(out)), (request, response))
-        return out
+        return answered(raw, call, started, parsed, lambda request: impl(request, call), hold)
 
     def on_loop(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
         """The answer, worked out here on the loop when the request is quick and a run slot

@@ -9,7 +9,10 @@ thread condition. A batch whose latest run (at the same size, answers included) 
 `quick_seconds` of CPU runs on the loop itself: for a small network the hop there and back
 costs more than the stacked run. A batch runs stacked only where stacking was measured to
 cost less CPU per request than running alone at its size, or is not measured yet (Costs);
-else its members run one after another, still in one hop.
+else its members run one after another, still in one hop. A request whose key was measured to
+cost less alone than stacked at every size tried runs at once, without waiting the window (it
+would run alone anyway), unless a batch of its key is open; every _RETRY-th opens one, so the
+sizes that gather are measured again as costs drift.
 Only members holding one of the server's run slots ever wait here, and each keeps its slot
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
 max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
@@ -89,13 +92,18 @@ class Batcher(Generic[K, Q, R]):
 
     async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
         """The member's answer, once its batch (closed by the window or by max_batch) has run
-        in `pool`. Cancelled while its batch is open, the member leaves it."""
+        in `pool` (or on the loop); at once, alone, where waiting does not pay (Costs.waits).
+        Cancelled while its batch is open, the member leaves it."""
         loop = asyncio.get_running_loop()
+        batch = self._open.get(key)
+        if batch is None and not self._costs.waits(key):  # it would run alone anyway: at once
+            member.future = loop.create_future()
+            self._start(key, [member], pool)
+            return await member.future
         wait = self._window
         if member.deadline is not None:
             wait = min(wait, (member.deadline - time.monotonic()) / 2)
         leave_at = loop.time() + max(0.0, wait)
-        batch = self._open.get(key)
         if batch is None:
             batch = self._open[key] = _Batch(leave_at)
         if batch.timer is None or leave_at < batch.leave_at:  # the first, or one in a hurry
@@ -134,9 +142,12 @@ class Batcher(Generic[K, Q, R]):
         del self._open[key]
         if batch.timer is not None:
             batch.timer.cancel()
-        members = batch.members
-        if not members:
-            return
+        if batch.members:
+            self._start(key, batch.members, pool)
+
+    def _start(self, key: K, members: list[Member[Q, R]], pool: futures.Executor) -> None:
+        """Run a closed batch: on the loop when its latest run at its size was quick, else
+        in one hop to the pool; every member's future is set from there."""
         if self._costs.batch.get((key, len(members)), self._quick_seconds) < self._quick_seconds:
             self._settle(members, self._answers(key, members), None)
             return
@@ -183,7 +194,7 @@ class Batcher(Generic[K, Q, R]):
                 outcomes = list(self._run_batch(key, [m.item for m in members]))
                 if len(outcomes) != n:
                     raise RuntimeError(f"{len(outcomes)} outcomes for {n} members")
-                _note(self._costs.stacked, (key, n), (time.thread_time() - started) / n)
+                self._costs.note_stacked(key, n, (time.thread_time() - started) / n)
                 return outcomes
             except Exception as e:  # each member runs alone, so errors stay per request
                 log.warning("a stacked run of %d requests failed, each runs alone: %s", n, e)
@@ -216,6 +227,29 @@ class Costs(Generic[K]):
     stacked: dict[tuple[K, int], float] = field(default_factory=dict)
     alone: dict[K, float] = field(default_factory=dict)
     counts: dict[tuple[K, int], int] = field(default_factory=dict)  # batches since a retry
+    best: dict[K, dict[int, float]] = field(default_factory=dict)  # stacked, by key and size
+    skips: dict[K, int] = field(default_factory=dict)  # requests run at once since one waited
+
+    def note_stacked(self, key: K, n: int, seconds: float) -> None:
+        """A stacked run's CPU seconds per request, at size n."""
+        _note(self.stacked, (key, n), seconds)
+        if len(self.best) >= _MOST_TIMINGS:
+            self.best.clear()
+        # a new dict, not an update: waits() reads it on the loop while a pool thread notes
+        self.best[key] = {**self.best.get(key, {}), n: self.stacked[key, n]}
+
+    def waits(self, key: K) -> bool:
+        """Whether a request of `key` should wait for others to stack with: not where running
+        alone was measured to cost less than a stack at every size tried (then it would run
+        alone anyway, after waiting the window for nothing); every _RETRY-th still waits, as
+        costs drift."""
+        alone, sizes = self.alone.get(key), self.best.get(key)
+        if alone is None or not sizes or min(sizes.values()) < alone:
+            return True
+        if len(self.skips) >= _MOST_TIMINGS:
+            self.skips.clear()
+        count = self.skips[key] = (self.skips.get(key, 0) + 1) % _RETRY
+        return count == 0
 
     def stack(self, key: K, n: int) -> bool:
         """Whether n members of `key` should run stacked: what is not measured yet is tried

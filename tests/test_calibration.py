@@ -8,6 +8,9 @@ import json
 import logging
 import math
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +18,7 @@ import pytest
 
 import graphgrad as gg
 from graphgrad._request import build_request
-from graphgrad.engine import calibration
+from graphgrad.engine import calibration, proc_cpu
 from graphgrad.engine.calibration import DEFAULT, Calibration, CalibrationError
 from graphgrad.engine.planner import FLOPS_PER_S, NODE_OVERHEAD_S, TASK_OVERHEAD_S
 from graphgrad.engine.simulator import Cluster, choose_partitions, predict
@@ -33,6 +36,10 @@ MEASURED = Calibration(
     store_bytes_per_s=2e9,
     task_overhead_s=8e-4,
     task_latency_s=0.0,
+    driver_task_s=2.5e-3,
+    daemon_task_s=0.0,
+    cores=2.0,
+    store_object_s=1.5e-3,
     ray_measured=True,
 )
 
@@ -42,6 +49,9 @@ def test_defaults_are_the_planners_constants() -> None:
     assert DEFAULT.task_overhead_s == TASK_OVERHEAD_S
     assert DEFAULT.flops_rate("linalg", "float64") == FLOPS_PER_S
     assert not DEFAULT.ray_measured
+    # Ray's own processes are charged nothing unless measured, on a machine of known cores.
+    assert DEFAULT.driver_task_s == DEFAULT.daemon_task_s == DEFAULT.cores == 0.0
+    assert DEFAULT.store_object_s == 0.0  # an export's object: its bytes' cost alone
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -65,6 +75,8 @@ def test_round_trip(tmp_path: Path) -> None:
         ('{"version": 1, "flops_per_s": {"linalg/float64": 0}}', "flops_per_s['linalg/float64']"),
         ('{"version": 1, "speed": 1}', "unknown field(s) ['speed']"),
         ('{"version": 1, "ray_measured": 1}', "ray_measured must be true or false"),
+        ('{"version": 1, "driver_task_s": -1e-3}', "driver_task_s must be a finite number >= 0"),
+        ('{"version": 1, "cores": "two"}', "cores must be a finite number >= 0"),
     ],
 )
 def test_unusable_file_is_named(tmp_path: Path, text: str, says: str) -> None:
@@ -169,3 +181,21 @@ def test_a_given_calibration_must_be_usable(tmp_path: Path) -> None:
         gg.connect(calibration=missing)
     with pytest.raises(ValueError, match="calibration is for the in-process client"):
         gg.connect("localhost:1", calibration=missing)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_the_cpu_of_processes_this_one_started_is_read_from_proc() -> None:
+    """What the calibration charges Ray's daemons: a child's CPU time, found as a
+    descendant of this process that is not a Ray worker."""
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin + "time.sleep(60)"])
+    try:
+        assert child.pid in proc_cpu.daemons()
+        deadline = time.monotonic() + 30
+        while proc_cpu.cpu_seconds([child.pid]) < 0.29 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0.29 <= proc_cpu.cpu_seconds([child.pid]) < 1.0
+    finally:
+        child.kill()
+        child.wait()
+    assert proc_cpu.cpu_seconds([child.pid]) == 0.0  # gone: counts nothing

@@ -400,6 +400,38 @@ def test_a_batch_learns_its_costs_and_runs_each_member_alone_when_stacking_costs
     assert run_all(batcher, rec, items) == [("m0", 2), ("m1", 2)]
 
 
+def test_a_request_waits_for_others_only_where_stacking_was_measured_to_pay_somewhere():
+    costs: Costs = Costs()
+    assert costs.waits("k")  # nothing measured: wait, to try stacking
+    costs.alone["k"] = 1.0
+    costs.note_stacked("k", 2, 2.0)
+    costs.note_stacked("k", 4, 1.5)  # alone costs less than a stack at every size tried
+    choices = [costs.waits("k") for _ in range(32)]
+    assert choices.count(True) == 2 and not choices[0]  # still waits now and then
+    costs.note_stacked("k", 8, 0.5)  # a size where stacking pays
+    assert all(costs.waits("k") for _ in range(32))
+    assert costs.waits("other")
+
+
+def test_a_request_that_would_run_alone_anyway_runs_at_once_without_waiting_the_window():
+    rec = Recorder()
+    costs: Costs = Costs()
+    costs.alone["k"], costs.batch["k", 1] = 1.0, 0.0  # quick: on the loop
+    costs.note_stacked("k", 2, 2.0)
+    batcher = Batcher(BatchingConfig(FOREVER, 4), rec, costs=costs, quick_seconds=1.0)
+
+    async def lone():  # with the window waited for, this would time out
+        with ThreadPoolExecutor(1) as pool:
+            return await asyncio.wait_for(batcher.run("k", rec.member("m"), pool), 60)
+
+    assert asyncio.run(lone()) == ("m", "alone")
+    assert rec.batches == [] and rec.slots == 0 and batcher.waiting() == 0
+    costs.skips["k"] = -1  # the next one waits, to measure again: the others join its batch
+    assert run_all(batcher, rec, [("k", f"m{i}") for i in range(4)]) == [
+        (f"m{i}", 4) for i in range(4)
+    ]
+
+
 def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():
     servicer = GraphServicer(Runtime.create(), batching=BatchingConfig(FOREVER, 4))
     graph = servicer.runtime.register(mlp().nodes)

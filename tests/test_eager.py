@@ -14,7 +14,7 @@ import graphgrad as gg
 from graphgrad.engine import CancelledError, Graph, LocalExecutor, Node, RunRequest
 from graphgrad.engine.codegen import CHECK_EVERY, TIER_UP_CALLS
 from graphgrad.engine.driver import run_inline
-from graphgrad.engine.eager import Tape, run_tape
+from graphgrad.engine.eager import Tape, record, run_tape
 from graphgrad.engine.executor import _INLINE, Cancellation, request_key
 
 from .gradcheck import numerical_vjp
@@ -35,9 +35,17 @@ def compiled(graph: Graph, request: RunRequest):
     return run_inline(graph, ip, request, Cancellation())
 
 
+def recorded(graph: Graph, request: RunRequest):
+    """The request's first call: its tape made as the forward pass runs."""
+    _, values, grads = record(graph, request_key(graph, request), request, Cancellation())
+    return values, grads
+
+
 def same_bits(graph: Graph, request: RunRequest) -> None:
     (values, grads), (values2, grads2) = eager(graph, request), compiled(graph, request)
     assert bits(values) == bits(values2) and bits(grads) == bits(grads2)
+    values3, grads3 = recorded(graph, request)
+    assert bits(values3) == bits(values2) and bits(grads3) == bits(grads2)
 
 
 @settings(max_examples=60)
@@ -76,15 +84,28 @@ def test_matmuls_reductions_and_losses_give_the_compiled_programs_bits():
     same_bits(graph, seeded)
 
 
-def test_cancellation_stops_the_eager_tier_between_nodes():
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("gradients", [True, False])
+def test_cancellation_stops_the_eager_tier_between_nodes(first, gradients):
+    """On a tape (later calls) and while the tape is made (the first call); in the forward
+    pass alone too (no gradients asked for)."""
     graph, request = chain(400)  # some 400 forward and 400 backward nodes
+    if not gradients:
+        request = RunRequest(request.outputs, request.feeds)
+
+    def run(cancel):
+        if first:
+            graph2 = Graph(list(graph.nodes))  # a fresh instance: no tape held for it
+            return record(graph2, request_key(graph2, request), request, cancel)
+        return eager(graph, request, cancel)
+
     cancel = CountingCancellation(at=3)
     with pytest.raises(CancelledError):
-        eager(graph, request, cancel)
+        run(cancel)
     assert cancel.checks == 3  # every CHECK_EVERY nodes: stopped some 2 * CHECK_EVERY in
     cancel = CountingCancellation(at=10**9)
-    eager(graph, request, cancel)
-    assert cancel.checks >= 800 // CHECK_EVERY
+    run(cancel)
+    assert cancel.checks >= (800 if gradients else 400) // CHECK_EVERY
 
 
 @pytest.mark.slow
@@ -104,6 +125,26 @@ def test_the_eager_tier_runs_a_200000_deep_chain_in_bounded_memory():
         tracemalloc.stop()
     np.testing.assert_array_equal(grads["x"], np.ones(n))  # (-1)**200000
     assert peak < 40 * n * 8  # a few live values, never the chain's 200,000 (1.6 GB)
+
+
+def test_the_first_call_frees_values_as_its_tape_is_made():
+    """`record` lowers and runs the forward pass in one sweep: a value dies at its last read
+    there too, not at the end of the sweep (the tape's own lists aside, a few KiB here)."""
+    n, depth = 20_000, 2_000
+    nodes = [Node("x", "input", shape=(n,), dtype="float64")]
+    nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(depth)]
+    nodes.append(Node("L", "sum", (f"n{depth - 1}",)))
+    graph = Graph(nodes)
+    request = RunRequest(("L",), {"x": np.linspace(0, 1, n)}, ("x",))
+    tracemalloc.start()
+    try:
+        values, grads = recorded(graph, request)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(grads["x"], np.ones(n))  # (-1)**2000
+    assert values["L"] == np.sum(np.linspace(0, 1, n))  # negated an even number of times
+    assert peak < 40 * n * 8  # a few live values, never the chain's 2,000 (320 MB)
 
 
 def test_a_request_runs_eagerly_until_its_tier_up_call_then_compiled():

@@ -4,6 +4,8 @@ request's bytes are never written by the program."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -198,6 +200,26 @@ def test_only_runs_known_to_be_quick_are_answered_on_the_event_loop(monkeypatch)
     assert not servicer.run_is_quick(msg)
     msg.fingerprint = "0" * 64  # not registered
     assert not servicer.run_is_quick(msg)
+
+
+def test_a_run_is_judged_quick_by_its_cpu_time_not_by_its_waits(monkeypatch):
+    """In the pool a run waits for the GIL behind the event loop; counted as its time, those
+    waits would keep a quick run off the loop for good (each run there waits again)."""
+    servicer = GraphServicer(Runtime.create())
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        small = gg.sum(x * x)
+    msg = registered(servicer, small, {"x": np.ones(3)})
+    run_prepared = servicer.runtime.session.run_prepared
+
+    def waiting(*args, **kwargs):
+        time.sleep(0.05)  # a wait: no CPU
+        return run_prepared(*args, **kwargs)
+
+    monkeypatch.setattr(servicer.runtime.session, "run_prepared", waiting)
+    servicer.Run(msg, CallContext(None, InFlight()))
+    monkeypatch.setattr(service, "QUICK_SECONDS", 0.04)  # under the wait, far over the CPU
+    assert servicer.run_is_quick(msg)
 
 
 def test_with_batching_on_a_run_that_cannot_join_a_batch_may_still_be_quick(monkeypatch):

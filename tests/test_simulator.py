@@ -16,7 +16,7 @@ import pytest
 import graphgrad as gg
 from graphgrad._request import build_request
 from graphgrad.engine import Graph, calibration
-from graphgrad.engine.calibration import Calibration
+from graphgrad.engine.calibration import INLINE_BYTES, Calibration
 from graphgrad.engine.dispatch import Dispatcher
 from graphgrad.engine.executor import LocalExecutor
 from graphgrad.engine.planner import MIN_PARTITION_S
@@ -127,6 +127,13 @@ def test_fed_inputs_are_staged_first_and_exports_written() -> None:
     assert p.makespan == pytest.approx(4e6 / 1e9 + OH + 0.002 + 1e6 / 1e9)
 
 
+def test_exports_too_large_for_the_reply_cost_an_object_in_the_store() -> None:
+    cal = dataclasses.replace(CAL, store_object_s=1.5e-3)
+    for nbytes, object_s in ((INLINE_BYTES, 0.0), (INLINE_BYTES + 1, 1.5e-3)):
+        p = simulate([SimTask("t", 0.002, (), out_bytes=nbytes)], cal, one_cpu())
+        assert p.makespan == pytest.approx(OH + 0.002 + nbytes / 1e9 + object_s)
+
+
 def test_the_caller_puts_feed_bundles_then_submits_one_task_at_a_time() -> None:
     cal = dataclasses.replace(CAL, put_overhead_s=2e-3, submit_s=1e-3)
     tasks = [SimTask(f"t{k}", 0.004, (), fed_bytes=1000) for k in range(3)]
@@ -142,6 +149,44 @@ def test_the_caller_task_runs_in_the_driver_without_task_costs() -> None:
     p = simulate(tasks, CAL, one_cpu())
     assert p.makespan == pytest.approx(OH + 0.003 + LAT + 0.001)
     assert p.timeline[-1].cpu == -1
+
+
+# The driver's and Ray's daemons' CPU per task, and a machine of 2 cores.
+SHARING = dataclasses.replace(CAL, driver_task_s=3e-3, daemon_task_s=2e-3, cores=2.0)
+OWN = 3e-3 + 2e-3
+
+
+def test_ray_processes_cost_the_workers_cpu_only_without_a_core_to_spare() -> None:
+    """4 tasks on 2 CPUs take 2 rounds; on a node whose Ray CPUs are all its cores, each
+    task also pays the driver's and the daemons' CPU for it; with a core to spare, not."""
+    s = 0.004
+    tasks = [SimTask(f"t{k}", s) for k in range(4)]
+    on_all_cores = simulate(tasks, SHARING, Cluster(1, 2))
+    assert on_all_cores.makespan == pytest.approx(2 * (OH + s + OWN))
+    spare = dataclasses.replace(SHARING, cores=3.0)
+    assert simulate(tasks, spare, Cluster(1, 2)).makespan == pytest.approx(2 * (OH + s))
+    unknown = dataclasses.replace(SHARING, cores=0.0)  # the defaults' case: never charged
+    assert simulate(tasks, unknown, Cluster(1, 2)).makespan == pytest.approx(2 * (OH + s))
+    cpu_bound = dict(on_all_cores.bounds)["cpu"]
+    assert cpu_bound == pytest.approx(4 * (s + OWN) / 2)
+
+
+def test_the_caller_task_waits_for_a_cpu_without_a_core_to_spare() -> None:
+    """It reads only the short task, yet the long one holds the only CPU: it waits for it."""
+    tasks = [
+        SimTask("short", 0.001),
+        SimTask("long", 0.010),
+        SimTask("caller", 0.002, ((0, 8),), on_caller=True),
+    ]
+    one = dataclasses.replace(SHARING, cores=1.0)
+    p = simulate(tasks, one, one_cpu())
+    long_ends = 2 * (OH + OWN) + 0.001 + 0.010
+    assert p.makespan == pytest.approx(long_ends + 0.002)
+    assert p.timeline[-1].cpu == 0
+    free = simulate(tasks, dataclasses.replace(one, cores=2.0), one_cpu())
+    caller = next(t for t in free.timeline if t.name == "caller")
+    assert (caller.cpu, caller.start) == (-1, pytest.approx(OH + 0.001 + LAT))
+    assert free.makespan == pytest.approx(2 * OH + 0.011)  # the long task ends last
 
 
 @pytest.mark.parametrize(
