@@ -277,11 +277,13 @@ def main() -> None:
         "all, medians   (* off by more than 25 %)"
     )
 
-    # At scale: this machine's rates, on machines of their own (no other work slowing tasks).
+    # At scale: this machine's rates, on machines of their own (no other work slowing tasks);
+    # Ray's own processes charged as on nodes whose Ray CPUs are all their cores.
     cal = dataclasses.replace(cal, task_slowdown=1.0)
     print(
-        "\npredicted at scale (the calibration above, tasks on CPUs of their own; one node "
-        "per 16 CPUs, 10 Gb/s between):"
+        "\npredicted at scale (the calibration above, tasks' work at one dedicated CPU's pace, "
+        "the driver's and daemons' CPU charged where every CPU is busy; one node per 16 CPUs, "
+        "10 Gb/s between):"
     )
     wide.B = 64
     loss, _, wrt = wide.build()
