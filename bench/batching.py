@@ -24,7 +24,7 @@ import graphgrad as gg
 from graphgrad.engine import Graph, RunOptions, RunRequest, Session
 from graphgrad.engine.allocator import set_malloc_thresholds
 from graphgrad.engine.stacking import StackKey, run_stacked, stack_key
-from graphgrad.server.cli import SERVER_MMAP_THRESHOLD
+from graphgrad.server.cli import SERVER_MALLOC_ARENAS, SERVER_MMAP_THRESHOLD, SERVER_TRIM_THRESHOLD
 
 SIZES = (2, 8, 32)
 NETWORKS = {"seednet": (64, 128, 10), "small": (8, 16, 4)}
@@ -45,7 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
-    set_malloc_thresholds(SERVER_MMAP_THRESHOLD)  # as `graphgrad serve` runs
+    # as `graphgrad serve` runs
+    set_malloc_thresholds(SERVER_MMAP_THRESHOLD, SERVER_TRIM_THRESHOLD, SERVER_MALLOC_ARENAS)
     session, rng = Session(), np.random.default_rng(0)
     print("one gradient per request; per-request medians (on a 2-core machine shared with other")
     print("work: compare the ratios, not the times)")

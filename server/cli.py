@@ -24,6 +24,7 @@ from graphgrad.server import logs, metrics
 from graphgrad.server.app import Server, ServerConfig
 from graphgrad.server.auth import check_token
 from graphgrad.server.batcher import BatchingConfig
+from graphgrad.server.blas import limit_blas_threads
 from graphgrad.server.cache import DEFAULT_GRAPH_BYTES, DEFAULT_GRAPHS
 from graphgrad.server.job_manager import JobManager
 from graphgrad.server.job_service import spec_decoder, stored_spec_decoder
@@ -343,6 +344,16 @@ def read_token(args: argparse.Namespace) -> str | None:
 # Arrays from 1 MiB up get their own mmap, given back when freed: RSS returns after a large
 # request (glibc would otherwise keep raising the threshold and hold the memory on its heap).
 SERVER_MMAP_THRESHOLD = 1 << 20
+# Smaller arrays live on the heap, which keeps up to this much free memory at its top between
+# requests. glibc's default once the mmap threshold is fixed, 128 KiB, gave all of a request's
+# small arrays back after it, and the same request made again page-faulted them all in anew:
+# a quarter of the server's CPU time per call of bench/bigdag.py's remote part (~10,000 faults
+# a call, against ~50 now). The price is RSS: up to this much above what the server holds.
+SERVER_TRIM_THRESHOLD = 64 << 20
+# One heap for all threads: with one per thread that runs requests (glibc's default, up to
+# 8 per core), each would keep its own SERVER_TRIM_THRESHOLD. Python code allocates under
+# the GIL anyway. tests/test_server_memory.py checks both bounds.
+SERVER_MALLOC_ARENAS = 1
 
 
 def start_ray(dispatcher: Dispatcher) -> bool:
@@ -411,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "calibrate":
         return calibrate(args)
-    set_malloc_thresholds(SERVER_MMAP_THRESHOLD)
+    set_malloc_thresholds(SERVER_MMAP_THRESHOLD, SERVER_TRIM_THRESHOLD, SERVER_MALLOC_ARENAS)
     logs.configure(args.log_level, args.log_format)
     config = config_from(args)
     calibration.use(calibration.load_or_defaults(args.data_dir))  # a bad file: a warning
@@ -426,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, ray_enabled=not args.no_ray
     )
     PLANS.configure(args.plan_cache_size, args.plan_cache_bytes)
+    limit_blas_threads(config.max_concurrent_runs)
     runtime = Runtime.create(
         config.limits,
         dispatcher,

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from graphgrad.server.blas import BLAS_THREADS
 from graphgrad.server.logs import worker_id
 
 log = logging.getLogger("graphgrad.supervisor")
@@ -44,9 +45,8 @@ YOUNG_S, FIRST_PAUSE_S, LAST_PAUSE_S = 5.0, 0.5, 30.0
 POLL_S = 0.1  # how often the supervisor looks at its workers and its signals
 # numpy's BLAS starts a thread per core in every process: N workers with as many each
 # oversubscribe the cores, and OpenBLAS's spinning threads then slow chains of small matmuls
-# manyfold (bench/blas_share.py). Each worker gets its share of the cores, unless the
-# operator set these.
-BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# manyfold (bench/blas_share.py). Each worker gets its share of the cores in BLAS_THREADS
+# (server/blas.py), unless the operator set them.
 # Beyond --grace a worker still gets this long to cancel what runs and exit before SIGKILL.
 EXIT_SLACK_S = 10.0
 
