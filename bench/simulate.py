@@ -192,7 +192,8 @@ def ray_figures(
 def describe(cpus: int, figures: calibration.RayFigures) -> str:
     return (
         f"ray at {cpus} CPU(s): object store {figures.store_bytes_per_s / 1e9:.2f} GB/s"
-        f" + {figures.store_object_s * 1e3:.2f} ms an export's object"
+        f" + {figures.store_object_s * 1e3:.2f} ms an export's object (read"
+        f" {figures.store_wait_s * 1e3:.2f} ms later)"
         f" + {figures.put_overhead_s * 1e3:.2f} ms a put, submit "
         f"{figures.submit_s * 1e3:.2f} ms, task overhead "
         f"{figures.task_overhead_s * 1e3:.2f} ms, latency "

@@ -101,6 +101,8 @@ class Calibration:
     # A task's exports too large for its reply (over INLINE_BYTES) go through the object
     # store as an object: what that costs beyond the bytes (created, sealed, pinned, located).
     store_object_s: float = 0.0
+    # A task waiting on such an export waits this much longer than on one in a reply.
+    store_wait_s: float = 0.0
     ray_measured: bool = False  # False: the Ray figures are the defaults
 
     def flops_rate(self, family: str, dtype: str, op: str = "") -> float:
@@ -179,7 +181,7 @@ class Calibration:
 
 
 MAY_BE_ZERO = frozenset(
-    {"task_latency_s", "driver_task_s", "daemon_task_s", "cores", "store_object_s"}
+    {"task_latency_s", "driver_task_s", "daemon_task_s", "cores", "store_object_s", "store_wait_s"}
 )
 
 
@@ -460,6 +462,7 @@ class RayFigures:
     daemon_task_s: float
     cores: float
     store_object_s: float
+    store_wait_s: float
 
 
 def measure_ray(cpus: int | None = None) -> RayFigures:
@@ -538,9 +541,33 @@ def _ray_probes(ray: Any) -> RayFigures:
     big = 32 << 20
     store = big / max(handed_over(big) - handed_over(8), 1e-9)
     store_object = max(0.0, through_store - overhead - STORE_OBJECT_PROBE_BYTES / store)
+
+    # A chain of tasks, each reading the export of the one before: through the store, a
+    # link takes longer than the object's making and bytes account for.
+    def per_link(nbytes: int, links: int = 10) -> float:
+        def run() -> None:
+            ref: Any = None
+            for _ in range(links):
+                ref, meta = probe.remote(0.0, nbytes, *([] if ref is None else [ref]))
+            ray.get(meta)
+
+        return Timer(5, 0.05, time.perf_counter)(run) / links
+
+    waited = per_link(STORE_OBJECT_PROBE_BYTES) - per_link(8)
+    store_wait = max(0.0, waited - store_object - STORE_OBJECT_PROBE_BYTES / store)
     cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
     return RayFigures(
-        store, put, submit, overhead, latency, slowdown, driver, daemon, cores, store_object
+        store,
+        put,
+        submit,
+        overhead,
+        latency,
+        slowdown,
+        driver,
+        daemon,
+        cores,
+        store_object,
+        store_wait,
     )
 
 

@@ -220,7 +220,7 @@ def simulate(
                 arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
                 local += t.fed_bytes if node == 0 else 0
             for d, nbytes in t.deps:
-                at = end[d] + cal.task_latency_s  # the driver's get waits as a task would
+                at = end[d] + dependency_wait(nbytes, cal)  # the driver's get waits as a task
                 if where[d][0] != node:
                     at += nbytes / net
                 else:
@@ -310,6 +310,12 @@ def _another_idle(busy: list[tuple[float, int]], unused: int, fresh: bool, at: f
     return unused > 0 or any(free <= at for free, _ in busy[1:3])
 
 
+def dependency_wait(nbytes: int, cal: Calibration) -> float:
+    """From a task's end to a reader's start: the latency, and longer when the export went
+    through the object store (too large for the task's reply)."""
+    return cal.task_latency_s + (cal.store_wait_s if nbytes > INLINE_BYTES else 0.0)
+
+
 def task_cost(t: SimTask, cal: Calibration) -> float:
     """Seconds a task holds its CPU: in the driver, its work; on a worker, the task overhead,
     its work at the busy cluster's pace, and writing its exports into the object store (an
@@ -329,11 +335,10 @@ def _critical_path(
     finish: list[float] = []
     via: list[int] = []
     for k, t in enumerate(tasks):
-        lat = cal.task_latency_s
         begin, came = submitted[k], -1
-        for d, _ in t.deps:
-            if finish[d] + lat > begin:
-                begin, came = finish[d] + lat, d
+        for d, nbytes in t.deps:
+            if finish[d] + dependency_wait(nbytes, cal) > begin:
+                begin, came = finish[d] + dependency_wait(nbytes, cal), d
         finish.append(begin + task_cost(t, cal))
         via.append(came)
     if not tasks:

@@ -40,6 +40,7 @@ MEASURED = Calibration(
     daemon_task_s=0.0,
     cores=2.0,
     store_object_s=1.5e-3,
+    store_wait_s=2e-3,
     ray_measured=True,
 )
 
@@ -51,7 +52,7 @@ def test_defaults_are_the_planners_constants() -> None:
     assert not DEFAULT.ray_measured
     # Ray's own processes are charged nothing unless measured, on a machine of known cores.
     assert DEFAULT.driver_task_s == DEFAULT.daemon_task_s == DEFAULT.cores == 0.0
-    assert DEFAULT.store_object_s == 0.0  # an export's object: its bytes' cost alone
+    assert DEFAULT.store_object_s == DEFAULT.store_wait_s == 0.0  # an export: its bytes alone
 
 
 def test_round_trip(tmp_path: Path) -> None:

@@ -134,6 +134,15 @@ def test_exports_too_large_for_the_reply_cost_an_object_in_the_store() -> None:
         assert p.makespan == pytest.approx(OH + 0.002 + nbytes / 1e9 + object_s)
 
 
+def test_a_dependency_through_the_store_waits_longer_than_one_in_a_reply() -> None:
+    cal = dataclasses.replace(CAL, store_wait_s=2e-3)
+    for nbytes, wait in ((INLINE_BYTES, LAT), (INLINE_BYTES + 1, LAT + 2e-3)):
+        tasks = [SimTask("a", 0.003), SimTask("b", 0.001, ((0, nbytes),))]
+        p = simulate(tasks, cal, Cluster(1, 2))
+        assert p.makespan == pytest.approx(OH + 0.003 + wait + OH + 0.001)
+        assert p.critical_seconds == pytest.approx(p.makespan)
+
+
 def test_the_caller_puts_feed_bundles_then_submits_one_task_at_a_time() -> None:
     cal = dataclasses.replace(CAL, put_overhead_s=2e-3, submit_s=1e-3)
     tasks = [SimTask(f"t{k}", 0.004, (), fed_bytes=1000) for k in range(3)]
