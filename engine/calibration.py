@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from graphgrad.engine import proc_cpu
-from graphgrad.engine.allocator import tune_for_speed
+from graphgrad.engine.allocator import TUNED_MMAP_BYTES, tune_for_speed
 from graphgrad.engine.loops import VIEWS, family
 from graphgrad.engine.ops import Op
 from graphgrad.engine.planner import (
@@ -50,6 +50,7 @@ PUT_OVERHEAD_S = 1e-3  # "each ray.put costs about a millisecond" (engine/ray_ex
 SUBMIT_S = 2e-4
 LOOP_S, REDUCE_LOOP_S, MATRIX_S = 7e-9, 3e-8, 1.5e-7  # engine/loops.py's counts cost these
 CACHE_BYTES = 1 << 21  # a node touching no more than this runs from cache
+FRESH_BYTES = TUNED_MMAP_BYTES  # a result this large gets fresh pages (its own mmap)
 LAST_CACHE_BYTES = 32 << 20  # a program whose values outgrow this streams them from memory
 FAMILIES = ("elementwise", "linalg", "reduce")  # measured; other families use the default
 # Ops whose arithmetic costs far more than their family's (keyed "op/dtype" in flops_per_s).
@@ -74,7 +75,10 @@ class Calibration:
     source: str = "defaults"
     node_overhead_s: float = NODE_OVERHEAD_S  # Python dispatch per node
     request_overhead_s: float = REQUEST_OVERHEAD_S  # per run: feeds checked, results named
-    bytes_per_s: float = BYTES_PER_S  # memory traffic of elementwise numpy
+    bytes_per_s: float = BYTES_PER_S  # memory traffic of elementwise numpy (heap reused)
+    # The same into fresh pages: a result of FRESH_BYTES or more gets an mmap of its own
+    # (engine/allocator.py's threshold) and page-faults every page in.
+    fresh_bytes_per_s: float = BYTES_PER_S
     cache_bytes_per_s: float = BYTES_PER_S  # the same, for nodes touching <= CACHE_BYTES
     default_flops_per_s: float = FLOPS_PER_S  # families and dtypes not measured
     # "family/dtype" -> flops/s (e.g. "linalg/float64"); missing keys use the default.
@@ -119,17 +123,22 @@ class Calibration:
         nbytes: float,
         loops: int = 0,
         streaming: bool = False,
+        out_bytes: float = 0,
     ) -> float:
         """A node's estimated time: dispatch, numpy's inner loops (engine/loops.py),
         arithmetic at its op's rate, memory traffic: from cache for a node touching little,
         unless its program is `streaming` (its values outgrow the last-level cache, so
-        they come from memory, fresh pages included)."""
+        they come from memory); into fresh pages for a result (`out_bytes`) that gets an
+        mmap of its own."""
         if op.name in VIEWS:
             return self.node_overhead_s
         kind = family(op)
         rate = self.flops_rate(kind, dtype, op.name)
         cached = nbytes <= CACHE_BYTES and not streaming
-        bw = self.cache_bytes_per_s if cached else self.bytes_per_s
+        if out_bytes >= FRESH_BYTES:
+            bw = self.fresh_bytes_per_s
+        else:
+            bw = self.cache_bytes_per_s if cached else self.bytes_per_s
         per_loop = (
             self.matrix_s
             if kind == "linalg"
@@ -379,9 +388,13 @@ def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
     med = Timer(3, 0.01, clock) if quick else Timer(9, 0.02, clock)
     overhead = measure_node_overhead(500 if quick else 2000, med)
     request = measure_request_overhead(overhead, med)
-    big = np.ones(1 << 22)  # 32 MiB: out of cache
-    # Results are fresh arrays, as a node's are: their allocation and first touch count.
-    memory = 3 * big.nbytes / med(lambda: np.add(big, big))
+    # Out of cache: into a result that reuses heap pages (as a node's below FRESH_BYTES does,
+    # malloc tuned), and into one of FRESH_BYTES, which gets fresh pages to fault in.
+    big = np.ones(1 << 23)  # 64 MiB: twice the last-level cache of a typical machine
+    reused = np.empty_like(big)
+    memory = 3 * big.nbytes / med(lambda: np.add(big, big, out=reused))
+    fresh = np.ones(FRESH_BYTES // 8)
+    fresh_memory = 3 * fresh.nbytes / med(lambda: np.add(fresh, fresh))
     n = 1 << 15  # 256 KiB of float64: the size of a typical tensor, in cache as they are
     rates: dict[str, float] = {}
     bytes_per_s = BYTES_PER_S
@@ -414,6 +427,7 @@ def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
         node_overhead_s=overhead,
         request_overhead_s=request,
         bytes_per_s=memory,
+        fresh_bytes_per_s=fresh_memory,
         cache_bytes_per_s=bytes_per_s,
         flops_per_s=rates,
         loop_s=loop,

@@ -368,7 +368,8 @@ def node_seconds(graph: Graph, nodes: Sequence[int], cal: Calibration) -> float:
         if ops[i] is INPUT:
             continue
         c = costs[i]
-        total += cal.node_seconds(ops[i], types[i].dtype, c.flops, c.bytes, c.loops, streaming)
+        t = types[i]
+        total += cal.node_seconds(ops[i], t.dtype, c.flops, c.bytes, c.loops, streaming, t.nbytes)
     return total
 
 

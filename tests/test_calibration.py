@@ -20,6 +20,7 @@ import graphgrad as gg
 from graphgrad._request import build_request
 from graphgrad.engine import calibration, proc_cpu
 from graphgrad.engine.calibration import DEFAULT, Calibration, CalibrationError
+from graphgrad.engine.ops import lookup
 from graphgrad.engine.planner import FLOPS_PER_S, NODE_OVERHEAD_S, TASK_OVERHEAD_S
 from graphgrad.engine.simulator import Cluster, choose_partitions, predict
 from graphgrad.server import cli
@@ -32,6 +33,7 @@ MEASURED = Calibration(
     source="measured on test",
     node_overhead_s=3e-6,
     bytes_per_s=1e10,
+    fresh_bytes_per_s=4e9,
     flops_per_s={"linalg/float64": 3e10, "elementwise/float32": 2e9},
     store_bytes_per_s=2e9,
     task_overhead_s=8e-4,
@@ -53,6 +55,17 @@ def test_defaults_are_the_planners_constants() -> None:
     # Ray's own processes are charged nothing unless measured, on a machine of known cores.
     assert DEFAULT.driver_task_s == DEFAULT.daemon_task_s == DEFAULT.cores == 0.0
     assert DEFAULT.store_object_s == DEFAULT.store_wait_s == 0.0  # an export: its bytes alone
+    assert DEFAULT.fresh_bytes_per_s == DEFAULT.bytes_per_s
+
+
+def test_a_result_with_an_mmap_of_its_own_streams_into_fresh_pages() -> None:
+    """Below the allocator's mmap threshold a large node's traffic reuses heap pages (memory
+    bandwidth); a result at the threshold gets fresh pages, at their slower rate."""
+    add, nbytes = lookup("add"), 3.0 * calibration.FRESH_BYTES
+    below = MEASURED.node_seconds(add, "float64", 0, nbytes, out_bytes=calibration.FRESH_BYTES - 8)
+    at = MEASURED.node_seconds(add, "float64", 0, nbytes, out_bytes=calibration.FRESH_BYTES)
+    assert below == pytest.approx(MEASURED.node_overhead_s + nbytes / 1e10)
+    assert at == pytest.approx(MEASURED.node_overhead_s + nbytes / 4e9)
 
 
 def test_round_trip(tmp_path: Path) -> None:
