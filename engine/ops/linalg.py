@@ -21,13 +21,16 @@ def _infer(ins: Sequence[TensorType], attrs: Attrs) -> TensorType:
     kb = b.shape[0] if len(b.shape) == 1 else b.shape[-2]
     if ka != kb:
         raise ShapeError(f"inner dimensions differ: {a.shape} @ {b.shape} ({ka} != {kb})")
-    try:
-        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except ValueError:
-        raise ShapeError(f"batch dimensions of {a.shape} and {b.shape} do not broadcast") from None
+    batch = a.shape[:-2]
+    if batch != b.shape[:-2]:  # equal (the common case, none at all): nothing to broadcast
+        try:
+            batch = tuple(np.broadcast_shapes(batch, b.shape[:-2]))
+        except ValueError:
+            msg = f"batch dimensions of {a.shape} and {b.shape} do not broadcast"
+            raise ShapeError(msg) from None
     rows = a.shape[-2:-1] if len(a.shape) > 1 else ()
     cols = b.shape[-1:] if len(b.shape) > 1 else ()
-    return TensorType(tuple(batch) + rows + cols, a.dtype)
+    return TensorType(batch + rows + cols, a.dtype)
 
 
 def _vjp(
