@@ -74,6 +74,10 @@ class Calibration:
 
     source: str = "defaults"
     node_overhead_s: float = NODE_OVERHEAD_S  # Python dispatch per node
+    # What a small matmul's and a small reduction's dispatch costs beyond an elementwise
+    # node's (numpy's matmul and reductions take several times an add's setup).
+    linalg_dispatch_s: float = 0.0
+    reduce_dispatch_s: float = 0.0
     request_overhead_s: float = REQUEST_OVERHEAD_S  # per run: feeds checked, results named
     bytes_per_s: float = BYTES_PER_S  # memory traffic of elementwise numpy (heap reused)
     # The same into fresh pages: a result of FRESH_BYTES or more gets an mmap of its own
@@ -139,14 +143,14 @@ class Calibration:
             bw = self.fresh_bytes_per_s
         else:
             bw = self.cache_bytes_per_s if cached else self.bytes_per_s
-        per_loop = (
-            self.matrix_s
-            if kind == "linalg"
-            else self.reduce_loop_s
-            if kind == "reduce"
-            else self.loop_s
-        )
-        return self.node_overhead_s + loops * per_loop + flops / rate + nbytes / bw
+        dispatch = self.node_overhead_s
+        if kind == "linalg":
+            dispatch, per_loop = dispatch + self.linalg_dispatch_s, self.matrix_s
+        elif kind == "reduce":
+            dispatch, per_loop = dispatch + self.reduce_dispatch_s, self.reduce_loop_s
+        else:
+            per_loop = self.loop_s
+        return dispatch + loops * per_loop + flops / rate + nbytes / bw
 
     def to_json(self) -> str:
         body = {"version": VERSION, **dataclasses.asdict(self)}
@@ -190,7 +194,16 @@ class Calibration:
 
 
 MAY_BE_ZERO = frozenset(
-    {"task_latency_s", "driver_task_s", "daemon_task_s", "cores", "store_object_s", "store_wait_s"}
+    {
+        "task_latency_s",
+        "driver_task_s",
+        "daemon_task_s",
+        "cores",
+        "store_object_s",
+        "store_wait_s",
+        "linalg_dispatch_s",
+        "reduce_dispatch_s",
+    }
 )
 
 
@@ -333,6 +346,36 @@ def measure_node_overhead(nodes: int = 2000, timer: Timer = WALL) -> float:
     return timer(lambda: executor.run(graph, request)) / nodes
 
 
+def measure_family_dispatch(
+    node_overhead_s: float, nodes: int = 2000, timer: Timer = WALL
+) -> tuple[float, float]:
+    """Seconds a small matmul and a small reduction cost beyond an elementwise node, from
+    compiled programs as measure_node_overhead's: a chain of [16, 16] @ [16] matmuls, and
+    one of full sums each added back to a vector (next to no arithmetic in either)."""
+    from graphgrad.engine.autodiff import RunRequest
+    from graphgrad.engine.executor import LocalExecutor
+    from graphgrad.engine.ir import Graph, Node
+
+    def per_node(chain: list[Node], feeds: dict[str, np.ndarray]) -> float:
+        graph = Graph(chain)
+        request = RunRequest((chain[-1].name,), feeds, ())
+        executor = LocalExecutor()
+        return timer(lambda: executor.run(graph, request)) / (len(chain) - len(feeds))
+
+    vector = Node("x", "input", shape=(16,), dtype="float64")
+    matmuls = [vector, Node("W", "input", shape=(16, 16), dtype="float64")]
+    for i in range(nodes):
+        matmuls.append(Node(f"m{i}", "matmul", ("W", matmuls[-1].name)))
+    feeds = {"x": np.full(16, 0.5), "W": np.full((16, 16), 1 / 16)}
+    linalg = per_node(matmuls, feeds) - node_overhead_s
+    sums = [vector]
+    for i in range(nodes // 2):
+        sums.append(Node(f"s{i}", "sum", (sums[-1].name,)))
+        sums.append(Node(f"a{i}", "add", ("x", f"s{i}")))
+    reduce = 2 * (per_node(sums, {"x": feeds["x"]}) - node_overhead_s)  # half are adds
+    return max(linalg, 0.0), max(reduce, 0.0)
+
+
 def measure_request_overhead(node_overhead_s: float, timer: Timer = WALL) -> float:
     """Seconds one request costs beyond its nodes: an engine Session's run (what the
     in-process client and the servicers wrap) of four fed vectors, their gradients asked
@@ -387,6 +430,9 @@ def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
     clock = time.process_time if cpu_clock else time.perf_counter
     med = Timer(3, 0.01, clock) if quick else Timer(9, 0.02, clock)
     overhead = measure_node_overhead(500 if quick else 2000, med)
+    linalg_dispatch, reduce_dispatch = measure_family_dispatch(
+        overhead, 500 if quick else 2000, med
+    )
     request = measure_request_overhead(overhead, med)
     # Out of cache: into a result that reuses heap pages (as a node's below FRESH_BYTES does,
     # malloc tuned), and into one of FRESH_BYTES, which gets fresh pages to fault in.
@@ -425,6 +471,8 @@ def measure_compute_here(quick: bool, cpu_clock: bool = True) -> Calibration:
         source=f"measured on {socket.gethostname()} at "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (" (quick)" if quick else ""),
         node_overhead_s=overhead,
+        linalg_dispatch_s=linalg_dispatch,
+        reduce_dispatch_s=reduce_dispatch,
         request_overhead_s=request,
         bytes_per_s=memory,
         fresh_bytes_per_s=fresh_memory,

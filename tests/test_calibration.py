@@ -32,6 +32,8 @@ from .server_proc import running_server
 MEASURED = Calibration(
     source="measured on test",
     node_overhead_s=3e-6,
+    linalg_dispatch_s=1e-6,
+    reduce_dispatch_s=2e-6,
     bytes_per_s=1e10,
     fresh_bytes_per_s=4e9,
     flops_per_s={"linalg/float64": 3e10, "elementwise/float32": 2e9},
@@ -56,6 +58,18 @@ def test_defaults_are_the_planners_constants() -> None:
     assert DEFAULT.driver_task_s == DEFAULT.daemon_task_s == DEFAULT.cores == 0.0
     assert DEFAULT.store_object_s == DEFAULT.store_wait_s == 0.0  # an export: its bytes alone
     assert DEFAULT.fresh_bytes_per_s == DEFAULT.bytes_per_s
+    assert DEFAULT.linalg_dispatch_s == DEFAULT.reduce_dispatch_s == 0.0
+
+
+def test_a_matmul_and_a_reduction_cost_their_own_dispatch() -> None:
+    """Beyond an elementwise node's dispatch (node_overhead_s), each family's own."""
+    ops = ("add", "matmul", "sum")
+    cost = {op: MEASURED.node_seconds(lookup(op), "float32", 0, 0) for op in ops}
+    assert cost == {
+        "add": pytest.approx(3e-6),
+        "matmul": pytest.approx(3e-6 + 1e-6),
+        "sum": pytest.approx(3e-6 + 2e-6),
+    }
 
 
 def test_a_result_with_an_mmap_of_its_own_streams_into_fresh_pages() -> None:
