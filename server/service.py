@@ -213,13 +213,14 @@ class GraphServicer:
         self,
         request: service_pb2.RunRequest,
         context: CallContext,
-        finish: Callable[[Callable[[], service_pb2.RunResponse]], object],
+        finish: Callable[[Callable[..., service_pb2.RunResponse]], object],
     ) -> tuple[StackKey, Member[Pending, RunResult]] | None:
         """This Run as a member of a batch, worked out on the event loop (cache lookups, the
         feeds decoded as views against the prepared signature), or None: it runs alone the
         ordinary way, which also reports whatever is wrong with it (an unknown graph, a bad
         feed: nothing that fails a check ever joins a batch). `finish(respond)` turns the
-        member's response (or the error `respond()` raises) into its caller's answer."""
+        member's response (or the error `respond(request, call)` raises) into its caller's
+        answer."""
         if request.WhichOneof("graph_ref") != "fingerprint" or request.options.exact:
             return None  # registering a graph is no work for the loop; exact runs alone
         if self.runtime.cache.get(request.fingerprint) is None:
@@ -240,13 +241,15 @@ class GraphServicer:
         def alone() -> RunResult:
             return self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
 
-        def respond(outcome: RunResult | BaseException) -> service_pb2.RunResponse:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return self._response(outcome, graph)
+        def answer(outcome: RunResult | BaseException) -> object:
+            def respond(*_: object) -> service_pb2.RunResponse:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return self._response(outcome, graph)
+
+            return finish(respond)
 
         pending = Pending(graph, run, options, cancel)
-        answer = lambda outcome: finish(lambda: respond(outcome))  # noqa: E731
         return key, Member(pending, alone, answer, deadline=cancel.deadline)
 
     def _stack_key(self, prepared: PreparedRun, run: RunRequest) -> StackKey | None:
