@@ -11,7 +11,6 @@ from importlib import metadata
 from graphgrad import wire
 from graphgrad.engine import (
     Cancellation,
-    CancelReason,
     Graph,
     RequestError,
     RunRequest,
@@ -57,9 +56,7 @@ def head_key(request: service_pb2.RunRequest) -> HeadKey:
 
 def cancellation(context: CallContext) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
-    cancel = Cancellation.within(context.time_remaining())
-    context.add_callback(lambda: cancel.cancel(context.reason or CancelReason.CLIENT))
-    return cancel
+    return context.cancellation()
 
 
 def register_wire(runtime: Runtime, graph: graph_pb2.Graph) -> Graph:
@@ -221,18 +218,26 @@ class GraphServicer:
         feed: nothing that fails a check ever joins a batch). `finish(respond)` turns the
         member's response (or the error `respond(request, call)` raises) into its caller's
         answer."""
-        if request.WhichOneof("graph_ref") != "fingerprint" or request.options.exact:
-            return None  # registering a graph is no work for the loop; exact runs alone
-        if self.runtime.cache.get(request.fingerprint) is None:
+        if request.options.exact:
+            return None  # exact runs alone
+        limit = self.runtime.limits.max_tensor_bytes
+        prepared = self._prepared_before(request)  # the usual case: one lookup by head
+        if prepared is not None:
+            sent = request.grad_outputs  # names, options and peak memory were checked before
+            seeds = wire.decode_tensors(sent, "grad_outputs", limit) if sent else None
+        elif (
+            request.WhichOneof("graph_ref") != "fingerprint"  # registering is no loop work
+            or self.runtime.cache.get(request.fingerprint) is None
+        ):
             return None
-        prepared, run = self._prepared(request)
+        else:  # the first request of its head
+            prepared, first = self._prepared(request)
+            seeds = first.grad_outputs
         graph, options = prepared.graph, prepared.options
-        feeds = wire.decode_exact(
-            request.feeds, prepared.feeds, self.runtime.limits.max_tensor_bytes
-        )
+        feeds = wire.decode_exact(request.feeds, prepared.feeds, limit)
         if feeds is None:  # not exactly its signature: alone, the checks name what is wrong
             return None
-        run = RunRequest(run.outputs, feeds, run.wrt, run.grad_outputs)
+        run = RunRequest(prepared.outputs, feeds, prepared.wrt, seeds)
         key = self._stack_key(prepared, run)
         if key is None:
             return None
