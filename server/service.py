@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
+import numpy as np
+
 from graphgrad import wire
 from graphgrad.engine import (
     Cancellation,
@@ -222,6 +224,7 @@ class GraphServicer:
             return None  # exact runs alone
         limit = self.runtime.limits.max_tensor_bytes
         prepared = self._prepared_before(request)  # the usual case: one lookup by head
+        seeds: Mapping[str, np.ndarray] | None
         if prepared is not None:
             sent = request.grad_outputs  # names, options and peak memory were checked before
             seeds = wire.decode_tensors(sent, "grad_outputs", limit) if sent else None
