@@ -17,6 +17,8 @@ signature. Kept in a bounded cache beside the tape.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from graphgrad.engine.eager import CHECKED, CONST, FOLD, Tape, Vjp, tape
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.kernel_bytes import step_extra
@@ -33,30 +35,27 @@ def eager_memory(graph: Graph, key: RequestKey) -> RequestMemory:
 
 
 def tape_peak(graph: Graph, tp: Tape) -> RequestMemory:
-    size = [t.nbytes for t in graph.types]
     pp = tp.pass_plan
+    size = _sizes(graph, (tp.f_node, pp.needed_inputs, pp.wrt, pp.outputs))
     fed_at = {*pp.needed_inputs, *(tp.seeds if not tp.default_seed else ())}
     fed = sum(size[i] for i in fed_at) + (sum(size[o] for o in tp.seeds) if tp.default_seed else 0)
     made: dict[int, int] = {}  # value -> bytes it holds (fed ones are counted in `fed`)
     live = peak = 0
     die_at, dying = tp.die_at, tp.dying
     d = 0
-
-    def deaths(step: int) -> None:
-        nonlocal d, live
-        while die_at[d] == step:
-            live -= made.pop(dying[d], 0)
-            d += 1
-
+    nxt = die_at[0]
     ops = graph.ops
     for k, (i, kind, ins) in enumerate(zip(tp.f_node, tp.f_kind, tp.f_ins, strict=True)):
         kind = kind - CHECKED if kind >= CHECKED else kind
         if kind != CONST:
-            made[i] = size[i]
-            live += size[i]
-            extra = step_extra(ops[i].name, size[i], [size[j] for j in ins])
-            peak = max(peak, live + extra + (size[i] if kind == FOLD else 0))
-        deaths(k)
+            made[i] = out = size[i]
+            live += out
+            extra = step_extra(ops[i].name, out, [size[j] for j in ins])
+            peak = max(peak, live + extra + (out if kind == FOLD else 0))
+        while nxt == k:
+            live -= made.pop(dying[d], 0)
+            d += 1
+            nxt = die_at[d]
     # backward: node -> (parts, bytes) of its cotangent; a seed is held by the caller
     cot: dict[int, tuple[int, int]] = {o: (1, 0) for o in tp.seeds}
     held = 0  # bytes of every cotangent held
@@ -66,7 +65,7 @@ def tape_peak(graph: Graph, tp: Tape) -> RequestMemory:
         if got is not None:
             parts, b = got
             summing = 2 * size[i] if parts > 1 else 0  # the sum so far and the next one
-            peak = max(peak, live + held + summing + _vjp_peak(vjp, size, ins, i))
+            peak = max(peak, live + held + summing + _vjp_peak(vjp))
             for slot in vjp.slots:
                 j = ins[slot]
                 n, bj = cot.get(j, (0, 0))
@@ -76,7 +75,10 @@ def tape_peak(graph: Graph, tp: Tape) -> RequestMemory:
             if i in tp.keep:  # a gradient asked for: its total held to the end
                 cot[i] = (1, size[i])
                 held += size[i]
-        deaths(step)
+        while nxt == step:
+            live -= made.pop(dying[d], 0)
+            d += 1
+            nxt = die_at[d]
         step += 1
     # gradients of several parts summed at the end, then each copied out
     summing = max((2 * size[w] for w in set(pp.wrt) if cot.get(w, (0, 0))[0] > 1), default=0)
@@ -88,7 +90,23 @@ def tape_peak(graph: Graph, tp: Tape) -> RequestMemory:
     return RequestMemory(max(kept, end), kept, grads, response)
 
 
-def _vjp_peak(vjp: Vjp, size: list[int], ins: tuple[int, ...], i: int) -> int:
+def _sizes(graph: Graph, groups: tuple[Sequence[int], ...]) -> list[int]:
+    """The bytes of each value of the request's nodes by position (0 for other nodes): a
+    large graph's request may reach a small part of it, and nodes alike share their types."""
+    size = [0] * len(graph.types)
+    by_type: dict[int, int] = {}
+    types = graph.types
+    for group in groups:
+        for i in group:
+            t = types[i]
+            b = by_type.get(id(t))
+            if b is None:
+                b = by_type[id(t)] = t.nbytes
+            size[i] = b
+    return size
+
+
+def _vjp_peak(vjp: Vjp) -> int:
     """The most bytes `vjp`'s steps hold at once beyond their arguments (its gradients
     included); per Vjp, since its steps' types are its signature's."""
     got = _VJP_PEAKS.get(id(vjp))
