@@ -56,7 +56,12 @@ SIGNATURE_BYTES = 16 << 10
 
 
 class EagerOpError(Exception):
-    """An op failed in the eager tier: the lowered program runs the request to name it."""
+    """An op failed in the eager tier: the lowered program runs the request to name it.
+    `node`: the node whose op or VJP failed, where known (`gradient`: its VJP)."""
+
+    def __init__(self, message: str, node: str | None = None, gradient: bool = False) -> None:
+        super().__init__(message)
+        self.node, self.gradient = node, gradient
 
 
 def _fold(value: Any) -> np.ndarray:
@@ -74,6 +79,7 @@ class _Recorder:
         self._types = types
         self.steps: list[tuple[str, Callable[..., Any], tuple[str, ...]]] = []
         self.consts: dict[str, np.ndarray] = {}
+        self.op_names: dict[str, str] = {}  # step -> its op (what engine/tape_memory.py reads)
 
     def type(self, name: str) -> TensorType:
         return self._types[name]
@@ -85,6 +91,7 @@ class _Recorder:
         canon = {k: check_attr(o, k, v, node=None) for k, v in (attrs or {}).items()}
         name = f"t{len(self._types)}"
         self._types[name] = t
+        self.op_names[name] = o.name
         self.steps.append((name, o.lower(canon, types), tuple(inputs)))
         return name
 
@@ -106,7 +113,17 @@ class Vjp:
     also hands each gradient to its input's cotangent (straight-line code: no tuple of
     gradients, no loop over them)."""
 
-    __slots__ = ("_outs", "_rec", "costly", "reads", "reads_y", "slots", "variants")
+    __slots__ = (
+        "_outs",
+        "_rec",
+        "costly",
+        "reads",
+        "reads_y",
+        "slots",
+        "steps",
+        "types",
+        "variants",
+    )
 
     def __init__(
         self,
@@ -144,11 +161,20 @@ class Vjp:
                 live.update(step[2])
         steps.reverse()
         self._rec = (steps, rec.consts, types)
+        # what it allocates, as engine/tape_memory.py reads it: (step, op, argument refs) in
+        # the order they run, and each ref's type
+        self.steps = tuple((name, rec.op_names[name], args) for name, _, args in steps)
+        self.types = types
         self._outs = tuple(outs)
         self.slots = tuple(k for k, d in enumerate(outs) if d is not None)  # gradients given
         self.reads = tuple(k for k in range(len(ins)) if f"x{k}" in live)  # inputs it reads
         self.reads_y = "y" in live  # whether it reads the node's value
         self.variants: dict[int, VjpFn] = {}
+
+    @property
+    def outs(self) -> tuple[str | None, ...]:
+        """The ref of each input's gradient (None where none is given)."""
+        return self._outs
 
     def variant(self, known: int) -> VjpFn:
         """The function (g, the run's values, the node's input positions, its position, the
@@ -323,6 +349,12 @@ _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
 
 def _unchecked() -> None:
     """No cancellation to check (a tape made without running)."""
+
+
+def tape(graph: Graph, key: RequestKey) -> Tape:
+    """The request's tape, made without running it where the plan cache has none (admission
+    reads its memory from it, engine/tape_memory.py; the first call then runs it)."""
+    return _TAPES.get_or_make(key, lambda: Tape(graph, key))
 
 
 def held_tape(key: RequestKey) -> Tape | None:
@@ -520,6 +552,7 @@ def run_tape(
     die_at, dying = tp.die_at, tp.dying
     d = 0  # the next death
     nxt = die_at[0]
+    i = -1
     try:
         with np.errstate(all="ignore"):  # NaN and infinity are values like any other
             for k, i, kind, fn, ins in zip(
@@ -535,11 +568,12 @@ def run_tape(
                     del v[dying[d]]
                     d += 1
                     nxt = die_at[d]
+            i = -1  # (the backward pass names its own node)
             grads = _backward(graph, tp, v, seeds, check, d) if pp.wrt else {}
     except GraphError:
         raise  # cancelled, or a deadline passed: not an op's fault
     except (ValueError, ArithmeticError) as e:
-        raise EagerOpError(str(e)) from e
+        raise EagerOpError(str(e), graph.nodes[i].name if i >= 0 else None) from e
     return {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
 
 
@@ -586,30 +620,36 @@ def _backward(
     keep, die_at, dying = tp.keep, tp.die_at, tp.dying
     nxt = die_at[d]
     since = CHECK_EVERY
-    for k, i, vjp, ins, kmask, name in zip(
-        itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
-    ):
-        p: Any = cot.pop(i, None)
-        if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
-            if p.__class__ is tuple:
-                _, _, g, gk = p
-            else:
-                g, gk = _total(p, types[i])
-            if i in keep:
-                totals[i] = g
-            if since >= CHECK_EVERY or vjp.costly:
-                check()
-                since = 0
-            since += 1
-            fn = vjp.variants.get(kmask | gk)
-            if fn is None:
-                fn = vjp.variant(kmask | gk)
-            fn(g, v, ins, i, cot, name)
-            g = p = None  # nothing held past its last use
-        while nxt == k:
-            del v[dying[d]]
-            d += 1
-            nxt = die_at[d]
+    name = ""
+    try:
+        for k, i, vjp, ins, kmask, name in zip(
+            itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
+        ):
+            p: Any = cot.pop(i, None)
+            if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
+                if p.__class__ is tuple:
+                    _, _, g, gk = p
+                else:
+                    g, gk = _total(p, types[i])
+                if i in keep:
+                    totals[i] = g
+                if since >= CHECK_EVERY or vjp.costly:
+                    check()
+                    since = 0
+                since += 1
+                fn = vjp.variants.get(kmask | gk)
+                if fn is None:
+                    fn = vjp.variant(kmask | gk)
+                fn(g, v, ins, i, cot, name)
+                g = p = None  # nothing held past its last use
+            while nxt == k:
+                del v[dying[d]]
+                d += 1
+                nxt = die_at[d]
+    except GraphError:
+        raise  # cancelled, or a deadline passed: not an op's fault
+    except (ValueError, ArithmeticError) as e:  # a VJP failed: its node named
+        raise EagerOpError(str(e), name, gradient=True) from e
     grads: dict[str, np.ndarray] = {}
     for w in pp.wrt:
         name = nodes[w].name
