@@ -1,9 +1,10 @@
 """Plan simulator: predict how long a request or a training job takes on a cluster.
 
 A discrete-event replay of the task DAG as Ray runs it. The caller stages the fed inputs
-into the object store (on its node), then every task runs on the first CPU that can start
-it (a CPU of the node holding most of its inputs wins a tie, as Ray's locality-aware
-scheduling does). A task starts when its CPU is free and its inputs have arrived: each
+into the object store (on its node) and submits the tasks; a task reaches a worker one
+task-to-task latency after its submit and runs on the first CPU that can start it (a CPU
+of the node holding most of its inputs wins a tie, as Ray's locality-aware scheduling
+does). A task starts when its CPU is free and its inputs have arrived: each
 upstream task's exports one task-to-task latency after it ended, plus bytes / network
 bandwidth when they come from another node. On its CPU it costs the per-task overhead, its
 nodes' compute (the calibrated cost model) and writing its exports into the object store.
@@ -186,6 +187,12 @@ def simulate(
     shared = shares_cpus(cal, cluster)
     staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
     submitted = [staged_at + (k + 1) * cal.submit_s for k in range(n)]
+    # A worker task starts one latency after its submit at the earliest, as it starts one
+    # after the end of a task it reads: Ray leases it a worker and pushes it there.
+    reachable = [
+        at + (0.0 if t.on_caller else cal.task_latency_s)
+        for at, t in zip(submitted, tasks, strict=True)
+    ]
     # Per node: a heap of (free at, cpu) over the CPUs used so far, and how many are unused
     # (free from the start), so a large cluster costs only the CPUs the tasks occupy.
     busy: list[list[tuple[float, int]]] = [[] for _ in range(cluster.nodes)]
@@ -201,7 +208,7 @@ def simulate(
                 raise ValueError(f"task {k} ({t.name}) depends on task {d}, not an earlier one")
             consumers[d].append(k)
     across = 0
-    ready = [(submitted[k], k) for k, t in enumerate(tasks) if not t.deps]
+    ready = [(reachable[k], k) for k, t in enumerate(tasks) if not t.deps]
     heapq.heapify(ready)
     while ready:
         _, k = heapq.heappop(ready)  # earliest ready first, then submission order
@@ -215,7 +222,7 @@ def simulate(
             nodes = range(cluster.nodes)
         best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
         for node in nodes:
-            arrive, local, waited = submitted[k], 0, -1
+            arrive, local, waited = reachable[k], 0, -1
             if t.fed_bytes:
                 arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
                 local += t.fed_bytes if node == 0 else 0
@@ -259,11 +266,11 @@ def simulate(
             missing[c] -= 1
             if missing[c] == 0:
                 dep_ready = max(end[d] for d, _ in tasks[c].deps)
-                heapq.heappush(ready, (max(dep_ready, submitted[c]), c))
+                heapq.heappush(ready, (max(dep_ready, reachable[c]), c))
     if any(missing):
         raise ValueError("the task DAG has a task whose dependencies never finish")
     makespan = max(end, default=0.0) + cal.request_overhead_s
-    path, critical = _critical_path(tasks, cal, submitted)
+    path, critical = _critical_path(tasks, cal, reachable)
     workers = [t for t in tasks if not t.on_caller]
     cpus = cluster.cpus
     ray_own = len(workers) * (cal.driver_task_s + cal.daemon_task_s) if shared else 0.0
@@ -329,13 +336,14 @@ def task_cost(t: SimTask, cal: Calibration) -> float:
 
 
 def _critical_path(
-    tasks: Sequence[SimTask], cal: Calibration, submitted: Sequence[float]
+    tasks: Sequence[SimTask], cal: Calibration, reachable: Sequence[float]
 ) -> tuple[tuple[str, ...], float]:
-    """The longest chain with as many CPUs as tasks, on one node (no network)."""
+    """The longest chain with as many CPUs as tasks, on one node (no network); `reachable`:
+    when each task could start at the earliest, whatever it reads."""
     finish: list[float] = []
     via: list[int] = []
     for k, t in enumerate(tasks):
-        begin, came = submitted[k], -1
+        begin, came = reachable[k], -1
         for d, nbytes in t.deps:
             if finish[d] + dependency_wait(nbytes, cal) > begin:
                 begin, came = finish[d] + dependency_wait(nbytes, cal), d
@@ -348,8 +356,8 @@ def _critical_path(
     while k >= 0:
         chain.append(tasks[k].name)
         first, k = k, via[k]
-    if submitted[first] > 0:
-        chain.append("stage and submit")  # the caller's ray.put of the inputs, .remote()s
+    if reachable[first] > 0:
+        chain.append("stage and submit")  # ray.put of the inputs, .remote()s, reaching a worker
     return tuple(reversed(chain)), max(finish)
 
 
