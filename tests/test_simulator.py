@@ -32,6 +32,8 @@ from graphgrad.engine.simulator import (
     predict_training,
     schedule_tasks,
     simulate,
+    spec_bytes,
+    training_tasks,
 )
 
 from .test_seed import two_layer_network
@@ -187,6 +189,54 @@ def test_the_caller_task_runs_in_the_driver_without_task_costs() -> None:
     p = simulate(tasks, CAL, one_cpu())
     assert p.makespan == pytest.approx(LAT + OH + 0.003 + LAT + 0.001)
     assert p.timeline[-1].cpu == -1
+
+
+def test_a_task_submitted_after_the_driver_gets_its_upstream_waits_for_that_round_trip() -> None:
+    """A training chunk's next segment: the driver gets the last one's result (a latency),
+    submits the next (a submit), which reaches a worker one latency later."""
+    cal = dataclasses.replace(CAL, submit_s=1e-3)
+    tasks = [SimTask("a", 0.003), SimTask("b", 0.002, ((0, 8),), after_get=True)]
+    p = simulate(tasks, cal, one_cpu())
+    a_ends = 1e-3 + LAT + OH + 0.003
+    assert p.timeline[1].start == pytest.approx(a_ends + LAT + 1e-3 + LAT)
+    assert p.makespan == pytest.approx(a_ends + 2 * LAT + 1e-3 + OH + 0.002)
+    assert p.critical_seconds == pytest.approx(p.makespan)
+    # Submitted later, it does not hold up the submits of the tasks sent at the start.
+    more = [*tasks, SimTask("c", 0.001)]
+    assert simulate(more, cal, Cluster(1, 2)).timeline[1].start == pytest.approx(2e-3 + LAT)
+
+
+def test_a_training_segment_returns_its_losses_with_its_state() -> None:
+    """Each segment writes its chunk's state and the loss of every network at every step it
+    ran (float64): the next segment reads them all, through the store when too large for a
+    reply. The first reads the state the driver staged with the chunk's data."""
+    step = 1e-3
+    tasks, staged = training_tasks(lambda m: step, 100, 40, 60, 2, first_segment=25)
+    assert [t.name for t in tasks][:2] == ["chunk 0 steps 0-25", "chunk 0 steps 25-60"]
+    first, second = tasks[0], tasks[1]
+    assert first.out_bytes == 20 * 100 + 20 * 25 * 8
+    assert second.deps == ((0, first.out_bytes),) and second.after_get
+    assert second.out_bytes == 20 * 100 + 20 * 35 * 8
+    assert first.fed_bytes == 20 * 100 and not first.after_get
+    assert staged == 40 * 100
+
+
+def test_a_training_job_stages_each_chunks_parameters_and_data() -> None:
+    """Each chunk's spec goes into the store with its networks' parameters and own data,
+    and a copy of the data they share."""
+    with gg.Graph():
+        w, x, t = (gg.input(k, shape=s) for k, s in (("w", (4,)), ("x", (3,)), ("t", (2,))))
+        loss = gg.sum((w[:2] * x[:2] - t) ** 2, name="loss")
+    _, graph, _ = build_request(loss, None, (), None)
+    assert spec_bytes(graph, ["w"], ["x"], 10, 2) == 10 * (32 + 24) + 2 * 16
+    # On two CPUs, six chunks: x staged with each network, or once per chunk when shared.
+    store = dataclasses.replace(CAL, store_bytes_per_s=1e3)
+
+    def staging_bound(per_network: list[str]) -> float:
+        p = predict_training(graph, "loss", ["w"], 10, 5, Cluster(1, 2), store, per_network)
+        return dict(p.bounds)["object store"]
+
+    assert staging_bound(["x"]) - staging_bound([]) == pytest.approx((10 - 6) * 24 / 1e3)
 
 
 # The driver's and Ray's daemons' CPU per task, and a machine of 2 cores.
