@@ -74,6 +74,7 @@ class _Recorder:
         self._types = types
         self.steps: list[tuple[str, Callable[..., Any], tuple[str, ...]]] = []
         self.consts: dict[str, np.ndarray] = {}
+        self.op_names: dict[str, str] = {}  # step -> its op (what engine/tape_memory.py reads)
 
     def type(self, name: str) -> TensorType:
         return self._types[name]
@@ -85,6 +86,7 @@ class _Recorder:
         canon = {k: check_attr(o, k, v, node=None) for k, v in (attrs or {}).items()}
         name = f"t{len(self._types)}"
         self._types[name] = t
+        self.op_names[name] = o.name
         self.steps.append((name, o.lower(canon, types), tuple(inputs)))
         return name
 
@@ -106,7 +108,17 @@ class Vjp:
     also hands each gradient to its input's cotangent (straight-line code: no tuple of
     gradients, no loop over them)."""
 
-    __slots__ = ("_outs", "_rec", "costly", "reads", "reads_y", "slots", "variants")
+    __slots__ = (
+        "_outs",
+        "_rec",
+        "costly",
+        "reads",
+        "reads_y",
+        "slots",
+        "steps",
+        "types",
+        "variants",
+    )
 
     def __init__(
         self,
@@ -144,11 +156,20 @@ class Vjp:
                 live.update(step[2])
         steps.reverse()
         self._rec = (steps, rec.consts, types)
+        # what it allocates, as engine/tape_memory.py reads it: (step, op, argument refs) in
+        # the order they run, and each ref's type
+        self.steps = tuple((name, rec.op_names[name], args) for name, _, args in steps)
+        self.types = types
         self._outs = tuple(outs)
         self.slots = tuple(k for k, d in enumerate(outs) if d is not None)  # gradients given
         self.reads = tuple(k for k in range(len(ins)) if f"x{k}" in live)  # inputs it reads
         self.reads_y = "y" in live  # whether it reads the node's value
         self.variants: dict[int, VjpFn] = {}
+
+    @property
+    def outs(self) -> tuple[str | None, ...]:
+        """The ref of each input's gradient (None where none is given)."""
+        return self._outs
 
     def variant(self, known: int) -> VjpFn:
         """The function (g, the run's values, the node's input positions, its position, the
@@ -323,6 +344,12 @@ _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
 
 def _unchecked() -> None:
     """No cancellation to check (a tape made without running)."""
+
+
+def tape(graph: Graph, key: RequestKey) -> Tape:
+    """The request's tape, made without running it where the plan cache has none (admission
+    reads its memory from it, engine/tape_memory.py; the first call then runs it)."""
+    return _TAPES.get_or_make(key, lambda: Tape(graph, key))
 
 
 def held_tape(key: RequestKey) -> Tape | None:

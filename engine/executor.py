@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -131,12 +131,19 @@ class LocalExecutor:
         return _SCHEDULES.get_or_make(key, make)
 
     def run_keyed(
-        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation | None
+        self,
+        graph: Graph,
+        key: RequestKey,
+        request: RunRequest,
+        cancel: Cancellation | None,
+        may_compile: Callable[[], bool] = lambda: True,
     ) -> RunResult:
         """Run as one inline program, `key` being `request_key(graph, request)` (a prepared
-        run holds it: the warm path builds no key)."""
+        run holds it: the warm path builds no key). `may_compile`: asked when the request
+        would tier up; False keeps it on the eager tier (its program would not fit the
+        memory its runs were admitted with)."""
         t0 = time.time()
-        values, grads = self._run_inline(graph, key, request, cancel or Cancellation())
+        values, grads = self._run_inline(graph, key, request, cancel or Cancellation(), may_compile)
         t1 = time.time()
         phase = "forward+backward" if request.wrt else "forward"
         stat = TaskStat(0, phase, t0, t1, "inline")
@@ -156,8 +163,18 @@ class LocalExecutor:
             out.values, out.grads, RunStats(self.name, time.time() - t0, parts, tasks=tasks)
         )
 
+    def compiled(self, key: RequestKey) -> bool:
+        """Whether the request's program is made: its runs are the compiled tier's (else the
+        next run is eager, unless it tiers up)."""
+        return _INLINE.get(key) is not None
+
     def _run_inline(
-        self, graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation
+        self,
+        graph: Graph,
+        key: RequestKey,
+        request: RunRequest,
+        cancel: Cancellation,
+        may_compile: Callable[[], bool] = lambda: True,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Tiers, as JIT engines have them: a request's first calls run eagerly (engine/
         eager.py: no gradient graph, no program); the TIER_UP_CALLS-th makes its program and
@@ -170,7 +187,7 @@ class LocalExecutor:
                     tp, values, grads = record(graph, key, request, cancel)
                     return values, grads
                 tp.calls += 1
-                if tp.calls < TIER_UP_CALLS:
+                if tp.calls < TIER_UP_CALLS or not may_compile():
                     return run_tape(graph, tp, request, cancel)
             except EagerOpError:
                 pass  # the program runs it: its error names the node (gradient ones too)

@@ -29,6 +29,7 @@ from graphgrad.engine.autodiff import RunRequest
 from graphgrad.engine.driver import Schedule
 from graphgrad.engine.executor import LocalExecutor, request_key
 from graphgrad.engine.ir import Graph
+from graphgrad.engine.kernel_bytes import step_extra
 from graphgrad.engine.ops import CONSTANT
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
 
@@ -50,19 +51,6 @@ class RequestMemory:
 # Kept in the plan cache's budget, beside the schedules they replay.
 _ESTIMATES: DerivedCache[RequestKey, RequestMemory] = DerivedCache("request memory")
 _PLANNER = LocalExecutor()
-# Ops whose kernel is one numpy call allocating at most its output: the ufuncs of
-# engine/ops/elementwise.py's `_unary`/`_binary`, reductions, reshape (a copy is its output),
-# broadcast_to (a view). Every other op (softmax, losses, matmul, ops added later) is counted
-# with two temporaries the size of its largest operand (a log-softmax holds x - max(x) and
-# its exponential at once).
-NO_TEMPORARY = frozenset(
-    {"neg", "exp", "log", "tanh", "sin", "cos", "sqrt", "abs", "sign"}
-    | {"add", "sub", "mul", "div", "pow", "maximum", "minimum"}
-    | {"sum", "mean", "max", "reshape", "broadcast_to"}
-)
-# numpy's iteration buffer per operand of a buffered op (a reduction over a strided axis, a
-# cast): 8192 elements of up to 8 bytes, or the operand if it is smaller.
-BUFFER_BYTES = 8192 * 8
 _ANY = np.empty(0)  # planning reads only which outputs are seeded, not the seeds
 
 
@@ -119,11 +107,7 @@ def _program_peak(
     for k, i in enumerate(mine):
         ins = input_pos[i]
         live += size[i]
-        largest, buffers = size[i], min(size[i], BUFFER_BYTES)
-        for j in ins:
-            largest = max(largest, size[j])
-            buffers += min(size[j], BUFFER_BYTES)
-        peak = max(peak, live + buffers + (0 if ops[i].name in NO_TEMPORARY else 2 * largest))
+        peak = max(peak, live + step_extra(ops[i].name, size[i], [size[j] for j in ins]))
         for j in ins:
             if last.get(j) == k and j in made and j not in keep:
                 live -= size[j]

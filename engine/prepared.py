@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphgrad.engine.autodiff import RunRequest, plan_pass
-from graphgrad.engine.errors import RequestError, name_list
+from graphgrad.engine.errors import LimitError, RequestError, name_list
 from graphgrad.engine.ir import Graph
-from graphgrad.engine.memory import request_memory
+from graphgrad.engine.memory import RequestMemory, request_memory
 from graphgrad.engine.plan_cache import RequestKey
+from graphgrad.engine.tape_memory import eager_memory
 
 if TYPE_CHECKING:
     from graphgrad.engine.session import RunOptions
@@ -51,6 +52,7 @@ class PreparedRun:
         "__weakref__",
         "_peak",
         "auto",
+        "budget",
         "feeds",
         "graph",
         "key",
@@ -65,6 +67,9 @@ class PreparedRun:
         self.feeds = tuple(feed_spec(graph, i) for i in pp.needed_inputs)
         self.seeds = tuple(feed_spec(graph, graph.index[name]) for name in key.seeded)
         self._peak: int | None = None
+        # The most bytes its runs may hold (the server's max_request_bytes, set where it is
+        # admitted): a run whose compiled program's estimate is over it stays eager.
+        self.budget: int | None = None
         self.last_seconds: float | None = None  # how long its latest run took (ran())
         # Where "auto" runs it while Ray is up, and for which (CPUs, calibration): the cost
         # model's answer is the same until one of those changes (Session.run_prepared).
@@ -100,6 +105,35 @@ class PreparedRun:
             k = self.key
             self._peak = request_memory(self.graph, k.outputs, k.wrt, k.seeded).peak
         return self._peak
+
+    def eager_memory(self) -> RequestMemory:
+        """The peak memory of its runs on the eager tier, from the tape (no gradient graph)."""
+        return eager_memory(self.graph, self.key)
+
+    def compiled_memory(self) -> RequestMemory:
+        """The peak memory of its compiled runs (local or partitioned)."""
+        k = self.key
+        return request_memory(self.graph, k.outputs, k.wrt, k.seeded)
+
+    def description(self) -> str:
+        """What a message about its memory calls it."""
+        return f"the run of {name_list(self.outputs)}" + (
+            f" with wrt {name_list(self.wrt)}" if self.wrt else ""
+        )
+
+    def check_compiled_budget(self) -> None:
+        """Raise LimitError where its compiled runs would be over its budget."""
+        if not self.may_compile():
+            mem = self.compiled_memory()
+            raise LimitError(
+                f"{self.description()} ({mem}) needs about {mem.peak} bytes, over the limit "
+                f"max_request_bytes={self.budget}",
+                limit="max_request_bytes",
+            )
+
+    def may_compile(self) -> bool:
+        """Whether its compiled runs fit its budget (asked when it would tier up)."""
+        return self.budget is None or self.peak_bytes() <= self.budget
 
     def request(
         self, feeds: Mapping[str, np.ndarray], grad_outputs: Mapping[str, np.ndarray] | None

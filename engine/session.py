@@ -30,6 +30,7 @@ from graphgrad.engine.job_manager import JobManager, ManagedJob
 from graphgrad.engine.job_reports import JobView, ResultPart
 from graphgrad.engine.job_store import MemoryJobStore
 from graphgrad.engine.kinds import ExecutorKind
+from graphgrad.engine.memory import RequestMemory
 from graphgrad.engine.ops.docs import OpInfo, op_infos
 from graphgrad.engine.plan_cache import DerivedCache
 from graphgrad.engine.planner import Explanation, describe
@@ -124,13 +125,28 @@ class Session:
         if executor == ExecutorKind.AUTO:
             executor = self._auto(prepared, request, cancel) if d.ray_ready() else "local"
         if executor == ExecutorKind.LOCAL:
-            result = d.local.run_keyed(prepared.graph, prepared.key, request, cancel)
-        else:
+            result = d.local.run_keyed(
+                prepared.graph, prepared.key, request, cancel, prepared.may_compile
+            )
+        else:  # admitted with its eager estimate if it was to run locally then
+            prepared.check_compiled_budget()
             result = d.run(prepared.graph, request, executor, cancel)
         if prepared.options.check_numerics:
             check_finite(result, request.feeds)
         prepared.ran(result.stats.wall_time)
         return result
+
+    def admission_memory(self, prepared: PreparedRun) -> RequestMemory:
+        """The peak memory of its next run: on the eager tier where it runs locally and its
+        program is not made yet (so admitting a new request builds no gradient graph; its
+        tier-up asks `prepared.may_compile`), else its compiled program's."""
+        executor, d = str(prepared.options.executor), self.dispatcher
+        local = executor == ExecutorKind.LOCAL or (
+            executor == ExecutorKind.AUTO and not d.ray_ready()
+        )
+        if local and not d.local.compiled(prepared.key):
+            return prepared.eager_memory()
+        return prepared.compiled_memory()
 
     def _auto(self, prepared: PreparedRun, request: RunRequest, cancel: Cancellation | None) -> str:
         """Where "auto" runs a prepared run while Ray is up: the dispatcher's choice (a pass

@@ -17,9 +17,8 @@ from graphgrad.engine import (
     RunResult,
     Session,
 )
-from graphgrad.engine.errors import GraphError, NotFoundError, name_list
+from graphgrad.engine.errors import GraphError, NotFoundError
 from graphgrad.engine.lru import CacheStats
-from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import PLANS
 from graphgrad.engine.planner import Explanation
 from graphgrad.engine.prepared import PreparedRun
@@ -75,15 +74,14 @@ class Runtime:
         return graph
 
     def prepare(self, graph: Graph, request: RunRequest, options: RunOptions) -> PreparedRun:
-        """The session's prepared run, refused if its peak memory, from declared shapes, is
-        over max_request_bytes (worked out once per prepared run, compared on every call)."""
+        """The session's prepared run, refused if the peak memory of its next run, from
+        declared shapes, is over max_request_bytes (each estimate worked out once per request:
+        its eager tier's from its tape, its compiled program's when it would tier up or runs
+        elsewhere; Session.admission_memory), and held to that budget afterwards."""
         prepared = self.session.prepare(graph, request, options)
-        if prepared.peak_bytes() > self.limits.max_request_bytes:
-            mem = request_memory(graph, request.outputs, request.wrt, prepared.key.seeded)
-            what = f"the run of {name_list(request.outputs)}" + (
-                f" with wrt {name_list(request.wrt)}" if request.wrt else ""
-            )
-            self.limits.check_request_bytes(mem.peak, f"{what} ({mem})")
+        mem = self.session.admission_memory(prepared)
+        self.limits.check_request_bytes(mem.peak, f"{prepared.description()} ({mem})")
+        prepared.budget = self.limits.max_request_bytes
         return prepared
 
     def run(

@@ -1,6 +1,7 @@
-"""The request memory estimate (engine/memory.py) bounds what a run allocates: tracemalloc's
-peak over a warm local run, for graphs of ufuncs, matmuls, softmaxes, reductions and losses,
-with and without gradients."""
+"""The request memory estimates bound what a run allocates: tracemalloc's peak over a warm
+local run (engine/memory.py) and over an eager one (engine/tape_memory.py), for graphs of
+ufuncs, matmuls, softmaxes, reductions and losses, with and without gradients, and random
+graphs on the eager tier."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphgrad as gg
 from graphgrad.engine import Graph, LocalExecutor, RunRequest
+from graphgrad.engine.executor import request_key
 from graphgrad.engine.memory import request_memory
+from graphgrad.engine.tape_memory import eager_memory
+
+from .strategies import random_requests
 
 Case = tuple[Graph, dict[str, np.ndarray], list[str]]
 # The run's own Python objects (dicts of values, frames, the result), which the estimate of
@@ -87,3 +94,50 @@ def test_the_estimate_bounds_the_measured_peak(make: Callable[[], Case], with_gr
     assert mem.kept - fed + PYTHON_OBJECTS >= peak
     assert mem.kept - fed <= 3 * peak  # a bound, not a guess far above it
     assert mem.peak >= max(mem.kept, mem.grads + mem.response)
+
+
+def traced_peak(run: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def eager_case(graph: Graph, request: RunRequest, recorded: bool) -> tuple[int, int]:
+    """The eager tier's estimate bounds its run's peak: a run of a tape made beforehand (as
+    admission makes it), or the first call that records its tape as it runs; and it stays
+    near the compiled programs' estimate."""
+    key = request_key(graph, request)
+    local = LocalExecutor()
+    if recorded:
+        peak = traced_peak(lambda: local.run_keyed(graph, key, request, None))
+        mem = eager_memory(graph, key)  # from the tape that run recorded
+    else:
+        mem = eager_memory(graph, key)  # makes the tape, as admission does
+        peak = traced_peak(lambda: local.run_keyed(graph, key, request, None))
+    assert not local.compiled(key)  # both were eager runs
+    fed = sum(graph.types[graph.index[n]].nbytes for n in request.feeds)
+    fed += sum(a.nbytes for a in (request.grad_outputs or {}).values())
+    assert mem.kept - fed + PYTHON_OBJECTS >= peak
+    assert mem.peak >= max(mem.kept, mem.grads + mem.response)
+    seeded = tuple(request.grad_outputs or ())
+    compiled = request_memory(graph, request.outputs, request.wrt, seeded)
+    assert mem.kept <= 2 * compiled.kept  # not far above the compiled programs' estimate
+    return mem.kept - fed, peak
+
+
+@pytest.mark.parametrize("make", [mlp, softmax_and_max, cross_entropy, hessian_vector_product])
+@pytest.mark.parametrize("recorded", [False, True])
+def test_the_eager_estimate_bounds_the_eager_runs_peak(make: Callable[[], Case], recorded: bool):
+    graph, feeds, wrt = make()
+    estimate, peak = eager_case(graph, RunRequest(("L",), feeds, tuple(wrt)), recorded)
+    assert estimate <= 3 * peak  # a bound, not a guess far above it
+
+
+@settings(max_examples=30)
+@given(random_requests(max_nodes=25, shape=(64, 64)), st.booleans())
+def test_the_eager_estimate_bounds_the_eager_runs_peak_on_random_graphs(case, recorded):
+    nodes, request = case
+    eager_case(Graph(nodes), request, recorded)

@@ -1,0 +1,111 @@
+"""The server's admission (server/runtime.py) of a request's first calls: its peak memory comes
+from the eager tier's tape (engine/eager.py), so admitting a new request does not build its
+gradient graph, a request over the limit is still refused before it runs, and one whose
+compiled program would be over the limit keeps running eagerly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import graphgrad as gg
+from graphgrad.engine import Cancellation, Graph, LimitError, RunOptions, RunRequest
+from graphgrad.engine import driver as engine_driver
+from graphgrad.engine.codegen import TIER_UP_CALLS
+from graphgrad.engine.memory import request_memory
+from graphgrad.engine.plan_cache import RequestKey
+from graphgrad.engine.tape_memory import eager_memory
+from graphgrad.server.limits import Limits
+from graphgrad.server.runtime import Runtime
+
+
+@pytest.fixture
+def gradient_graphs_built(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """A spy on the gradient transform the compiled path runs: one entry per call."""
+    calls: list[int] = []
+    real = engine_driver.grad_graph
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_driver, "grad_graph", spy)
+    yield calls
+
+
+def chain(depth: int, width: int, seed: int) -> tuple[Graph, dict[str, np.ndarray]]:
+    """A chain of tanh(h @ W + b) layers (a fresh graph per seed: nothing of it is cached)."""
+    rng = np.random.default_rng(seed)
+    with gg.Graph() as g:
+        x = gg.input("x", shape=(4, width))
+        W, b = gg.input("W", shape=(width, width)), gg.input("b", shape=(width,))
+        h = x
+        for _ in range(depth):
+            h = gg.tanh(h @ W + b)
+        gg.sum(h * float(seed), name="L")
+    feeds = {
+        "x": rng.standard_normal((4, width)),
+        "W": rng.standard_normal((width, width)) / width,
+        "b": rng.standard_normal(width),
+    }
+    return g.freeze(), feeds
+
+
+def test_the_first_runs_of_a_new_request_build_no_gradient_graph(gradient_graphs_built):
+    graph, feeds = chain(depth=50, width=16, seed=11)
+    runtime = Runtime.create()
+    request = RunRequest(("L",), feeds, ("W", "b"))
+    first = runtime.run(graph, request, RunOptions(), Cancellation())
+    for _ in range(TIER_UP_CALLS - 2):
+        runtime.run(graph, request, RunOptions(), Cancellation())
+    assert gradient_graphs_built == []  # admission and the eager tier alike
+    compiled = [runtime.run(graph, request, RunOptions(), Cancellation()) for _ in range(2)]
+    assert gradient_graphs_built == [1]  # the tier-up makes the program, once
+    for later in compiled:  # the compiled program gives the eager tier's gradients, bit for bit
+        for name in ("W", "b"):
+            np.testing.assert_array_equal(later.grads[name], first.grads[name])
+
+
+def test_a_new_request_over_the_limit_is_refused_before_it_runs(gradient_graphs_built):
+    graph, feeds = chain(depth=50, width=16, seed=12)
+    runtime = Runtime.create(Limits(max_request_bytes=4096))
+    with pytest.raises(LimitError, match="max_request_bytes=4096") as refused:
+        runtime.run(graph, RunRequest(("L",), feeds, ("W",)), RunOptions(), Cancellation())
+    assert refused.value.limit == "max_request_bytes"
+    assert gradient_graphs_built == []
+
+
+def hessian_vector_product() -> tuple[Graph, dict[str, np.ndarray]]:
+    """A graph whose compiled program holds more than its eager run: gradient nodes in the
+    graph itself (H v of a tanh layer's loss)."""
+    rng = np.random.default_rng(3)
+    with gg.Graph() as g:
+        x, W = gg.input("x", shape=(64, 32)), gg.input("W", shape=(32, 64))
+        v = gg.input("v", shape=(32, 64))
+        hv = gg.grad(gg.grad(gg.sum(gg.tanh(x @ W) ** 2), W), W, v)
+        gg.sum(hv * v, name="L")
+    shapes = {"x": (64, 32), "W": (32, 64), "v": (32, 64)}
+    return g.freeze(), {k: rng.standard_normal(s) for k, s in shapes.items()}
+
+
+def test_a_request_whose_program_is_over_its_budget_stays_on_the_eager_tier(
+    gradient_graphs_built,
+):
+    graph, feeds = hessian_vector_product()
+    request = RunRequest(("L",), feeds, ("W", "v"))
+    key = RequestKey(graph.serial, ("L",), ("W", "v"), ())
+    eager, compiled = eager_memory(graph, key).peak, request_memory(graph, ["L"], ["W", "v"]).peak
+    assert eager < compiled
+    gradient_graphs_built.clear()  # (the compiled estimate above built it)
+    runtime = Runtime.create(Limits(max_request_bytes=(eager + compiled) // 2))
+    results = [
+        runtime.run(graph, request, RunOptions(), Cancellation()) for _ in range(TIER_UP_CALLS + 2)
+    ]
+    assert not runtime.dispatcher.local.compiled(key)
+    assert gradient_graphs_built == []
+    for later in results[1:]:
+        for name in ("W", "v"):
+            np.testing.assert_array_equal(later.grads[name], results[0].grads[name])
