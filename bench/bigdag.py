@@ -11,12 +11,15 @@
    validation not included) against a warm call (target <= 3), in wall time and, since the
    machine may be shared, in this thread's CPU time (a warm call's once its compiled code is
    specialized, as in the wall-time median), with the first call's parts measured apart on
-   another graph; and the call on which the gradient graph and program are made and compiled
-   (engine/codegen.py TIER_UP_CALLS).
+   another graph; the call on which the gradient graph and program are made and compiled
+   (engine/codegen.py TIER_UP_CALLS); and what a server's admission of the request costs: its
+   memory estimate from the eager tier's tape (engine/tape_memory.py) against the compiled
+   programs' estimate (engine/memory.py: the gradient graph and schedule), in CPU time.
 2. 800 nodes in 100 layers of 8; each node is tanh(a @ W_k + b) with a and b drawn from the
    previous layer; loss = sum of mean(h^2) over the last layer; gradients for all 16 weight
    matrices. Targets: first remote call (graph upload included) <= 2 x in-process; later
-   calls <= 1.2 x. Beside them, the server's own run time (RunStats) and the rest of each call.
+   calls <= 1.2 x. Beside them, the server's own run time (RunStats) and the rest of each call,
+   and the admission's memory estimate as in part 1, on fresh copies of graph 0.
 
     python bench/bigdag.py [--executor local|ray|auto] [--k 100000] [--skip-remote]
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +42,10 @@ from graphgrad.engine import Graph, LocalExecutor, Node, RunRequest
 from graphgrad.engine.autodiff import plan_pass
 from graphgrad.engine.cancel import Cancellation
 from graphgrad.engine.codegen import TIER_UP_CALLS
-from graphgrad.engine.eager import Tape, run_tape
+from graphgrad.engine.eager import Tape, held_tape, run_tape
 from graphgrad.engine.executor import request_key
+from graphgrad.engine.memory import request_memory
+from graphgrad.engine.tape_memory import tape_peak
 
 WIDTH, DEPTH, WEIGHTS, N, D = 8, 100, 16, 64, 128
 
@@ -161,6 +167,33 @@ def first_call_parts(spec: list[tuple[str, tuple[int, ...]]], request: RunReques
     )
 
 
+def admission_line(fresh: Callable[[], Graph], request: RunRequest, times: int) -> str:
+    """What the server's admission of a new request costs, in this thread's CPU time, medians
+    over `times` fresh graphs: its memory estimate from the eager tier's tape (the tape is
+    then the first call's, which would otherwise make it as it runs) against the compiled
+    programs' estimate (the gradient graph and schedule, which admission used to build)."""
+    eager, tape, compiled = [], [], []
+    cpu = time.thread_time
+    for _ in range(times):
+        graph = fresh()
+        key = request_key(graph, request)
+        t = cpu()
+        made = held_tape(key) or Tape(graph, key)
+        tape.append(cpu() - t)
+        tape_peak(graph, made)
+        eager.append(cpu() - t)
+        graph = fresh()
+        t = cpu()
+        request_memory(graph, request.outputs, request.wrt)
+        compiled.append(cpu() - t)
+    e, m, c = (float(np.median(x)) for x in (eager, tape, compiled))
+    return (
+        f"admission's memory estimate in CPU time: from the tape {e * 1e3:7.1f} ms (the tape "
+        f"{m * 1e3:.1f} ms of it)   from the gradient graph {c * 1e3:7.1f} ms   "
+        f"gradient graph / tape = {c / e:.1f}"
+    )
+
+
 def bench_k(k: int, calls: int) -> None:
     spec, feeds = k_dag(k)
     wrt = tuple(f"n{i}" for i in range(8))
@@ -222,6 +255,7 @@ def bench_k(k: int, calls: int) -> None:
         f"{float(np.median(warm_cpu)) * 1e3:7.1f} ms   first / warm = {cpu_ratio:.2f}"
     )
     print(first_call_parts(spec, request))
+    print(admission_line(lambda: k_graph(spec), RunRequest(("loss",), {}, wrt), 1))
     print(
         f"call {TIER_UP_CALLS} (gradient graph + program + compile + run) {tier_up * 1e3:7.1f} ms"
         f"   tier-up / warm = {tier_up / ours:.2f}"
@@ -280,6 +314,9 @@ def main() -> None:
                 f"{(med['remote'] - run) * 1e3:.1f} ms)"
             )
             client.close()
+    loss, _, wrt = big_dag(0)
+    nodes = loss.graph.freeze().nodes
+    print(admission_line(lambda: Graph(nodes), RunRequest(("loss",), {}, tuple(wrt)), 5))
     first, later = float(np.median(firsts)), float(np.median(laters))
     verdict = {True: "OK", False: "MISSED"}
     print(f"first call / in-process = {first:.2f}   target <= 2.0   {verdict[first <= 2]}")

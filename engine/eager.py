@@ -56,7 +56,12 @@ SIGNATURE_BYTES = 16 << 10
 
 
 class EagerOpError(Exception):
-    """An op failed in the eager tier: the lowered program runs the request to name it."""
+    """An op failed in the eager tier: the lowered program runs the request to name it.
+    `node`: the node whose op or VJP failed, where known (`gradient`: its VJP)."""
+
+    def __init__(self, message: str, node: str | None = None, gradient: bool = False) -> None:
+        super().__init__(message)
+        self.node, self.gradient = node, gradient
 
 
 def _fold(value: Any) -> np.ndarray:
@@ -547,6 +552,7 @@ def run_tape(
     die_at, dying = tp.die_at, tp.dying
     d = 0  # the next death
     nxt = die_at[0]
+    i = -1
     try:
         with np.errstate(all="ignore"):  # NaN and infinity are values like any other
             for k, i, kind, fn, ins in zip(
@@ -562,11 +568,12 @@ def run_tape(
                     del v[dying[d]]
                     d += 1
                     nxt = die_at[d]
+            i = -1  # (the backward pass names its own node)
             grads = _backward(graph, tp, v, seeds, check, d) if pp.wrt else {}
     except GraphError:
         raise  # cancelled, or a deadline passed: not an op's fault
     except (ValueError, ArithmeticError) as e:
-        raise EagerOpError(str(e)) from e
+        raise EagerOpError(str(e), graph.nodes[i].name if i >= 0 else None) from e
     return {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
 
 
@@ -613,30 +620,36 @@ def _backward(
     keep, die_at, dying = tp.keep, tp.die_at, tp.dying
     nxt = die_at[d]
     since = CHECK_EVERY
-    for k, i, vjp, ins, kmask, name in zip(
-        itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
-    ):
-        p: Any = cot.pop(i, None)
-        if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
-            if p.__class__ is tuple:
-                _, _, g, gk = p
-            else:
-                g, gk = _total(p, types[i])
-            if i in keep:
-                totals[i] = g
-            if since >= CHECK_EVERY or vjp.costly:
-                check()
-                since = 0
-            since += 1
-            fn = vjp.variants.get(kmask | gk)
-            if fn is None:
-                fn = vjp.variant(kmask | gk)
-            fn(g, v, ins, i, cot, name)
-            g = p = None  # nothing held past its last use
-        while nxt == k:
-            del v[dying[d]]
-            d += 1
-            nxt = die_at[d]
+    name = ""
+    try:
+        for k, i, vjp, ins, kmask, name in zip(
+            itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
+        ):
+            p: Any = cot.pop(i, None)
+            if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
+                if p.__class__ is tuple:
+                    _, _, g, gk = p
+                else:
+                    g, gk = _total(p, types[i])
+                if i in keep:
+                    totals[i] = g
+                if since >= CHECK_EVERY or vjp.costly:
+                    check()
+                    since = 0
+                since += 1
+                fn = vjp.variants.get(kmask | gk)
+                if fn is None:
+                    fn = vjp.variant(kmask | gk)
+                fn(g, v, ins, i, cot, name)
+                g = p = None  # nothing held past its last use
+            while nxt == k:
+                del v[dying[d]]
+                d += 1
+                nxt = die_at[d]
+    except GraphError:
+        raise  # cancelled, or a deadline passed: not an op's fault
+    except (ValueError, ArithmeticError) as e:  # a VJP failed: its node named
+        raise EagerOpError(str(e), name, gradient=True) from e
     grads: dict[str, np.ndarray] = {}
     for w in pp.wrt:
         name = nodes[w].name

@@ -22,7 +22,7 @@ from graphgrad.engine.driver import (
     schedule,
 )
 from graphgrad.engine.eager import EagerOpError, held_tape, record, run_tape
-from graphgrad.engine.errors import RequestError
+from graphgrad.engine.errors import ExecutionError, RequestError
 from graphgrad.engine.ir import Graph
 from graphgrad.engine.plan_cache import DerivedCache, RequestKey
 from graphgrad.engine.planner import MAX_PARTITIONS, Plan, partition, single_partition
@@ -189,8 +189,12 @@ class LocalExecutor:
                 tp.calls += 1
                 if tp.calls < TIER_UP_CALLS or not may_compile():
                     return run_tape(graph, tp, request, cancel)
-            except EagerOpError:
-                pass  # the program runs it: its error names the node (gradient ones too)
+            except EagerOpError as e:
+                # The program runs it: its error names the node (gradient ones too), unless
+                # the program is over the memory this run was admitted with.
+                if e.node is not None and not may_compile():
+                    where = "the gradient of its op" if e.gradient else "its op"
+                    raise ExecutionError(f"{where} failed: {e}", node=e.node) from e
 
             def make() -> InlineProgram:
                 sched = self.plan(graph, request, cancel)[1]

@@ -51,6 +51,7 @@ class PreparedRun:
     __slots__ = (
         "__weakref__",
         "_peak",
+        "admitted_bytes",
         "auto",
         "budget",
         "feeds",
@@ -70,6 +71,7 @@ class PreparedRun:
         # The most bytes its runs may hold (the server's max_request_bytes, set where it is
         # admitted): a run whose compiled program's estimate is over it stays eager.
         self.budget: int | None = None
+        self.admitted_bytes = 0  # the peak memory its latest admission counted
         self.last_seconds: float | None = None  # how long its latest run took (ran())
         # Where "auto" runs it while Ray is up, and for which (CPUs, calibration): the cost
         # model's answer is the same until one of those changes (Session.run_prepared).

@@ -81,7 +81,7 @@ class Runtime:
         prepared = self.session.prepare(graph, request, options)
         mem = self.session.admission_memory(prepared)
         self.limits.check_request_bytes(mem.peak, f"{prepared.description()} ({mem})")
-        prepared.budget = self.limits.max_request_bytes
+        prepared.budget, prepared.admitted_bytes = self.limits.max_request_bytes, mem.peak
         return prepared
 
     def run(

@@ -90,7 +90,7 @@ def padded(runtime: Runtime, members: Sequence[Pending], most: int) -> int:
     """The rows members are stacked at: padded to a few sizes where one row's peak memory
     (a member's, as its run slot admitted it) keeps the padding small."""
     m = members[0]
-    row = runtime.prepare(m.graph, m.request, m.options).peak_bytes()  # a cache lookup
+    row = runtime.prepare(m.graph, m.request, m.options).admitted_bytes  # a cache lookup
     return stack_size(len(members), most, row)
 
 

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine import Cancellation, Graph, LimitError, RunOptions, RunRequest
+from graphgrad.engine import (
+    Cancellation,
+    ExecutionError,
+    Graph,
+    LimitError,
+    RunOptions,
+    RunRequest,
+)
 from graphgrad.engine import driver as engine_driver
 from graphgrad.engine.codegen import TIER_UP_CALLS
 from graphgrad.engine.memory import request_memory
@@ -78,17 +85,23 @@ def test_a_new_request_over_the_limit_is_refused_before_it_runs(gradient_graphs_
     assert gradient_graphs_built == []
 
 
-def hessian_vector_product() -> tuple[Graph, dict[str, np.ndarray]]:
+def hessian_vector_product(failing: bool = False) -> tuple[Graph, dict[str, np.ndarray]]:
     """A graph whose compiled program holds more than its eager run: gradient nodes in the
-    graph itself (H v of a tanh layer's loss)."""
+    graph itself (H v of a tanh layer's loss); `failing`: plus the max of an empty axis,
+    which fails as it runs."""
     rng = np.random.default_rng(3)
     with gg.Graph() as g:
         x, W = gg.input("x", shape=(64, 32)), gg.input("W", shape=(32, 64))
         v = gg.input("v", shape=(32, 64))
         hv = gg.grad(gg.grad(gg.sum(gg.tanh(x @ W) ** 2), W), W, v)
-        gg.sum(hv * v, name="L")
+        if failing:
+            bad = gg.sum(gg.max(gg.input("empty", shape=(0, 3)), axis=0, name="max"))
+            gg.add(gg.sum(hv * v), bad, name="L")
+        else:
+            gg.sum(hv * v, name="L")
     shapes = {"x": (64, 32), "W": (32, 64), "v": (32, 64)}
-    return g.freeze(), {k: rng.standard_normal(s) for k, s in shapes.items()}
+    feeds = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    return g.freeze(), feeds | ({"empty": np.zeros((0, 3))} if failing else {})
 
 
 def test_a_request_whose_program_is_over_its_budget_stays_on_the_eager_tier(
@@ -109,3 +122,20 @@ def test_a_request_whose_program_is_over_its_budget_stays_on_the_eager_tier(
     for later in results[1:]:
         for name in ("W", "v"):
             np.testing.assert_array_equal(later.grads[name], results[0].grads[name])
+
+
+def test_an_op_failing_eagerly_is_named_without_the_program_over_the_budget(
+    gradient_graphs_built,
+):
+    graph, feeds = hessian_vector_product(failing=True)
+    request = RunRequest(("L",), feeds, ("W", "v"))
+    key = RequestKey(graph.serial, ("L",), ("W", "v"), ())
+    eager, compiled = eager_memory(graph, key).peak, request_memory(graph, ["L"], ["W", "v"]).peak
+    assert eager < compiled
+    gradient_graphs_built.clear()
+    runtime = Runtime.create(Limits(max_request_bytes=(eager + compiled) // 2))
+    for _ in range(TIER_UP_CALLS + 1):
+        with pytest.raises(ExecutionError, match="zero-size array") as failed:
+            runtime.run(graph, request, RunOptions(), Cancellation())
+        assert failed.value.node == "max"
+    assert gradient_graphs_built == []
