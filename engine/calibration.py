@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,11 @@ DTYPES = ("float64", "float32")
 # larger ones go through the object store. The probe's export is well past it.
 INLINE_BYTES = 100 << 10
 STORE_OBJECT_PROBE_BYTES = 256 << 10
+
+if TYPE_CHECKING:  # the executor probe's request and schedule (imported where they run)
+    from graphgrad.engine.autodiff import RunRequest
+    from graphgrad.engine.driver import Schedule
+    from graphgrad.engine.ir import Graph
 
 log = logging.getLogger("graphgrad.calibration")
 
@@ -594,7 +599,6 @@ def _ray_probes(ray: Any) -> RayFigures:
     ray.get(refs)
     small = np.ones(16)
     put = WALL(lambda: ray.put(small))
-    latency, driver, daemon = _executor_probe(put, submit, overhead)
 
     # A tensor from the task writing it to the task reading it, against a tiny one.
     def handed_over(nbytes: int) -> float:
@@ -602,6 +606,10 @@ def _ray_probes(ray: Any) -> RayFigures:
 
     big = 32 << 20
     store = big / max(handed_over(big) - handed_over(8), 1e-9)
+    paid = Calibration(
+        store_bytes_per_s=store, put_overhead_s=put, submit_s=submit, task_overhead_s=overhead
+    )
+    latency, driver, daemon = _executor_probe(paid)
     store_object = max(0.0, through_store - overhead - STORE_OBJECT_PROBE_BYTES / store)
 
     # A chain of tasks, each reading the export of the one before: through the store, a
@@ -633,34 +641,61 @@ def _ray_probes(ray: Any) -> RayFigures:
     )
 
 
-def _executor_probe(put_s: float, submit_s: float, overhead_s: float) -> tuple[float, ...]:
-    """From the Ray executor itself running a request of tiny nodes in one partition (the
-    feeds put, its forward and backward tasks submitted, each waiting for what it reads,
-    the driver's get of the result): a dependency's latency, what the run takes beyond the
-    puts, submits and task overheads, per wait (three: forward, backward, the driver's
-    get); and the CPU the driver (this process, every thread) and the Ray daemons it
-    started (none when it joined a running Ray: engine/proc_cpu.py) spend per task."""
+def probe_request() -> tuple[Graph, RunRequest]:
+    """The executor probe's request (a Graph and a RunRequest): a few tiny nodes, one
+    partition, so its run is Ray's costs and waits and next to no work."""
     from graphgrad.engine.autodiff import RunRequest
     from graphgrad.engine.ir import Graph, Node
-    from graphgrad.engine.ray_executor import RayExecutor  # joins the Ray running here
 
     nodes = [Node(n, "input", shape=(16,), dtype="float64") for n in ("x", "w")]
     nodes += [Node("xw", "mul", ("x", "w")), Node("h", "tanh", ("xw",))]
     graph = Graph([*nodes, Node("loss", "sum", ("h",))])
     request = RunRequest(("loss",), {"x": np.full(16, 0.5), "w": np.full(16, 0.5)}, ("w",))
+    return graph, request
+
+
+def latency_from_run(run_s: float, sched: Schedule, cal: Calibration) -> float:
+    """A dependency's latency from the Ray executor's run of `sched` taking `run_s`: the
+    latency with which engine/simulator.py, given `cal`'s puts, submits and task overheads,
+    predicts that run beyond its nodes' work. Its waits: each task's, from its submit or
+    from the task it reads, and the driver's get of the result."""
+    from graphgrad.engine.simulator import Cluster, predict_schedule  # it costs with this module
+
+    def beyond_work(latency: float) -> float:
+        p = predict_schedule(sched, Cluster(1, 1), dataclasses.replace(cal, task_latency_s=latency))
+        return p.makespan - p.one_cpu
+
+    paid = beyond_work(0.0)
+    waits = beyond_work(1.0) - paid  # the probe is a chain: every wait is on its path
+    return max(0.0, (run_s - paid) / waits)
+
+
+def _executor_probe(cal: Calibration) -> tuple[float, ...]:
+    """From the Ray executor itself running `probe_request` (the feeds put, its forward and
+    backward tasks submitted, each waiting for what it reads, the driver's get of the
+    result), with `cal`'s puts, submits and task overheads: a dependency's latency
+    (`latency_from_run`); and the CPU the driver (this process, every thread) and the Ray
+    daemons it started (none when it joined a running Ray: engine/proc_cpu.py) spend per
+    task."""
+    from graphgrad.engine.ray_executor import RayExecutor  # joins the Ray running here
+    from graphgrad.engine.simulator import schedule_tasks
+
+    graph, request = probe_request()
     executor = RayExecutor()
     _, sched = executor.plan(graph, request)
-    tasks = len(sched.tasks) - 1  # the last is the caller's, in the driver
+    tasks, _, objects = schedule_tasks(sched, cal)
+    workers = sum(not t.on_caller for t in tasks)
     run = Timer(7, 0.05, time.perf_counter)(lambda: executor.run(graph, request))
-    latency = max(0.0, (run - put_s - tasks * (submit_s + overhead_s)) / (tasks + 1))
+    latency = latency_from_run(run, sched, cal)
     daemons = proc_cpu.daemons()
     runs = max(20, int(0.5 / max(run, 1e-4)))  # long enough for /proc's clock ticks
     driver, spent = time.process_time(), proc_cpu.cpu_seconds(daemons)
     for _ in range(runs):
         executor.run(graph, request)
     driver, spent = time.process_time() - driver, proc_cpu.cpu_seconds(daemons) - spent
-    driver = max(driver / runs - put_s, 0.0)  # its put is the staging the simulator charges
-    return latency, driver / tasks, max(spent, 0.0) / (runs * tasks)
+    # Its puts are the staging the simulator charges.
+    driver = max(driver / runs - objects * cal.put_overhead_s, 0.0)
+    return latency, driver / workers, max(spent, 0.0) / (runs * workers)
 
 
 def measure(quick: bool = False, ray_cpus: int | None = None) -> Calibration:

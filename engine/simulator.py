@@ -1,9 +1,10 @@
 """Plan simulator: predict how long a request or a training job takes on a cluster.
 
 A discrete-event replay of the task DAG as Ray runs it. The caller stages the fed inputs
-into the object store (on its node), then every task runs on the first CPU that can start
-it (a CPU of the node holding most of its inputs wins a tie, as Ray's locality-aware
-scheduling does). A task starts when its CPU is free and its inputs have arrived: each
+into the object store (on its node) and submits the tasks; a task reaches a worker one
+task-to-task latency after its submit and runs on the first CPU that can start it (a CPU
+of the node holding most of its inputs wins a tie, as Ray's locality-aware scheduling
+does). A task starts when its CPU is free and its inputs have arrived: each
 upstream task's exports one task-to-task latency after it ended, plus bytes / network
 bandwidth when they come from another node. On its CPU it costs the per-task overhead, its
 nodes' compute (the calibrated cost model) and writing its exports into the object store.
@@ -118,6 +119,9 @@ class SimTask:
     fed_bytes: int = 0  # fed inputs it reads (staged by the caller)
     out_bytes: int = 0  # exports it writes into the object store
     on_caller: bool = False  # runs in the driver: no CPU slot, no task overhead
+    # Submitted by the driver once it has got its upstream's results (a training chunk's
+    # next segment), not with the tasks it submits at the start.
+    after_get: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,16 @@ def simulate(
     store, net = cal.store_bytes_per_s, cluster.network_bytes_per_s
     shared = shares_cpus(cal, cluster)
     staged_at = staged_objects * cal.put_overhead_s + staged_bytes / store
-    submitted = [staged_at + (k + 1) * cal.submit_s for k in range(n)]
+    submitted, upfront = [], 0  # the tasks submitted at the start, one after another
+    for t in tasks:
+        upfront += not t.after_get
+        submitted.append(staged_at + upfront * cal.submit_s)
+    # A worker task starts one latency after its submit at the earliest, as it starts one
+    # after the end of a task it reads: Ray leases it a worker and pushes it there.
+    reachable = [
+        at + (0.0 if t.on_caller else cal.task_latency_s)
+        for at, t in zip(submitted, tasks, strict=True)
+    ]
     # Per node: a heap of (free at, cpu) over the CPUs used so far, and how many are unused
     # (free from the start), so a large cluster costs only the CPUs the tasks occupy.
     busy: list[list[tuple[float, int]]] = [[] for _ in range(cluster.nodes)]
@@ -201,7 +214,7 @@ def simulate(
                 raise ValueError(f"task {k} ({t.name}) depends on task {d}, not an earlier one")
             consumers[d].append(k)
     across = 0
-    ready = [(submitted[k], k) for k, t in enumerate(tasks) if not t.deps]
+    ready = [(reachable[k], k) for k, t in enumerate(tasks) if not t.deps]
     heapq.heapify(ready)
     while ready:
         _, k = heapq.heappop(ready)  # earliest ready first, then submission order
@@ -215,12 +228,12 @@ def simulate(
             nodes = range(cluster.nodes)
         best: tuple[float, int, int, int] | None = None  # (start, -local bytes, node, cpu)
         for node in nodes:
-            arrive, local, waited = submitted[k], 0, -1
+            arrive, local, waited = reachable[k], 0, -1
             if t.fed_bytes:
                 arrive = max(arrive, staged_at + (t.fed_bytes / net if node else 0.0))
                 local += t.fed_bytes if node == 0 else 0
             for d, nbytes in t.deps:
-                at = end[d] + dependency_wait(nbytes, cal)  # the driver's get waits as a task
+                at = end[d] + dependency_wait(nbytes, cal, t)  # the driver's get waits as a task
                 if where[d][0] != node:
                     at += nbytes / net
                 else:
@@ -259,11 +272,11 @@ def simulate(
             missing[c] -= 1
             if missing[c] == 0:
                 dep_ready = max(end[d] for d, _ in tasks[c].deps)
-                heapq.heappush(ready, (max(dep_ready, submitted[c]), c))
+                heapq.heappush(ready, (max(dep_ready, reachable[c]), c))
     if any(missing):
         raise ValueError("the task DAG has a task whose dependencies never finish")
     makespan = max(end, default=0.0) + cal.request_overhead_s
-    path, critical = _critical_path(tasks, cal, submitted)
+    path, critical = _critical_path(tasks, cal, reachable)
     workers = [t for t in tasks if not t.on_caller]
     cpus = cluster.cpus
     ray_own = len(workers) * (cal.driver_task_s + cal.daemon_task_s) if shared else 0.0
@@ -310,10 +323,14 @@ def _another_idle(busy: list[tuple[float, int]], unused: int, fresh: bool, at: f
     return unused > 0 or any(free <= at for free, _ in busy[1:3])
 
 
-def dependency_wait(nbytes: int, cal: Calibration) -> float:
+def dependency_wait(nbytes: int, cal: Calibration, reader: SimTask | None = None) -> float:
     """From a task's end to a reader's start: the latency, and longer when the export went
-    through the object store (too large for the task's reply)."""
-    return cal.task_latency_s + (cal.store_wait_s if nbytes > INLINE_BYTES else 0.0)
+    through the object store (too large for the task's reply); for a reader submitted
+    after the driver's get, that get, its submit and its way to a worker."""
+    wait = cal.task_latency_s + (cal.store_wait_s if nbytes > INLINE_BYTES else 0.0)
+    if reader is not None and reader.after_get:
+        wait += cal.submit_s + cal.task_latency_s
+    return wait
 
 
 def task_cost(t: SimTask, cal: Calibration) -> float:
@@ -329,16 +346,17 @@ def task_cost(t: SimTask, cal: Calibration) -> float:
 
 
 def _critical_path(
-    tasks: Sequence[SimTask], cal: Calibration, submitted: Sequence[float]
+    tasks: Sequence[SimTask], cal: Calibration, reachable: Sequence[float]
 ) -> tuple[tuple[str, ...], float]:
-    """The longest chain with as many CPUs as tasks, on one node (no network)."""
+    """The longest chain with as many CPUs as tasks, on one node (no network); `reachable`:
+    when each task could start at the earliest, whatever it reads."""
     finish: list[float] = []
     via: list[int] = []
     for k, t in enumerate(tasks):
-        begin, came = submitted[k], -1
+        begin, came = reachable[k], -1
         for d, nbytes in t.deps:
-            if finish[d] + dependency_wait(nbytes, cal) > begin:
-                begin, came = finish[d] + dependency_wait(nbytes, cal), d
+            if finish[d] + dependency_wait(nbytes, cal, t) > begin:
+                begin, came = finish[d] + dependency_wait(nbytes, cal, t), d
         finish.append(begin + task_cost(t, cal))
         via.append(came)
     if not tasks:
@@ -348,8 +366,8 @@ def _critical_path(
     while k >= 0:
         chain.append(tasks[k].name)
         first, k = k, via[k]
-    if submitted[first] > 0:
-        chain.append("stage and submit")  # the caller's ray.put of the inputs, .remote()s
+    if reachable[first] > 0:
+        chain.append("stage and submit")  # ray.put of the inputs, .remote()s, reaching a worker
     return tuple(reversed(chain)), max(finish)
 
 
@@ -539,6 +557,9 @@ def update_ops(optimizer: object) -> int:
     return 4 if isinstance(optimizer, SGD) and optimizer.momentum else 2
 
 
+LOSS_BYTES = 8  # a network's loss at one step, as a segment returns it (ChunkState.losses)
+
+
 def training_tasks(
     step_seconds: Callable[[int], float],
     state_bytes_per_network: int,
@@ -549,9 +570,11 @@ def training_tasks(
 ) -> tuple[list[SimTask], int]:
     """A batched training job as Ray runs it (engine/ray_training.py's RaySegmentRunner):
     `chunks` independent chains of segments, each segment a task that reads its chunk's
-    state (parameters and optimizer state) and writes it back; the first `first_segment`
-    steps long, the next sized by engine/training_run.py's `next_segment`. Also the bytes
-    staged: every chunk's first state. `step_seconds(m)`: one step of m networks."""
+    state (parameters and optimizer state) and writes it back with the loss of each of its
+    networks at each step it ran, the driver submitting a chunk's next segment once it has
+    the last one's result; the first `first_segment` steps long, the next sized by
+    engine/training_run.py's `next_segment`. Also the bytes of every chunk's first state.
+    `step_seconds(m)`: one step of m networks."""
     tasks: list[SimTask] = []
     sizes = [len(c) for c in np.array_split(np.arange(networks), chunks) if len(c)]
     for c, m in enumerate(sizes):
@@ -560,9 +583,12 @@ def training_tasks(
         done, prev, length = 0, -1, first_segment
         while done < steps:
             run = min(length, steps - done)
-            deps = ((prev, state),) if prev >= 0 else ()
+            deps = ((prev, tasks[prev].out_bytes),) if prev >= 0 else ()
             name = f"chunk {c} steps {done}-{done + run}"
-            tasks.append(SimTask(name, run * step, deps, 0 if deps else state, state))
+            out = state + m * run * LOSS_BYTES
+            tasks.append(
+                SimTask(name, run * step, deps, 0 if deps else state, out, False, bool(deps))
+            )
             prev, done = len(tasks) - 1, done + run
             length = next_segment(run, run * step, length)
     return tasks, networks * state_bytes_per_network
@@ -604,6 +630,19 @@ def predict_training(
 
     inline = steps * sum(step_seconds(m) for m in chunk_sizes(1)) + cal.request_overhead_s
     sizes = chunk_sizes(cluster.cpus)
-    tasks, staged = training_tasks(step_seconds, state, networks, steps, len(sizes))
+    tasks, _ = training_tasks(step_seconds, state, networks, steps, len(sizes))
+    staged = spec_bytes(template, params, per_network, networks, len(sizes))
     p = simulate(tasks, cal, cluster, staged, len(sizes))
     return dataclasses.replace(p, one_cpu=inline)
+
+
+def spec_bytes(
+    template: Graph, params: Sequence[str], per_network: Sequence[str], networks: int, chunks: int
+) -> int:
+    """What the driver puts into the object store for a training job, a chunk's spec at a
+    time (engine/ray_training.py): every network's initial parameters and its own data,
+    and each chunk's copy of the data the networks share."""
+    inputs = [i for i, op in enumerate(template.ops) if op is INPUT]
+    sizes = {template.nodes[i].name: template.types[i].nbytes for i in inputs}
+    own = sum(n for name, n in sizes.items() if name in {*params, *per_network})
+    return networks * own + chunks * (sum(sizes.values()) - own)

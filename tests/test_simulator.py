@@ -30,7 +30,10 @@ from graphgrad.engine.simulator import (
     predict,
     predict_schedule,
     predict_training,
+    schedule_tasks,
     simulate,
+    spec_bytes,
+    training_tasks,
 )
 
 from .test_seed import two_layer_network
@@ -58,8 +61,8 @@ def test_a_chain_takes_the_sum() -> None:
     tasks += [SimTask("b", seconds[1], ((0, 8),)), SimTask("c", seconds[2], ((1, 8),))]
     for cluster in (Cluster(1, 1), Cluster(1, 8)):  # more CPUs do not help a chain
         p = simulate(tasks, CAL, cluster)
-        assert p.makespan == pytest.approx(sum(seconds) + 3 * OH + 2 * LAT)
-        assert p.critical_path == ("a", "b", "c")
+        assert p.makespan == pytest.approx(sum(seconds) + 3 * OH + 3 * LAT)
+        assert p.critical_path == ("stage and submit", "a", "b", "c")
         assert p.critical_seconds == pytest.approx(p.makespan)
         assert p.bound == "critical path"
     assert p.one_cpu == pytest.approx(sum(seconds))
@@ -70,8 +73,8 @@ def test_independent_tasks_fill_the_cpus(cpus: int, rounds: int) -> None:
     s = 0.004
     tasks = [SimTask(f"t{k}", s) for k in range(8)]
     p = simulate(tasks, CAL, Cluster(1, cpus))
-    assert p.makespan == pytest.approx(rounds * (OH + s))
-    assert p.speedup == pytest.approx(8 * s / (rounds * (OH + s)))
+    assert p.makespan == pytest.approx(LAT + rounds * (OH + s))
+    assert p.speedup == pytest.approx(8 * s / (LAT + rounds * (OH + s)))
     assert len({(t.node, t.cpu) for t in p.timeline}) == min(cpus, 8)
 
 
@@ -90,10 +93,10 @@ def test_a_diamond_waits_for_its_slower_branch() -> None:
         SimTask("join", 0.001, ((1, 8), (2, 8))),
     ]
     p = simulate(tasks, CAL, Cluster(1, 2))
-    assert p.makespan == pytest.approx(0.001 + 0.030 + 0.001 + 3 * OH + 2 * LAT)
-    assert p.critical_path == ("top", "slow", "join")
+    assert p.makespan == pytest.approx(0.001 + 0.030 + 0.001 + 3 * OH + 3 * LAT)
+    assert p.critical_path == ("stage and submit", "top", "slow", "join")
     # On one CPU the branches take turns.
-    assert simulate(tasks, CAL, one_cpu()).makespan == pytest.approx(0.034 + 4 * OH + 2 * LAT)
+    assert simulate(tasks, CAL, one_cpu()).makespan == pytest.approx(0.034 + 4 * OH + 3 * LAT)
 
 
 def test_bytes_across_nodes_cost_bytes_over_bandwidth() -> None:
@@ -106,7 +109,7 @@ def test_bytes_across_nodes_cost_bytes_over_bandwidth() -> None:
             SimTask("right", 0.010, ((0, nbytes),)),
         ]
 
-    first, second = OH + 0.001, OH + 0.010
+    first, second = LAT + OH + 0.001, OH + 0.010
     # 5 MB cross in 5 ms, less than waiting for node 0's CPU: one reader runs on node 1.
     p = simulate(fork(5_000_000), CAL, Cluster(2, 1, net))
     assert p.makespan == pytest.approx(first + LAT + 5e6 / net + second)
@@ -124,14 +127,14 @@ def test_bytes_across_nodes_cost_bytes_over_bandwidth() -> None:
 def test_fed_inputs_are_staged_first_and_exports_written() -> None:
     tasks = [SimTask("reads feeds", 0.002, (), fed_bytes=4_000_000, out_bytes=1_000_000)]
     p = simulate(tasks, CAL, one_cpu(), staged_bytes=4_000_000)
-    assert p.makespan == pytest.approx(4e6 / 1e9 + OH + 0.002 + 1e6 / 1e9)
+    assert p.makespan == pytest.approx(4e6 / 1e9 + LAT + OH + 0.002 + 1e6 / 1e9)
 
 
 def test_exports_too_large_for_the_reply_cost_an_object_in_the_store() -> None:
     cal = dataclasses.replace(CAL, store_object_s=1.5e-3)
     for nbytes, object_s in ((INLINE_BYTES, 0.0), (INLINE_BYTES + 1, 1.5e-3)):
         p = simulate([SimTask("t", 0.002, (), out_bytes=nbytes)], cal, one_cpu())
-        assert p.makespan == pytest.approx(OH + 0.002 + nbytes / 1e9 + object_s)
+        assert p.makespan == pytest.approx(LAT + OH + 0.002 + nbytes / 1e9 + object_s)
 
 
 def test_a_dependency_through_the_store_waits_longer_than_one_in_a_reply() -> None:
@@ -139,7 +142,7 @@ def test_a_dependency_through_the_store_waits_longer_than_one_in_a_reply() -> No
     for nbytes, wait in ((INLINE_BYTES, LAT), (INLINE_BYTES + 1, LAT + 2e-3)):
         tasks = [SimTask("a", 0.003), SimTask("b", 0.001, ((0, nbytes),))]
         p = simulate(tasks, cal, Cluster(1, 2))
-        assert p.makespan == pytest.approx(OH + 0.003 + wait + OH + 0.001)
+        assert p.makespan == pytest.approx(LAT + OH + 0.003 + wait + OH + 0.001)
         assert p.critical_seconds == pytest.approx(p.makespan)
 
 
@@ -148,16 +151,92 @@ def test_the_caller_puts_feed_bundles_then_submits_one_task_at_a_time() -> None:
     tasks = [SimTask(f"t{k}", 0.004, (), fed_bytes=1000) for k in range(3)]
     p = simulate(tasks, cal, Cluster(1, 3), staged_bytes=3000, staged_objects=3)
     staged = 3 * 2e-3 + 3000 / 1e9
-    assert [t.start for t in p.timeline] == pytest.approx([staged + k * 1e-3 for k in (1, 2, 3)])
-    assert p.makespan == pytest.approx(staged + 3e-3 + OH + 0.004)
+    assert [t.start for t in p.timeline] == pytest.approx(
+        [staged + k * 1e-3 + LAT for k in (1, 2, 3)]
+    )
+    assert p.makespan == pytest.approx(staged + 3e-3 + LAT + OH + 0.004)
+
+
+def test_a_task_reaches_its_worker_one_latency_after_its_submit() -> None:
+    """As a dependency's result reaches its reader: the driver's .remote() returns before a
+    worker has the task (leased, pushed, arguments resolved)."""
+    cal = dataclasses.replace(CAL, submit_s=1e-3)
+    p = simulate([SimTask("t", 0.002)], cal, Cluster(1, 4))
+    assert p.timeline[0].start == pytest.approx(1e-3 + LAT)
+    assert p.makespan == pytest.approx(1e-3 + LAT + OH + 0.002)
+    assert p.critical_seconds == pytest.approx(p.makespan)
+
+
+def test_the_executor_probes_latency_reproduces_the_run_it_was_fitted_to() -> None:
+    """calibration.py fits a dependency's latency to the Ray executor's run of a tiny
+    one-partition request: replayed with that latency, the simulator predicts that run
+    (its puts, submits, overheads and waits; plus the nodes' work and the request's own
+    cost, which the fit leaves in the latency)."""
+    graph, request = calibration.probe_request()
+    _, sched = LocalExecutor(MIN_PARTITION_S).plan(graph, request)
+    cal = dataclasses.replace(CAL, put_overhead_s=1.3e-3, submit_s=1.7e-4, store_bytes_per_s=2e9)
+    run = 0.012
+    latency = calibration.latency_from_run(run, sched, cal)
+    assert latency > 0
+    p = predict_schedule(sched, one_cpu(), dataclasses.replace(cal, task_latency_s=latency))
+    work = sum(t.seconds for t in schedule_tasks(sched, cal)[0])
+    assert p.makespan - work - cal.request_overhead_s == pytest.approx(run)
 
 
 def test_the_caller_task_runs_in_the_driver_without_task_costs() -> None:
     """It waits for what it reads as a task would (the driver's get), then costs its work."""
     tasks = [SimTask("work", 0.003), SimTask("caller", 0.001, ((0, 8),), on_caller=True)]
     p = simulate(tasks, CAL, one_cpu())
-    assert p.makespan == pytest.approx(OH + 0.003 + LAT + 0.001)
+    assert p.makespan == pytest.approx(LAT + OH + 0.003 + LAT + 0.001)
     assert p.timeline[-1].cpu == -1
+
+
+def test_a_task_submitted_after_the_driver_gets_its_upstream_waits_for_that_round_trip() -> None:
+    """A training chunk's next segment: the driver gets the last one's result (a latency),
+    submits the next (a submit), which reaches a worker one latency later."""
+    cal = dataclasses.replace(CAL, submit_s=1e-3)
+    tasks = [SimTask("a", 0.003), SimTask("b", 0.002, ((0, 8),), after_get=True)]
+    p = simulate(tasks, cal, one_cpu())
+    a_ends = 1e-3 + LAT + OH + 0.003
+    assert p.timeline[1].start == pytest.approx(a_ends + LAT + 1e-3 + LAT)
+    assert p.makespan == pytest.approx(a_ends + 2 * LAT + 1e-3 + OH + 0.002)
+    assert p.critical_seconds == pytest.approx(p.makespan)
+    # Submitted later, it does not hold up the submits of the tasks sent at the start.
+    more = [*tasks, SimTask("c", 0.001)]
+    assert simulate(more, cal, Cluster(1, 2)).timeline[1].start == pytest.approx(2e-3 + LAT)
+
+
+def test_a_training_segment_returns_its_losses_with_its_state() -> None:
+    """Each segment writes its chunk's state and the loss of every network at every step it
+    ran (float64): the next segment reads them all, through the store when too large for a
+    reply. The first reads the state the driver staged with the chunk's data."""
+    step = 1e-3
+    tasks, staged = training_tasks(lambda m: step, 100, 40, 60, 2, first_segment=25)
+    assert [t.name for t in tasks][:2] == ["chunk 0 steps 0-25", "chunk 0 steps 25-60"]
+    first, second = tasks[0], tasks[1]
+    assert first.out_bytes == 20 * 100 + 20 * 25 * 8
+    assert second.deps == ((0, first.out_bytes),) and second.after_get
+    assert second.out_bytes == 20 * 100 + 20 * 35 * 8
+    assert first.fed_bytes == 20 * 100 and not first.after_get
+    assert staged == 40 * 100
+
+
+def test_a_training_job_stages_each_chunks_parameters_and_data() -> None:
+    """Each chunk's spec goes into the store with its networks' parameters and own data,
+    and a copy of the data they share."""
+    with gg.Graph():
+        w, x, t = (gg.input(k, shape=s) for k, s in (("w", (4,)), ("x", (3,)), ("t", (2,))))
+        loss = gg.sum((w[:2] * x[:2] - t) ** 2, name="loss")
+    _, graph, _ = build_request(loss, None, (), None)
+    assert spec_bytes(graph, ["w"], ["x"], 10, 2) == 10 * (32 + 24) + 2 * 16
+    # On two CPUs, six chunks: x staged with each network, or once per chunk when shared.
+    store = dataclasses.replace(CAL, store_bytes_per_s=1e3)
+
+    def staging_bound(per_network: list[str]) -> float:
+        p = predict_training(graph, "loss", ["w"], 10, 5, Cluster(1, 2), store, per_network)
+        return dict(p.bounds)["object store"]
+
+    assert staging_bound(["x"]) - staging_bound([]) == pytest.approx((10 - 6) * 24 / 1e3)
 
 
 # The driver's and Ray's daemons' CPU per task, and a machine of 2 cores.
@@ -171,11 +250,11 @@ def test_ray_processes_cost_the_workers_cpu_only_without_a_core_to_spare() -> No
     s = 0.004
     tasks = [SimTask(f"t{k}", s) for k in range(4)]
     on_all_cores = simulate(tasks, SHARING, Cluster(1, 2))
-    assert on_all_cores.makespan == pytest.approx(2 * (OH + s + OWN))
+    assert on_all_cores.makespan == pytest.approx(LAT + 2 * (OH + s + OWN))
     spare = dataclasses.replace(SHARING, cores=3.0)
-    assert simulate(tasks, spare, Cluster(1, 2)).makespan == pytest.approx(2 * (OH + s))
+    assert simulate(tasks, spare, Cluster(1, 2)).makespan == pytest.approx(LAT + 2 * (OH + s))
     unknown = dataclasses.replace(SHARING, cores=0.0)  # the defaults' case: never charged
-    assert simulate(tasks, unknown, Cluster(1, 2)).makespan == pytest.approx(2 * (OH + s))
+    assert simulate(tasks, unknown, Cluster(1, 2)).makespan == pytest.approx(LAT + 2 * (OH + s))
     cpu_bound = dict(on_all_cores.bounds)["cpu"]
     assert cpu_bound == pytest.approx(4 * (s + OWN) / 2)
 
@@ -189,13 +268,13 @@ def test_the_caller_task_waits_for_a_cpu_without_a_core_to_spare() -> None:
     ]
     one = dataclasses.replace(SHARING, cores=1.0)
     p = simulate(tasks, one, one_cpu())
-    long_ends = 2 * (OH + OWN) + 0.001 + 0.010
+    long_ends = LAT + 2 * (OH + OWN) + 0.001 + 0.010
     assert p.makespan == pytest.approx(long_ends + 0.002)
     assert p.timeline[-1].cpu == 0
     free = simulate(tasks, dataclasses.replace(one, cores=2.0), one_cpu())
     caller = next(t for t in free.timeline if t.name == "caller")
-    assert (caller.cpu, caller.start) == (-1, pytest.approx(OH + 0.001 + LAT))
-    assert free.makespan == pytest.approx(2 * OH + 0.011)  # the long task ends last
+    assert (caller.cpu, caller.start) == (-1, pytest.approx(LAT + OH + 0.001 + LAT))
+    assert free.makespan == pytest.approx(LAT + 2 * OH + 0.011)  # the long task ends last
 
 
 @pytest.mark.parametrize(
