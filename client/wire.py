@@ -209,7 +209,7 @@ def decode_exact(
         if (
             t is None
             or t.dtype != _NATIVE_WIRE.get(spec.dtype)
-            or t.shape != list(spec.shape)
+            or t.shape != spec.shape_list
             or (max_bytes is not None and spec.nbytes > max_bytes)
         ):
             return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FunctionType, MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +36,18 @@ V = TypeVar("V")
 class PlanKey:
     cache: str  # the DerivedCache's name
     key: Hashable
+    # Worked out once: a key is hashed on every lookup of a request's path (a server's Run
+    # looks up several); never pickled (a string's hash differs from process to process).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.cache, self.key)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type, tuple[str, Hashable]]:
+        return PlanKey, (self.cache, self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +59,18 @@ class RequestKey:
     outputs: tuple[str, ...]
     wrt: tuple[str, ...]
     seeded: tuple[str, ...]
+    _hash: int = field(init=False, repr=False, compare=False)  # as PlanKey's
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.graph, self.outputs, self.wrt, self.seeded)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(
+        self,
+    ) -> tuple[type, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+        return RequestKey, (self.graph, self.outputs, self.wrt, self.seeded)
 
 
 def approx_bytes(obj: Any) -> int:

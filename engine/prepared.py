@@ -10,7 +10,7 @@ plain `run` repeats: building cache keys, choosing the executor, estimating memo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +34,12 @@ class FeedSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
     nbytes: int
+    # `shape` as a list, made once: a wire decoder compares each request's repeated shape
+    # field with it (~0.3 us a feed quicker than building a list or tuple per request)
+    shape_list: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape_list", list(self.shape))
 
 
 @dataclass(frozen=True, slots=True)

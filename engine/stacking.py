@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,17 @@ class StackKey:
     request: RequestKey
     feeds: tuple[str, ...]
     executor: ExecutorKind
+    # Worked out once: a batcher looks its key up several times a request (plan_cache's PlanKey)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.request, self.feeds, self.executor)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type, tuple[RequestKey, tuple[str, ...], ExecutorKind]]:
+        return StackKey, (self.request, self.feeds, self.executor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,21 @@ class Admission:
         refuses (the caller then takes the ordinary way, `slot`)."""
         return SlotNow(self)
 
+    def take_now(self) -> bool:
+        """A slot if one is free now (True: taken, give_back() it), else False at once: never
+        waits, never refuses. slot_now() without its object, for the quick path."""
+        with self._cond:
+            if self.active >= self.slots:
+                return False
+            self.active += 1
+            return True
+
+    def give_back(self) -> None:
+        """Give back a slot taken with take_now()."""
+        with self._cond:
+            self.active -= 1
+            self._cond.notify()
+
     @contextmanager
     def slot(self, timeout: float | None = None, call: CallContext | None = None) -> Iterator[None]:
         """Hold a slot for the body; wait at most `timeout` seconds (the caller's deadline),

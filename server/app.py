@@ -138,7 +138,7 @@ class Quick:
     guess), and its admission slot taken only if free now."""
 
     is_quick: Callable[[Any], bool]
-    slot_now: Callable[[], AbstractContextManager[bool]]
+    runs: Admission  # its slot is taken with take_now() and given back with give_back()
 
 
 @dataclass(frozen=True)
@@ -147,13 +147,9 @@ class Batched:
     servicer's `member(request, call, finish)` (None: the call runs alone the ordinary way),
     the batcher, and the admission slot taken only if free now."""
 
-    member: Callable[[Any, CallContext, Callable[[Callable[[], Any]], Any]], Any]
+    member: Callable[[Any, CallContext, Callable[[Callable[[Any, CallContext], Any]], Any]], Any]
     batcher: Batcher[Any, Any, Any]
     slot_now: Callable[[], SlotNow]
-
-
-def _held(call: Any) -> AbstractContextManager[None]:
-    return nullcontext()  # the slot is held already
 
 
 def _handler(
@@ -182,17 +178,20 @@ def _handler(
         call: CallContext,
         started: float,
         request: Any,
-        respond: Callable[[Any], Any],
-        hold: Callable[[Any], AbstractContextManager[None]] = _held,
+        respond: Callable[[Any, CallContext], Any],
+        hold: Callable[[Any], AbstractContextManager[None]] | None = None,
     ) -> bytes | grpc.Status:
-        """`respond(request)`'s response serialized, or its error as a status; recorded either
-        way. Under `hold(call)` (a run may wait there for a slot, in its thread), `request` None
-        is parsed first."""
+        """`respond(request, call)`'s response serialized, or its error as a status; recorded
+        either way. Under `hold(call)` (a run may wait there for a slot, in its thread; None:
+        the slot is held already), `request` None is parsed first."""
         try:
-            with hold(call):
-                request = _parse(raw, request_type) if request is None else request
-                response = respond(request)
-                out: bytes = response.SerializeToString()
+            if hold is None:  # on the loop, on every quick call's path: no context object
+                response = respond(request, call)
+            else:
+                with hold(call):
+                    request = _parse(raw, request_type) if request is None else request
+                    response = respond(request, call)
+            out: bytes = response.SerializeToString()
         except Exception as e:
             status = to_status(e, call)
             _record(method, status, started, (len(raw), 0), (request, None), e)
@@ -215,7 +214,7 @@ def _handler(
                 joined = batched.member(
                     request,
                     call,
-                    lambda respond: answered(raw, call, started, request, lambda _: respond()),
+                    lambda respond: answered(raw, call, started, request, respond),
                 )
         except Exception:  # malformed or failing a check: the ordinary way reports it
             joined = None
@@ -232,10 +231,8 @@ def _handler(
             raise
         return out
 
-    def work(
-        raw: bytes, call: CallContext, started: float, parsed: Any = None, hold: Any = guard
-    ) -> bytes | grpc.Status:
-        return answered(raw, call, started, parsed, lambda request: impl(request, call), hold)
+    def work(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status:
+        return answered(raw, call, started, None, impl, guard)
 
     def on_loop(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
         """The answer, worked out here on the loop when the request is quick and a run slot
@@ -249,8 +246,12 @@ def _handler(
                 return None
         except Exception:  # malformed: the pool's way reports it
             return None
-        with quick.slot_now() as taken:
-            return work(raw, call, started, request, _held) if taken else None
+        if not quick.runs.take_now():
+            return None
+        try:
+            return answered(raw, call, started, request, impl)
+        finally:
+            quick.runs.give_back()
 
     async def unary(raw: bytes, context: Any) -> Any:
         started = time.perf_counter()
@@ -314,7 +315,7 @@ def service_handler(
         is_quick = getattr(servicer, "quick", {}).get(m.name)
         if is_quick is None or m.server_streaming or m.name not in RUN_METHODS:
             return None
-        return Quick(is_quick, guards.runs.slot_now)
+        return Quick(is_quick, guards.runs)
 
     def batched(m: Any) -> Batched | None:
         member = getattr(servicer, "batched", {}).get(m.name)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from graphgrad.engine import CancelReason
+from graphgrad.engine import Cancellation, CancelReason
 
 Callback = Callable[[], None]
 
@@ -25,6 +25,7 @@ class CallContext:
         self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self._inflight = inflight
         self._callbacks: list[Callback] = []
+        self._cancels: list[Cancellation] = []  # cancelled when the call ends (cancellation())
         self.reason: CancelReason | None = None  # why the call ended, once it has
         self._lock = threading.Lock()
 
@@ -41,6 +42,20 @@ class CallContext:
         callback()
         return True
 
+    def cancellation(self) -> Cancellation:
+        """What stops the call's work: its deadline passes, or the call ends (cancelled with
+        the call's `reason`). Made for every Run: no callback closure, the call holds it."""
+        cancel = Cancellation(deadline=self._deadline)
+        with self._lock:
+            if self.reason is None:
+                self._cancels.append(cancel)
+                return cancel
+        cancel.cancel(self.reason)
+        return cancel
+
+    def _done(self, _: object) -> None:  # gRPC's done callback
+        self.end()
+
     def end(self, reason: CancelReason | None = None) -> None:
         """The call is over: its deadline passed, its client went (or it finished), or the
         server stops (`reason` SHUTDOWN). Runs the callbacks once."""
@@ -51,7 +66,10 @@ class CallContext:
             if self.reason is not None:
                 return
             self.reason, callbacks, self._callbacks = reason, self._callbacks, []
+            cancels, self._cancels = self._cancels, []
         self._inflight.discard(self)
+        for cancel in cancels:
+            cancel.cancel(reason)
         for callback in callbacks:
             callback()
 
@@ -66,7 +84,7 @@ class InFlight:
         """A call begins (on the event loop): its callbacks run when gRPC is done with it,
         or when the server stops."""
         call = CallContext(context.time_remaining(), self)
-        context.add_done_callback(lambda _: call.end())
+        context.add_done_callback(call._done)
         with self._lock:
             closed = self._closed
             if not closed:
