@@ -97,6 +97,8 @@ class Batcher(Generic[K, Q, R]):
         loop = asyncio.get_running_loop()
         batch = self._open.get(key)
         if batch is None and not self._costs.waits(key):  # it would run alone anyway: at once
+            if self._quick(key, 1):  # most requests under load: no future, no batch to settle
+                return self._answers(key, [member])[0]
             member.future = loop.create_future()
             self._start(key, [member], pool)
             return await member.future
@@ -148,7 +150,7 @@ class Batcher(Generic[K, Q, R]):
     def _start(self, key: K, members: list[Member[Q, R]], pool: futures.Executor) -> None:
         """Run a closed batch: on the loop when its latest run at its size was quick, else
         in one hop to the pool; every member's future is set from there."""
-        if self._costs.batch.get((key, len(members)), self._quick_seconds) < self._quick_seconds:
+        if self._quick(key, len(members)):
             self._settle(members, self._answers(key, members), None)
             return
         try:
@@ -159,6 +161,11 @@ class Batcher(Generic[K, Q, R]):
             self._settle(members, None, e)
             return
         hop.add_done_callback(lambda done: self._settle(members, *_outcome(done)))
+
+    def _quick(self, key: K, n: int) -> bool:
+        """Whether a batch of n of `key` runs on the loop: its latest run took under
+        quick_seconds of CPU (one not measured yet goes to the pool)."""
+        return self._costs.batch.get((key, n), self._quick_seconds) < self._quick_seconds
 
     def _settle(
         self, members: list[Member[Q, R]], answers: list[Any] | None, error: BaseException | None
