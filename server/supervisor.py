@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from graphgrad.server.blas import BLAS_THREADS
+from graphgrad.server.blas import BLAS_THREADS, SHARED_BY_WORKERS
 from graphgrad.server.logs import worker_id
 
 log = logging.getLogger("graphgrad.supervisor")
@@ -53,9 +53,12 @@ EXIT_SLACK_S = 10.0
 
 def worker_env(count: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment of one of `count` workers: `environ` with BLAS threads split between
-    them where it does not set them."""
+    them where it does not set them (and the count, so each worker splits its share again
+    between its runs at once: server/blas.py)."""
+    if any(name in environ for name in BLAS_THREADS):
+        return dict(environ)
     share = str(max(1, (os.cpu_count() or 1) // count))
-    return {**{name: share for name in BLAS_THREADS}, **environ}
+    return {**environ, **{name: share for name in BLAS_THREADS}, SHARED_BY_WORKERS: str(count)}
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

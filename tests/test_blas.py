@@ -9,7 +9,14 @@ import sys
 import numpy as np
 
 import graphgrad as gg
-from graphgrad.server.blas import BLAS_THREADS, limit_blas_threads, run_share
+from graphgrad.server.blas import (
+    BLAS_THREADS,
+    SHARED_BY_WORKERS,
+    limit_blas_threads,
+    run_share,
+    threads_per_run,
+)
+from graphgrad.server.supervisor import worker_env
 
 from .server_proc import running_server
 
@@ -49,6 +56,21 @@ def test_the_limit_applies_to_numpys_blas():
 
 def test_blas_threads_the_operator_set_are_kept():
     assert limit_blas_threads(1, {"OPENBLAS_NUM_THREADS": "3"}) is None
+
+
+def test_a_worker_splits_its_share_of_the_cores_between_its_runs():
+    # --workers 2 on 16 cores, 4 runs at once in each: 2 threads a run, not the worker's 8
+    # (8 a run, 4 runs, 2 workers: 64 threads on 16 cores, spinning after each matmul).
+    env = worker_env(2, {"PATH": "/bin"})
+    assert env[SHARED_BY_WORKERS] == "2" and env["PATH"] == "/bin"
+    assert {env[name] for name in BLAS_THREADS} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    assert threads_per_run(4, 16, {**env, "OPENBLAS_NUM_THREADS": "8"}) == 2
+    assert threads_per_run(4, 16, {}) == 4  # one process: its runs split the cores
+    assert threads_per_run(64, 16, env) == 1  # never none
+    # the operator's BLAS threads stand, for the supervisor's workers too
+    operator = {"OMP_NUM_THREADS": "3"}
+    assert worker_env(2, operator) == operator
+    assert threads_per_run(4, 16, worker_env(2, operator)) is None
 
 
 def test_the_server_runs_with_its_share_and_says_so():
