@@ -145,13 +145,11 @@ class Quick:
 class Batched:
     """What gathers a call into a dynamic batch on the event loop (server/batcher.py): the
     servicer's `member(request, call, finish)` (None: the call runs alone the ordinary way),
-    the batcher, the admission slot taken only if free now, and whether the member's run is
-    the only one holding a slot (an idle server: no one is there to batch with)."""
+    the batcher, and the admission slot taken only if free now."""
 
     member: Callable[[Any, CallContext, Callable[[Callable[[Any, CallContext], Any]], Any]], Any]
     batcher: Batcher[Any, Any, Any]
     slot_now: Callable[[], SlotNow]
-    alone_now: Callable[[], bool]
 
 
 def _handler(
@@ -226,8 +224,7 @@ def _handler(
         key, member = joined
         member.release = slot.release
         try:
-            alone = batched.alone_now()
-            out: bytes | grpc.Status = await batched.batcher.run(key, member, pool, alone)
+            out: bytes | grpc.Status = await batched.batcher.run(key, member, pool)
         except asyncio.CancelledError:
             if member.left:  # it never ran: nothing else records it
                 _record(method, None, started, (len(raw), 0), (request, None), code="CANCELLED")
@@ -324,9 +321,7 @@ def service_handler(
         member = getattr(servicer, "batched", {}).get(m.name)
         if member is None or m.server_streaming or m.name not in RUN_METHODS:
             return None
-        runs = guards.runs
-        alone_now = lambda: runs.active <= 1  # noqa: E731
-        return Batched(member, servicer.batcher, runs.slot_now, alone_now)  # type: ignore[attr-defined]
+        return Batched(member, servicer.batcher, guards.runs.slot_now)  # type: ignore[attr-defined]
 
     methods = {
         m.name: _handler(

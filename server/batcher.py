@@ -12,9 +12,7 @@ cost less CPU per request than running alone at its size, or is not measured yet
 else its members run one after another, still in one hop. A request whose key was measured to
 cost less alone than stacked at every size tried runs at once, without waiting the window (it
 would run alone anyway), unless a batch of its key is open; every _RETRY-th opens one, so the
-sizes that gather are measured again as costs drift. A request that arrives while no other run
-holds a slot (an idle server) runs at once too: nobody is there to batch with, and the window
-would only add latency.
+sizes that gather are measured again as costs drift.
 Only members holding one of the server's run slots ever wait here, and each keeps its slot
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
 max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
@@ -92,16 +90,13 @@ class Batcher(Generic[K, Q, R]):
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
         self._costs: Costs[K] = costs or Costs()
 
-    async def run(
-        self, key: K, member: Member[Q, R], pool: futures.Executor, alone: bool = False
-    ) -> Any:
+    async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
         """The member's answer, once its batch (closed by the window or by max_batch) has run
-        in `pool` (or on the loop); at once, alone, where waiting does not pay: `alone` (no
-        other run holds a slot: an idle server, where the window would only add latency) or
-        Costs.waits. Cancelled while its batch is open, the member leaves it."""
+        in `pool` (or on the loop); at once, alone, where waiting does not pay (Costs.waits).
+        Cancelled while its batch is open, the member leaves it."""
         loop = asyncio.get_running_loop()
         batch = self._open.get(key)
-        if batch is None and (alone or not self._costs.waits(key)):  # alone anyway: at once
+        if batch is None and not self._costs.waits(key):  # it would run alone anyway: at once
             if self._quick(key, 1):  # most requests under load: no future, no batch to settle
                 return self._answers(key, [member])[0]
             member.future = loop.create_future()

@@ -432,30 +432,6 @@ def test_a_request_that_would_run_alone_anyway_runs_at_once_without_waiting_the_
     ]
 
 
-def test_on_an_idle_server_a_request_runs_at_once_and_under_load_it_waits_for_others():
-    # `alone`: no other run holds a slot, so the window could only add latency (at one
-    # request in flight a 500 us window cost p50 ~1.9 ms against ~0.7 ms without batching).
-    rec = Recorder()
-    batcher = Batcher(BatchingConfig(FOREVER, 3), rec)
-
-    async def lone():  # with the window waited for, this would time out
-        with ThreadPoolExecutor(1) as pool:
-            return await asyncio.wait_for(batcher.run("k", rec.member("m"), pool, True), 60)
-
-    assert asyncio.run(lone()) == ("m", "alone")
-    assert rec.batches == [] and rec.slots == 0 and batcher.waiting() == 0
-
-    async def burst():  # the first waits (others run); the next join its batch, idle or not
-        with ThreadPoolExecutor(1) as pool:
-            first = asyncio.ensure_future(batcher.run("k", rec.member("a"), pool, False))
-            await asyncio.sleep(0)
-            rest = [batcher.run("k", rec.member(m), pool, True) for m in ("b", "c")]
-            return await asyncio.wait_for(asyncio.gather(first, *rest), 60)
-
-    assert asyncio.run(burst()) == [("a", 3), ("b", 3), ("c", 3)]
-    assert rec.slots == 0 and batcher.waiting() == 0
-
-
 def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():
     servicer = GraphServicer(Runtime.create(), batching=BatchingConfig(FOREVER, 4))
     graph = servicer.runtime.register(mlp().nodes)
