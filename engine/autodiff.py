@@ -81,7 +81,7 @@ def _plan_pass(
     # first call of a request on a graph of 100,000 nodes (engine/eager.py).
     input_pos, n, ops = graph.input_pos, len(graph), graph.ops
     need = bytearray(n)
-    stack = list(outs)
+    stack = list(set(outs))  # an output named twice is still one node to visit
     leaves = []  # needed nodes without inputs: graph inputs and constants
     for o in outs:
         need[o] = 1

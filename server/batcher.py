@@ -219,13 +219,14 @@ _MOST_TIMINGS = 4096  # entries of each table of Costs
 _RETRY = 16  # a choice measured to lose is tried again every this many batches: costs drift
 
 
-def _note(table: dict[Any, float], key: Any, seconds: float) -> None:
-    """A moving average of CPU seconds; past _MOST_TIMINGS entries the table forgets them all
-    and learns again (a bound on memory)."""
+def _note(table: dict[Any, float], key: Any, seconds: float) -> float:
+    """A moving average of CPU seconds, returned; past _MOST_TIMINGS entries the table forgets
+    them all and learns again (a bound on memory)."""
     if len(table) >= _MOST_TIMINGS:
         table.clear()
     old = table.get(key)
-    table[key] = seconds if old is None else 0.75 * old + 0.25 * seconds
+    table[key] = new = seconds if old is None else 0.75 * old + 0.25 * seconds
+    return new
 
 
 @dataclass
@@ -243,11 +244,12 @@ class Costs(Generic[K]):
 
     def note_stacked(self, key: K, n: int, seconds: float) -> None:
         """A stacked run's CPU seconds per request, at size n."""
-        _note(self.stacked, (key, n), seconds)
+        # the value noted, not read back: another thread's note may clear the table between
+        average = _note(self.stacked, (key, n), seconds)
         if len(self.best) >= _MOST_TIMINGS:
             self.best.clear()
         # a new dict, not an update: waits() reads it on the loop while a pool thread notes
-        self.best[key] = {**self.best.get(key, {}), n: self.stacked[key, n]}
+        self.best[key] = {**self.best.get(key, {}), n: average}
 
     def waits(self, key: K) -> bool:
         """Whether a request of `key` should wait for others to stack with: not where running

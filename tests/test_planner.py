@@ -165,3 +165,19 @@ def test_auto_rules_out_ray_before_partitioning_small_work():
     assert may_prefer_ray(graph, pp, cpus=8)
     # The bound never rules out a plan the full cost model would choose.
     assert prefers_ray(partition(graph, pp), 8)
+
+
+def test_an_output_named_twice_needs_each_input_once():
+    # Found by review: each copy of a repeated output added its leaves again, so a prepared
+    # run listed its feeds twice (and exact decoding never matched).
+    graph = Graph(
+        [
+            Node("x", "input", shape=(3,), dtype="float64"),
+            Node("y", "input", shape=(3,), dtype="float64"),
+            Node("z", "mul", ("x", "y")),
+        ]
+    )
+    for outputs in (["x", "x", "y"], ["z", "z"], ["z", "x", "z", "x"]):
+        pp = plan_pass(graph, outputs, [])
+        assert sorted(pp.needed_inputs) == sorted(set(pp.needed_inputs)), outputs
+    assert plan_pass(graph, ["x", "x", "y"], []).needed_inputs == (0, 1)
