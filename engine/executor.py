@@ -137,13 +137,17 @@ class LocalExecutor:
         request: RunRequest,
         cancel: Cancellation | None,
         may_compile: Callable[[], bool] = lambda: True,
+        may_run_eager: Callable[[], bool] = lambda: True,
     ) -> RunResult:
         """Run as one inline program, `key` being `request_key(graph, request)` (a prepared
         run holds it: the warm path builds no key). `may_compile`: asked when the request
         would tier up; False keeps it on the eager tier (its program would not fit the
-        memory its runs were admitted with)."""
+        memory its runs were admitted with). `may_run_eager`: asked where it has no program;
+        False compiles it at once (its tape would not fit)."""
         t0 = time.time()
-        values, grads = self._run_inline(graph, key, request, cancel or Cancellation(), may_compile)
+        values, grads = self._run_inline(
+            graph, key, request, cancel or Cancellation(), may_compile, may_run_eager
+        )
         t1 = time.time()
         phase = "forward+backward" if request.wrt else "forward"
         stat = TaskStat(0, phase, t0, t1, "inline")
@@ -175,12 +179,14 @@ class LocalExecutor:
         request: RunRequest,
         cancel: Cancellation,
         may_compile: Callable[[], bool] = lambda: True,
+        may_run_eager: Callable[[], bool] = lambda: True,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Tiers, as JIT engines have them: a request's first calls run eagerly (engine/
         eager.py: no gradient graph, no program); the TIER_UP_CALLS-th makes its program and
-        compiles it at once, and later calls run that."""
-        ip = _INLINE.get(key)
-        if ip is None:
+        compiles it at once, and later calls run that. A request whose tape would not fit
+        its budget (`may_run_eager`) runs its program from the first call."""
+        ip, tp = _INLINE.get(key), None
+        if ip is None and may_run_eager():
             tp = held_tape(key)
             try:
                 if tp is None:  # the first call: its tape is made as its forward pass runs
@@ -195,6 +201,7 @@ class LocalExecutor:
                 if e.node is not None and not may_compile():
                     where = "the gradient of its op" if e.gradient else "its op"
                     raise ExecutionError(f"{where} failed: {e}", node=e.node) from e
+        if ip is None:
 
             def make() -> InlineProgram:
                 sched = self.plan(graph, request, cancel)[1]

@@ -56,6 +56,7 @@ class PreparedRun:
     # __weakref__: a server keeps its prepared runs by request head weakly (server/service.py)
     __slots__ = (
         "__weakref__",
+        "_eager_peak",
         "_peak",
         "admitted_bytes",
         "auto",
@@ -74,6 +75,7 @@ class PreparedRun:
         self.feeds = tuple(feed_spec(graph, i) for i in pp.needed_inputs)
         self.seeds = tuple(feed_spec(graph, graph.index[name]) for name in key.seeded)
         self._peak: int | None = None
+        self._eager_peak: int | None = None
         # The most bytes its runs may hold (the server's max_request_bytes, set where it is
         # admitted): a run whose compiled program's estimate is over it stays eager.
         self.budget: int | None = None
@@ -116,7 +118,19 @@ class PreparedRun:
 
     def eager_memory(self) -> RequestMemory:
         """The peak memory of its runs on the eager tier, from the tape (no gradient graph)."""
-        return eager_memory(self.graph, self.key)
+        mem = eager_memory(self.graph, self.key)
+        self._eager_peak = mem.peak
+        return mem
+
+    def may_run_eager(self) -> bool:
+        """Whether its eager runs fit its budget: a tape may hold more at its peak than the
+        program (admitted on its program's estimate, such a run compiles on its first call,
+        and again after its program was evicted)."""
+        if self.budget is None:
+            return True
+        if self._eager_peak is None:
+            self._eager_peak = eager_memory(self.graph, self.key).peak
+        return self._eager_peak <= self.budget
 
     def compiled_memory(self) -> RequestMemory:
         """The peak memory of its compiled runs (local or partitioned)."""

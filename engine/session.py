@@ -126,7 +126,12 @@ class Session:
             executor = self._auto(prepared, request, cancel) if d.ray_ready() else "local"
         if executor == ExecutorKind.LOCAL:
             result = d.local.run_keyed(
-                prepared.graph, prepared.key, request, cancel, prepared.may_compile
+                prepared.graph,
+                prepared.key,
+                request,
+                cancel,
+                prepared.may_compile,
+                prepared.may_run_eager,
             )
         else:  # admitted with its eager estimate if it was to run locally then
             prepared.check_compiled_budget()

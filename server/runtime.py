@@ -80,6 +80,12 @@ class Runtime:
         elsewhere; Session.admission_memory), and held to that budget afterwards."""
         prepared = self.session.prepare(graph, request, options)
         mem = self.session.admission_memory(prepared)
+        limit = self.limits.max_request_bytes
+        # A tape may hold more at its peak than the program (then the first call compiles:
+        # PreparedRun.may_run_eager); at most twice as much (tests/test_memory_bounds.py), so
+        # a request over twice the limit is refused without building its gradient graph.
+        if limit < mem.peak <= 2 * limit:
+            mem = min(mem, prepared.compiled_memory(), key=lambda m: m.peak)
         self.limits.check_request_bytes(mem.peak, f"{prepared.description()} ({mem})")
         prepared.budget, prepared.admitted_bytes = self.limits.max_request_bytes, mem.peak
         return prepared

@@ -17,11 +17,13 @@ from graphgrad.engine import (
     ExecutionError,
     Graph,
     LimitError,
+    Node,
     RunOptions,
     RunRequest,
 )
 from graphgrad.engine import driver as engine_driver
 from graphgrad.engine.codegen import TIER_UP_CALLS
+from graphgrad.engine.executor import request_key
 from graphgrad.engine.memory import request_memory
 from graphgrad.engine.plan_cache import RequestKey
 from graphgrad.engine.tape_memory import eager_memory
@@ -139,3 +141,46 @@ def test_an_op_failing_eagerly_is_named_without_the_program_over_the_budget(
             runtime.run(graph, request, RunOptions(), Cancellation())
         assert failed.value.node == "max"
     assert gradient_graphs_built == []
+
+
+def tape_heavier_than_program() -> tuple[Graph, RunRequest]:
+    """A request whose eager tape holds more at its peak than its compiled program does."""
+    n = 1 << 16
+    graph = Graph(
+        [
+            Node("x", "input", shape=(n,), dtype="float64"),
+            Node("w", "input", shape=(n,), dtype="float64"),
+            Node("a", "mul", ("x", "w")),
+            Node("b", "tanh", ("a",)),
+            Node("c", "mul", ("b", "b")),
+            Node("d", "add", ("c", "a")),
+            Node("loss", "sum", ("d",)),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(n), "w": rng.standard_normal(n)}
+    return graph, RunRequest(("loss",), feeds, ("x", "w"))
+
+
+def test_a_request_whose_program_fits_is_admitted_though_its_tape_does_not():
+    # Found by review: admitted on its eager estimate alone, such a request was refused on
+    # every call, though its program fits (it never ran, so it never tiered up). It is
+    # admitted on its program's estimate and runs compiled from its first call.
+    graph, request = tape_heavier_than_program()
+    key = request_key(graph, request)
+    eager = eager_memory(graph, key).peak
+    compiled = request_memory(graph, key.outputs, key.wrt, key.seeded).peak
+    assert compiled < eager
+    runtime = Runtime.create(Limits(max_request_bytes=(eager + compiled) // 2))
+    x, w = request.feeds["x"], request.feeds["w"]
+    a = x * w
+    b = np.tanh(a)
+    dd_da = 2 * b * (1 - b * b) + 1  # d/da of tanh(a)^2 + a
+    for _ in range(3):
+        res = runtime.run(graph, request, RunOptions(), Cancellation())
+        np.testing.assert_allclose(res.grads["x"], dd_da * w, rtol=1e-12)
+        np.testing.assert_allclose(res.grads["w"], dd_da * x, rtol=1e-12)
+    # over both estimates, it is still refused before it runs
+    tight = Runtime.create(Limits(max_request_bytes=compiled - 1))
+    with pytest.raises(LimitError, match="max_request_bytes"):
+        tight.run(graph, request, RunOptions(), Cancellation())
