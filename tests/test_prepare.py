@@ -4,6 +4,7 @@ request's bytes are never written by the program."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import grpc
@@ -220,6 +221,28 @@ def test_a_run_is_judged_quick_by_its_cpu_time_not_by_its_waits(monkeypatch):
     servicer.Run(msg, CallContext(None, InFlight()))
     monkeypatch.setattr(service, "QUICK_SECONDS", 0.04)  # under the wait, far over the CPU
     assert servicer.run_is_quick(msg)
+
+
+def test_a_run_elsewhere_is_judged_by_its_wall_time_and_never_held_on_the_loop(monkeypatch):
+    """A Ray run waits in ray.get with little CPU: judged by its CPU time it would look quick
+    and be answered on the event loop, which would then wait out every round trip to Ray."""
+    servicer = GraphServicer(Runtime.create())
+    with gg.Graph():
+        x = gg.input("x", shape=(3,))
+        small = gg.sum(x * x)
+    msg = registered(servicer, small, {"x": np.ones(3)})
+    run_prepared = servicer.runtime.session.run_prepared
+
+    def on_ray(*args, **kwargs):
+        time.sleep(0.05)  # the round trip: no CPU here
+        result = run_prepared(*args, **kwargs)
+        stats = dataclasses.replace(result.stats, executor="ray", wall_time=0.05)
+        return dataclasses.replace(result, stats=stats)
+
+    monkeypatch.setattr(servicer.runtime.session, "run_prepared", on_ray)
+    servicer.Run(msg, CallContext(None, InFlight()))
+    monkeypatch.setattr(service, "QUICK_SECONDS", 0.04)  # under the wait, far over the CPU
+    assert not servicer.run_is_quick(msg)
 
 
 def test_with_batching_on_a_run_that_cannot_join_a_batch_may_still_be_quick(monkeypatch):
