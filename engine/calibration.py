@@ -195,6 +195,10 @@ class Calibration:
             else:
                 value = _positive(where, name, value, allow_zero=name in MAY_BE_ZERO)
             values[name] = value
+        # A file from before fresh pages were measured apart measured its memory rate into
+        # fresh pages: that rate, not the default, is its fresh one.
+        if "bytes_per_s" in values and "fresh_bytes_per_s" not in values:
+            values["fresh_bytes_per_s"] = values["bytes_per_s"]
         return cls(**values)
 
 

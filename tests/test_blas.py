@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import graphgrad as gg
 from graphgrad.server.blas import (
@@ -51,6 +52,8 @@ def test_the_limit_applies_to_numpys_blas():
         check=True,
     ).stdout.split(maxsplit=1)
     assert out[0] == "1"
+    if out[1].strip() == "[]":  # e.g. Accelerate: no BLAS pool threadpoolctl can limit
+        pytest.skip("threadpoolctl sees no BLAS thread pool in this numpy")
     assert out[1].strip() == "[1]"
 
 

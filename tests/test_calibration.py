@@ -92,6 +92,16 @@ def test_round_trip(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["version"] == calibration.VERSION
 
 
+def test_a_file_from_before_fresh_pages_keeps_its_memory_rate_for_them() -> None:
+    # Its bytes_per_s was measured into fresh pages: the default fresh rate could model
+    # fresh pages as faster than reused ones (found by review).
+    body = {"version": calibration.VERSION, "bytes_per_s": 2e9}
+    old = calibration.Calibration.from_json(json.dumps(body))
+    assert old.fresh_bytes_per_s == old.bytes_per_s == 2e9
+    both = calibration.Calibration.from_json(json.dumps({**body, "fresh_bytes_per_s": 1e9}))
+    assert both.fresh_bytes_per_s == 1e9
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [
