@@ -179,12 +179,30 @@ def registered(servicer: GraphServicer, y: gg.Tensor, feeds: dict[str, np.ndarra
     return msg
 
 
-def test_only_runs_known_to_be_quick_are_answered_on_the_event_loop(monkeypatch):
-    servicer = GraphServicer(Runtime.create())
+def small_request(servicer: GraphServicer) -> service_pb2.RunRequest:
+    """A registered sum(x * x) of 3 values: a run far under any quick bound."""
     with gg.Graph():
         x = gg.input("x", shape=(3,))
         small = gg.sum(x * x)
-    msg = registered(servicer, small, {"x": np.ones(3)})
+    return registered(servicer, small, {"x": np.ones(3)})
+
+
+def judged_quick_after(monkeypatch, run_as) -> bool:
+    """Whether a small request is judged quick once it ran through `run_as(run_prepared)`,
+    which waits 50 ms without CPU, under a quick bound of 40 ms: under the wait, far over
+    the CPU."""
+    servicer = GraphServicer(Runtime.create())
+    msg = small_request(servicer)
+    session = servicer.runtime.session
+    monkeypatch.setattr(session, "run_prepared", run_as(session.run_prepared))
+    servicer.Run(msg, CallContext(None, InFlight()))
+    monkeypatch.setattr(service, "QUICK_SECONDS", 0.04)
+    return servicer.run_is_quick(msg)
+
+
+def test_only_runs_known_to_be_quick_are_answered_on_the_event_loop(monkeypatch):
+    servicer = GraphServicer(Runtime.create())
+    msg = small_request(servicer)
     assert not servicer.run_is_quick(msg), "never run: how long it takes is unknown"
     servicer.Run(msg, CallContext(None, InFlight()))
     with monkeypatch.context() as m:  # a bound no machine misses: the decision, not the speed
@@ -206,51 +224,36 @@ def test_only_runs_known_to_be_quick_are_answered_on_the_event_loop(monkeypatch)
 def test_a_run_is_judged_quick_by_its_cpu_time_not_by_its_waits(monkeypatch):
     """In the pool a run waits for the GIL behind the event loop; counted as its time, those
     waits would keep a quick run off the loop for good (each run there waits again)."""
-    servicer = GraphServicer(Runtime.create())
-    with gg.Graph():
-        x = gg.input("x", shape=(3,))
-        small = gg.sum(x * x)
-    msg = registered(servicer, small, {"x": np.ones(3)})
-    run_prepared = servicer.runtime.session.run_prepared
 
-    def waiting(*args, **kwargs):
-        time.sleep(0.05)  # a wait: no CPU
-        return run_prepared(*args, **kwargs)
+    def waiting(run_prepared):
+        def run(*args, **kwargs):
+            time.sleep(0.05)  # a wait: no CPU
+            return run_prepared(*args, **kwargs)
 
-    monkeypatch.setattr(servicer.runtime.session, "run_prepared", waiting)
-    servicer.Run(msg, CallContext(None, InFlight()))
-    monkeypatch.setattr(service, "QUICK_SECONDS", 0.04)  # under the wait, far over the CPU
-    assert servicer.run_is_quick(msg)
+        return run
+
+    assert judged_quick_after(monkeypatch, waiting)
 
 
 def test_a_run_elsewhere_is_judged_by_its_wall_time_and_never_held_on_the_loop(monkeypatch):
     """A Ray run waits in ray.get with little CPU: judged by its CPU time it would look quick
     and be answered on the event loop, which would then wait out every round trip to Ray."""
-    servicer = GraphServicer(Runtime.create())
-    with gg.Graph():
-        x = gg.input("x", shape=(3,))
-        small = gg.sum(x * x)
-    msg = registered(servicer, small, {"x": np.ones(3)})
-    run_prepared = servicer.runtime.session.run_prepared
 
-    def on_ray(*args, **kwargs):
-        time.sleep(0.05)  # the round trip: no CPU here
-        result = run_prepared(*args, **kwargs)
-        stats = dataclasses.replace(result.stats, executor="ray", wall_time=0.05)
-        return dataclasses.replace(result, stats=stats)
+    def on_ray(run_prepared):
+        def run(*args, **kwargs):
+            time.sleep(0.05)  # the round trip: no CPU here
+            result = run_prepared(*args, **kwargs)
+            stats = dataclasses.replace(result.stats, executor="ray", wall_time=0.05)
+            return dataclasses.replace(result, stats=stats)
 
-    monkeypatch.setattr(servicer.runtime.session, "run_prepared", on_ray)
-    servicer.Run(msg, CallContext(None, InFlight()))
-    monkeypatch.setattr(service, "QUICK_SECONDS", 0.04)  # under the wait, far over the CPU
-    assert not servicer.run_is_quick(msg)
+        return run
+
+    assert not judged_quick_after(monkeypatch, on_ray)
 
 
 def test_with_batching_on_a_run_that_cannot_join_a_batch_may_still_be_quick(monkeypatch):
     servicer = GraphServicer(Runtime.create(), batching=BatchingConfig(500, 4))
-    with gg.Graph():
-        x = gg.input("x", shape=(3,))
-        small = gg.sum(x * x)
-    msg = registered(servicer, small, {"x": np.ones(3)})
+    msg = small_request(servicer)
     msg.options.exact = True  # never batched
     call = CallContext(None, InFlight())
     assert servicer.run_member(msg, call, lambda respond: respond()) is None
