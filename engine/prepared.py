@@ -112,8 +112,7 @@ class PreparedRun:
     def peak_bytes(self) -> int:
         """The run's peak memory from declared shapes (worked out on first use, then kept)."""
         if self._peak is None:
-            k = self.key
-            self._peak = request_memory(self.graph, k.outputs, k.wrt, k.seeded).peak
+            self._peak = self.compiled_memory().peak
         return self._peak
 
     def eager_memory(self) -> RequestMemory:
@@ -128,9 +127,8 @@ class PreparedRun:
         and again after its program was evicted)."""
         if self.budget is None:
             return True
-        if self._eager_peak is None:
-            self._eager_peak = eager_memory(self.graph, self.key).peak
-        return self._eager_peak <= self.budget
+        peak = self._eager_peak if self._eager_peak is not None else self.eager_memory().peak
+        return peak <= self.budget
 
     def compiled_memory(self) -> RequestMemory:
         """The peak memory of its compiled runs (local or partitioned)."""
