@@ -407,6 +407,102 @@ def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
     return out
 
 
+# A RunResponse's bytes written directly (encode_result_bytes): protobuf's wire format is a
+# concatenation of fields, so a response need not be built as a message and serialized. Each
+# tensor's field is a prefix fixed by its name, dtype and shape (made once, kept here) and the
+# array's bytes, joined in one copy; the stats, small and varied, are built as a message and
+# serialized (upb is quicker than Python at that).
+_MOST_PREFIXES = 4096  # kept tensor prefixes; past it they are forgotten and made again
+
+
+def varint(n: int) -> bytes:
+    """A non-negative int as a protobuf varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """A bytes, string or message field."""
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+class TensorFields:
+    """The fields of a map<string, Tensor> (`field` of the enclosing message), entry by
+    entry: the entry's bytes up to its tensor's data, by (name, dtype, shape)."""
+
+    def __init__(self, field: int, wire_dtypes: dict[np.dtype, int]) -> None:
+        self.field, self.wire_dtypes = field, wire_dtypes
+        self._prefixes: dict[tuple[str, np.dtype, tuple[int, ...]], bytes] = {}
+
+    def prefix(self, name: str, arr: np.ndarray) -> bytes | None:
+        """The bytes before `arr`'s data in its entry, or None where its bytes are not the
+        wire's as they are (a dtype the wire does not carry natively, or not C-contiguous)."""
+        key = (name, arr.dtype, arr.shape)
+        out = self._prefixes.get(key)
+        if out is not None:
+            return out
+        wire_dtype = self.wire_dtypes.get(arr.dtype)
+        if wire_dtype is None:
+            return None
+        if len(self._prefixes) >= _MOST_PREFIXES:
+            self._prefixes.clear()
+        out = self._prefixes[key] = self._entry_prefix(name, wire_dtype, arr.shape, arr.nbytes)
+        return out
+
+    def _entry_prefix(self, name: str, dtype: int, shape: tuple[int, ...], nbytes: int) -> bytes:
+        # Tensor: dtype = 1 (never 0), shape = 2 (packed; absent when empty), data = 3
+        # (absent when empty): proto3 writes no field that holds its default.
+        head = b"\x08" + varint(dtype)
+        if shape:
+            head += length_delimited(2, b"".join(varint(d) for d in shape))
+        if nbytes:
+            head += varint(3 << 3 | 2) + varint(nbytes)
+        tensor_len = len(head) + nbytes
+        key = length_delimited(1, name.encode())
+        value_head = varint(2 << 3 | 2) + varint(tensor_len)
+        entry_len = len(key) + len(value_head) + tensor_len
+        return varint(self.field << 3 | 2) + varint(entry_len) + key + value_head + head
+
+    def parts(self, arrays: Mapping[str, np.ndarray], out: list[bytes | np.ndarray]) -> bool:
+        """Append each entry's prefix and array to `out` (bytes.join reads a C-contiguous
+        array's bytes as they are: one copy); False (`out` then half-written) where an array
+        is not the wire's as it is: not a plain ndarray, not C-contiguous, or of a dtype the
+        wire does not carry natively."""
+        for name, arr in arrays.items():
+            if arr.__class__ is not np.ndarray or not arr.flags.c_contiguous:
+                return False
+            prefix = self.prefix(name, arr)
+            if prefix is None:
+                return False
+            out.append(prefix)
+            out.append(arr)
+        return True
+
+
+_VALUE_FIELDS = TensorFields(1, _NATIVE_WIRE)  # RunResponse.values
+_GRAD_FIELDS = TensorFields(2, _NATIVE_WIRE)  # RunResponse.grads
+
+
+def encode_result_bytes(res: RunResult, fingerprint: str, worker: str = "") -> bytes:
+    """encode_result(res, fingerprint) serialized, its stats naming `worker`: the tensors'
+    fields written directly (graphgrad._proto_bytes), each array's bytes copied once."""
+    parts: list[bytes | np.ndarray] = []
+    if not (_VALUE_FIELDS.parts(res.values, parts) and _GRAD_FIELDS.parts(res.grads, parts)):
+        out = encode_result(res, fingerprint)  # an array not as the wire has it
+        out.stats.worker = worker or out.stats.worker
+        return out.SerializeToString()
+    rest = service_pb2.RunResponse(fingerprint=fingerprint)
+    encode_stats(res.stats, rest.stats)
+    if worker:
+        rest.stats.worker = worker
+    parts.append(rest.SerializeToString())
+    return b"".join(parts)  # type: ignore[arg-type]  # an ndarray is a buffer
+
+
 def decode_result(
     msg: service_pb2.RunResponse,
     values: Sequence[FeedSpec] = (),

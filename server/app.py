@@ -36,9 +36,9 @@ from graphgrad.engine import JobStatus, LimitError, RequestError
 from graphgrad.server import logs, metrics
 from graphgrad.server.admission import Admission, SlotNow
 from graphgrad.server.auth import TokenAuth
-from graphgrad.server.batcher import Batcher, BatchingConfig
+from graphgrad.server.batcher import LOOP, Batchable, Batcher, BatchingConfig
 from graphgrad.server.errors import to_status
-from graphgrad.server.inflight import CallContext, InFlight
+from graphgrad.server.inflight import Call, CallContext, InFlight
 from graphgrad.server.job_manager import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_QUEUED, JobManager
 from graphgrad.server.job_service import JobServicer
 from graphgrad.server.limits import Limits, one_per_cpu
@@ -144,10 +144,9 @@ class Quick:
 @dataclass(frozen=True)
 class Batched:
     """What gathers a call into a dynamic batch on the event loop (server/batcher.py): the
-    servicer's `member(request, call, finish)` (None: the call runs alone the ordinary way),
-    the batcher, and the admission slot taken only if free now."""
+    servicer's side of it, the batcher, and the admission slot taken only if free now."""
 
-    member: Callable[[Any, CallContext, Callable[[Callable[[Any, CallContext], Any]], Any]], Any]
+    calls: Batchable
     batcher: Batcher[Any, Any, Any]
     slot_now: Callable[[], SlotNow]
 
@@ -156,6 +155,7 @@ def _handler(
     method: str,
     impl: Callable[[Any, Any], Any],
     request_type: type[pb_message.Message],
+    response_type: type[pb_message.Message],
     streaming: bool,
     guard: Callable[[Any], AbstractContextManager[None]],
     inflight: InFlight,
@@ -167,7 +167,8 @@ def _handler(
     INVALID_ARGUMENT, holds `guard(call)` while it works, and turns every failure into a
     status: the server keeps serving. A plain servicer runs in `pool` with a CallContext and
     never waits on the event loop; an async generator servicer runs on the loop. Responses
-    are serialized here (a unary one in `pool`), and every request is recorded (_record).
+    are serialized here (a unary one in `pool`) unless the servicer answers with their bytes
+    (`response_type`'s), and every request is recorded (_record).
     A unary request that `quick` says is quick, with a run slot free at once, is answered on
     the loop: for a small run the hop to the pool and back is most of the time it takes.
     A unary request that may join a dynamic batch (`batched`) waits for it on the loop."""
@@ -175,23 +176,27 @@ def _handler(
 
     def answered(
         raw: bytes,
-        call: CallContext,
+        call: Call,
         started: float,
         request: Any,
-        respond: Callable[[Any, CallContext], Any],
+        respond: Callable[[Any, Call], Any],
         hold: Callable[[Any], AbstractContextManager[None]] | None = None,
     ) -> bytes | grpc.Status:
         """`respond(request, call)`'s response serialized, or its error as a status; recorded
         either way. Under `hold(call)` (a run may wait there for a slot, in its thread; None:
         the slot is held already), `request` None is parsed first."""
         try:
-            if hold is None:  # on the loop, on every quick call's path: no context object
+            if hold is None:  # on the loop, on every quick call's path: no context manager
                 response = respond(request, call)
             else:
                 with hold(call):
                     request = _parse(raw, request_type) if request is None else request
                     response = respond(request, call)
-            out: bytes = response.SerializeToString()
+            if response.__class__ is bytes:  # answered serialized (Run): parsed only to log
+                out: bytes = response
+                response = lambda: response_type.FromString(out)  # noqa: E731
+            else:
+                out = response.SerializeToString()
         except Exception as e:
             status = to_status(e, call)
             _record(method, status, started, (len(raw), 0), (request, None), e)
@@ -199,32 +204,48 @@ def _handler(
         _record(method, None, started, (len(raw), len(out)), (request, response))
         return out
 
-    async def in_batch(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
+    async def in_batch(raw: bytes, context: Any, started: float) -> bytes | grpc.Status | None:
         """The answer from a dynamic batch, gathered here on the loop, when the request may
         join one and a run slot is free now (held until its batch has run); None: take the
-        ordinary way (which also reports what is wrong with a request)."""
+        ordinary way (which also reports what is wrong with a request). A request that would
+        run alone at once, quickly (most, under load), runs here without a Member, a future
+        or a CallContext."""
         assert batched is not None
         if len(raw) > QUICK_REQUEST_BYTES:  # parsing it alone would hold the loop too long
             return None
+        calls, batcher = batched.calls, batched.batcher
         slot = batched.slot_now()
-        joined = None
+        candidate = None
         try:
             request = request_type.FromString(raw)
             if slot.take():
-                joined = batched.member(
-                    request,
-                    call,
-                    lambda respond: answered(raw, call, started, request, respond),
-                )
+                candidate = calls.candidate(request)
         except Exception:  # malformed or failing a check: the ordinary way reports it
-            joined = None
-        if joined is None:
+            candidate = None
+        if candidate is None:
             slot.release()
             return None
-        key, member = joined
+        key = candidate.key
+        route = batcher.route(key)
+        if route == LOOP:
+            here = inflight.on_loop(context)
+            try:
+                return batcher.run_here(
+                    key,
+                    lambda: calls.alone(candidate, here.cancellation()),
+                    lambda outcome: answered(
+                        raw, here, started, request, lambda *_: calls.respond(candidate, outcome)
+                    ),
+                )
+            finally:
+                slot.release()
+        call = inflight.start(context)
+        member = calls.member(
+            candidate, call, lambda respond: answered(raw, call, started, request, respond)
+        )
         member.release = slot.release
         try:
-            out: bytes | grpc.Status = await batched.batcher.run(key, member, pool)
+            out: bytes | grpc.Status = await batcher.run(key, member, pool, route)
         except asyncio.CancelledError:
             if member.left:  # it never ran: nothing else records it
                 _record(method, None, started, (len(raw), 0), (request, None), code="CANCELLED")
@@ -234,7 +255,7 @@ def _handler(
     def work(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status:
         return answered(raw, call, started, None, impl, guard)
 
-    def on_loop(raw: bytes, call: CallContext, started: float) -> bytes | grpc.Status | None:
+    def on_loop(raw: bytes, context: Any, started: float) -> bytes | grpc.Status | None:
         """The answer, worked out here on the loop when the request is quick and a run slot
         is free now; None: take the pool (which also reports malformed bytes)."""
         assert quick is not None
@@ -249,19 +270,19 @@ def _handler(
         if not quick.runs.take_now():
             return None
         try:
-            return answered(raw, call, started, request, impl)
+            return answered(raw, inflight.on_loop(context), started, request, impl)
         finally:
             quick.runs.give_back()
 
     async def unary(raw: bytes, context: Any) -> Any:
         started = time.perf_counter()
-        call = inflight.start(context)
         try:
-            out = None if batched is None else await in_batch(raw, call, started)
+            out = None if batched is None else await in_batch(raw, context, started)
             if out is None and quick is not None:
-                out = on_loop(raw, call, started)
+                out = on_loop(raw, context, started)
             if out is None:
                 loop = asyncio.get_running_loop()
+                call = inflight.start(context)
                 out = await loop.run_in_executor(pool, work, raw, call, started)
         except Exception as e:  # no thread to be had: the server is stopping
             out = to_status(e, context)
@@ -318,16 +339,17 @@ def service_handler(
         return Quick(is_quick, guards.runs)
 
     def batched(m: Any) -> Batched | None:
-        member = getattr(servicer, "batched", {}).get(m.name)
-        if member is None or m.server_streaming or m.name not in RUN_METHODS:
+        calls = getattr(servicer, "batched", {}).get(m.name)
+        if calls is None or m.server_streaming or m.name not in RUN_METHODS:
             return None
-        return Batched(member, servicer.batcher, guards.runs.slot_now)  # type: ignore[attr-defined]
+        return Batched(calls, servicer.batcher, guards.runs.slot_now)  # type: ignore[attr-defined]
 
     methods = {
         m.name: _handler(
             m.name,
             getattr(servicer, m.name),
             getattr(module, m.input_type.name),
+            getattr(module, m.output_type.name),
             m.server_streaming,
             guard(m),
             guards.inflight,

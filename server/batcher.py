@@ -59,6 +59,25 @@ class Member(Generic[Q, R]):
     left: bool = False  # cancelled while its batch was open: it never ran
 
 
+@dataclass(frozen=True)
+class Batchable:
+    """A servicer's side of a call that may join a batch, on the event loop:
+    `candidate(request)` checks it (None: it runs alone the ordinary way, which reports what
+    is wrong with it), else returns what `key` names (its stack key); `alone(candidate,
+    cancel)` runs it by itself; `respond(candidate, outcome)` is its answer (raising the
+    outcome if an error); `member(candidate, call, finish)` is it as a batch's Member."""
+
+    candidate: Callable[[Any], Any]
+    alone: Callable[[Any, Any], Any]
+    respond: Callable[[Any, Any], Any]
+    member: Callable[[Any, Any, Callable[[Callable[..., Any]], Any]], Member[Any, Any]]
+
+
+# How a member goes (Batcher.route): alone at once on the loop, alone at once in the pool, or
+# into a batch (open, or opened for it) to wait for others.
+LOOP, POOL, WAIT = "loop", "pool", "wait"
+
+
 @dataclass(eq=False)
 class _Batch(Generic[Q, R]):
     leave_at: float  # the loop's time when it stops waiting for more
@@ -90,18 +109,45 @@ class Batcher(Generic[K, Q, R]):
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
         self._costs: Costs[K] = costs or Costs()
 
-    async def run(self, key: K, member: Member[Q, R], pool: futures.Executor) -> Any:
+    def route(self, key: K) -> str:
+        """How a member of `key` goes now: WAIT where a batch of its key is open, or waiting
+        pays (Costs.waits); else alone at once, on the LOOP where its latest lone run was
+        quick (most requests under load: the caller runs it, run_here), else in the POOL.
+        Asked once per member: `run` is given the answer (Costs.waits counts its calls)."""
+        if key in self._open or self._costs.waits(key):
+            return WAIT
+        return LOOP if self._quick(key, 1) else POOL
+
+    def run_here(
+        self, key: K, alone: Callable[[], R], answer: Callable[[R | BaseException], Any]
+    ) -> Any:
+        """A member routed to the LOOP, run now without a Member, future or batch: its
+        `answer(result or error)`; its CPU time is noted as a batch of one's."""
+        started = time.thread_time()
+        outcome = _alone(alone)
+        ran = time.thread_time()
+        try:
+            return answer(outcome)
+        finally:
+            _note(self._costs.alone, key, ran - started)
+            _note(self._costs.batch, (key, 1), time.thread_time() - started)
+
+    async def run(
+        self, key: K, member: Member[Q, R], pool: futures.Executor, route: str | None = None
+    ) -> Any:
         """The member's answer, once its batch (closed by the window or by max_batch) has run
         in `pool` (or on the loop); at once, alone, where waiting does not pay (Costs.waits).
-        Cancelled while its batch is open, the member leaves it."""
+        Cancelled while its batch is open, the member leaves it. `route`: route(key), asked
+        by the caller just before (None: asked here)."""
         loop = asyncio.get_running_loop()
-        batch = self._open.get(key)
-        if batch is None and not self._costs.waits(key):  # it would run alone anyway: at once
-            if self._quick(key, 1):  # most requests under load: no future, no batch to settle
-                return self._answers(key, [member])[0]
+        route = route or self.route(key)
+        if route == LOOP:
+            return self._answers(key, [member])[0]
+        if route == POOL:
             member.future = loop.create_future()
             self._start(key, [member], pool)
             return await member.future
+        batch = self._open.get(key)
         wait = self._window
         if member.deadline is not None:
             wait = min(wait, (member.deadline - time.monotonic()) / 2)

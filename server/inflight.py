@@ -74,6 +74,28 @@ class CallContext:
             callback()
 
 
+class LoopCall:
+    """A call answered on the event loop from start to end, without waiting: nothing can end
+    it while its work runs (the loop runs nothing else, and the server stops from the loop),
+    so unlike a CallContext it has no callbacks and InFlight does not hold it (on the path of
+    most requests under load); its deadline alone stops the work."""
+
+    __slots__ = ("_deadline",)
+
+    def __init__(self, time_remaining: float | None) -> None:
+        self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def cancellation(self) -> Cancellation:
+        return Cancellation(deadline=self._deadline)
+
+
+# What a servicer's call gets: a CallContext, or a LoopCall where it is answered on the loop.
+Call = CallContext | LoopCall
+
+
 class InFlight:
     def __init__(self) -> None:
         self._calls: set[CallContext] = set()
@@ -92,6 +114,13 @@ class InFlight:
         if closed:  # the server is stopping: a call that starts now is cancelled at once
             call.end(CancelReason.SHUTDOWN)
         return call
+
+    def on_loop(self, context: Any) -> Call:
+        """A call to be answered on the event loop without waiting (LoopCall); once the
+        server is stopping, a CallContext ended at once, as start() gives."""
+        if self._closed:
+            return self.start(context)
+        return LoopCall(context.time_remaining())
 
     def discard(self, call: CallContext) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.message import Message
@@ -103,12 +104,15 @@ def log_request(
     request_bytes: int,
     response_bytes: int,
     request: Message | None,
-    response: Message | None,
+    response: Message | Callable[[], Message] | None,
     error: str = "",
 ) -> None:
-    """The request's line: its fingerprint, job and executor where the messages carry them."""
+    """The request's line: its fingerprint, job and executor where the messages carry them.
+    `response` may be what makes it (a servicer that answers with bytes: parsed only here)."""
     if not REQUESTS.isEnabledFor(logging.DEBUG):
         return
+    if callable(response):
+        response = response()
     fields: dict[str, Any] = {"method": method}
     fingerprint = _field(response, "fingerprint") or _field(request, "fingerprint")
     if fingerprint:

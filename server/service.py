@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,8 +24,8 @@ from graphgrad.engine import (
 from graphgrad.engine.prepared import PreparedRun
 from graphgrad.engine.stacking import StackKey, stack_key, stack_size
 from graphgrad.server import metrics
-from graphgrad.server.batcher import Batcher, BatchingConfig, Member
-from graphgrad.server.inflight import CallContext
+from graphgrad.server.batcher import Batchable, Batcher, BatchingConfig, Member
+from graphgrad.server.inflight import Call, CallContext
 from graphgrad.server.logs import worker_id
 from graphgrad.server.runtime import Pending, Runtime
 from graphgrad.v1 import graph_pb2, service_pb2
@@ -57,7 +58,7 @@ def head_key(request: service_pb2.RunRequest) -> HeadKey:
     )
 
 
-def cancellation(context: CallContext) -> Cancellation:
+def cancellation(context: Call) -> Cancellation:
     """Stops the work when the client's deadline passes or the call is cancelled."""
     return context.cancellation()
 
@@ -92,6 +93,15 @@ def padded(runtime: Runtime, members: Sequence[Pending], most: int) -> int:
     m = members[0]
     row = runtime.prepare(m.graph, m.request, m.options).admitted_bytes  # a cache lookup
     return stack_size(len(members), most, row)
+
+
+class Candidate(NamedTuple):
+    """A Run that may join a batch: checked, its feeds views on the request's bytes."""
+
+    key: StackKey
+    prepared: PreparedRun
+    feeds: dict[str, np.ndarray]
+    seeds: Mapping[str, np.ndarray] | None
 
 
 @dataclass(frozen=True)
@@ -132,12 +142,15 @@ class GraphServicer:
             weakref.WeakKeyDictionary()
         )
         self.batcher: Batcher[StackKey, Pending, RunResult] | None = None
-        self.batched: dict[str, Callable[..., tuple[StackKey, Member] | None]] = {}
+        self.batched: dict[str, Batchable] = {}
         if batching is not None and batching.window_us > 0:
             most = batching.max_batch  # stacks padded to a few sizes, each compiled once
             stack = lambda key, ms: runtime.run_stack(key, ms, padded(runtime, ms, most))  # noqa: E731
             self.batcher = Batcher(batching, stack, metrics.observe_batch, QUICK_SECONDS)
-            self.batched = {"Run": self.run_member}  # calls that may join a batch on the loop
+            # calls that may join a batch on the loop
+            self.batched = {
+                "Run": Batchable(self.run_candidate, self.run_alone, self.respond, self.member)
+            }
 
     def _graph(self, request: service_pb2.RunRequest | service_pb2.ExplainRequest) -> Graph:
         which = request.WhichOneof("graph_ref")
@@ -209,18 +222,11 @@ class GraphServicer:
         seeds = wire.decode_tensors(sent, "grad_outputs", limit) if sent else None
         return prepared, RunRequest(prepared.outputs, {}, prepared.wrt, seeds)
 
-    def run_member(
-        self,
-        request: service_pb2.RunRequest,
-        context: CallContext,
-        finish: Callable[[Callable[..., service_pb2.RunResponse]], object],
-    ) -> tuple[StackKey, Member[Pending, RunResult]] | None:
-        """This Run as a member of a batch, worked out on the event loop (cache lookups, the
-        feeds decoded as views against the prepared signature), or None: it runs alone the
-        ordinary way, which also reports whatever is wrong with it (an unknown graph, a bad
-        feed: nothing that fails a check ever joins a batch). `finish(respond)` turns the
-        member's response (or the error `respond(request, call)` raises) into its caller's
-        answer."""
+    def run_candidate(self, request: service_pb2.RunRequest) -> Candidate | None:
+        """This Run as a candidate for a batch, worked out on the event loop (cache lookups,
+        the feeds decoded as views against the prepared signature), or None: it runs alone
+        the ordinary way, which also reports whatever is wrong with it (an unknown graph, a
+        bad feed: nothing that fails a check ever joins a batch)."""
         if request.options.exact:
             return None  # exact runs alone
         limit = self.runtime.limits.max_tensor_bytes
@@ -237,50 +243,77 @@ class GraphServicer:
         else:  # the first request of its head
             prepared, first = self._prepared(request)
             seeds = first.grad_outputs
-        graph, options = prepared.graph, prepared.options
         feeds = wire.decode_exact(request.feeds, prepared.feeds, limit)
         if feeds is None:  # not exactly its signature: alone, the checks name what is wrong
             return None
-        run = RunRequest(prepared.outputs, feeds, prepared.wrt, seeds)
-        key = self._stack_key(prepared, run)
-        if key is None:
-            return None
-        cancel = cancellation(context)
+        key = self._stack_key(prepared, feeds, seeds)
+        return None if key is None else Candidate(key, prepared, feeds, seeds)
 
-        def alone() -> RunResult:
-            return self.runtime.session.run_prepared(prepared, feeds, run.grad_outputs, cancel)
+    def run_alone(self, candidate: Candidate, cancel: Cancellation) -> RunResult:
+        """A candidate's run by itself (server/batcher.py: Member.alone)."""
+        c = candidate
+        return self.runtime.session.run_prepared(c.prepared, c.feeds, c.seeds, cancel)
 
-        def answer(outcome: RunResult | BaseException) -> object:
-            def respond(*_: object) -> service_pb2.RunResponse:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                return self._response(outcome, graph)
+    def respond(self, candidate: Candidate, outcome: RunResult | BaseException) -> bytes:
+        """A candidate's answer: its response's bytes, or its error raised."""
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return self._response(outcome, candidate.prepared.graph)
 
-            return finish(respond)
+    def member(
+        self,
+        candidate: Candidate,
+        context: CallContext,
+        finish: Callable[[Callable[..., bytes]], object],
+    ) -> Member[Pending, RunResult]:
+        """A candidate as a member of a batch. `finish(respond)` turns the member's response
+        (or the error `respond(request, call)` raises) into its caller's answer."""
+        c, cancel = candidate, cancellation(context)
+        run = RunRequest(c.prepared.outputs, c.feeds, c.prepared.wrt, c.seeds)
+        pending = Pending(c.prepared.graph, run, c.prepared.options, cancel)
+        return Member(
+            pending,
+            lambda: self.run_alone(c, cancel),
+            lambda outcome: finish(lambda *_: self.respond(c, outcome)),
+            deadline=cancel.deadline,
+        )
 
-        pending = Pending(graph, run, options, cancel)
-        return key, Member(pending, alone, answer, deadline=cancel.deadline)
+    def run_member(
+        self,
+        request: service_pb2.RunRequest,
+        context: CallContext,
+        finish: Callable[[Callable[..., bytes]], object],
+    ) -> tuple[StackKey, Member[Pending, RunResult]] | None:
+        """run_candidate, as a member of a batch (`member`): with its stack key."""
+        c = self.run_candidate(request)
+        return None if c is None else (c.key, self.member(c, context, finish))
 
-    def _stack_key(self, prepared: PreparedRun, run: RunRequest) -> StackKey | None:
+    def _stack_key(
+        self,
+        prepared: PreparedRun,
+        feeds: Mapping[str, np.ndarray],
+        seeds: Mapping[str, np.ndarray] | None,
+    ) -> StackKey | None:
         """stack_key of a run whose feeds match its prepared run's signature exactly: with no
         seeds it depends on the prepared run alone, so it is worked out once per prepared run
         (seeds are checked per request)."""
-        if run.grad_outputs:
-            return stack_key(prepared.graph, run, prepared.options)
-        key = self._stack_keys.get(prepared, _UNKNOWN)
+        key = self._stack_keys.get(prepared, _UNKNOWN) if not seeds else _UNKNOWN
         if key is _UNKNOWN:
-            key = self._stack_keys[prepared] = stack_key(prepared.graph, run, prepared.options)
+            run = RunRequest(prepared.outputs, feeds, prepared.wrt, seeds)
+            key = stack_key(prepared.graph, run, prepared.options)
+            if not seeds:
+                self._stack_keys[prepared] = key
         return key  # type: ignore[return-value]
 
-    def _response(self, result: RunResult, graph: Graph) -> service_pb2.RunResponse:
-        out = wire.encode_result(result, graph.fingerprint)
-        out.stats.worker = self.worker.name
-        return out
+    def _response(self, result: RunResult, graph: Graph) -> bytes:
+        """The RunResponse, serialized: written as bytes directly (no message to build)."""
+        return wire.encode_result_bytes(result, graph.fingerprint, self.worker.name)
 
-    def Run(self, request: service_pb2.RunRequest, context: CallContext) -> service_pb2.RunResponse:
+    def Run(self, request: service_pb2.RunRequest, context: Call) -> bytes:
         """The lean path: the prepared run of (graph, outputs, wrt, seeded outputs, options)
-        is a cache lookup; the feeds are decoded as views against its signature and run.
-        (A Run that may join a batch does not come here: run_member, on the event loop.)"""
+        is a cache lookup; the feeds are decoded as views against its signature and run; the
+        answer is the RunResponse's bytes. (A Run that may join a batch does not come here:
+        run_member, on the event loop.)"""
         # CPU time, not wall: in the pool, waits for the GIL would make a quick run look slow
         # and keep it off the loop (the batcher measures its batches the same way)
         started = time.thread_time()

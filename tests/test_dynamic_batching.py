@@ -446,7 +446,7 @@ def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():
     assert joined is not None
     key, m = joined
     assert key == stack_key(graph, m.item.request, RunOptions())
-    alone = m.answer(m.alone())  # the member's own response, as the pool works it out
+    alone = service_pb2.RunResponse.FromString(m.answer(m.alone()))  # as the pool works it out
     assert alone.stats.batch_size == 1 and set(alone.grads) == set(MLP_WRT)
     assert member(exact=True) is None
     assert member(feeds={**feeds, "x": np.zeros(9)}) is None  # the ordinary way reports it

@@ -13,7 +13,7 @@ import pytest
 
 import graphgrad as gg
 from graphgrad import wire
-from graphgrad.engine import RunRequest
+from graphgrad.engine import RunRequest, RunResult
 from graphgrad.server import service
 from graphgrad.server.admission import Admission
 from graphgrad.server.batcher import BatchingConfig
@@ -160,7 +160,7 @@ def test_feeds_decoded_as_views_of_the_request_are_never_written():
         request = service_pb2.RunRequest.FromString(sent)
         out = servicer.Run(request, CallContext(None, InFlight()))
         assert request.SerializeToString() == sent
-        res = wire.decode_result(out)
+        res = wire.decode_result(service_pb2.RunResponse.FromString(out))
         np.testing.assert_allclose(res.values[y.name], expected, rtol=1e-12)
         np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
     prepared = servicer.runtime.session.prepare(graph, RunRequest((y.name,), {}, ("x",)))
@@ -177,6 +177,12 @@ def registered(servicer: GraphServicer, y: gg.Tensor, feeds: dict[str, np.ndarra
     msg = service_pb2.RunRequest(fingerprint=graph.fingerprint, outputs=[y.name])
     wire.encode_tensors(feeds, msg.feeds)
     return msg
+
+
+def ran(servicer: GraphServicer, msg: service_pb2.RunRequest) -> RunResult:
+    """Run's answer (the RunResponse's bytes), decoded."""
+    out = servicer.Run(msg, CallContext(None, InFlight()))
+    return wire.decode_result(service_pb2.RunResponse.FromString(out))
 
 
 def small_request(servicer: GraphServicer) -> service_pb2.RunRequest:
@@ -286,26 +292,26 @@ def test_a_run_like_an_earlier_one_reuses_its_prepared_run_while_its_graph_is_he
     monkeypatch.setattr(servicer.runtime, "prepare", lambda *a: prepares.append(a) or prepare(*a))
     grad = np.tanh(xv) + xv * (1 - np.tanh(xv) ** 2)
     for _ in range(3):
-        res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
+        res = ran(servicer, msg)
         np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
     assert len(prepares) == 1, "names and options were decoded and checked once"
     monkeypatch.setattr(service, "QUICK_SECONDS", 10.0)
     assert servicer.run_is_quick(msg)  # what it found is what Run, next on the loop, runs
-    res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
+    res = ran(servicer, msg)
     np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
     assert len(prepares) == 1
     seeded = service_pb2.RunRequest()
     seeded.CopyFrom(msg)
     wire.encode_tensors({y.name: np.array(2.0)}, seeded.grad_outputs)
     for _ in range(2):  # another head: prepared once; its seed values are decoded each call
-        res = wire.decode_result(servicer.Run(seeded, CallContext(None, InFlight())))
+        res = ran(servicer, seeded)
         np.testing.assert_allclose(res.grads["x"], 2 * grad, rtol=1e-12)
     assert len(prepares) == 2
     servicer.runtime.cache = GraphCache()  # the graph forgotten: NOT_FOUND, as for any other
     with pytest.raises(NotFoundError):
         servicer.Run(msg, CallContext(None, InFlight()))
     registered(servicer, y, {"x": xv})  # registered again: a new graph, prepared anew
-    res = wire.decode_result(servicer.Run(msg, CallContext(None, InFlight())))
+    res = ran(servicer, msg)
     np.testing.assert_allclose(res.grads["x"], grad, rtol=1e-12)
     assert len(prepares) == 3
 
