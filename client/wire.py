@@ -9,6 +9,7 @@ reads: a bad field raises FieldError (or the engine's ValidationError/RequestErr
 from __future__ import annotations
 
 import dataclasses
+import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import TypeVar
@@ -143,6 +144,11 @@ _NATIVE_WIRE: dict[np.dtype, int] = (
 )
 
 
+# Entries of each table below that keeps what a signature or a response's layout needs; past
+# it a table forgets them all and works them out again (a bound on memory).
+_MOST_KEPT = 4096
+
+
 def encode_tensor(arr: np.ndarray, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
     out = tensor_pb2.Tensor() if out is None else out
     wire_dtype = _NATIVE_WIRE.get(arr.dtype)
@@ -201,23 +207,45 @@ def decode_exact(
     """When each spec has its tensor, of its dtype, shape and byte count, and nothing else was
     sent: each a read-only view on the message's bytes, with no other check to repeat. None
     otherwise (a wrong shape or dtype, a missing, extra or oversized tensor)."""
-    if len(msgs) != len(specs) or not _NATIVE_WIRE:
+    if len(msgs) != len(specs):
+        return None
+    expected = _expected(specs, max_bytes)
+    if expected is None:
         return None
     out = {}
-    for spec in specs:
-        t = msgs.get(spec.name)
-        if (
-            t is None
-            or t.dtype != _NATIVE_WIRE.get(spec.dtype)
-            or t.shape != spec.shape_list
-            or (max_bytes is not None and spec.nbytes > max_bytes)
-        ):
+    get = msgs.get
+    for name, wire_dtype, shape_list, nbytes, shape, dtype in expected:
+        t = get(name)
+        if t is None or t.dtype != wire_dtype or t.shape != shape_list:
             return None
         data = t.data
-        if len(data) != spec.nbytes:
+        if len(data) != nbytes:
             return None
-        out[spec.name] = np.ndarray(spec.shape, spec.dtype, data)  # a view: read-only
+        out[name] = np.ndarray(shape, dtype, data)  # a view: read-only
     return out
+
+
+# What decode_exact checks of each spec, worked out once per signature (by its identity: a
+# prepared run's, which it keeps), with the largest tensor allowed: None where a spec's dtype
+# is not the wire's own or its bytes are over that bound.
+_Expected = tuple[tuple[str, int, list[int], int, tuple[int, ...], np.dtype], ...]
+_EXPECTED: dict[tuple[int, int | None], tuple[Sequence[FeedSpec], _Expected | None]] = {}
+
+
+def _expected(specs: Sequence[FeedSpec], max_bytes: int | None) -> _Expected | None:
+    key = (id(specs), max_bytes)
+    held = _EXPECTED.get(key)
+    if held is not None and held[0] is specs:
+        return held[1]
+    expected: _Expected | None = None
+    if all(s.dtype in _NATIVE_WIRE and (max_bytes is None or s.nbytes <= max_bytes) for s in specs):
+        expected = tuple(
+            (s.name, _NATIVE_WIRE[s.dtype], s.shape_list, s.nbytes, s.shape, s.dtype) for s in specs
+        )
+    if len(_EXPECTED) >= _MOST_KEPT:
+        _EXPECTED.clear()
+    _EXPECTED[key] = (specs, expected)  # the specs held: their id is not reused meanwhile
+    return expected
 
 
 # --- graphs --------------------------------------------------------------------------------
@@ -412,7 +440,6 @@ def encode_result(res: RunResult, fingerprint: str) -> service_pb2.RunResponse:
 # tensor's field is a prefix fixed by its name, dtype and shape (made once, kept here) and the
 # array's bytes, joined in one copy; the stats, small and varied, are built as a message and
 # serialized (upb is quicker than Python at that).
-_MOST_PREFIXES = 4096  # kept tensor prefixes; past it they are forgotten and made again
 
 
 def varint(n: int) -> bytes:
@@ -448,7 +475,7 @@ class TensorFields:
         wire_dtype = self.wire_dtypes.get(arr.dtype)
         if wire_dtype is None:
             return None
-        if len(self._prefixes) >= _MOST_PREFIXES:
+        if len(self._prefixes) >= _MOST_KEPT:
             self._prefixes.clear()
         out = self._prefixes[key] = self._entry_prefix(name, wire_dtype, arr.shape, arr.nbytes)
         return out
@@ -489,18 +516,78 @@ _GRAD_FIELDS = TensorFields(2, _NATIVE_WIRE)  # RunResponse.grads
 
 def encode_result_bytes(res: RunResult, fingerprint: str, worker: str = "") -> bytes:
     """encode_result(res, fingerprint) serialized, its stats naming `worker`: the tensors'
-    fields written directly (graphgrad._proto_bytes), each array's bytes copied once."""
+    fields written directly (TensorFields), each array's bytes copied once, and the stats of
+    a one-task run packed into a layout kept per run kind (_RunTail)."""
     parts: list[bytes | np.ndarray] = []
     if not (_VALUE_FIELDS.parts(res.values, parts) and _GRAD_FIELDS.parts(res.grads, parts)):
         out = encode_result(res, fingerprint)  # an array not as the wire has it
         out.stats.worker = worker or out.stats.worker
         return out.SerializeToString()
-    rest = service_pb2.RunResponse(fingerprint=fingerprint)
-    encode_stats(res.stats, rest.stats)
-    if worker:
-        rest.stats.worker = worker
-    parts.append(rest.SerializeToString())
+    parts.append(_run_tail(res.stats, fingerprint, worker or res.stats.worker))
     return b"".join(parts)  # type: ignore[arg-type]  # an ndarray is a buffer
+
+
+# Stand-ins for the three times of a one-task run's stats (wall time, the task's start and
+# end) in the layout _RunTail finds them in: each encoding found once, or no layout is kept.
+_TIMES = (1.25, 2.375, 3.4375)
+_DOUBLE = struct.Struct("<d")
+
+
+class _RunTail:
+    """RunResponse's stats and fingerprint (fields 3 and 4) of runs of one task that differ
+    only in their three times: a double's encoding has a fixed size, so upb serializes the
+    message once with stand-ins (_TIMES) and each run packs its times between the bytes
+    around them."""
+
+    def __init__(self, serialized: bytes) -> None:
+        marks = [_DOUBLE.pack(t) for t in _TIMES]
+        at = [serialized.find(m) for m in marks]
+        if any(serialized.count(m) != 1 for m in marks) or at != sorted(at):
+            raise ValueError("the stand-in times are not each found once, in order")
+        edges = [0, *(e for a in at for e in (a, a + 8)), len(serialized)]
+        self.pieces = [serialized[edges[i] : edges[i + 1]] for i in range(0, len(edges), 2)]
+        p = self.pieces
+        self.pack = struct.Struct(f"<{len(p[0])}sd{len(p[1])}sd{len(p[2])}sd{len(p[3])}s").pack
+
+    def __call__(self, wall: float, start: float, end: float) -> bytes:
+        p = self.pieces
+        return self.pack(p[0], wall, p[1], start, p[2], end, p[3])
+
+
+_TAILS: dict[tuple[object, ...], _RunTail | None] = {}  # None: no layout for that kind
+
+
+def _run_tail(stats: RunStats, fingerprint: str, worker: str) -> bytes:
+    """Fields 3 and 4 of a RunResponse: packed where the run had one task and non-zero times
+    (proto3 writes no zero), else built as a message and serialized."""
+    s = stats
+    if len(s.tasks) == 1 and s.wall_time and (t := s.tasks[0]).start and t.end:
+        kind = (fingerprint, worker, s.executor, s.partitions, s.bytes_moved, s.batch_size)
+        key = (*kind, t.partition, t.phase, t.where, t.bytes_in, t.bytes_out)
+        tail = _TAILS.get(key, False)
+        if tail is False:
+            tail = _TAILS[key] = _layout(s, fingerprint, worker)
+        if tail is not None:
+            return tail(s.wall_time, t.start, t.end)
+    return _serialized_tail(s, fingerprint, worker)
+
+
+def _serialized_tail(stats: RunStats, fingerprint: str, worker: str) -> bytes:
+    out = service_pb2.RunResponse(fingerprint=fingerprint)
+    encode_stats(stats, out.stats)
+    out.stats.worker = worker
+    return out.SerializeToString()
+
+
+def _layout(stats: RunStats, fingerprint: str, worker: str) -> _RunTail | None:
+    if len(_TAILS) >= _MOST_KEPT:
+        _TAILS.clear()
+    t = dataclasses.replace(stats.tasks[0], start=_TIMES[1], end=_TIMES[2])
+    stand_in = dataclasses.replace(stats, wall_time=_TIMES[0], tasks=(t,))
+    try:
+        return _RunTail(_serialized_tail(stand_in, fingerprint, worker))
+    except ValueError:  # a stand-in's bytes also in a string field: serialized each time
+        return None
 
 
 def decode_result(
