@@ -102,9 +102,7 @@ async def loop_calls(handler: Callable[[bytes, Any], Any], raw: bytes, n: int) -
     return (time.thread_time() - started) / n
 
 
-def timed(
-    loop: asyncio.AbstractEventLoop, handler: Any, raw: bytes, calls: int, what: str
-) -> None:
+def timed(loop: asyncio.AbstractEventLoop, handler: Any, raw: bytes, calls: int, what: str) -> None:
     per = [loop.run_until_complete(loop_calls(handler, raw, calls // 5)) for _ in range(5)]
     print(
         f"{what}: {statistics.median(per) * 1e6:6.1f} us thread CPU per request "
