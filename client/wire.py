@@ -555,6 +555,7 @@ class _RunTail:
 
 
 _TAILS: dict[tuple[object, ...], _RunTail | None] = {}  # None: no layout for that kind
+_NO_LAYOUT_YET = object()
 
 
 def _run_tail(stats: RunStats, fingerprint: str, worker: str) -> bytes:
@@ -564,10 +565,10 @@ def _run_tail(stats: RunStats, fingerprint: str, worker: str) -> bytes:
     if len(s.tasks) == 1 and s.wall_time and (t := s.tasks[0]).start and t.end:
         kind = (fingerprint, worker, s.executor, s.partitions, s.bytes_moved, s.batch_size)
         key = (*kind, t.partition, t.phase, t.where, t.bytes_in, t.bytes_out)
-        tail = _TAILS.get(key, False)
-        if tail is False:
+        tail = _TAILS.get(key, _NO_LAYOUT_YET)
+        if tail is _NO_LAYOUT_YET:
             tail = _TAILS[key] = _layout(s, fingerprint, worker)
-        if tail is not None:
+        if isinstance(tail, _RunTail):
             return tail(s.wall_time, t.start, t.end)
     return _serialized_tail(s, fingerprint, worker)
 
