@@ -87,3 +87,28 @@ def test_rows_without_the_flags_say_not_available(tp):
         "--no-ray", "--run-queue", "256", "--workers", "2",
         "--batch-window-us", "500", "--max-batch", "64",
     ]  # fmt: skip
+
+
+def test_run_path_drives_the_servers_run_handler_to_right_answers(tp):
+    """bench/run_path.py times the server's own Run handler (batching off, and on as under
+    load: each request alone at once on the loop) with the bench's small-network bytes; the
+    answers it gets are the right gradients."""
+    import asyncio
+
+    import run_path
+
+    small = next(w for w in tp.workloads() if w.name == "small")
+    for batching in (False, True):
+        handler, raw, servicer = run_path.run_handler(batching, "small")
+        assert raw == small.run
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(run_path.loop_calls(handler, raw, 30)) > 0
+            if batching:
+                run_path.as_under_load(servicer)
+            context = run_path.FakeContext()
+            out = loop.run_until_complete(handler(raw, context))
+            context.done()
+        finally:
+            loop.close()
+        tp.check_response(small, out)

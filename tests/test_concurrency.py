@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import graphgrad as gg
-from graphgrad.engine import CancelledError, LimitError
+from graphgrad.engine import CancelledError, CancelReason, LimitError
 from graphgrad.server import cli
 from graphgrad.server.admission import Admission
 from graphgrad.server.app import ServerConfig
-from graphgrad.server.inflight import CallContext, InFlight
+from graphgrad.server.inflight import CallContext, InFlight, LoopCall
 from graphgrad.v1 import jobs_pb2, jobs_pb2_grpc, service_pb2, service_pb2_grpc
 from graphgrad.wire import encode_tensor
 
@@ -210,6 +210,38 @@ def test_admission_runs_then_queues_then_refuses():
     with runs.slot(), pytest.raises(CancelledError, match="deadline"), runs.slot(timeout=0.01):
         pass  # the caller's deadline passes while it waits
     assert runs.active == runs.waiting == 0
+
+
+def test_a_call_answered_on_the_loop_is_held_by_no_one_and_stopped_by_its_deadline_alone():
+    """A call worked out on the event loop without waiting gets a LoopCall: InFlight does not
+    hold it and it has no callbacks (nothing can end it mid-run), and its cancellation stops
+    the work at its deadline. Once the server is stopping, such a call is ended at once, as
+    any call that starts then."""
+    inflight = InFlight()
+
+    class Context:
+        def __init__(self, remaining):
+            self.remaining, self.callbacks = remaining, []
+
+        def time_remaining(self):
+            return self.remaining
+
+        def add_done_callback(self, callback):
+            self.callbacks.append(callback)
+
+    context = Context(0.0)
+    call = inflight.on_loop(context)
+    assert isinstance(call, LoopCall) and context.callbacks == [] and not inflight._calls
+    with pytest.raises(CancelledError) as e:
+        time.sleep(0.001)
+        call.cancellation().check()
+    assert e.value.reason == CancelReason.DEADLINE and call.time_remaining() == 0.0
+    assert inflight.on_loop(Context(None)).cancellation().deadline is None
+    inflight.close()
+    stopped = inflight.on_loop(Context(60.0))
+    assert isinstance(stopped, CallContext) and stopped.reason == CancelReason.SHUTDOWN
+    cancel = stopped.cancellation()
+    assert cancel.cancelled and cancel.reason == CancelReason.SHUTDOWN
 
 
 def test_a_waiter_whose_call_ends_gives_up_at_once_and_frees_its_place():

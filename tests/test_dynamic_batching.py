@@ -33,7 +33,7 @@ from graphgrad.engine.stacking import (
     stack_key,
     stack_size,
 )
-from graphgrad.server.batcher import Batcher, BatchingConfig, Costs, Member
+from graphgrad.server.batcher import LOOP, POOL, WAIT, Batcher, BatchingConfig, Costs, Member
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -430,6 +430,35 @@ def test_a_request_that_would_run_alone_anyway_runs_at_once_without_waiting_the_
     assert run_all(batcher, rec, [("k", f"m{i}") for i in range(4)]) == [
         (f"m{i}", 4) for i in range(4)
     ]
+
+
+def test_a_request_routed_to_the_loop_runs_there_and_its_costs_are_noted():
+    """route() says how a member goes: alone on the loop where waiting does not pay and its
+    lone run was quick (run_here: no Member, no future), in the pool where it was slow, into
+    a batch where one of its key is open; run_here notes its CPU as a lone run's and a batch
+    of one's, and hands an error to the answer, as a batch does."""
+    rec = Recorder()
+    costs: Costs = Costs()
+    costs.alone["k"], costs.batch["k", 1] = 1.0, 0.0
+    costs.note_stacked("k", 2, 2.0)  # alone costs less than stacked: no waiting
+    batcher = Batcher(BatchingConfig(FOREVER, 4), rec, costs=costs, quick_seconds=1.0)
+    assert batcher.route("k") == LOOP
+    assert batcher.run_here("k", lambda: "ran", lambda outcome: ("answer", outcome)) == (
+        "answer",
+        "ran",
+    )
+    assert costs.alone["k"] < 1.0 and costs.batch["k", 1] < 1.0  # CPU time noted (averaged)
+
+    def fails():
+        raise GraphError("its own error")
+
+    got = batcher.run_here("k", fails, lambda outcome: outcome)
+    assert isinstance(got, GraphError) and str(got) == "its own error"
+    costs.batch["k", 1] = 5.0  # its lone run was measured slow: the pool
+    assert batcher.route("k") == POOL
+    costs.skips["k"] = -1  # the next one waits, to measure again
+    assert batcher.route("k") == WAIT
+    assert rec.batches == [] and batcher.waiting() == 0
 
 
 def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():

@@ -33,6 +33,7 @@ from graphgrad.engine import (
 )
 from graphgrad.engine.ops.docs import op_infos
 from graphgrad.engine.planner import CutInfo, Explanation, PartitionInfo
+from graphgrad.engine.prepared import FeedSpec
 from graphgrad.v1 import jobs_pb2, service_pb2
 
 EXAMPLES = settings(max_examples=25)
@@ -200,6 +201,80 @@ def test_result_round_trips(values, grads, stats):
     same_arrays(back.values, values)
     same_arrays(back.grads, grads)
     assert back.stats == stats
+
+
+# Arrays not as the wire carries them: a strided view, a subclass (each then encoded the
+# general way).
+odd_arrays = st.one_of(
+    arrays.filter(lambda a: a.ndim > 0 and a.shape[0] > 1).map(lambda a: a[::2]),
+    arrays.map(lambda a: a.view(type("Sub", (np.ndarray,), {}))),
+)
+one_task_stats = st.builds(
+    RunStats,
+    st.sampled_from(["local", "ray"]),
+    floats,
+    st.integers(0, 100),
+    st.integers(0, 2**40),
+    st.lists(task_stats, min_size=1, max_size=1).map(tuple),
+    st.integers(0, 64),
+    names,
+)
+
+
+def as_message(res: RunResult, fingerprint: str, worker: str) -> service_pb2.RunResponse:
+    out = wire.encode_result(res, fingerprint)
+    out.stats.worker = worker or out.stats.worker
+    return out
+
+
+@settings(max_examples=60)
+@given(
+    array_maps,
+    st.dictionaries(names, st.one_of(arrays, odd_arrays), max_size=3),
+    st.one_of(run_stats, one_task_stats),
+    st.sampled_from(["", "host:12"]),
+)
+def test_run_response_bytes_are_the_message_serialized(values, grads, stats, worker):
+    """A response written as bytes (fields joined, stats packed into a kept layout) parses to
+    the message encode_result builds, whatever its arrays and stats; twice: a layout or a
+    tensor prefix kept from the first call serves the second."""
+    res = RunResult(values, grads, stats)
+    for _ in range(2):
+        got = service_pb2.RunResponse.FromString(wire.encode_result_bytes(res, "fp", worker))
+        assert got == as_message(res, "fp", worker)
+        back = wire.decode_result(got)
+        same_arrays(back.values, values)
+        assert back.stats.worker == (worker or stats.worker)
+
+
+def test_run_response_bytes_with_other_times_in_a_kept_layout():
+    """A layout kept for one run's stats serves another of the same kind with its own times
+    (zero times are not packed: proto3 does not write them)."""
+    task = TaskStat(0, "forward+backward", 1700000000.25, 1700000000.5, "inline")
+    first = RunStats("local", 0.25, 1, tasks=(task,))
+    wire.encode_result_bytes(RunResult({}, {}, first), "fp", "w:1")
+    for wall, start, end in [(1e-5, 3.0, 4.0), (0.0, 3.0, 4.0), (2.0, -1.0, 0.0), (7.0, 5.0, 6.0)]:
+        t = TaskStat(0, "forward+backward", start, end, "inline")
+        res = RunResult({}, {"x": np.arange(3.0)}, RunStats("local", wall, 1, tasks=(t,)))
+        got = service_pb2.RunResponse.FromString(wire.encode_result_bytes(res, "fp", "w:1"))
+        assert got == as_message(res, "fp", "w:1")
+
+
+def test_decode_exact_checks_each_signature_with_its_own_bound():
+    """What decode_exact works out once per signature holds for that signature and that
+    largest tensor only: the same specs under a smaller bound, or specs of a dtype the wire
+    does not carry as it is, decode to None."""
+    specs = (FeedSpec("x", (2, 3), np.dtype(np.float64), 48),)
+    msg = service_pb2.RunRequest()
+    wire.encode_tensors({"x": np.arange(6.0).reshape(2, 3)}, msg.feeds)
+    got = wire.decode_exact(msg.feeds, specs, 48)
+    assert got is not None and got["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert wire.decode_exact(msg.feeds, specs, 47) is None
+    assert wire.decode_exact(msg.feeds, specs, 48) is not None
+    other = (FeedSpec("x", (3, 2), np.dtype(np.float64), 48),)
+    assert wire.decode_exact(msg.feeds, other, None) is None  # the same bytes, another shape
+    big_endian = (FeedSpec("x", (2, 3), np.dtype(">f8"), 48),)
+    assert wire.decode_exact(msg.feeds, big_endian, None) is None
 
 
 explanations = st.builds(
