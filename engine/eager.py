@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -115,7 +114,9 @@ class Vjp:
     __slots__ = (
         "_outs",
         "_rec",
+        "add",
         "costly",
+        "folds",
         "reads",
         "reads_y",
         "slots",
@@ -135,6 +136,9 @@ class Vjp:
         costly: bool,
     ) -> None:
         self.costly = costly  # its op's: cancellation is checked before it
+        # how its node's cotangent parts are summed: the gradient graph's sum nodes' kernel,
+        # and whether a sum of constants folds (`_total`)
+        self.add, self.folds = ADD.lower({}, (out, out)), out.size <= FOLD_ELEMENTS
         types = {"g": out, "y": out} | {f"x{k}": t for k, t in enumerate(ins)}
         rec = _Recorder(types)
         assert op.grad is not None
@@ -286,12 +290,15 @@ class Tape:
     or value, input positions. Backward steps, in the order they run: node, its Vjp, input
     positions, which of its arguments are known (bits as `Vjp.variant` reads them), name. Values
     die after the step that reads them last: `die_at` (steps counted forward then backward,
-    ascending, NEVER last) beside `dying`. Made in one pass over the request's nodes (no
-    gradient graph), which also runs the forward pass when given the values to run it on
-    (`record`: a request's first call); kept in the plan cache, with how many times the
-    request ran eagerly."""
+    ascending, NEVER last) beside `dying`. Made by array operations over the request's nodes
+    (no gradient graph); kept in the plan cache, with how many times the request ran eagerly.
+    A run holds its values in a frame, a list indexed by node position (a dict costs a run
+    ~8 % more): the tape keeps up to MAX_FRAMES of them, empty, for its next runs (a run
+    takes one or, where concurrent runs hold them all, makes its own), so the frame is part
+    of the tape's memory, not of a run's."""
 
     __slots__ = (
+        "b_fn",
         "b_ins",
         "b_known",
         "b_name",
@@ -305,9 +312,11 @@ class Tape:
         "f_ins",
         "f_kind",
         "f_node",
+        "frames",
         "keep",
         "pass_plan",
         "seeds",
+        "size",
     )
     f_node: list[int]
     f_kind: list[int]
@@ -315,6 +324,7 @@ class Tape:
     f_ins: list[tuple[int, ...]]
     b_node: list[int]
     b_vjp: list[Vjp]
+    b_fn: list[VjpFn]
     b_ins: list[tuple[int, ...]]
     b_known: list[int]
     b_name: list[str]
@@ -329,10 +339,16 @@ class Tape:
         self.keep = frozenset(pp.wrt)  # nodes whose cotangent is a gradient asked for
         self.calls = 0
         _lower(self, graph, pp)
+        self.size = len(graph)
+        self.frames: list[list[Any]] = [[None] * self.size]
 
     def approx_bytes(self) -> int:
-        return TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
+        steps = TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
+        return steps + FRAME_SLOT_BYTES * self.size * MAX_FRAMES
 
+
+MAX_FRAMES = 2  # empty frames a tape keeps for its next runs
+FRAME_SLOT_BYTES = 8
 
 TAPE_STEP_BYTES = 120  # a step's entries in the tape's lists, its positions and its death
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
@@ -382,8 +398,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     padded = np.append(flat, [-1, -1])  # (a last step without inputs starts at len(flat))
     first = np.where(arity >= 1, padded[start], -1)
     second = np.where(arity >= 2, padded[start + 1], -1)
-    f_ops = list(map(ops.__getitem__, forward))
-    op_id = np.fromiter(map(id, f_ops), dtype=np.int64, count=nf)
+    op_id = np.fromiter(map(id, map(ops.__getitem__, forward)), dtype=np.int64, count=nf)
     # the identity of each input's type (only at what the steps read: feeds and steps)
     type_id = np.zeros(len(types), dtype=np.int64)
     read = list(itertools.chain(pp.needed_inputs, forward))
@@ -394,7 +409,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     # per group: its signature (None: its nodes take the per-node way), kernel, costliness
     sigs: list[Signature | None] = []
     for k in rep.tolist():
-        op = f_ops[k]
+        op = ops[forward[k]]
         odd = op is CONSTANT or bool(op.attrs) or len(f_ins[k]) > 2
         sigs.append(None if odd else _signature(graph, forward[k]))
     g_fn = np.empty(groups, dtype=object)
@@ -407,7 +422,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     step_sig: dict[int, Signature] = {}  # step -> its signature, for the per-node way
     for k in np.flatnonzero(g_odd[inv]).tolist():
         i = forward[k]
-        if f_ops[k] is CONSTANT:
+        if ops[i] is CONSTANT:
             kinds[k], f_fn[k] = CONST, nodes[i].attrs["value"]
         else:
             sig = step_sig[k] = _signature(graph, i)
@@ -442,6 +457,8 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     g_vjp = np.empty(len(vgroups), dtype=object)
     g_vjp[:] = vjps
     b_vjp: list[Vjp] = g_vjp[vinv].tolist()
+    g_vjp[:] = [None if vjp is None else vjp.variant(0) for vjp in vjps]
+    b_fn: list[VjpFn] = g_vjp[vinv].tolist()  # each VJP's function where nothing is known
     b_ins = list(map(f_ins.__getitem__, bsteps.tolist()))
     b_node: list[int] = fwd[bsteps].tolist()
     # value -> its earliest VJP reader (counted in forward order): VJPs run in reverse
@@ -467,14 +484,18 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
             for bit, j in enumerate((*ins, i), 1):
                 if j in known:
                     b_known[b] |= 1 << bit
+    special = np.flatnonzero(g_odd[inv[bsteps]]).tolist()  # (their functions: made per step)
+    for b in special + [b for b, m in enumerate(b_known) if m] if known else special:
+        b_fn[b] = b_vjp[b].variant(b_known[b])
     last_bwd = np.full(n, nb, dtype=np.intp)
     np.minimum.at(last_bwd, np.concatenate(values), np.concatenate(readers))
     last_bwd[last_bwd == nb] = -1
-    b_name = list(map(graph.names.__getitem__, b_node))
-    for lst in (b_node, b_vjp, b_ins, b_known, b_name):
+    b_name = [nodes[i].name for i in b_node]
+    for lst in (b_node, b_vjp, b_fn, b_ins, b_known, b_name):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
-    tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name = b_node, b_vjp, b_ins, b_known, b_name
+    tp.b_node, tp.b_vjp, tp.b_fn, tp.b_ins = b_node, b_vjp, b_fn, b_ins
+    tp.b_known, tp.b_name = b_known, b_name
     last_fwd = _last_forward_reads(fwd, arity, flat, n)
     tp.die_at, tp.dying = _deaths(_mortal(pp), last_fwd, last_bwd, nf, nb)
 
@@ -557,11 +578,11 @@ def _by_step(values: np.ndarray, step: np.ndarray) -> tuple[list[int], list[int]
 
 
 def _deaths(
-    mortal: np.ndarray, last_fwd: np.ndarray, last_bwd: list[int], nf: int, nb: int
+    mortal: np.ndarray, last_fwd: np.ndarray, last_bwd: np.ndarray, nf: int, nb: int
 ) -> tuple[list[int], list[int]]:
     """Each value's death: after its last read, by a VJP (the last to run) or else by a
     forward node; steps counted forward (0..nf-1), then backward in the order they run."""
-    late = np.asarray(last_bwd, dtype=np.intp)[mortal]
+    late = last_bwd[mortal]
     return _by_step(mortal, np.where(late < 0, last_fwd[mortal], nf + nb - 1 - late))
 
 
@@ -578,12 +599,20 @@ def run_tape(
 def _run(
     graph: Graph,
     tp: Tape,
-    v: dict[int, Any],
+    feeds: dict[int, np.ndarray],
     seeds: dict[int, np.ndarray],
     cancel: Cancellation,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The tape run on the feeds `v` (live values by position) and the seeds."""
+    """The tape run on the feeds `feeds` (by position) and the seeds, in a frame of the
+    tape's (given back empty after a run that succeeds)."""
     pp = tp.pass_plan
+    frames = tp.frames
+    try:
+        v = frames.pop()  # live values by position
+    except IndexError:  # concurrent runs hold the tape's frames
+        v = [None] * tp.size
+    for j, value in feeds.items():
+        v[j] = value
     check = cancel.check
     die_at, dying = tp.die_at, tp.dying
     d = 0  # the next death
@@ -601,7 +630,7 @@ def _run(
                 else:
                     v[i] = _odd_step(kind, fn, ins, v, check)
                 while nxt == k:
-                    del v[dying[d]]
+                    v[dying[d]] = None
                     d += 1
                     nxt = die_at[d]
             i = -1  # (the backward pass names its own node)
@@ -610,11 +639,16 @@ def _run(
         raise  # cancelled, or a deadline passed: not an op's fault
     except (ValueError, ArithmeticError) as e:
         raise EagerOpError(str(e), graph.nodes[i].name if i >= 0 else None) from e
-    return {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
+    values = {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}
+    for j in itertools.chain(feeds, pp.outputs):  # what never dies; the rest died on the way
+        v[j] = None
+    if len(frames) < MAX_FRAMES:
+        frames.append(v)
+    return values, grads
 
 
 def _odd_step(
-    kind: int, fn: Any, ins: tuple[int, ...], v: dict[int, Any], check: Callable[[], None]
+    kind: int, fn: Any, ins: tuple[int, ...], v: list[Any], check: Callable[[], None]
 ) -> Any:
     """A forward step that checks cancellation first, has more than two inputs, folds or is
     a constant."""
@@ -635,7 +669,7 @@ def _odd_step(
 def _backward(
     graph: Graph,
     tp: Tape,
-    v: dict[int, Any],
+    v: list[Any],
     seeds: dict[int, np.ndarray],
     check: Callable[[], None],
     d: int,
@@ -657,29 +691,29 @@ def _backward(
     nxt = die_at[d]
     since = CHECK_EVERY
     name = ""
+    nf = len(tp.f_node)
     try:
-        for k, i, vjp, ins, kmask, name in zip(
-            itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
+        for k, i, fn, vjp, ins, name in zip(
+            itertools.count(nf), tp.b_node, tp.b_fn, tp.b_vjp, tp.b_ins, tp.b_name
         ):
             p: Any = cot.pop(i, None)
             if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
                 if p.__class__ is tuple:
                     _, _, g, gk = p
                 else:
-                    g, gk = _total(p, types[i])
+                    g, gk = _total(p, vjp.add, vjp.folds)
                 if i in keep:
                     totals[i] = g
                 if since >= CHECK_EVERY or vjp.costly:
                     check()
                     since = 0
                 since += 1
-                fn = vjp.variants.get(kmask | gk)
-                if fn is None:
-                    fn = vjp.variant(kmask | gk)
+                if gk:  # its cotangent is a constant: the variant that folds with it
+                    fn = vjp.variant(tp.b_known[k - nf] | 1)
                 fn(g, v, ins, i, cot, name)
                 g = p = None  # nothing held past its last use
             while nxt == k:
-                del v[dying[d]]
+                v[dying[d]] = None
                 d += 1
                 nxt = die_at[d]
     except GraphError:
@@ -695,7 +729,8 @@ def _backward(
         if w in totals:
             g = totals[w]
         elif p.__class__ is list:
-            g = _total(p, types[w])[0]
+            t = types[w]
+            g = _total(p, ADD.lower({}, (t, t)), t.size <= FOLD_ELEMENTS)[0]
         elif p is not None:
             g = p[2]
         else:  # no path from w to a differentiated output: zeros of its type
@@ -704,24 +739,17 @@ def _backward(
     return grads
 
 
-def _total(parts: list[tuple[str, int, Any, bool]], t: TensorType) -> tuple[Any, bool]:
-    """A cotangent: its parts added one by one in the fixed order (seed, consumer name,
-    slot), as the gradient graph's sum nodes add them; sums of constants fold. Returns it and
-    whether it is known (constant)."""
-    parts.sort(key=_BY_CONSUMER)
+def _total(
+    parts: list[tuple[str, int, Any, bool]], add: Callable[..., Any], folds: bool
+) -> tuple[Any, bool]:
+    """A cotangent: its parts added one by one with `add` in the fixed order (seed, consumer
+    name, slot), as the gradient graph's sum nodes add them; sums of constants fold where
+    `folds`. Returns it and whether it is known (constant)."""
+    parts.sort()  # by (consumer name, slot): unique to each part, so the values never compare
     _, _, acc, known = parts[0]
-    add = _ADDS.get((t.shape, t.dtype))  # the kernel of the gradient graph's sum nodes
-    if add is None:
-        if len(_ADDS) >= MAX_SIGNATURES:
-            _ADDS.clear()
-        add = _ADDS[t.shape, t.dtype] = ADD.lower({}, (t, t))
     for _, _, d, k in parts[1:]:
-        if known and k and t.size <= FOLD_ELEMENTS:
+        if known and k and folds:
             acc = _fold(add(acc, d))
         else:
             acc, known = add(acc, d), False
     return acc, known
-
-
-_BY_CONSUMER = itemgetter(0, 1)  # consumer name, slot
-_ADDS: dict[tuple[tuple[int, ...], str], Callable[..., Any]] = {}  # by type (bounded)

@@ -127,11 +127,6 @@ class Graph:
         return g
 
     @property
-    def names(self) -> list[str]:
-        """Node names by position (`index` holds them in that order)."""
-        return list(self.index)
-
-    @property
     def serial(self) -> int:
         """This instance's number, never reused: what derived-value caches key on."""
         return self._serial
