@@ -83,7 +83,7 @@ def _plan_pass(
     need = _ancestors(input_pos, n, outs)
     flags = np.frombuffer(need, dtype=np.uint8)
     needed: list[int] = np.flatnonzero(flags).tolist()
-    inputs = [i for i in needed if not input_pos[i] and ops[i] is INPUT]
+    inputs = [i for i in needed if ops[i] is INPUT]
     if inputs:
         flags = flags.copy()
         flags[inputs] = 0

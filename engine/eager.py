@@ -6,8 +6,9 @@ node, against about half a microsecond per node for a compiled call. Like a JIT'
 this module runs the request directly: the forward nodes in topological order, each through
 its op's kernel, then, in reverse topological order, each node's VJP applied to values. The
 local executor uses it until a request has been seen TIER_UP_CALLS times (engine/executor.py).
-The first call lowers the request to a tape as its forward pass runs (`record`: one sweep over
-the nodes); later calls run that tape (`run_tape`).
+The first call lowers the request to a tape (`record`), by array operations over groups of
+nodes alike rather than a step of Python per node, then runs it; later calls run that tape
+(`run_tape`).
 
 Its results are bit-identical to the compiled program's, by construction:
 - the region, the order of the nodes and which VJPs run come from `plan_pass`;
