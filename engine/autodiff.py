@@ -83,7 +83,8 @@ def _plan_pass(
     need = _ancestors(input_pos, n, outs)
     flags = np.frombuffer(need, dtype=np.uint8)
     needed: list[int] = np.flatnonzero(flags).tolist()
-    inputs = [i for i in needed if ops[i] is INPUT]
+    leaves = [i for i in needed if not input_pos[i]]  # graph inputs and constants
+    inputs = [i for i in leaves if ops[i] is INPUT]
     if inputs:
         flags = flags.copy()
         flags[inputs] = 0
@@ -91,15 +92,21 @@ def _plan_pass(
     backward: list[int] = []  # relevant nodes with a relevant input: their VJPs run
     if wrts:
         # Descendants of wrt nodes (`fed`: those with an input among them), among the needed.
-        fed = bytearray(n)
-        reach = bytearray(n)
-        for w in wrts:
-            reach[w] = 1
-        for i in needed:
-            for j in input_pos[i]:
-                if reach[j]:
-                    fed[i] = reach[i] = 1
-                    break
+        if set(leaves) <= set(wrts):  # every needed node descends from a wrt node
+            reach = need
+            fed = bytearray(need)
+            for i in leaves:
+                fed[i] = 0
+        else:
+            fed = bytearray(n)
+            reach = bytearray(n)
+            for w in wrts:
+                reach[w] = 1
+            for i in needed:
+                for j in input_pos[i]:
+                    if reach[j]:
+                        fed[i] = reach[i] = 1
+                        break
         # Relevant: descendants of wrt nodes that the differentiated outputs depend on (every
         # node between such a descendant and an output descends from it too).
         seeds = [graph.index[s] for s in seeded] or [outs[0]]
