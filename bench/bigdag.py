@@ -7,7 +7,7 @@
    process against torch autograd on the same graph where torch is installed (target: torch /
    graphgrad >= 3.5) and, always, against plain numpy evaluating the forward pass alone node
    by node (the interpreter floor); the first call (the request's eager tier, engine/eager.py:
-   planning, its tape made while the forward pass runs, then the backward pass; graph
+   planning, its tape made (lowered), then run forward and backward; graph
    validation not included) against a warm call (target <= 3), in wall time and, since the
    machine may be shared, in this thread's CPU time (a warm call's once its compiled code is
    specialized, as in the wall-time median), with the first call's parts measured apart on
@@ -148,7 +148,7 @@ def torch_step(spec: list[tuple[str, tuple[int, ...]]], feeds: dict[str, np.ndar
 
 def first_call_parts(spec: list[tuple[str, tuple[int, ...]]], request: RunRequest) -> str:
     """The first call's parts, each measured apart on a fresh graph in this thread's CPU time
-    (the first call itself lowers and runs the forward pass in one sweep)."""
+    (the first call is the three in a row)."""
     graph = k_graph(spec)
     key = request_key(graph, request)
     cpu = time.thread_time
@@ -245,7 +245,7 @@ def bench_k(k: int, calls: int) -> None:
             f"   target >= 3.5   {verdict[ratio >= 3.5]}"
         )
     print(
-        f"first call (eager: plan + tape made as the forward runs + backward) {first * 1e3:7.1f}"
+        f"first call (eager: plan + tape + forward + backward) {first * 1e3:7.1f}"
         f" ms   "
         f"first / warm = {first / ours:.2f}   target <= 3   {verdict[first / ours <= 3]}"
     )

@@ -39,7 +39,7 @@ class PassPlan:
     wrt: tuple[int, ...]
     forward: tuple[int, ...]  # nodes to evaluate (excluding fed inputs), topological order
     backward: tuple[int, ...]  # nodes whose VJP runs, reverse topological order
-    relevant: frozenset[int]  # nodes on a path from some wrt node to some output
+    relevant: bytes  # 1 at each node on a path from some wrt node to some output, else 0
     needed_inputs: tuple[int, ...]  # graph inputs that must be fed
 
 
@@ -80,58 +80,63 @@ def _plan_pass(
     # Flags by position, and sweeps in topological order: linear, and cheap enough for the
     # first call of a request on a graph of 100,000 nodes (engine/eager.py).
     input_pos, n, ops = graph.input_pos, len(graph), graph.ops
-    need = bytearray(n)
-    stack = list(set(outs))  # an output named twice is still one node to visit
-    leaves = []  # needed nodes without inputs: graph inputs and constants
-    for o in outs:
-        need[o] = 1
-    while stack:  # only the nodes needed are visited
-        i = stack.pop()
-        ins = input_pos[i]
-        if not ins:
-            leaves.append(i)
-        for j in ins:
-            if not need[j]:
-                need[j] = 1
-                stack.append(j)
+    need = _ancestors(input_pos, n, outs)
     flags = np.frombuffer(need, dtype=np.uint8)
     needed: list[int] = np.flatnonzero(flags).tolist()
-    inputs = sorted(i for i in leaves if ops[i] is INPUT)
+    leaves = [i for i in needed if not input_pos[i]]  # graph inputs and constants
+    inputs = [i for i in leaves if ops[i] is INPUT]
     if inputs:
         flags = flags.copy()
         flags[inputs] = 0
-    rel = bytearray(n)
+    rel = bytes(n)
     backward: list[int] = []  # relevant nodes with a relevant input: their VJPs run
     if wrts:
-        # Descendants of wrt nodes, restricted to what the differentiated outputs depend on.
-        reach = bytearray(n)
-        for w in wrts:
-            reach[w] = 1
-        for i in needed:
-            if not reach[i]:
+        # Descendants of wrt nodes (`fed`: those with an input among them), among the needed.
+        if set(leaves) <= set(wrts):  # every needed node descends from a wrt node
+            reach = need
+            fed = bytearray(need)
+            for i in leaves:
+                fed[i] = 0
+        else:
+            fed = bytearray(n)
+            reach = bytearray(n)
+            for w in wrts:
+                reach[w] = 1
+            for i in needed:
                 for j in input_pos[i]:
                     if reach[j]:
-                        reach[i] = 1
+                        fed[i] = reach[i] = 1
                         break
-        for d in [graph.index[s] for s in seeded] or [outs[0]]:
-            rel[d] = reach[d]
-        for i in reversed(needed):
-            if rel[i]:
-                vjp = False
-                for j in input_pos[i]:
-                    if reach[j]:
-                        rel[j] = 1
-                        vjp = True
-                if vjp:
-                    backward.append(i)
+        # Relevant: descendants of wrt nodes that the differentiated outputs depend on (every
+        # node between such a descendant and an output descends from it too).
+        seeds = [graph.index[s] for s in seeded] or [outs[0]]
+        upstream = need if set(seeds) == set(outs) else _ancestors(input_pos, n, seeds)
+        relevant = np.frombuffer(upstream, dtype=np.uint8) & np.frombuffer(reach, dtype=np.uint8)
+        rel = relevant.tobytes()
+        backward = np.flatnonzero(relevant & np.frombuffer(fed, dtype=np.uint8))[::-1].tolist()
     return PassPlan(
         outputs=outs,
         wrt=wrts,
         forward=tuple(np.flatnonzero(flags).tolist()),
         backward=tuple(backward),
-        relevant=frozenset(np.flatnonzero(np.frombuffer(rel, dtype=np.uint8)).tolist()),
+        relevant=rel,
         needed_inputs=tuple(inputs),
     )
+
+
+def _ancestors(input_pos: Sequence[tuple[int, ...]], n: int, nodes: Sequence[int]) -> bytearray:
+    """1 at `nodes` and every node they depend on: one sweep down the topological order,
+    `rfind` (in C) skipping to the next node marked."""
+    flags = bytearray(n)
+    for o in nodes:
+        flags[o] = 1
+    i = max(nodes)
+    find = flags.rfind
+    while i >= 0:
+        for j in input_pos[i]:
+            flags[j] = 1
+        i = find(1, 0, i)
+    return flags
 
 
 def check_feeds(

@@ -6,8 +6,9 @@ node, against about half a microsecond per node for a compiled call. Like a JIT'
 this module runs the request directly: the forward nodes in topological order, each through
 its op's kernel, then, in reverse topological order, each node's VJP applied to values. The
 local executor uses it until a request has been seen TIER_UP_CALLS times (engine/executor.py).
-The first call lowers the request to a tape as its forward pass runs (`record`: one sweep over
-the nodes); later calls run that tape (`run_tape`).
+The first call lowers the request to a tape (`record`), by array operations over groups of
+nodes alike rather than a step of Python per node, then runs it; later calls run that tape
+(`run_tape`).
 
 Its results are bit-identical to the compiled program's, by construction:
 - the region, the order of the nodes and which VJPs run come from `plan_pass`;
@@ -25,10 +26,8 @@ program, whose error names its node (a gradient node's name exists only in the g
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -116,7 +115,9 @@ class Vjp:
     __slots__ = (
         "_outs",
         "_rec",
+        "add",
         "costly",
+        "folds",
         "reads",
         "reads_y",
         "slots",
@@ -136,6 +137,9 @@ class Vjp:
         costly: bool,
     ) -> None:
         self.costly = costly  # its op's: cancellation is checked before it
+        # how its node's cotangent parts are summed: the gradient graph's sum nodes' kernel,
+        # and whether a sum of constants folds (`_total`)
+        self.add, self.folds = ADD.lower({}, (out, out)), out.size <= FOLD_ELEMENTS
         types = {"g": out, "y": out} | {f"x{k}": t for k, t in enumerate(ins)}
         rec = _Recorder(types)
         assert op.grad is not None
@@ -287,12 +291,15 @@ class Tape:
     or value, input positions. Backward steps, in the order they run: node, its Vjp, input
     positions, which of its arguments are known (bits as `Vjp.variant` reads them), name. Values
     die after the step that reads them last: `die_at` (steps counted forward then backward,
-    ascending, NEVER last) beside `dying`. Made in one pass over the request's nodes (no
-    gradient graph), which also runs the forward pass when given the values to run it on
-    (`record`: a request's first call); kept in the plan cache, with how many times the
-    request ran eagerly."""
+    ascending, NEVER last) beside `dying`. Made by array operations over the request's nodes
+    (no gradient graph); kept in the plan cache, with how many times the request ran eagerly.
+    A run holds its values in a frame, a list indexed by node position (a dict costs a run
+    ~8 % more): the tape keeps up to MAX_FRAMES of them, empty, for its next runs (a run
+    takes one or, where concurrent runs hold them all, makes its own), so the frame is part
+    of the tape's memory, not of a run's."""
 
     __slots__ = (
+        "b_fn",
         "b_ins",
         "b_known",
         "b_name",
@@ -306,9 +313,11 @@ class Tape:
         "f_ins",
         "f_kind",
         "f_node",
+        "frames",
         "keep",
         "pass_plan",
         "seeds",
+        "size",
     )
     f_node: list[int]
     f_kind: list[int]
@@ -316,39 +325,34 @@ class Tape:
     f_ins: list[tuple[int, ...]]
     b_node: list[int]
     b_vjp: list[Vjp]
+    b_fn: list[VjpFn]
     b_ins: list[tuple[int, ...]]
     b_known: list[int]
     b_name: list[str]
     die_at: list[int]
     dying: list[int]
 
-    def __init__(
-        self,
-        graph: Graph,
-        key: RequestKey,
-        values: dict[int, Any] | None = None,
-        check: Callable[[], None] | None = None,
-    ) -> None:
-        """`values`: the feeds by position, to run the forward pass on as it is lowered (the
-        values it makes are left there, those dead by then freed); `check`: cancellation."""
+    def __init__(self, graph: Graph, key: RequestKey) -> None:
         self.pass_plan = pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
         # outputs seeded: with grad_outputs, else the first output with 1 (a constant)
         self.seeds = ([graph.index[s] for s in key.seeded] or [pp.outputs[0]]) if pp.wrt else []
         self.default_seed = not key.seeded
         self.keep = frozenset(pp.wrt)  # nodes whose cotangent is a gradient asked for
         self.calls = 0
-        _lower(self, graph, pp, values, check or _unchecked)
+        _lower(self, graph, pp)
+        self.size = len(graph)
+        self.frames: list[list[Any]] = [[None] * self.size]
 
     def approx_bytes(self) -> int:
-        return TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
+        steps = TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
+        return steps + FRAME_SLOT_BYTES * self.size * MAX_FRAMES
 
+
+MAX_FRAMES = 2  # empty frames a tape keeps for its next runs
+FRAME_SLOT_BYTES = 8
 
 TAPE_STEP_BYTES = 120  # a step's entries in the tape's lists, its positions and its death
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
-
-
-def _unchecked() -> None:
-    """No cancellation to check (a tape made without running)."""
 
 
 def tape(graph: Graph, key: RequestKey) -> Tape:
@@ -365,155 +369,198 @@ def held_tape(key: RequestKey) -> Tape | None:
 def record(
     graph: Graph, key: RequestKey, request: RunRequest, cancel: Cancellation
 ) -> tuple[Tape, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A request's first call: its tape made while the forward pass runs (one pass over the
-    nodes, not two), then the backward pass; the tape is kept in the plan cache, its call
-    counted. Values by output name and gradients by wrt name; raises EagerOpError where an
-    op fails (no tape is kept then)."""
+    """A request's first call: its feeds checked, its tape made, then run; the tape is kept
+    in the plan cache, its call counted. Values by output name and gradients by wrt name;
+    raises EagerOpError where an op fails (no tape is kept then)."""
     pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
     v: dict[int, Any] = check_feeds(graph, pp, request.feeds)  # live values by position
     seeds = seed_cotangents(graph, pp, request.grad_outputs)
-    try:
-        with np.errstate(all="ignore"):  # NaN and infinity are values like any other
-            tp = Tape(graph, key, v, cancel.check)
-            first_backward_death = bisect.bisect_left(tp.die_at, len(tp.f_node))
-            grads = (
-                _backward(graph, tp, v, seeds, cancel.check, first_backward_death) if pp.wrt else {}
-            )
-    except GraphError:
-        raise  # cancelled, or a deadline passed: not an op's fault
-    except (ValueError, ArithmeticError) as e:
-        raise EagerOpError(str(e)) from e
+    tp = Tape(graph, key)
+    values, grads = _run(graph, tp, v, seeds, cancel)
     tp = _TAPES.get_or_make(key, lambda: tp)
     tp.calls += 1
-    return tp, {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
+    return tp, values, grads
 
 
-def _lower(
-    tp: Tape,
-    graph: Graph,
-    pp: PassPlan,
-    v: dict[int, Any] | None,
-    check: Callable[[], None],
-) -> None:
-    """Fill the tape's steps, in one pass over the forward nodes, and its deaths; given the
-    values `v`, run each forward step as it is lowered and free what dies there."""
+def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
+    """Fill the tape's steps and its deaths. Nodes alike (op, and the identity of their input
+    types: nodes alike share their type objects) are grouped by array operations, so the
+    signature, kernel and VJP are looked up once per group, not per node; only nodes of ops
+    with attributes, of more than two inputs, or downstream of constants (folding) take a
+    step of Python each."""
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
-    relevant, runs_vjp = pp.relevant, set(pp.backward)
-    known: set[int] = set()  # constants and folded nodes: what codegen's `_simplify` folds
-    # Signatures by op and the identity of the input types (alive with the graph, and shared
-    # by most nodes alike): no hashing of shapes per node.
-    sigs: dict[tuple[Any, ...], Signature] = {}
     forward = pp.forward
-    f_ins = [input_pos[i] for i in forward]
-    f_kind: list[int] = []
-    f_fn: list[Any] = []
-    b_node: list[int] = []  # in forward order: reversed at the end
-    b_vjp: list[Vjp] = []
-    b_ins: list[tuple[int, ...]] = []
-    b_known: list[int] = []
-    b_name: list[str] = []
-    n = len(nodes)
-    last_fwd = _last_forward_reads(forward, f_ins, n)
-    mortal = _mortal(pp)  # values that may die: all but the outputs
-    if v is not None:  # values by their last forward read: those no VJP reads die there
-        fwd_die_at, fwd_dying = _by_step(mortal, last_fwd[mortal])
-        fd, fnxt = 0, fwd_die_at[0]
-    # value -> the backward step (counted in forward order) of its earliest reader: VJPs run
-    # in reverse topological order, so that one reads it last (a node's own VJP, reading its
-    # value, runs after its users')
-    last_bwd = [-1] * n
-    since = CHECK_EVERY
-    for k, (i, ins) in enumerate(zip(forward, f_ins, strict=True)):
-        op = ops[i]
-        if op is CONSTANT:
-            kind, fn = CONST, nodes[i].attrs["value"]
-            known.add(i)
-            sig = None
+    nf = len(forward)
+    f_ins = list(map(input_pos.__getitem__, forward))
+    arity = np.fromiter(map(len, f_ins), dtype=np.intp, count=nf)
+    flat = np.fromiter(itertools.chain.from_iterable(f_ins), dtype=np.intp, count=int(arity.sum()))
+    # each step's first and second input (-1: none)
+    start = np.cumsum(arity) - arity
+    padded = np.append(flat, [-1, -1])  # (a last step without inputs starts at len(flat))
+    first = np.where(arity >= 1, padded[start], -1)
+    second = np.where(arity >= 2, padded[start + 1], -1)
+    op_id = np.fromiter(map(id, map(ops.__getitem__, forward)), dtype=np.int64, count=nf)
+    # the identity of each input's type (only at what the steps read: feeds and steps)
+    type_id = np.zeros(len(types), dtype=np.int64)
+    read = list(itertools.chain(pp.needed_inputs, forward))
+    type_id[read] = np.fromiter(map(id, map(types.__getitem__, read)), np.int64, len(read))
+    t0 = np.where(first >= 0, type_id[first], 0)
+    t1 = np.where(second >= 0, type_id[second], 0)
+    groups, rep, inv = _groups(op_id, t0, t1, arity)
+    # per group: its signature (None: its nodes take the per-node way), kernel, costliness
+    sigs: list[Signature | None] = []
+    for k in rep.tolist():
+        op = ops[forward[k]]
+        odd = op is CONSTANT or bool(op.attrs) or len(f_ins[k]) > 2
+        sigs.append(None if odd else _signature(graph, forward[k]))
+    g_fn = np.empty(groups, dtype=object)
+    g_fn[:] = [s.kernel if s is not None else None for s in sigs]
+    g_costly = np.fromiter((s is not None and s.costly for s in sigs), dtype=bool, count=groups)
+    g_odd = np.fromiter((s is None for s in sigs), dtype=bool, count=groups)
+    f_fn: list[Any] = g_fn[inv].tolist()
+    kinds = np.where(arity == 2, CALL2, np.where(arity == 1, CALL1, CALL))
+    costly = g_costly[inv]
+    step_sig: dict[int, Signature] = {}  # step -> its signature, for the per-node way
+    for k in np.flatnonzero(g_odd[inv]).tolist():
+        i = forward[k]
+        if ops[i] is CONSTANT:
+            kinds[k], f_fn[k] = CONST, nodes[i].attrs["value"]
         else:
-            if nodes[i].attrs:
-                sig = _signature(graph, i)
-            else:
-                if len(ins) == 2:
-                    skey: tuple[Any, ...] = (op.name, id(types[ins[0]]), id(types[ins[1]]))
-                elif len(ins) == 1:
-                    skey = (op.name, id(types[ins[0]]))
-                else:
-                    skey = (op.name, *[id(types[j]) for j in ins])
-                got_sig = sigs.get(skey)
-                sig = (
-                    got_sig if got_sig is not None else sigs.setdefault(skey, _signature(graph, i))
-                )
-            kind, fn = CALL2 if len(ins) == 2 else CALL1 if len(ins) == 1 else CALL, sig.kernel
-            if known and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
-                kind = FOLD
-                known.add(i)
-            if since >= CHECK_EVERY or sig.costly:
-                kind += CHECKED
-                since = 1
-            else:
-                since += 1
-        f_kind.append(kind)
-        f_fn.append(fn)
-        if v is not None:  # run it
-            if kind == CALL1:
-                v[i] = fn(v[ins[0]])
-            elif kind == CALL2:
-                v[i] = fn(v[ins[0]], v[ins[1]])
-            else:
-                v[i] = _odd_step(kind, fn, ins, v, check)
-        if sig is not None and i in runs_vjp:
-            if len(ins) == 2:
-                wants: tuple[bool, ...] = (ins[0] in relevant, ins[1] in relevant)
-            elif len(ins) == 1:
-                wants = (ins[0] in relevant,)
-            else:
-                wants = tuple([j in relevant for j in ins])
-            vjp = sig.vjps.get(wants)
-            if vjp is None:
-                vjp = sig.vjp(wants)
-            b = len(b_node)
-            for r in vjp.reads:
-                if last_bwd[ins[r]] < 0:
-                    last_bwd[ins[r]] = b
-            if vjp.reads_y and last_bwd[i] < 0:
-                last_bwd[i] = b
-            kmask = 0
-            if known:
-                for bit, j in enumerate((*ins, i), 1):
-                    if j in known:
-                        kmask |= 1 << bit
-            b_node.append(i)
-            b_vjp.append(vjp)
-            b_ins.append(ins)
-            b_known.append(kmask)
-            b_name.append(nodes[i].name)
-        if v is not None:
-            # What no later node reads, nor a VJP, dies here: every reader of it is lowered
-            # by now, so `last_bwd` holds its earliest VJP reader if any.
-            while fnxt == k:
-                j = fwd_dying[fd]
-                if last_bwd[j] < 0:
-                    del v[j]
-                fd += 1
-                fnxt = fwd_die_at[fd]
-    for lst in (b_node, b_vjp, b_ins, b_known, b_name):
+            sig = step_sig[k] = _signature(graph, i)
+            f_fn[k] = sig.kernel
+            costly[k] = sig.costly
+    constant = kinds == CONST
+    known = _fold_known(graph, forward, f_ins, kinds, np.flatnonzero(constant))
+    # cancellation is checked before a costly step and every CHECK_EVERY steps (constants aside)
+    rank = np.cumsum(~constant) - 1
+    checked = ~constant & (costly | (rank % CHECK_EVERY == 0))
+    f_kind: list[int] = (kinds + CHECKED * checked).tolist()
+    # backward steps: nodes whose VJP runs, grouped by signature group and wanted inputs
+    n = len(nodes)
+    runs = np.zeros(n, dtype=bool)
+    runs[np.asarray(pp.backward, dtype=np.intp)] = True
+    rel = np.frombuffer(pp.relevant + b"\0", dtype=bool)  # (the last for "no input")
+    fwd = np.asarray(forward, dtype=np.intp)
+    bsteps = np.flatnonzero(runs[fwd] & ~constant)
+    nb = len(bsteps)
+    b_first, b_second = first[bsteps], second[bsteps]
+    wants = rel[b_first] | (rel[b_second] << 1)  # (-1 reads rel[n]: False)
+    b_code = inv[bsteps] * 4 + wants
+    vgroups, vrep, vinv = np.unique(b_code, return_index=True, return_inverse=True)
+    vjps: list[Vjp | None] = []
+    for k in vrep.tolist():
+        s = bsteps[k]
+        sig = sigs[inv[s]]
+        ar = int(arity[s])
+        vjps.append(
+            None if sig is None else sig.vjp(tuple(bool(wants[k] >> r & 1) for r in range(ar)))
+        )
+    g_vjp = np.empty(len(vgroups), dtype=object)
+    g_vjp[:] = vjps
+    b_vjp: list[Vjp] = g_vjp[vinv].tolist()
+    g_vjp[:] = [None if vjp is None else vjp.variant(0) for vjp in vjps]
+    b_fn: list[VjpFn] = g_vjp[vinv].tolist()  # each VJP's function where nothing is known
+    b_ins = list(map(f_ins.__getitem__, bsteps.tolist()))
+    b_node: list[int] = fwd[bsteps].tolist()
+    # value -> its earliest VJP reader (counted in forward order): VJPs run in reverse
+    # topological order, so that one reads it last (a node's own VJP, reading its value, runs
+    # after its users')
+    g_reads = np.zeros((len(vgroups), 3), dtype=bool)  # input 0, input 1, its value
+    for g, vjp in enumerate(vjps):
+        if vjp is not None:
+            g_reads[g] = (0 in vjp.reads, 1 in vjp.reads, vjp.reads_y)
+    reads = g_reads[vinv]
+    order = np.arange(nb, dtype=np.intp)
+    readers = [order[reads[:, 0]], order[reads[:, 1]], order[reads[:, 2]]]
+    values = [b_first[reads[:, 0]], b_second[reads[:, 1]], fwd[bsteps][reads[:, 2]]]
+    b_known = [0] * nb
+    for b in np.flatnonzero(g_odd[inv[bsteps]]).tolist():  # the per-node way
+        ins, i = b_ins[b], b_node[b]
+        vjp = step_sig[int(bsteps[b])].vjp(tuple([bool(rel[j]) for j in ins]))
+        b_vjp[b] = vjp
+        readers.append(np.full(len(vjp.reads) + vjp.reads_y, b, dtype=np.intp))
+        values.append(np.array([*[ins[r] for r in vjp.reads], *[i] * vjp.reads_y], dtype=np.intp))
+    if known:
+        for b, (ins, i) in enumerate(zip(b_ins, b_node, strict=True)):
+            for bit, j in enumerate((*ins, i), 1):
+                if j in known:
+                    b_known[b] |= 1 << bit
+    special = np.flatnonzero(g_odd[inv[bsteps]]).tolist()  # (their functions: made per step)
+    for b in special + [b for b, m in enumerate(b_known) if m] if known else special:
+        b_fn[b] = b_vjp[b].variant(b_known[b])
+    last_bwd = np.full(n, nb, dtype=np.intp)
+    np.minimum.at(last_bwd, np.concatenate(values), np.concatenate(readers))
+    last_bwd[last_bwd == nb] = -1
+    b_name = [nodes[i].name for i in b_node]
+    for lst in (b_node, b_vjp, b_fn, b_ins, b_known, b_name):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
-    tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name = b_node, b_vjp, b_ins, b_known, b_name
-    tp.die_at, tp.dying = _deaths(mortal, last_fwd, last_bwd, len(forward), len(b_node))
+    tp.b_node, tp.b_vjp, tp.b_fn, tp.b_ins = b_node, b_vjp, b_fn, b_ins
+    tp.b_known, tp.b_name = b_known, b_name
+    last_fwd = _last_forward_reads(fwd, arity, flat, n)
+    tp.die_at, tp.dying = _deaths(_mortal(pp), last_fwd, last_bwd, nf, nb)
 
 
-def _last_forward_reads(forward: Sequence[int], f_ins: list[tuple[int, ...]], n: int) -> np.ndarray:
+def _groups(
+    op_id: np.ndarray, t0: np.ndarray, t1: np.ndarray, arity: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Steps alike (the same op, arity and input types by identity): how many groups, each
+    group's first step, and each step's group. One sort of a hash of the four; a collision
+    (two kinds in one group) is caught and they are sorted apart exactly instead."""
+    mixed = (op_id * _MIX[0]) ^ (t0 * _MIX[1]) ^ (t1 * _MIX[2]) ^ (arity * _MIX[3])
+    _, rep, inv = np.unique(mixed, return_index=True, return_inverse=True)
+    alike = all(bool((a == a[rep][inv]).all()) for a in (op_id, t0, t1, arity))
+    if not alike:
+        _, rep, inv = np.unique(
+            np.stack([op_id, t0, t1, arity], axis=1), axis=0, return_index=True, return_inverse=True
+        )
+    inv = inv.reshape(-1)
+    return len(rep), rep, inv
+
+
+# odd 64-bit multipliers (wrapping): a hash of the four keys of a step
+_MIX = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5],
+    dtype=np.uint64,
+).view(np.int64)
+
+
+def _fold_known(
+    graph: Graph,
+    forward: Sequence[int],
+    f_ins: list[tuple[int, ...]],
+    kinds: np.ndarray,
+    constants: np.ndarray,
+) -> set[int]:
+    """The nodes folded, as codegen's `_simplify` folds them: constants, and nodes of at most
+    FOLD_ELEMENTS whose inputs are all known (their steps' kind set to FOLD). A step of Python
+    per node from the first constant on; none without constants."""
+    known: set[int] = set()
+    if not len(constants):
+        return known
+    types = graph.types
+    for k in range(int(constants[0]), len(forward)):
+        i = forward[k]
+        if kinds[k] == CONST:
+            known.add(i)
+        else:
+            ins = f_ins[k]
+            if ins and all([j in known for j in ins]) and types[i].size <= FOLD_ELEMENTS:
+                kinds[k] = FOLD
+                known.add(i)
+    return known
+
+
+def _last_forward_reads(
+    fwd: np.ndarray, arity: np.ndarray, inputs: np.ndarray, n: int
+) -> np.ndarray:
     """Value -> the forward step that reads it last (its own where nothing reads it; -1 for
-    what no step reads or makes), by array operations over the steps' inputs."""
-    steps = np.arange(len(forward))
-    counts = np.fromiter(map(len, f_ins), dtype=np.intp, count=len(f_ins))
-    inputs = np.fromiter(
-        itertools.chain.from_iterable(f_ins), dtype=np.intp, count=int(counts.sum())
-    )
+    what no step reads or makes): `fwd` the steps' nodes, `inputs` their inputs in a row,
+    `arity` how many each."""
+    steps = np.arange(len(fwd))
     last = np.full(n, -1, dtype=np.intp)
-    last[np.asarray(forward, dtype=np.intp)] = steps
-    np.maximum.at(last, inputs, np.repeat(steps, counts))
+    last[fwd] = steps
+    np.maximum.at(last, inputs, np.repeat(steps, arity))
     return last
 
 
@@ -532,11 +579,11 @@ def _by_step(values: np.ndarray, step: np.ndarray) -> tuple[list[int], list[int]
 
 
 def _deaths(
-    mortal: np.ndarray, last_fwd: np.ndarray, last_bwd: list[int], nf: int, nb: int
+    mortal: np.ndarray, last_fwd: np.ndarray, last_bwd: np.ndarray, nf: int, nb: int
 ) -> tuple[list[int], list[int]]:
     """Each value's death: after its last read, by a VJP (the last to run) or else by a
     forward node; steps counted forward (0..nf-1), then backward in the order they run."""
-    late = np.asarray(last_bwd, dtype=np.intp)[mortal]
+    late = last_bwd[mortal]
     return _by_step(mortal, np.where(late < 0, last_fwd[mortal], nf + nb - 1 - late))
 
 
@@ -547,7 +594,26 @@ def run_tape(
     fails (the caller runs the lowered program, which names the node)."""
     pp = tp.pass_plan
     v: dict[int, Any] = check_feeds(graph, pp, request.feeds)  # live values by position
-    seeds = seed_cotangents(graph, pp, request.grad_outputs)
+    return _run(graph, tp, v, seed_cotangents(graph, pp, request.grad_outputs), cancel)
+
+
+def _run(
+    graph: Graph,
+    tp: Tape,
+    feeds: dict[int, np.ndarray],
+    seeds: dict[int, np.ndarray],
+    cancel: Cancellation,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The tape run on the feeds `feeds` (by position) and the seeds, in a frame of the
+    tape's (given back empty after a run that succeeds)."""
+    pp = tp.pass_plan
+    frames = tp.frames
+    try:
+        v = frames.pop()  # live values by position
+    except IndexError:  # concurrent runs hold the tape's frames
+        v = [None] * tp.size
+    for j, value in feeds.items():
+        v[j] = value
     check = cancel.check
     die_at, dying = tp.die_at, tp.dying
     d = 0  # the next death
@@ -565,7 +631,7 @@ def run_tape(
                 else:
                     v[i] = _odd_step(kind, fn, ins, v, check)
                 while nxt == k:
-                    del v[dying[d]]
+                    v[dying[d]] = None
                     d += 1
                     nxt = die_at[d]
             i = -1  # (the backward pass names its own node)
@@ -574,11 +640,16 @@ def run_tape(
         raise  # cancelled, or a deadline passed: not an op's fault
     except (ValueError, ArithmeticError) as e:
         raise EagerOpError(str(e), graph.nodes[i].name if i >= 0 else None) from e
-    return {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}, grads
+    values = {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}
+    for j in itertools.chain(feeds, pp.outputs):  # what never dies; the rest died on the way
+        v[j] = None
+    if len(frames) < MAX_FRAMES:
+        frames.append(v)
+    return values, grads
 
 
 def _odd_step(
-    kind: int, fn: Any, ins: tuple[int, ...], v: dict[int, Any], check: Callable[[], None]
+    kind: int, fn: Any, ins: tuple[int, ...], v: list[Any], check: Callable[[], None]
 ) -> Any:
     """A forward step that checks cancellation first, has more than two inputs, folds or is
     a constant."""
@@ -599,7 +670,7 @@ def _odd_step(
 def _backward(
     graph: Graph,
     tp: Tape,
-    v: dict[int, Any],
+    v: list[Any],
     seeds: dict[int, np.ndarray],
     check: Callable[[], None],
     d: int,
@@ -621,29 +692,29 @@ def _backward(
     nxt = die_at[d]
     since = CHECK_EVERY
     name = ""
+    nf = len(tp.f_node)
     try:
-        for k, i, vjp, ins, kmask, name in zip(
-            itertools.count(len(tp.f_node)), tp.b_node, tp.b_vjp, tp.b_ins, tp.b_known, tp.b_name
+        for k, i, fn, vjp, ins, name in zip(
+            itertools.count(nf), tp.b_node, tp.b_fn, tp.b_vjp, tp.b_ins, tp.b_name
         ):
             p: Any = cot.pop(i, None)
             if p is not None:  # (a cotangent may be cut off by ops no gradient flows through)
                 if p.__class__ is tuple:
                     _, _, g, gk = p
                 else:
-                    g, gk = _total(p, types[i])
+                    g, gk = _total(p, vjp.add, vjp.folds)
                 if i in keep:
                     totals[i] = g
                 if since >= CHECK_EVERY or vjp.costly:
                     check()
                     since = 0
                 since += 1
-                fn = vjp.variants.get(kmask | gk)
-                if fn is None:
-                    fn = vjp.variant(kmask | gk)
+                if gk:  # its cotangent is a constant: the variant that folds with it
+                    fn = vjp.variant(tp.b_known[k - nf] | 1)
                 fn(g, v, ins, i, cot, name)
                 g = p = None  # nothing held past its last use
             while nxt == k:
-                del v[dying[d]]
+                v[dying[d]] = None
                 d += 1
                 nxt = die_at[d]
     except GraphError:
@@ -659,7 +730,8 @@ def _backward(
         if w in totals:
             g = totals[w]
         elif p.__class__ is list:
-            g = _total(p, types[w])[0]
+            t = types[w]
+            g = _total(p, ADD.lower({}, (t, t)), t.size <= FOLD_ELEMENTS)[0]
         elif p is not None:
             g = p[2]
         else:  # no path from w to a differentiated output: zeros of its type
@@ -668,24 +740,17 @@ def _backward(
     return grads
 
 
-def _total(parts: list[tuple[str, int, Any, bool]], t: TensorType) -> tuple[Any, bool]:
-    """A cotangent: its parts added one by one in the fixed order (seed, consumer name,
-    slot), as the gradient graph's sum nodes add them; sums of constants fold. Returns it and
-    whether it is known (constant)."""
-    parts.sort(key=_BY_CONSUMER)
+def _total(
+    parts: list[tuple[str, int, Any, bool]], add: Callable[..., Any], folds: bool
+) -> tuple[Any, bool]:
+    """A cotangent: its parts added one by one with `add` in the fixed order (seed, consumer
+    name, slot), as the gradient graph's sum nodes add them; sums of constants fold where
+    `folds`. Returns it and whether it is known (constant)."""
+    parts.sort()  # by (consumer name, slot): unique to each part, so the values never compare
     _, _, acc, known = parts[0]
-    add = _ADDS.get((t.shape, t.dtype))  # the kernel of the gradient graph's sum nodes
-    if add is None:
-        if len(_ADDS) >= MAX_SIGNATURES:
-            _ADDS.clear()
-        add = _ADDS[t.shape, t.dtype] = ADD.lower({}, (t, t))
     for _, _, d, k in parts[1:]:
-        if known and k and t.size <= FOLD_ELEMENTS:
+        if known and k and folds:
             acc = _fold(add(acc, d))
         else:
             acc, known = add(acc, d), False
     return acc, known
-
-
-_BY_CONSUMER = itemgetter(0, 1)  # consumer name, slot
-_ADDS: dict[tuple[tuple[int, ...], str], Callable[..., Any]] = {}  # by type (bounded)

@@ -174,7 +174,7 @@ def grad_graph(
             continue
         node, op = graph.nodes[i], graph.ops[i]
         ins = graph.input_pos[i]
-        wants = [j in plan.relevant for j in ins]
+        wants = [bool(plan.relevant[j]) for j in ins]
         if op.grad is None:
             raise AssertionError(f"op '{op.name}' has no gradient rule")
         em.owner = node.name

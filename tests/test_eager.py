@@ -5,6 +5,7 @@ they go, and the request tiers up to its compiled program on its TIER_UP_CALLS-t
 from __future__ import annotations
 
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import graphgrad as gg
 from graphgrad.engine import CancelledError, Graph, LocalExecutor, Node, RunRequest
 from graphgrad.engine.codegen import CHECK_EVERY, TIER_UP_CALLS
 from graphgrad.engine.driver import run_inline
-from graphgrad.engine.eager import Tape, record, run_tape
+from graphgrad.engine.eager import MAX_FRAMES, EagerOpError, Tape, record, run_tape
 from graphgrad.engine.executor import _INLINE, Cancellation, request_key
 
 from .gradcheck import numerical_vjp
@@ -128,8 +129,8 @@ def test_the_eager_tier_runs_a_200000_deep_chain_in_bounded_memory():
 
 
 def test_the_first_call_frees_values_as_its_tape_is_made():
-    """`record` lowers and runs the forward pass in one sweep: a value dies at its last read
-    there too, not at the end of the sweep (the tape's own lists aside, a few KiB here)."""
+    """`record` makes the tape, then runs it: a value dies at its last read on the first call
+    too (the tape's own lists and frame aside, a few dozen KiB here)."""
     n, depth = 20_000, 2_000
     nodes = [Node("x", "input", shape=(n,), dtype="float64")]
     nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(depth)]
@@ -199,3 +200,33 @@ def test_ops_no_gradient_flows_through_give_the_compiled_programs_bits():
     np.testing.assert_array_equal(
         grads["x"], np.sign(np.tanh(feeds["z"]) * x) + np.sign(x) + (x > 0)
     )
+
+
+def test_a_tape_keeps_its_frames_empty_and_concurrent_runs_each_get_their_own():
+    """A run holds its values in a frame the tape keeps (engine/eager.py Tape): given back
+    empty, so no array outlives its run; runs at once on one tape never share one; a run that
+    fails gives none back."""
+    graph, request = chain(200)
+    extra = Graph([*graph.nodes, Node("unused", "input", shape=(3,), dtype="float64")])
+    request = RunRequest(request.outputs, {**request.feeds, "unused": np.ones(3)}, request.wrt)
+    tape = Tape(extra, request_key(extra, request))
+    alone = run_tape(extra, tape, request, Cancellation())
+    assert len(tape.frames) == 1 and all(x is None for x in tape.frames[0])
+
+    def runs(_: int) -> list[tuple[dict, dict]]:
+        return [run_tape(extra, tape, request, Cancellation()) for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for batch in pool.map(runs, range(4)) for r in batch]
+    for values, grads in results:
+        assert bits(values) == bits(alone[0]) and bits(grads) == bits(alone[1])
+    assert 1 <= len(tape.frames) <= MAX_FRAMES
+    assert all(x is None for frame in tape.frames for x in frame)
+    # a run that fails (max over nothing) gives back no frame
+    with gg.Graph() as g:
+        gg.max(gg.sin(gg.input("x", shape=(0,))), name="m")
+    empty, failing = g.freeze(), RunRequest(("m",), {"x": np.zeros(0)})
+    tape = Tape(empty, request_key(empty, failing))
+    with pytest.raises(EagerOpError, match="zero-size"):
+        run_tape(empty, tape, failing, Cancellation())
+    assert tape.frames == []

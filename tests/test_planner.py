@@ -21,7 +21,7 @@ from graphgrad.engine import (
 from graphgrad.engine.autodiff import plan_pass
 from graphgrad.engine.planner import may_prefer_ray, node_costs, partition, prefers_ray
 
-from .strategies import random_graphs
+from .strategies import random_graphs, random_requests
 
 
 def run_partitioned(graph: Graph, request: RunRequest, min_seconds: float = 0.0):
@@ -181,3 +181,48 @@ def test_an_output_named_twice_needs_each_input_once():
         pp = plan_pass(graph, outputs, [])
         assert sorted(pp.needed_inputs) == sorted(set(pp.needed_inputs)), outputs
     assert plan_pass(graph, ["x", "x", "y"], []).needed_inputs == (0, 1)
+
+
+def reference_plan(graph: Graph, outputs, wrt, seeded):
+    """plan_pass's region by its definitions, with sets: the nodes the outputs need, the
+    descendants of wrt nodes among them, the relevant ones (those the seeded outputs also
+    depend on) and the nodes whose VJP runs (relevant, with an input descending from wrt)."""
+    pos = graph.index
+
+    def ancestors(names):
+        seen, todo = set(), [pos[n] for n in names]
+        while todo:
+            i = todo.pop()
+            if i not in seen:
+                seen.add(i)
+                todo += graph.input_pos[i]
+        return seen
+
+    need = ancestors(outputs)
+    reach = set()
+    for i in sorted(need):
+        if i in {pos[w] for w in wrt} or any(j in reach for j in graph.input_pos[i]):
+            reach.add(i)
+    relevant = reach & ancestors(seeded or outputs[:1]) if wrt else set()
+    backward = [
+        i for i in sorted(relevant, reverse=True) if any(j in reach for j in graph.input_pos[i])
+    ]
+    forward = [i for i in sorted(need) if graph.nodes[i].op != "input"]
+    return forward, backward, relevant
+
+
+@settings(max_examples=80)
+@given(random_requests(), st.booleans())
+def test_plan_pass_finds_the_region_its_definitions_give(case, every_leaf):
+    """Over random requests, and with wrt naming every input and constant (where the plan
+    takes every needed node as a descendant of one without a sweep)."""
+    nodes, request = case
+    graph = Graph(nodes)
+    wrt = request.wrt
+    if every_leaf:
+        wrt = tuple(n.name for n in nodes if n.op in ("input", "constant"))
+    seeded = tuple(request.grad_outputs or ())
+    pp = plan_pass(graph, request.outputs, wrt, seeded)
+    forward, backward, relevant = reference_plan(graph, request.outputs, wrt, seeded)
+    assert list(pp.forward) == forward and list(pp.backward) == backward
+    assert {i for i, flag in enumerate(pp.relevant) if flag} == relevant
