@@ -64,6 +64,7 @@ bench: setup
 	$(BIN)/python bench/remote_latency.py
 	$(BIN)/python bench/server_kinds.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/run_path.py
 	$(BIN)/python bench/blas_share.py
 	$(BIN)/python bench/observability.py
 	$(BIN)/python bench/bigdag.py
