@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -411,7 +412,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
     forward = pp.forward
     nf = len(forward)
-    f_ins = list(map(input_pos.__getitem__, forward))
+    f_ins = _gather(input_pos, forward)
     arity = np.fromiter(map(len, f_ins), dtype=np.intp, count=nf)
     flat = np.fromiter(itertools.chain.from_iterable(f_ins), dtype=np.intp, count=int(arity.sum()))
     # each step's first and second input (-1: none)
@@ -419,11 +420,11 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     padded = np.append(flat, [-1, -1])  # (a last step without inputs starts at len(flat))
     first = np.where(arity >= 1, padded[start], -1)
     second = np.where(arity >= 2, padded[start + 1], -1)
-    op_id = np.fromiter(map(id, map(ops.__getitem__, forward)), dtype=np.int64, count=nf)
+    op_id = np.fromiter(map(id, _gather(ops, forward)), dtype=np.int64, count=nf)
     # the identity of each input's type (only at what the steps read: feeds and steps)
     type_id = np.zeros(len(types), dtype=np.int64)
     read = list(itertools.chain(pp.needed_inputs, forward))
-    type_id[read] = np.fromiter(map(id, map(types.__getitem__, read)), np.int64, len(read))
+    type_id[read] = np.fromiter(map(id, _gather(types, read)), np.int64, len(read))
     t0 = np.where(first >= 0, type_id[first], 0)
     t1 = np.where(second >= 0, type_id[second], 0)
     groups, rep, inv = _groups(op_id, t0, t1, arity)
@@ -488,7 +489,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     b_vjp: list[Vjp] = g_vjp[vinv].tolist()
     g_vjp[:] = [None if vjp is None else vjp.variant(0) for vjp in vjps]
     b_fn: list[VjpFn] = g_vjp[vinv].tolist()  # each VJP's function where nothing is known
-    b_ins = list(map(f_ins.__getitem__, bsteps.tolist()))
+    b_ins = f_ins.copy() if nb == nf else _gather(f_ins, bsteps.tolist())
     b_node: list[int] = fwd[bsteps].tolist()
     # value -> its earliest VJP reader (counted in forward order): VJPs run in reverse
     # topological order, so that one reads it last (a node's own VJP, reading its value, runs
@@ -543,7 +544,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     last_bwd = np.full(n, nb, dtype=np.intp)
     np.minimum.at(last_bwd, np.concatenate(values), np.concatenate(readers))
     last_bwd[last_bwd == nb] = -1
-    b_name = [nodes[i].name for i in b_node]
+    b_name = [node.name for node in _gather(nodes, b_node)]
     for lst in (b_node, b_vjp, b_fn, b_ins, b_known, b_name):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
@@ -551,6 +552,13 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     tp.b_known, tp.b_name = b_known, b_name
     last_fwd = _last_forward_reads(fwd, arity, flat, n)
     tp.die_at, tp.dying = _deaths(_mortal(pp), last_fwd, last_bwd, nf, nb)
+
+
+def _gather(items: Sequence[Any], at: Sequence[int]) -> list[Any]:
+    """[items[i] for i in at], in one call of C (itemgetter) rather than a step each."""
+    if len(at) < 2:
+        return [items[i] for i in at]
+    return list(itemgetter(*at)(items))
 
 
 def _groups(
