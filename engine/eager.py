@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -257,8 +258,9 @@ _SIGNATURES: LRU[tuple[Any, ...], Signature] = LRU(
 )
 
 
-def _signature(graph: Graph, i: int) -> Signature:
-    """The node's signature: from the bounded cache, made on a miss."""
+def _signature(graph: Graph, i: int, seen: dict[Any, Signature] | None = None) -> Signature:
+    """The node's signature: from `seen` (one lowering's, no lock) or the bounded cache, made
+    on a miss. Keyed by op, input shapes and dtypes, and attributes."""
     types, attrs = graph.types, graph.nodes[i].attrs
     key: tuple[Any, ...] | None = (
         graph.ops[i].name,
@@ -266,15 +268,19 @@ def _signature(graph: Graph, i: int) -> Signature:
     )
     if attrs:
         key = (*key, tuple(sorted(attrs.items())))  # type: ignore[misc]
-        try:
-            hash(key)
-        except TypeError:  # an attribute that is no plain value: not shared
-            key = None
-    sig = _SIGNATURES.get(key) if key is not None else None
+    try:
+        got = seen.get(key) if seen is not None else None
+        if got is not None:
+            return got
+        sig = _SIGNATURES.get(key)  # type: ignore[arg-type]
+    except TypeError:  # an attribute that is no plain value: not shared
+        key, sig = None, None
     if sig is None:
         sig = Signature(graph, i)
         if key is not None:
             _SIGNATURES.put(key, sig)
+    if seen is not None and key is not None:
+        seen[key] = sig
     return sig
 
 
@@ -282,6 +288,7 @@ def _signature(graph: Graph, i: int) -> Signature:
 # (a node of constants), or a constant; CHECKED added where cancellation is checked first.
 CALL1, CALL2, CALL, FOLD, CONST, CHECKED = 0, 1, 2, 3, 4, 8
 NEVER = 1 << 62  # the step after the last: ends the list of deaths
+CHECK_LOWERING = 4096  # steps of Python a lowering takes between checks of cancellation
 
 
 class Tape:
@@ -296,7 +303,8 @@ class Tape:
     A run holds its values in a frame, a list indexed by node position (a dict costs a run
     ~8 % more): the tape keeps up to MAX_FRAMES of them, empty, for its next runs (a run
     takes one or, where concurrent runs hold them all, makes its own), so the frame is part
-    of the tape's memory, not of a run's."""
+    of the tape's memory, not of a run's. A request that spans a small part of its graph
+    (`dense` False) runs in a dict instead: a list would hold a slot per node of the graph."""
 
     __slots__ = (
         "b_fn",
@@ -307,6 +315,7 @@ class Tape:
         "b_vjp",
         "calls",
         "default_seed",
+        "dense",
         "die_at",
         "dying",
         "f_fn",
@@ -332,26 +341,37 @@ class Tape:
     die_at: list[int]
     dying: list[int]
 
-    def __init__(self, graph: Graph, key: RequestKey) -> None:
+    def __init__(
+        self, graph: Graph, key: RequestKey, check: Callable[[], None] | None = None
+    ) -> None:
+        """`check`: cancellation, checked now and then as the tape is made."""
         self.pass_plan = pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
         # outputs seeded: with grad_outputs, else the first output with 1 (a constant)
         self.seeds = ([graph.index[s] for s in key.seeded] or [pp.outputs[0]]) if pp.wrt else []
         self.default_seed = not key.seeded
         self.keep = frozenset(pp.wrt)  # nodes whose cotangent is a gradient asked for
         self.calls = 0
-        _lower(self, graph, pp)
+        _lower(self, graph, pp, check or _unchecked)
         self.size = len(graph)
-        self.frames: list[list[Any]] = [[None] * self.size]
+        # a frame by position where the request spans much of the graph; else a dict
+        self.dense = self.size <= 4 * (len(pp.needed_inputs) + len(self.f_node)) + 1024
+        self.frames: list[list[Any]] = [[None] * self.size] if self.dense else []
 
     def approx_bytes(self) -> int:
         steps = TAPE_STEP_BYTES * (len(self.f_node) + len(self.b_node))
-        return steps + FRAME_SLOT_BYTES * self.size * MAX_FRAMES
+        return steps + (FRAME_SLOT_BYTES * self.size * MAX_FRAMES if self.dense else 0)
 
 
 MAX_FRAMES = 2  # empty frames a tape keeps for its next runs
 FRAME_SLOT_BYTES = 8
 
 TAPE_STEP_BYTES = 120  # a step's entries in the tape's lists, its positions and its death
+
+
+def _unchecked() -> None:
+    """No cancellation to check (a tape made for admission's estimate)."""
+
+
 _TAPES: DerivedCache[RequestKey, Tape] = DerivedCache("eager tapes")
 
 
@@ -375,23 +395,24 @@ def record(
     pp = plan_pass(graph, key.outputs, key.wrt, key.seeded)
     v: dict[int, Any] = check_feeds(graph, pp, request.feeds)  # live values by position
     seeds = seed_cotangents(graph, pp, request.grad_outputs)
-    tp = Tape(graph, key)
+    tp = Tape(graph, key, cancel.check)
     values, grads = _run(graph, tp, v, seeds, cancel)
     tp = _TAPES.get_or_make(key, lambda: tp)
     tp.calls += 1
     return tp, values, grads
 
 
-def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
+def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> None:
     """Fill the tape's steps and its deaths. Nodes alike (op, and the identity of their input
     types: nodes alike share their type objects) are grouped by array operations, so the
     signature, kernel and VJP are looked up once per group, not per node; only nodes of ops
     with attributes, of more than two inputs, or downstream of constants (folding) take a
-    step of Python each."""
+    step of Python each (their signatures looked up once per kind in `seen`). `check`
+    (cancellation) runs between the phases and every CHECK_LOWERING steps of Python."""
     nodes, ops, types, input_pos = graph.nodes, graph.ops, graph.types, graph.input_pos
     forward = pp.forward
     nf = len(forward)
-    f_ins = list(map(input_pos.__getitem__, forward))
+    f_ins = _gather(input_pos, forward)
     arity = np.fromiter(map(len, f_ins), dtype=np.intp, count=nf)
     flat = np.fromiter(itertools.chain.from_iterable(f_ins), dtype=np.intp, count=int(arity.sum()))
     # each step's first and second input (-1: none)
@@ -399,14 +420,15 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     padded = np.append(flat, [-1, -1])  # (a last step without inputs starts at len(flat))
     first = np.where(arity >= 1, padded[start], -1)
     second = np.where(arity >= 2, padded[start + 1], -1)
-    op_id = np.fromiter(map(id, map(ops.__getitem__, forward)), dtype=np.int64, count=nf)
+    op_id = np.fromiter(map(id, _gather(ops, forward)), dtype=np.int64, count=nf)
     # the identity of each input's type (only at what the steps read: feeds and steps)
     type_id = np.zeros(len(types), dtype=np.int64)
     read = list(itertools.chain(pp.needed_inputs, forward))
-    type_id[read] = np.fromiter(map(id, map(types.__getitem__, read)), np.int64, len(read))
+    type_id[read] = np.fromiter(map(id, _gather(types, read)), np.int64, len(read))
     t0 = np.where(first >= 0, type_id[first], 0)
     t1 = np.where(second >= 0, type_id[second], 0)
     groups, rep, inv = _groups(op_id, t0, t1, arity)
+    check()
     # per group: its signature (None: its nodes take the per-node way), kernel, costliness
     sigs: list[Signature | None] = []
     for k in rep.tolist():
@@ -421,16 +443,23 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     kinds = np.where(arity == 2, CALL2, np.where(arity == 1, CALL1, CALL))
     costly = g_costly[inv]
     step_sig: dict[int, Signature] = {}  # step -> its signature, for the per-node way
-    for k in np.flatnonzero(g_odd[inv]).tolist():
+    seen: dict[Any, Signature] = {}
+    consts: list[int] = []
+    for n_odd, k in enumerate(np.flatnonzero(g_odd[inv]).tolist()):
+        if not n_odd % CHECK_LOWERING:
+            check()
         i = forward[k]
         if ops[i] is CONSTANT:
-            kinds[k], f_fn[k] = CONST, nodes[i].attrs["value"]
+            consts.append(k)
+            f_fn[k] = nodes[i].attrs["value"]
         else:
-            sig = step_sig[k] = _signature(graph, i)
+            sig = step_sig[k] = _signature(graph, i, seen)
             f_fn[k] = sig.kernel
-            costly[k] = sig.costly
+    if step_sig:
+        costly[list(step_sig)] = [sig.costly for sig in step_sig.values()]
+    kinds[consts] = CONST
     constant = kinds == CONST
-    known = _fold_known(graph, forward, f_ins, kinds, np.flatnonzero(constant))
+    known = _fold_known(graph, forward, f_ins, kinds, np.flatnonzero(constant), check)
     # cancellation is checked before a costly step and every CHECK_EVERY steps (constants aside)
     rank = np.cumsum(~constant) - 1
     checked = ~constant & (costly | (rank % CHECK_EVERY == 0))
@@ -460,7 +489,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     b_vjp: list[Vjp] = g_vjp[vinv].tolist()
     g_vjp[:] = [None if vjp is None else vjp.variant(0) for vjp in vjps]
     b_fn: list[VjpFn] = g_vjp[vinv].tolist()  # each VJP's function where nothing is known
-    b_ins = list(map(f_ins.__getitem__, bsteps.tolist()))
+    b_ins = f_ins.copy() if nb == nf else _gather(f_ins, bsteps.tolist())
     b_node: list[int] = fwd[bsteps].tolist()
     # value -> its earliest VJP reader (counted in forward order): VJPs run in reverse
     # topological order, so that one reads it last (a node's own VJP, reading its value, runs
@@ -474,24 +503,48 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     readers = [order[reads[:, 0]], order[reads[:, 1]], order[reads[:, 2]]]
     values = [b_first[reads[:, 0]], b_second[reads[:, 1]], fwd[bsteps][reads[:, 2]]]
     b_known = [0] * nb
-    for b in np.flatnonzero(g_odd[inv[bsteps]]).tolist():  # the per-node way
-        ins, i = b_ins[b], b_node[b]
-        vjp = step_sig[int(bsteps[b])].vjp(tuple([bool(rel[j]) for j in ins]))
-        b_vjp[b] = vjp
-        readers.append(np.full(len(vjp.reads) + vjp.reads_y, b, dtype=np.intp))
-        values.append(np.array([*[ins[r] for r in vjp.reads], *[i] * vjp.reads_y], dtype=np.intp))
+    check()
     if known:
         for b, (ins, i) in enumerate(zip(b_ins, b_node, strict=True)):
+            if not b % CHECK_LOWERING:
+                check()
             for bit, j in enumerate((*ins, i), 1):
                 if j in known:
                     b_known[b] |= 1 << bit
-    special = np.flatnonzero(g_odd[inv[bsteps]]).tolist()  # (their functions: made per step)
-    for b in special + [b for b, m in enumerate(b_known) if m] if known else special:
-        b_fn[b] = b_vjp[b].variant(b_known[b])
+    special = np.flatnonzero(g_odd[inv[bsteps]])  # the per-node way
+    s_readers: list[int] = []
+    s_values: list[int] = []
+    s_vjps: dict[tuple[Signature, Any], Vjp] = {}
+    relevant = pp.relevant
+    for n_odd, (b, k, w) in enumerate(
+        zip(special.tolist(), bsteps[special].tolist(), wants[special].tolist(), strict=True)
+    ):
+        if not n_odd % CHECK_LOWERING:
+            check()
+        ins, i, sig = b_ins[b], b_node[b], step_sig[k]
+        if len(ins) > 2:
+            w = tuple([relevant[j] == 1 for j in ins])
+        vjp = s_vjps.get((sig, w))
+        if vjp is None:
+            wanted = w if len(ins) > 2 else tuple([bool(w >> r & 1) for r in range(len(ins))])
+            vjp = s_vjps[sig, w] = sig.vjp(wanted)
+        b_vjp[b] = vjp
+        b_fn[b] = vjp.variant(b_known[b])
+        for r in vjp.reads:
+            s_readers.append(b)
+            s_values.append(ins[r])
+        if vjp.reads_y:
+            s_readers.append(b)
+            s_values.append(i)
+    readers.append(np.array(s_readers, dtype=np.intp))
+    values.append(np.array(s_values, dtype=np.intp))
+    if known:  # (the per-node way's are made above)
+        for b in np.flatnonzero(np.array(b_known, dtype=bool) & ~g_odd[inv[bsteps]]).tolist():
+            b_fn[b] = b_vjp[b].variant(b_known[b])
     last_bwd = np.full(n, nb, dtype=np.intp)
     np.minimum.at(last_bwd, np.concatenate(values), np.concatenate(readers))
     last_bwd[last_bwd == nb] = -1
-    b_name = [nodes[i].name for i in b_node]
+    b_name = [node.name for node in _gather(nodes, b_node)]
     for lst in (b_node, b_vjp, b_fn, b_ins, b_known, b_name):
         lst.reverse()
     tp.f_node, tp.f_kind, tp.f_fn, tp.f_ins = list(forward), f_kind, f_fn, f_ins
@@ -499,6 +552,13 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan) -> None:
     tp.b_known, tp.b_name = b_known, b_name
     last_fwd = _last_forward_reads(fwd, arity, flat, n)
     tp.die_at, tp.dying = _deaths(_mortal(pp), last_fwd, last_bwd, nf, nb)
+
+
+def _gather(items: Sequence[Any], at: Sequence[int]) -> list[Any]:
+    """[items[i] for i in at], in one call of C (itemgetter) rather than a step each."""
+    if len(at) < 2:
+        return [items[i] for i in at]
+    return list(itemgetter(*at)(items))
 
 
 def _groups(
@@ -531,6 +591,7 @@ def _fold_known(
     f_ins: list[tuple[int, ...]],
     kinds: np.ndarray,
     constants: np.ndarray,
+    check: Callable[[], None],
 ) -> set[int]:
     """The nodes folded, as codegen's `_simplify` folds them: constants, and nodes of at most
     FOLD_ELEMENTS whose inputs are all known (their steps' kind set to FOLD). A step of Python
@@ -540,6 +601,8 @@ def _fold_known(
         return known
     types = graph.types
     for k in range(int(constants[0]), len(forward)):
+        if not k % CHECK_LOWERING:
+            check()
         i = forward[k]
         if kinds[k] == CONST:
             known.add(i)
@@ -608,10 +671,12 @@ def _run(
     tape's (given back empty after a run that succeeds)."""
     pp = tp.pass_plan
     frames = tp.frames
-    try:
-        v = frames.pop()  # live values by position
-    except IndexError:  # concurrent runs hold the tape's frames
-        v = [None] * tp.size
+    v: Any = {}  # live values by position
+    if tp.dense:
+        try:
+            v = frames.pop()
+        except IndexError:  # concurrent runs hold the tape's frames
+            v = [None] * tp.size
     for j, value in feeds.items():
         v[j] = value
     check = cancel.check
@@ -641,16 +706,15 @@ def _run(
     except (ValueError, ArithmeticError) as e:
         raise EagerOpError(str(e), graph.nodes[i].name if i >= 0 else None) from e
     values = {graph.nodes[o].name: np.asarray(v[o]) for o in pp.outputs}
-    for j in itertools.chain(feeds, pp.outputs):  # what never dies; the rest died on the way
-        v[j] = None
-    if len(frames) < MAX_FRAMES:
-        frames.append(v)
+    if tp.dense:
+        for j in itertools.chain(feeds, pp.outputs):  # what never dies; the rest died already
+            v[j] = None
+        if len(frames) < MAX_FRAMES:
+            frames.append(v)
     return values, grads
 
 
-def _odd_step(
-    kind: int, fn: Any, ins: tuple[int, ...], v: list[Any], check: Callable[[], None]
-) -> Any:
+def _odd_step(kind: int, fn: Any, ins: tuple[int, ...], v: Any, check: Callable[[], None]) -> Any:
     """A forward step that checks cancellation first, has more than two inputs, folds or is
     a constant."""
     if kind >= CHECKED:
@@ -670,7 +734,7 @@ def _odd_step(
 def _backward(
     graph: Graph,
     tp: Tape,
-    v: list[Any],
+    v: Any,
     seeds: dict[int, np.ndarray],
     check: Callable[[], None],
     d: int,

@@ -189,7 +189,7 @@ class LocalExecutor:
         if ip is None and may_run_eager():
             tp = held_tape(key)
             try:
-                if tp is None:  # the first call: its tape is made as its forward pass runs
+                if tp is None:  # the first call: its tape is made, then run
                     tp, values, grads = record(graph, key, request, cancel)
                     return values, grads
                 tp.calls += 1

@@ -15,7 +15,15 @@ import graphgrad as gg
 from graphgrad.engine import CancelledError, Graph, LocalExecutor, Node, RunRequest
 from graphgrad.engine.codegen import CHECK_EVERY, TIER_UP_CALLS
 from graphgrad.engine.driver import run_inline
-from graphgrad.engine.eager import MAX_FRAMES, EagerOpError, Tape, record, run_tape
+from graphgrad.engine.eager import (
+    CHECK_LOWERING,
+    MAX_FRAMES,
+    EagerOpError,
+    Tape,
+    held_tape,
+    record,
+    run_tape,
+)
 from graphgrad.engine.executor import _INLINE, Cancellation, request_key
 
 from .gradcheck import numerical_vjp
@@ -210,16 +218,28 @@ def test_a_tape_keeps_its_frames_empty_and_concurrent_runs_each_get_their_own():
     extra = Graph([*graph.nodes, Node("unused", "input", shape=(3,), dtype="float64")])
     request = RunRequest(request.outputs, {**request.feeds, "unused": np.ones(3)}, request.wrt)
     tape = Tape(extra, request_key(extra, request))
-    alone = run_tape(extra, tape, request, Cancellation())
+    run_tape(extra, tape, request, Cancellation())
     assert len(tape.frames) == 1 and all(x is None for x in tape.frames[0])
 
-    def runs(_: int) -> list[tuple[dict, dict]]:
-        return [run_tape(extra, tape, request, Cancellation()) for _ in range(20)]
+    # each thread its own feeds: a frame shared by two runs would mix their values
+    requests = [
+        RunRequest(
+            request.outputs, {**request.feeds, "x": request.feeds["x"] * (t + 1)}, request.wrt
+        )
+        for t in range(4)
+    ]
+    expected = [
+        run_tape(extra, Tape(extra, request_key(extra, r)), r, Cancellation()) for r in requests
+    ]
+
+    def runs(t: int) -> list[tuple[dict, dict]]:
+        return [run_tape(extra, tape, requests[t], Cancellation()) for _ in range(20)]
 
     with ThreadPoolExecutor(4) as pool:
-        results = [r for batch in pool.map(runs, range(4)) for r in batch]
-    for values, grads in results:
-        assert bits(values) == bits(alone[0]) and bits(grads) == bits(alone[1])
+        results = list(pool.map(runs, range(4)))
+    for (values, grads), got in zip(expected, results, strict=True):
+        for values2, grads2 in got:
+            assert bits(values2) == bits(values) and bits(grads2) == bits(grads)
     assert 1 <= len(tape.frames) <= MAX_FRAMES
     assert all(x is None for frame in tape.frames for x in frame)
     # a run that fails (max over nothing) gives back no frame
@@ -230,3 +250,35 @@ def test_a_tape_keeps_its_frames_empty_and_concurrent_runs_each_get_their_own():
     with pytest.raises(EagerOpError, match="zero-size"):
         run_tape(empty, tape, failing, Cancellation())
     assert tape.frames == []
+
+
+def test_a_request_on_a_small_part_of_a_big_graph_keeps_no_frame_of_the_graphs_size():
+    nodes = [Node("x", "input", shape=(4,), dtype="float64"), Node("L", "sum", ("x",))]
+    nodes += [Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(20_000)]
+    graph = Graph(nodes)
+    request = RunRequest(("L",), {"x": np.arange(4.0)}, ("x",))
+    tape = Tape(graph, request_key(graph, request))
+    assert tape.frames == [] and tape.approx_bytes() < 1024  # its values run in a dict
+    values, grads = run_tape(graph, tape, request, Cancellation())
+    assert values["L"] == 6.0 and np.array_equal(grads["x"], np.ones(4))
+
+
+def test_making_a_tape_checks_cancellation_and_stops_the_first_call():
+    """A first call lowers its request before it runs a step: on a graph of ops with
+    attributes (a step of Python each) that takes a while, and it stops there when cancelled."""
+    n = 20_000
+    nodes = [Node("x", "input", shape=(4,), dtype="float64")]
+    nodes += [
+        Node(f"n{i}", "reshape", (f"n{i - 1}" if i else "x",), {"shape": (4,)}) for i in range(n)
+    ]
+    nodes.append(Node("L", "sum", (f"n{n - 1}",)))
+    graph = Graph(nodes)
+    request = RunRequest(("L",), {"x": np.arange(4.0)}, ("x",))
+    counting = CountingCancellation(at=0)  # never cancels: counts the checks
+    Tape(graph, request_key(graph, request), counting.check)
+    assert counting.checks >= 2 * n // CHECK_LOWERING  # forward and backward steps
+    graph2 = Graph(list(graph.nodes))  # a fresh instance: no tape held for it
+    key = request_key(graph2, request)
+    with pytest.raises(CancelledError):
+        record(graph2, key, request, CountingCancellation(at=2))
+    assert held_tape(key) is None
