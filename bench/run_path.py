@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import workloads
 
 from graphgrad.engine import Dispatcher
+from graphgrad.engine.stacking import StackKey
 from graphgrad.server import app, batcher, logs
 from graphgrad.server.admission import Admission
 from graphgrad.server.batcher import BatchingConfig
@@ -86,7 +87,7 @@ def as_under_load(servicer: GraphServicer) -> None:
     request runs alone at once, and every 16th (server/batcher.py's _RETRY) waits a window."""
     assert servicer.batcher is not None
     costs = servicer.batcher._costs
-    for key in [k for k in servicer._stack_keys.values() if k is not None]:
+    for key in {h.stack_key for h in servicer._heads.values() if isinstance(h.stack_key, StackKey)}:
         costs.best[key] = {2: 1.0}
         costs.alone.setdefault(key, 50e-6)
 

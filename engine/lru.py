@@ -66,6 +66,12 @@ class LRU(Generic[K, V]):
             self._items.move_to_end(key)
             return item[0]
 
+    def peek(self, key: K) -> V | None:
+        """The value under `key` without making it the most recently used, and without the
+        lock (one read of the dict, atomic)."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
     def put(self, key: K, value: V) -> V:
         """Keep `value` under `key`; returns the value held (one already there wins)."""
         size = self.size_of(value)  # outside the lock: sizing may walk the value

@@ -22,6 +22,10 @@ class GraphCache:
     def get(self, fingerprint: str) -> Graph | None:
         return self._graphs.get(fingerprint)
 
+    def peek(self, fingerprint: str) -> Graph | None:
+        """get(), without marking the graph used (its place in the LRU order stays)."""
+        return self._graphs.peek(fingerprint)
+
     def put(self, graph: Graph) -> Graph:
         """Keep `graph`; returns the instance held (an equal one already cached wins). A graph
         larger than the whole cache is refused: its fingerprint would be gone at once."""

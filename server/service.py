@@ -95,6 +95,26 @@ def padded(runtime: Runtime, members: Sequence[Pending], most: int) -> int:
     return stack_size(len(members), most, row)
 
 
+# Entries of a servicer's table of request heads; past it the table forgets them all (each is
+# found again by its next request: a plan cache lookup).
+MOST_HEADS = 4096
+# A head's graph is marked used in the graph cache (kept by its LRU) by one request in this
+# many; the others look without the cache's lock.
+TOUCH_EVERY = 64
+
+
+class Head:
+    """What the requests of one head found: their prepared run (weak: an entry serves only
+    while the plan cache keeps its run), its stack key once worked out, and how many came."""
+
+    __slots__ = ("prepared", "stack_key", "uses")
+
+    def __init__(self, prepared: PreparedRun) -> None:
+        self.prepared = weakref.ref(prepared)
+        self.stack_key: object = _UNKNOWN  # a StackKey, or None: its runs are never stacked
+        self.uses = 0
+
+
 class Candidate(NamedTuple):
     """A Run that may join a batch: checked, its feeds views on the request's bytes."""
 
@@ -128,19 +148,12 @@ class GraphServicer:
         self.runtime, self.metrics_port = runtime, metrics_port
         self.quick = {"Run": self.run_is_quick}  # calls that may be answered on the event loop
         self.limits = dict(limits if limits is not None else runtime.limits.as_dict())
-        # Prepared runs by the head of the requests that named them (by fingerprint): a
-        # request like an earlier one skips decoding its names and options and the plan
-        # cache's lookup. Weak: an entry lives only while the plan cache keeps its run.
-        self._heads: weakref.WeakValueDictionary[HeadKey, PreparedRun] = (
-            weakref.WeakValueDictionary()
-        )
+        # What requests found by the head that named them (by fingerprint): a request like
+        # an earlier one skips decoding its names and options and the plan cache's lookup.
+        self._heads: dict[HeadKey, Head] = {}
         # The request the event loop last found quick, and its prepared run (Run's next).
         self._checked: tuple[service_pb2.RunRequest, PreparedRun] | None = None
         self.worker = worker or WorkerView()
-        # The stack key of each prepared run (None: its runs are never stacked); weak, as _heads.
-        self._stack_keys: weakref.WeakKeyDictionary[PreparedRun, StackKey | None] = (
-            weakref.WeakKeyDictionary()
-        )
         self.batcher: Batcher[StackKey, Pending, RunResult] | None = None
         self.batched: dict[str, Batchable] = {}
         if batching is not None and batching.window_us > 0:
@@ -200,10 +213,31 @@ class GraphServicer:
         if checked is not None and checked[0] is request:  # run_is_quick just looked it up
             self._checked = None
             return checked[1]
-        prepared = self._heads.get(head_key(request))
-        if prepared is None or self.runtime.cache.get(request.fingerprint) is not prepared.graph:
+        found = self._found(request)
+        return None if found is None else found[0]
+
+    def _found(self, request: service_pb2.RunRequest) -> tuple[PreparedRun, Head] | None:
+        """_prepared_before's lookup, with its head (a request naming its graph by
+        fingerprint). Every TOUCH_EVERY-th request of a head marks its graph used in the graph
+        cache (its LRU order); the others only look, without the cache's lock."""
+        head = self._heads.get(head_key(request))
+        prepared = None if head is None else head.prepared()
+        if prepared is None:
             return None
-        return prepared
+        head.uses = uses = head.uses + 1  # type: ignore[union-attr]
+        cache = self.runtime.cache
+        fingerprint = request.fingerprint
+        graph = cache.get(fingerprint) if uses % TOUCH_EVERY == 0 else cache.peek(fingerprint)
+        if graph is not prepared.graph:
+            return None
+        return prepared, head  # type: ignore[return-value]
+
+    def _remember(self, request: service_pb2.RunRequest, prepared: PreparedRun) -> Head:
+        """Keep what a request named by fingerprint found, for the next of its head."""
+        if len(self._heads) >= MOST_HEADS:
+            self._heads.clear()
+        head = self._heads[head_key(request)] = Head(prepared)
+        return head
 
     def _prepared(self, request: service_pb2.RunRequest) -> tuple[PreparedRun, RunRequest]:
         """The request's prepared run (admitted: its peak memory is within the limit) and the
@@ -215,7 +249,7 @@ class GraphServicer:
             run, options = wire.decode_run_request(request, limit, with_feeds=False)
             prepared = self.runtime.prepare(graph, run, options)  # admitted here
             if request.WhichOneof("graph_ref") == "fingerprint":
-                self._heads[head_key(request)] = prepared
+                self._remember(request, prepared)
             return prepared, run
         # its names, options and peak memory were checked when it was prepared
         sent = request.grad_outputs
@@ -229,24 +263,26 @@ class GraphServicer:
         bad feed: nothing that fails a check ever joins a batch)."""
         if request.options.exact:
             return None  # exact runs alone
+        if request.WhichOneof("graph_ref") != "fingerprint":  # registering is no loop work
+            return None
         limit = self.runtime.limits.max_tensor_bytes
-        prepared = self._prepared_before(request)  # the usual case: one lookup by head
+        found = self._found(request)  # the usual case: one lookup by head
         seeds: Mapping[str, np.ndarray] | None
-        if prepared is not None:
+        head: Head | None
+        if found is not None:
+            prepared, head = found
             sent = request.grad_outputs  # names, options and peak memory were checked before
             seeds = wire.decode_tensors(sent, "grad_outputs", limit) if sent else None
-        elif (
-            request.WhichOneof("graph_ref") != "fingerprint"  # registering is no loop work
-            or self.runtime.cache.get(request.fingerprint) is None
-        ):
+        elif self.runtime.cache.get(request.fingerprint) is None:
             return None
         else:  # the first request of its head
             prepared, first = self._prepared(request)
             seeds = first.grad_outputs
+            head = self._heads.get(head_key(request))  # remembered just now
         feeds = wire.decode_exact(request.feeds, prepared.feeds, limit)
         if feeds is None:  # not exactly its signature: alone, the checks name what is wrong
             return None
-        key = self._stack_key(prepared, feeds, seeds)
+        key = self._stack_key(head, prepared, feeds, seeds)
         return None if key is None else Candidate(key, prepared, feeds, seeds)
 
     def run_alone(self, candidate: Candidate, cancel: Cancellation) -> RunResult:
@@ -290,19 +326,21 @@ class GraphServicer:
 
     def _stack_key(
         self,
+        head: Head | None,
         prepared: PreparedRun,
         feeds: Mapping[str, np.ndarray],
         seeds: Mapping[str, np.ndarray] | None,
     ) -> StackKey | None:
         """stack_key of a run whose feeds match its prepared run's signature exactly: with no
-        seeds it depends on the prepared run alone, so it is worked out once per prepared run
-        (seeds are checked per request)."""
-        key = self._stack_keys.get(prepared, _UNKNOWN) if not seeds else _UNKNOWN
+        seeds it depends on the prepared run alone, so it is worked out once per head (kept
+        there with its prepared run; seeds are checked per request)."""
+        kept = not seeds and head is not None and head.prepared() is prepared
+        key = head.stack_key if kept else _UNKNOWN  # type: ignore[union-attr]
         if key is _UNKNOWN:
             run = RunRequest(prepared.outputs, feeds, prepared.wrt, seeds)
             key = stack_key(prepared.graph, run, prepared.options)
-            if not seeds:
-                self._stack_keys[prepared] = key
+            if kept:
+                head.stack_key = key  # type: ignore[union-attr]
         return key  # type: ignore[return-value]
 
     def _response(self, result: RunResult, graph: Graph) -> bytes:

@@ -15,14 +15,17 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 @pytest.fixture(scope="module")
 def tp():
-    """The bench as a module by its own name: its spawned client processes import it so."""
+    """The bench as a module by its own name: its spawned client processes import it so.
+    sys.path is given back as it was (the bench scripts add their folder too: left there, its
+    onnx.py would shadow the onnx package for later tests)."""
+    saved = list(sys.path)
     sys.path.insert(0, str(BENCH))
     try:
         import throughput
 
         yield throughput
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path[:] = saved
 
 
 def test_quick_run_measures_every_available_row_with_right_answers(tp):

@@ -316,6 +316,29 @@ def test_a_run_like_an_earlier_one_reuses_its_prepared_run_while_its_graph_is_he
     assert len(prepares) == 3
 
 
+def test_a_graph_run_by_head_stays_recently_used_in_the_graph_cache():
+    """Requests found by their head look at the graph cache without its lock, and one in
+    TOUCH_EVERY marks the graph used: with room for two graphs, the one run often outlives
+    one registered after it and never run, when a third comes."""
+    servicer = GraphServicer(Runtime.create(cache_size=2))
+    graphs = []
+    for scale in (1.0, 2.0):
+        with gg.Graph():
+            x = gg.input("x", shape=(3,))
+            graphs.append(gg.sum(x * scale))
+    xv = np.array([0.5, -1.0, 2.0])
+    hot = registered(servicer, graphs[0], {"x": xv})
+    ran(servicer, hot)  # prepared: later requests of its head are found by it
+    registered(servicer, graphs[1], {"x": xv})  # the most recently used now
+    for _ in range(service.TOUCH_EVERY):
+        assert ran(servicer, hot).values[graphs[0].name] == pytest.approx(xv.sum())
+    with gg.Graph():
+        third = gg.sum(gg.input("x", shape=(3,)) * 3.0)
+    registered(servicer, third, {"x": xv})  # evicts the least recently used
+    assert servicer.runtime.cache.peek(hot.fingerprint) is not None
+    assert servicer.runtime.cache.peek(graphs[1].graph.freeze().fingerprint) is None
+
+
 def test_repeated_runs_follow_the_graph_as_it_grows(client):
     """A run() call shape seen before reuses its prepared form only while the graph is the
     one it was made for: nodes added since, other wrt or options, give their own answers."""
