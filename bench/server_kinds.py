@@ -75,7 +75,7 @@ def serve_sync() -> None:
         call = inflight.start(_Context(context))
         with runs.slot(call.time_remaining(), call):
             request = service_pb2.RunRequest.FromString(raw)
-            return servicer.Run(request, call).SerializeToString()
+            return servicer.Run(request, call)  # (the answer's bytes)
 
     def register(raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = service_pb2.RegisterGraphRequest.FromString(raw)

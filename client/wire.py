@@ -242,10 +242,17 @@ def _expected(specs: Sequence[FeedSpec], max_bytes: int | None) -> _Expected | N
         expected = tuple(
             (s.name, _NATIVE_WIRE[s.dtype], s.shape_list, s.nbytes, s.shape, s.dtype) for s in specs
         )
-    if len(_EXPECTED) >= _MOST_KEPT:
-        _EXPECTED.clear()
+    global _expected_feeds
+    if len(_EXPECTED) >= _MOST_KEPT or _expected_feeds + len(specs) > _MOST_FEEDS_KEPT:
+        _EXPECTED.clear()  # bounded by feeds, not entries: a graph may have thousands of inputs
+        _expected_feeds = 0
     _EXPECTED[key] = (specs, expected)  # the specs held: their id is not reused meanwhile
+    _expected_feeds += len(specs)
     return expected
+
+
+_MOST_FEEDS_KEPT = 1 << 16  # feeds whose expectations _EXPECTED keeps, in all (~128 B each)
+_expected_feeds = 0  # how many it keeps now
 
 
 # --- graphs --------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class Batcher(Generic[K, Q, R]):
         self._quick_seconds = quick_seconds
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
         self._costs: Costs[K] = costs or Costs()
-        self._unmeasured = -1  # run_here's runs since one was measured (the first is)
+        self._unmeasured: dict[K, int] = {}  # run_here's runs of a key since one was timed
 
     def route(self, key: K) -> str:
         """How a member of `key` goes now: WAIT where a batch of its key is open, or waiting
@@ -127,10 +127,15 @@ class Batcher(Generic[K, Q, R]):
         """A member routed to the LOOP, run now without a Member, future or batch: its
         `answer(result or error)`. Every MEASURE_EVERY-th such run has its CPU time noted as a
         lone run's and a batch of one's (each read of a thread's CPU clock is a system call,
-        ~0.5-1.5 us; these are moving averages, and most requests under load come here)."""
-        self._unmeasured = (self._unmeasured + 1) % MEASURE_EVERY
-        if self._unmeasured:
+        ~0.5-1.5 us; these are moving averages, and most requests under load come here),
+        counted per key: keys taking turns are each timed (a key's first run is)."""
+        since = self._unmeasured.get(key, MEASURE_EVERY - 1) + 1
+        if since < MEASURE_EVERY:
+            self._unmeasured[key] = since
             return answer(_alone(alone))
+        if len(self._unmeasured) >= _MOST_TIMINGS:
+            self._unmeasured.clear()
+        self._unmeasured[key] = 0
         started = time.thread_time()
         outcome = _alone(alone)
         ran = time.thread_time()

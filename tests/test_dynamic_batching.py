@@ -33,7 +33,16 @@ from graphgrad.engine.stacking import (
     stack_key,
     stack_size,
 )
-from graphgrad.server.batcher import LOOP, POOL, WAIT, Batcher, BatchingConfig, Costs, Member
+from graphgrad.server.batcher import (
+    LOOP,
+    MEASURE_EVERY,
+    POOL,
+    WAIT,
+    Batcher,
+    BatchingConfig,
+    Costs,
+    Member,
+)
 from graphgrad.server.inflight import CallContext, InFlight
 from graphgrad.server.runtime import Runtime
 from graphgrad.server.service import GraphServicer
@@ -459,6 +468,20 @@ def test_a_request_routed_to_the_loop_runs_there_and_its_costs_are_noted():
     costs.skips["k"] = -1  # the next one waits, to measure again
     assert batcher.route("k") == WAIT
     assert rec.batches == [] and batcher.waiting() == 0
+
+
+def test_run_here_times_one_run_in_measure_every_of_each_key():
+    """Keys taking turns on the loop are each timed (their costs, and so their routes, keep
+    up with drift), one run of each in MEASURE_EVERY, the first of each at once."""
+    costs: Costs = Costs()
+    batcher = Batcher(BatchingConfig(FOREVER, 4), Recorder(), costs=costs, quick_seconds=1.0)
+    timed = {"a": 0, "b": 0}
+    for i in range(8 * MEASURE_EVERY):
+        key = "ab"[i % 2]
+        costs.batch[key, 1] = 9.0  # a timed run moves the average off it
+        batcher.run_here(key, lambda: sum(range(100)), lambda outcome: outcome)
+        timed[key] += costs.batch[key, 1] != 9.0
+    assert timed == {"a": 4, "b": 4}
 
 
 def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():

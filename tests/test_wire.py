@@ -277,6 +277,17 @@ def test_decode_exact_checks_each_signature_with_its_own_bound():
     assert wire.decode_exact(msg.feeds, big_endian, None) is None
 
 
+def test_what_decode_exact_keeps_per_signature_is_bounded_by_feeds():
+    """Signatures of graphs with thousands of inputs, each run once: the expectations kept
+    stay under a bound in feeds (the prepared runs and graphs they came from may be gone)."""
+    msg = service_pb2.RunRequest()
+    wire.encode_tensors({f"x{k}": np.arange(2.0) for k in range(5_000)}, msg.feeds)
+    for _ in range(40):
+        specs = tuple(FeedSpec(f"x{k}", (2,), np.dtype(np.float64), 16) for k in range(5_000))
+        assert wire.decode_exact(msg.feeds, specs, None) is not None
+        assert sum(len(held[0]) for held in wire._EXPECTED.values()) <= wire._MOST_FEEDS_KEPT
+
+
 explanations = st.builds(
     Explanation,
     st.sampled_from(["local", "ray"]),
