@@ -7,8 +7,9 @@ float64, gradient of L = 1/2 |V tanh(W x + b) + a - t|^2 w.r.t. W, b, V, a: the 
 y in R^4: under 2 KB of feeds). Beside each graphgrad server, a bare echo server with the same
 worker count (N processes on one port with SO_REUSEPORT; one process for 1 worker) and the same
 gRPC options answers the same request bytes with those bytes. Rows for `--workers` 1 and 2 and
-batching off and on (`--batch-window-us`, `--max-batch`); a row whose flags this `graphgrad
-serve` lacks says "not available". The servers run with --no-ray (these graphs run inline) and a
+batching off and on (`--batch-window-us`, `--max-batch`, `--batch-idle-us`: by default a 5 ms
+window, closed after 1 ms with no request joining, as a throughput server runs it); a row
+whose flags this `graphgrad serve` lacks says "not available". The servers run with --no-ray (these graphs run inline) and a
 run queue that holds every request in flight, so none is refused.
 Targets at 64 in flight, batching on, against the echo with the same workers: small network
 >= 0.75 x the echo's requests/s; the seed's network >= 0.6 x.
@@ -417,7 +418,12 @@ def flag_help(text: str, flag: str) -> str | None:
 
 
 def serve_args(
-    workers: int, batching: bool, help_text: str, window_us: int, max_batch: int
+    workers: int,
+    batching: bool,
+    help_text: str,
+    window_us: int,
+    max_batch: int,
+    idle_us: int = 0,
 ) -> list[str] | str:
     """The `graphgrad serve` flags of a row, or why this graphgrad cannot serve it. The run
     queue holds every request in flight, so none is refused."""
@@ -430,6 +436,10 @@ def serve_args(
         if flag_help(help_text, "--batch-window-us") is None:
             return "not available (graphgrad serve has no --batch-window-us)"
         args += ["--batch-window-us", str(window_us), "--max-batch", str(max_batch)]
+        if idle_us:
+            if flag_help(help_text, "--batch-idle-us") is None:
+                return "not available (graphgrad serve has no --batch-idle-us)"
+            args += ["--batch-idle-us", str(idle_us)]
     return args
 
 
@@ -589,7 +599,9 @@ def graphgrad_servers(
     out: dict[str, Server | str] = {}
     for batching in (False, True):
         name = f"batching {'on' if batching else 'off'}"
-        sargs = serve_args(workers, batching, help_text, args.batch_window_us, args.max_batch)
+        sargs = serve_args(
+            workers, batching, help_text, args.batch_window_us, args.max_batch, args.batch_idle_us
+        )
         if isinstance(sargs, str):
             out[name] = sargs
             continue
@@ -699,8 +711,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--client-processes", type=int, default=4)
-    p.add_argument("--batch-window-us", type=int, default=500)
+    # batching on as a server under load would run it: a long window, which fills batches
+    # while requests keep coming, and an idle time, which runs a batch soon after the last
+    # of a few requests in flight has joined it (docs/batching.md, "Under load")
+    p.add_argument("--batch-window-us", type=int, default=5000)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--batch-idle-us", type=int, default=1000)
     p.add_argument(
         "--ulps",
         type=int,
@@ -729,7 +745,8 @@ def main() -> None:
         f"throughput under load: {args.client_processes} spawned client processes, "
         f"{args.seconds} s x {args.rounds} interleaved rounds per row (median req/s; p50, p99 "
         f"and CPU per request over all rounds); {args.echo} echo; batching: "
-        f"--batch-window-us {args.batch_window_us} --max-batch {args.max_batch}. "
+        f"--batch-window-us {args.batch_window_us} --max-batch {args.max_batch}"
+        f"{f' --batch-idle-us {args.batch_idle_us}' if args.batch_idle_us else ''}. "
         f"{os.cpu_count()} CPUs shared by clients, servers and other work: figures are noisy"
     )
     for w in workloads():

@@ -42,6 +42,10 @@ R = TypeVar("R")  # a member's result
 class BatchingConfig:
     window_us: int = 0  # 0: off
     max_batch: int = 8
+    # A batch also closes once this long passes with no member joining (0: only its window
+    # or max_batch close it): under load members keep coming and the batch fills up to the
+    # window; with few requests in flight it closes soon after the last of them joined.
+    idle_us: int = 0
 
 
 @dataclass(eq=False)
@@ -85,6 +89,7 @@ class _Batch(Generic[Q, R]):
     leave_at: float  # the loop's time when it stops waiting for more
     members: list[Member[Q, R]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    due: float = 0.0  # when its timer closes it: leave_at, or sooner where it goes idle
 
 
 class Batcher(Generic[K, Q, R]):
@@ -106,6 +111,7 @@ class Batcher(Generic[K, Q, R]):
             raise ValueError(f"batching needs a window > 0 and max_batch >= 2, got {config}")
         self.config = config
         self._window = config.window_us / 1e6
+        self._idle = config.idle_us / 1e6 if config.idle_us > 0 else None
         self._run_batch, self._on_batch = run_batch, on_batch
         self._quick_seconds = quick_seconds
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
@@ -164,14 +170,17 @@ class Batcher(Generic[K, Q, R]):
         wait = self._window
         if member.deadline is not None:
             wait = min(wait, (member.deadline - time.monotonic()) / 2)
-        leave_at = loop.time() + max(0.0, wait)
+        now = loop.time()
+        leave_at = now + max(0.0, wait)
         if batch is None:
             batch = self._open[key] = _Batch(leave_at)
-        if batch.timer is None or leave_at < batch.leave_at:  # the first, or one in a hurry
+        batch.leave_at = min(batch.leave_at, leave_at)  # the first, or one in a hurry
+        due = batch.leave_at if self._idle is None else min(batch.leave_at, now + self._idle)
+        if batch.timer is None or due != batch.due:
             if batch.timer is not None:
                 batch.timer.cancel()
-            batch.leave_at = leave_at
-            batch.timer = loop.call_at(leave_at, self._close, key, batch, pool)
+            batch.due = due
+            batch.timer = loop.call_at(due, self._close, key, batch, pool)
         member.future = loop.create_future()
         batch.members.append(member)
         if len(batch.members) >= self.config.max_batch:

@@ -159,6 +159,15 @@ def numbers() -> tuple[Number, ...]:
             most=THREADS_MOST,
         ),
         Number(
+            "--batch-idle-us",
+            0,
+            config.batching.idle_us,
+            "dynamic batching: a batch also runs once this long passes with no Run joining it, "
+            "in microseconds (0: only --batch-window-us or --max-batch close it): a long window "
+            "fills batches under load without holding a few requests in flight for it",
+            most=1_000_000,
+        ),
+        Number(
             "--max-streams",
             1,
             config.max_streams,
@@ -302,7 +311,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_running_jobs=args.max_running_jobs,
         max_queued_jobs=args.max_queued_jobs,
         job_lease_seconds=args.job_lease_s,
-        batching=BatchingConfig(args.batch_window_us, args.max_batch),
+        batching=BatchingConfig(args.batch_window_us, args.max_batch, args.batch_idle_us),
     )
 
 

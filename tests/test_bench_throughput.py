@@ -90,6 +90,11 @@ def test_rows_without_the_flags_say_not_available(tp):
         "--no-ray", "--run-queue", "256", "--workers", "2",
         "--batch-window-us", "500", "--max-batch", "64",
     ]  # fmt: skip
+    assert "not available" in tp.serve_args(1, True, new, 5000, 64, idle_us=1000)
+    newer = new + "  --batch-idle-us BATCH_IDLE_US\n                        a batch also ...\n"
+    assert tp.serve_args(1, True, newer, 5000, 64, idle_us=1000)[-6:] == [
+        "--batch-window-us", "5000", "--max-batch", "64", "--batch-idle-us", "1000",
+    ]  # fmt: skip
 
 
 def test_run_path_drives_the_servers_run_handler_to_right_answers(tp):

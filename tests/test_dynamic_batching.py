@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -340,6 +341,31 @@ def test_a_batch_leaves_when_its_window_ends_and_one_member_runs_alone():
     ]
     assert rec.batches == [[f"m{i}" for i in range(5)]] and rec.slots == 0
     assert batcher.waiting() == 0
+
+
+def test_a_batch_with_an_idle_time_closes_once_no_member_joins_for_it():
+    """--batch-idle-us: a long window fills batches while members keep coming, but a batch
+    runs once that long has passed without one joining, not at the end of its window."""
+    rec = Recorder()
+    config = BatchingConfig(20_000_000, 64, idle_us=20_000)  # a 20 s window, 20 ms idle
+    batcher = Batcher(config, rec, costs=AlwaysStack())
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            joined = []
+            for i in range(4):  # each 5 ms after the last: within the idle time
+                joined.append(asyncio.ensure_future(batcher.run("k", rec.member(f"a{i}"), pool)))
+                await asyncio.sleep(0.005)
+            started = time.monotonic()
+            first = await asyncio.gather(*joined)
+            waited = time.monotonic() - started
+            late = [batcher.run("k", rec.member(f"b{i}"), pool) for i in range(2)]
+            return first, waited, await asyncio.gather(*late)
+
+    first, waited, late = asyncio.run(main())
+    assert first == [(f"a{i}", 4) for i in range(4)] and late == [("b0", 2), ("b1", 2)]
+    assert rec.batches == [[f"a{i}" for i in range(4)], ["b0", "b1"]]
+    assert waited < 5.0  # the idle time closed it, not its window
 
 
 def test_keys_never_mix():

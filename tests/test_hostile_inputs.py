@@ -37,6 +37,7 @@ MOST = {
     "--run-queue": 10_000,
     "--max-batch": 10_000,  # with batching on, --max-concurrent-runs defaults to it
     "--batch-window-us": 1_000_000,  # 10**17: an OverflowError in the batch's wait
+    "--batch-idle-us": 1_000_000,  # the same wait
     "--job-lease-s": 86_400,  # inf: the lease keeper's wait raised, no job was ever taken
     "--grace": 86_400,
     "--workers": 256,  # a typo must not start ten thousand processes
