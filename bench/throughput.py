@@ -9,8 +9,9 @@ worker count (N processes on one port with SO_REUSEPORT; one process for 1 worke
 gRPC options answers the same request bytes with those bytes. Rows for `--workers` 1 and 2 and
 batching off and on (`--batch-window-us`, `--max-batch`, `--batch-idle-us`: by default a 5 ms
 window, closed after 1 ms with no request joining, as a throughput server runs it); a row
-whose flags this `graphgrad serve` lacks says "not available". The servers run with --no-ray (these graphs run inline) and a
-run queue that holds every request in flight, so none is refused.
+whose flags this `graphgrad serve` lacks says "not available". The servers run with --no-ray
+(these graphs run inline) and a run queue that holds every request in flight, so none is
+refused.
 Targets at 64 in flight, batching on, against the echo with the same workers: small network
 >= 0.75 x the echo's requests/s; the seed's network >= 0.6 x.
 
