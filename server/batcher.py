@@ -213,6 +213,7 @@ class Batcher(Generic[K, Q, R]):
         if batch.timer is not None:
             batch.timer.cancel()
         if batch.members:
+            self._costs.note_gathered(key, len(batch.members))
             self._start(key, batch.members, pool)
 
     def _start(self, key: K, members: list[Member[Q, R]], pool: futures.Executor) -> None:
@@ -285,6 +286,7 @@ class Batcher(Generic[K, Q, R]):
 
 _MOST_TIMINGS = 4096  # entries of each table of Costs
 _RETRY = 16  # a choice measured to lose is tried again every this many batches: costs drift
+GATHERS, GATHER_SAMPLES = 1.5, 8  # waiting pays where batches gather this many on average
 
 
 def _note(table: dict[Any, float], key: Any, seconds: float) -> float:
@@ -309,6 +311,15 @@ class Costs(Generic[K]):
     counts: dict[tuple[K, int], int] = field(default_factory=dict)  # batches since a retry
     best: dict[K, dict[int, float]] = field(default_factory=dict)  # stacked, by key and size
     skips: dict[K, int] = field(default_factory=dict)  # requests run at once since one waited
+    # members the batches that waited gathered (a moving average), and how many were noted
+    gathered: dict[K, tuple[float, int]] = field(default_factory=dict)
+
+    def note_gathered(self, key: K, n: int) -> None:
+        """A batch that waited closed with n members."""
+        if len(self.gathered) >= _MOST_TIMINGS:
+            self.gathered.clear()
+        average, count = self.gathered.get(key, (float(n), 0))
+        self.gathered[key] = (0.75 * average + 0.25 * n, count + 1)
 
     def note_stacked(self, key: K, n: int, seconds: float) -> None:
         """A stacked run's CPU seconds per request, at size n."""
@@ -320,12 +331,17 @@ class Costs(Generic[K]):
         self.best[key] = {**self.best.get(key, {}), n: average}
 
     def waits(self, key: K) -> bool:
-        """Whether a request of `key` should wait for others to stack with: not where running
+        """Whether a request of `key` should wait for others to stack with: not where its
+        last batches that waited (GATHER_SAMPLES at least) gathered fewer than GATHERS members
+        on average (few requests in flight: it would wait for nobody), nor where running
         alone was measured to cost less than a stack at every size tried (then it would run
-        alone anyway, after waiting the window for nothing); every _RETRY-th still waits, as
-        costs drift."""
+        alone anyway); every _RETRY-th still waits, as load and costs drift."""
         alone, sizes = self.alone.get(key), self.best.get(key)
-        if alone is None or not sizes or min(sizes.values()) < alone:
+        gathered = self.gathered.get(key)
+        alone_in_flight = (
+            gathered is not None and gathered[1] >= GATHER_SAMPLES and gathered[0] < GATHERS
+        )
+        if not alone_in_flight and (alone is None or not sizes or min(sizes.values()) < alone):
             return True
         if len(self.skips) >= _MOST_TIMINGS:
             self.skips.clear()

@@ -35,6 +35,7 @@ from graphgrad.engine.stacking import (
     stack_size,
 )
 from graphgrad.server.batcher import (
+    GATHER_SAMPLES,
     LOOP,
     MEASURE_EVERY,
     POOL,
@@ -366,6 +367,23 @@ def test_a_batch_with_an_idle_time_closes_once_no_member_joins_for_it():
     assert first == [(f"a{i}", 4) for i in range(4)] and late == [("b0", 2), ("b1", 2)]
     assert rec.batches == [[f"a{i}" for i in range(4)], ["b0", "b1"]]
     assert waited < 5.0  # the idle time closed it, not its window
+
+
+def test_requests_stop_waiting_where_batches_gather_nobody_and_wait_again_under_load():
+    """One request in flight: after GATHER_SAMPLES batches of one, a request runs at once
+    (every _RETRY-th still waits, to see whether others come now); batches that gather
+    several again make requests wait."""
+    costs: Costs = Costs()
+    assert costs.waits("k")  # nothing known: wait
+    for _ in range(GATHER_SAMPLES - 1):
+        costs.note_gathered("k", 1)
+    assert costs.waits("k")  # too few batches to go by
+    costs.note_gathered("k", 1)
+    decisions = [costs.waits("k") for _ in range(32)]
+    assert decisions.count(True) == 2  # the retries
+    for _ in range(4):
+        costs.note_gathered("k", 12)  # load came back: a retry's batch filled
+    assert all(costs.waits("k") for _ in range(32))
 
 
 def test_keys_never_mix():
