@@ -6,9 +6,10 @@ awaits a future in the open batch of its key. When the window ends or the batch 
 hop to the thread pool runs the batch and works out every member's answer there; back on the
 loop each member's future is set. So a batch of k costs one hop, not k hops and k waits on a
 thread condition. A batch whose latest run (at the same size, answers included) took under
-`quick_seconds` of CPU runs on the loop itself: for a small network the hop there and back
-costs more than the stacked run. A batch runs stacked only where stacking was measured to
-cost less CPU per request than running alone at its size, or is not measured yet (Costs);
+`batch_quick_seconds` of CPU (`quick_seconds` for a request alone) runs on the loop itself:
+for a small network the hop there and back costs more than the stacked run. A batch runs
+stacked only where stacking was measured to cost less CPU per request than running alone at
+its size, or is not measured yet (Costs);
 else its members run one after another, still in one hop. A request whose key was measured to
 cost less alone than stacked at every size tried runs at once, without waiting the window (it
 would run alone anyway), unless a batch of its key is open; every _RETRY-th opens one, so the
@@ -104,9 +105,11 @@ class Batcher(Generic[K, Q, R]):
         on_batch: Callable[[int], None] = lambda size: None,
         quick_seconds: float = 0.0,
         costs: Costs[K] | None = None,
+        batch_quick_seconds: float | None = None,
     ) -> None:
-        """`quick_seconds`: a batch whose latest run at its size took less CPU runs on the
-        loop; `costs`: what decides, from CPU time measured, whether a batch runs stacked."""
+        """`quick_seconds`: a request alone whose latest run took less CPU runs on the loop;
+        `batch_quick_seconds` (default: the same), a batch of two or more at its size;
+        `costs`: what decides, from CPU time measured, whether a batch runs stacked."""
         if config.window_us <= 0 or config.max_batch < 2:
             raise ValueError(f"batching needs a window > 0 and max_batch >= 2, got {config}")
         self.config = config
@@ -114,6 +117,9 @@ class Batcher(Generic[K, Q, R]):
         self._idle = config.idle_us / 1e6 if config.idle_us > 0 else None
         self._run_batch, self._on_batch = run_batch, on_batch
         self._quick_seconds = quick_seconds
+        self._batch_quick_seconds = (
+            quick_seconds if batch_quick_seconds is None else batch_quick_seconds
+        )
         self._open: dict[K, _Batch[Q, R]] = {}  # at most one open batch per key
         self._costs: Costs[K] = costs or Costs()
         self._unmeasured: dict[K, int] = {}  # run_here's runs of a key since one was timed
@@ -233,8 +239,10 @@ class Batcher(Generic[K, Q, R]):
 
     def _quick(self, key: K, n: int) -> bool:
         """Whether a batch of n of `key` runs on the loop: its latest run took under
-        quick_seconds of CPU (one not measured yet goes to the pool)."""
-        return self._costs.batch.get((key, n), self._quick_seconds) < self._quick_seconds
+        quick_seconds of CPU (batch_quick_seconds for two or more; one not measured yet goes
+        to the pool)."""
+        bound = self._quick_seconds if n == 1 else self._batch_quick_seconds
+        return self._costs.batch.get((key, n), bound) < bound
 
     def _settle(
         self, members: list[Member[Q, R]], answers: list[Any] | None, error: BaseException | None
