@@ -189,13 +189,18 @@ class Batcher(Generic[K, Q, R]):
             batch.timer = loop.call_at(due, self._close, key, batch, pool)
         member.future = loop.create_future()
         batch.members.append(member)
-        if len(batch.members) >= self.config.max_batch:
+        if len(batch.members) >= self._costs.preferred(key, self.config.max_batch):
             self._close(key, batch, pool)
         try:
             return await member.future
         except asyncio.CancelledError:
             self._leave(key, batch, member)
             raise
+
+    def rows(self, n: int) -> int:
+        """The rows n members stack at, as engine/stacking.py pads them (the next power of
+        two, at most max_batch): how their stacked runs' costs are learnt together."""
+        return max(n, min(1 << (n - 1).bit_length(), self.config.max_batch))
 
     def waiting(self) -> int:
         """Requests in batches still open (waiting for others to join)."""
@@ -275,14 +280,15 @@ class Batcher(Generic[K, Q, R]):
         batch's thread_time(), the start of a lone member's run (one clock read fewer on the
         path of most requests under load)."""
         n = len(members)
-        if n > 1 and self._costs.stack(key, n):
+        rows = self.rows(n)
+        if n > 1 and self._costs.stack(key, n, rows):
             started = time.thread_time()
             try:
                 self._on_batch(n)
                 outcomes = list(self._run_batch(key, [m.item for m in members]))
                 if len(outcomes) != n:
                     raise RuntimeError(f"{len(outcomes)} outcomes for {n} members")
-                self._costs.note_stacked(key, n, (time.thread_time() - started) / n)
+                self._costs.note_stacked(key, n, (time.thread_time() - started) / n, rows)
                 return outcomes
             except Exception as e:  # each member runs alone, so errors stay per request
                 log.warning("a stacked run of %d requests failed, each runs alone: %s", n, e)
@@ -329,14 +335,27 @@ class Costs(Generic[K]):
         average, count = self.gathered.get(key, (float(n), 0))
         self.gathered[key] = (0.75 * average + 0.25 * n, count + 1)
 
-    def note_stacked(self, key: K, n: int, seconds: float) -> None:
-        """A stacked run's CPU seconds per request, at size n."""
+    def note_stacked(self, key: K, n: int, seconds: float, rows: int | None = None) -> None:
+        """A stacked run's CPU seconds per request, at n members stacked at `rows` rows (n
+        where None: a stack costs by its rows, so sizes that stack at the same rows are
+        learnt together). Kept per row: what a request costs in a full stack of `rows`."""
+        rows = rows or n
         # the value noted, not read back: another thread's note may clear the table between
-        average = _note(self.stacked, (key, n), seconds)
+        average = _note(self.stacked, (key, rows), seconds * n / rows)
         if len(self.best) >= _MOST_TIMINGS:
             self.best.clear()
         # a new dict, not an update: waits() reads it on the loop while a pool thread notes
-        self.best[key] = {**self.best.get(key, {}), n: average}
+        self.best[key] = {**self.best.get(key, {}), rows: average}
+
+    def preferred(self, key: K, most: int) -> int:
+        """The size a batch of `key` runs at once it is reached (Triton's preferred batch
+        size): the rows at which a stack was measured cheapest per request, where that beats
+        running alone; else `most`."""
+        sizes, alone = self.best.get(key), self.alone.get(key)
+        if not sizes or alone is None:
+            return most
+        rows = min(sizes, key=sizes.__getitem__)
+        return rows if sizes[rows] < alone else most
 
     def waits(self, key: K) -> bool:
         """Whether a request of `key` should wait for others to stack with: not where its
@@ -356,18 +375,19 @@ class Costs(Generic[K]):
         count = self.skips[key] = (self.skips.get(key, 0) + 1) % _RETRY
         return count == 0
 
-    def stack(self, key: K, n: int) -> bool:
-        """Whether n members of `key` should run stacked: what is not measured yet is tried
-        (stacked first), then the cheaper way per request wins, the other tried again now
-        and then."""
-        stacked, alone = self.stacked.get((key, n)), self.alone.get(key)
-        if stacked is None or alone is None:
-            return stacked is None
-        pays = stacked < alone
-        count = (self.counts.get((key, n), 0) + 1) % _RETRY
+    def stack(self, key: K, n: int, rows: int | None = None) -> bool:
+        """Whether n members of `key` should run stacked (at `rows` rows; n where None): what
+        is not measured yet is tried (stacked first), then the cheaper way per request wins,
+        the other tried again now and then."""
+        rows = rows or n
+        per_row, alone = self.stacked.get((key, rows)), self.alone.get(key)
+        if per_row is None or alone is None:
+            return per_row is None
+        pays = per_row * rows / n < alone
+        count = (self.counts.get((key, rows), 0) + 1) % _RETRY
         if len(self.counts) >= _MOST_TIMINGS:
             self.counts.clear()
-        self.counts[key, n] = count
+        self.counts[key, rows] = count
         return pays if count else not pays
 
 

@@ -312,10 +312,14 @@ FOREVER = 600_000_000  # a window far longer than any test: batches leave becaus
 
 
 class AlwaysStack(Costs):
-    """Every batch runs stacked, whatever its costs measure (the tests of the window)."""
+    """Every batch runs stacked, at up to max_batch, whatever its costs measure (the tests of
+    the window)."""
 
-    def stack(self, key, n):
+    def stack(self, key, n, rows=None):
         return True
+
+    def preferred(self, key, most):
+        return most
 
 
 def batcher_of(rec: Recorder, window_us: int, max_batch: int, **kw) -> Batcher:
@@ -451,6 +455,31 @@ def test_a_batch_learns_its_costs_and_runs_each_member_alone_when_stacking_costs
     assert set(costs.stacked) == {("k", 2)} and set(costs.alone) == {"k"}
     costs.stacked["k", 2], costs.alone["k"] = 1.0, 2.0  # stacking measured cheaper
     assert run_all(batcher, rec, items) == [("m0", 2), ("m1", 2)]
+
+
+def test_stacks_at_the_same_rows_are_learnt_together_and_batches_close_at_the_cheapest_rows():
+    """A stack costs by its rows (members padded to the next power of two): a stack of 17
+    measured at 32 rows decides for 20 and 31 members too, each by its own share; a batch
+    runs once it reaches the rows where a stack was measured cheapest per request, where
+    that beats running alone (the seed's network: 8 pays, 32 costs twice a lone run)."""
+    batcher = Batcher(BatchingConfig(FOREVER, 64), Recorder())
+    assert [batcher.rows(n) for n in (2, 3, 8, 9, 17, 32, 33, 64, 100)] == [
+        2, 4, 8, 16, 32, 32, 64, 64, 100,
+    ]  # fmt: skip
+    costs: Costs = Costs()
+    costs.alone["k"] = 1.0
+    costs.note_stacked("k", 17, 2.0 * 32 / 17, rows=32)  # a request costs 2.0 in a full stack
+    assert costs.stacked == {("k", 32): pytest.approx(2.0)}
+    assert not costs.stack("k", 20, rows=32) and not costs.stack("k", 31, rows=32)
+    assert costs.preferred("k", 64) == 64  # no stack pays: batches fill to max_batch
+    costs.note_stacked("k", 8, 0.75, rows=8)
+    assert costs.stack("k", 8, rows=8) and costs.preferred("k", 64) == 8
+    rec = Recorder()
+    batcher = Batcher(BatchingConfig(20_000_000, 64), rec, costs=costs)  # (a 20 s window)
+    assert [size for _, size in run_all(batcher, rec, [("k", f"m{i}") for i in range(16)])] == [
+        8
+    ] * 16
+    assert rec.batches == [[f"m{i}" for i in range(8)], [f"m{i}" for i in range(8, 16)]]
 
 
 def test_a_request_waits_for_others_only_where_stacking_was_measured_to_pay_somewhere():
