@@ -811,6 +811,11 @@ def _total(
     name, slot), as the gradient graph's sum nodes add them; sums of constants fold where
     `folds`. Returns it and whether it is known (constant)."""
     parts.sort()  # by (consumer name, slot): unique to each part, so the values never compare
+    if len(parts) == 2:  # most sums: no slice, no loop
+        (_, _, a, ka), (_, _, b, kb) = parts
+        if ka and kb and folds:
+            return _fold(add(a, b)), True
+        return add(a, b), False
     _, _, acc, known = parts[0]
     for _, _, d, k in parts[1:]:
         if known and k and folds:
