@@ -184,14 +184,22 @@ task_stats = st.builds(
     st.integers(0, 2**40),
     st.integers(0, 2**40),
 )
-run_stats = st.builds(
-    RunStats,
-    st.sampled_from(["local", "ray"]),
-    floats,
-    st.integers(0, 100),
-    st.integers(0, 2**40),
-    st.lists(task_stats, max_size=3).map(tuple),
-)
+
+
+def stats_of(tasks: st.SearchStrategy, *more: st.SearchStrategy) -> st.SearchStrategy:
+    """RunStats with `tasks`, and `more` of its fields after them (batch size, worker)."""
+    return st.builds(
+        RunStats,
+        st.sampled_from(["local", "ray"]),
+        floats,
+        st.integers(0, 100),
+        st.integers(0, 2**40),
+        tasks,
+        *more,
+    )
+
+
+run_stats = stats_of(st.lists(task_stats, max_size=3).map(tuple))
 
 
 @EXAMPLES
@@ -209,15 +217,8 @@ odd_arrays = st.one_of(
     arrays.filter(lambda a: a.ndim > 0 and a.shape[0] > 1).map(lambda a: a[::2]),
     arrays.map(lambda a: a.view(type("Sub", (np.ndarray,), {}))),
 )
-one_task_stats = st.builds(
-    RunStats,
-    st.sampled_from(["local", "ray"]),
-    floats,
-    st.integers(0, 100),
-    st.integers(0, 2**40),
-    st.lists(task_stats, min_size=1, max_size=1).map(tuple),
-    st.integers(0, 64),
-    names,
+one_task_stats = stats_of(
+    st.lists(task_stats, min_size=1, max_size=1).map(tuple), st.integers(0, 64), names
 )
 
 
