@@ -226,9 +226,19 @@ def _handler(
             slot.release()
             return None
         key = candidate.key
-        route = batcher.route(key)
+        try:  # the slot goes back if anything fails before a run or a batch holds it
+            route = batcher.route(key)
+            if route == LOOP:
+                here = inflight.on_loop(context)
+            else:
+                call = inflight.start(context)
+                member = calls.member(
+                    candidate, call, lambda respond: answered(raw, call, started, request, respond)
+                )
+        except BaseException:
+            slot.release()
+            raise
         if route == LOOP:
-            here = inflight.on_loop(context)
             try:
                 return batcher.run_here(
                     key,
@@ -239,10 +249,6 @@ def _handler(
                 )
             finally:
                 slot.release()
-        call = inflight.start(context)
-        member = calls.member(
-            candidate, call, lambda respond: answered(raw, call, started, request, respond)
-        )
         member.release = slot.release
         try:
             out: bytes | grpc.Status = await batcher.run(key, member, pool, route)
