@@ -490,7 +490,8 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     g_vjp[:] = [None if vjp is None else vjp.variant(0) for vjp in vjps]
     b_fn: list[VjpFn] = g_vjp[vinv].tolist()  # each VJP's function where nothing is known
     b_ins = f_ins.copy() if nb == nf else _gather(f_ins, bsteps.tolist())
-    b_node: list[int] = fwd[bsteps].tolist()
+    b_pos = fwd[bsteps]  # the backward steps' nodes
+    b_node: list[int] = b_pos.tolist()
     # value -> its earliest VJP reader (counted in forward order): VJPs run in reverse
     # topological order, so that one reads it last (a node's own VJP, reading its value, runs
     # after its users')
@@ -501,7 +502,7 @@ def _lower(tp: Tape, graph: Graph, pp: PassPlan, check: Callable[[], None]) -> N
     reads = g_reads[vinv]
     order = np.arange(nb, dtype=np.intp)
     readers = [order[reads[:, 0]], order[reads[:, 1]], order[reads[:, 2]]]
-    values = [b_first[reads[:, 0]], b_second[reads[:, 1]], fwd[bsteps][reads[:, 2]]]
+    values = [b_first[reads[:, 0]], b_second[reads[:, 1]], b_pos[reads[:, 2]]]
     b_known = [0] * nb
     check()
     if known:

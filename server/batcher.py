@@ -9,11 +9,11 @@ thread condition. A batch whose latest run (at the same size, answers included) 
 `batch_quick_seconds` of CPU (`quick_seconds` for a request alone) runs on the loop itself:
 for a small network the hop there and back costs more than the stacked run. A batch runs
 stacked only where stacking was measured to cost less CPU per request than running alone at
-its size, or is not measured yet (Costs);
-else its members run one after another, still in one hop. A request whose key was measured to
-cost less alone than stacked at every size tried runs at once, without waiting the window (it
-would run alone anyway), unless a batch of its key is open; every _RETRY-th opens one, so the
-sizes that gather are measured again as costs drift.
+its size, or is not measured yet (Costs); else its members run one after another, still in
+one hop. A request whose key was measured to cost less alone than stacked at every size tried
+runs at once, without waiting the window (it would run alone anyway), unless a batch of its
+key is open; every _RETRY-th opens one, so the sizes that gather are measured again as costs
+drift.
 Only members holding one of the server's run slots ever wait here, and each keeps its slot
 until its batch has run (or it leaves an open batch), so nothing queues beyond the server's
 max_concurrent_runs. If the stacked run itself fails, every member runs alone, so each error
@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from graphgrad.engine.stacking import stack_size
 
 log = logging.getLogger("graphgrad.server.batcher")
 
@@ -200,7 +202,7 @@ class Batcher(Generic[K, Q, R]):
     def rows(self, n: int) -> int:
         """The rows n members stack at, as engine/stacking.py pads them (the next power of
         two, at most max_batch): how their stacked runs' costs are learnt together."""
-        return max(n, min(1 << (n - 1).bit_length(), self.config.max_batch))
+        return stack_size(n, self.config.max_batch)
 
     def waiting(self) -> int:
         """Requests in batches still open (waiting for others to join)."""
@@ -308,9 +310,13 @@ def _note(table: dict[Any, float], key: Any, seconds: float) -> float:
     them all and learns again (a bound on memory)."""
     if len(table) >= _MOST_TIMINGS:
         table.clear()
-    old = table.get(key)
-    table[key] = new = seconds if old is None else 0.75 * old + 0.25 * seconds
+    table[key] = new = _average(table.get(key), seconds)
     return new
+
+
+def _average(old: float | None, value: float) -> float:
+    """The moving average every table of Costs keeps: a new value weighs a quarter."""
+    return value if old is None else 0.75 * old + 0.25 * value
 
 
 @dataclass
@@ -332,8 +338,8 @@ class Costs(Generic[K]):
         """A batch that waited closed with n members."""
         if len(self.gathered) >= _MOST_TIMINGS:
             self.gathered.clear()
-        average, count = self.gathered.get(key, (float(n), 0))
-        self.gathered[key] = (0.75 * average + 0.25 * n, count + 1)
+        average, count = self.gathered.get(key, (None, 0))
+        self.gathered[key] = (_average(average, n), count + 1)
 
     def note_stacked(self, key: K, n: int, seconds: float, rows: int | None = None) -> None:
         """A stacked run's CPU seconds per request, at n members stacked at `rows` rows (n
