@@ -325,16 +325,6 @@ class GraphServicer:
             deadline=cancel.deadline,
         )
 
-    def run_member(
-        self,
-        request: service_pb2.RunRequest,
-        context: CallContext,
-        finish: Callable[[Callable[..., bytes]], object],
-    ) -> tuple[StackKey, Member[Pending, RunResult]] | None:
-        """run_candidate, as a member of a batch (`member`): with its stack key."""
-        c = self.run_candidate(request)
-        return None if c is None else (c.key, self.member(c, context, finish))
-
     def _stack_key(
         self,
         head: Head | None,
@@ -362,7 +352,7 @@ class GraphServicer:
         """The lean path: the prepared run of (graph, outputs, wrt, seeded outputs, options)
         is a cache lookup; the feeds are decoded as views against its signature and run; the
         answer is the RunResponse's bytes. (A Run that may join a batch does not come here:
-        run_member, on the event loop.)"""
+        run_candidate, on the event loop.)"""
         # CPU time, not wall: in the pool, waits for the GIL would make a quick run look slow
         # and keep it off the loop (the batcher measures its batches the same way)
         started = time.thread_time()

@@ -564,8 +564,9 @@ def test_a_run_joins_a_batch_only_if_it_would_succeed_alone_and_is_not_exact():
 
     def member(feeds=feeds, exact=False, fingerprint=graph.fingerprint):
         msg = run_msg(fingerprint, feeds, ["L"], list(MLP_WRT), exact=exact)
+        c = servicer.run_candidate(msg)
         call = CallContext(None, InFlight())
-        return servicer.run_member(msg, call, lambda respond: respond())
+        return None if c is None else (c.key, servicer.member(c, call, lambda respond: respond()))
 
     joined = member()
     assert joined is not None

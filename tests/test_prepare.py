@@ -262,7 +262,7 @@ def test_with_batching_on_a_run_that_cannot_join_a_batch_may_still_be_quick(monk
     msg = small_request(servicer)
     msg.options.exact = True  # never batched
     call = CallContext(None, InFlight())
-    assert servicer.run_member(msg, call, lambda respond: respond()) is None
+    assert servicer.run_candidate(msg) is None
     servicer.Run(msg, call)
     monkeypatch.setattr(service, "QUICK_SECONDS", 10.0)
     assert servicer.run_is_quick(msg)
