@@ -289,6 +289,11 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
             f"{slots}: a Run waits for its batch holding a run slot, so no batch could be that "
             "large (with 1, no batch forms and every Run waits out a window)"
         )
+    if args.batch_idle_us > 0 and args.batch_window_us == 0:
+        raise SystemExit(
+            "graphgrad serve: --batch-idle-us closes dynamic batches, but batching is off: "
+            "set --batch-window-us too"
+        )
     if args.worker_of is not None:
         check_worker_pipe(args.worker_of)
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -417,6 +417,19 @@ def test_a_member_cancelled_while_its_batch_is_open_leaves_it_and_the_others_are
     assert rec.batches == [["m0", "m2", "m3"]] and rec.slots == 0  # its slot went back at once
 
 
+def test_a_batch_and_a_lone_request_have_their_own_bounds_for_the_loop():
+    """batch_quick_seconds (service.BATCH_QUICK_SECONDS) for two or more, quick_seconds for a
+    request alone: a batch measured under the first runs on the loop, a lone run measured over
+    the second goes to the pool."""
+    rec = Recorder()
+    batcher = batcher_of(rec, FOREVER, 2, quick_seconds=1e-9, batch_quick_seconds=600.0)
+    for _ in range(2):
+        assert run_all(batcher, rec, [("k", "m0"), ("k", "m1")]) == [("m0", 2), ("m1", 2)]
+    assert rec.threads[0] != "MainThread" and rec.threads[1] == "MainThread"
+    batcher._costs.batch["k", 1] = 1e-3  # a lone run measured slow for quick_seconds
+    assert not batcher._quick("k", 1) and batcher._quick("k", 2)
+
+
 def test_a_batch_whose_members_all_left_never_runs():
     rec = Recorder()
     batcher = batcher_of(rec, 1000, 64)

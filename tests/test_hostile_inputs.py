@@ -55,6 +55,14 @@ def test_a_numeric_flag_above_its_maximum_stops_the_start(flag, most):
     cli.config_from(cli.parser().parse_args(["serve", *BATCHING, flag, str(most)]))
 
 
+def test_an_idle_time_without_batching_stops_the_start():
+    args = cli.parser().parse_args(["serve", "--batch-idle-us", "1000"])
+    with pytest.raises(SystemExit, match="--batch-idle-us closes dynamic batches, but batching"):
+        cli.config_from(args)
+    args = cli.parser().parse_args(["serve", *BATCHING, "--batch-idle-us", "1000"])
+    assert cli.config_from(args).batching.idle_us == 1000
+
+
 def test_every_flag_at_its_maximum_still_fits_grpcs_bounds():
     argv = ["serve", *[a for flag, most in MOST.items() for a in (flag, str(most))]]
     config = cli.config_from(cli.parser().parse_args(argv))
